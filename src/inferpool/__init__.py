@@ -1,0 +1,55 @@
+"""inferpool: a distributed job-queue inference worker pool on Celery and Redis."""
+
+from inferpool._exceptions import (
+    CapabilityMismatch,
+    ConfigurationError,
+    ContextLengthExceeded,
+    InferpoolError,
+    InvalidRequest,
+    ModelLoadError,
+    ModelNotFound,
+    PoolStartError,
+    ProviderError,
+    RedisUnavailable,
+    RegistryError,
+    RequestError,
+    ResultTimeout,
+)
+from inferpool.client import AsyncClient, AsyncResultHandle, BatchOutcome, BatchRunner, Client, ResultHandle
+from inferpool.model_registry import ModelSpec, Registry
+from inferpool.settings import Settings
+from inferpool.wire import BatchInputLine, BatchOutputLine, ChatCompletion, ChatMessage, ChatRequest, RequestResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "AsyncResultHandle",
+    "BatchInputLine",
+    "BatchOutcome",
+    "BatchOutputLine",
+    "BatchRunner",
+    "CapabilityMismatch",
+    "ChatCompletion",
+    "ChatMessage",
+    "ChatRequest",
+    "Client",
+    "ConfigurationError",
+    "ContextLengthExceeded",
+    "InferpoolError",
+    "InvalidRequest",
+    "ModelLoadError",
+    "ModelNotFound",
+    "ModelSpec",
+    "PoolStartError",
+    "ProviderError",
+    "RedisUnavailable",
+    "Registry",
+    "RegistryError",
+    "RequestError",
+    "RequestResult",
+    "ResultHandle",
+    "ResultTimeout",
+    "Settings",
+    "__version__",
+]

@@ -1,0 +1,107 @@
+"""The inferpool exception tree. Every error inferpool raises on purpose is an ``InferpoolError``.
+
+::
+
+    InferpoolError
+    ├── ConfigurationError          bad settings, registry file or command-line usage
+    │   └── RegistryError           a registry YAML file that does not validate
+    ├── RedisUnavailable            cannot reach Redis at the configured URL
+    ├── RequestError                one request cannot be served; carries an OpenAI-style ``code``
+    │   ├── InvalidRequest          malformed body, unknown or unsupported parameter
+    │   │   └── ContextLengthExceeded   prompt + max_tokens larger than the model's context window
+    │   ├── ModelNotFound           no model or alias of that name in the registry
+    │   ├── CapabilityMismatch      the model cannot do what the request asks (images, tools...)
+    │   └── ProviderError           the backend failed while generating
+    ├── ModelLoadError              a worker cannot load its model
+    ├── ResultTimeout               waited for a result longer than asked
+    └── PoolStartError              the local pool (embedded Redis, worker processes) failed to start
+
+A ``RequestError`` never escapes a worker: it becomes that request's error result, with ``code`` and
+``message``, and the other requests in the same batch or chunk go on.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class InferpoolError(Exception):
+    """Root of every error inferpool raises on purpose."""
+
+
+class ConfigurationError(InferpoolError):
+    """Settings, registry or command-line arguments that cannot work."""
+
+
+class RegistryError(ConfigurationError):
+    """A registry YAML file that does not parse or validate; the message names file, entry and field."""
+
+
+class RedisUnavailable(InferpoolError):
+    """Redis cannot be reached at the configured URL."""
+
+
+class ModelLoadError(InferpoolError):
+    """A worker could not load the model it was asked to serve."""
+
+
+class ResultTimeout(InferpoolError, TimeoutError):
+    """A result did not arrive within the time the caller allowed."""
+
+
+class PoolStartError(InferpoolError):
+    """The local pool could not start (embedded Redis or a worker process failed)."""
+
+
+class RequestError(InferpoolError):
+    """One request that cannot be served. ``code`` is what appears in the request's error result."""
+
+    code: ClassVar[str] = "request_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code  # type: ignore[misc]  # per-instance override of the class default
+
+
+class InvalidRequest(RequestError):
+    """The request body is malformed or uses a parameter the model does not support."""
+
+    code: ClassVar[str] = "invalid_request"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt plus ``max_tokens`` does not fit in the model's context window."""
+
+    code: ClassVar[str] = "context_length_exceeded"
+
+
+class ModelNotFound(RequestError):
+    """No model or alias of that name is registered."""
+
+    code: ClassVar[str] = "model_not_found"
+
+
+class CapabilityMismatch(RequestError):
+    """The model lacks a capability the request needs."""
+
+    code: ClassVar[str] = "capability_mismatch"
+
+
+class ProviderError(RequestError):
+    """The backend failed while generating."""
+
+    code: ClassVar[str] = "provider_error"
+
+
+_REQUEST_ERRORS_BY_CODE: dict[str, type[RequestError]] = {
+    cls.code: cls
+    for cls in (InvalidRequest, ContextLengthExceeded, ModelNotFound, CapabilityMismatch, ProviderError)
+}
+
+
+def request_error_from_code(code: str, message: str) -> RequestError:
+    """Rebuild the exception for an error result, so ``chat()`` can raise what the worker reported."""
+    cls = _REQUEST_ERRORS_BY_CODE.get(code, RequestError)
+    return cls(message, code=code)

@@ -1,0 +1,31 @@
+"""The ``inferpool`` command. Each command group lives in its own module."""
+
+from __future__ import annotations
+
+import click
+
+from inferpool import __version__
+from inferpool.cli._common import InferpoolGroup
+from inferpool.cli.batch import batch
+from inferpool.cli.models import models
+from inferpool.cli.worker import worker
+
+
+@click.group(cls=InferpoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="inferpool")
+def main() -> None:
+    """inferpool: a distributed inference worker pool on Celery and Redis.
+
+    Quick start: `inferpool batch run examples/prompts.jsonl -o results.jsonl` starts a private Redis and
+    the workers the file needs, runs every line, writes OpenAI Batch output and prints usage.
+
+    Environment: REDIS_URL (the pool's Redis), INFERPOOL_REGISTRY (extra registry YAML files),
+    INFERPOOL_CACHE_DIR (converted model checkpoints).
+    """
+
+
+main.add_command(batch)
+main.add_command(models)
+main.add_command(worker)
+
+__all__ = ["main"]

@@ -1,0 +1,35 @@
+"""Pieces every command uses: settings from the environment, and errors shown as one clear line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from inferpool._exceptions import InferpoolError
+from inferpool.settings import Settings
+
+
+class InferpoolGroup(click.Group):
+    """A click group that turns ``InferpoolError`` into ``error: <message>`` and exit code 1, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except InferpoolError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(1)
+
+
+def load_settings(ctx: click.Context) -> Settings:
+    """Settings from the environment, read once per command line and kept on the click context."""
+    root = ctx.find_root()
+    if not isinstance(root.obj, Settings):
+        root.obj = Settings()
+    return root.obj
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,65 @@
+"""What ``Client`` and ``AsyncClient`` share: settings, routing and building tasks. No I/O here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from inferpool._exceptions import InvalidRequest
+from inferpool.model_registry.registry import Registry
+from inferpool.model_registry.spec import ModelSpec
+from inferpool.scheduler.batch_input import describe_validation_error
+from inferpool.scheduler.router import Route, Router
+from inferpool.settings import Settings
+from inferpool.wire import ChatMessage, ChatRequest, TaskChunk, TaskItem, new_id
+
+RequestLike = ChatRequest | Mapping[str, Any]
+MessagesLike = Sequence[ChatMessage | Mapping[str, Any]]
+
+
+def build_request(request: RequestLike) -> ChatRequest:
+    """A validated ``ChatRequest`` from a model or an OpenAI-style dict; ``InvalidRequest`` says what is wrong."""
+    if isinstance(request, ChatRequest):
+        return request
+    try:
+        return ChatRequest.model_validate(dict(request))
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc)) from exc
+
+
+def build_chat_request(model: str, messages: MessagesLike, params: Mapping[str, Any]) -> ChatRequest:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [m.model_dump(exclude_none=True) if isinstance(m, ChatMessage) else dict(m) for m in messages],
+        **params,
+    }
+    return build_request(body)
+
+
+class ClientBase:
+    """Settings, registry and router shared by the sync and async clients."""
+
+    def __init__(self, redis_url: str | None, settings: Settings | None, registry: Registry | None) -> None:
+        settings = settings or Settings()
+        if redis_url is not None:
+            settings = settings.with_redis_url(redis_url)
+        self.settings = settings
+        self.redis_url = settings.require_redis_url()
+        self.registry = registry or Registry.load(settings.registry)
+        self.router = Router(self.registry)
+
+    def route(self, request: ChatRequest) -> Route:
+        return self.router.route(request)
+
+    def make_chunk(
+        self,
+        spec: ModelSpec,
+        requests: Sequence[tuple[ChatRequest, str | None]],
+        *,
+        job_id: str | None = None,
+    ) -> TaskChunk:
+        """One task carrying ``requests`` (each with its optional custom_id) for model ``spec``."""
+        items = [TaskItem(request_id=new_id("req"), custom_id=cid, request=req) for req, cid in requests]
+        return TaskChunk(job_id=job_id, model=spec.name, items=items, result_ttl_s=self.settings.result_ttl_s)

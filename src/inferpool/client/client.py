@@ -1,0 +1,220 @@
+"""``Client`` and ``AsyncClient``: submit requests to the pool and get results back through Redis.
+
+Both share ``ClientBase`` (routing, task building); they differ only in how they talk to Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Generator
+from types import TracebackType
+from typing import Any, Self
+
+import redis
+import redis.asyncio
+from celery import Celery
+
+from inferpool._exceptions import ResultTimeout, request_error_from_code
+from inferpool.celery_app import create_celery_app
+from inferpool.client._base import ClientBase, MessagesLike, RequestLike, build_chat_request, build_request
+from inferpool.constants import TASK_PROCESS_CHUNK, queue_name, result_key, result_notify_key
+from inferpool.model_registry.registry import Registry
+from inferpool.redis_connection import connect_redis, connect_redis_async
+from inferpool.results import parse_result
+from inferpool.settings import Settings
+from inferpool.wire import ChatCompletion, RequestResult, TaskChunk
+
+#: Longest single blocking wait; waiters re-check the result key at least this often.
+_WAIT_SLICE_S = 1.0
+
+
+def publish_chunk(app: Celery, chunk: TaskChunk) -> None:
+    """Send one chunk to its model's queue. Flower shows ids and counts, never prompt text."""
+    app.send_task(
+        TASK_PROCESS_CHUNK,
+        args=[chunk.model_dump(mode="json", exclude_none=True)],
+        queue=queue_name(chunk.model),
+        argsrepr=chunk.describe(),
+        kwargsrepr="{}",
+    )
+
+
+def completion_or_raise(result: RequestResult) -> ChatCompletion:
+    """The result's completion, or the ``RequestError`` the worker reported."""
+    if result.response is not None:
+        return result.response
+    assert result.error is not None  # RequestResult guarantees exactly one of the two
+    raise request_error_from_code(result.error.code, result.error.message)
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def _timeout_error(request_id: str, timeout: float | None) -> ResultTimeout:
+    return ResultTimeout(
+        f"no result for request {request_id} after {timeout} s; it may still be queued "
+        "(are workers running for its model?); wait again with the same handle"
+    )
+
+
+class ResultHandle:
+    """A submitted request. ``result()`` waits for it; the handle can be recreated from ``request_id``."""
+
+    def __init__(self, client: Client, request_id: str) -> None:
+        self._client = client
+        self.request_id = request_id
+
+    def done(self) -> bool:
+        return bool(self._client.redis.exists(result_key(self.request_id)))
+
+    def result(self, timeout: float | None = None) -> RequestResult:
+        return self._client.wait_result(self.request_id, timeout)
+
+    def completion(self, timeout: float | None = None) -> ChatCompletion:
+        """The answer, or the request's error raised as an ``InferpoolError``."""
+        return completion_or_raise(self.result(timeout))
+
+
+class AsyncResultHandle:
+    """The asyncio twin of ``ResultHandle``; ``await handle`` waits with no time limit."""
+
+    def __init__(self, client: AsyncClient, request_id: str) -> None:
+        self._client = client
+        self.request_id = request_id
+
+    async def done(self) -> bool:
+        return bool(await self._client.redis.exists(result_key(self.request_id)))
+
+    async def result(self, timeout: float | None = None) -> RequestResult:
+        return await self._client.wait_result(self.request_id, timeout)
+
+    async def completion(self, timeout: float | None = None) -> ChatCompletion:
+        return completion_or_raise(await self.result(timeout))
+
+    def __await__(self) -> Generator[Any, None, RequestResult]:
+        return self.result().__await__()
+
+
+class Client(ClientBase):
+    """Synchronous client. ``redis_url`` defaults to ``REDIS_URL``."""
+
+    def __init__(
+        self, redis_url: str | None = None, *, settings: Settings | None = None, registry: Registry | None = None
+    ) -> None:
+        super().__init__(redis_url, settings, registry)
+        self.redis: redis.Redis = connect_redis(self.redis_url)
+        self.celery = create_celery_app(self.settings)
+
+    def submit(self, request: RequestLike, *, custom_id: str | None = None) -> ResultHandle:
+        """Queue one request and return at once. Raises ``InvalidRequest``/``ModelNotFound`` before queueing."""
+        chat_request = build_request(request)
+        route = self.route(chat_request)
+        chunk = self.make_chunk(route.spec, [(chat_request, custom_id)])
+        publish_chunk(self.celery, chunk)
+        return ResultHandle(self, chunk.items[0].request_id)
+
+    def chat(
+        self, model: str, messages: MessagesLike, *, timeout: float | None = None, **params: Any
+    ) -> ChatCompletion:
+        """Submit a chat request and wait for its answer (errors are raised)."""
+        return self.submit(build_chat_request(model, messages, params)).completion(timeout)
+
+    def handle(self, request_id: str) -> ResultHandle:
+        """A handle for a request submitted earlier, possibly by another process."""
+        return ResultHandle(self, request_id)
+
+    def wait_result(self, request_id: str, timeout: float | None = None) -> RequestResult:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            raw = self.redis.get(result_key(request_id))
+            if raw is not None:
+                return parse_result(raw)
+            remaining = _remaining(deadline)
+            if remaining is not None and remaining <= 0:
+                raise _timeout_error(request_id, timeout)
+            block = _WAIT_SLICE_S if remaining is None else min(remaining, _WAIT_SLICE_S)
+            self.redis.blpop([result_notify_key(request_id)], timeout=max(block, 0.01))
+
+    def close(self) -> None:
+        self.redis.close()
+        self.celery.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+
+class AsyncClient(ClientBase):
+    """asyncio client: ``client = await AsyncClient.connect()``, or ``async with AsyncClient() as client``."""
+
+    def __init__(
+        self, redis_url: str | None = None, *, settings: Settings | None = None, registry: Registry | None = None
+    ) -> None:
+        super().__init__(redis_url, settings, registry)
+        self._redis: redis.asyncio.Redis | None = None
+        self.celery = create_celery_app(self.settings)
+
+    @classmethod
+    async def connect(
+        cls, redis_url: str | None = None, *, settings: Settings | None = None, registry: Registry | None = None
+    ) -> AsyncClient:
+        client = cls(redis_url, settings=settings, registry=registry)
+        await client._ensure_connected()
+        return client
+
+    async def _ensure_connected(self) -> redis.asyncio.Redis:
+        if self._redis is None:
+            self._redis = await connect_redis_async(self.redis_url)
+        return self._redis
+
+    @property
+    def redis(self) -> redis.asyncio.Redis:
+        if self._redis is None:
+            raise RuntimeError("AsyncClient is not connected: use `await AsyncClient.connect()` or `async with`")
+        return self._redis
+
+    async def submit(self, request: RequestLike, *, custom_id: str | None = None) -> AsyncResultHandle:
+        await self._ensure_connected()
+        chat_request = build_request(request)
+        route = self.route(chat_request)
+        chunk = self.make_chunk(route.spec, [(chat_request, custom_id)])
+        await asyncio.to_thread(publish_chunk, self.celery, chunk)
+        return AsyncResultHandle(self, chunk.items[0].request_id)
+
+    async def chat(
+        self, model: str, messages: MessagesLike, *, timeout: float | None = None, **params: Any
+    ) -> ChatCompletion:
+        handle = await self.submit(build_chat_request(model, messages, params))
+        return await handle.completion(timeout)
+
+    def handle(self, request_id: str) -> AsyncResultHandle:
+        return AsyncResultHandle(self, request_id)
+
+    async def wait_result(self, request_id: str, timeout: float | None = None) -> RequestResult:
+        client = await self._ensure_connected()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            raw = await client.get(result_key(request_id))
+            if raw is not None:
+                return parse_result(raw)
+            remaining = _remaining(deadline)
+            if remaining is not None and remaining <= 0:
+                raise _timeout_error(request_id, timeout)
+            block = _WAIT_SLICE_S if remaining is None else min(remaining, _WAIT_SLICE_S)
+            await client.blpop([result_notify_key(request_id)], timeout=max(block, 0.01))
+
+    async def aclose(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+        self.celery.close()
+
+    async def __aenter__(self) -> Self:
+        await self._ensure_connected()
+        return self
+
+    async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        await self.aclose()

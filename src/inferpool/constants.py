@@ -1,0 +1,46 @@
+"""Redis key names and other fixed names, in one place (every key inferpool writes starts with ``inferpool:``)."""
+
+from __future__ import annotations
+
+KEY_PREFIX = "inferpool:"
+
+#: Task names, as Celery and Flower show them.
+TASK_PROCESS_CHUNK = "inferpool.process_chunk"
+
+#: Entry-point group through which backends (built-in and third-party alike) register.
+BACKEND_ENTRY_POINT_GROUP = "inferpool.backends"
+
+
+def queue_name(model_name: str) -> str:
+    """The Celery queue that carries work for one served model."""
+    return f"inferpool.model.{model_name}"
+
+
+def result_key(request_id: str) -> str:
+    """String key holding one request's result (JSON), written once (``SET NX``)."""
+    return f"{KEY_PREFIX}result:{request_id}"
+
+
+def result_notify_key(request_id: str) -> str:
+    """List pushed to when a request's result is written, so a waiter can ``BLPOP`` instead of polling."""
+    return f"{KEY_PREFIX}result:{request_id}:notify"
+
+
+def job_key(job_id: str) -> str:
+    """Hash with a job's metadata and counters."""
+    return f"{KEY_PREFIX}job:{job_id}"
+
+
+def job_completed_stream_key(job_id: str) -> str:
+    """Stream of the request ids of a job, one entry per written result, in completion order."""
+    return f"{KEY_PREFIX}job:{job_id}:completed"
+
+
+def worker_heartbeat_key(model_name: str, worker_id: str) -> str:
+    """Expiring key a live worker refreshes; its absence means the worker is gone."""
+    return f"{KEY_PREFIX}heartbeat:{model_name}:{worker_id}"
+
+
+def worker_heartbeat_pattern(model_name: str) -> str:
+    """``SCAN`` pattern matching every heartbeat of one model."""
+    return f"{KEY_PREFIX}heartbeat:{model_name}:*"

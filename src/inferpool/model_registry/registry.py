@@ -1,0 +1,90 @@
+"""Loading the registry from YAML files and resolving model names and aliases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from inferpool._exceptions import ModelNotFound, RegistryError
+from inferpool.model_registry.spec import ModelSpec, RegistryFile
+
+
+def _describe_validation_error(source: str, data: object, exc: ValidationError) -> str:
+    lines = [f"{source}: invalid registry"]
+    for err in exc.errors():
+        loc = list(err["loc"])
+        where = ".".join(str(part) for part in loc)
+        if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int) and isinstance(data, dict):
+            entries = data.get("models")
+            if isinstance(entries, list) and loc[1] < len(entries) and isinstance(entries[loc[1]], dict):
+                name = entries[loc[1]].get("name", f"#{loc[1]}")
+                where = f"model {name!r}, field {'.'.join(str(p) for p in loc[2:]) or '(entry)'}"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_registry_text(text: str, source: str) -> RegistryFile:
+    """Parse one registry document; errors name the source, the model entry and the field."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{source}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RegistryError(f"{source}: the top level must be a mapping with a 'models' list")
+    try:
+        return RegistryFile.model_validate(data)
+    except ValidationError as exc:
+        raise RegistryError(_describe_validation_error(source, data, exc)) from exc
+
+
+class Registry:
+    """The models inferpool knows, by name and alias."""
+
+    def __init__(self, models: Iterable[ModelSpec]) -> None:
+        self._models: dict[str, ModelSpec] = {}
+        for spec in models:
+            self._models[spec.name] = spec
+        self._aliases: dict[str, str] = {}
+        for spec in self._models.values():
+            for alias in spec.aliases:
+                clashes_with_model = alias in self._models and alias != spec.name
+                if clashes_with_model or self._aliases.get(alias, spec.name) != spec.name:
+                    raise RegistryError(f"alias {alias!r} of model {spec.name!r} is already a model or alias")
+                self._aliases[alias] = spec.name
+
+    @classmethod
+    def load(cls, extra_files: Iterable[Path] = ()) -> Registry:
+        """The built-in registry with ``extra_files`` merged over it (a later model replaces an earlier one)."""
+        builtin = resources.files("inferpool.model_registry").joinpath("default_registry.yaml")
+        documents = [parse_registry_text(builtin.read_text(encoding="utf-8"), "built-in registry")]
+        for path in extra_files:
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise RegistryError(f"cannot read registry file {path}: {exc.strerror}") from exc
+            documents.append(parse_registry_text(text, str(path)))
+        return cls(spec for doc in documents for spec in doc.models)
+
+    def __iter__(self) -> Iterator[ModelSpec]:
+        return iter(self._models.values())
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and (name in self._models or name in self._aliases)
+
+    def get(self, name: str) -> ModelSpec:
+        """The model called ``name`` (or with that alias), or ``ModelNotFound`` listing what exists."""
+        canonical = self._aliases.get(name, name)
+        try:
+            return self._models[canonical]
+        except KeyError:
+            known = ", ".join(sorted(self._models)) or "(none)"
+            raise ModelNotFound(f"model {name!r} is not in the registry; known models: {known}") from None

@@ -1,0 +1,72 @@
+"""The registry's data model: what a model is, what it can do, what it costs and how it is served."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_STRICT = ConfigDict(extra="forbid")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class Capabilities(BaseModel):
+    """What requests a model can serve."""
+
+    model_config = _STRICT
+    chat: bool = True
+    vision: bool = False
+    tools: bool = False
+    json_mode: bool = False
+    context_window: int = Field(gt=0, description="Prompt plus output tokens the model accepts.")
+    max_output_tokens: int = Field(gt=0, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(default=256, gt=0, description="Used when a request sets none.")
+
+
+class Pricing(BaseModel):
+    """USD per million tokens."""
+
+    model_config = _STRICT
+    input_per_mtok: float = Field(default=0.0, ge=0.0)
+    output_per_mtok: float = Field(default=0.0, ge=0.0)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+
+
+class ServingSpec(BaseModel):
+    """How workers for this model run and how requests are grouped for them."""
+
+    model_config = _STRICT
+    concurrency: int = Field(default=1, ge=1, description="Chunks one worker process handles at once.")
+    chunk_size: int = Field(default=8, ge=1, description="Requests carried by one Celery task.")
+
+
+class ModelSpec(BaseModel):
+    """One servable model."""
+
+    model_config = _STRICT
+    name: str
+    aliases: list[str] = Field(default_factory=list)
+    backend: str = Field(description="Name of the backend entry point (echo, transformers, ...).")
+    params: dict[str, Any] = Field(default_factory=dict, description="Backend-specific parameters.")
+    capabilities: Capabilities
+    pricing: Pricing = Field(default_factory=Pricing)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    description: str = ""
+
+    @field_validator("name", "aliases")
+    @classmethod
+    def _valid_names(cls, value: str | list[str]) -> str | list[str]:
+        for name in [value] if isinstance(value, str) else value:
+            if not _NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid model name (letters, digits, '.', '_', '-')")
+        return value
+
+
+class RegistryFile(BaseModel):
+    """The top level of a registry YAML file."""
+
+    model_config = _STRICT
+    models: list[ModelSpec] = Field(default_factory=list)

@@ -1,0 +1,48 @@
+"""Connecting to Redis with one clear error when it is not there."""
+
+from __future__ import annotations
+
+import redis
+import redis.asyncio
+
+from inferpool._exceptions import RedisUnavailable
+
+
+def _unavailable(url: str, exc: Exception) -> RedisUnavailable:
+    return RedisUnavailable(
+        f"cannot connect to Redis at {redact_url(url)} ({exc}). Start Redis there, point REDIS_URL at a running "
+        "one, or run `inferpool batch run --local` to start a private Redis and workers."
+    )
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe for messages and logs)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def connect_redis(url: str) -> redis.Redis:
+    """A client for ``url``, checked with a ``PING``; raises ``RedisUnavailable`` if it does not answer."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+    try:
+        client.ping()
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        client.close()
+        raise _unavailable(url, exc) from exc
+    return client
+
+
+async def connect_redis_async(url: str) -> redis.asyncio.Redis:
+    """The asyncio twin of ``connect_redis``."""
+    client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+    try:
+        await client.ping()
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        await client.aclose()
+        raise _unavailable(url, exc) from exc
+    return client

@@ -1,0 +1,102 @@
+"""Reading an OpenAI Batch JSONL file line by line, with a clear error for each bad line.
+
+A bad line never stops the others: it becomes a ``RejectedLine`` with an error code and a message that
+says what to fix, and ends up as an error line in the output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from inferpool._exceptions import RequestError
+from inferpool.model_registry.spec import ModelSpec
+from inferpool.scheduler.router import Router
+from inferpool.wire import CHAT_COMPLETIONS_URL, BatchInputLine, ChatRequest, ErrorInfo
+
+#: Default cap on one input line, in bytes.
+MAX_LINE_BYTES = 1_000_000
+
+
+@dataclass(frozen=True)
+class AcceptedLine:
+    line_number: int
+    custom_id: str
+    request: ChatRequest
+    spec: ModelSpec
+
+
+@dataclass(frozen=True)
+class RejectedLine:
+    line_number: int
+    custom_id: str | None
+    error: ErrorInfo
+
+
+ParsedLine = AcceptedLine | RejectedLine
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """Pydantic's errors as one line: ``body.messages: Field required; body.max_tokens: ...``."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"] if p not in ("str", "list[...]"))
+        where = f"{prefix}.{where}" if prefix and where else (prefix or where or "line")
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown parameter; remove it"
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
+
+
+class BatchLineParser:
+    """Turns raw lines into accepted requests (routed) or rejected lines, tracking duplicate ids."""
+
+    def __init__(self, router: Router, *, max_line_bytes: int = MAX_LINE_BYTES) -> None:
+        self.router = router
+        self.max_line_bytes = max_line_bytes
+        self._seen: dict[str, int] = {}
+
+    def parse(self, lines: Iterable[str]) -> Iterator[ParsedLine]:
+        for number, raw in enumerate(lines, start=1):
+            if raw.strip():
+                yield self.parse_line(number, raw)
+
+    def parse_line(self, number: int, raw: str) -> ParsedLine:
+        def reject(code: str, message: str, custom_id: str | None = None) -> RejectedLine:
+            return RejectedLine(number, custom_id, ErrorInfo(code=code, message=f"line {number}: {message}"))
+
+        size = len(raw.encode("utf-8"))
+        if size > self.max_line_bytes:
+            return reject("line_too_large", f"{size} bytes, over the limit of {self.max_line_bytes}; split the prompt")
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            return reject("invalid_json", f"not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object")
+        if not isinstance(data, dict):
+            return reject("invalid_json", "each line must be a JSON object with custom_id, method, url and body")
+        raw_id = data.get("custom_id")
+        custom_id = raw_id if isinstance(raw_id, str) and raw_id else None
+        if custom_id is None:
+            return reject("missing_custom_id", "custom_id is missing or not a non-empty string; give each line a unique one")
+        first = self._seen.setdefault(custom_id, number)
+        if first != number:
+            return reject("duplicate_custom_id", f"custom_id {custom_id!r} was already used on line {first}; make it unique", custom_id)
+        try:
+            line = BatchInputLine.model_validate(data)
+        except ValidationError as exc:
+            return reject("invalid_line", describe_validation_error(exc), custom_id)
+        if line.url != CHAT_COMPLETIONS_URL:
+            return reject("unsupported_url", f"url {line.url!r} is not supported; use {CHAT_COMPLETIONS_URL!r}", custom_id)
+        try:
+            request = ChatRequest.model_validate(line.body)
+        except ValidationError as exc:
+            return reject("invalid_request", describe_validation_error(exc, "body"), custom_id)
+        try:
+            route = self.router.route(request)
+        except RequestError as exc:
+            return reject(exc.code, exc.message, custom_id)
+        return AcceptedLine(number, custom_id, request, route.spec)

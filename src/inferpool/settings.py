@@ -1,0 +1,71 @@
+"""Settings, read once from the environment and passed explicitly to whatever needs them.
+
+Precedence: explicit arguments > environment variables > defaults. Standard variable names are used
+where users already have them (``REDIS_URL``); everything else takes the ``INFERPOOL_`` prefix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_cache_dir() -> Path:
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "inferpool"
+
+
+class Settings(BaseSettings):
+    """Everything configurable about a client, worker or local pool."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERPOOL_", extra="ignore", frozen=True)
+
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL", "INFERPOOL_REDIS_URL"),
+        description="Redis used as Celery broker and result store. Unset: `batch run` starts a local pool.",
+    )
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="Where converted model checkpoints are cached.",
+    )
+    registry: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Extra registry YAML files, merged over the built-in one (INFERPOOL_REGISTRY, "
+        "several separated by ':' ).",
+    )
+    result_ttl_s: int = Field(default=7 * 24 * 3600, gt=0, description="How long results stay in Redis.")
+    visibility_timeout_s: int = Field(
+        default=3600,
+        gt=0,
+        description="Redis-broker redelivery delay for unacknowledged tasks; at least twice the longest chunk.",
+    )
+    heartbeat_ttl_s: int = Field(default=15, gt=1, description="Seconds a worker heartbeat lives.")
+    log_level: str = Field(default="INFO")
+
+    @field_validator("registry", mode="before")
+    @classmethod
+    def _split_registry(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [Path(p) for p in value.split(":") if p]
+        return value
+
+    def with_redis_url(self, redis_url: str) -> Settings:
+        """A copy of these settings pointing at another Redis."""
+        return self.model_copy(update={"redis_url": redis_url})
+
+    def require_redis_url(self) -> str:
+        """The Redis URL, or a clear error saying how to set one."""
+        from inferpool._exceptions import ConfigurationError
+
+        if not self.redis_url:
+            raise ConfigurationError(
+                "No Redis configured: set REDIS_URL (for example redis://localhost:6379/0), "
+                "or use `inferpool batch run --local` to start a local pool."
+            )
+        return self.redis_url

@@ -1,0 +1,281 @@
+"""Wire formats: the pydantic models that cross a process boundary (client, Redis, Celery, files).
+
+Requests follow the OpenAI chat-completions body; results are ``chat.completion`` objects; batch files
+are OpenAI Batch JSONL. ``client`` and ``workers`` never import each other: both speak these models.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from inferpool._exceptions import RequestError
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+def new_id(prefix: str) -> str:
+    """A random id with a readable prefix, e.g. ``req_5f0c...``."""
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Requests (OpenAI chat-completions body)
+# ---------------------------------------------------------------------------------------------------
+
+
+class TextPart(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    model_config = _STRICT
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    model_config = _STRICT
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(BaseModel):
+    """One message of the conversation, in the OpenAI chat format."""
+
+    model_config = _STRICT
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        """The message's text; image parts are not text and are left out (check ``has_images``)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def has_images(self) -> bool:
+        return isinstance(self.content, list) and any(isinstance(p, ImagePart) for p in self.content)
+
+
+class ChatRequest(BaseModel):
+    """The OpenAI chat-completions request body. Unknown fields are refused, not silently ignored."""
+
+    model_config = _STRICT
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=128)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    stream: Literal[False] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        return value
+
+    @model_validator(mode="after")
+    def _one_max_tokens(self) -> ChatRequest:
+        both = self.max_tokens is not None and self.max_completion_tokens is not None
+        if both and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("give max_tokens or max_completion_tokens, not two different values")
+        return self
+
+    def output_limit(self) -> int | None:
+        """The requested cap on generated tokens, whichever name it was given under."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def stop_sequences(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Results (OpenAI chat.completion, plus inferpool's serving stats)
+# ---------------------------------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+
+
+class ErrorInfo(BaseModel):
+    """Why one request produced no answer: an OpenAI-style error code and a message saying what to fix."""
+
+    code: str
+    message: str
+
+    @classmethod
+    def from_exception(cls, exc: RequestError) -> ErrorInfo:
+        return cls(code=exc.code, message=exc.message)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: dict[str, Any] | None = None
+
+
+class ChatCompletion(BaseModel):
+    """The OpenAI ``chat.completion`` object."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The first choice's text (empty string if it has none)."""
+        return self.choices[0].message.content or "" if self.choices else ""
+
+
+class ServingStats(BaseModel):
+    """How a request was served: by which model and worker, how long it waited and ran."""
+
+    model: str
+    backend: str
+    worker: str
+    queued_s: float = Field(ge=0.0, description="Enqueue to start of processing.")
+    latency_s: float = Field(ge=0.0, description="Start of processing to result written.")
+    attempts: int = Field(default=1, ge=1)
+
+
+class RequestResult(BaseModel):
+    """What a worker writes for one request: exactly one of ``response`` or ``error``."""
+
+    request_id: str
+    custom_id: str | None = None
+    job_id: str | None = None
+    response: ChatCompletion | None = None
+    error: ErrorInfo | None = None
+    stats: ServingStats | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_outcome(self) -> RequestResult:
+        if (self.response is None) == (self.error is None):
+            raise ValueError("a result has exactly one of response or error")
+        return self
+
+    @property
+    def ok(self) -> bool:
+        return self.response is not None
+
+    @property
+    def usage(self) -> Usage | None:
+        return self.response.usage if self.response is not None else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tasks (what Celery carries)
+# ---------------------------------------------------------------------------------------------------
+
+
+class TaskItem(BaseModel):
+    """One request inside a chunk, with the id its result is stored under."""
+
+    request_id: str
+    custom_id: str | None = None
+    request: ChatRequest
+
+
+class TaskChunk(BaseModel):
+    """The payload of one Celery task: several requests for one model, each answered on its own."""
+
+    chunk_id: str = Field(default_factory=lambda: new_id("chunk"))
+    job_id: str | None = None
+    model: str
+    items: list[TaskItem] = Field(min_length=1)
+    enqueued_at: float = Field(default_factory=time.time)
+    result_ttl_s: int = Field(gt=0)
+
+    def describe(self) -> str:
+        """Safe one-line description for logs and Flower: ids and counts, never prompt text."""
+        job = f"job={self.job_id} " if self.job_id else ""
+        first = self.items[0].custom_id or self.items[0].request_id
+        return f"{job}model={self.model} chunk={self.chunk_id} n={len(self.items)} first={first}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# OpenAI Batch JSONL
+# ---------------------------------------------------------------------------------------------------
+
+CHAT_COMPLETIONS_URL = "/v1/chat/completions"
+
+
+class BatchInputLine(BaseModel):
+    """One line of an OpenAI Batch input file."""
+
+    model_config = _STRICT
+    custom_id: str = Field(min_length=1, max_length=512)
+    method: Literal["POST"]
+    url: str
+    body: dict[str, Any]
+
+
+class BatchResponse(BaseModel):
+    status_code: int
+    request_id: str
+    body: ChatCompletion
+
+
+class BatchOutputLine(BaseModel):
+    """One line of an OpenAI Batch output file: ``response`` on success, ``error`` otherwise."""
+
+    id: str
+    custom_id: str | None
+    response: BatchResponse | None
+    error: ErrorInfo | None
+
+    @classmethod
+    def from_result(cls, result: RequestResult) -> BatchOutputLine:
+        if result.response is not None:
+            response = BatchResponse(status_code=200, request_id=result.request_id, body=result.response)
+            return cls(id=new_id("batch_req"), custom_id=result.custom_id, response=response, error=None)
+        return cls(id=new_id("batch_req"), custom_id=result.custom_id, response=None, error=result.error)
+
+    @classmethod
+    def from_error(cls, custom_id: str | None, error: ErrorInfo) -> BatchOutputLine:
+        return cls(id=new_id("batch_req"), custom_id=custom_id, response=None, error=error)

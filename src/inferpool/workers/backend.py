@@ -1,0 +1,76 @@
+"""The ``Backend`` protocol every model runner implements, and how backends are found.
+
+Built-in backends (echo, transformers) register through the same entry-point group as third-party
+ones (``inferpool.backends``): a package adds a backend by declaring, in its pyproject.toml::
+
+    [project.entry-points."inferpool.backends"]
+    mybackend = "mypackage.backend:MyBackend"
+
+where ``MyBackend(spec, settings)`` builds a ready-to-serve backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Protocol, runtime_checkable
+
+from inferpool._exceptions import ConfigurationError, RequestError
+from inferpool.constants import BACKEND_ENTRY_POINT_GROUP
+from inferpool.model_registry.spec import ModelSpec
+from inferpool.settings import Settings
+from inferpool.wire import ChatRequest, FinishReason
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One request's answer, as a backend produced it."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+#: A backend answers each request with a ``Generation`` or the ``RequestError`` that stopped it.
+GenerationOutcome = Generation | RequestError
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Runs one model. Built once per worker process, then fed many requests, possibly concurrently."""
+
+    name: str
+
+    async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
+        """Answer every request, in order. A request the model cannot serve gets a ``RequestError``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the model (GPU memory, engine processes)."""
+        ...
+
+
+class BackendFactory(Protocol):
+    def __call__(self, spec: ModelSpec, settings: Settings) -> Backend: ...
+
+
+def available_backends() -> dict[str, str]:
+    """Backend names and the objects they point to, from installed entry points."""
+    return {ep.name: ep.value for ep in entry_points(group=BACKEND_ENTRY_POINT_GROUP)}
+
+
+def load_backend_factory(name: str) -> BackendFactory:
+    """The factory registered under ``name``, or a clear error listing the installed backends."""
+    for ep in entry_points(group=BACKEND_ENTRY_POINT_GROUP):
+        if ep.name == name:
+            factory: BackendFactory = ep.load()
+            return factory
+    installed = ", ".join(sorted(available_backends())) or "(none; is inferpool installed with pip?)"
+    raise ConfigurationError(f"no backend named {name!r} is installed; installed backends: {installed}")
+
+
+def create_backend(spec: ModelSpec, settings: Settings) -> Backend:
+    """Build the backend that serves ``spec`` (loading its model)."""
+    return load_backend_factory(spec.backend)(spec, settings)

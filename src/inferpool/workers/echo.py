@@ -1,0 +1,70 @@
+"""The echo backend: deterministic answers with no model, for tests and benchmarks.
+
+It answers ``echo: <text of the last user message>``. A token is a whitespace-separated word, both for
+the prompt (all messages) and the answer, so usage is exact and predictable. Parameters (registry
+``params``): ``delay_ms`` sleeps that long per request, to emulate a slow model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from inferpool._exceptions import ContextLengthExceeded
+from inferpool.model_registry.spec import ModelSpec
+from inferpool.settings import Settings
+from inferpool.wire import ChatRequest, FinishReason
+from inferpool.workers.backend import Generation, GenerationOutcome
+
+
+class EchoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    delay_ms: float = Field(default=0.0, ge=0.0)
+
+
+def echo_answer(request: ChatRequest) -> str:
+    """The full answer the echo backend gives to ``request`` before ``max_tokens`` and stops apply."""
+    last_user = next((m for m in reversed(request.messages) if m.role == "user"), request.messages[-1])
+    return f"echo: {last_user.text()}"
+
+
+def count_words(text: str) -> int:
+    return len(text.split())
+
+
+class EchoBackend:
+    name = "echo"
+
+    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        self.spec = spec
+        self.params = EchoParams.model_validate(spec.params)
+
+    async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
+        if self.params.delay_ms:
+            await asyncio.sleep(self.params.delay_ms / 1000 * len(requests))
+        return [self._answer(request) for request in requests]
+
+    def _answer(self, request: ChatRequest) -> GenerationOutcome:
+        caps = self.spec.capabilities
+        prompt_tokens = sum(count_words(m.text()) for m in request.messages)
+        limit = request.output_limit() or caps.default_max_tokens
+        if prompt_tokens + limit > caps.context_window:
+            return ContextLengthExceeded(
+                f"the prompt is {prompt_tokens} tokens and max_tokens is {limit}, more than model "
+                f"{self.spec.name!r}'s context window of {caps.context_window}; shorten the prompt or lower max_tokens"
+            )
+        words = echo_answer(request).split()
+        finish: FinishReason = "stop"
+        if len(words) > limit:
+            words, finish = words[:limit], "length"
+        text = " ".join(words)
+        for stop in request.stop_sequences():
+            cut = text.find(stop)
+            if cut != -1:
+                text, finish = text[:cut], "stop"
+        return Generation(text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=count_words(text))
+
+    async def aclose(self) -> None:
+        return None

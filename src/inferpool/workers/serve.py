@@ -1,0 +1,67 @@
+"""Starting a worker process: load the model, then consume its queue until told to stop."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from celery import signals
+
+from inferpool._exceptions import ModelLoadError, RedisUnavailable
+from inferpool.celery_app import create_celery_app
+from inferpool.constants import queue_name
+from inferpool.model_registry.registry import Registry
+from inferpool.redis_connection import connect_redis
+from inferpool.settings import Settings
+from inferpool.workers.backend import create_backend
+from inferpool.workers.runtime import WorkerRuntime
+from inferpool.workers.tasks import install_tasks
+
+log = logging.getLogger(__name__)
+
+
+def serve_model(model: str, settings: Settings, *, concurrency: int | None = None, worker_id: str | None = None) -> int:
+    """Serve ``model`` from this process; returns the Celery worker's exit code.
+
+    The model loads before the worker starts consuming, so a model that cannot load never takes a task:
+    the error propagates (``ModelLoadError``) and the process exits non-zero.
+    """
+    registry = Registry.load(settings.registry)
+    spec = registry.get(model)
+    redis_client = connect_redis(settings.require_redis_url())
+    log.info("loading model %s (backend %s)", spec.name, spec.backend)
+    try:
+        backend = create_backend(spec, settings)
+    except ModelLoadError:
+        raise
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"backend {spec.backend!r} for model {spec.name!r} needs a package that is not installed: {exc}"
+        ) from exc
+    runtime = WorkerRuntime(spec, backend, redis_client, settings, worker_id)
+    app = create_celery_app(settings)
+    install_tasks(app, runtime)
+
+    def on_ready(**_: Any) -> None:
+        runtime.start_heartbeat()
+        log.info("worker %s serving %s on queue %s", runtime.worker_id, spec.name, queue_name(spec.name))
+
+    signals.worker_ready.connect(on_ready, weak=False)
+    worker = app.Worker(
+        queues=[queue_name(spec.name)],
+        pool="threads",
+        concurrency=concurrency or spec.serving.concurrency,
+        hostname=runtime.worker_id,
+        loglevel=settings.log_level,
+        without_gossip=True,
+        without_mingle=True,
+        optimization="fair",
+    )
+    try:
+        worker.start()
+    except redis.ConnectionError as exc:
+        raise RedisUnavailable(f"lost Redis while serving: {exc}") from exc
+    finally:
+        runtime.close()
+    return int(worker.exitcode or 0)

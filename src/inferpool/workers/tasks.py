@@ -1,0 +1,20 @@
+"""The Celery task a worker runs, bound to that worker's runtime."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from inferpool.constants import TASK_PROCESS_CHUNK
+from inferpool.wire import TaskChunk
+from inferpool.workers.runtime import WorkerRuntime
+
+
+def install_tasks(app: Celery, runtime: WorkerRuntime) -> None:
+    """Register ``inferpool.process_chunk`` on ``app``, served by ``runtime``."""
+
+    @app.task(name=TASK_PROCESS_CHUNK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    def process_chunk(payload: dict[str, Any]) -> dict[str, int]:
+        chunk = TaskChunk.model_validate(payload)
+        return runtime.process_chunk(chunk).as_dict()
