@@ -96,8 +96,7 @@ class ProviderError(RequestError):
 
 
 _REQUEST_ERRORS_BY_CODE: dict[str, type[RequestError]] = {
-    cls.code: cls
-    for cls in (InvalidRequest, ContextLengthExceeded, ModelNotFound, CapabilityMismatch, ProviderError)
+    cls.code: cls for cls in (InvalidRequest, ContextLengthExceeded, ModelNotFound, CapabilityMismatch, ProviderError)
 }
 
 

@@ -157,7 +157,9 @@ def wait_for_workers(client: redis.Redis, workers: Iterable[WorkerProcess], time
                 pending.remove(worker)
         if pending and time.monotonic() > deadline:
             names = ", ".join(w.model for w in pending)
-            raise PoolStartError(f"workers for {names} did not start within {timeout_s} s; logs in {pending[0].log_path.parent}")
+            raise PoolStartError(
+                f"workers for {names} did not start within {timeout_s} s; logs in {pending[0].log_path.parent}"
+            )
         if pending:
             time.sleep(0.2)
 
@@ -184,7 +186,9 @@ class LocalPool:
             self.redis.start()
             for model in self.models:
                 self.workers.append(
-                    start_worker_process(model, self.redis.url, self.workdir / f"worker-{model}.log", env=self.worker_env)
+                    start_worker_process(
+                        model, self.redis.url, self.workdir / f"worker-{model}.log", env=self.worker_env
+                    )
                 )
             client = redis.Redis.from_url(self.redis.url)
             try:

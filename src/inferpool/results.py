@@ -49,7 +49,8 @@ class ResultWriter:
             job_completed_stream_key(job_id) if job_id else "",
         ]
         counter = "completed" if result.ok else "failed"
-        args = [result.model_dump_json(exclude_none=True), ttl_s, result.request_id if job_id else "", counter]
+        payload = result.model_dump_json(exclude_none=True)
+        args: list[str | int] = [payload, ttl_s, result.request_id if job_id else "", counter]
         return bool(self._script(keys=keys, args=args))
 
     def existing(self, request_ids: Sequence[str]) -> set[str]:

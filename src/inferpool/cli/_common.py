@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 import click
+from rich.console import Console
 
 from inferpool._exceptions import InferpoolError
 from inferpool.settings import Settings
@@ -33,3 +34,9 @@ def load_settings(ctx: click.Context) -> Settings:
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A rich console; when output is not a terminal, a wide one that does not wrap answers mid-line."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 160, soft_wrap=not stream.isatty())

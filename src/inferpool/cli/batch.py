@@ -8,12 +8,19 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-from rich.progress import TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from inferpool._exceptions import ConfigurationError
-from inferpool.cli._common import load_settings
+from inferpool.cli._common import load_settings, make_console
 from inferpool.client.batch import BatchOutcome, BatchRunner
 from inferpool.client.client import Client
 from inferpool.local_pool import LocalPool
@@ -38,8 +45,10 @@ def _pool_redis_url(settings: Settings, local: bool | None, models: set[str], co
     if not local:
         yield settings.require_redis_url()
         return
-    with console.status(f"starting a local pool: Redis + workers for {', '.join(sorted(models)) or 'no model'} "
-                        "(the first run converts the SmolLM2 model, about a minute)"):
+    with console.status(
+        f"starting a local pool: Redis + workers for {', '.join(sorted(models)) or 'no model'} "
+        "(the first run converts the SmolLM2 model, about a minute)"
+    ):
         pool = LocalPool(models)
         pool.start()
     try:
@@ -58,22 +67,56 @@ def _progress(console: Console) -> Progress:
 
 @batch.command("run")
 @click.argument("input_path", metavar="INPUT.jsonl", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Where to write one OpenAI Batch output line per input line.")
-@click.option("--errors", "errors_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write failed lines here instead of into OUTPUT (as OpenAI's error file does).")
-@click.option("--local/--no-local", default=None,
-              help="Start a private Redis and the workers the file needs, and stop them afterwards "
-                   "(default: on when REDIS_URL is unset).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Give up waiting after this many seconds (default: wait until every line is answered).")
-@click.option("--show-answers/--no-show-answers", default=None,
-              help="Print each answer (default: when the file has at most 50 lines).")
-@click.option("--max-line-bytes", type=click.IntRange(min=1), default=MAX_LINE_BYTES, show_default=True,
-              help="Lines longer than this get a line_too_large error.")
+@click.option(
+    "-o",
+    "--output",
+    "output_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write one OpenAI Batch output line per input line.",
+)
+@click.option(
+    "--errors",
+    "errors_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write failed lines here instead of into OUTPUT (as OpenAI's error file does).",
+)
+@click.option(
+    "--local/--no-local",
+    default=None,
+    help="Start a private Redis and the workers the file needs, and stop them afterwards "
+    "(default: on when REDIS_URL is unset).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Give up waiting after this many seconds (default: wait until every line is answered).",
+)
+@click.option(
+    "--show-answers/--no-show-answers",
+    default=None,
+    help="Print each answer (default: when the file has at most 50 lines).",
+)
+@click.option(
+    "--max-line-bytes",
+    type=click.IntRange(min=1),
+    default=MAX_LINE_BYTES,
+    show_default=True,
+    help="Lines longer than this get a line_too_large error.",
+)
 @click.pass_context
-def run(ctx: click.Context, input_path: Path, output_path: Path, errors_path: Path | None, local: bool | None,
-        timeout: float | None, show_answers: bool | None, max_line_bytes: int) -> None:
+def run(
+    ctx: click.Context,
+    input_path: Path,
+    output_path: Path,
+    errors_path: Path | None,
+    local: bool | None,
+    timeout: float | None,
+    show_answers: bool | None,
+    max_line_bytes: int,
+) -> None:
     """Send every line of INPUT.jsonl through the pool; write OUTPUT; print a usage summary.
 
     Each input line is {"custom_id", "method": "POST", "url": "/v1/chat/completions", "body": {...}}.
@@ -81,23 +124,26 @@ def run(ctx: click.Context, input_path: Path, output_path: Path, errors_path: Pa
     the context window) gets its own error line with a code and a message; the other lines still run.
     """
     settings = load_settings(ctx)
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     registry = Registry.load(settings.registry)
     with input_path.open(encoding="utf-8") as handle:
         parsed = list(BatchLineParser(Router(registry), max_line_bytes=max_line_bytes).parse(handle))
     if not parsed:
         raise ConfigurationError(f"{input_path} has no requests (it is empty or holds only blank lines)")
     models = {line.spec.name for line in parsed if isinstance(line, AcceptedLine)}
-    with _pool_redis_url(settings, local, models, console) as redis_url, \
-            Client(settings=settings.with_redis_url(redis_url), registry=registry) as client, \
-            _progress(console) as progress:
+    with (
+        _pool_redis_url(settings, local, models, console) as redis_url,
+        Client(settings=settings.with_redis_url(redis_url), registry=registry) as client,
+        _progress(console) as progress,
+    ):
         task = progress.add_task("requests", total=len(parsed))
         outcome = BatchRunner(client, max_line_bytes=max_line_bytes).run_parsed(
-            parsed, on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+            parsed,
+            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
             timeout=timeout,
         )
     _write_outputs(outcome, output_path, errors_path)
-    stdout = Console()
+    stdout = make_console()
     if show_answers if show_answers is not None else outcome.total <= 50:
         _print_answers(stdout, outcome)
     _print_summary(stdout, outcome, output_path, errors_path)
@@ -121,11 +167,13 @@ def _print_answers(console: Console, outcome: BatchOutcome) -> None:
             text = " ".join(line.response.body.text.split())
             if len(text) > _ANSWER_PREVIEW_CHARS:
                 text = text[: _ANSWER_PREVIEW_CHARS - 1] + "…"
-            console.print(f"[bold]{line.custom_id}[/bold] [dim]({line.response.body.model})[/dim] {text}",
-                          highlight=False)
+            console.print(
+                f"[bold]{line.custom_id}[/bold] [dim]({line.response.body.model})[/dim] {text}", highlight=False
+            )
         elif line.error is not None:
-            console.print(f"[bold]{line.custom_id}[/bold] [red]{line.error.code}[/red]: {line.error.message}",
-                          highlight=False)
+            console.print(
+                f"[bold]{line.custom_id}[/bold] [red]{line.error.code}[/red]: {line.error.message}", highlight=False
+            )
 
 
 def _print_summary(console: Console, outcome: BatchOutcome, output_path: Path, errors_path: Path | None) -> None:
@@ -133,10 +181,16 @@ def _print_summary(console: Console, outcome: BatchOutcome, output_path: Path, e
     for column in ("model", "requests", "errors", "prompt tok", "completion tok", "cost $", "p50 s", "p95 s"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in outcome.usage:
-        table.add_row(row.model, str(row.requests), str(row.errors), str(row.prompt_tokens),
-                      str(row.completion_tokens), f"{row.cost_usd:.6f}",
-                      f"{row.latency_p50_s:.2f}" if row.latency_p50_s is not None else "-",
-                      f"{row.latency_p95_s:.2f}" if row.latency_p95_s is not None else "-")
+        table.add_row(
+            row.model,
+            str(row.requests),
+            str(row.errors),
+            str(row.prompt_tokens),
+            str(row.completion_tokens),
+            f"{row.cost_usd:.6f}",
+            f"{row.latency_p50_s:.2f}" if row.latency_p50_s is not None else "-",
+            f"{row.latency_p95_s:.2f}" if row.latency_p95_s is not None else "-",
+        )
     console.print(table)
     rejected = outcome.total - len(outcome.results)
     completion_tokens = sum(row.completion_tokens for row in outcome.usage)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from inferpool.cli._common import load_settings
+from inferpool.cli._common import load_settings, make_console
 from inferpool.model_registry.registry import Registry
 
 
@@ -29,6 +28,13 @@ def models(ctx: click.Context, as_json: bool) -> None:
         table.add_column(column)
     for spec in registry:
         caps, price = spec.capabilities, spec.pricing
-        table.add_row(spec.name, ", ".join(spec.aliases), spec.backend, str(caps.context_window),
-                      str(caps.max_output_tokens), f"{price.input_per_mtok:g}", f"{price.output_per_mtok:g}")
-    Console().print(table)
+        table.add_row(
+            spec.name,
+            ", ".join(spec.aliases),
+            spec.backend,
+            str(caps.context_window),
+            str(caps.max_output_tokens),
+            f"{price.input_per_mtok:g}",
+            f"{price.output_per_mtok:g}",
+        )
+    make_console().print(table)

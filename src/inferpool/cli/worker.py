@@ -11,8 +11,13 @@ from inferpool.cli._common import configure_logging, load_settings
 
 @click.command()
 @click.option("--model", "-m", required=True, help="Registry name (or alias) of the model to serve.")
-@click.option("--concurrency", "-c", type=click.IntRange(min=1), default=None,
-              help="Chunks handled at once (default: the model's serving.concurrency).")
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Chunks handled at once (default: the model's serving.concurrency).",
+)
 @click.option("--worker-id", default=None, help="Name shown in Flower and heartbeats (default: MODEL@HOST-PID).")
 @click.pass_context
 def worker(ctx: click.Context, model: str, concurrency: int | None, worker_id: str | None) -> None:

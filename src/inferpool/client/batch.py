@@ -6,6 +6,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from inferpool._exceptions import ResultTimeout
 from inferpool.client.client import Client, publish_chunk
@@ -101,9 +102,7 @@ class BatchRunner:
         for name, group in by_model.items():
             spec = specs[name]
             for members in _chunks(group, spec.serving.chunk_size):
-                chunk = self.client.make_chunk(
-                    spec, [(m.request, m.custom_id) for m in members], job_id=outcome.job_id
-                )
+                chunk = self.client.make_chunk(spec, [(m.request, m.custom_id) for m in members], job_id=outcome.job_id)
                 for member, item in zip(members, chunk.items, strict=True):
                     outcome.request_ids[member.line_number] = item.request_id
                 publish_chunk(self.client.celery, chunk)
@@ -129,7 +128,7 @@ class BatchRunner:
                     f"batch {outcome.job_id}: {missing} of {expected} requests unfinished after {timeout} s; "
                     "check that workers are running for their models"
                 )
-            response = self.client.redis.xread({stream: last_id}, count=_READ_COUNT, block=_BLOCK_MS)
+            response: Any = self.client.redis.xread({stream: last_id}, count=_READ_COUNT, block=_BLOCK_MS)
             ids: list[str] = []
             for _, entries in response or []:
                 for entry_id, fields in entries:

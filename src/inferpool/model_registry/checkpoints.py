@@ -72,7 +72,7 @@ def ensure_hf_checkpoint(gguf_path: Path, cache_dir: Path) -> Path:
         raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {exc}") from exc
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     model.load_state_dict(quantised.state_dict())
     model.generation_config = quantised.generation_config
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))

@@ -75,22 +75,32 @@ class BatchLineParser:
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as exc:
-            return reject("invalid_json", f"not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object")
+            return reject(
+                "invalid_json", f"not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object"
+            )
         if not isinstance(data, dict):
             return reject("invalid_json", "each line must be a JSON object with custom_id, method, url and body")
         raw_id = data.get("custom_id")
         custom_id = raw_id if isinstance(raw_id, str) and raw_id else None
         if custom_id is None:
-            return reject("missing_custom_id", "custom_id is missing or not a non-empty string; give each line a unique one")
+            return reject(
+                "missing_custom_id", "custom_id is missing or not a non-empty string; give each line a unique one"
+            )
         first = self._seen.setdefault(custom_id, number)
         if first != number:
-            return reject("duplicate_custom_id", f"custom_id {custom_id!r} was already used on line {first}; make it unique", custom_id)
+            return reject(
+                "duplicate_custom_id",
+                f"custom_id {custom_id!r} was already used on line {first}; make it unique",
+                custom_id,
+            )
         try:
             line = BatchInputLine.model_validate(data)
         except ValidationError as exc:
             return reject("invalid_line", describe_validation_error(exc), custom_id)
         if line.url != CHAT_COMPLETIONS_URL:
-            return reject("unsupported_url", f"url {line.url!r} is not supported; use {CHAT_COMPLETIONS_URL!r}", custom_id)
+            return reject(
+                "unsupported_url", f"url {line.url!r} is not supported; use {CHAT_COMPLETIONS_URL!r}", custom_id
+            )
         try:
             request = ChatRequest.model_validate(line.body)
         except ValidationError as exc:

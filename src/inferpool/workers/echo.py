@@ -64,7 +64,9 @@ class EchoBackend:
             cut = text.find(stop)
             if cut != -1:
                 text, finish = text[:cut], "stop"
-        return Generation(text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=count_words(text))
+        return Generation(
+            text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=count_words(text)
+        )
 
     async def aclose(self) -> None:
         return None

@@ -7,13 +7,14 @@ one event loop in a background thread, so many chunks can be in flight in one ba
 from __future__ import annotations
 
 import asyncio
-import uuid
+import contextlib
 import json
 import logging
 import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,7 +36,6 @@ from inferpool.wire import (
     TaskChunk,
     TaskItem,
     Usage,
-    new_id,
 )
 from inferpool.workers.backend import Backend, Generation, GenerationOutcome
 
@@ -67,8 +67,14 @@ def default_worker_id(model_name: str) -> str:
 class WorkerRuntime:
     """Serves one model in this process."""
 
-    def __init__(self, spec: ModelSpec, backend: Backend, redis_client: redis.Redis, settings: Settings,
-                 worker_id: str | None = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        backend: Backend,
+        redis_client: redis.Redis,
+        settings: Settings,
+        worker_id: str | None = None,
+    ) -> None:
         self.spec = spec
         self.backend = backend
         self.settings = settings
@@ -145,8 +151,12 @@ class WorkerRuntime:
             completion_tokens=generation.completion_tokens,
             total_tokens=generation.prompt_tokens + generation.completion_tokens,
         )
-        choice = Choice(index=0, message=AssistantMessage(content=generation.text), finish_reason=generation.finish_reason)
-        return ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", created=created, model=self.spec.name, choices=[choice], usage=usage)
+        choice = Choice(
+            index=0, message=AssistantMessage(content=generation.text), finish_reason=generation.finish_reason
+        )
+        return ChatCompletion(
+            id=f"chatcmpl-{uuid.uuid4().hex}", created=created, model=self.spec.name, choices=[choice], usage=usage
+        )
 
     # -- heartbeat and shutdown ------------------------------------------------------------------------
 
@@ -159,14 +169,16 @@ class WorkerRuntime:
         self._heartbeat_thread.start()
 
     def _beat(self) -> None:
-        payload = json.dumps({
-            "worker_id": self.worker_id,
-            "model": self.spec.name,
-            "backend": self.backend.name,
-            "pid": os.getpid(),
-            "concurrency": self.spec.serving.concurrency,
-            "at": time.time(),
-        })
+        payload = json.dumps(
+            {
+                "worker_id": self.worker_id,
+                "model": self.spec.name,
+                "backend": self.backend.name,
+                "pid": os.getpid(),
+                "concurrency": self.spec.serving.concurrency,
+                "at": time.time(),
+            }
+        )
         self._redis.set(worker_heartbeat_key(self.spec.name, self.worker_id), payload, ex=self.settings.heartbeat_ttl_s)
 
     def _heartbeat_loop(self) -> None:
@@ -180,10 +192,8 @@ class WorkerRuntime:
     def close(self) -> None:
         """Stop the heartbeat, remove it, and release the backend."""
         self._stop.set()
-        try:
+        with contextlib.suppress(redis.RedisError):
             self._redis.delete(worker_heartbeat_key(self.spec.name, self.worker_id))
-        except redis.RedisError:
-            pass
         asyncio.run_coroutine_threadsafe(self.backend.aclose(), self._loop).result(timeout=60)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=10)

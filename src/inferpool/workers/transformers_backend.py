@@ -55,7 +55,8 @@ class TransformersParams(BaseModel):
             return self.path
         gguf = self.gguf_path
         if gguf is None:
-            assert self.gguf_package is not None and self.gguf_file is not None  # checked by _one_source
+            assert self.gguf_package is not None
+            assert self.gguf_file is not None
             gguf = package_file(self.gguf_package, self.gguf_file)
         elif not gguf.is_file():
             raise ModelLoadError(f"GGUF file {gguf} does not exist")

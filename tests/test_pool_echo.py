@@ -1,0 +1,162 @@
+"""The whole pool on the echo backend: real Redis, a real Celery worker process, sync and async clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from inferpool import (
+    AsyncClient,
+    BatchRunner,
+    Client,
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    RedisUnavailable,
+    Registry,
+    ResultTimeout,
+    Settings,
+)
+from inferpool.local_pool import WorkerProcess, free_port
+from inferpool.wire import ChatRequest
+
+pytestmark = pytest.mark.usefixtures("echo_worker")
+
+USER_HI = [{"role": "user", "content": "hello pool"}]
+
+
+def test_submit_returns_a_handle_and_the_result_comes_back(client: Client, echo_worker: WorkerProcess) -> None:
+    handle = client.submit({"model": "echo", "messages": USER_HI, "max_tokens": 10})
+    result = handle.result(timeout=30)
+    assert result.ok
+    assert result.response is not None
+    assert result.response.text == "echo: hello pool"
+    assert result.response.usage.model_dump() == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert result.stats is not None
+    assert result.stats.model == "echo"
+    assert result.stats.worker.startswith("echo@")
+    assert str(echo_worker.proc.pid) in result.stats.worker
+    assert handle.done()
+
+
+def test_chat_waits_and_returns_the_completion(client: Client) -> None:
+    completion = client.chat("echo", USER_HI, max_tokens=2, timeout=30)
+    assert completion.text == "echo: hello"
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.object == "chat.completion"
+
+
+def test_a_handle_can_be_reattached_from_another_client(client: Client, settings: Settings) -> None:
+    request_id = client.submit(ChatRequest.model_validate({"model": "echo", "messages": USER_HI})).request_id
+    with Client(settings=settings) as other:
+        assert other.handle(request_id).completion(timeout=30).text == "echo: hello pool"
+
+
+def test_bad_requests_fail_before_queueing(client: Client) -> None:
+    with pytest.raises(InvalidRequest, match="max_tokens"):
+        client.submit({"model": "echo", "messages": USER_HI, "max_tokens": -1})
+    with pytest.raises(InvalidRequest, match="messages"):
+        client.submit({"model": "echo"})
+    with pytest.raises(ModelNotFound, match="nope"):
+        client.chat("nope", USER_HI)
+
+
+def test_worker_side_errors_are_raised_by_chat(client: Client) -> None:
+    with pytest.raises(ContextLengthExceeded, match="context window"):
+        client.chat("echo", [{"role": "user", "content": "word " * 5000}], timeout=30)
+
+
+def test_result_timeout_when_no_worker_serves_the_model(settings: Settings, tmp_path: Path) -> None:
+    extra = tmp_path / "idle.yaml"
+    extra.write_text(
+        "models:\n  - name: echo-idle\n    backend: echo\n    capabilities: {context_window: 50, max_output_tokens: 5}\n"
+    )
+    with Client(settings=settings, registry=Registry.load([extra])) as idle_client:
+        handle = idle_client.submit({"model": "echo-idle", "messages": USER_HI})
+        with pytest.raises(ResultTimeout, match="are workers running"):
+            handle.result(timeout=0.5)
+        assert not handle.done()
+
+
+def test_missing_redis_is_one_clear_error() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with pytest.raises(RedisUnavailable, match=r"cannot connect to Redis at redis://127\.0\.0\.1.*REDIS_URL"):
+        Client(url)
+
+
+async def test_async_client_awaits_results(async_client: AsyncClient) -> None:
+    handle = await async_client.submit({"model": "echo", "messages": USER_HI})
+    result = await handle
+    assert result.response is not None
+    assert result.response.text == "echo: hello pool"
+
+
+async def test_async_client_many_concurrent_chats(async_client: AsyncClient) -> None:
+    texts = [f"message number {i}" for i in range(40)]
+    completions = await asyncio.gather(
+        *(async_client.chat("echo", [{"role": "user", "content": t}], timeout=60) for t in texts)
+    )
+    assert [c.text for c in completions] == [f"echo: {t}" for t in texts]
+
+
+async def test_sync_and_async_clients_agree(client: Client, async_client: AsyncClient) -> None:
+    request = {"model": "echo", "messages": USER_HI, "max_tokens": 2, "stop": "hello"}
+    sync_result = client.submit(request).result(timeout=30)
+    async_result = await (await async_client.submit(request)).result(timeout=30)
+    assert sync_result.response is not None
+    assert async_result.response is not None
+    assert sync_result.response.choices == async_result.response.choices
+    assert sync_result.response.usage == async_result.response.usage
+    with pytest.raises(InvalidRequest):
+        await async_client.submit({"model": "echo", "messages": USER_HI, "max_tokens": 0})
+
+
+def _batch_lines(n_good: int) -> list[str]:
+    lines = []
+    for i in range(n_good):
+        body = {"model": "echo", "messages": [{"role": "user", "content": f"prompt {i}"}], "max_tokens": 5}
+        lines.append(
+            json.dumps({"custom_id": f"ok-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+        )
+    return lines
+
+
+def test_batch_with_bad_lines_gives_one_output_line_each(client: Client) -> None:
+    lines = _batch_lines(300)
+    bad = {
+        "not json at all": "invalid_json",
+        json.dumps({"method": "POST", "url": "/v1/chat/completions", "body": {}}): "missing_custom_id",
+        json.dumps({"custom_id": "ok-3", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "echo", "messages": USER_HI}}): "duplicate_custom_id",
+        json.dumps({"custom_id": "bad-model", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "gpt-unknown", "messages": USER_HI}}): "model_not_found",
+        json.dumps({"custom_id": "no-msgs", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "echo"}}): "invalid_request",
+        json.dumps({"custom_id": "neg", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "echo", "messages": USER_HI, "max_tokens": -5}}): "invalid_request",
+        json.dumps({"custom_id": "too-long", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "echo", "messages": [{"role": "user", "content": "w " * 5000}]}}):
+            "context_length_exceeded",
+    }  # fmt: skip
+    for offset, raw in enumerate(bad):
+        lines.insert(offset * 40 + 1, raw)
+    progress: list[tuple[int, int]] = []
+    outcome = BatchRunner(client).run(lines, on_progress=lambda d, t: progress.append((d, t)), timeout=120)
+    output = [json.loads(line.model_dump_json()) for line in outcome.output_lines()]
+    assert len(output) == len(lines)
+    errors = [o for o in output if o["error"] is not None]
+    assert sorted(e["error"]["code"] for e in errors) == sorted(bad.values())
+    answered = {
+        o["custom_id"]: o["response"]["body"]["choices"][0]["message"]["content"] for o in output if o["response"]
+    }
+    assert answered == {f"ok-{i}": f"echo: prompt {i}" for i in range(300)}
+    assert outcome.completed == 300
+    assert outcome.failed == len(bad)
+    assert progress[-1] == (len(lines), len(lines))
+    [usage] = [u for u in outcome.usage if u.model == "echo"]
+    # The over-long prompt was refused by the worker: it counts as a request and an error, with no tokens.
+    assert (usage.requests, usage.errors) == (301, 1)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (2 * 300, 3 * 300)
