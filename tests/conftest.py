@@ -16,7 +16,14 @@ import pytest
 import redis
 
 from inferpool import AsyncClient, Client, Settings
-from inferpool.local_pool import EmbeddedRedis, WorkerProcess, start_worker_process, stop_process, wait_for_workers
+from inferpool.local_pool import (
+    EmbeddedRedis,
+    WorkerProcess,
+    start_scheduler_process,
+    start_worker_process,
+    stop_process,
+    wait_for_workers,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,7 +32,7 @@ os.environ.setdefault("INFERPOOL_CACHE_DIR", str(REPO / ".cache" / "inferpool"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.pop("REDIS_URL", None)
-os.environ.pop("INFERPOOL_REGISTRY", None)
+os.environ["INFERPOOL_REGISTRY"] = str(REPO / "tests" / "registry.yaml")
 
 WORKER_START_TIMEOUT_S = 600.0
 
@@ -88,6 +95,22 @@ def echo_worker(redis_url: str, session_dir: Path) -> Iterator[WorkerProcess]:
     workers = _start_workers(redis_url, session_dir, "echo")
     yield workers[0]
     _stop_workers(workers)
+
+
+@pytest.fixture(scope="session")
+def echo_slow_worker(redis_url: str, session_dir: Path) -> Iterator[WorkerProcess]:
+    workers = _start_workers(redis_url, session_dir, "echo-slow")
+    yield workers[0]
+    _stop_workers(workers)
+
+
+@pytest.fixture(scope="session")
+def scheduler(redis_url: str, session_dir: Path) -> Iterator[WorkerProcess]:
+    """The session pool's scheduler service (runs batch jobs)."""
+    process = start_scheduler_process(redis_url, session_dir / "scheduler.log")
+    yield process
+    stop_process(process.proc, grace_s=15)
+    assert process.proc.returncode == 0, process.log_path.read_text()[-3000:]
 
 
 @pytest.fixture(scope="session")

@@ -62,11 +62,12 @@ def test_batch_run_local_starts_and_stops_everything(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     good = [json.loads(line) for line in out.read_text().splitlines()]
     bad = [json.loads(line) for line in errors.read_text().splitlines()]
-    assert [g["custom_id"] for g in good] == [f"id-{i}" for i in range(25)]
+    assert sorted(g["custom_id"] for g in good) == sorted(f"id-{i}" for i in range(25))
     assert all(g["response"]["status_code"] == 200 and g["error"] is None for g in good)
-    assert good[4]["response"]["body"]["choices"][0]["message"]["content"] == "echo: line 4"
+    answers = {g["custom_id"]: g["response"]["body"]["choices"][0]["message"]["content"] for g in good}
+    assert answers["id-4"] == "echo: line 4"
     assert sorted(b["error"]["code"] for b in bad) == ["duplicate_custom_id", "invalid_json"]
-    assert "27 lines: 25 completed, 2 failed" in proc.stdout
+    assert "completed, 27/27 done (25 completed, 2 failed)" in proc.stdout
     assert "echo" in proc.stdout
     # Nothing left behind: no worker or redis-server from this run, no pool directory.
     assert _pool_processes_started_after(started) == []
@@ -96,9 +97,46 @@ def test_no_local_without_redis_url_says_what_to_do(tmp_path: Path) -> None:
 def test_empty_input_is_refused(tmp_path: Path) -> None:
     source = tmp_path / "empty.jsonl"
     source.write_text("\n\n")
-    proc = run_cli("batch", "run", str(source), "-o", str(tmp_path / "o.jsonl"))
+    proc = run_cli("batch", "run", str(source), "-o", str(tmp_path / "o.jsonl"), env={"TMPDIR": str(tmp_path)})
     assert proc.returncode == 1
     assert "has no requests" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.usefixtures("scheduler", "echo_worker")
+def test_submit_then_reattach_from_other_processes(redis_url: str, tmp_path: Path) -> None:
+    """The submitting process exits at once; others follow the job and fetch its results by id."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(_echo_line(f"r{i}", f"reattach {i}") for i in range(500)) + "\n")
+    env = {"REDIS_URL": redis_url}
+    submitted = run_cli("batch", "submit", str(source), env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert job_id.startswith("batch_")
+    assert f"inferpool batch wait {job_id}" in submitted.stderr
+    waited = run_cli("batch", "wait", job_id, "--timeout", "120", env=env)
+    assert waited.returncode == 0, waited.stderr
+    assert "completed, 500/500 done" in waited.stdout
+    status = run_cli("batch", "status", job_id, "--json", env=env)
+    batch_object = json.loads(status.stdout)
+    assert batch_object["status"] == "completed"
+    assert batch_object["request_counts"] == {"total": 500, "completed": 500, "failed": 0}
+    assert batch_object["usage"][0]["model"] == "echo"
+    out = tmp_path / "out.jsonl"
+    fetched = run_cli("batch", "results", job_id, "-o", str(out), env=env)
+    assert fetched.returncode == 0, fetched.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == sorted(f"r{i}" for i in range(500))
+    listed = run_cli("batch", "list", env=env)
+    assert job_id in listed.stdout
+    cancelled = run_cli("batch", "cancel", job_id, env=env)
+    assert f"{job_id}: completed" in cancelled.stdout  # a finished job stays finished
+
+
+def test_unknown_job_id_is_a_clear_error(redis_url: str) -> None:
+    proc = run_cli("batch", "status", "batch_missing", env={"REDIS_URL": redis_url})
+    assert proc.returncode == 1
+    assert "no batch job 'batch_missing'" in proc.stderr
 
 
 def test_worker_for_unknown_model_exits_with_a_clear_error(redis_url: str) -> None:
@@ -142,5 +180,5 @@ def test_example_file_runs_end_to_end(tmp_path: Path) -> None:
     assert len(results) == 23
     assert all(r["error"] is None for r in results.values())
     assert "Paris" in results["smollm2-01"]["response"]["body"]["choices"][0]["message"]["content"]
-    assert "23 lines: 23 completed, 0 failed" in proc.stdout
+    assert "completed, 23/23 done (23 completed, 0 failed)" in proc.stdout
     assert "smollm2-135m" in proc.stdout

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import pytest
 
 from inferpool import (
     AsyncClient,
-    BatchRunner,
     Client,
     ContextLengthExceeded,
     InvalidRequest,
@@ -112,51 +110,3 @@ async def test_sync_and_async_clients_agree(client: Client, async_client: AsyncC
     assert sync_result.response.usage == async_result.response.usage
     with pytest.raises(InvalidRequest):
         await async_client.submit({"model": "echo", "messages": USER_HI, "max_tokens": 0})
-
-
-def _batch_lines(n_good: int) -> list[str]:
-    lines = []
-    for i in range(n_good):
-        body = {"model": "echo", "messages": [{"role": "user", "content": f"prompt {i}"}], "max_tokens": 5}
-        lines.append(
-            json.dumps({"custom_id": f"ok-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
-        )
-    return lines
-
-
-def test_batch_with_bad_lines_gives_one_output_line_each(client: Client) -> None:
-    lines = _batch_lines(300)
-    bad = {
-        "not json at all": "invalid_json",
-        json.dumps({"method": "POST", "url": "/v1/chat/completions", "body": {}}): "missing_custom_id",
-        json.dumps({"custom_id": "ok-3", "method": "POST", "url": "/v1/chat/completions",
-                    "body": {"model": "echo", "messages": USER_HI}}): "duplicate_custom_id",
-        json.dumps({"custom_id": "bad-model", "method": "POST", "url": "/v1/chat/completions",
-                    "body": {"model": "gpt-unknown", "messages": USER_HI}}): "model_not_found",
-        json.dumps({"custom_id": "no-msgs", "method": "POST", "url": "/v1/chat/completions",
-                    "body": {"model": "echo"}}): "invalid_request",
-        json.dumps({"custom_id": "neg", "method": "POST", "url": "/v1/chat/completions",
-                    "body": {"model": "echo", "messages": USER_HI, "max_tokens": -5}}): "invalid_request",
-        json.dumps({"custom_id": "too-long", "method": "POST", "url": "/v1/chat/completions",
-                    "body": {"model": "echo", "messages": [{"role": "user", "content": "w " * 5000}]}}):
-            "context_length_exceeded",
-    }  # fmt: skip
-    for offset, raw in enumerate(bad):
-        lines.insert(offset * 40 + 1, raw)
-    progress: list[tuple[int, int]] = []
-    outcome = BatchRunner(client).run(lines, on_progress=lambda d, t: progress.append((d, t)), timeout=120)
-    output = [json.loads(line.model_dump_json()) for line in outcome.output_lines()]
-    assert len(output) == len(lines)
-    errors = [o for o in output if o["error"] is not None]
-    assert sorted(e["error"]["code"] for e in errors) == sorted(bad.values())
-    answered = {
-        o["custom_id"]: o["response"]["body"]["choices"][0]["message"]["content"] for o in output if o["response"]
-    }
-    assert answered == {f"ok-{i}": f"echo: prompt {i}" for i in range(300)}
-    assert outcome.completed == 300
-    assert outcome.failed == len(bad)
-    assert progress[-1] == (len(lines), len(lines))
-    [usage] = [u for u in outcome.usage if u.model == "echo"]
-    # The over-long prompt was refused by the worker: it counts as a request and an error, with no tokens.
-    assert (usage.requests, usage.errors) == (301, 1)
-    assert (usage.prompt_tokens, usage.completion_tokens) == (2 * 300, 3 * 300)

@@ -1,11 +1,13 @@
 """inferpool: a distributed job-queue inference worker pool on Celery and Redis."""
 
 from inferpool._exceptions import (
+    BatchRefused,
     CapabilityMismatch,
     ConfigurationError,
     ContextLengthExceeded,
     InferpoolError,
     InvalidRequest,
+    JobNotFound,
     ModelLoadError,
     ModelNotFound,
     PoolStartError,
@@ -15,7 +17,8 @@ from inferpool._exceptions import (
     RequestError,
     ResultTimeout,
 )
-from inferpool.client import AsyncClient, AsyncResultHandle, BatchOutcome, BatchRunner, Client, ResultHandle
+from inferpool.client import AsyncClient, AsyncResultHandle, Batches, Client, ResultHandle
+from inferpool.jobstore import BatchJob, JobStatus
 from inferpool.model_registry import ModelSpec, Registry
 from inferpool.settings import Settings
 from inferpool.wire import BatchInputLine, BatchOutputLine, ChatCompletion, ChatMessage, ChatRequest, RequestResult
@@ -26,9 +29,10 @@ __all__ = [
     "AsyncClient",
     "AsyncResultHandle",
     "BatchInputLine",
-    "BatchOutcome",
+    "BatchJob",
     "BatchOutputLine",
-    "BatchRunner",
+    "BatchRefused",
+    "Batches",
     "CapabilityMismatch",
     "ChatCompletion",
     "ChatMessage",
@@ -38,6 +42,8 @@ __all__ = [
     "ContextLengthExceeded",
     "InferpoolError",
     "InvalidRequest",
+    "JobNotFound",
+    "JobStatus",
     "ModelLoadError",
     "ModelNotFound",
     "ModelSpec",

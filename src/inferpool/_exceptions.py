@@ -14,6 +14,8 @@
     │   └── ProviderError           the backend failed while generating
     ├── ModelLoadError              a worker cannot load its model
     ├── ResultTimeout               waited for a result longer than asked
+    ├── BatchRefused                a whole batch file refused up front (not JSONL, over the job limits)
+    ├── JobNotFound                 no batch job with that id (never created, or its retention ended)
     └── PoolStartError              the local pool (embedded Redis, worker processes) failed to start
 
 A ``RequestError`` never escapes a worker: it becomes that request's error result, with ``code`` and
@@ -47,6 +49,14 @@ class ModelLoadError(InferpoolError):
 
 class ResultTimeout(InferpoolError, TimeoutError):
     """A result did not arrive within the time the caller allowed."""
+
+
+class BatchRefused(InferpoolError):
+    """A batch input refused as a whole: not JSONL at all, or over the job limits."""
+
+
+class JobNotFound(InferpoolError):
+    """No batch job with that id exists (any more)."""
 
 
 class PoolStartError(InferpoolError):

@@ -10,13 +10,25 @@ from typing import Any
 
 from celery import Celery
 
+from inferpool.constants import TASK_PROCESS_CHUNK, queue_name
 from inferpool.settings import Settings
+from inferpool.wire import TaskChunk
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration inferpool ships."""
     redis_url = settings.require_redis_url()
-    transport_options = {"visibility_timeout": settings.visibility_timeout_s}
+    # kombu sweeps for unacked messages past their visibility timeout every interval x throttle seconds
+    # (10 x 10 = 100 s by default); we scan on every sweep, and sweep more often for short timeouts.
+    # A worker killed while holding the sweep's mutex blocks every sweep until the mutex expires
+    # (300 s by default), so the mutex lives no longer than the visibility timeout.
+    vt = settings.visibility_timeout_s
+    transport_options = {
+        "visibility_timeout": vt,
+        "unacked_restore_interval": max(1, min(10, vt // 4)),
+        "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": max(5, min(300, vt)),
+    }
     return {
         "broker_url": redis_url,
         # Results travel through inferpool's own keys (inferpool.results), not Celery's backend.
@@ -49,3 +61,14 @@ def create_celery_app(settings: Settings, *, main: str = "inferpool") -> Celery:
     app = Celery(main, set_as_current=False)
     app.conf.update(celery_config(settings))
     return app
+
+
+def publish_chunk(app: Celery, chunk: TaskChunk) -> None:
+    """Send one chunk to its model's queue. Flower shows ids and counts, never prompt text."""
+    app.send_task(
+        TASK_PROCESS_CHUNK,
+        args=[chunk.model_dump(mode="json", exclude_none=True)],
+        queue=queue_name(chunk.model),
+        argsrepr=chunk.describe(),
+        kwargsrepr="{}",
+    )

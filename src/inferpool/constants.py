@@ -44,3 +44,28 @@ def worker_heartbeat_key(model_name: str, worker_id: str) -> str:
 def worker_heartbeat_pattern(model_name: str) -> str:
     """``SCAN`` pattern matching every heartbeat of one model."""
     return f"{KEY_PREFIX}heartbeat:{model_name}:*"
+
+
+#: Sorted set of every batch job id, scored by creation time (``batch list``).
+JOBS_INDEX_KEY = f"{KEY_PREFIX}jobs"
+
+#: Sorted set of the jobs the scheduler still has to drive (not yet in a final state).
+JOBS_ACTIVE_KEY = f"{KEY_PREFIX}jobs:active"
+
+#: Hash model -> requests of batch jobs dispatched to that model and not yet answered.
+MODEL_INFLIGHT_KEY = f"{KEY_PREFIX}inflight"
+
+
+def job_pending_key(job_id: str, model: str) -> str:
+    """List of a job's requests for one model that the scheduler has not dispatched yet."""
+    return f"{KEY_PREFIX}job:{job_id}:pending:{model}"
+
+
+def job_inflight_key(job_id: str) -> str:
+    """Hash request id -> task item of a job's dispatched, unanswered requests (re-sent on scheduler start)."""
+    return f"{KEY_PREFIX}job:{job_id}:inflight"
+
+
+def job_usage_key(job_id: str) -> str:
+    """Hash of a job's usage counters, ``<model>|<counter>`` -> value, counted once per result."""
+    return f"{KEY_PREFIX}job:{job_id}:usage"

@@ -24,7 +24,7 @@ from typing import Self
 import redis
 
 from inferpool._exceptions import PoolStartError
-from inferpool.constants import worker_heartbeat_pattern
+from inferpool.constants import worker_heartbeat_key
 
 
 def free_port() -> int:
@@ -126,20 +126,30 @@ class WorkerProcess:
     log_path: Path
 
 
+def start_inferpool_process(
+    args: Iterable[str], redis_url: str, log_path: Path, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``inferpool ARGS`` as a child in its own process group, logging to ``log_path``."""
+    child_env = {**os.environ, **(env or {}), "REDIS_URL": redis_url}
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "inferpool", *args],
+            stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True,
+        )  # fmt: skip
+
+
 def start_worker_process(
     model: str, redis_url: str, log_path: Path, *, env: Mapping[str, str] | None = None, extra_args: Iterable[str] = ()
 ) -> WorkerProcess:
-    """Start ``inferpool worker --model MODEL`` as a child in its own process group."""
-    child_env = {**os.environ, **(env or {}), "REDIS_URL": redis_url}
-    log = log_path.open("ab")
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "inferpool", "worker", "--model", model, *extra_args],
-            stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True,
-        )  # fmt: skip
-    finally:
-        log.close()
+    """Start ``inferpool worker --model MODEL``."""
+    proc = start_inferpool_process(["worker", "--model", model, *extra_args], redis_url, log_path, env)
     return WorkerProcess(model=model, proc=proc, log_path=log_path)
+
+
+def start_scheduler_process(redis_url: str, log_path: Path, env: Mapping[str, str] | None = None) -> WorkerProcess:
+    """Start ``inferpool scheduler`` (reported as a ``WorkerProcess`` whose model is ``scheduler``)."""
+    return WorkerProcess(model="scheduler", proc=start_inferpool_process(["scheduler"], redis_url, log_path, env),
+                         log_path=log_path)  # fmt: skip
 
 
 def wait_for_workers(client: redis.Redis, workers: Iterable[WorkerProcess], timeout_s: float) -> None:
@@ -153,7 +163,9 @@ def wait_for_workers(client: redis.Redis, workers: Iterable[WorkerProcess], time
                     f"worker for model {worker.model!r} exited with code {worker.proc.returncode}:\n"
                     f"{_tail(worker.log_path)}"
                 )
-            if any(True for _ in client.scan_iter(worker_heartbeat_pattern(worker.model), count=100)):
+            # Default worker ids end in "-<pid>", so each worker's own heartbeat is found.
+            mine = worker_heartbeat_key(worker.model, f"*-{worker.proc.pid}")
+            if any(True for _ in client.scan_iter(mine, count=1000)):
                 pending.remove(worker)
         if pending and time.monotonic() > deadline:
             names = ", ".join(w.model for w in pending)
@@ -165,17 +177,27 @@ def wait_for_workers(client: redis.Redis, workers: Iterable[WorkerProcess], time
 
 
 class LocalPool:
-    """Embedded Redis plus one worker process per model; a context manager that cleans up after itself."""
+    """Embedded Redis, a scheduler, and one worker process per model; a context manager that cleans up.
+
+    Child processes read their settings from the environment, plus ``env`` and the pool's ``REDIS_URL``.
+    """
 
     def __init__(
-        self, models: Iterable[str], *, startup_timeout_s: float = 600.0, worker_env: Mapping[str, str] | None = None
+        self,
+        models: Iterable[str],
+        *,
+        startup_timeout_s: float = 600.0,
+        env: Mapping[str, str] | None = None,
+        workers_per_model: int = 1,
     ) -> None:
         self.models = sorted(set(models))
+        self.workers_per_model = workers_per_model
         self.startup_timeout_s = startup_timeout_s
-        self.worker_env = dict(worker_env or {})
+        self.env = dict(env or {})
         self.workdir = Path(tempfile.mkdtemp(prefix="inferpool-pool-"))
         self.redis = EmbeddedRedis(self.workdir / "redis")
         self.workers: list[WorkerProcess] = []
+        self.scheduler: WorkerProcess | None = None
 
     @property
     def redis_url(self) -> str:
@@ -184,22 +206,27 @@ class LocalPool:
     def start(self) -> None:
         try:
             self.redis.start()
+            scheduler = start_scheduler_process(self.redis.url, self.workdir / "scheduler.log", self.env)
+            self.scheduler = scheduler
             for model in self.models:
-                self.workers.append(
-                    start_worker_process(
-                        model, self.redis.url, self.workdir / f"worker-{model}.log", env=self.worker_env
-                    )
-                )
+                for n in range(self.workers_per_model):
+                    log_path = self.workdir / f"worker-{model}-{n}.log"
+                    self.workers.append(start_worker_process(model, self.redis.url, log_path, env=self.env))
             client = redis.Redis.from_url(self.redis.url)
             try:
                 wait_for_workers(client, self.workers, self.startup_timeout_s)
             finally:
                 client.close()
+            if scheduler.proc.poll() is not None:
+                raise PoolStartError(f"the scheduler exited at start:\n{_tail(scheduler.log_path)}")
         except BaseException:
             self.stop()
             raise
 
     def stop(self) -> None:
+        if self.scheduler is not None:
+            stop_process(self.scheduler.proc, grace_s=10.0)
+            self.scheduler = None
         for worker in self.workers:
             stop_process(worker.proc, grace_s=30.0)
         self.workers.clear()

@@ -1,66 +1,158 @@
 """Where results live in Redis and how they are written exactly once.
 
-A worker writes each request's result with one Lua script: ``SET NX`` on the result key, and only if
-that succeeded, a wake-up for waiters and (for batch jobs) one entry on the job's completion stream and
-one count. A chunk that runs twice after a crash or a redelivery therefore never yields two results or
-counts anything twice.
+Every result goes through one Lua script: ``SET NX`` on the result key and, only if that succeeded, a
+wake-up for waiters (single requests) or, for batch jobs, one completion-stream entry, one count, the
+request's removal from the job's in-flight set and its usage. A chunk that runs twice after a crash or a redelivery
+therefore never yields two results or counts anything twice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import redis
 
-from inferpool.constants import job_completed_stream_key, job_key, result_key, result_notify_key
+from inferpool.constants import (
+    MODEL_INFLIGHT_KEY,
+    job_completed_stream_key,
+    job_inflight_key,
+    job_key,
+    job_usage_key,
+    result_key,
+)
+from inferpool.usage import latency_bucket
 from inferpool.wire import RequestResult
 
 _WRITE_ONCE = """
-local written = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
-if not written then
-  return 0
+-- KEYS: job hash, job completed stream, job in-flight hash, per-model in-flight hash, job usage hash
+-- ARGV: ttl, result key prefix, model, '1' for batch-job results, then one record per result:
+--       request_id TAB completed|failed TAB prompt_tokens TAB completion_tokens TAB cost TAB latency bucket TAB json
+-- Returns the 0-based positions of the records whose request already had a result (not written again).
+local ttl, prefix, model, is_job = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1'
+local duplicates = {}
+local completed, failed, settled, prompt, completion, cost = 0, 0, 0, 0, 0, 0
+local buckets = {}
+for i = 5, #ARGV do
+  local record = ARGV[i]
+  local fields, pos = {}, 1
+  for f = 1, 6 do
+    local tab = string.find(record, '\t', pos, true)
+    fields[f] = string.sub(record, pos, tab - 1)
+    pos = tab + 1
+  end
+  local rid = fields[1]
+  local key = prefix .. rid
+  if redis.call('SET', key, string.sub(record, pos), 'NX', 'EX', ttl) then
+    if is_job then
+      redis.call('XADD', KEYS[2], '*', 'rid', rid)
+      if fields[2] == 'completed' then completed = completed + 1 else failed = failed + 1 end
+      settled = settled + redis.call('HDEL', KEYS[3], rid)
+      prompt = prompt + tonumber(fields[3])
+      completion = completion + tonumber(fields[4])
+      cost = cost + tonumber(fields[5])
+      if fields[6] ~= '' then buckets[fields[6]] = (buckets[fields[6]] or 0) + 1 end
+    else
+      redis.call('RPUSH', key .. ':notify', '1')
+      redis.call('EXPIRE', key .. ':notify', ttl)
+    end
+  else
+    duplicates[#duplicates + 1] = i - 5
+  end
 end
-redis.call('RPUSH', KEYS[2], '1')
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-if ARGV[3] ~= '' then
-  redis.call('XADD', KEYS[4], '*', 'rid', ARGV[3])
-  redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
-  redis.call('EXPIRE', KEYS[3], ARGV[2])
-  redis.call('EXPIRE', KEYS[4], ARGV[2])
+if completed + failed > 0 then
+  local m = model .. '|'
+  redis.call('HINCRBY', KEYS[1], 'completed', completed)
+  redis.call('HINCRBY', KEYS[1], 'failed', failed)
+  if settled > 0 then redis.call('HINCRBY', KEYS[4], model, -settled) end
+  redis.call('HINCRBY', KEYS[5], m .. 'requests', completed + failed)
+  redis.call('HINCRBY', KEYS[5], m .. 'errors', failed)
+  redis.call('HINCRBY', KEYS[5], m .. 'prompt_tokens', prompt)
+  redis.call('HINCRBY', KEYS[5], m .. 'completion_tokens', completion)
+  redis.call('HINCRBYFLOAT', KEYS[5], m .. 'cost_usd', string.format('%.17g', cost))
+  for bucket, n in pairs(buckets) do
+    redis.call('HINCRBY', KEYS[5], m .. 'latency|' .. bucket, n)
+  end
+  for k = 1, 5 do
+    if k ~= 4 then redis.call('EXPIRE', KEYS[k], ttl) end
+  end
 end
-return 1
+return duplicates
 """
+
+# Returns the 0-based positions of the request ids (ARGV[2..]) that already have a result.
+_EXISTING = """
+local found = {}
+for i = 2, #ARGV do
+  if redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 1 then found[#found + 1] = i - 2 end
+end
+return found
+"""
+
+#: Usage rows for results that no model served (lines rejected before queueing, cancelled, expired).
+NO_MODEL = "-"
+
+_RESULT_PREFIX = result_key("")
+
+
+def _record(result: RequestResult) -> str:
+    stats, usage = result.stats, result.usage
+    return "\t".join((
+        result.request_id,
+        "completed" if result.ok else "failed",
+        str(usage.prompt_tokens if usage else 0),
+        str(usage.completion_tokens if usage else 0),
+        repr(stats.cost_usd) if stats else "0",
+        latency_bucket(stats.latency_s) if stats else "",
+        result.model_dump_json(exclude_none=True),
+    ))  # fmt: skip
 
 
 class ResultWriter:
-    """Writes results idempotently; used by workers (and by anything that settles a request itself)."""
+    """Writes results idempotently: workers, and the scheduler or client when they settle a request.
+
+    Results are written in groups (one Lua call per job and model), which is what lets a worker settle
+    a 500-request chunk in one round trip.
+    """
 
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
-        self._script = client.register_script(_WRITE_ONCE)
+        self._write = client.register_script(_WRITE_ONCE)
+        self._exists = client.register_script(_EXISTING)
 
-    def write(self, result: RequestResult, ttl_s: int) -> bool:
-        """Store ``result`` unless one already exists for its request id; True if this call stored it."""
-        job_id = result.job_id or ""
-        keys = [
-            result_key(result.request_id),
-            result_notify_key(result.request_id),
-            job_key(job_id) if job_id else "",
-            job_completed_stream_key(job_id) if job_id else "",
-        ]
-        counter = "completed" if result.ok else "failed"
-        payload = result.model_dump_json(exclude_none=True)
-        args: list[str | int] = [payload, ttl_s, result.request_id if job_id else "", counter]
-        return bool(self._script(keys=keys, args=args))
+    def write(self, result: RequestResult, ttl_s: int, *, model: str | None = None) -> bool:
+        """Store ``result`` unless its request already has one; True if this call stored it.
+
+        ``model`` is the model the request was dispatched to (default: the one in its stats).
+        """
+        return self.write_many([(result, model)], ttl_s)[0]
+
+    def write_many(self, results: Sequence[tuple[RequestResult, str | None]], ttl_s: int) -> list[bool]:
+        """``write`` for many (result, model) pairs; one Lua call per (job, model) group, one round trip."""
+        groups: dict[tuple[str, str], list[int]] = {}
+        for index, (result, model) in enumerate(results):
+            name = model or (result.stats.model if result.stats else NO_MODEL)
+            groups.setdefault((result.job_id or "", name), []).append(index)
+        if not groups:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        for (job_id, model), indexes in groups.items():
+            keys = [job_key(job_id), job_completed_stream_key(job_id), job_inflight_key(job_id), MODEL_INFLIGHT_KEY,
+                    job_usage_key(job_id)]  # fmt: skip
+            args = [ttl_s, _RESULT_PREFIX, model, "1" if job_id else "", *(_record(results[i][0]) for i in indexes)]
+            self._write(keys=keys, args=args, client=pipe)
+        written = [True] * len(results)
+        for indexes, duplicates in zip(groups.values(), pipe.execute(), strict=True):
+            for position in duplicates:
+                written[indexes[position]] = False
+        return written
 
     def existing(self, request_ids: Sequence[str]) -> set[str]:
         """Which of ``request_ids`` already have a result (so a redelivered chunk skips them)."""
         if not request_ids:
             return set()
-        pipe = self._client.pipeline(transaction=False)
-        for request_id in request_ids:
-            pipe.exists(result_key(request_id))
-        return {rid for rid, found in zip(request_ids, pipe.execute(), strict=True) if found}
+        found: Any = self._exists(keys=[], args=[_RESULT_PREFIX, *request_ids])
+        return {request_ids[position] for position in found}
 
 
 def parse_result(raw: bytes | str) -> RequestResult:

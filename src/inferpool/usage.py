@@ -1,14 +1,27 @@
-"""Summing usage over results: tokens, cost (registry prices) and latency, per model."""
+"""Usage per model: tokens, cost and latency, summed from results or from a job's Redis counters.
+
+Latency percentiles over a job's counters come from a fixed histogram (bucket upper bounds below), so a
+100k-request job keeps a few dozen numbers, not 100k latencies; they are accurate to the bucket.
+"""
 
 from __future__ import annotations
 
+import bisect
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from pydantic import BaseModel
 
-from inferpool.model_registry.registry import Registry
 from inferpool.wire import RequestResult
+
+#: Upper bounds, in seconds, of the latency histogram buckets ("inf" catches the rest).
+LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
+
+
+def latency_bucket(seconds: float) -> str:
+    """The histogram bucket (its upper bound, as text) that ``seconds`` falls in."""
+    index = bisect.bisect_left(LATENCY_BUCKETS_S, seconds)
+    return "inf" if index == len(LATENCY_BUCKETS_S) else repr(LATENCY_BUCKETS_S[index])
 
 
 class ModelUsage(BaseModel):
@@ -26,16 +39,16 @@ class ModelUsage(BaseModel):
         return self.prompt_tokens + self.completion_tokens
 
 
-def _percentile(values: list[float], q: float) -> float | None:
+def _percentile(values: list[float], q: int) -> float | None:
     if not values:
         return None
     if len(values) == 1:
         return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-def summarize_usage(results: Iterable[RequestResult], registry: Registry) -> list[ModelUsage]:
-    """Per-model usage over ``results`` (errors without a model are grouped under ``-``)."""
+def summarize_usage(results: Iterable[RequestResult]) -> list[ModelUsage]:
+    """Per-model usage over ``results`` (results no model served are grouped under ``-``)."""
     rows: dict[str, ModelUsage] = {}
     latencies: dict[str, list[float]] = {}
     for result in results:
@@ -44,15 +57,46 @@ def summarize_usage(results: Iterable[RequestResult], registry: Registry) -> lis
         row.requests += 1
         if result.stats:
             latencies.setdefault(model, []).append(result.stats.latency_s)
+            row.cost_usd += result.stats.cost_usd
         usage = result.usage
         if usage is None:
             row.errors += 1
             continue
         row.prompt_tokens += usage.prompt_tokens
         row.completion_tokens += usage.completion_tokens
-        if model in registry:
-            row.cost_usd += registry.get(model).pricing.cost(usage.prompt_tokens, usage.completion_tokens)
     for model, values in latencies.items():
         rows[model].latency_p50_s = _percentile(values, 50)
         rows[model].latency_p95_s = _percentile(values, 95)
+    return sorted(rows.values(), key=lambda r: r.model)
+
+
+def _histogram_percentile(histogram: Mapping[float, int], q: float) -> float | None:
+    total = sum(histogram.values())
+    if total == 0:
+        return None
+    seen = 0
+    for bound in sorted(histogram):
+        seen += histogram[bound]
+        if seen >= q * total:
+            return bound
+    return max(histogram)
+
+
+def usage_from_counters(counters: Mapping[str, str]) -> list[ModelUsage]:
+    """Per-model usage from a job's ``<model>|<counter>`` hash (see ``inferpool.results``)."""
+    rows: dict[str, ModelUsage] = {}
+    histograms: dict[str, dict[float, int]] = {}
+    for field, value in counters.items():
+        model, _, counter = field.partition("|")
+        row = rows.setdefault(model, ModelUsage(model=model))
+        if counter.startswith("latency|"):
+            bound = float(counter.removeprefix("latency|"))
+            histograms.setdefault(model, {})[bound] = int(value)
+        elif counter == "cost_usd":
+            row.cost_usd = float(value)
+        elif counter in ("requests", "errors", "prompt_tokens", "completion_tokens"):
+            setattr(row, counter, int(value))
+    for model, histogram in histograms.items():
+        rows[model].latency_p50_s = _histogram_percentile(histogram, 0.50)
+        rows[model].latency_p95_s = _histogram_percentile(histogram, 0.95)
     return sorted(rows.values(), key=lambda r: r.model)

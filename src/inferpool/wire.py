@@ -181,6 +181,7 @@ class ServingStats(BaseModel):
     queued_s: float = Field(ge=0.0, description="Enqueue to start of processing.")
     latency_s: float = Field(ge=0.0, description="Start of processing to result written.")
     attempts: int = Field(default=1, ge=1)
+    cost_usd: float = Field(default=0.0, ge=0.0, description="From the registry's prices.")
 
 
 class RequestResult(BaseModel):

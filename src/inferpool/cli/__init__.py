@@ -8,6 +8,7 @@ from inferpool import __version__
 from inferpool.cli._common import InferpoolGroup
 from inferpool.cli.batch import batch
 from inferpool.cli.models import models
+from inferpool.cli.scheduler import scheduler
 from inferpool.cli.worker import worker
 
 
@@ -26,6 +27,7 @@ def main() -> None:
 
 main.add_command(batch)
 main.add_command(models)
+main.add_command(scheduler)
 main.add_command(worker)
 
 __all__ = ["main"]

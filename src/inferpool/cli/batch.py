@@ -1,54 +1,190 @@
-"""``inferpool batch``: OpenAI Batch JSONL files through the pool."""
+"""``inferpool batch``: OpenAI Batch JSONL jobs through the pool (submit, follow, fetch, cancel)."""
 
 from __future__ import annotations
 
 import contextlib
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
 
-from inferpool._exceptions import ConfigurationError
 from inferpool.cli._common import load_settings, make_console
-from inferpool.client.batch import BatchOutcome, BatchRunner
+from inferpool.cli._display import answer_preview, job_progress, jobs_table, print_job
 from inferpool.client.client import Client
+from inferpool.jobstore import BatchJob
 from inferpool.local_pool import LocalPool
 from inferpool.model_registry.registry import Registry
-from inferpool.scheduler.batch_input import MAX_LINE_BYTES, AcceptedLine, BatchLineParser
+from inferpool.scheduler.batch_input import AcceptedLine, BatchLineParser
 from inferpool.scheduler.router import Router
 from inferpool.settings import Settings
+from inferpool.wire import BatchOutputLine
 
-_ANSWER_PREVIEW_CHARS = 160
+_SHOW_ANSWERS_UP_TO = 50
+
+input_argument = click.argument(
+    "input_path", metavar="INPUT.jsonl", type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+priority_option = click.option("--priority", type=int, default=0, show_default=True,
+                               help="Higher runs first when several jobs share a model.")  # fmt: skip
+window_option = click.option("--completion-window", default="24h", show_default=True,
+                             help="Unfinished lines end as batch_expired after this ('30m', '24h', '2d').")  # fmt: skip
+output_option = click.option("-o", "--output", "output_path", required=True,
+                             type=click.Path(dir_okay=False, path_type=Path),
+                             help="Where to write the OpenAI Batch output lines.")  # fmt: skip
+errors_option = click.option("--errors", "errors_path", type=click.Path(dir_okay=False, path_type=Path),
+                             help="Write failed lines here instead of into OUTPUT (as OpenAI does).")  # fmt: skip
 
 
 @click.group()
 def batch() -> None:
-    """Run OpenAI Batch JSONL files (one request per line) through the pool."""
+    """OpenAI Batch JSONL jobs: one request per line, one output line per request.
+
+    Each input line is {"custom_id", "method": "POST", "url": "/v1/chat/completions", "body": {...}}.
+    A job's state lives in Redis: submit, exit, and come back with `status`, `wait` or `results`.
+    """
+
+
+def _client(ctx: click.Context) -> Client:
+    settings = load_settings(ctx)
+    return Client(settings=settings)
+
+
+@batch.command()
+@input_argument
+@priority_option
+@window_option
+@click.pass_context
+def submit(ctx: click.Context, input_path: Path, priority: int, completion_window: str) -> None:
+    """Validate and queue INPUT.jsonl on the pool at REDIS_URL; print the job id at once."""
+    with _client(ctx) as client:
+        job = client.batches.create(input_path, priority=priority, completion_window=completion_window)
+    click.echo(job.id)
+    click.echo(f"follow it with: inferpool batch wait {job.id}", err=True)
+
+
+@batch.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the batch object as JSON.")
+@click.pass_context
+def status(ctx: click.Context, job_id: str, as_json: bool) -> None:
+    """Show a job's status, counts, ETA and usage so far."""
+    with _client(ctx) as client:
+        job = client.batches.retrieve(job_id)
+    if as_json:
+        click.echo(job.model_dump_json(indent=2))
+    else:
+        print_job(make_console(), job)
+
+
+@batch.command()
+@click.argument("job_id")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop waiting after this many seconds.")
+@click.pass_context
+def wait(ctx: click.Context, job_id: str, timeout: float | None) -> None:
+    """Follow a job with a progress bar until it finishes (Ctrl-C stops waiting, not the job)."""
+    with _client(ctx) as client:
+        job = _follow(client, job_id, timeout)
+    print_job(make_console(), job)
+
+
+@batch.command()
+@click.argument("job_id")
+@output_option
+@errors_option
+@click.pass_context
+def results(ctx: click.Context, job_id: str, output_path: Path, errors_path: Path | None) -> None:
+    """Write a job's output lines so far (all of them once it has finished), in completion order."""
+    with _client(ctx) as client:
+        job = client.batches.retrieve(job_id)
+        count, _ = _write_results(client, job_id, output_path, errors_path)
+    note = "" if job.status.is_final else f" (job still {job.status.value}: partial, run again later)"
+    click.echo(f"{count} lines written to {output_path}{note}", err=True)
+
+
+@batch.command()
+@click.argument("job_id")
+@click.pass_context
+def cancel(ctx: click.Context, job_id: str) -> None:
+    """Cancel a job: queued lines end as batch_cancelled, running ones finish."""
+    with _client(ctx) as client:
+        job = client.batches.cancel(job_id)
+    click.echo(f"{job.id}: {job.status.value}")
+
+
+@batch.command("list")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.pass_context
+def list_jobs(ctx: click.Context, limit: int) -> None:
+    """List recent jobs, newest first."""
+    with _client(ctx) as client:
+        jobs = client.batches.list(limit)
+    make_console().print(jobs_table(jobs))
+
+
+@batch.command()
+@input_argument
+@output_option
+@errors_option
+@click.option("--local/--no-local", default=None,
+              help="Start a private Redis, a scheduler and the workers the file needs, and stop them afterwards "
+                   "(default: on when REDIS_URL is unset).")  # fmt: skip
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop waiting after this many seconds.")
+@click.option(
+    "--show-answers/--no-show-answers",
+    default=None,
+    help=f"Print each answer (default: when the file has at most {_SHOW_ANSWERS_UP_TO} lines).",
+)
+@priority_option
+@window_option
+@click.pass_context
+def run(ctx: click.Context, input_path: Path, output_path: Path, errors_path: Path | None, local: bool | None,
+        timeout: float | None, show_answers: bool | None, priority: int, completion_window: str) -> None:  # fmt: skip
+    """Submit INPUT.jsonl, follow it, write OUTPUT and print a usage summary.
+
+    A bad line (malformed JSON, missing or duplicate custom_id, unknown model, invalid body, prompt over
+    the context window) gets its own error line with a code and a message; the other lines still run.
+    """
+    settings = load_settings(ctx)
+    console = make_console(stderr=True)
+    use_local = not settings.redis_url if local is None else local
+    models = _models_in(input_path, settings) if use_local else set()
+    with _redis_url(settings, use_local, models, console) as redis_url, \
+            Client(settings=settings.with_redis_url(redis_url)) as client:  # fmt: skip
+        started = time.monotonic()
+        job = client.batches.create(input_path, priority=priority, completion_window=completion_window)
+        job = _follow(client, job.id, timeout, local_pool=use_local)
+        elapsed = time.monotonic() - started
+        count, first_lines = _write_results(client, job.id, output_path, errors_path)
+    stdout = make_console()
+    if show_answers if show_answers is not None else count <= _SHOW_ANSWERS_UP_TO:
+        _print_answers(stdout, first_lines)
+    print_job(stdout, job)
+    tokens = sum(row.completion_tokens for row in job.usage)
+    stdout.print(f"{job.request_counts.total} lines in {elapsed:.1f} s: {job.request_counts.total / elapsed:.1f} "
+                 f"lines/s, {tokens / elapsed:.1f} completion tokens/s", highlight=False)  # fmt: skip
+    where = f"{output_path}" + (f", errors in {errors_path}" if errors_path else "")
+    stdout.print(f"output written to {where}", highlight=False)
+
+
+def _models_in(input_path: Path, settings: Settings) -> set[str]:
+    """The registry models a file's valid lines ask for (to start their workers)."""
+    parser = BatchLineParser(Router(Registry.load(settings.registry)), max_line_bytes=settings.batch_max_line_bytes)
+    with input_path.open(encoding="utf-8", errors="replace") as handle:
+        return {line.spec.name for line in parser.parse(handle) if isinstance(line, AcceptedLine)}
 
 
 @contextlib.contextmanager
-def _pool_redis_url(settings: Settings, local: bool | None, models: set[str], console: Console) -> Iterator[str]:
-    """Yield the Redis URL to use: a fresh local pool's, or the configured one."""
-    if local is None:
-        local = not settings.redis_url
+def _redis_url(settings: Settings, local: bool, models: set[str], console: Console) -> Iterator[str]:
+    """The Redis URL to use: a fresh local pool's (stopped on exit), or the configured one."""
     if not local:
         yield settings.require_redis_url()
         return
-    with console.status(
-        f"starting a local pool: Redis + workers for {', '.join(sorted(models)) or 'no model'} "
-        "(the first run converts the SmolLM2 model, about a minute)"
-    ):
+    names = ", ".join(sorted(models)) or "no model"
+    with console.status(f"starting a local pool: Redis, scheduler, workers for {names} "
+                        "(the first run converts the SmolLM2 model, about a minute)"):  # fmt: skip
         pool = LocalPool(models)
         pool.start()
     try:
@@ -58,147 +194,45 @@ def _pool_redis_url(settings: Settings, local: bool | None, models: set[str], co
             pool.stop()
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]requests"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-    )  # fmt: skip
-
-
-@batch.command("run")
-@click.argument("input_path", metavar="INPUT.jsonl", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
-    "-o",
-    "--output",
-    "output_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="Where to write one OpenAI Batch output line per input line.",
-)
-@click.option(
-    "--errors",
-    "errors_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Write failed lines here instead of into OUTPUT (as OpenAI's error file does).",
-)
-@click.option(
-    "--local/--no-local",
-    default=None,
-    help="Start a private Redis and the workers the file needs, and stop them afterwards "
-    "(default: on when REDIS_URL is unset).",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Give up waiting after this many seconds (default: wait until every line is answered).",
-)
-@click.option(
-    "--show-answers/--no-show-answers",
-    default=None,
-    help="Print each answer (default: when the file has at most 50 lines).",
-)
-@click.option(
-    "--max-line-bytes",
-    type=click.IntRange(min=1),
-    default=MAX_LINE_BYTES,
-    show_default=True,
-    help="Lines longer than this get a line_too_large error.",
-)
-@click.pass_context
-def run(
-    ctx: click.Context,
-    input_path: Path,
-    output_path: Path,
-    errors_path: Path | None,
-    local: bool | None,
-    timeout: float | None,
-    show_answers: bool | None,
-    max_line_bytes: int,
-) -> None:
-    """Send every line of INPUT.jsonl through the pool; write OUTPUT; print a usage summary.
-
-    Each input line is {"custom_id", "method": "POST", "url": "/v1/chat/completions", "body": {...}}.
-    A bad line (malformed JSON, missing or duplicate custom_id, unknown model, invalid body, prompt over
-    the context window) gets its own error line with a code and a message; the other lines still run.
-    """
-    settings = load_settings(ctx)
+def _follow(client: Client, job_id: str, timeout: float | None, *, local_pool: bool = False) -> BatchJob:
     console = make_console(stderr=True)
-    registry = Registry.load(settings.registry)
-    with input_path.open(encoding="utf-8") as handle:
-        parsed = list(BatchLineParser(Router(registry), max_line_bytes=max_line_bytes).parse(handle))
-    if not parsed:
-        raise ConfigurationError(f"{input_path} has no requests (it is empty or holds only blank lines)")
-    models = {line.spec.name for line in parsed if isinstance(line, AcceptedLine)}
-    with (
-        _pool_redis_url(settings, local, models, console) as redis_url,
-        Client(settings=settings.with_redis_url(redis_url), registry=registry) as client,
-        _progress(console) as progress,
-    ):
-        task = progress.add_task("requests", total=len(parsed))
-        outcome = BatchRunner(client, max_line_bytes=max_line_bytes).run_parsed(
-            parsed,
-            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
-            timeout=timeout,
-        )
-    _write_outputs(outcome, output_path, errors_path)
-    stdout = make_console()
-    if show_answers if show_answers is not None else outcome.total <= 50:
-        _print_answers(stdout, outcome)
-    _print_summary(stdout, outcome, output_path, errors_path)
-
-
-def _write_outputs(outcome: BatchOutcome, output_path: Path, errors_path: Path | None) -> None:
-    errors = errors_path.open("w", encoding="utf-8") if errors_path else None
     try:
-        with output_path.open("w", encoding="utf-8") as out:
-            for line in outcome.output_lines():
-                target = errors if (errors is not None and line.error is not None) else out
-                target.write(line.model_dump_json() + "\n")
-    finally:
-        if errors is not None:
-            errors.close()
+        with job_progress(console, job_id) as on_progress:
+            return client.batches.wait(job_id, timeout=timeout, on_progress=on_progress)
+    except KeyboardInterrupt:
+        if local_pool:
+            console.print(f"interrupted: the local pool stops and job {job_id} with it. For jobs that outlive "
+                          "the command, run a pool on a Redis of your own and set REDIS_URL.")  # fmt: skip
+        else:
+            console.print(f"stopped waiting; job {job_id} goes on. Reattach with: inferpool batch wait {job_id}  "
+                          f"(results: inferpool batch results {job_id} -o OUT.jsonl)")  # fmt: skip
+        sys.exit(130)
 
 
-def _print_answers(console: Console, outcome: BatchOutcome) -> None:
-    for line in outcome.output_lines():
+def _write_results(
+    client: Client, job_id: str, output_path: Path, errors_path: Path | None
+) -> tuple[int, list[BatchOutputLine]]:
+    """Write the job's output lines; returns how many, and the first few (for printing)."""
+    first: list[BatchOutputLine] = []
+    count = 0
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(output_path.open("w", encoding="utf-8"))
+        errors = stack.enter_context(errors_path.open("w", encoding="utf-8")) if errors_path else None
+        for line in client.batches.results(job_id):
+            target = errors if (errors is not None and line.error is not None) else out
+            target.write(line.model_dump_json() + "\n")
+            count += 1
+            if count <= _SHOW_ANSWERS_UP_TO:
+                first.append(line)
+    return count, first
+
+
+def _print_answers(console: Console, lines: list[BatchOutputLine]) -> None:
+    for line in sorted(lines, key=lambda item: item.custom_id or ""):
         if line.response is not None:
-            text = " ".join(line.response.body.text.split())
-            if len(text) > _ANSWER_PREVIEW_CHARS:
-                text = text[: _ANSWER_PREVIEW_CHARS - 1] + "…"
-            console.print(
-                f"[bold]{line.custom_id}[/bold] [dim]({line.response.body.model})[/dim] {text}", highlight=False
-            )
+            body = line.response.body
+            console.print(f"[bold]{line.custom_id}[/bold] [dim]({body.model})[/dim] {answer_preview(body.text)}",
+                          highlight=False)  # fmt: skip
         elif line.error is not None:
-            console.print(
-                f"[bold]{line.custom_id}[/bold] [red]{line.error.code}[/red]: {line.error.message}", highlight=False
-            )
-
-
-def _print_summary(console: Console, outcome: BatchOutcome, output_path: Path, errors_path: Path | None) -> None:
-    table = Table(title=f"usage for {outcome.job_id}")
-    for column in ("model", "requests", "errors", "prompt tok", "completion tok", "cost $", "p50 s", "p95 s"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for row in outcome.usage:
-        table.add_row(
-            row.model,
-            str(row.requests),
-            str(row.errors),
-            str(row.prompt_tokens),
-            str(row.completion_tokens),
-            f"{row.cost_usd:.6f}",
-            f"{row.latency_p50_s:.2f}" if row.latency_p50_s is not None else "-",
-            f"{row.latency_p95_s:.2f}" if row.latency_p95_s is not None else "-",
-        )
-    console.print(table)
-    rejected = outcome.total - len(outcome.results)
-    completion_tokens = sum(row.completion_tokens for row in outcome.usage)
-    rate = completion_tokens / outcome.wall_s if outcome.wall_s > 0 else 0.0
-    console.print(
-        f"{outcome.total} lines: {outcome.completed} completed, {outcome.failed} failed "
-        f"({rejected} rejected before queueing) in {outcome.wall_s:.1f} s, {rate:.1f} completion tokens/s",
-        highlight=False,
-    )
-    where = f"{output_path}" + (f", errors in {errors_path}" if errors_path else "")
-    console.print(f"output written to {where}", highlight=False)
+            console.print(f"[bold]{line.custom_id}[/bold] [red]{line.error.code}[/red]: {line.error.message}",
+                          highlight=False)  # fmt: skip

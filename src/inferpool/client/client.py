@@ -13,31 +13,20 @@ from typing import Any, Self
 
 import redis
 import redis.asyncio
-from celery import Celery
 
 from inferpool._exceptions import ResultTimeout, request_error_from_code
-from inferpool.celery_app import create_celery_app
+from inferpool.celery_app import create_celery_app, publish_chunk
 from inferpool.client._base import ClientBase, MessagesLike, RequestLike, build_chat_request, build_request
-from inferpool.constants import TASK_PROCESS_CHUNK, queue_name, result_key, result_notify_key
+from inferpool.client.batches import Batches
+from inferpool.constants import result_key, result_notify_key
 from inferpool.model_registry.registry import Registry
 from inferpool.redis_connection import connect_redis, connect_redis_async
 from inferpool.results import parse_result
 from inferpool.settings import Settings
-from inferpool.wire import ChatCompletion, RequestResult, TaskChunk
+from inferpool.wire import ChatCompletion, RequestResult
 
 #: Longest single blocking wait; waiters re-check the result key at least this often.
 _WAIT_SLICE_S = 1.0
-
-
-def publish_chunk(app: Celery, chunk: TaskChunk) -> None:
-    """Send one chunk to its model's queue. Flower shows ids and counts, never prompt text."""
-    app.send_task(
-        TASK_PROCESS_CHUNK,
-        args=[chunk.model_dump(mode="json", exclude_none=True)],
-        queue=queue_name(chunk.model),
-        argsrepr=chunk.describe(),
-        kwargsrepr="{}",
-    )
 
 
 def completion_or_raise(result: RequestResult) -> ChatCompletion:
@@ -106,6 +95,7 @@ class Client(ClientBase):
         super().__init__(redis_url, settings, registry)
         self.redis: redis.Redis = connect_redis(self.redis_url)
         self.celery = create_celery_app(self.settings)
+        self.batches = Batches(self)
 
     def submit(self, request: RequestLike, *, custom_id: str | None = None) -> ResultHandle:
         """Queue one request and return at once. Raises ``InvalidRequest``/``ModelNotFound`` before queueing."""

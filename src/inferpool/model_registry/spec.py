@@ -41,6 +41,15 @@ class ServingSpec(BaseModel):
     model_config = _STRICT
     concurrency: int = Field(default=1, ge=1, description="Chunks one worker process handles at once.")
     chunk_size: int = Field(default=8, ge=1, description="Requests carried by one Celery task.")
+    in_flight_per_worker: int | None = Field(
+        default=None,
+        ge=1,
+        description="Batch requests the scheduler keeps dispatched per live worker (default: 2 x chunk_size x "
+        "concurrency). Bounds Redis and Flower whatever the job size.",
+    )
+
+    def window_per_worker(self) -> int:
+        return self.in_flight_per_worker or 2 * self.chunk_size * self.concurrency
 
 
 class ModelSpec(BaseModel):

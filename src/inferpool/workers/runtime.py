@@ -21,21 +21,16 @@ from dataclasses import dataclass
 import redis
 
 from inferpool._exceptions import ProviderError, RequestError
-from inferpool.constants import worker_heartbeat_key
+from inferpool.constants import job_key, worker_heartbeat_key
+from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus
 from inferpool.model_registry.capability import check_request_fits
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.results import ResultWriter
 from inferpool.settings import Settings
 from inferpool.wire import (
-    AssistantMessage,
-    ChatCompletion,
-    Choice,
-    ErrorInfo,
     RequestResult,
-    ServingStats,
     TaskChunk,
     TaskItem,
-    Usage,
 )
 from inferpool.workers.backend import Backend, Generation, GenerationOutcome
 
@@ -90,13 +85,21 @@ class WorkerRuntime:
     # -- processing ------------------------------------------------------------------------------------
 
     def process_chunk(self, chunk: TaskChunk) -> ChunkReport:
-        """Answer every request of ``chunk`` that has no result yet, and write each result once."""
+        """Answer every request of ``chunk`` that has no result yet, and write each result once.
+
+        Requests of a batch job that was cancelled or expired meanwhile are settled with that error
+        instead of being run.
+        """
         started = time.time()
         already = self._writer.existing([item.request_id for item in chunk.items])
         todo = [item for item in chunk.items if item.request_id not in already]
         outcomes: dict[str, GenerationOutcome] = {}
         runnable: list[TaskItem] = []
+        stopped = self._job_stopped(chunk.job_id) if todo else None
         for item in todo:
+            if stopped is not None:
+                outcomes[item.request_id] = stopped
+                continue
             try:
                 check_request_fits(self.spec, item.request)
             except RequestError as exc:
@@ -104,17 +107,25 @@ class WorkerRuntime:
             else:
                 runnable.append(item)
         outcomes.update(self._generate(runnable))
-        written = duplicates = errors = 0
-        for item in todo:
-            result = self._result(chunk, item, outcomes[item.request_id], started)
-            errors += result.error is not None
-            if self._writer.write(result, chunk.result_ttl_s):
-                written += 1
-            else:
-                duplicates += 1
-        report = ChunkReport(written, len(already), duplicates, errors)
+        results = [(self._result(chunk, item, outcomes[item.request_id], started), self.spec.name) for item in todo]
+        flags = self._writer.write_many(results, chunk.result_ttl_s)
+        written = sum(flags)
+        errors = sum(1 for result, _ in results if result.error is not None)
+        report = ChunkReport(written, len(already), len(flags) - written, errors)
         log.info("chunk %s done: %s", chunk.describe(), report.as_dict())
         return report
+
+    def _job_stopped(self, job_id: str | None) -> RequestError | None:
+        """The error for requests of a job that was cancelled or expired, else None."""
+        if job_id is None:
+            return None
+        raw = self._redis.hget(job_key(job_id), "status")
+        status = raw.decode() if isinstance(raw, bytes) else ""
+        if status in (JobStatus.CANCELLING.value, JobStatus.CANCELLED.value):
+            return RequestError("the batch was cancelled before this request ran", code=CANCELLED_CODE)
+        if status == JobStatus.EXPIRED.value:
+            return RequestError("the batch's completion window ended before this request ran", code=EXPIRED_CODE)
+        return None
 
     def _generate(self, items: Sequence[TaskItem]) -> dict[str, GenerationOutcome]:
         if not items:
@@ -131,32 +142,51 @@ class WorkerRuntime:
             return {item.request_id: failure for item in items}
         return {item.request_id: outcome for item, outcome in zip(items, generated, strict=True)}
 
+    # A result is built as one dict and validated once: six nested model constructors per request cost
+    # as much as the rest of a 500-request echo chunk's work together.
+
     def _result(self, chunk: TaskChunk, item: TaskItem, outcome: GenerationOutcome, started: float) -> RequestResult:
         now = time.time()
-        stats = ServingStats(
-            model=self.spec.name,
-            backend=self.backend.name,
-            worker=self.worker_id,
-            queued_s=max(0.0, started - chunk.enqueued_at),
-            latency_s=max(0.0, now - started),
-        )
-        common = {"request_id": item.request_id, "custom_id": item.custom_id, "job_id": chunk.job_id, "stats": stats}
+        cost = 0.0
+        if isinstance(outcome, Generation):
+            cost = self.spec.pricing.cost(outcome.prompt_tokens, outcome.completion_tokens)
+        data: dict[str, object] = {
+            "request_id": item.request_id,
+            "custom_id": item.custom_id,
+            "job_id": chunk.job_id,
+            "stats": {
+                "model": self.spec.name,
+                "backend": self.backend.name,
+                "worker": self.worker_id,
+                "queued_s": max(0.0, started - chunk.enqueued_at),
+                "latency_s": max(0.0, now - started),
+                "cost_usd": cost,
+            },
+        }
         if isinstance(outcome, RequestError):
-            return RequestResult(**common, error=ErrorInfo.from_exception(outcome))
-        return RequestResult(**common, response=self._completion(outcome, int(now)))
+            data["error"] = {"code": outcome.code, "message": outcome.message}
+        else:
+            data["response"] = self._completion(outcome, int(now))
+        return RequestResult.model_validate(data)
 
-    def _completion(self, generation: Generation, created: int) -> ChatCompletion:
-        usage = Usage(
-            prompt_tokens=generation.prompt_tokens,
-            completion_tokens=generation.completion_tokens,
-            total_tokens=generation.prompt_tokens + generation.completion_tokens,
-        )
-        choice = Choice(
-            index=0, message=AssistantMessage(content=generation.text), finish_reason=generation.finish_reason
-        )
-        return ChatCompletion(
-            id=f"chatcmpl-{uuid.uuid4().hex}", created=created, model=self.spec.name, choices=[choice], usage=usage
-        )
+    def _completion(self, generation: Generation, created: int) -> dict[str, object]:
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": created,
+            "model": self.spec.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": generation.text},
+                    "finish_reason": generation.finish_reason,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": generation.prompt_tokens,
+                "completion_tokens": generation.completion_tokens,
+                "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+            },
+        }
 
     # -- heartbeat and shutdown ------------------------------------------------------------------------
 

@@ -1,0 +1,153 @@
+"""A 100,000-line batch job end to end through inferpool, against plain Celery, in one run.
+
+    python bench/batch_100k.py --lines 100000 --plain-prompts 10000 --json bench/results/batch_100k.json
+
+inferpool: a private Redis, the scheduler and echo workers (bench/registry.yaml's ``echo-bench``); the
+client is `inferpool batch run FILE -o OUT --no-local` in its own process, timed from start to the last
+output line written, its peak RSS sampled. Baseline: plain Celery on its own private Redis, one task per
+prompt (threads pool, 4 threads, Celery's defaults), results through Celery's Redis result backend, all
+sent and then all collected. The baseline runs fewer prompts (its rate is steady; 100k would take
+minutes); the comparison is prompts per second. Redis peak memory is ``used_memory_peak`` of each
+side's fresh server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import redis
+
+from inferpool.local_pool import EmbeddedRedis, LocalPool, stop_process
+
+BENCH = Path(__file__).resolve().parent
+
+
+def write_input(path: Path, n: int) -> None:
+    with path.open("w") as handle:
+        for i in range(n):
+            body = {
+                "model": "echo-bench",
+                "messages": [{"role": "user", "content": f"prompt number {i}"}],
+                "max_tokens": 8,
+            }
+            handle.write(
+                json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+            )
+            handle.write("\n")
+
+
+def run_sampled(args: list[str], env: dict[str, str]) -> tuple[float, float, subprocess.CompletedProcess[bytes]]:
+    """Run a command; return (seconds, peak RSS in MB, result), sampling RSS every 20 ms."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak = 0
+    handle = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            peak = max(peak, handle.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    stdout, stderr = proc.communicate()
+    elapsed = time.perf_counter() - started
+    return elapsed, peak / 2**20, subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+
+def redis_peak_mb(url: str) -> float:
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.info("memory")["used_memory_peak"]) / 2**20
+    finally:
+        client.close()
+
+
+def bench_inferpool(lines: int, workers: int, workdir: Path) -> dict[str, float]:
+    source, output = workdir / "input.jsonl", workdir / "output.jsonl"
+    write_input(source, lines)
+    env = {**os.environ, "INFERPOOL_REGISTRY": str(BENCH / "registry.yaml")}
+    with LocalPool(["echo-bench"], env=env, workers_per_model=workers) as pool:
+        env["REDIS_URL"] = pool.redis_url
+        cmd = [sys.executable, "-m", "inferpool", "batch", "run", str(source), "-o", str(output), "--no-local",
+               "--no-show-answers"]  # fmt: skip
+        elapsed, rss_mb, result = run_sampled(cmd, env)
+        if result.returncode != 0:
+            raise SystemExit(f"inferpool batch run failed:\n{result.stderr.decode()[-3000:]}")
+        redis_mb = redis_peak_mb(pool.redis_url)
+    with output.open() as handle:
+        ok = sum(1 for line in handle if json.loads(line)["error"] is None)
+    if ok != lines:
+        raise SystemExit(f"only {ok} of {lines} lines succeeded")
+    return {"prompts": lines, "seconds": elapsed, "prompts_per_s": lines / elapsed, "client_peak_rss_mb": rss_mb,
+            "redis_peak_mb": redis_mb}  # fmt: skip
+
+
+_PLAIN_CLIENT = """
+import sys, time
+sys.path.insert(0, {bench!r})
+from plain_celery_app import app, echo
+n = {n}
+echo.delay("warm-up").get(timeout=60)
+started = time.perf_counter()
+results = [echo.delay(f"prompt number {{i}}") for i in range(n)]
+values = [r.get(timeout=600) for r in results]
+elapsed = time.perf_counter() - started
+assert values[-1] == f"echo: prompt number {{n - 1}}"
+print(elapsed)
+"""
+
+
+def bench_plain_celery(prompts: int, workdir: Path) -> dict[str, float]:
+    server = EmbeddedRedis(workdir / "plain-redis")
+    server.start()
+    env = {**os.environ, "REDIS_URL": server.url}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "plain_celery_app", "worker", "-P", "threads", "-c", "4",
+         "--without-gossip", "--without-mingle", "--loglevel", "WARNING"],
+        cwd=BENCH, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        code = _PLAIN_CLIENT.format(bench=str(BENCH), n=prompts)
+        _, rss_mb, result = run_sampled([sys.executable, "-c", code], env)
+        if result.returncode != 0:
+            raise SystemExit(f"plain Celery client failed:\n{result.stderr.decode()[-3000:]}")
+        elapsed = float(result.stdout.decode().strip().splitlines()[-1])
+        redis_mb = redis_peak_mb(server.url)
+    finally:
+        stop_process(worker, grace_s=10)
+        server.stop()
+    return {"prompts": prompts, "seconds": elapsed, "prompts_per_s": prompts / elapsed, "client_peak_rss_mb": rss_mb,
+            "redis_peak_mb": redis_mb}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lines", type=int, default=100_000, help="lines in the inferpool job")
+    parser.add_argument("--plain-prompts", type=int, default=10_000, help="prompts sent through plain Celery")
+    parser.add_argument("--workers", type=int, default=1, help="echo worker processes in the inferpool pool")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="inferpool-bench-") as tmp:
+        workdir = Path(tmp)
+        plain = bench_plain_celery(args.plain_prompts, workdir)
+        pool = bench_inferpool(args.lines, args.workers, workdir)
+    ratio = pool["prompts_per_s"] / plain["prompts_per_s"]
+    print(f"{'path':<28}{'prompts':>9}{'seconds':>10}{'prompts/s':>11}{'client RSS MB':>15}{'Redis peak MB':>15}")
+    for name, row in (("plain Celery (1 task/prompt)", plain), ("inferpool batch job", pool)):
+        print(f"{name:<28}{row['prompts']:>9}{row['seconds']:>10.1f}{row['prompts_per_s']:>11.0f}"
+              f"{row['client_peak_rss_mb']:>15.0f}{row['redis_peak_mb']:>15.0f}")  # fmt: skip
+    print(f"inferpool / plain Celery = {ratio:.1f}x prompts per second")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"plain_celery": plain, "inferpool": pool, "ratio": ratio}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

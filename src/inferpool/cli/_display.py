@@ -1,0 +1,103 @@
+"""How batch jobs look in the terminal: progress bars, status and usage tables."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from inferpool.client.batches import JobProgressCallback
+from inferpool.jobstore import BatchJob
+from inferpool.usage import ModelUsage
+
+_ANSWER_PREVIEW_CHARS = 160
+
+
+@contextmanager
+def job_progress(console: Console, job_id: str) -> Iterator[JobProgressCallback]:
+    """A progress bar (done/total, rate, ETA) fed by ``Batches.wait``'s callback."""
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+        TextColumn("{task.fields[rate]:>8} req/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console,
+    )  # fmt: skip
+    task = progress.add_task(job_id, total=None, rate="-")
+    started = time.monotonic()
+    first_done: int | None = None
+
+    def update(job: BatchJob) -> None:
+        nonlocal first_done
+        if first_done is None:
+            first_done = job.finished
+        elapsed = time.monotonic() - started
+        rate = (job.finished - first_done) / elapsed if elapsed > 0 else 0.0
+        progress.update(task, completed=job.finished, total=job.request_counts.total or None, rate=f"{rate:.0f}",
+                        description=f"{job.id} {job.status.value}")  # fmt: skip
+
+    with progress:
+        yield update
+
+
+def eta_seconds(job: BatchJob) -> float | None:
+    """Remaining time at the job's average rate so far, or None before anything finished."""
+    if job.in_progress_at is None or job.finished == 0 or job.status.is_final:
+        return None
+    elapsed = max(time.time() - job.in_progress_at, 1e-3)
+    return (job.request_counts.total - job.finished) * elapsed / job.finished
+
+
+def usage_table(title: str, rows: list[ModelUsage]) -> Table:
+    table = Table(title=title)
+    for column in ("model", "requests", "errors", "prompt tok", "completion tok", "cost $", "p50 s", "p95 s"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in rows:
+        table.add_row(row.model, str(row.requests), str(row.errors), str(row.prompt_tokens),
+                      str(row.completion_tokens), f"{row.cost_usd:.6f}",
+                      f"{row.latency_p50_s:g}" if row.latency_p50_s is not None else "-",
+                      f"{row.latency_p95_s:g}" if row.latency_p95_s is not None else "-")  # fmt: skip
+    return table
+
+
+def print_job(console: Console, job: BatchJob) -> None:
+    counts = job.request_counts
+    line = (
+        f"{job.id}: {job.status.value}, {job.finished}/{counts.total} done "
+        f"({counts.completed} completed, {counts.failed} failed)"
+    )
+    eta = eta_seconds(job)
+    if eta is not None:
+        line += f", ETA {eta:.0f} s"
+    console.print(line, highlight=False)
+    if job.errors:
+        console.print("errors: " + "; ".join(job.errors), highlight=False)
+    if job.usage:
+        console.print(usage_table(f"usage for {job.id}", job.usage))
+
+
+def jobs_table(jobs: list[BatchJob]) -> Table:
+    table = Table(title="batch jobs")
+    for column in ("id", "status", "created", "total", "completed", "failed", "priority"):
+        table.add_column(column)
+    for job in jobs:
+        counts = job.request_counts
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
+        table.add_row(job.id, job.status.value, created, str(counts.total), str(counts.completed), str(counts.failed),
+                      str(job.priority))  # fmt: skip
+    return table
+
+
+def answer_preview(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _ANSWER_PREVIEW_CHARS else text[: _ANSWER_PREVIEW_CHARS - 1] + "…"

@@ -1,0 +1,40 @@
+"""``inferpool scheduler``: the service that runs batch jobs."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+import click
+
+from inferpool.cli._common import configure_logging, load_settings
+
+
+@click.command()
+@click.pass_context
+def scheduler(ctx: click.Context) -> None:
+    """Run batch jobs: dispatch their lines to model queues with a bounded window, apply cancel and expiry.
+
+    Needs REDIS_URL. Run one per pool; a restarted scheduler resumes every unfinished job (it re-sends
+    their in-flight lines; results are still written once). SIGTERM or Ctrl-C stops it after the current tick.
+    """
+    from inferpool.celery_app import create_celery_app
+    from inferpool.model_registry.registry import Registry
+    from inferpool.redis_connection import connect_redis
+    from inferpool.scheduler.service import Scheduler
+
+    settings = load_settings(ctx)
+    configure_logging(settings.log_level)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    service = Scheduler(connect_redis(settings.require_redis_url()), settings, Registry.load(settings.registry),
+                        create_celery_app(settings))  # fmt: skip
+    logging.getLogger(__name__).info("scheduler started")
+    service.run(stop)

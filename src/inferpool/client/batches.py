@@ -1,0 +1,205 @@
+"""Batch jobs from the client: ``client.batches.create/retrieve/list/cancel/wait/results``.
+
+A job's state lives in Redis (``inferpool.jobstore``); the scheduler service runs it. ``create`` streams
+the input (a 100k-line file never sits in memory whole), validates every line, queues the good ones and
+settles the bad ones with their error at once, and returns the job. Any process can then follow it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from inferpool._exceptions import BatchRefused, JobNotFound, ResultTimeout
+from inferpool.jobstore import BatchJob, JobStore
+from inferpool.scheduler.batch_input import AcceptedLine, BatchLineParser
+from inferpool.wire import BatchOutputLine, RequestResult, TaskItem, new_id
+
+if TYPE_CHECKING:
+    from inferpool.client.client import Client
+
+#: Called with the job's latest state while ``wait`` polls.
+JobProgressCallback = Callable[[BatchJob], None]
+BatchSource = str | os.PathLike[str] | Iterable[str | Mapping[str, Any]]
+
+_FLUSH_EVERY = 1000
+_SNIFF_LINES = 10
+_WINDOW = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_WINDOW_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_window(text: str) -> int:
+    """``"24h"``, ``"30m"``, ``"2d"`` or seconds -> seconds."""
+    match = _WINDOW.match(text)
+    if not match or int(match.group(1)) <= 0:
+        raise BatchRefused(f"completion window {text!r} is not a duration like '24h', '30m' or '3600'")
+    return int(match.group(1)) * _WINDOW_UNITS[match.group(2)]
+
+
+def _check_file(path: Path, max_bytes: int, max_lines: int) -> None:
+    """Refuse a file up front: missing, too big, too many lines, or not JSONL at all."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise BatchRefused(f"cannot read {path}: {exc.strerror}") from exc
+    if size > max_bytes:
+        raise BatchRefused(f"{path} is {size} bytes, over the batch limit of {max_bytes}; split it into several jobs")
+    lines = 0
+    sniffed: list[bytes] = []
+    with path.open("rb") as handle:
+        for raw in handle:
+            lines += 1
+            if len(sniffed) < _SNIFF_LINES and raw.strip():
+                sniffed.append(raw)
+    if lines > max_lines:
+        raise BatchRefused(f"{path} has {lines} lines, over the batch limit of {max_lines}; split it into several jobs")
+    if not sniffed:
+        raise BatchRefused(f"{path} has no requests (it is empty or holds only blank lines)")
+    if not any(_is_json_object(raw) for raw in sniffed):
+        raise BatchRefused(
+            f"{path} does not look like JSONL: none of its first {len(sniffed)} lines is a JSON object. "
+            "Each line must be one OpenAI batch request: "
+            '{"custom_id": ..., "method": "POST", "url": "/v1/chat/completions", "body": {...}}'
+        )
+
+
+def _is_json_object(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def _text_lines(handle: IO[bytes]) -> Iterator[str]:
+    for raw in handle:
+        yield raw.decode("utf-8", errors="replace")
+
+
+def _source_lines(source: Iterable[str | Mapping[str, Any]]) -> Iterator[str]:
+    for entry in source:
+        yield entry if isinstance(entry, str) else json.dumps(dict(entry))
+
+
+class Batches:
+    """Batch jobs through one client's Redis. Reached as ``client.batches``."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._store = JobStore(client.redis, client.settings.result_ttl_s)
+
+    def create(
+        self,
+        source: BatchSource,
+        *,
+        priority: int = 0,
+        completion_window: str = "24h",
+        metadata: Mapping[str, str] | None = None,
+    ) -> BatchJob:
+        """Validate and queue every line of ``source`` (a JSONL path, or lines / line dicts); return the job.
+
+        Bad lines are settled at once with an error result; the file as a whole is refused
+        (``BatchRefused``) only if it is not JSONL at all or exceeds the job limits.
+        """
+        settings = self._client.settings
+        window_s = parse_window(completion_window)
+        if isinstance(source, str | os.PathLike):
+            path = Path(source)
+            _check_file(path, settings.batch_max_bytes, settings.batch_max_lines)
+            with path.open("rb") as handle:
+                return self._create(_text_lines(handle), priority, window_s, completion_window, metadata)
+        return self._create(_source_lines(source), priority, window_s, completion_window, metadata)
+
+    def _create(
+        self, lines: Iterable[str], priority: int, window_s: int, window_label: str, metadata: Mapping[str, str] | None
+    ) -> BatchJob:
+        settings = self._client.settings
+        job_id = new_id("batch")
+        store = self._store
+        store.create(job_id, priority=priority, completion_window_s=window_s, window_label=window_label,
+                     metadata=dict(metadata or {}))  # fmt: skip
+        parser = BatchLineParser(self._client.router, max_line_bytes=settings.batch_max_line_bytes)
+        pending: list[TaskItem] = []
+        rejected: list[RequestResult] = []
+        models: set[str] = set()
+        total = 0
+        for parsed in parser.parse(lines):
+            total += 1
+            if total > settings.batch_max_lines:
+                reason = f"more than {settings.batch_max_lines} lines; split the input into several jobs"
+                store.fail(job_id, reason)
+                raise BatchRefused(f"batch {job_id} refused: {reason}")
+            if isinstance(parsed, AcceptedLine):
+                request = parsed.request.model_copy(update={"model": parsed.spec.name})
+                pending.append(TaskItem(request_id=new_id("req"), custom_id=parsed.custom_id, request=request))
+                models.add(parsed.spec.name)
+            else:
+                rejected.append(RequestResult(request_id=new_id("req"), custom_id=parsed.custom_id, job_id=job_id,
+                                              error=parsed.error))  # fmt: skip
+            if len(pending) + len(rejected) >= _FLUSH_EVERY:
+                self._flush(job_id, pending, rejected)
+        self._flush(job_id, pending, rejected)
+        if total == 0:
+            store.fail(job_id, "the input has no requests")
+            raise BatchRefused("the batch input has no requests (it is empty or holds only blank lines)")
+        store.open(job_id, total, models)
+        return self.retrieve(job_id)
+
+    def _flush(self, job_id: str, pending: list[TaskItem], rejected: list[RequestResult]) -> None:
+        if pending:
+            self._store.add_pending(job_id, pending)
+        if rejected:
+            self._store.settle(job_id, rejected)
+        pending.clear()
+        rejected.clear()
+
+    def retrieve(self, job_id: str) -> BatchJob:
+        job = self._store.get(job_id)
+        if job is None:
+            raise JobNotFound(f"no batch job {job_id!r} (wrong id, another Redis, or its retention ended)")
+        return job
+
+    def list(self, limit: int = 20) -> list[BatchJob]:
+        """The newest jobs first."""
+        return self._store.list_jobs(limit)
+
+    def cancel(self, job_id: str) -> BatchJob:
+        """Cancel: queued lines end as ``batch_cancelled`` errors; lines already running finish."""
+        job = self._store.cancel(job_id)
+        if job is None:
+            raise JobNotFound(f"no batch job {job_id!r}")
+        return job
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        poll_s: float = 0.5,
+        on_progress: JobProgressCallback | None = None,
+    ) -> BatchJob:
+        """Poll until the job reaches a final status; ``ResultTimeout`` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.retrieve(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job.status.is_final:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(
+                    f"batch {job_id} is still {job.status.value} after {timeout} s "
+                    f"({job.finished} of {job.request_counts.total} done); "
+                    f"wait again with `inferpool batch wait {job_id}`"
+                )
+            time.sleep(poll_s)
+
+    def results(self, job_id: str) -> Iterator[BatchOutputLine]:
+        """Output lines written so far, in completion order; call again later for the rest."""
+        self.retrieve(job_id)
+        for result in self._store.iter_results(job_id):
+            yield BatchOutputLine.from_result(result)
