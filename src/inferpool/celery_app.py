@@ -65,10 +65,9 @@ def create_celery_app(settings: Settings, *, main: str = "inferpool") -> Celery:
 
 def publish_chunk(app: Celery, chunk: TaskChunk) -> None:
     """Send one chunk to its model's queue. Flower shows ids and counts, never prompt text."""
-    app.send_task(
-        TASK_PROCESS_CHUNK,
-        args=[chunk.model_dump(mode="json", exclude_none=True)],
-        queue=queue_name(chunk.model),
-        argsrepr=chunk.describe(),
-        kwargsrepr="{}",
-    )
+    publish_chunk_json(app, chunk.model_dump_json(exclude_none=True), model=chunk.model, description=chunk.describe())
+
+
+def publish_chunk_json(app: Celery, payload: str, *, model: str, description: str) -> None:
+    """Send a chunk already serialised as ``TaskChunk`` JSON (the task accepts both forms)."""
+    app.send_task(TASK_PROCESS_CHUNK, args=[payload], queue=queue_name(model), argsrepr=description, kwargsrepr="{}")

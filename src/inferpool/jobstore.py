@@ -116,6 +116,15 @@ return items
 """
 
 
+# Sets the total and, unless the job was cancelled while validating, moves it to in_progress.
+_OPEN = """
+redis.call('HSET', KEYS[1], 'total', ARGV[1], 'models', ARGV[3], 'validated', '1')
+if redis.call('HGET', KEYS[1], 'status') == 'validating' then
+  redis.call('HSET', KEYS[1], 'status', 'in_progress', 'in_progress_at', ARGV[2])
+end
+"""
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -141,6 +150,7 @@ class JobStore:
         self.result_ttl_s = result_ttl_s
         self.writer = ResultWriter(client)
         self._take = client.register_script(_TAKE_PENDING)
+        self._open = client.register_script(_OPEN)
 
     # -- creating ----------------------------------------------------------------------------------------
 
@@ -156,11 +166,17 @@ class JobStore:
         })  # fmt: skip
         pipe.expire(job_key(job_id), self.result_ttl_s)
         pipe.zadd(JOBS_INDEX_KEY, {job_id: now})
+        # Active from the start: the scheduler dispatches lines while the rest of the file is validated.
+        pipe.zadd(JOBS_ACTIVE_KEY, {job_id: now})
         pipe.execute()
 
-    def add_pending(self, job_id: str, items: Sequence[TaskItem]) -> None:
-        """Queue ``items`` (whose ``request.model`` is the canonical model name) for dispatch."""
+    def add_pending(self, job_id: str, items: Sequence[TaskItem], models: Iterable[str]) -> None:
+        """Queue ``items`` (whose ``request.model`` is the canonical model name) for dispatch.
+
+        ``models`` is every model the job has queued so far (the scheduler reads it to know where to look).
+        """
         pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(job_key(job_id), "models", ",".join(sorted(models)))
         for item in items:
             pipe.rpush(job_pending_key(job_id, item.request.model), pending_entry(item))
         for model in {item.request.model for item in items}:
@@ -172,14 +188,8 @@ class JobStore:
         self.writer.write_many([(r, model) for r in results], self.result_ttl_s)
 
     def open(self, job_id: str, total: int, models: Iterable[str]) -> None:
-        """Validation is over: the scheduler may start dispatching."""
-        pipe = self.redis.pipeline()
-        pipe.hset(job_key(job_id), mapping={
-            "status": JobStatus.IN_PROGRESS.value, "total": total, "in_progress_at": int(time.time()),
-            "models": ",".join(sorted(models)),
-        })  # fmt: skip
-        pipe.zadd(JOBS_ACTIVE_KEY, {job_id: time.time()})
-        pipe.execute()
+        """Validation is over: the total is known, so the job can finish (unless it was cancelled meanwhile)."""
+        self._open(keys=[job_key(job_id)], args=[total, int(time.time()), ",".join(sorted(models))])
 
     def fail(self, job_id: str, reason: str) -> None:
         """The job cannot run at all (e.g. its file was refused while uploading)."""
@@ -224,29 +234,39 @@ class JobStore:
     def active_ids(self) -> list[str]:
         return [_text(i) for i in self.redis.zrange(JOBS_ACTIVE_KEY, 0, -1)]
 
+    def read_raw_results(self, job_id: str, after: str = "0-0", count: int = 1000) -> tuple[list[bytes], str]:
+        """Up to ``count`` stored results (JSON) written after stream position ``after``, and the next position."""
+        entries: Any = self.redis.xrange(job_completed_stream_key(job_id), min=f"({after}", count=count)
+        if not entries:
+            return [], after
+        ids = [_text(fields[b"rid"]) for _, fields in entries]
+        raws: Any = self.redis.mget([result_key(rid) for rid in ids])
+        return [raw for raw in raws if raw is not None], _text(entries[-1][0])
+
+    def read_results(self, job_id: str, after: str = "0-0", count: int = 1000) -> tuple[list[RequestResult], str]:
+        """``read_raw_results``, parsed."""
+        raws, position = self.read_raw_results(job_id, after, count)
+        return [parse_result(raw) for raw in raws], position
+
     def iter_results(self, job_id: str, page: int = 1000) -> Iterator[RequestResult]:
         """Every result written so far, in completion order (safe while the job runs)."""
-        stream, start = job_completed_stream_key(job_id), "-"
+        position = "0-0"
         while True:
-            entries: Any = self.redis.xrange(stream, min=start, count=page)
-            if not entries:
+            results, position = self.read_results(job_id, position, page)
+            if not results:
                 return
-            ids = [fields[b"rid"].decode() for _, fields in entries]
-            for raw in self.redis.mget([result_key(rid) for rid in ids]):
-                if raw is not None:
-                    yield parse_result(raw)
-            if len(entries) < page:
-                return
-            last = entries[-1][0].decode()
-            start = f"({last}"
+            yield from results
 
     # -- scheduling ----------------------------------------------------------------------------------
 
-    def take_pending(self, job_id: str, model: str, limit: int) -> list[TaskItem]:
-        """Atomically move up to ``limit`` pending items of ``model`` into the job's in-flight set."""
+    def take_pending(self, job_id: str, model: str, limit: int) -> list[str]:
+        """Atomically move up to ``limit`` pending items of ``model`` into the job's in-flight set.
+
+        Returns the items as ``TaskItem`` JSON, unparsed (the scheduler only forwards them).
+        """
         keys = [job_pending_key(job_id, model), job_inflight_key(job_id), MODEL_INFLIGHT_KEY, job_key(job_id)]
         entries: Any = self._take(keys=keys, args=[limit, model])
-        return [item_from_entry(e) for e in entries]
+        return [_text(entry).partition("|")[2] for entry in entries]
 
     def pending_count(self, job_id: str, model: str) -> int:
         return int(self.redis.llen(job_pending_key(job_id, model)))

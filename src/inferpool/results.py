@@ -9,9 +9,11 @@ therefore never yields two results or counts anything twice.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from inferpool.constants import (
     MODEL_INFLIGHT_KEY,
@@ -95,17 +97,38 @@ NO_MODEL = "-"
 _RESULT_PREFIX = result_key("")
 
 
-def _record(result: RequestResult) -> str:
-    stats, usage = result.stats, result.usage
-    return "\t".join((
-        result.request_id,
-        "completed" if result.ok else "failed",
-        str(usage.prompt_tokens if usage else 0),
-        str(usage.completion_tokens if usage else 0),
-        repr(stats.cost_usd) if stats else "0",
-        latency_bucket(stats.latency_s) if stats else "",
-        result.model_dump_json(exclude_none=True),
-    ))  # fmt: skip
+@dataclass(frozen=True, slots=True)
+class ResultRecord:
+    """One result ready to store: ``payload`` is the ``RequestResult`` JSON, the rest feeds the counters."""
+
+    request_id: str
+    ok: bool
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    latency_s: float | None
+    payload: str
+
+    @classmethod
+    def of(cls, result: RequestResult) -> ResultRecord:
+        stats, usage = result.stats, result.usage
+        return cls(
+            request_id=result.request_id,
+            ok=result.ok,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            cost_usd=stats.cost_usd if stats else 0.0,
+            latency_s=stats.latency_s if stats else None,
+            payload=result.model_dump_json(exclude_none=True),
+        )
+
+    def encode(self) -> str:
+        """The script's record format (see ``_WRITE_ONCE``)."""
+        bucket = latency_bucket(self.latency_s) if self.latency_s is not None else ""
+        return (
+            f"{self.request_id}\t{'completed' if self.ok else 'failed'}\t{self.prompt_tokens}\t"
+            f"{self.completion_tokens}\t{self.cost_usd!r}\t{bucket}\t{self.payload}"
+        )
 
 
 class ResultWriter:
@@ -137,15 +160,32 @@ class ResultWriter:
             return []
         pipe = self._client.pipeline(transaction=False)
         for (job_id, model), indexes in groups.items():
-            keys = [job_key(job_id), job_completed_stream_key(job_id), job_inflight_key(job_id), MODEL_INFLIGHT_KEY,
-                    job_usage_key(job_id)]  # fmt: skip
-            args = [ttl_s, _RESULT_PREFIX, model, "1" if job_id else "", *(_record(results[i][0]) for i in indexes)]
-            self._write(keys=keys, args=args, client=pipe)
+            self._queue(pipe, job_id, model, [ResultRecord.of(results[i][0]) for i in indexes], ttl_s)
         written = [True] * len(results)
         for indexes, duplicates in zip(groups.values(), pipe.execute(), strict=True):
             for position in duplicates:
                 written[indexes[position]] = False
         return written
+
+    def write_records(self, job_id: str | None, model: str, records: Sequence[ResultRecord], ttl_s: int) -> list[bool]:
+        """Store records of one job (or none) and one model; True for each one this call stored.
+
+        The workers' hot path: no ``RequestResult`` object is built or validated on the way.
+        """
+        if not records:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        self._queue(pipe, job_id or "", model, records, ttl_s)
+        written = [True] * len(records)
+        for position in pipe.execute()[0]:
+            written[position] = False
+        return written
+
+    def _queue(self, pipe: Pipeline, job_id: str, model: str, records: Sequence[ResultRecord], ttl_s: int) -> None:
+        keys = [job_key(job_id), job_completed_stream_key(job_id), job_inflight_key(job_id), MODEL_INFLIGHT_KEY,
+                job_usage_key(job_id)]  # fmt: skip
+        args = [ttl_s, _RESULT_PREFIX, model, "1" if job_id else "", *(record.encode() for record in records)]
+        self._write(keys=keys, args=args, client=pipe)
 
     def existing(self, request_ids: Sequence[str]) -> set[str]:
         """Which of ``request_ids`` already have a result (so a redelivered chunk skips them)."""

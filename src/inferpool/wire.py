@@ -6,6 +6,7 @@ are OpenAI Batch JSONL. ``client`` and ``workers`` never import each other: both
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -234,9 +235,24 @@ class TaskChunk(BaseModel):
 
     def describe(self) -> str:
         """Safe one-line description for logs and Flower: ids and counts, never prompt text."""
-        job = f"job={self.job_id} " if self.job_id else ""
-        first = self.items[0].custom_id or self.items[0].request_id
-        return f"{job}model={self.model} chunk={self.chunk_id} n={len(self.items)} first={first}"
+        return describe_chunk(self.chunk_id, self.job_id, self.model, len(self.items))
+
+
+def describe_chunk(chunk_id: str, job_id: str | None, model: str, size: int) -> str:
+    job = f"job={job_id} " if job_id else ""
+    return f"{job}model={model} chunk={chunk_id} n={size}"
+
+
+def chunk_json(job_id: str | None, model: str, item_jsons: list[str], result_ttl_s: int) -> tuple[str, str]:
+    """(chunk id, ``TaskChunk`` JSON) from items already serialised as JSON, without parsing them again.
+
+    The scheduler moves items from Redis to Celery this way: 100k items parsed and re-serialised only to
+    be wrapped cost more than everything else it does.
+    """
+    chunk_id = new_id("chunk")
+    head = json.dumps({"chunk_id": chunk_id, "job_id": job_id, "model": model, "enqueued_at": time.time(),
+                       "result_ttl_s": result_ttl_s})  # fmt: skip
+    return chunk_id, f'{head[:-1]}, "items": [{", ".join(item_jsons)}]}}'
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,6 +292,29 @@ class BatchOutputLine(BaseModel):
             response = BatchResponse(status_code=200, request_id=result.request_id, body=result.response)
             return cls(id=new_id("batch_req"), custom_id=result.custom_id, response=response, error=None)
         return cls(id=new_id("batch_req"), custom_id=result.custom_id, response=None, error=result.error)
+
+    @staticmethod
+    def json_from_stored_result(raw: bytes | str) -> tuple[str, bool]:
+        """The output line's JSON straight from a stored ``RequestResult``'s JSON, and whether it succeeded.
+
+        Equal to ``from_result(parse(raw)).model_dump_json()`` (a test holds them equal) at a third of the
+        cost, which matters when a client writes out 100k lines.
+        """
+        result = json.loads(raw)
+        response = result.get("response")
+        line: dict[str, Any] = {"id": new_id("batch_req"), "custom_id": result.get("custom_id")}
+        if response is not None:
+            choices = response["choices"]
+            for choice in choices:
+                choice.setdefault("logprobs", None)
+                choice["message"].setdefault("refusal", None)
+            response.setdefault("system_fingerprint", None)
+            line["response"] = {"status_code": 200, "request_id": result["request_id"], "body": response}
+            line["error"] = None
+        else:
+            line["response"] = None
+            line["error"] = result["error"]
+        return json.dumps(line, separators=(",", ":"), ensure_ascii=False), response is not None
 
     @classmethod
     def from_error(cls, custom_id: str | None, error: ErrorInfo) -> BatchOutputLine:

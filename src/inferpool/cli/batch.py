@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -155,9 +155,12 @@ def run(ctx: click.Context, input_path: Path, output_path: Path, errors_path: Pa
             Client(settings=settings.with_redis_url(redis_url)) as client:  # fmt: skip
         started = time.monotonic()
         job = client.batches.create(input_path, priority=priority, completion_window=completion_window)
-        job = _follow(client, job.id, timeout, local_pool=use_local)
+        with ResultFiles(client, job.id, output_path, errors_path) as files:
+            # Output lines are written while the job runs, not all at the end.
+            job = _follow(client, job.id, timeout, local_pool=use_local, on_poll=files.drain)
+            files.drain()
         elapsed = time.monotonic() - started
-        count, first_lines = _write_results(client, job.id, output_path, errors_path)
+        count, first_lines = files.count, files.first
     stdout = make_console()
     if show_answers if show_answers is not None else count <= _SHOW_ANSWERS_UP_TO:
         _print_answers(stdout, first_lines)
@@ -194,10 +197,23 @@ def _redis_url(settings: Settings, local: bool, models: set[str], console: Conso
             pool.stop()
 
 
-def _follow(client: Client, job_id: str, timeout: float | None, *, local_pool: bool = False) -> BatchJob:
+def _follow(
+    client: Client,
+    job_id: str,
+    timeout: float | None,
+    *,
+    local_pool: bool = False,
+    on_poll: Callable[[], None] | None = None,
+) -> BatchJob:
     console = make_console(stderr=True)
     try:
-        with job_progress(console, job_id) as on_progress:
+        with job_progress(console, job_id) as show_progress:
+
+            def on_progress(job: BatchJob) -> None:
+                show_progress(job)
+                if on_poll is not None:
+                    on_poll()
+
             return client.batches.wait(job_id, timeout=timeout, on_progress=on_progress)
     except KeyboardInterrupt:
         if local_pool:
@@ -209,22 +225,46 @@ def _follow(client: Client, job_id: str, timeout: float | None, *, local_pool: b
         sys.exit(130)
 
 
+class ResultFiles:
+    """Writes a job's output lines as they arrive (OUTPUT, and failed lines to ERRORS when given)."""
+
+    def __init__(self, client: Client, job_id: str, output_path: Path, errors_path: Path | None) -> None:
+        self._client = client
+        self._job_id = job_id
+        self._stack = contextlib.ExitStack()
+        self._out = self._stack.enter_context(output_path.open("w", encoding="utf-8"))
+        self._errors = self._stack.enter_context(errors_path.open("w", encoding="utf-8")) if errors_path else None
+        self._position = "0-0"
+        self.count = 0
+        self.first: list[BatchOutputLine] = []
+
+    def drain(self) -> None:
+        """Write every line written since the last call."""
+        while True:
+            lines, self._position = self._client.batches.output_json_after(self._job_id, self._position)
+            if not lines:
+                return
+            for text, ok in lines:
+                target = self._out if (ok or self._errors is None) else self._errors
+                target.write(text + "\n")
+                if len(self.first) < _SHOW_ANSWERS_UP_TO:
+                    self.first.append(BatchOutputLine.model_validate_json(text))
+            self.count += len(lines)
+
+    def __enter__(self) -> ResultFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+
 def _write_results(
     client: Client, job_id: str, output_path: Path, errors_path: Path | None
 ) -> tuple[int, list[BatchOutputLine]]:
-    """Write the job's output lines; returns how many, and the first few (for printing)."""
-    first: list[BatchOutputLine] = []
-    count = 0
-    with contextlib.ExitStack() as stack:
-        out = stack.enter_context(output_path.open("w", encoding="utf-8"))
-        errors = stack.enter_context(errors_path.open("w", encoding="utf-8")) if errors_path else None
-        for line in client.batches.results(job_id):
-            target = errors if (errors is not None and line.error is not None) else out
-            target.write(line.model_dump_json() + "\n")
-            count += 1
-            if count <= _SHOW_ANSWERS_UP_TO:
-                first.append(line)
-    return count, first
+    """Write the job's output lines so far; returns how many, and the first few (for printing)."""
+    with ResultFiles(client, job_id, output_path, errors_path) as files:
+        files.drain()
+    return files.count, files.first
 
 
 def _print_answers(console: Console, lines: list[BatchOutputLine]) -> None:

@@ -7,6 +7,7 @@ settles the bad ones with their error at once, and returns the job. Any process 
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import re
@@ -141,17 +142,17 @@ class Batches:
                 rejected.append(RequestResult(request_id=new_id("req"), custom_id=parsed.custom_id, job_id=job_id,
                                               error=parsed.error))  # fmt: skip
             if len(pending) + len(rejected) >= _FLUSH_EVERY:
-                self._flush(job_id, pending, rejected)
-        self._flush(job_id, pending, rejected)
+                self._flush(job_id, pending, rejected, models)
+        self._flush(job_id, pending, rejected, models)
         if total == 0:
             store.fail(job_id, "the input has no requests")
             raise BatchRefused("the batch input has no requests (it is empty or holds only blank lines)")
         store.open(job_id, total, models)
         return self.retrieve(job_id)
 
-    def _flush(self, job_id: str, pending: list[TaskItem], rejected: list[RequestResult]) -> None:
+    def _flush(self, job_id: str, pending: list[TaskItem], rejected: list[RequestResult], models: set[str]) -> None:
         if pending:
-            self._store.add_pending(job_id, pending)
+            self._store.add_pending(job_id, pending, models)
         if rejected:
             self._store.settle(job_id, rejected)
         pending.clear()
@@ -203,3 +204,16 @@ class Batches:
         self.retrieve(job_id)
         for result in self._store.iter_results(job_id):
             yield BatchOutputLine.from_result(result)
+
+    def results_after(self, job_id: str, position: str = "0-0") -> tuple[builtins.list[BatchOutputLine], str]:
+        """Output lines written after ``position`` (start with ``"0-0"``) and the position to go on from.
+
+        For following a running job: call again with the returned position to get only new lines.
+        """
+        results, position = self._store.read_results(job_id, position)
+        return [BatchOutputLine.from_result(r) for r in results], position
+
+    def output_json_after(self, job_id: str, position: str = "0-0") -> tuple[builtins.list[tuple[str, bool]], str]:
+        """Like ``results_after``, but each line as (JSON text, succeeded): the fast path for writing files."""
+        raws, position = self._store.read_raw_results(job_id, position)
+        return [BatchOutputLine.json_from_stored_result(raw) for raw in raws], position

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import redis
 from celery import Celery
 
-from inferpool.celery_app import publish_chunk
+from inferpool.celery_app import publish_chunk_json
 from inferpool.constants import JOBS_ACTIVE_KEY, MODEL_INFLIGHT_KEY, job_key, worker_heartbeat_pattern
 from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus, JobStore, settled_result
 from inferpool.model_registry.registry import Registry
 from inferpool.settings import Settings
-from inferpool.wire import TaskChunk, TaskItem
+from inferpool.wire import chunk_json, describe_chunk
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class _JobView:
     expires_at: float
     total: int
     finished: int
+    validated: bool
 
 
 class Scheduler:
@@ -63,9 +64,9 @@ class Scheduler:
         resent = 0
         counts: dict[str, int] = defaultdict(int)
         for job_id in self.store.active_ids():
-            by_model: dict[str, list[TaskItem]] = defaultdict(list)
+            by_model: dict[str, list[str]] = defaultdict(list)
             for item in self.store.inflight_items(job_id):
-                by_model[item.request.model].append(item)
+                by_model[item.request.model].append(item.model_dump_json(exclude_none=True))
             for model, model_items in by_model.items():
                 counts[model] += len(model_items)
                 resent += self._publish(job_id, model, model_items)
@@ -86,7 +87,7 @@ class Scheduler:
         return self._dispatch(runnable)
 
     def _active_jobs(self) -> list[_JobView]:
-        fields = ("status", "priority", "models", "expires_at", "total", "completed", "failed")
+        fields = ("status", "priority", "models", "expires_at", "total", "completed", "failed", "validated")
         ids = self.store.active_ids()
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
@@ -96,7 +97,9 @@ class Scheduler:
             if values[0] is None:  # the job's keys expired: forget it
                 self.redis.zrem(JOBS_ACTIVE_KEY, job_id)
                 continue
-            status, priority, models, expires_at, total, completed, failed = (v.decode() if v else "" for v in values)
+            status, priority, models, expires_at, total, completed, failed, validated = (
+                v.decode() if v else "" for v in values
+            )
             views.append(
                 _JobView(
                     job_id=job_id,
@@ -106,27 +109,34 @@ class Scheduler:
                     expires_at=float(expires_at or "inf"),
                     total=int(total or 0),
                     finished=int(completed or 0) + int(failed or 0),
+                    validated=validated == "1",
                 )
             )
         return views
 
     def _advance(self, job: _JobView) -> bool:
-        """Apply cancel/expiry/completion to ``job``; True if it still has requests to dispatch."""
+        """Apply cancel/expiry/completion to ``job``; True if it may have requests to dispatch.
+
+        A validating job is dispatched too (its lines run while the rest of its input is read). It is
+        never finalized before validation ends: until then more lines may arrive, and each must still be
+        settled (cancelled, expired or run).
+        """
         if job.status.is_final:
             self.redis.zrem(JOBS_ACTIVE_KEY, job.job_id)
             return False
-        if job.status == JobStatus.VALIDATING:
-            return False
         if job.status == JobStatus.CANCELLING:
             self.store.drop_pending(job.job_id, CANCELLED_CODE, "the batch was cancelled before this request ran")
-            if self._all_settled(job.job_id):
+            if job.validated and self._all_settled(job.job_id):
                 self.store.finalize(job.job_id, JobStatus.CANCELLED)
                 log.info("job %s cancelled", job.job_id)
             return False
         if time.time() > job.expires_at:
-            self._expire(job.job_id)
+            self._expire_unfinished(job.job_id)
+            if job.validated:
+                self.store.finalize(job.job_id, JobStatus.EXPIRED)
+                log.info("job %s expired", job.job_id)
             return False
-        if job.finished >= job.total:
+        if job.validated and job.finished >= job.total:
             self.store.finalize(job.job_id, JobStatus.COMPLETED)
             log.info("job %s completed (%d requests)", job.job_id, job.total)
             return False
@@ -136,13 +146,11 @@ class Scheduler:
         job = self.store.get(job_id)
         return job is not None and job.finished >= job.request_counts.total
 
-    def _expire(self, job_id: str) -> None:
+    def _expire_unfinished(self, job_id: str) -> None:
         message = "the batch's completion window ended before this request finished"
         self.store.drop_pending(job_id, EXPIRED_CODE, message)
         for item in self.store.inflight_items(job_id):
             self.store.settle(job_id, [settled_result(job_id, item, EXPIRED_CODE, message)], model=item.request.model)
-        self.store.finalize(job_id, JobStatus.EXPIRED)
-        log.info("job %s expired", job_id)
 
     # -- dispatch --------------------------------------------------------------------------------------
 
@@ -195,17 +203,14 @@ class Scheduler:
                 sent += self._publish(job.job_id, model, items)
         return sent
 
-    def _publish(self, job_id: str, model: str, items: list[TaskItem]) -> int:
+    def _publish(self, job_id: str, model: str, item_jsons: list[str]) -> int:
         chunk_size = self.registry.get(model).serving.chunk_size
-        for start in range(0, len(items), chunk_size):
-            chunk = TaskChunk(
-                job_id=job_id,
-                model=model,
-                items=items[start : start + chunk_size],
-                result_ttl_s=self.settings.result_ttl_s,
-            )
-            publish_chunk(self.celery, chunk)
-        return len(items)
+        for start in range(0, len(item_jsons), chunk_size):
+            members = item_jsons[start : start + chunk_size]
+            chunk_id, payload = chunk_json(job_id, model, members, self.settings.result_ttl_s)
+            publish_chunk_json(self.celery, payload, model=model,
+                               description=describe_chunk(chunk_id, job_id, model, len(members)))  # fmt: skip
+        return len(item_jsons)
 
     # -- the loop --------------------------------------------------------------------------------------
 

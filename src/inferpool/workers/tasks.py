@@ -15,6 +15,8 @@ def install_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     """Register ``inferpool.process_chunk`` on ``app``, served by ``runtime``."""
 
     @app.task(name=TASK_PROCESS_CHUNK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-    def process_chunk(payload: dict[str, Any]) -> dict[str, int]:
-        chunk = TaskChunk.model_validate(payload)
+    def process_chunk(payload: str | dict[str, Any]) -> dict[str, int]:
+        chunk = (
+            TaskChunk.model_validate_json(payload) if isinstance(payload, str) else TaskChunk.model_validate(payload)
+        )
         return runtime.process_chunk(chunk).as_dict()
