@@ -7,10 +7,11 @@ are OpenAI Batch JSONL. ``client`` and ``workers`` never import each other: both
 from __future__ import annotations
 
 import json
+import secrets
 import time
-import uuid
 from typing import Annotated, Any, Literal
 
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from inferpool._exceptions import RequestError
@@ -19,8 +20,8 @@ _STRICT = ConfigDict(extra="forbid")
 
 
 def new_id(prefix: str) -> str:
-    """A random id with a readable prefix, e.g. ``req_5f0c...``."""
-    return f"{prefix}_{uuid.uuid4().hex}"
+    """A random id (128 bits) with a readable prefix, e.g. ``req_5f0c...``."""
+    return f"{prefix}_{secrets.token_hex(16)}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -300,7 +301,7 @@ class BatchOutputLine(BaseModel):
         Equal to ``from_result(parse(raw)).model_dump_json()`` (a test holds them equal) at a third of the
         cost, which matters when a client writes out 100k lines.
         """
-        result = json.loads(raw)
+        result = pydantic_core.from_json(raw)
         response = result.get("response")
         line: dict[str, Any] = {"id": new_id("batch_req"), "custom_id": result.get("custom_id")}
         if response is not None:
@@ -314,7 +315,7 @@ class BatchOutputLine(BaseModel):
         else:
             line["response"] = None
             line["error"] = result["error"]
-        return json.dumps(line, separators=(",", ":"), ensure_ascii=False), response is not None
+        return pydantic_core.to_json(line).decode(), response is not None
 
     @classmethod
     def from_error(cls, custom_id: str | None, error: ErrorInfo) -> BatchOutputLine:

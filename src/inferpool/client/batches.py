@@ -135,8 +135,11 @@ class Batches:
                 store.fail(job_id, reason)
                 raise BatchRefused(f"batch {job_id} refused: {reason}")
             if isinstance(parsed, AcceptedLine):
-                request = parsed.request.model_copy(update={"model": parsed.spec.name})
-                pending.append(TaskItem(request_id=new_id("req"), custom_id=parsed.custom_id, request=request))
+                request = parsed.request
+                if request.model != parsed.spec.name:  # an alias: queue under the canonical name
+                    request = request.model_copy(update={"model": parsed.spec.name})
+                pending.append(TaskItem.model_construct(request_id=new_id("req"), custom_id=parsed.custom_id,
+                                                        request=request))  # fmt: skip  # all parts validated
                 models.add(parsed.spec.name)
             else:
                 rejected.append(RequestResult(request_id=new_id("req"), custom_id=parsed.custom_id, job_id=job_id,

@@ -21,6 +21,12 @@ from inferpool.wire import CHAT_COMPLETIONS_URL, BatchInputLine, ChatRequest, Er
 MAX_LINE_BYTES = 1_000_000
 
 
+class _ChatBatchLine(BatchInputLine):
+    """A batch line whose body is a chat request (the only endpoint served)."""
+
+    body: ChatRequest  # type: ignore[assignment]  # narrows BatchInputLine.body from a plain dict
+
+
 @dataclass(frozen=True)
 class AcceptedLine:
     line_number: int
@@ -93,18 +99,14 @@ class BatchLineParser:
                 f"custom_id {custom_id!r} was already used on line {first}; make it unique",
                 custom_id,
             )
+        url = data.get("url")
+        if isinstance(url, str) and url != CHAT_COMPLETIONS_URL:
+            return reject("unsupported_url", f"url {url!r} is not supported; use {CHAT_COMPLETIONS_URL!r}", custom_id)
         try:
-            line = BatchInputLine.model_validate(data)
+            request = _ChatBatchLine.model_validate(data).body  # one validation for the line and its body
         except ValidationError as exc:
-            return reject("invalid_line", describe_validation_error(exc), custom_id)
-        if line.url != CHAT_COMPLETIONS_URL:
-            return reject(
-                "unsupported_url", f"url {line.url!r} is not supported; use {CHAT_COMPLETIONS_URL!r}", custom_id
-            )
-        try:
-            request = ChatRequest.model_validate(line.body)
-        except ValidationError as exc:
-            return reject("invalid_request", describe_validation_error(exc, "body"), custom_id)
+            in_body = all(err["loc"][:1] == ("body",) for err in exc.errors())
+            return reject("invalid_request" if in_body else "invalid_line", describe_validation_error(exc), custom_id)
         try:
             route = self.router.route(request)
         except RequestError as exc:

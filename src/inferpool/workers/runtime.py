@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import pydantic_core
 import redis
 
 from inferpool._exceptions import ProviderError, RequestError
@@ -141,7 +142,7 @@ class WorkerRuntime:
             return {item.request_id: failure for item in items}
         return {item.request_id: outcome for item, outcome in zip(items, generated, strict=True)}
 
-    # A result is built as a dict and serialised with ``json``, not through the pydantic models: on a
+    # A result is built as a dict and serialised by ``pydantic_core.to_json``, not through the pydantic models: on a
     # 500-request echo chunk, validating results cost as much as everything else together. The client
     # validates every result it reads (``RequestResult``), and the tests read them all.
 
@@ -161,11 +162,11 @@ class WorkerRuntime:
                                    "job_id": chunk.job_id, "stats": stats}  # fmt: skip
         if isinstance(outcome, RequestError):
             data["error"] = {"code": outcome.code, "message": outcome.message}
-            return ResultRecord(item.request_id, False, 0, 0, 0.0, latency, json.dumps(data, separators=(",", ":")))
+            return ResultRecord(item.request_id, False, 0, 0, 0.0, latency, pydantic_core.to_json(data).decode())
         cost = self.spec.pricing.cost(outcome.prompt_tokens, outcome.completion_tokens)
         stats["cost_usd"] = cost
         data["response"] = self._completion(outcome, int(now))
-        payload = json.dumps(data, separators=(",", ":"))
+        payload = pydantic_core.to_json(data).decode()
         return ResultRecord(item.request_id, True, outcome.prompt_tokens, outcome.completion_tokens, cost, latency,
                             payload)  # fmt: skip
 
