@@ -170,3 +170,13 @@ def test_list_shows_newest_first(client: Client) -> None:
     second = client.batches.create([echo_line("a", "y")])
     ids = [job.id for job in client.batches.list(limit=50)]
     assert ids.index(second.id) < ids.index(first.id)
+
+
+def test_higher_priority_job_overtakes_an_earlier_one(client: Client) -> None:
+    low = client.batches.create([echo_line(f"lo{i}", f"l {i}", model="echo-slow") for i in range(1000)])
+    high = client.batches.create([echo_line(f"hi{i}", f"h {i}", model="echo-slow") for i in range(1000)], priority=10)
+    assert client.batches.wait(high.id, timeout=120, poll_s=0.1).status == JobStatus.COMPLETED
+    # Taking turns would have run about as many low lines by now; priority ran only the few in flight.
+    assert client.batches.retrieve(low.id).finished < 500
+    client.batches.cancel(low.id)
+    client.batches.wait(low.id, timeout=120, poll_s=0.2)
