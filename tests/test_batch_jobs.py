@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from inferpool import BatchRefused, Client, JobNotFound, JobStatus, Settings
+from inferpool import AsyncClient, BatchRefused, Client, JobNotFound, JobStatus, Settings
 from inferpool.constants import job_completed_stream_key
 
 pytestmark = pytest.mark.usefixtures("scheduler", "echo_worker", "echo_slow_worker")
@@ -180,3 +180,19 @@ def test_higher_priority_job_overtakes_an_earlier_one(client: Client) -> None:
     assert client.batches.retrieve(low.id).finished < 500
     client.batches.cancel(low.id)
     client.batches.wait(low.id, timeout=120, poll_s=0.2)
+
+
+async def test_async_client_batches_match_the_sync_ones(client: Client, async_client: AsyncClient) -> None:
+    lines = [echo_line(f"p{i}", f"parity {i}") for i in range(200)] + ["broken"]
+    sync_job = client.batches.wait(client.batches.create(lines).id, timeout=120, poll_s=0.1)
+    async_job = await async_client.batches.create(lines)
+    assert async_job.status in (JobStatus.VALIDATING, JobStatus.IN_PROGRESS, JobStatus.COMPLETED)
+    async_job = await async_client.batches.wait(async_job.id, timeout=120, poll_s=0.1)
+    assert async_job.request_counts == sync_job.request_counts
+    sync_lines = {(o.custom_id, o.response.body.text if o.response else o.error.code if o.error else None)
+                  for o in client.batches.results(sync_job.id)}  # fmt: skip
+    async_lines = {(o.custom_id, o.response.body.text if o.response else o.error.code if o.error else None)
+                   async for o in async_client.batches.results(async_job.id)}  # fmt: skip
+    assert sync_lines == async_lines
+    assert len(async_lines) == 201
+    assert (await async_client.batches.retrieve(async_job.id)).id in {j.id for j in await async_client.batches.list(50)}

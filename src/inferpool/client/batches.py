@@ -7,22 +7,24 @@ settles the bad ones with their error at once, and returns the job. Any process 
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
+
+import redis
 
 from inferpool._exceptions import BatchRefused, JobNotFound, ResultTimeout
 from inferpool.jobstore import BatchJob, JobStore
 from inferpool.scheduler.batch_input import AcceptedLine, BatchLineParser
+from inferpool.scheduler.router import Router
+from inferpool.settings import Settings
 from inferpool.wire import BatchOutputLine, RequestResult, TaskItem, new_id
-
-if TYPE_CHECKING:
-    from inferpool.client.client import Client
 
 #: Called with the job's latest state while ``wait`` polls.
 JobProgressCallback = Callable[[BatchJob], None]
@@ -89,9 +91,10 @@ def _source_lines(source: Iterable[str | Mapping[str, Any]]) -> Iterator[str]:
 class Batches:
     """Batch jobs through one client's Redis. Reached as ``client.batches``."""
 
-    def __init__(self, client: Client) -> None:
-        self._client = client
-        self._store = JobStore(client.redis, client.settings.result_ttl_s)
+    def __init__(self, redis_client: redis.Redis, settings: Settings, router: Router) -> None:
+        self._settings = settings
+        self._router = router
+        self._store = JobStore(redis_client, settings.result_ttl_s)
 
     def create(
         self,
@@ -106,7 +109,7 @@ class Batches:
         Bad lines are settled at once with an error result; the file as a whole is refused
         (``BatchRefused``) only if it is not JSONL at all or exceeds the job limits.
         """
-        settings = self._client.settings
+        settings = self._settings
         window_s = parse_window(completion_window)
         if isinstance(source, str | os.PathLike):
             path = Path(source)
@@ -118,12 +121,12 @@ class Batches:
     def _create(
         self, lines: Iterable[str], priority: int, window_s: int, window_label: str, metadata: Mapping[str, str] | None
     ) -> BatchJob:
-        settings = self._client.settings
+        settings = self._settings
         job_id = new_id("batch")
         store = self._store
         store.create(job_id, priority=priority, completion_window_s=window_s, window_label=window_label,
                      metadata=dict(metadata or {}))  # fmt: skip
-        parser = BatchLineParser(self._client.router, max_line_bytes=settings.batch_max_line_bytes)
+        parser = BatchLineParser(self._router, max_line_bytes=settings.batch_max_line_bytes)
         pending: list[TaskItem] = []
         rejected: list[RequestResult] = []
         models: set[str] = set()
@@ -220,3 +223,66 @@ class Batches:
         """Like ``results_after``, but each line as (JSON text, succeeded): the fast path for writing files."""
         raws, position = self._store.read_raw_results(job_id, position)
         return [BatchOutputLine.json_from_stored_result(raw) for raw in raws], position
+
+
+class AsyncBatches:
+    """The asyncio twin of ``Batches`` (``async_client.batches``), same methods, awaited.
+
+    Job calls run the sync implementation in a worker thread: creating a job is mostly CPU (parsing and
+    validating lines), and one code path for both clients keeps their behaviour identical.
+    """
+
+    def __init__(self, sync: Batches) -> None:
+        self._sync = sync
+
+    async def create(
+        self,
+        source: BatchSource,
+        *,
+        priority: int = 0,
+        completion_window: str = "24h",
+        metadata: Mapping[str, str] | None = None,
+    ) -> BatchJob:
+        return await asyncio.to_thread(
+            self._sync.create, source, priority=priority, completion_window=completion_window, metadata=metadata
+        )
+
+    async def retrieve(self, job_id: str) -> BatchJob:
+        return await asyncio.to_thread(self._sync.retrieve, job_id)
+
+    async def list(self, limit: int = 20) -> builtins.list[BatchJob]:
+        return await asyncio.to_thread(self._sync.list, limit)
+
+    async def cancel(self, job_id: str) -> BatchJob:
+        return await asyncio.to_thread(self._sync.cancel, job_id)
+
+    async def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        poll_s: float = 0.5,
+        on_progress: JobProgressCallback | None = None,
+    ) -> BatchJob:
+        """Poll until the job is final, sleeping with ``asyncio.sleep`` between polls."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = await self.retrieve(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job.status.is_final:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(f"batch {job_id} is still {job.status.value} after {timeout} s")
+            await asyncio.sleep(poll_s)
+
+    async def results(self, job_id: str) -> AsyncIterator[BatchOutputLine]:
+        """Output lines written so far, in completion order."""
+        await self.retrieve(job_id)
+        position = "0-0"
+        while True:
+            lines, position = await asyncio.to_thread(self._sync.results_after, job_id, position)
+            if not lines:
+                return
+            for line in lines:
+                yield line

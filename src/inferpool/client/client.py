@@ -17,7 +17,7 @@ import redis.asyncio
 from inferpool._exceptions import ResultTimeout, request_error_from_code
 from inferpool.celery_app import create_celery_app, publish_chunk
 from inferpool.client._base import ClientBase, MessagesLike, RequestLike, build_chat_request, build_request
-from inferpool.client.batches import Batches
+from inferpool.client.batches import AsyncBatches, Batches
 from inferpool.constants import result_key, result_notify_key
 from inferpool.model_registry.registry import Registry
 from inferpool.redis_connection import connect_redis, connect_redis_async
@@ -95,7 +95,7 @@ class Client(ClientBase):
         super().__init__(redis_url, settings, registry)
         self.redis: redis.Redis = connect_redis(self.redis_url)
         self.celery = create_celery_app(self.settings)
-        self.batches = Batches(self)
+        self.batches = Batches(self.redis, self.settings, self.router)
 
     def submit(self, request: RequestLike, *, custom_id: str | None = None) -> ResultHandle:
         """Queue one request and return at once. Raises ``InvalidRequest``/``ModelNotFound`` before queueing."""
@@ -147,6 +147,9 @@ class AsyncClient(ClientBase):
         super().__init__(redis_url, settings, registry)
         self._redis: redis.asyncio.Redis | None = None
         self.celery = create_celery_app(self.settings)
+        # Batch job calls run the sync implementation in threads, on a sync connection pool of their own.
+        self._sync_redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
+        self.batches = AsyncBatches(Batches(self._sync_redis, self.settings, self.router))
 
     @classmethod
     async def connect(
@@ -200,6 +203,7 @@ class AsyncClient(ClientBase):
     async def aclose(self) -> None:
         if self._redis is not None:
             await self._redis.aclose()
+        self._sync_redis.close()
         self.celery.close()
 
     async def __aenter__(self) -> Self:
