@@ -88,6 +88,13 @@ def _source_lines(source: Iterable[str | Mapping[str, Any]]) -> Iterator[str]:
         yield entry if isinstance(entry, str) else json.dumps(dict(entry))
 
 
+def _still_running(job: BatchJob, timeout: float | None) -> ResultTimeout:
+    return ResultTimeout(
+        f"batch {job.id} is still {job.status.value} after {timeout} s "
+        f"({job.finished} of {job.request_counts.total} done); wait again with `inferpool batch wait {job.id}`"
+    )
+
+
 class Batches:
     """Batch jobs through one client's Redis. Reached as ``client.batches``."""
 
@@ -198,11 +205,7 @@ class Batches:
             if job.status.is_final:
                 return job
             if deadline is not None and time.monotonic() >= deadline:
-                raise ResultTimeout(
-                    f"batch {job_id} is still {job.status.value} after {timeout} s "
-                    f"({job.finished} of {job.request_counts.total} done); "
-                    f"wait again with `inferpool batch wait {job_id}`"
-                )
+                raise _still_running(job, timeout)
             time.sleep(poll_s)
 
     def results(self, job_id: str) -> Iterator[BatchOutputLine]:
@@ -273,7 +276,7 @@ class AsyncBatches:
             if job.status.is_final:
                 return job
             if deadline is not None and time.monotonic() >= deadline:
-                raise ResultTimeout(f"batch {job_id} is still {job.status.value} after {timeout} s")
+                raise _still_running(job, timeout)
             await asyncio.sleep(poll_s)
 
     async def results(self, job_id: str) -> AsyncIterator[BatchOutputLine]:
