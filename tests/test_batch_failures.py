@@ -112,3 +112,33 @@ def test_redelivered_chunk_counts_usage_once(pool: LocalPool) -> None:
             pool.scheduler = start_scheduler_process(pool.redis_url, pool.workdir / "scheduler-n.log", POOL_ENV)
             time.sleep(0.5)
         _assert_exactly_once(client, job.id)
+
+
+def test_redis_restart_mid_job() -> None:
+    """Redis (with AOF) stops and comes back mid-job: workers, scheduler and client ride through it."""
+    env = {**POOL_ENV, "INFERPOOL_RESEND_STALE_AFTER_S": "10"}
+    with LocalPool(["echo-slow"], env=env, redis_appendonly=True) as pool, Client(pool.redis_url) as client:
+        job = client.batches.create(_lines(N_LINES))
+        _wait_until_some_done(client, job.id, 200)
+        pool.redis.restart()
+        _assert_exactly_once(client, job.id)
+        assert all(worker.proc.poll() is None for worker in pool.workers)
+        assert pool.scheduler is not None
+        assert pool.scheduler.proc.poll() is None
+
+
+def test_lost_chunks_are_resent_after_the_stale_limit() -> None:
+    """Chunks that vanish from the broker (here: deleted with their worker killed) are re-sent."""
+    env = {**POOL_ENV, "INFERPOOL_RESEND_STALE_AFTER_S": "3"}
+    with LocalPool(["echo-slow"], env=env) as pool, Client(pool.redis_url) as client:
+        job = client.batches.create(_lines(N_LINES))
+        _wait_until_some_done(client, job.id, 200)
+        victim = pool.workers[0]
+        os.killpg(victim.proc.pid, signal.SIGKILL)
+        victim.proc.wait(timeout=10)
+        # kombu's Redis transport keeps queued messages in a list named after the queue and unacked ones
+        # in these two keys: without them, no redelivery can happen.
+        client.redis.delete("inferpool.model.echo-slow", "unacked", "unacked_index")
+        assert client.redis.hlen(job_inflight_key(job.id)) > 0
+        pool.workers[0] = start_worker_process("echo-slow", pool.redis_url, pool.workdir / "worker-2.log", env=env)
+        _assert_exactly_once(client, job.id)

@@ -66,6 +66,11 @@ def job_inflight_key(job_id: str) -> str:
     return f"{KEY_PREFIX}job:{job_id}:inflight"
 
 
+def job_inflight_since_key(job_id: str) -> str:
+    """Sorted set request id -> when it was (last) dispatched; the scheduler re-sends the stale ones."""
+    return f"{KEY_PREFIX}job:{job_id}:inflight-since"
+
+
 def job_usage_key(job_id: str) -> str:
     """Hash of a job's usage counters, ``<model>|<counter>`` -> value, counted once per result."""
     return f"{KEY_PREFIX}job:{job_id}:usage"

@@ -30,6 +30,7 @@ from inferpool.constants import (
     MODEL_INFLIGHT_KEY,
     job_completed_stream_key,
     job_inflight_key,
+    job_inflight_since_key,
     job_key,
     job_pending_key,
     job_usage_key,
@@ -108,11 +109,27 @@ if not items then
 end
 for _, entry in ipairs(items) do
   local bar = string.find(entry, '|', 1, true)
-  redis.call('HSET', KEYS[2], string.sub(entry, 1, bar - 1), string.sub(entry, bar + 1))
+  local rid = string.sub(entry, 1, bar - 1)
+  redis.call('HSET', KEYS[2], rid, string.sub(entry, bar + 1))
+  redis.call('ZADD', KEYS[5], ARGV[3], rid)
 end
+redis.call('EXPIRE', KEYS[5], ARGV[4])
 redis.call('HINCRBY', KEYS[3], ARGV[2], #items)
 redis.call('HINCRBY', KEYS[4], 'dispatched', #items)
 return items
+"""
+
+
+# In-flight items dispatched before ARGV[1] (at most ARGV[3]), re-stamped ARGV[2]: to be re-sent.
+_TAKE_STALE = """
+local rids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+if #rids == 0 then
+  return {}
+end
+for _, rid in ipairs(rids) do
+  redis.call('ZADD', KEYS[1], ARGV[2], rid)
+end
+return redis.call('HMGET', KEYS[2], unpack(rids))
 """
 
 
@@ -151,6 +168,7 @@ class JobStore:
         self.writer = ResultWriter(client)
         self._take = client.register_script(_TAKE_PENDING)
         self._open = client.register_script(_OPEN)
+        self._stale = client.register_script(_TAKE_STALE)
 
     # -- creating ----------------------------------------------------------------------------------------
 
@@ -264,9 +282,21 @@ class JobStore:
 
         Returns the items as ``TaskItem`` JSON, unparsed (the scheduler only forwards them).
         """
-        keys = [job_pending_key(job_id, model), job_inflight_key(job_id), MODEL_INFLIGHT_KEY, job_key(job_id)]
-        entries: Any = self._take(keys=keys, args=[limit, model])
+        keys = [job_pending_key(job_id, model), job_inflight_key(job_id), MODEL_INFLIGHT_KEY, job_key(job_id),
+                job_inflight_since_key(job_id)]  # fmt: skip
+        entries: Any = self._take(keys=keys, args=[limit, model, time.time(), self.result_ttl_s])
         return [_text(entry).partition("|")[2] for entry in entries]
+
+    def take_stale_inflight(self, job_id: str, older_than_s: float, limit: int = 1000) -> list[TaskItem]:
+        """In-flight items dispatched more than ``older_than_s`` ago, stamped as dispatched now.
+
+        A chunk can vanish without a trace (a task that failed outside the per-request error handling,
+        a message lost with a Redis that kept no AOF); these are re-sent so the job still finishes.
+        """
+        now = time.time()
+        keys = [job_inflight_since_key(job_id), job_inflight_key(job_id)]
+        values: Any = self._stale(keys=keys, args=[now - older_than_s, now, limit])
+        return [TaskItem.model_validate_json(v) for v in values if v]
 
     def pending_count(self, job_id: str, model: str) -> int:
         return int(self.redis.llen(job_pending_key(job_id, model)))

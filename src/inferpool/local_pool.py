@@ -90,7 +90,7 @@ class EmbeddedRedis:
 
     def start(self, timeout_s: float = 20.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = self.port or free_port()  # a restart keeps its port
         args = [
             self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
             "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no",
@@ -117,6 +117,11 @@ class EmbeddedRedis:
         if self.proc is not None:
             stop_process(self.proc, grace_s=5.0)
             self.proc = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same port (with ``appendonly``, the data survives)."""
+        self.stop()
+        self.start()
 
 
 @dataclass
@@ -189,13 +194,14 @@ class LocalPool:
         startup_timeout_s: float = 600.0,
         env: Mapping[str, str] | None = None,
         workers_per_model: int = 1,
+        redis_appendonly: bool = False,
     ) -> None:
         self.models = sorted(set(models))
         self.workers_per_model = workers_per_model
         self.startup_timeout_s = startup_timeout_s
         self.env = dict(env or {})
         self.workdir = Path(tempfile.mkdtemp(prefix="inferpool-pool-"))
-        self.redis = EmbeddedRedis(self.workdir / "redis")
+        self.redis = EmbeddedRedis(self.workdir / "redis", appendonly=redis_appendonly)
         self.workers: list[WorkerProcess] = []
         self.scheduler: WorkerProcess | None = None
 

@@ -19,6 +19,7 @@ from inferpool.constants import (
     MODEL_INFLIGHT_KEY,
     job_completed_stream_key,
     job_inflight_key,
+    job_inflight_since_key,
     job_key,
     job_usage_key,
     result_key,
@@ -27,7 +28,8 @@ from inferpool.usage import latency_bucket
 from inferpool.wire import RequestResult
 
 _WRITE_ONCE = """
--- KEYS: job hash, job completed stream, job in-flight hash, per-model in-flight hash, job usage hash
+-- KEYS: job hash, job completed stream, job in-flight hash, per-model in-flight hash, job usage hash,
+--       job in-flight-since sorted set
 -- ARGV: ttl, result key prefix, model, '1' for batch-job results, then one record per result:
 --       request_id TAB completed|failed TAB prompt_tokens TAB completion_tokens TAB cost TAB latency bucket TAB json
 -- Returns the 0-based positions of the records whose request already had a result (not written again).
@@ -50,6 +52,7 @@ for i = 5, #ARGV do
       redis.call('XADD', KEYS[2], '*', 'rid', rid)
       if fields[2] == 'completed' then completed = completed + 1 else failed = failed + 1 end
       settled = settled + redis.call('HDEL', KEYS[3], rid)
+      redis.call('ZREM', KEYS[6], rid)
       prompt = prompt + tonumber(fields[3])
       completion = completion + tonumber(fields[4])
       cost = cost + tonumber(fields[5])
@@ -75,7 +78,7 @@ if completed + failed > 0 then
   for bucket, n in pairs(buckets) do
     redis.call('HINCRBY', KEYS[5], m .. 'latency|' .. bucket, n)
   end
-  for k = 1, 5 do
+  for k = 1, 6 do
     if k ~= 4 then redis.call('EXPIRE', KEYS[k], ttl) end
   end
 end
@@ -183,7 +186,7 @@ class ResultWriter:
 
     def _queue(self, pipe: Pipeline, job_id: str, model: str, records: Sequence[ResultRecord], ttl_s: int) -> None:
         keys = [job_key(job_id), job_completed_stream_key(job_id), job_inflight_key(job_id), MODEL_INFLIGHT_KEY,
-                job_usage_key(job_id)]  # fmt: skip
+                job_usage_key(job_id), job_inflight_since_key(job_id)]  # fmt: skip
         args = [ttl_s, _RESULT_PREFIX, model, "1" if job_id else "", *(record.encode() for record in records)]
         self._write(keys=keys, args=args, client=pipe)
 

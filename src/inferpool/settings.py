@@ -45,6 +45,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Redis-broker redelivery delay for unacknowledged tasks; at least twice the longest chunk.",
     )
+    resend_stale_after_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Re-send a batch request dispatched this long ago and still unanswered (default: 1.5 x "
+        "the visibility timeout, after which Celery itself would have redelivered it).",
+    )
     heartbeat_ttl_s: int = Field(default=15, gt=1, description="Seconds a worker heartbeat lives.")
     log_level: str = Field(default="INFO")
     batch_max_lines: int = Field(default=1_000_000, gt=0, description="Most lines one batch job may have.")
@@ -57,6 +63,9 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [Path(p) for p in value.split(":") if p]
         return value
+
+    def stale_after_s(self) -> float:
+        return self.resend_stale_after_s or 1.5 * self.visibility_timeout_s
 
     def with_redis_url(self, redis_url: str) -> Settings:
         """A copy of these settings pointing at another Redis."""

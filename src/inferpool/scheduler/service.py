@@ -29,6 +29,7 @@ from inferpool.wire import chunk_json, describe_chunk
 log = logging.getLogger(__name__)
 
 _LIVE_WORKERS_REFRESH_S = 2.0
+_STALE_CHECK_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Scheduler:
         self.store = JobStore(client, settings.result_ttl_s)
         self._live_workers: dict[str, int] = {}
         self._live_checked = 0.0
+        self._stale_checked = 0.0
 
     # -- start-up --------------------------------------------------------------------------------------
 
@@ -84,7 +86,24 @@ class Scheduler:
     def tick(self) -> int:
         """Advance every active job; returns how many requests were dispatched."""
         runnable = [job for job in self._active_jobs() if self._advance(job)]
+        now = time.monotonic()
+        if now - self._stale_checked > _STALE_CHECK_EVERY_S:
+            self._stale_checked = now
+            self._resend_stale(runnable)
         return self._dispatch(runnable)
+
+    def _resend_stale(self, jobs: list[_JobView]) -> int:
+        """Re-send requests in flight for longer than the stale limit (their chunk may be lost)."""
+        resent = 0
+        for job in jobs:
+            by_model: dict[str, list[str]] = defaultdict(list)
+            for item in self.store.take_stale_inflight(job.job_id, self.settings.stale_after_s()):
+                by_model[item.request.model].append(item.model_dump_json(exclude_none=True))
+            for model, item_jsons in by_model.items():
+                resent += self._publish(job.job_id, model, item_jsons)
+        if resent:
+            log.warning("re-sent %d requests in flight for over %.0f s", resent, self.settings.stale_after_s())
+        return resent
 
     def _active_jobs(self) -> list[_JobView]:
         fields = ("status", "priority", "models", "expires_at", "total", "completed", "failed", "validated")
