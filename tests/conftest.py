@@ -7,6 +7,7 @@ machine's 6379); workers are ``inferpool worker`` subprocesses; the SmolLM2 mode
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import redis
 
 from inferpool import AsyncClient, Client, Settings
+from inferpool.emulators import EmulatorConfig, ProviderEmulator, WindowLimit
 from inferpool.local_pool import (
     EmbeddedRedis,
     WorkerProcess,
@@ -111,6 +113,51 @@ def scheduler(redis_url: str, session_dir: Path) -> Iterator[WorkerProcess]:
     yield process
     stop_process(process.proc, grace_s=15)
     assert process.proc.returncode == 0, process.log_path.read_text()[-3000:]
+
+
+OPENAI_TEST_KEY = f"sk-test-openai-{secrets.token_hex(12)}"
+ANTHROPIC_TEST_KEY = f"sk-ant-test-{secrets.token_hex(12)}"
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[ProviderEmulator]:
+    """OpenAI and Anthropic emulators (one aiohttp server) that want the test keys."""
+    config = EmulatorConfig(
+        api_keys=[OPENAI_TEST_KEY, ANTHROPIC_TEST_KEY],
+        timeout_sleep_s=3.0,
+        limits={"gpt-limited": WindowLimit(requests=10, per_s=2)},
+    )
+    server = ProviderEmulator(config).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def api_worker_env(emulator: ProviderEmulator) -> dict[str, str]:
+    return {
+        "OPENAI_BASE_URL": emulator.openai_base_url,
+        "ANTHROPIC_BASE_URL": emulator.url,
+        "OPENAI_API_KEY": OPENAI_TEST_KEY,
+        "ANTHROPIC_API_KEY": ANTHROPIC_TEST_KEY,
+        "INFERPOOL_TEST_BAD_KEY": "sk-wrong-key",
+    }
+
+
+@pytest.fixture(scope="session")
+def api_workers(redis_url: str, session_dir: Path, api_worker_env: dict[str, str]) -> Iterator[list[WorkerProcess]]:
+    """Workers for the emulated API models; two share emu-gpt-limited's rate limit."""
+    models = ["emu-gpt", "emu-claude", "emu-gpt-limited", "emu-gpt-limited", "emu-gpt-badkey"]
+    workers = [
+        start_worker_process(m, redis_url, session_dir / f"worker-{m}-{i}.log", env=api_worker_env)
+        for i, m in enumerate(models)
+    ]
+    client = redis.Redis.from_url(redis_url)
+    try:
+        wait_for_workers(client, workers, WORKER_START_TIMEOUT_S)
+    finally:
+        client.close()
+    yield workers
+    _stop_workers(workers)
 
 
 @pytest.fixture(scope="session")

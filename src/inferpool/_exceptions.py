@@ -68,9 +68,10 @@ class RequestError(InferpoolError):
 
     code: ClassVar[str] = "request_error"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, attempts: int = 1) -> None:
         super().__init__(message)
         self.message = message
+        self.attempts = attempts  # how many times a provider was asked before giving up
         if code is not None:
             self.code = code  # type: ignore[misc]  # per-instance override of the class default
 

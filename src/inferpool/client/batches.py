@@ -214,6 +214,11 @@ class Batches:
         for result in self._store.iter_results(job_id):
             yield BatchOutputLine.from_result(result)
 
+    def request_results(self, job_id: str) -> Iterator[RequestResult]:
+        """Like ``results`` but as ``RequestResult``: with serving stats (model, worker, attempts, cost, latency)."""
+        self.retrieve(job_id)
+        yield from self._store.iter_results(job_id)
+
     def results_after(self, job_id: str, position: str = "0-0") -> tuple[builtins.list[BatchOutputLine], str]:
         """Output lines written after ``position`` (start with ``"0-0"``) and the position to go on from.
 

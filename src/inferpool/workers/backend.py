@@ -31,6 +31,7 @@ class Generation:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    attempts: int = 1
 
 
 #: A backend answers each request with a ``Generation`` or the ``RequestError`` that stopped it.

@@ -155,7 +155,7 @@ class WorkerRuntime:
             "worker": self.worker_id,
             "queued_s": max(0.0, started - chunk.enqueued_at),
             "latency_s": latency,
-            "attempts": 1,
+            "attempts": outcome.attempts,
             "cost_usd": 0.0,
         }
         data: dict[str, object] = {"request_id": item.request_id, "custom_id": item.custom_id,

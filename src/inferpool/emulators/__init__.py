@@ -1,0 +1,10 @@
+"""Local HTTP emulators of the OpenAI and Anthropic APIs, for tests, benchmarks and offline development.
+
+They speak each provider's wire format (so the official SDKs drive them unchanged), inject latency, rate
+limits (429 + Retry-After), server errors, timeouts and malformed bodies on demand, and count everything
+they receive, so a test can prove a limit was never exceeded.
+"""
+
+from inferpool.emulators.server import EmulatorConfig, ProviderEmulator, WindowLimit
+
+__all__ = ["EmulatorConfig", "ProviderEmulator", "WindowLimit"]

@@ -1,0 +1,227 @@
+"""The emulator server (aiohttp, on a background thread of the process that starts it)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import random
+import threading
+import time
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, Field
+
+FAULTS = ("429", "500", "timeout", "garbage")
+
+
+class WindowLimit(BaseModel):
+    """At most ``requests`` accepted per sliding window of ``per_s`` seconds, per requested model."""
+
+    requests: int = Field(gt=0)
+    per_s: float = Field(default=60.0, gt=0)
+
+
+class EmulatorConfig(BaseModel):
+    latency_s: float = Field(default=0.0, ge=0)
+    faults: dict[str, float] = Field(default_factory=dict, description="fault -> probability, faults in FAULTS")
+    timeout_sleep_s: float = Field(default=30.0, description="How long a 'timeout' fault keeps the request.")
+    limits: dict[str, WindowLimit] = Field(default_factory=dict, description="requested model -> limit")
+    api_keys: list[str] = Field(default_factory=list, description="When set, requests must carry one of these.")
+    seed: int = 0
+
+
+class ProviderEmulator:
+    """Serves ``/v1/chat/completions`` (OpenAI) and ``/v1/messages`` (Anthropic) on 127.0.0.1."""
+
+    def __init__(self, config: EmulatorConfig | None = None) -> None:
+        self.config = config or EmulatorConfig()
+        self._rng = random.Random(self.config.seed)
+        self._lock = threading.Lock()
+        self._accepted: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.max_in_window: dict[str, int] = collections.defaultdict(int)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def start(self) -> ProviderEmulator:
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), name="provider-emulator", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("the emulator did not start")
+        return self
+
+    def _serve(self, ready: threading.Event) -> None:
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._openai)
+        app.router.add_post("/v1/messages", self._anthropic)
+        self._runner = web.AppRunner(app, access_log=None)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        server: Any = site._server  # aiohttp exposes the bound port only through the asyncio server
+        self.port = server.sockets[0].getsockname()[1]
+        ready.set()
+        self._loop.run_forever()
+
+    def stop(self) -> None:
+        if self._loop is None or self._runner is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def configure(self, **changes: Any) -> None:
+        """Change the config while serving (e.g. turn faults on for one test)."""
+        with self._lock:
+            self.config = self.config.model_copy(update=changes)
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.counts.clear()
+            self.max_in_window.clear()
+            self._accepted.clear()
+
+    # -- request handling ------------------------------------------------------------------------------
+
+    def _admit(self, model: str) -> float | None:
+        """Count the request against its model's limit; seconds to wait if over it, else None."""
+        limit = self.config.limits.get(model)
+        if limit is None:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            window = self._accepted[model]
+            while window and window[0] <= now - limit.per_s:
+                window.popleft()
+            if len(window) >= limit.requests:
+                self.counts["limit_exceeded"] += 1
+                return window[0] + limit.per_s - now
+            window.append(now)
+            self.max_in_window[model] = max(self.max_in_window[model], len(window))
+        return None
+
+    def _pick_fault(self) -> str | None:
+        with self._lock:
+            roll = self._rng.random()
+        for fault in FAULTS:
+            chance = self.config.faults.get(fault, 0.0)
+            if roll < chance:
+                return fault
+            roll -= chance
+        return None
+
+    async def _common(self, request: web.Request, key: str | None, body: dict[str, Any]) -> web.StreamResponse | None:
+        """Auth, limits, faults and latency; a response to send instead of the answer, or None."""
+        with self._lock:
+            self.counts["received"] += 1
+        if self.config.api_keys and key not in self.config.api_keys:
+            self.counts["unauthorized"] += 1
+            return web.json_response({"error": {"type": "authentication_error", "message": "invalid api key"}},
+                                     status=401)  # fmt: skip
+        wait = self._admit(str(body.get("model", "")))
+        if wait is not None:
+            headers = {"Retry-After": str(max(1, math.ceil(wait))), "x-ratelimit-remaining-requests": "0"}
+            return web.json_response({"error": {"type": "rate_limit_error", "message": "rate limit exceeded"}},
+                                     status=429, headers=headers)  # fmt: skip
+        fault = self._pick_fault()
+        if fault is not None:
+            with self._lock:
+                self.counts[f"fault_{fault}"] += 1
+        if fault == "429":
+            return web.json_response({"error": {"type": "rate_limit_error", "message": "injected 429"}}, status=429,
+                                     headers={"Retry-After": "1"})  # fmt: skip
+        if fault == "500":
+            return web.json_response({"error": {"type": "api_error", "message": "injected 500"}}, status=500)
+        if fault == "timeout":
+            await asyncio.sleep(self.config.timeout_sleep_s)
+        if self.config.latency_s:
+            await asyncio.sleep(self.config.latency_s)
+        if fault == "garbage":
+            return web.Response(status=200, text='{"id": "garbage", "choi', content_type="application/json")
+        if fault is None:  # a timed-out request is still answered, late, but not counted as answered
+            with self._lock:
+                self.counts["answered"] += 1
+        return None
+
+    async def _openai(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        auth = request.headers.get("Authorization", "")
+        early = await self._common(request, auth.removeprefix("Bearer ") or None, body)
+        if early is not None:
+            return early
+        messages = body.get("messages", [])
+        prompt_words = sum(len(_text(m.get("content")).split()) for m in messages)
+        text, finish = _answer(messages, body.get("max_completion_tokens") or body.get("max_tokens"), body.get("stop"))
+        return web.json_response({
+            "id": f"chatcmpl-emu{self.counts['received']}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                         "logprobs": None}],
+            "usage": {"prompt_tokens": prompt_words, "completion_tokens": len(text.split()),
+                      "total_tokens": prompt_words + len(text.split())},
+        }, headers={"x-ratelimit-remaining-requests": "1000"})  # fmt: skip
+
+    async def _anthropic(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        # Anthropic SDKs send the key as x-api-key (older) or as a bearer token (2.x).
+        key = request.headers.get("x-api-key") or request.headers.get("Authorization", "").removeprefix("Bearer ")
+        early = await self._common(request, key or None, body)
+        if early is not None:
+            return early
+        messages = body.get("messages", [])
+        system = body.get("system") or ""
+        prompt_words = len(_text(system).split()) + sum(len(_text(m.get("content")).split()) for m in messages)
+        text, finish = _answer(messages, body.get("max_tokens"), body.get("stop_sequences"))
+        stop_reason = {"stop": "end_turn", "length": "max_tokens"}[finish]
+        if finish == "stop" and body.get("stop_sequences") and text != _full_answer(messages):
+            stop_reason = "stop_sequence"
+        return web.json_response({
+            "id": f"msg_emu{self.counts['received']}", "type": "message", "role": "assistant",
+            "model": body.get("model"), "content": [{"type": "text", "text": text}], "stop_reason": stop_reason,
+            "stop_sequence": None, "usage": {"input_tokens": prompt_words, "output_tokens": len(text.split())},
+        })  # fmt: skip
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
+
+
+def _full_answer(messages: list[dict[str, Any]]) -> str:
+    last_user: dict[str, Any] = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+    return f"emulated: {_text(last_user.get('content'))}"
+
+
+def _answer(messages: list[dict[str, Any]], max_tokens: int | None, stop: Any) -> tuple[str, str]:
+    """``emulated: <last user text>``, cut to ``max_tokens`` words and at the first stop sequence."""
+    words = _full_answer(messages).split()
+    finish = "stop"
+    if max_tokens is not None and len(words) > max_tokens:
+        words, finish = words[:max_tokens], "length"
+    text = " ".join(words)
+    for sequence in [stop] if isinstance(stop, str) else (stop or []):
+        cut = text.find(sequence)
+        if cut != -1:
+            text, finish = text[:cut], "stop"
+    return text, finish

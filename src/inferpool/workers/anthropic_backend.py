@@ -1,0 +1,91 @@
+"""Anthropic's Messages API, from the OpenAI chat format and back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from inferpool._exceptions import InvalidRequest
+from inferpool.model_registry.spec import ModelSpec
+from inferpool.settings import Settings
+from inferpool.wire import ChatRequest, FinishReason
+from inferpool.workers.api_backend import ApiBackend, ProviderReply, classify_sdk_error, maybe_await
+from inferpool.workers.backend import Generation
+
+_FINISH: dict[str, FinishReason] = {
+    "end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
+    "refusal": "content_filter", "pause_turn": "stop",
+}  # fmt: skip
+
+
+class AnthropicBackend(ApiBackend):
+    name = "anthropic"
+    provider = "anthropic"
+    default_key_env = "ANTHROPIC_API_KEY"
+
+    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        super().__init__(spec, settings)
+        import anthropic
+
+        self._sdk = anthropic
+        self._client = anthropic.AsyncAnthropic(
+            api_key=self._api_key, base_url=self.params.base_url, timeout=self.params.timeout_s, max_retries=0
+        )
+
+    def translate(self, request: ChatRequest) -> dict[str, Any]:
+        """OpenAI chat body -> Messages API arguments; what has no equivalent is refused, not dropped."""
+        for name in ("seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs"):
+            if getattr(request, name) is not None:
+                raise InvalidRequest(f"{name} is not supported by Anthropic models; leave it out")
+        system = [m.text() for m in request.messages if m.role in ("system", "developer")]
+        arguments: dict[str, Any] = {
+            "model": self.provider_model,
+            "messages": _conversation(request),
+            "max_tokens": request.output_limit() or self.spec.capabilities.default_max_tokens,
+        }
+        if system:
+            arguments["system"] = "\n\n".join(system)
+        if request.stop_sequences():
+            arguments["stop_sequences"] = request.stop_sequences()
+        extra: dict[str, Any] = {}
+        if request.temperature is not None:
+            if request.temperature > 1:
+                raise InvalidRequest("temperature above 1 is not supported by Anthropic models (range 0-1)")
+            extra["temperature"] = request.temperature
+        if request.top_p is not None:
+            extra["top_p"] = request.top_p
+        if extra:
+            arguments["extra_body"] = extra
+        return arguments
+
+    async def call(self, arguments: dict[str, Any]) -> ProviderReply:
+        try:
+            raw = await self._client.messages.with_raw_response.create(**arguments)
+            message = await maybe_await(raw.parse())  # async clients return a coroutine here
+        except Exception as exc:  # classify_sdk_error re-raises anything it does not recognise
+            raise classify_sdk_error(exc, self._sdk) from exc
+        text = "".join(getattr(block, "text", "") for block in message.content if block.type == "text")
+        generation = Generation(
+            text=text,
+            finish_reason=_FINISH.get(message.stop_reason or "end_turn", "stop"),
+            prompt_tokens=message.usage.input_tokens,
+            completion_tokens=message.usage.output_tokens,
+        )
+        return ProviderReply(generation, dict(raw.headers))
+
+    async def close_client(self) -> None:
+        await self._client.close()
+
+
+def _conversation(request: ChatRequest) -> list[dict[str, Any]]:
+    """User and assistant turns (system ones go to ``system``), consecutive turns of one speaker merged."""
+    messages: list[dict[str, Any]] = []
+    for message in request.messages:
+        if message.role in ("system", "developer"):
+            continue
+        if message.role not in ("user", "assistant"):
+            raise InvalidRequest(f"messages with role {message.role!r} are not supported for Anthropic models")
+        if messages and messages[-1]["role"] == message.role:
+            messages[-1]["content"] += "\n\n" + message.text()
+        else:
+            messages.append({"role": message.role, "content": message.text()})
+    return messages

@@ -1,0 +1,229 @@
+"""What the OpenAI and Anthropic backends share: keys, concurrency, shared rate limits, retries.
+
+One worker process keeps many requests in flight on its event loop (``max_concurrency``), each going
+through: translate (a bad request fails at once) -> wait for the shared rate limit -> call the provider
+through its official async SDK -> classify failures. 429, 5xx, timeouts, connection errors and malformed
+bodies are retried with exponential backoff and jitter, honouring ``Retry-After``; 4xx errors end at once
+with the provider's message. The attempts a request took are recorded in its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from inferpool._exceptions import ModelLoadError, ProviderError, RequestError
+from inferpool.model_registry.spec import ModelSpec
+from inferpool.settings import Settings
+from inferpool.wire import ChatRequest
+from inferpool.workers.backend import Generation, GenerationOutcome
+from inferpool.workers.ratelimit import RateLimitSpec, SharedRateLimiter, limit_group
+
+_RETRYABLE_STATUS = frozenset({408, 409, 429})
+
+
+class ApiParams(BaseModel):
+    """Registry ``params`` of an API model."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(default=None, description="The provider's model name (default: the registry name).")
+    base_url: str | None = Field(default=None, description="Default: the SDK's (OPENAI_BASE_URL / ANTHROPIC_BASE_URL).")
+    api_key_env: str | None = Field(default=None, description="Variable holding the key (default per provider).")
+    api_key_file: Path | None = Field(default=None, description="A secrets file holding the key, instead.")
+    no_api_key: bool = Field(default=False, description="For local OpenAI-compatible servers that need none.")
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1)
+    backoff_base_s: float = Field(default=0.5, ge=0)
+    backoff_max_s: float = Field(default=30.0, ge=0)
+    max_concurrency: int = Field(default=64, ge=1, description="Requests in flight per worker process.")
+    rate_limit: RateLimitSpec | None = None
+
+
+@dataclass(frozen=True)
+class ApiFailure(Exception):
+    """A provider call that failed; ``retryable`` decides whether it is tried again."""
+
+    message: str
+    retryable: bool
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ProviderReply:
+    generation: Generation
+    headers: Mapping[str, str]
+
+
+def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds from ``Retry-After`` (or ``retry-after-ms``) if the provider sent one."""
+    if not headers:
+        return None
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is not None:
+            try:
+                return max(0.0, float(value) * scale)
+            except ValueError:
+                continue
+    return None
+
+
+def exhausted_limit_seconds(headers: Mapping[str, str]) -> float | None:
+    """If ``x-ratelimit-remaining-requests`` says 0, how long until the reset (OpenAI's ``6m0s`` form)."""
+    if headers.get("x-ratelimit-remaining-requests") != "0":
+        return None
+    reset = headers.get("x-ratelimit-reset-requests", "1s")
+    seconds = 0.0
+    number = ""
+    for char in reset:
+        if char.isdigit() or char == ".":
+            number += char
+            continue
+        unit = {"h": 3600.0, "m": 60.0, "s": 1.0}.get(char)
+        if unit is not None and number:
+            seconds += float(number) * unit
+        number = ""
+    return seconds or 1.0
+
+
+def read_api_key(params: ApiParams, default_env: str) -> str:
+    """The key from the secrets file or the environment; never logged, never sent anywhere but the provider."""
+    if params.no_api_key:
+        return "not-needed"
+    if params.api_key_file is not None:
+        try:
+            key = params.api_key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read the API key file {params.api_key_file}: {exc.strerror}") from exc
+        if not key:
+            raise ModelLoadError(f"the API key file {params.api_key_file} is empty")
+        return key
+    variable = params.api_key_env or default_env
+    key = os.environ.get(variable, "").strip()
+    if not key:
+        raise ModelLoadError(
+            f"no API key: set {variable} (or api_key_env / api_key_file in the model's registry params)"
+        )
+    return key
+
+
+class ApiBackend(ABC):
+    """Base of the API-proxy backends. Subclasses translate requests and call their SDK."""
+
+    name = "api"
+    provider = "api"
+    default_key_env = ""
+
+    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        self.spec = spec
+        try:
+            self.params = ApiParams.model_validate(spec.params)
+        except ValidationError as exc:
+            raise ModelLoadError(f"model {spec.name!r}: invalid {self.name} params: {exc}") from exc
+        self.provider_model = self.params.model or spec.name
+        self._api_key = read_api_key(self.params, self.default_key_env)
+        self._redis_url = settings.redis_url
+        self._limiter: SharedRateLimiter | None = None
+        self._redis: redis.asyncio.Redis | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._rng = random.Random()
+
+    # -- what a provider implements --------------------------------------------------------------------
+
+    @abstractmethod
+    def translate(self, request: ChatRequest) -> dict[str, Any]:
+        """The SDK call's arguments for ``request``; raise ``RequestError`` for what the provider cannot do."""
+
+    @abstractmethod
+    async def call(self, arguments: dict[str, Any]) -> ProviderReply:
+        """Send one request; raise ``ApiFailure`` on failure."""
+
+    @abstractmethod
+    async def close_client(self) -> None: ...
+
+    # -- the shared machinery --------------------------------------------------------------------------
+
+    def _ensure_loop_state(self) -> tuple[asyncio.Semaphore, SharedRateLimiter | None]:
+        """Event-loop bound objects, made on first use inside the worker's backend loop."""
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.params.max_concurrency)
+            if self.params.rate_limit is not None and self._redis_url:
+                self._redis = redis.asyncio.Redis.from_url(self._redis_url)
+                group = limit_group(self.provider, self.params.base_url, self._api_key)
+                self._limiter = SharedRateLimiter(self._redis, group, self.params.rate_limit)
+        return self._semaphore, self._limiter
+
+    async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
+        return list(await asyncio.gather(*(self._serve(request) for request in requests)))
+
+    async def _serve(self, request: ChatRequest) -> GenerationOutcome:
+        try:
+            arguments = self.translate(request)
+        except RequestError as exc:
+            return exc
+        semaphore, limiter = self._ensure_loop_state()
+        estimate = sum(len(m.text()) // 4 for m in request.messages) + (
+            request.output_limit() or self.spec.capabilities.default_max_tokens
+        )
+        async with semaphore:
+            attempt = 0
+            while True:
+                attempt += 1
+                if limiter is not None:
+                    await limiter.acquire(estimate)
+                try:
+                    reply = await self.call(arguments)
+                except ApiFailure as failure:
+                    if failure.retry_after_s and limiter is not None:
+                        await limiter.pause(failure.retry_after_s)
+                    if not failure.retryable or attempt >= self.params.max_attempts:
+                        tries = f"{attempt} attempt{'s' if attempt > 1 else ''}"
+                        return ProviderError(f"{self.provider}: {failure.message} (after {tries})", attempts=attempt)
+                    await asyncio.sleep(self._backoff(attempt, failure.retry_after_s))
+                    continue
+                pause = exhausted_limit_seconds(reply.headers)
+                if pause is not None and limiter is not None:
+                    await limiter.pause(pause)
+                return replace(reply.generation, attempts=attempt)
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential backoff with full jitter, never shorter than the provider's ``Retry-After``."""
+        ceiling = min(self.params.backoff_max_s, self.params.backoff_base_s * 2 ** (attempt - 1))
+        delay = self._rng.uniform(ceiling / 2, ceiling)
+        return max(delay, retry_after or 0.0)
+
+    async def aclose(self) -> None:
+        await self.close_client()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+
+async def maybe_await(value: Any) -> Any:
+    """``value``, awaited if it is awaitable (SDK response helpers differ between versions)."""
+    return await value if inspect.isawaitable(value) else value
+
+
+def classify_sdk_error(exc: Exception, sdk: Any) -> ApiFailure:
+    """Turn an openai/anthropic SDK exception (same Stainless shapes) into an ``ApiFailure``."""
+    if isinstance(exc, sdk.APIStatusError):
+        status = int(exc.status_code)
+        headers = dict(exc.response.headers) if exc.response is not None else {}
+        retryable = status in _RETRYABLE_STATUS or status >= 500
+        return ApiFailure(f"HTTP {status}: {exc.message}", retryable, retry_after_seconds(headers))
+    if isinstance(exc, sdk.APITimeoutError):
+        return ApiFailure("the request timed out", True)
+    if isinstance(exc, sdk.APIConnectionError):
+        return ApiFailure(f"connection error: {exc}", True)
+    if isinstance(exc, sdk.APIResponseValidationError | ValueError):
+        return ApiFailure(f"malformed response body: {exc}", True)
+    raise exc

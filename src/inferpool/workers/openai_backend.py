@@ -1,0 +1,58 @@
+"""OpenAI, and any OpenAI-compatible server (vLLM serve, Ollama, LM Studio, Together...) via ``base_url``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from inferpool.model_registry.spec import ModelSpec
+from inferpool.settings import Settings
+from inferpool.wire import ChatRequest, FinishReason
+from inferpool.workers.api_backend import ApiBackend, ApiFailure, ProviderReply, classify_sdk_error, maybe_await
+from inferpool.workers.backend import Generation
+
+_FINISH: dict[str, FinishReason] = {
+    "stop": "stop", "length": "length", "tool_calls": "tool_calls", "function_call": "tool_calls",
+    "content_filter": "content_filter",
+}  # fmt: skip
+
+
+class OpenAIBackend(ApiBackend):
+    name = "openai"
+    provider = "openai"
+    default_key_env = "OPENAI_API_KEY"
+
+    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        super().__init__(spec, settings)
+        import openai
+
+        self._sdk = openai
+        self._client = openai.AsyncOpenAI(
+            api_key=self._api_key, base_url=self.params.base_url, timeout=self.params.timeout_s, max_retries=0
+        )
+
+    def translate(self, request: ChatRequest) -> dict[str, Any]:
+        body = request.model_dump(exclude_none=True)
+        body["model"] = self.provider_model
+        body.pop("stream", None)
+        return body
+
+    async def call(self, arguments: dict[str, Any]) -> ProviderReply:
+        try:
+            raw = await self._client.chat.completions.with_raw_response.create(**arguments)
+            completion = await maybe_await(raw.parse())  # async clients return a coroutine here
+        except Exception as exc:  # classify_sdk_error re-raises anything it does not recognise
+            raise classify_sdk_error(exc, self._sdk) from exc
+        if not completion.choices:
+            raise ApiFailure("the response has no choices", retryable=True)
+        choice = completion.choices[0]
+        usage = completion.usage
+        generation = Generation(
+            text=choice.message.content or "",
+            finish_reason=_FINISH.get(choice.finish_reason or "stop", "stop"),
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+        )
+        return ProviderReply(generation, dict(raw.headers))
+
+    async def close_client(self) -> None:
+        await self._client.close()

@@ -1,0 +1,89 @@
+"""Rate limits shared by every worker through Redis: a GCRA bucket per provider key, plus a pause.
+
+Each limit (requests, tokens) is a Generic Cell Rate Algorithm bucket kept as one Redis key holding the
+"theoretical arrival time", updated atomically by a Lua script on Redis's clock, so any number of worker
+processes on any number of hosts together stay under the limit. A provider's own signal (429 with
+``Retry-After``, or ``x-ratelimit-remaining-*: 0``) sets a shared pause that every worker honours.
+The pool aims 2% under the configured limit to absorb network jitter between Redis and the provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import redis.asyncio
+from pydantic import BaseModel, ConfigDict, Field
+
+from inferpool.constants import KEY_PREFIX
+
+#: Fraction of the configured limit the pool actually uses.
+HEADROOM = 0.98
+
+# KEYS[1]: the bucket, KEYS[2]: the shared pause. ARGV: ms per unit, units wanted, tolerance ms.
+# Returns 0 when admitted (and charges the bucket), else the milliseconds to wait before asking again.
+_ACQUIRE = """
+local pause = redis.call('PTTL', KEYS[2])
+if pause > 0 then
+  return pause
+end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then
+  tat = now
+end
+local wait = tat - now - tonumber(ARGV[3])
+if wait > 0 then
+  return math.ceil(wait)
+end
+local new_tat = tat + tonumber(ARGV[1]) * tonumber(ARGV[2])
+redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 60000)
+return 0
+"""
+
+
+class RateLimitSpec(BaseModel):
+    """Limits of one provider key: requests and/or tokens per window of ``per_s`` seconds."""
+
+    model_config = ConfigDict(extra="forbid")
+    requests: int | None = Field(default=None, gt=0)
+    tokens: int | None = Field(default=None, gt=0)
+    per_s: float = Field(default=60.0, gt=0)
+
+
+def limit_group(provider: str, base_url: str | None, api_key: str) -> str:
+    """A stable name for one provider key that does not reveal the key."""
+    digest = hashlib.sha256(f"{provider}|{base_url or ''}|{api_key}".encode()).hexdigest()[:16]
+    return f"{provider}-{digest}"
+
+
+class SharedRateLimiter:
+    """Waits for a slot under the limits of one provider key, shared through Redis."""
+
+    def __init__(self, client: redis.asyncio.Redis, group: str, spec: RateLimitSpec) -> None:
+        self._client = client
+        self._spec = spec
+        self._script = client.register_script(_ACQUIRE)
+        prefix = f"{KEY_PREFIX}ratelimit:{group}"
+        self._pause_key = f"{prefix}:pause"
+        self._buckets: list[tuple[str, float, bool]] = []  # (key, ms per unit, charged by tokens?)
+        if spec.requests:
+            self._buckets.append((f"{prefix}:requests", spec.per_s * 1000 / (spec.requests * HEADROOM), False))
+        if spec.tokens:
+            self._buckets.append((f"{prefix}:tokens", spec.per_s * 1000 / (spec.tokens * HEADROOM), True))
+
+    async def acquire(self, tokens: int) -> None:
+        """Return once a request of about ``tokens`` tokens may be sent."""
+        for key, ms_per_unit, by_tokens in self._buckets:
+            units = max(1, tokens) if by_tokens else 1
+            while True:
+                wait_ms = int(await self._script(keys=[key, self._pause_key], args=[ms_per_unit, units, 0]))
+                if wait_ms <= 0:
+                    break
+                await asyncio.sleep(wait_ms / 1000)
+
+    async def pause(self, seconds: float) -> None:
+        """Hold every worker of this key for ``seconds`` (a provider said it is over its limit)."""
+        if seconds > 0:
+            await self._client.set(self._pause_key, "1", px=max(1, int(seconds * 1000)))
