@@ -1,8 +1,9 @@
 """Rate limits shared by every worker through Redis: a GCRA bucket per provider key, plus a pause.
 
 Each limit (requests, tokens) is a Generic Cell Rate Algorithm bucket kept as one Redis key holding the
-"theoretical arrival time", updated atomically by a Lua script on Redis's clock, so any number of worker
-processes on any number of hosts together stay under the limit. A provider's own signal (429 with
+"theoretical arrival time", updated atomically by a Lua script on Redis's clock: each caller reserves the
+next slot and sleeps until it, so any number of worker processes on any number of hosts together stay
+under the limit, with requests evenly spaced (no bursts). A provider's own signal (429 with
 ``Retry-After``, or ``x-ratelimit-remaining-*: 0``) sets a shared pause that every worker honours.
 The pool aims 2% under the configured limit to absorb network jitter between Redis and the provider.
 """
@@ -20,12 +21,14 @@ from inferpool.constants import KEY_PREFIX
 #: Fraction of the configured limit the pool actually uses.
 HEADROOM = 0.98
 
-# KEYS[1]: the bucket, KEYS[2]: the shared pause. ARGV: ms per unit, units wanted, tolerance ms.
-# Returns 0 when admitted (and charges the bucket), else the milliseconds to wait before asking again.
+# KEYS[1]: the bucket, KEYS[2]: the shared pause. ARGV: ms per unit, units wanted.
+# Returns {1, ms}: a slot is reserved ms from now (0: go now), or {0, ms}: paused, ask again in ms.
+# Reserving (rather than answering "not yet" and letting callers poll) keeps strict spacing without a
+# thundering herd of waiters re-asking Redis every time a slot frees.
 _ACQUIRE = """
 local pause = redis.call('PTTL', KEYS[2])
 if pause > 0 then
-  return pause
+  return {0, pause}
 end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -33,13 +36,9 @@ local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then
   tat = now
 end
-local wait = tat - now - tonumber(ARGV[3])
-if wait > 0 then
-  return math.ceil(wait)
-end
 local new_tat = tat + tonumber(ARGV[1]) * tonumber(ARGV[2])
 redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 60000)
-return 0
+return {1, math.ceil(tat - now)}
 """
 
 
@@ -78,10 +77,11 @@ class SharedRateLimiter:
         for key, ms_per_unit, by_tokens in self._buckets:
             units = max(1, tokens) if by_tokens else 1
             while True:
-                wait_ms = int(await self._script(keys=[key, self._pause_key], args=[ms_per_unit, units, 0]))
-                if wait_ms <= 0:
+                reserved, wait_ms = await self._script(keys=[key, self._pause_key], args=[ms_per_unit, units])
+                if int(wait_ms) > 0:
+                    await asyncio.sleep(int(wait_ms) / 1000)
+                if int(reserved):
                     break
-                await asyncio.sleep(wait_ms / 1000)
 
     async def pause(self, seconds: float) -> None:
         """Hold every worker of this key for ``seconds`` (a provider said it is over its limit)."""
