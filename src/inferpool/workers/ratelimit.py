@@ -5,7 +5,8 @@ Each limit (requests, tokens) is a Generic Cell Rate Algorithm bucket kept as on
 next slot and sleeps until it, so any number of worker processes on any number of hosts together stay
 under the limit, with requests evenly spaced (no bursts). A provider's own signal (429 with
 ``Retry-After``, or ``x-ratelimit-remaining-*: 0``) sets a shared pause that every worker honours.
-The pool aims 2% under the configured limit to absorb network jitter between Redis and the provider.
+Requests are spaced over each window plus a little slack (``window_slack_s``) to absorb jitter between
+Redis and the provider, so the pool runs a few percent under the configured limit.
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from inferpool.constants import KEY_PREFIX
 
-#: Fraction of the configured limit the pool actually uses.
-HEADROOM = 0.98
+
+def window_slack_s(per_s: float) -> float:
+    """Slack added to a limit's window (2%, at least 0.25 s), so network and scheduling jitter between
+    Redis and the provider never packs one request too many into one of the provider's windows."""
+    return max(0.02 * per_s, 0.25)
+
 
 # KEYS[1]: the bucket, KEYS[2]: the shared pause. ARGV: ms per unit, units wanted.
 # Returns {1, ms}: a slot is reserved ms from now (0: go now), or {0, ms}: paused, ask again in ms.
@@ -67,10 +72,11 @@ class SharedRateLimiter:
         prefix = f"{KEY_PREFIX}ratelimit:{group}"
         self._pause_key = f"{prefix}:pause"
         self._buckets: list[tuple[str, float, bool]] = []  # (key, ms per unit, charged by tokens?)
+        window_ms = (spec.per_s + window_slack_s(spec.per_s)) * 1000
         if spec.requests:
-            self._buckets.append((f"{prefix}:requests", spec.per_s * 1000 / (spec.requests * HEADROOM), False))
+            self._buckets.append((f"{prefix}:requests", window_ms / spec.requests, False))
         if spec.tokens:
-            self._buckets.append((f"{prefix}:tokens", spec.per_s * 1000 / (spec.tokens * HEADROOM), True))
+            self._buckets.append((f"{prefix}:tokens", window_ms / spec.tokens, True))
 
     async def acquire(self, tokens: int) -> None:
         """Return once a request of about ``tokens`` tokens may be sent."""
