@@ -7,7 +7,8 @@ process), each way in the same run:
 - the openai SDK called directly from one process, 64 in flight (the baseline; no pool);
 - optionally LiteLLM's Router the same way (``--litellm-python`` names a Python that has litellm);
 - inferpool: a batch job through a local pool (private Redis, scheduler, one worker process), unlimited;
-  ideal = N x LATENCY / 64;
+  ideal = N x LATENCY / 64 (CPU-bound on 2 cores: the SDK costs ~3-4 ms of CPU per request);
+- the same with 16 in flight: ideal = N x LATENCY / 16 (not CPU-bound);
 - inferpool with a shared limit of 1000 requests per 10 s; ideal = N / 100 per second.
 The emulator counts every request it receives and every one over the limit (a violation).
 """
@@ -119,6 +120,9 @@ def main() -> None:
         rows["inferpool, no limit, 1 worker"] = run_job("bench-gpt", args.requests, emulator)
         for row in rows.values():
             row["ideal_s"] = unlimited_ideal
+        sixteen = run_job("bench-gpt-16", args.requests, emulator)
+        sixteen["ideal_s"] = args.requests * args.latency / 16
+        rows["inferpool, no limit, 16 in flight"] = sixteen
         limited = run_job("bench-gpt-limited", args.requests, emulator)
         limited["ideal_s"] = args.requests / (LIMIT_REQUESTS / LIMIT_PER_S)
         rows[f"inferpool, limit {LIMIT_REQUESTS} req/{LIMIT_PER_S:g} s"] = limited

@@ -22,7 +22,7 @@ from typing import Any
 import redis.asyncio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from inferpool._exceptions import ModelLoadError, ProviderError, RequestError
+from inferpool._exceptions import InvalidRequest, ModelLoadError, ProviderError, RequestError
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
 from inferpool.wire import ChatRequest
@@ -168,6 +168,11 @@ class ApiBackend(ABC):
 
     async def _serve(self, request: ChatRequest) -> GenerationOutcome:
         try:
+            if request.tools:
+                # Results carry text only so far; a tool call would come back empty. Refuse, don't drop.
+                raise InvalidRequest(
+                    "tool calls are not supported through inferpool yet; send the request without tools"
+                )
             arguments = self.translate(request)
         except RequestError as exc:
             return exc
