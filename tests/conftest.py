@@ -70,8 +70,12 @@ def settings(redis_url: str) -> Settings:
     return Settings(redis_url=redis_url)
 
 
-def _start_workers(redis_url: str, session_dir: Path, *models: str) -> list[WorkerProcess]:
-    workers = [start_worker_process(m, redis_url, session_dir / f"worker-{m}.log") for m in models]
+def _start_workers(
+    redis_url: str, session_dir: Path, *models: str, env: dict[str, str] | None = None
+) -> list[WorkerProcess]:
+    workers = [
+        start_worker_process(m, redis_url, session_dir / f"worker-{m}-{i}.log", env=env) for i, m in enumerate(models)
+    ]
     client = redis.Redis.from_url(redis_url)
     try:
         wait_for_workers(client, workers, WORKER_START_TIMEOUT_S)
@@ -147,15 +151,7 @@ def api_worker_env(emulator: ProviderEmulator) -> dict[str, str]:
 def api_workers(redis_url: str, session_dir: Path, api_worker_env: dict[str, str]) -> Iterator[list[WorkerProcess]]:
     """Workers for the emulated API models; two share emu-gpt-limited's rate limit."""
     models = ["emu-gpt", "emu-claude", "emu-gpt-limited", "emu-gpt-limited", "emu-gpt-badkey"]
-    workers = [
-        start_worker_process(m, redis_url, session_dir / f"worker-{m}-{i}.log", env=api_worker_env)
-        for i, m in enumerate(models)
-    ]
-    client = redis.Redis.from_url(redis_url)
-    try:
-        wait_for_workers(client, workers, WORKER_START_TIMEOUT_S)
-    finally:
-        client.close()
+    workers = _start_workers(redis_url, session_dir, *models, env=api_worker_env)
     yield workers
     _stop_workers(workers)
 
