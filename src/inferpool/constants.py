@@ -74,3 +74,15 @@ def job_inflight_since_key(job_id: str) -> str:
 def job_usage_key(job_id: str) -> str:
     """Hash of a job's usage counters, ``<model>|<counter>`` -> value, counted once per result."""
     return f"{KEY_PREFIX}job:{job_id}:usage"
+
+
+#: Tenant of requests that name none (no ``user`` field, no client tenant).
+DEFAULT_TENANT = "default"
+
+#: How long per-day usage counters are kept.
+USAGE_RETENTION_S = 400 * 86400
+
+
+def usage_day_key(day: str) -> str:
+    """Hash of one UTC day's usage, ``<tenant>|<model>|<counter>`` -> value (``day`` as YYYY-MM-DD)."""
+    return f"{KEY_PREFIX}usage:{day}"

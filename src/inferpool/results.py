@@ -8,36 +8,41 @@ therefore never yields two results or counts anything twice.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.client import Pipeline
 
 from inferpool.constants import (
+    DEFAULT_TENANT,
     MODEL_INFLIGHT_KEY,
+    USAGE_RETENTION_S,
     job_completed_stream_key,
     job_inflight_key,
     job_inflight_since_key,
     job_key,
     job_usage_key,
     result_key,
+    usage_day_key,
 )
 from inferpool.usage import latency_bucket
 from inferpool.wire import RequestResult
 
 _WRITE_ONCE = """
 -- KEYS: job hash, job completed stream, job in-flight hash, per-model in-flight hash, job usage hash,
---       job in-flight-since sorted set
--- ARGV: ttl, result key prefix, model, '1' for batch-job results, then one record per result:
---       request_id TAB completed|failed TAB prompt_tokens TAB completion_tokens TAB cost TAB latency bucket TAB json
+--       job in-flight-since sorted set, the day's usage hash
+-- ARGV: ttl, result key prefix, model, '1' for batch-job results, tenant, usage ttl, then one record per
+--       result: request_id TAB completed|failed TAB prompt_tokens TAB completion_tokens TAB cost TAB
+--       latency bucket TAB json
 -- Returns the 0-based positions of the records whose request already had a result (not written again).
-local ttl, prefix, model, is_job = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1'
+local ttl, prefix, model, is_job, tenant, usage_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1', ARGV[5], ARGV[6]
+local first = 7
 local duplicates = {}
 local completed, failed, settled, prompt, completion, cost = 0, 0, 0, 0, 0, 0
 local buckets = {}
-for i = 5, #ARGV do
+for i = first, #ARGV do
   local record = ARGV[i]
   local fields, pos = {}, 1
   for f = 1, 6 do
@@ -48,38 +53,44 @@ for i = 5, #ARGV do
   local rid = fields[1]
   local key = prefix .. rid
   if redis.call('SET', key, string.sub(record, pos), 'NX', 'EX', ttl) then
+    if fields[2] == 'completed' then completed = completed + 1 else failed = failed + 1 end
+    prompt = prompt + tonumber(fields[3])
+    completion = completion + tonumber(fields[4])
+    cost = cost + tonumber(fields[5])
+    if fields[6] ~= '' then buckets[fields[6]] = (buckets[fields[6]] or 0) + 1 end
     if is_job then
       redis.call('XADD', KEYS[2], '*', 'rid', rid)
-      if fields[2] == 'completed' then completed = completed + 1 else failed = failed + 1 end
       settled = settled + redis.call('HDEL', KEYS[3], rid)
       redis.call('ZREM', KEYS[6], rid)
-      prompt = prompt + tonumber(fields[3])
-      completion = completion + tonumber(fields[4])
-      cost = cost + tonumber(fields[5])
-      if fields[6] ~= '' then buckets[fields[6]] = (buckets[fields[6]] or 0) + 1 end
     else
       redis.call('RPUSH', key .. ':notify', '1')
       redis.call('EXPIRE', key .. ':notify', ttl)
     end
   else
-    duplicates[#duplicates + 1] = i - 5
+    duplicates[#duplicates + 1] = i - first
+  end
+end
+local function count_usage(hash, m)
+  redis.call('HINCRBY', hash, m .. 'requests', completed + failed)
+  redis.call('HINCRBY', hash, m .. 'errors', failed)
+  redis.call('HINCRBY', hash, m .. 'prompt_tokens', prompt)
+  redis.call('HINCRBY', hash, m .. 'completion_tokens', completion)
+  redis.call('HINCRBYFLOAT', hash, m .. 'cost_usd', string.format('%.17g', cost))
+  for bucket, n in pairs(buckets) do
+    redis.call('HINCRBY', hash, m .. 'latency|' .. bucket, n)
   end
 end
 if completed + failed > 0 then
-  local m = model .. '|'
-  redis.call('HINCRBY', KEYS[1], 'completed', completed)
-  redis.call('HINCRBY', KEYS[1], 'failed', failed)
-  if settled > 0 then redis.call('HINCRBY', KEYS[4], model, -settled) end
-  redis.call('HINCRBY', KEYS[5], m .. 'requests', completed + failed)
-  redis.call('HINCRBY', KEYS[5], m .. 'errors', failed)
-  redis.call('HINCRBY', KEYS[5], m .. 'prompt_tokens', prompt)
-  redis.call('HINCRBY', KEYS[5], m .. 'completion_tokens', completion)
-  redis.call('HINCRBYFLOAT', KEYS[5], m .. 'cost_usd', string.format('%.17g', cost))
-  for bucket, n in pairs(buckets) do
-    redis.call('HINCRBY', KEYS[5], m .. 'latency|' .. bucket, n)
-  end
-  for k = 1, 6 do
-    if k ~= 4 then redis.call('EXPIRE', KEYS[k], ttl) end
+  count_usage(KEYS[7], tenant .. '|' .. model .. '|')
+  redis.call('EXPIRE', KEYS[7], usage_ttl)
+  if is_job then
+    redis.call('HINCRBY', KEYS[1], 'completed', completed)
+    redis.call('HINCRBY', KEYS[1], 'failed', failed)
+    if settled > 0 then redis.call('HINCRBY', KEYS[4], model, -settled) end
+    count_usage(KEYS[5], model .. '|')
+    for k = 1, 6 do
+      if k ~= 4 then redis.call('EXPIRE', KEYS[k], ttl) end
+    end
   end
 end
 return duplicates
@@ -111,6 +122,7 @@ class ResultRecord:
     cost_usd: float
     latency_s: float | None
     payload: str
+    tenant: str = DEFAULT_TENANT
 
     @classmethod
     def of(cls, result: RequestResult) -> ResultRecord:
@@ -123,6 +135,7 @@ class ResultRecord:
             cost_usd=stats.cost_usd if stats else 0.0,
             latency_s=stats.latency_s if stats else None,
             payload=result.model_dump_json(exclude_none=True),
+            tenant=result.tenant or DEFAULT_TENANT,
         )
 
     def encode(self) -> str:
@@ -154,41 +167,43 @@ class ResultWriter:
         return self.write_many([(result, model)], ttl_s)[0]
 
     def write_many(self, results: Sequence[tuple[RequestResult, str | None]], ttl_s: int) -> list[bool]:
-        """``write`` for many (result, model) pairs; one Lua call per (job, model) group, one round trip."""
-        groups: dict[tuple[str, str], list[int]] = {}
-        for index, (result, model) in enumerate(results):
-            name = model or (result.stats.model if result.stats else NO_MODEL)
-            groups.setdefault((result.job_id or "", name), []).append(index)
-        if not groups:
-            return []
-        pipe = self._client.pipeline(transaction=False)
-        for (job_id, model), indexes in groups.items():
-            self._queue(pipe, job_id, model, [ResultRecord.of(results[i][0]) for i in indexes], ttl_s)
-        written = [True] * len(results)
-        for indexes, duplicates in zip(groups.values(), pipe.execute(), strict=True):
-            for position in duplicates:
-                written[indexes[position]] = False
-        return written
+        """``write`` for many (result, model) pairs, in one round trip."""
+        records = [ResultRecord.of(result) for result, _ in results]
+        keys = [
+            (result.job_id or "", model or (result.stats.model if result.stats else NO_MODEL))
+            for result, model in results
+        ]
+        return self._write_grouped(records, keys, ttl_s)
 
     def write_records(self, job_id: str | None, model: str, records: Sequence[ResultRecord], ttl_s: int) -> list[bool]:
         """Store records of one job (or none) and one model; True for each one this call stored.
 
         The workers' hot path: no ``RequestResult`` object is built or validated on the way.
         """
-        if not records:
-            return []
-        pipe = self._client.pipeline(transaction=False)
-        self._queue(pipe, job_id or "", model, records, ttl_s)
-        written = [True] * len(records)
-        for position in pipe.execute()[0]:
-            written[position] = False
-        return written
+        return self._write_grouped(records, [(job_id or "", model)] * len(records), ttl_s)
 
-    def _queue(self, pipe: Pipeline, job_id: str, model: str, records: Sequence[ResultRecord], ttl_s: int) -> None:
-        keys = [job_key(job_id), job_completed_stream_key(job_id), job_inflight_key(job_id), MODEL_INFLIGHT_KEY,
-                job_usage_key(job_id), job_inflight_since_key(job_id)]  # fmt: skip
-        args = [ttl_s, _RESULT_PREFIX, model, "1" if job_id else "", *(record.encode() for record in records)]
-        self._write(keys=keys, args=args, client=pipe)
+    def _write_grouped(
+        self, records: Sequence[ResultRecord], targets: Sequence[tuple[str, str]], ttl_s: int
+    ) -> list[bool]:
+        """One script call per (job, model, tenant) group, all in one pipeline; True where a record was stored."""
+        groups: dict[tuple[str, str, str], list[int]] = {}
+        for index, ((job_id, model), record) in enumerate(zip(targets, records, strict=True)):
+            groups.setdefault((job_id, model, record.tenant), []).append(index)
+        if not groups:
+            return []
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        pipe = self._client.pipeline(transaction=False)
+        for (job_id, model, tenant), indexes in groups.items():
+            keys = [job_key(job_id), job_completed_stream_key(job_id), job_inflight_key(job_id), MODEL_INFLIGHT_KEY,
+                    job_usage_key(job_id), job_inflight_since_key(job_id), usage_day_key(day)]  # fmt: skip
+            args = [ttl_s, _RESULT_PREFIX, model, "1" if job_id else "", tenant, USAGE_RETENTION_S,
+                    *(records[i].encode() for i in indexes)]  # fmt: skip
+            self._write(keys=keys, args=args, client=pipe)
+        written = [True] * len(records)
+        for indexes, duplicates in zip(groups.values(), pipe.execute(), strict=True):
+            for position in duplicates:
+                written[indexes[position]] = False
+        return written
 
     def existing(self, request_ids: Sequence[str]) -> set[str]:
         """Which of ``request_ids`` already have a result (so a redelivered chunk skips them)."""

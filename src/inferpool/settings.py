@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     )
     heartbeat_ttl_s: int = Field(default=15, gt=1, description="Seconds a worker heartbeat lives.")
     log_level: str = Field(default="INFO")
+    tenant: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$",
+        description="Whom this client's usage is counted for (else each request's `user`, else 'default').",
+    )
     batch_max_lines: int = Field(default=1_000_000, gt=0, description="Most lines one batch job may have.")
     batch_max_bytes: int = Field(default=2 * 1024**3, gt=0, description="Largest batch input file, in bytes.")
     batch_max_line_bytes: int = Field(default=1_000_000, gt=0, description="Largest single batch line.")

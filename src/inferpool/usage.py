@@ -26,6 +26,7 @@ def latency_bucket(seconds: float) -> str:
 
 class ModelUsage(BaseModel):
     model: str
+    tenant: str | None = None
     requests: int = 0
     errors: int = 0
     prompt_tokens: int = 0
@@ -82,21 +83,43 @@ def _histogram_percentile(histogram: Mapping[float, int], q: float) -> float | N
     return max(histogram)
 
 
-def usage_from_counters(counters: Mapping[str, str]) -> list[ModelUsage]:
-    """Per-model usage from a job's ``<model>|<counter>`` hash (see ``inferpool.results``)."""
-    rows: dict[str, ModelUsage] = {}
-    histograms: dict[str, dict[float, int]] = {}
+def usage_from_counters(counters: Mapping[str, str], *, by_tenant: bool = False) -> list[ModelUsage]:
+    """Usage rows from a counters hash: ``<model>|<counter>`` (a job's), or with ``by_tenant``
+    ``<tenant>|<model>|<counter>`` (a day's); see ``inferpool.results``."""
+    rows: dict[tuple[str | None, str], ModelUsage] = {}
+    histograms: dict[tuple[str | None, str], dict[float, int]] = {}
     for field, value in counters.items():
+        tenant: str | None = None
+        if by_tenant:
+            tenant, _, field = field.partition("|")
         model, _, counter = field.partition("|")
-        row = rows.setdefault(model, ModelUsage(model=model))
+        key = (tenant, model)
+        row = rows.setdefault(key, ModelUsage(model=model, tenant=tenant))
         if counter.startswith("latency|"):
-            bound = float(counter.removeprefix("latency|"))
-            histograms.setdefault(model, {})[bound] = int(value)
+            histograms.setdefault(key, {})[float(counter.removeprefix("latency|"))] = int(value)
         elif counter == "cost_usd":
             row.cost_usd = float(value)
         elif counter in ("requests", "errors", "prompt_tokens", "completion_tokens"):
             setattr(row, counter, int(value))
-    for model, histogram in histograms.items():
-        rows[model].latency_p50_s = _histogram_percentile(histogram, 0.50)
-        rows[model].latency_p95_s = _histogram_percentile(histogram, 0.95)
-    return sorted(rows.values(), key=lambda r: r.model)
+    for key, histogram in histograms.items():
+        rows[key].latency_p50_s = _histogram_percentile(histogram, 0.50)
+        rows[key].latency_p95_s = _histogram_percentile(histogram, 0.95)
+    return sorted(rows.values(), key=lambda r: (r.tenant or "", r.model))
+
+
+def merge_usage(rows: Iterable[ModelUsage]) -> list[ModelUsage]:
+    """Add up rows of the same (tenant, model), e.g. several days. Percentiles are not additive: the
+    merged row keeps the largest p50/p95 of its parts (an upper bound)."""
+    merged: dict[tuple[str | None, str], ModelUsage] = {}
+    for row in rows:
+        key = (row.tenant, row.model)
+        if key not in merged:
+            merged[key] = row.model_copy()
+            continue
+        total = merged[key]
+        for name in ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_usd"):
+            setattr(total, name, getattr(total, name) + getattr(row, name))
+        for name in ("latency_p50_s", "latency_p95_s"):
+            values = [v for v in (getattr(total, name), getattr(row, name)) if v is not None]
+            setattr(total, name, max(values) if values else None)
+    return sorted(merged.values(), key=lambda r: (r.tenant or "", r.model))

@@ -192,6 +192,7 @@ class RequestResult(BaseModel):
     request_id: str
     custom_id: str | None = None
     job_id: str | None = None
+    tenant: str | None = None
     response: ChatCompletion | None = None
     error: ErrorInfo | None = None
     stats: ServingStats | None = None
@@ -217,10 +218,11 @@ class RequestResult(BaseModel):
 
 
 class TaskItem(BaseModel):
-    """One request inside a chunk, with the id its result is stored under."""
+    """One request inside a chunk, with the id its result is stored under and whom usage is counted for."""
 
     request_id: str
     custom_id: str | None = None
+    tenant: str | None = None
     request: ChatRequest
 
 

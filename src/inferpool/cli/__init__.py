@@ -9,6 +9,7 @@ from inferpool.cli._common import InferpoolGroup
 from inferpool.cli.batch import batch
 from inferpool.cli.models import models
 from inferpool.cli.scheduler import scheduler
+from inferpool.cli.stats import stats
 from inferpool.cli.worker import worker
 
 
@@ -28,6 +29,7 @@ def main() -> None:
 main.add_command(batch)
 main.add_command(models)
 main.add_command(scheduler)
+main.add_command(stats)
 main.add_command(worker)
 
 __all__ = ["main"]

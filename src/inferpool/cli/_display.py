@@ -60,13 +60,19 @@ def eta_seconds(job: BatchJob) -> float | None:
 
 def usage_table(title: str, rows: list[ModelUsage]) -> Table:
     table = Table(title=title)
-    for column in ("model", "requests", "errors", "prompt tok", "completion tok", "cost $", "p50 s", "p95 s"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+    with_tenant = any(row.tenant is not None for row in rows)
+    columns = ("tenant",) * with_tenant + ("model", "requests", "errors", "prompt tok", "completion tok", "cost $",
+                                           "p50 s", "p95 s")  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("model", "tenant") else "right")
     for row in rows:
-        table.add_row(row.model, str(row.requests), str(row.errors), str(row.prompt_tokens),
-                      str(row.completion_tokens), f"{row.cost_usd:.6f}",
-                      f"{row.latency_p50_s:g}" if row.latency_p50_s is not None else "-",
-                      f"{row.latency_p95_s:g}" if row.latency_p95_s is not None else "-")  # fmt: skip
+        cells = [
+            row.model, str(row.requests), str(row.errors), str(row.prompt_tokens), str(row.completion_tokens),
+            f"{row.cost_usd:.6f}",
+            f"{row.latency_p50_s:g}" if row.latency_p50_s is not None else "-",
+            f"{row.latency_p95_s:g}" if row.latency_p95_s is not None else "-",
+        ]  # fmt: skip
+        table.add_row(*([row.tenant or ""] if with_tenant else []), *cells)
     return table
 
 

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
 
-from inferpool._exceptions import InvalidRequest
+from inferpool._exceptions import ConfigurationError, InvalidRequest
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.scheduler.batch_input import describe_validation_error
 from inferpool.scheduler.router import Route, Router
 from inferpool.settings import Settings
 from inferpool.wire import ChatMessage, ChatRequest, TaskChunk, TaskItem, new_id
+
+_TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 
 RequestLike = ChatRequest | Mapping[str, Any]
 MessagesLike = Sequence[ChatMessage | Mapping[str, Any]]
@@ -41,14 +44,27 @@ def build_chat_request(model: str, messages: MessagesLike, params: Mapping[str, 
 class ClientBase:
     """Settings, registry and router shared by the sync and async clients."""
 
-    def __init__(self, redis_url: str | None, settings: Settings | None, registry: Registry | None) -> None:
+    def __init__(
+        self, redis_url: str | None, settings: Settings | None, registry: Registry | None, tenant: str | None = None
+    ) -> None:
         settings = settings or Settings()
         if redis_url is not None:
             settings = settings.with_redis_url(redis_url)
+        if tenant is not None:
+            if not _TENANT_NAME.match(tenant):
+                raise ConfigurationError(f"tenant {tenant!r}: use letters, digits, '.', '_', '@', '-' (max 128)")
+            settings = settings.model_copy(update={"tenant": tenant})
         self.settings = settings
         self.redis_url = settings.require_redis_url()
         self.registry = registry or Registry.load(settings.registry)
         self.router = Router(self.registry)
+
+    def tenant_for(self, request: ChatRequest) -> str | None:
+        """The client's tenant, else the request's ``user`` (when it is a usable name)."""
+        if self.settings.tenant:
+            return self.settings.tenant
+        user = request.user
+        return user if user and _TENANT_NAME.match(user) else None
 
     def route(self, request: ChatRequest) -> Route:
         return self.router.route(request)
@@ -61,5 +77,8 @@ class ClientBase:
         job_id: str | None = None,
     ) -> TaskChunk:
         """One task carrying ``requests`` (each with its optional custom_id) for model ``spec``."""
-        items = [TaskItem(request_id=new_id("req"), custom_id=cid, request=req) for req, cid in requests]
+        items = [
+            TaskItem(request_id=new_id("req"), custom_id=cid, tenant=self.tenant_for(req), request=req)
+            for req, cid in requests
+        ]
         return TaskChunk(job_id=job_id, model=spec.name, items=items, result_ttl_s=self.settings.result_ttl_s)

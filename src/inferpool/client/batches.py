@@ -24,7 +24,7 @@ from inferpool.jobstore import BatchJob, JobStore
 from inferpool.scheduler.batch_input import AcceptedLine, BatchLineParser
 from inferpool.scheduler.router import Router
 from inferpool.settings import Settings
-from inferpool.wire import BatchOutputLine, RequestResult, TaskItem, new_id
+from inferpool.wire import BatchOutputLine, ChatRequest, RequestResult, TaskItem, new_id
 
 #: Called with the job's latest state while ``wait`` polls.
 JobProgressCallback = Callable[[BatchJob], None]
@@ -98,9 +98,16 @@ def _still_running(job: BatchJob, timeout: float | None) -> ResultTimeout:
 class Batches:
     """Batch jobs through one client's Redis. Reached as ``client.batches``."""
 
-    def __init__(self, redis_client: redis.Redis, settings: Settings, router: Router) -> None:
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        settings: Settings,
+        router: Router,
+        tenant_for: Callable[[ChatRequest], str | None] = lambda _: None,
+    ) -> None:
         self._settings = settings
         self._router = router
+        self._tenant_for = tenant_for
         self._store = JobStore(redis_client, settings.result_ttl_s)
 
     def create(
@@ -149,11 +156,12 @@ class Batches:
                 if request.model != parsed.spec.name:  # an alias: queue under the canonical name
                     request = request.model_copy(update={"model": parsed.spec.name})
                 pending.append(TaskItem.model_construct(request_id=new_id("req"), custom_id=parsed.custom_id,
+                                                        tenant=self._tenant_for(request),
                                                         request=request))  # fmt: skip  # all parts validated
                 models.add(parsed.spec.name)
             else:
                 rejected.append(RequestResult(request_id=new_id("req"), custom_id=parsed.custom_id, job_id=job_id,
-                                              error=parsed.error))  # fmt: skip
+                                              tenant=settings.tenant, error=parsed.error))  # fmt: skip
             if len(pending) + len(rejected) >= _FLUSH_EVERY:
                 self._flush(job_id, pending, rejected, models)
         self._flush(job_id, pending, rejected, models)

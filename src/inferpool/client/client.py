@@ -6,6 +6,7 @@ Both share ``ClientBase`` (routing, task building); they differ only in how they
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from collections.abc import Generator
 from types import TracebackType
@@ -23,6 +24,8 @@ from inferpool.model_registry.registry import Registry
 from inferpool.redis_connection import connect_redis, connect_redis_async
 from inferpool.results import parse_result
 from inferpool.settings import Settings
+from inferpool.stats import read_usage
+from inferpool.usage import ModelUsage
 from inferpool.wire import ChatCompletion, RequestResult
 
 #: Longest single blocking wait; waiters re-check the result key at least this often.
@@ -90,12 +93,17 @@ class Client(ClientBase):
     """Synchronous client. ``redis_url`` defaults to ``REDIS_URL``."""
 
     def __init__(
-        self, redis_url: str | None = None, *, settings: Settings | None = None, registry: Registry | None = None
+        self,
+        redis_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        registry: Registry | None = None,
+        tenant: str | None = None,
     ) -> None:
-        super().__init__(redis_url, settings, registry)
+        super().__init__(redis_url, settings, registry, tenant)
         self.redis: redis.Redis = connect_redis(self.redis_url)
         self.celery = create_celery_app(self.settings)
-        self.batches = Batches(self.redis, self.settings, self.router)
+        self.batches = Batches(self.redis, self.settings, self.router, self.tenant_for)
 
     def submit(self, request: RequestLike, *, custom_id: str | None = None) -> ResultHandle:
         """Queue one request and return at once. Raises ``InvalidRequest``/``ModelNotFound`` before queueing."""
@@ -114,6 +122,19 @@ class Client(ClientBase):
     def handle(self, request_id: str) -> ResultHandle:
         """A handle for a request submitted earlier, possibly by another process."""
         return ResultHandle(self, request_id)
+
+    def usage(
+        self,
+        since: dt.date | None = None,
+        until: dt.date | None = None,
+        *,
+        model: str | None = None,
+        tenant: str | None = None,
+    ) -> list[ModelUsage]:
+        """Usage per tenant and model over UTC days ``since``..``until`` (default: today), every request
+        counted once (batch and single requests alike). A job's own usage is ``batches.retrieve(id).usage``."""
+        today = dt.datetime.now(dt.UTC).date()
+        return read_usage(self.redis, since or today, until, model=model, tenant=tenant)
 
     def wait_result(self, request_id: str, timeout: float | None = None) -> RequestResult:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -142,20 +163,30 @@ class AsyncClient(ClientBase):
     """asyncio client: ``client = await AsyncClient.connect()``, or ``async with AsyncClient() as client``."""
 
     def __init__(
-        self, redis_url: str | None = None, *, settings: Settings | None = None, registry: Registry | None = None
+        self,
+        redis_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        registry: Registry | None = None,
+        tenant: str | None = None,
     ) -> None:
-        super().__init__(redis_url, settings, registry)
+        super().__init__(redis_url, settings, registry, tenant)
         self._redis: redis.asyncio.Redis | None = None
         self.celery = create_celery_app(self.settings)
         # Batch job calls run the sync implementation in threads, on a sync connection pool of their own.
         self._sync_redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
-        self.batches = AsyncBatches(Batches(self._sync_redis, self.settings, self.router))
+        self.batches = AsyncBatches(Batches(self._sync_redis, self.settings, self.router, self.tenant_for))
 
     @classmethod
     async def connect(
-        cls, redis_url: str | None = None, *, settings: Settings | None = None, registry: Registry | None = None
+        cls,
+        redis_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        registry: Registry | None = None,
+        tenant: str | None = None,
     ) -> AsyncClient:
-        client = cls(redis_url, settings=settings, registry=registry)
+        client = cls(redis_url, settings=settings, registry=registry, tenant=tenant)
         await client._ensure_connected()
         return client
 

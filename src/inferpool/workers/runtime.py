@@ -22,7 +22,7 @@ import pydantic_core
 import redis
 
 from inferpool._exceptions import ProviderError, RequestError
-from inferpool.constants import job_key, worker_heartbeat_key
+from inferpool.constants import DEFAULT_TENANT, job_key, worker_heartbeat_key
 from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus
 from inferpool.model_registry.capability import check_request_fits
 from inferpool.model_registry.spec import ModelSpec
@@ -158,17 +158,19 @@ class WorkerRuntime:
             "attempts": outcome.attempts,
             "cost_usd": 0.0,
         }
+        tenant = item.tenant or DEFAULT_TENANT
         data: dict[str, object] = {"request_id": item.request_id, "custom_id": item.custom_id,
-                                   "job_id": chunk.job_id, "stats": stats}  # fmt: skip
+                                   "job_id": chunk.job_id, "tenant": tenant, "stats": stats}  # fmt: skip
         if isinstance(outcome, RequestError):
             data["error"] = {"code": outcome.code, "message": outcome.message}
-            return ResultRecord(item.request_id, False, 0, 0, 0.0, latency, pydantic_core.to_json(data).decode())
+            payload = pydantic_core.to_json(data).decode()
+            return ResultRecord(item.request_id, False, 0, 0, 0.0, latency, payload, tenant)
         cost = self.spec.pricing.cost(outcome.prompt_tokens, outcome.completion_tokens)
         stats["cost_usd"] = cost
         data["response"] = self._completion(outcome, int(now))
         payload = pydantic_core.to_json(data).decode()
         return ResultRecord(item.request_id, True, outcome.prompt_tokens, outcome.completion_tokens, cost, latency,
-                            payload)  # fmt: skip
+                            payload, tenant)  # fmt: skip
 
     def _completion(self, generation: Generation, created: int) -> dict[str, object]:
         return {
