@@ -6,6 +6,7 @@ a chunk held by a killed worker is redelivered within seconds instead of an hour
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -67,6 +68,11 @@ def _assert_exactly_once(client: Client, job_id: str) -> None:
     assert (usage.model, usage.requests, usage.errors) == ("echo-slow", N_LINES, 0)
     assert usage.prompt_tokens == 3 * N_LINES
     assert usage.completion_tokens == 4 * N_LINES  # "echo: kill test N"
+    # The pool-wide daily counters agree (this pool's Redis saw only this job).
+    yesterday = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+    [daily] = client.usage(yesterday)
+    assert (daily.tenant, daily.model, daily.requests, daily.errors) == ("default", "echo-slow", N_LINES, 0)
+    assert (daily.prompt_tokens, daily.completion_tokens) == (usage.prompt_tokens, usage.completion_tokens)
     assert client.redis.hlen(job_inflight_key(job_id)) == 0
     assert int(client.redis.hget(MODEL_INFLIGHT_KEY, "echo-slow") or 0) == 0
 

@@ -127,6 +127,8 @@ def test_submit_then_reattach_from_other_processes(redis_url: str, tmp_path: Pat
     assert fetched.returncode == 0, fetched.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(line["custom_id"] for line in lines) == sorted(f"r{i}" for i in range(500))
+    usage = run_cli("stats", "--json", "--job", job_id, env=env)
+    assert json.loads(usage.stdout)[0]["requests"] == 500
     listed = run_cli("batch", "list", env=env)
     assert job_id in listed.stdout
     cancelled = run_cli("batch", "cancel", job_id, env=env)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,26 @@ async def test_sync_and_async_clients_agree(client: Client, async_client: AsyncC
     assert sync_result.response.usage == async_result.response.usage
     with pytest.raises(InvalidRequest):
         await async_client.submit({"model": "echo", "messages": USER_HI, "max_tokens": 0})
+
+
+def test_usage_is_counted_per_tenant(settings: Settings) -> None:
+    suffix = secrets.token_hex(4)
+    acme, globex = f"acme-{suffix}", f"globex-{suffix}"
+    with Client(settings=settings, tenant=acme) as a, Client(settings=settings, tenant=globex) as g:
+        for i in range(3):
+            a.chat("echo", [{"role": "user", "content": f"one two {i}"}], timeout=30)
+        g.chat("echo", [{"role": "user", "content": "x"}], timeout=30)
+        with pytest.raises(ContextLengthExceeded):
+            g.chat("echo", [{"role": "user", "content": "w " * 5000}], timeout=30)
+        [acme_row] = a.usage(tenant=acme)
+        [globex_row] = a.usage(tenant=globex, model="echo")
+    assert (acme_row.model, acme_row.requests, acme_row.errors) == ("echo", 3, 0)
+    assert (acme_row.prompt_tokens, acme_row.completion_tokens) == (9, 12)
+    assert (globex_row.requests, globex_row.errors, globex_row.prompt_tokens) == (2, 1, 1)
+
+
+def test_a_request_user_is_its_tenant_when_the_client_names_none(client: Client) -> None:
+    user = f"user-{secrets.token_hex(4)}"
+    result = client.submit({"model": "echo", "messages": USER_HI, "user": user}).result(timeout=30)
+    assert result.tenant == user
+    assert [row.requests for row in client.usage(tenant=user)] == [1]
