@@ -21,6 +21,7 @@ from inferpool.emulators import EmulatorConfig, ProviderEmulator, WindowLimit
 from inferpool.local_pool import (
     EmbeddedRedis,
     WorkerProcess,
+    free_port,
     start_scheduler_process,
     start_worker_process,
     stop_process,
@@ -111,9 +112,14 @@ def echo_slow_worker(redis_url: str, session_dir: Path) -> Iterator[WorkerProces
 
 
 @pytest.fixture(scope="session")
-def scheduler(redis_url: str, session_dir: Path) -> Iterator[WorkerProcess]:
-    """The session pool's scheduler service (runs batch jobs)."""
-    process = start_scheduler_process(redis_url, session_dir / "scheduler.log")
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def scheduler(redis_url: str, session_dir: Path, metrics_port: int) -> Iterator[WorkerProcess]:
+    """The session pool's scheduler service (runs batch jobs, serves Prometheus metrics)."""
+    process = start_scheduler_process(redis_url, session_dir / "scheduler.log", metrics_port=metrics_port)
     yield process
     stop_process(process.proc, grace_s=15)
     assert process.proc.returncode == 0, process.log_path.read_text()[-3000:]

@@ -79,6 +79,9 @@ def job_usage_key(job_id: str) -> str:
 #: Tenant of requests that name none (no ``user`` field, no client tenant).
 DEFAULT_TENANT = "default"
 
+#: All-time usage counters (never expire; what the Prometheus exporter reports), same fields as a day's.
+USAGE_TOTAL_KEY = f"{KEY_PREFIX}usage:total"
+
 #: How long per-day usage counters are kept.
 USAGE_RETENTION_S = 400 * 86400
 

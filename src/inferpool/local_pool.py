@@ -151,9 +151,12 @@ def start_worker_process(
     return WorkerProcess(model=model, proc=proc, log_path=log_path)
 
 
-def start_scheduler_process(redis_url: str, log_path: Path, env: Mapping[str, str] | None = None) -> WorkerProcess:
+def start_scheduler_process(
+    redis_url: str, log_path: Path, env: Mapping[str, str] | None = None, *, metrics_port: int | None = None
+) -> WorkerProcess:
     """Start ``inferpool scheduler`` (reported as a ``WorkerProcess`` whose model is ``scheduler``)."""
-    return WorkerProcess(model="scheduler", proc=start_inferpool_process(["scheduler"], redis_url, log_path, env),
+    args = ["scheduler"] + (["--metrics-port", str(metrics_port)] if metrics_port else [])
+    return WorkerProcess(model="scheduler", proc=start_inferpool_process(args, redis_url, log_path, env),
                          log_path=log_path)  # fmt: skip
 
 

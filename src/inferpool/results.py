@@ -19,6 +19,7 @@ from inferpool.constants import (
     DEFAULT_TENANT,
     MODEL_INFLIGHT_KEY,
     USAGE_RETENTION_S,
+    USAGE_TOTAL_KEY,
     job_completed_stream_key,
     job_inflight_key,
     job_inflight_since_key,
@@ -32,20 +33,21 @@ from inferpool.wire import RequestResult
 
 _WRITE_ONCE = """
 -- KEYS: job hash, job completed stream, job in-flight hash, per-model in-flight hash, job usage hash,
---       job in-flight-since sorted set, the day's usage hash
+--       job in-flight-since sorted set, the day's usage hash, the all-time usage hash (Prometheus counters)
 -- ARGV: ttl, result key prefix, model, '1' for batch-job results, tenant, usage ttl, then one record per
 --       result: request_id TAB completed|failed TAB prompt_tokens TAB completion_tokens TAB cost TAB
---       latency bucket TAB json
+--       latency bucket TAB latency seconds TAB attempts TAB json
 -- Returns the 0-based positions of the records whose request already had a result (not written again).
 local ttl, prefix, model, is_job, tenant, usage_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1', ARGV[5], ARGV[6]
 local first = 7
 local duplicates = {}
 local completed, failed, settled, prompt, completion, cost = 0, 0, 0, 0, 0, 0
+local latency_sum, retried = 0, 0
 local buckets = {}
 for i = first, #ARGV do
   local record = ARGV[i]
   local fields, pos = {}, 1
-  for f = 1, 6 do
+  for f = 1, 8 do
     local tab = string.find(record, '\t', pos, true)
     fields[f] = string.sub(record, pos, tab - 1)
     pos = tab + 1
@@ -57,7 +59,11 @@ for i = first, #ARGV do
     prompt = prompt + tonumber(fields[3])
     completion = completion + tonumber(fields[4])
     cost = cost + tonumber(fields[5])
-    if fields[6] ~= '' then buckets[fields[6]] = (buckets[fields[6]] or 0) + 1 end
+    if fields[6] ~= '' then
+      buckets[fields[6]] = (buckets[fields[6]] or 0) + 1
+      latency_sum = latency_sum + tonumber(fields[7])
+    end
+    if tonumber(fields[8]) > 1 then retried = retried + 1 end
     if is_job then
       redis.call('XADD', KEYS[2], '*', 'rid', rid)
       settled = settled + redis.call('HDEL', KEYS[3], rid)
@@ -76,6 +82,8 @@ local function count_usage(hash, m)
   redis.call('HINCRBY', hash, m .. 'prompt_tokens', prompt)
   redis.call('HINCRBY', hash, m .. 'completion_tokens', completion)
   redis.call('HINCRBYFLOAT', hash, m .. 'cost_usd', string.format('%.17g', cost))
+  redis.call('HINCRBYFLOAT', hash, m .. 'latency_sum', string.format('%.17g', latency_sum))
+  redis.call('HINCRBY', hash, m .. 'retried', retried)
   for bucket, n in pairs(buckets) do
     redis.call('HINCRBY', hash, m .. 'latency|' .. bucket, n)
   end
@@ -83,6 +91,7 @@ end
 if completed + failed > 0 then
   count_usage(KEYS[7], tenant .. '|' .. model .. '|')
   redis.call('EXPIRE', KEYS[7], usage_ttl)
+  count_usage(KEYS[8], tenant .. '|' .. model .. '|')
   if is_job then
     redis.call('HINCRBY', KEYS[1], 'completed', completed)
     redis.call('HINCRBY', KEYS[1], 'failed', failed)
@@ -123,6 +132,7 @@ class ResultRecord:
     latency_s: float | None
     payload: str
     tenant: str = DEFAULT_TENANT
+    attempts: int = 1
 
     @classmethod
     def of(cls, result: RequestResult) -> ResultRecord:
@@ -136,6 +146,7 @@ class ResultRecord:
             latency_s=stats.latency_s if stats else None,
             payload=result.model_dump_json(exclude_none=True),
             tenant=result.tenant or DEFAULT_TENANT,
+            attempts=stats.attempts if stats else 1,
         )
 
     def encode(self) -> str:
@@ -143,7 +154,8 @@ class ResultRecord:
         bucket = latency_bucket(self.latency_s) if self.latency_s is not None else ""
         return (
             f"{self.request_id}\t{'completed' if self.ok else 'failed'}\t{self.prompt_tokens}\t"
-            f"{self.completion_tokens}\t{self.cost_usd!r}\t{bucket}\t{self.payload}"
+            f"{self.completion_tokens}\t{self.cost_usd!r}\t{bucket}\t{self.latency_s or 0.0!r}\t{self.attempts}\t"
+            f"{self.payload}"
         )
 
 
@@ -195,7 +207,8 @@ class ResultWriter:
         pipe = self._client.pipeline(transaction=False)
         for (job_id, model, tenant), indexes in groups.items():
             keys = [job_key(job_id), job_completed_stream_key(job_id), job_inflight_key(job_id), MODEL_INFLIGHT_KEY,
-                    job_usage_key(job_id), job_inflight_since_key(job_id), usage_day_key(day)]  # fmt: skip
+                    job_usage_key(job_id), job_inflight_since_key(job_id), usage_day_key(day),
+                    USAGE_TOTAL_KEY]  # fmt: skip
             args = [ttl_s, _RESULT_PREFIX, model, "1" if job_id else "", tenant, USAGE_RETENTION_S,
                     *(records[i].encode() for i in indexes)]  # fmt: skip
             self._write(keys=keys, args=args, client=pipe)

@@ -34,6 +34,9 @@ class ModelUsage(BaseModel):
     cost_usd: float = 0.0
     latency_p50_s: float | None = None
     latency_p95_s: float | None = None
+    retried: int = 0
+    latency_sum_s: float = 0.0
+    latency_histogram: dict[float, int] = {}
 
     @property
     def total_tokens(self) -> int:
@@ -99,9 +102,14 @@ def usage_from_counters(counters: Mapping[str, str], *, by_tenant: bool = False)
             histograms.setdefault(key, {})[float(counter.removeprefix("latency|"))] = int(value)
         elif counter == "cost_usd":
             row.cost_usd = float(value)
+        elif counter == "latency_sum":
+            row.latency_sum_s = float(value)
+        elif counter == "retried":
+            row.retried = int(value)
         elif counter in ("requests", "errors", "prompt_tokens", "completion_tokens"):
             setattr(row, counter, int(value))
     for key, histogram in histograms.items():
+        rows[key].latency_histogram = dict(sorted(histogram.items()))
         rows[key].latency_p50_s = _histogram_percentile(histogram, 0.50)
         rows[key].latency_p95_s = _histogram_percentile(histogram, 0.95)
     return sorted(rows.values(), key=lambda r: (r.tenant or "", r.model))
@@ -114,11 +122,14 @@ def merge_usage(rows: Iterable[ModelUsage]) -> list[ModelUsage]:
     for row in rows:
         key = (row.tenant, row.model)
         if key not in merged:
-            merged[key] = row.model_copy()
+            merged[key] = row.model_copy(update={"latency_histogram": dict(row.latency_histogram)})
             continue
         total = merged[key]
-        for name in ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_usd"):
+        for name in ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_usd", "retried",
+                     "latency_sum_s"):  # fmt: skip
             setattr(total, name, getattr(total, name) + getattr(row, name))
+        for bound, count in row.latency_histogram.items():
+            total.latency_histogram[bound] = total.latency_histogram.get(bound, 0) + count
         for name in ("latency_p50_s", "latency_p95_s"):
             values = [v for v in (getattr(total, name), getattr(row, name)) if v is not None]
             setattr(total, name, max(values) if values else None)

@@ -13,8 +13,16 @@ from inferpool.cli._common import configure_logging, load_settings
 
 
 @click.command()
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    envvar="INFERPOOL_METRICS_PORT",
+    help="Also serve Prometheus metrics for the whole pool on this port (env INFERPOOL_METRICS_PORT).",
+)
+@click.option("--metrics-addr", default="127.0.0.1", show_default=True, help="Address the metrics server binds.")
 @click.pass_context
-def scheduler(ctx: click.Context) -> None:
+def scheduler(ctx: click.Context, metrics_port: int | None, metrics_addr: str) -> None:
     """Run batch jobs: dispatch their lines to model queues with a bounded window, apply cancel and expiry.
 
     Needs REDIS_URL. Run one per pool; a restarted scheduler resumes every unfinished job (it re-sends
@@ -34,7 +42,13 @@ def scheduler(ctx: click.Context) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    service = Scheduler(connect_redis(settings.require_redis_url()), settings, Registry.load(settings.registry),
-                        create_celery_app(settings))  # fmt: skip
+    client = connect_redis(settings.require_redis_url())
+    registry = Registry.load(settings.registry)
+    service = Scheduler(client, settings, registry, create_celery_app(settings))
+    if metrics_port is not None:
+        from inferpool.metrics import serve_metrics
+
+        serve_metrics(metrics_port, client, registry, addr=metrics_addr)
+        logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", metrics_addr, metrics_port)
     logging.getLogger(__name__).info("scheduler started")
     service.run(stop)

@@ -164,13 +164,13 @@ class WorkerRuntime:
         if isinstance(outcome, RequestError):
             data["error"] = {"code": outcome.code, "message": outcome.message}
             payload = pydantic_core.to_json(data).decode()
-            return ResultRecord(item.request_id, False, 0, 0, 0.0, latency, payload, tenant)
+            return ResultRecord(item.request_id, False, 0, 0, 0.0, latency, payload, tenant, outcome.attempts)
         cost = self.spec.pricing.cost(outcome.prompt_tokens, outcome.completion_tokens)
         stats["cost_usd"] = cost
         data["response"] = self._completion(outcome, int(now))
         payload = pydantic_core.to_json(data).decode()
         return ResultRecord(item.request_id, True, outcome.prompt_tokens, outcome.completion_tokens, cost, latency,
-                            payload, tenant)  # fmt: skip
+                            payload, tenant, outcome.attempts)  # fmt: skip
 
     def _completion(self, generation: Generation, created: int) -> dict[str, object]:
         return {

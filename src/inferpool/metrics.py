@@ -1,0 +1,103 @@
+"""Prometheus metrics for the whole pool, read from Redis at each scrape.
+
+Served by one process (the scheduler, with ``--metrics-port``), never by Celery children: every number
+comes from Redis, where workers count each request once (``inferpool.results``), so any number of
+worker processes report through one endpoint without per-process registries. Tokens per second and
+cost per hour are ``rate()`` of the counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from inferpool.constants import (
+    JOBS_ACTIVE_KEY,
+    MODEL_INFLIGHT_KEY,
+    USAGE_TOTAL_KEY,
+    queue_name,
+    worker_heartbeat_pattern,
+)
+from inferpool.model_registry.registry import Registry
+from inferpool.usage import usage_from_counters
+
+_COUNTERS = (
+    ("requests", "inferpool_requests", "Requests answered or failed, counted once each."),
+    ("errors", "inferpool_request_errors", "Requests that ended with an error."),
+    ("retried", "inferpool_requests_retried", "Requests that needed more than one attempt."),
+    ("prompt_tokens", "inferpool_prompt_tokens", "Prompt tokens."),
+    ("completion_tokens", "inferpool_completion_tokens", "Completion tokens."),
+    ("cost_usd", "inferpool_cost_usd", "Cost in USD, from the registry's prices."),
+)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class PoolCollector(Collector):
+    """Collects the pool's metrics from Redis on every scrape."""
+
+    def __init__(self, client: redis.Redis, registry: Registry) -> None:
+        self._redis = client
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        counters = {_text(k): _text(v) for k, v in self._redis.hgetall(USAGE_TOTAL_KEY).items()}
+        rows = usage_from_counters(counters, by_tenant=True)
+        labels = ["tenant", "model"]
+        for field, name, documentation in _COUNTERS:
+            family = CounterMetricFamily(name, documentation, labels=labels)
+            for row in rows:
+                family.add_metric([row.tenant or "", row.model], float(getattr(row, field)))
+            yield family
+        latency = HistogramMetricFamily(
+            "inferpool_request_latency_seconds", "Processing time per request (start to result).", labels=labels
+        )
+        for row in rows:
+            cumulative, buckets = 0, []
+            for bound, count in sorted(row.latency_histogram.items()):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), float(cumulative)))
+            if not buckets or buckets[-1][0] != "+Inf":
+                buckets.append(("+Inf", float(cumulative)))
+            latency.add_metric([row.tenant or "", row.model], buckets, row.latency_sum_s)
+        yield latency
+        yield from self._gauges()
+
+    def _gauges(self) -> Iterator[Metric]:
+        models = [spec.name for spec in self._registry]
+        pipe = self._redis.pipeline(transaction=False)
+        for model in models:
+            pipe.llen(queue_name(model))
+        depths = pipe.execute()
+        inflight = {_text(k): int(v) for k, v in self._redis.hgetall(MODEL_INFLIGHT_KEY).items()}
+        queue = GaugeMetricFamily(
+            "inferpool_queue_depth", "Chunk tasks waiting in the model's queue.", labels=["model"]
+        )
+        flight = GaugeMetricFamily(
+            "inferpool_in_flight", "Batch requests dispatched, not yet answered.", labels=["model"]
+        )
+        workers = GaugeMetricFamily("inferpool_live_workers", "Workers with a live heartbeat.", labels=["model"])
+        for model, depth in zip(models, depths, strict=True):
+            queue.add_metric([model], float(depth))
+            flight.add_metric([model], float(inflight.get(model, 0)))
+            live = sum(1 for _ in self._redis.scan_iter(worker_heartbeat_pattern(model), count=1000))
+            workers.add_metric([model], float(live))
+        yield queue
+        yield flight
+        yield workers
+        yield GaugeMetricFamily("inferpool_batch_jobs_active", "Batch jobs not yet final.",
+                                value=float(self._redis.zcard(JOBS_ACTIVE_KEY)))  # fmt: skip
+
+
+def serve_metrics(port: int, client: redis.Redis, registry: Registry, addr: str = "127.0.0.1") -> None:
+    """Serve ``/metrics`` on ``addr:port`` from a background thread."""
+    collectors = CollectorRegistry(auto_describe=False)
+    collectors.register(PoolCollector(client, registry))
+    start_http_server(port, addr=addr, registry=collectors)
