@@ -7,6 +7,7 @@ import click
 from inferpool import __version__
 from inferpool.cli._common import InferpoolGroup
 from inferpool.cli.batch import batch
+from inferpool.cli.flower import flower
 from inferpool.cli.models import models
 from inferpool.cli.scheduler import scheduler
 from inferpool.cli.stats import stats
@@ -27,6 +28,7 @@ def main() -> None:
 
 
 main.add_command(batch)
+main.add_command(flower)
 main.add_command(models)
 main.add_command(scheduler)
 main.add_command(stats)

@@ -1,0 +1,96 @@
+"""Flower as an operator sees it: a real headless Chromium loads its pages during a job.
+
+Needs Debian's chromium (`.ci/run` installs it); skipped, with the reason, where it is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from inferpool import Client
+from inferpool.local_pool import free_port, stop_process
+
+pytestmark = [
+    pytest.mark.usefixtures("scheduler", "echo_worker"),
+    pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed"),
+]
+
+REPO = Path(__file__).resolve().parent.parent
+SECRET_PROMPT = "TOPSECRET-PROMPT-7d1f"
+CHROMIUM = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@pytest.fixture
+def flower_port(redis_url: str, tmp_path: Path) -> Iterator[int]:
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": redis_url, "INFERPOOL_FLOWER_AUTH": "ops:flower-pass"}
+    with (tmp_path / "flower.log").open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "inferpool", "flower", "--port", str(port)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break  # answering (it wants credentials): up
+        except OSError:
+            assert time.monotonic() < deadline, (tmp_path / "flower.log").read_text()
+            time.sleep(0.2)
+    yield port
+    stop_process(proc, grace_s=10)
+
+
+def browse(url: str, *extra: str) -> str:
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    try:
+        out = subprocess.run([*CHROMIUM, f"--user-data-dir={profile}", "--virtual-time-budget=8000", *extra, url],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    return out.stdout
+
+
+def test_flower_shows_workers_and_tasks_but_no_prompts(client: Client, flower_port: int, tmp_path: Path) -> None:
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"http://127.0.0.1:{flower_port}/tasks", timeout=10)
+    assert refused.value.code == 401
+    assert "Basic" in refused.value.headers["WWW-Authenticate"]
+    assert browse(f"http://127.0.0.1:{flower_port}/workers", "--dump-dom").count("echo@") == 0  # no credentials
+
+    lines = [json.dumps({"custom_id": f"f{i}", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": "echo", "messages": [{"role": "user", "content": f"{SECRET_PROMPT} {i}"}]}})
+             for i in range(300)]  # fmt: skip
+    job = client.batches.create(lines)
+    client.batches.wait(job.id, timeout=120, poll_s=0.2)
+    time.sleep(1.0)  # Flower receives task events asynchronously
+    base = f"http://ops:flower-pass@127.0.0.1:{flower_port}"
+    workers = browse(f"{base}/workers", "--dump-dom")
+    tasks = browse(f"{base}/tasks", "--dump-dom")
+    assert "echo@" in workers
+    assert "inferpool.process_chunk" in tasks
+    task_id = tasks.split("/task/")[1].split('"')[0]
+    detail = browse(f"{base}/task/{task_id}", "--dump-dom")
+    assert "model=echo chunk=chunk_" in detail  # the argsrepr: ids and counts only
+    for page in (workers, tasks, detail):
+        assert SECRET_PROMPT not in page
+        assert "echo: " not in page  # no answers either
+    # INFERPOOL_UPDATE_SCREENSHOT=1 refreshes the one the README shows.
+    screenshot = (
+        REPO / "docs" / "flower-tasks.png" if os.environ.get("INFERPOOL_UPDATE_SCREENSHOT") else tmp_path / "t.png"
+    )
+    browse(f"{base}/tasks", "--window-size=1400,700", f"--screenshot={screenshot}")
+    assert screenshot.stat().st_size > 10_000
