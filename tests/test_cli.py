@@ -184,3 +184,9 @@ def test_example_file_runs_end_to_end(tmp_path: Path) -> None:
     assert "Paris" in results["smollm2-01"]["response"]["body"]["choices"][0]["message"]["content"]
     assert "completed, 23/23 done (23 completed, 0 failed)" in proc.stdout
     assert "smollm2-135m" in proc.stdout
+
+
+def test_flower_refuses_to_start_without_credentials(redis_url: str) -> None:
+    proc = run_cli("flower", env={"REDIS_URL": redis_url, "INFERPOOL_FLOWER_AUTH": ""}, timeout=60)
+    assert proc.returncode == 1
+    assert "set INFERPOOL_FLOWER_AUTH=user:password" in proc.stderr
