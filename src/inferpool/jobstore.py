@@ -36,6 +36,7 @@ from inferpool.constants import (
     job_usage_key,
     result_key,
 )
+from inferpool.redis_connection import decode_text
 from inferpool.results import ResultWriter, parse_result
 from inferpool.usage import ModelUsage, usage_from_counters
 from inferpool.wire import ErrorInfo, RequestResult, TaskItem
@@ -142,12 +143,8 @@ end
 """
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _decode(mapping: Any) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in mapping.items()}
+    return {decode_text(k): decode_text(v) for k, v in mapping.items()}
 
 
 def pending_entry(item: TaskItem) -> str:
@@ -201,9 +198,18 @@ class JobStore:
             pipe.expire(job_pending_key(job_id, model), self.result_ttl_s)
         pipe.execute()
 
-    def settle(self, job_id: str, results: Sequence[RequestResult], model: str | None = None) -> None:
-        """Write results the job decides itself (rejected, cancelled or expired lines)."""
-        self.writer.write_many([(r, model) for r in results], self.result_ttl_s)
+    def settle(self, results: Sequence[RequestResult]) -> None:
+        """Write results the job decides itself (lines rejected, or cancelled before dispatch)."""
+        self.writer.write_many([(r, None) for r in results], self.result_ttl_s)
+
+    def settle_inflight(self, job_id: str, code: str, message: str) -> None:
+        """End every dispatched, unanswered request of the job with this error, in one round trip.
+
+        Each is counted against the model it was dispatched to, which frees that model's window.
+        """
+        items = self.inflight_items(job_id)
+        results = [(settled_result(job_id, item, code, message), item.request.model) for item in items]
+        self.writer.write_many(results, self.result_ttl_s)
 
     def open(self, job_id: str, total: int, models: Iterable[str]) -> None:
         """Validation is over: the total is known, so the job can finish (unless it was cancelled meanwhile)."""
@@ -240,26 +246,22 @@ class JobStore:
                 fields[name] = int(float(raw[name]))
         return BatchJob.model_validate(fields)
 
-    def status(self, job_id: str) -> JobStatus | None:
-        raw = self.redis.hget(job_key(job_id), "status")
-        return JobStatus(_text(raw)) if raw else None
-
     def list_jobs(self, limit: int = 20) -> list[BatchJob]:
         """The newest jobs first (jobs whose keys expired are left out)."""
-        ids = [_text(i) for i in self.redis.zrevrange(JOBS_INDEX_KEY, 0, limit - 1)]
+        ids = [decode_text(i) for i in self.redis.zrevrange(JOBS_INDEX_KEY, 0, limit - 1)]
         return [job for job in (self.get(i) for i in ids) if job is not None]
 
     def active_ids(self) -> list[str]:
-        return [_text(i) for i in self.redis.zrange(JOBS_ACTIVE_KEY, 0, -1)]
+        return [decode_text(i) for i in self.redis.zrange(JOBS_ACTIVE_KEY, 0, -1)]
 
     def read_raw_results(self, job_id: str, after: str = "0-0", count: int = 1000) -> tuple[list[bytes], str]:
         """Up to ``count`` stored results (JSON) written after stream position ``after``, and the next position."""
         entries: Any = self.redis.xrange(job_completed_stream_key(job_id), min=f"({after}", count=count)
         if not entries:
             return [], after
-        ids = [_text(fields[b"rid"]) for _, fields in entries]
+        ids = [decode_text(fields[b"rid"]) for _, fields in entries]
         raws: Any = self.redis.mget([result_key(rid) for rid in ids])
-        return [raw for raw in raws if raw is not None], _text(entries[-1][0])
+        return [raw for raw in raws if raw is not None], decode_text(entries[-1][0])
 
     def read_results(self, job_id: str, after: str = "0-0", count: int = 1000) -> tuple[list[RequestResult], str]:
         """``read_raw_results``, parsed."""
@@ -285,7 +287,7 @@ class JobStore:
         keys = [job_pending_key(job_id, model), job_inflight_key(job_id), MODEL_INFLIGHT_KEY, job_key(job_id),
                 job_inflight_since_key(job_id)]  # fmt: skip
         entries: Any = self._take(keys=keys, args=[limit, model, time.time(), self.result_ttl_s])
-        return [_text(entry).partition("|")[2] for entry in entries]
+        return [decode_text(entry).partition("|")[2] for entry in entries]
 
     def take_stale_inflight(self, job_id: str, older_than_s: float, limit: int = 1000) -> list[TaskItem]:
         """In-flight items dispatched more than ``older_than_s`` ago, stamped as dispatched now.
@@ -297,9 +299,6 @@ class JobStore:
         keys = [job_inflight_since_key(job_id), job_inflight_key(job_id)]
         values: Any = self._stale(keys=keys, args=[now - older_than_s, now, limit])
         return [TaskItem.model_validate_json(v) for v in values if v]
-
-    def pending_count(self, job_id: str, model: str) -> int:
-        return int(self.redis.llen(job_pending_key(job_id, model)))
 
     def inflight_items(self, job_id: str) -> list[TaskItem]:
         return [TaskItem.model_validate_json(v) for v in self.redis.hvals(job_inflight_key(job_id))]
@@ -329,7 +328,7 @@ class JobStore:
                 dropped += len(entries)
                 if code is not None:
                     items = [item_from_entry(e) for e in entries]
-                    self.settle(job_id, [settled_result(job_id, item, code, message) for item in items])
+                    self.settle([settled_result(job_id, item, code, message) for item in items])
         return dropped
 
     def finalize(self, job_id: str, status: JobStatus) -> None:

@@ -9,7 +9,6 @@ cost per hour are ``rate()`` of the counters.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, start_http_server
@@ -24,6 +23,7 @@ from inferpool.constants import (
     worker_heartbeat_pattern,
 )
 from inferpool.model_registry.registry import Registry
+from inferpool.redis_connection import decode_text
 from inferpool.usage import usage_from_counters
 
 _COUNTERS = (
@@ -36,10 +36,6 @@ _COUNTERS = (
 )
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class PoolCollector(Collector):
     """Collects the pool's metrics from Redis on every scrape."""
 
@@ -48,7 +44,7 @@ class PoolCollector(Collector):
         self._registry = registry
 
     def collect(self) -> Iterator[Metric]:
-        counters = {_text(k): _text(v) for k, v in self._redis.hgetall(USAGE_TOTAL_KEY).items()}
+        counters = {decode_text(k): decode_text(v) for k, v in self._redis.hgetall(USAGE_TOTAL_KEY).items()}
         rows = usage_from_counters(counters, by_tenant=True)
         labels = ["tenant", "model"]
         for field, name, documentation in _COUNTERS:
@@ -76,7 +72,7 @@ class PoolCollector(Collector):
         for model in models:
             pipe.llen(queue_name(model))
         depths = pipe.execute()
-        inflight = {_text(k): int(v) for k, v in self._redis.hgetall(MODEL_INFLIGHT_KEY).items()}
+        inflight = {decode_text(k): int(v) for k, v in self._redis.hgetall(MODEL_INFLIGHT_KEY).items()}
         queue = GaugeMetricFamily(
             "inferpool_queue_depth", "Chunk tasks waiting in the model's queue.", labels=["model"]
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 import redis.asyncio
 
@@ -13,6 +15,11 @@ def _unavailable(url: str, exc: Exception) -> RedisUnavailable:
         f"cannot connect to Redis at {redact_url(url)} ({exc}). Start Redis there, point REDIS_URL at a running "
         "one, or run `inferpool batch run --local` to start a private Redis and workers."
     )
+
+
+def decode_text(value: Any) -> str:
+    """A Redis reply (bytes, or already str) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def redact_url(url: str) -> str:

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
 
 import redis
 
 from inferpool.constants import usage_day_key
+from inferpool.redis_connection import decode_text
 from inferpool.usage import ModelUsage, merge_usage, usage_from_counters
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def read_usage(
@@ -31,7 +27,7 @@ def read_usage(
         pipe.hgetall(usage_day_key(day.isoformat()))
     rows: list[ModelUsage] = []
     for counters in pipe.execute():
-        decoded = {_text(k): _text(v) for k, v in counters.items()}
+        decoded = {decode_text(k): decode_text(v) for k, v in counters.items()}
         rows.extend(usage_from_counters(decoded, by_tenant=True))
     rows = [r for r in rows if (model is None or r.model == model) and (tenant is None or r.tenant == tenant)]
     return merge_usage(rows)

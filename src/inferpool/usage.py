@@ -7,12 +7,9 @@ Latency percentiles over a job's counters come from a fixed histogram (bucket up
 from __future__ import annotations
 
 import bisect
-import statistics
 from collections.abc import Iterable, Mapping
 
 from pydantic import BaseModel
-
-from inferpool.wire import RequestResult
 
 #: Upper bounds, in seconds, of the latency histogram buckets ("inf" catches the rest).
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
@@ -41,37 +38,6 @@ class ModelUsage(BaseModel):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
-
-
-def _percentile(values: list[float], q: int) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
-
-
-def summarize_usage(results: Iterable[RequestResult]) -> list[ModelUsage]:
-    """Per-model usage over ``results`` (results no model served are grouped under ``-``)."""
-    rows: dict[str, ModelUsage] = {}
-    latencies: dict[str, list[float]] = {}
-    for result in results:
-        model = result.stats.model if result.stats else "-"
-        row = rows.setdefault(model, ModelUsage(model=model))
-        row.requests += 1
-        if result.stats:
-            latencies.setdefault(model, []).append(result.stats.latency_s)
-            row.cost_usd += result.stats.cost_usd
-        usage = result.usage
-        if usage is None:
-            row.errors += 1
-            continue
-        row.prompt_tokens += usage.prompt_tokens
-        row.completion_tokens += usage.completion_tokens
-    for model, values in latencies.items():
-        rows[model].latency_p50_s = _percentile(values, 50)
-        rows[model].latency_p95_s = _percentile(values, 95)
-    return sorted(rows.values(), key=lambda r: r.model)
 
 
 def _histogram_percentile(histogram: Mapping[float, int], q: float) -> float | None:

@@ -175,7 +175,7 @@ class Batches:
         if pending:
             self._store.add_pending(job_id, pending, models)
         if rejected:
-            self._store.settle(job_id, rejected)
+            self._store.settle(rejected)
         pending.clear()
         rejected.clear()
 

@@ -21,7 +21,7 @@ from celery import Celery
 
 from inferpool.celery_app import publish_chunk_json
 from inferpool.constants import JOBS_ACTIVE_KEY, MODEL_INFLIGHT_KEY, job_key, worker_heartbeat_pattern
-from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus, JobStore, settled_result
+from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus, JobStore
 from inferpool.model_registry.registry import Registry
 from inferpool.settings import Settings
 from inferpool.wire import chunk_json, describe_chunk
@@ -168,8 +168,7 @@ class Scheduler:
     def _expire_unfinished(self, job_id: str) -> None:
         message = "the batch's completion window ended before this request finished"
         self.store.drop_pending(job_id, EXPIRED_CODE, message)
-        for item in self.store.inflight_items(job_id):
-            self.store.settle(job_id, [settled_result(job_id, item, EXPIRED_CODE, message)], model=item.request.model)
+        self.store.settle_inflight(job_id, EXPIRED_CODE, message)
 
     # -- dispatch --------------------------------------------------------------------------------------
 
