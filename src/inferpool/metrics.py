@@ -36,6 +36,17 @@ _COUNTERS = (
 )
 
 
+def _cumulative(histogram: dict[float, int]) -> list[tuple[str, float]]:
+    """Prometheus histogram buckets (cumulative counts, ending in +Inf) from per-bucket counts."""
+    cumulative, buckets = 0, []
+    for bound, count in sorted(histogram.items()):
+        cumulative += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), float(cumulative)))
+    if not buckets or buckets[-1][0] != "+Inf":
+        buckets.append(("+Inf", float(cumulative)))
+    return buckets
+
+
 class PoolCollector(Collector):
     """Collects the pool's metrics from Redis on every scrape."""
 
@@ -55,15 +66,18 @@ class PoolCollector(Collector):
         latency = HistogramMetricFamily(
             "inferpool_request_latency_seconds", "Processing time per request (start to result).", labels=labels
         )
+        ttft = HistogramMetricFamily(
+            "inferpool_time_to_first_token_seconds",
+            "Start of processing to first output token, for backends that can observe it.",
+            labels=labels,
+        )
         for row in rows:
-            cumulative, buckets = 0, []
-            for bound, count in sorted(row.latency_histogram.items()):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), float(cumulative)))
-            if not buckets or buckets[-1][0] != "+Inf":
-                buckets.append(("+Inf", float(cumulative)))
-            latency.add_metric([row.tenant or "", row.model], buckets, row.latency_sum_s)
+            row_labels = [row.tenant or "", row.model]
+            latency.add_metric(row_labels, _cumulative(row.latency_histogram), row.latency_sum_s)
+            if row.ttft_histogram:
+                ttft.add_metric(row_labels, _cumulative(row.ttft_histogram), row.ttft_sum_s)
         yield latency
+        yield ttft
         yield from self._gauges()
 
     def _gauges(self) -> Iterator[Metric]:

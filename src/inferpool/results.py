@@ -36,18 +36,19 @@ _WRITE_ONCE = """
 --       job in-flight-since sorted set, the day's usage hash, the all-time usage hash (Prometheus counters)
 -- ARGV: ttl, result key prefix, model, '1' for batch-job results, tenant, usage ttl, then one record per
 --       result: request_id TAB completed|failed TAB prompt_tokens TAB completion_tokens TAB cost TAB
---       latency bucket TAB latency seconds TAB attempts TAB json
+--       latency bucket TAB latency seconds TAB attempts TAB ttft bucket TAB ttft seconds TAB json
+--       (an empty bucket: not measured)
 -- Returns the 0-based positions of the records whose request already had a result (not written again).
 local ttl, prefix, model, is_job, tenant, usage_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1', ARGV[5], ARGV[6]
 local first = 7
 local duplicates = {}
 local completed, failed, settled, prompt, completion, cost = 0, 0, 0, 0, 0, 0
-local latency_sum, retried = 0, 0
-local buckets = {}
+local latency_sum, retried, ttft_sum = 0, 0, 0
+local buckets, ttft_buckets = {}, {}
 for i = first, #ARGV do
   local record = ARGV[i]
   local fields, pos = {}, 1
-  for f = 1, 8 do
+  for f = 1, 10 do
     local tab = string.find(record, '\t', pos, true)
     fields[f] = string.sub(record, pos, tab - 1)
     pos = tab + 1
@@ -64,6 +65,10 @@ for i = first, #ARGV do
       latency_sum = latency_sum + tonumber(fields[7])
     end
     if tonumber(fields[8]) > 1 then retried = retried + 1 end
+    if fields[9] ~= '' then
+      ttft_buckets[fields[9]] = (ttft_buckets[fields[9]] or 0) + 1
+      ttft_sum = ttft_sum + tonumber(fields[10])
+    end
     if is_job then
       redis.call('XADD', KEYS[2], '*', 'rid', rid)
       settled = settled + redis.call('HDEL', KEYS[3], rid)
@@ -86,6 +91,12 @@ local function count_usage(hash, m)
   redis.call('HINCRBY', hash, m .. 'retried', retried)
   for bucket, n in pairs(buckets) do
     redis.call('HINCRBY', hash, m .. 'latency|' .. bucket, n)
+  end
+  if next(ttft_buckets) ~= nil then
+    redis.call('HINCRBYFLOAT', hash, m .. 'ttft_sum', string.format('%.17g', ttft_sum))
+    for bucket, n in pairs(ttft_buckets) do
+      redis.call('HINCRBY', hash, m .. 'ttft|' .. bucket, n)
+    end
   end
 end
 if completed + failed > 0 then
@@ -133,6 +144,7 @@ class ResultRecord:
     payload: str
     tenant: str = DEFAULT_TENANT
     attempts: int = 1
+    ttft_s: float | None = None
 
     @classmethod
     def of(cls, result: RequestResult) -> ResultRecord:
@@ -147,15 +159,17 @@ class ResultRecord:
             payload=result.model_dump_json(exclude_none=True),
             tenant=result.tenant or DEFAULT_TENANT,
             attempts=stats.attempts if stats else 1,
+            ttft_s=stats.ttft_s if stats else None,
         )
 
     def encode(self) -> str:
         """The script's record format (see ``_WRITE_ONCE``)."""
         bucket = latency_bucket(self.latency_s) if self.latency_s is not None else ""
+        ttft_bucket = latency_bucket(self.ttft_s) if self.ttft_s is not None else ""
         return (
             f"{self.request_id}\t{'completed' if self.ok else 'failed'}\t{self.prompt_tokens}\t"
             f"{self.completion_tokens}\t{self.cost_usd!r}\t{bucket}\t{self.latency_s or 0.0!r}\t{self.attempts}\t"
-            f"{self.payload}"
+            f"{ttft_bucket}\t{self.ttft_s or 0.0!r}\t{self.payload}"
         )
 
 

@@ -1,7 +1,8 @@
-"""Usage per model: tokens, cost and latency, summed from results or from a job's Redis counters.
+"""Usage per model: tokens, cost, latency and time to first token, from a job's or a day's Redis counters.
 
-Latency percentiles over a job's counters come from a fixed histogram (bucket upper bounds below), so a
-100k-request job keeps a few dozen numbers, not 100k latencies; they are accurate to the bucket.
+Latency and time-to-first-token (TTFT) percentiles come from fixed histograms (bucket upper bounds below),
+so a 100k-request job keeps a few dozen numbers, not 100k latencies; they are accurate to the bucket.
+TTFT is counted only for answers whose backend could observe it (see ``Generation.first_token_at``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ class ModelUsage(BaseModel):
     retried: int = 0
     latency_sum_s: float = 0.0
     latency_histogram: dict[float, int] = {}
+    ttft_p50_s: float | None = None
+    ttft_p95_s: float | None = None
+    ttft_sum_s: float = 0.0
+    ttft_histogram: dict[float, int] = {}
+
+    @property
+    def ttft_count(self) -> int:
+        """Answers whose time to first token was measured."""
+        return sum(self.ttft_histogram.values())
 
     @property
     def total_tokens(self) -> int:
@@ -52,11 +62,15 @@ def _histogram_percentile(histogram: Mapping[float, int], q: float) -> float | N
     return max(histogram)
 
 
+#: The histograms kept per model: counter ``<kind>|<bucket bound>``, plus ``<kind>_sum``.
+_HISTOGRAMS = ("latency", "ttft")
+
+
 def usage_from_counters(counters: Mapping[str, str], *, by_tenant: bool = False) -> list[ModelUsage]:
     """Usage rows from a counters hash: ``<model>|<counter>`` (a job's), or with ``by_tenant``
     ``<tenant>|<model>|<counter>`` (a day's); see ``inferpool.results``."""
     rows: dict[tuple[str | None, str], ModelUsage] = {}
-    histograms: dict[tuple[str | None, str], dict[float, int]] = {}
+    histograms: dict[tuple[str, str | None, str], dict[float, int]] = {}
     for field, value in counters.items():
         tenant: str | None = None
         if by_tenant:
@@ -64,20 +78,22 @@ def usage_from_counters(counters: Mapping[str, str], *, by_tenant: bool = False)
         model, _, counter = field.partition("|")
         key = (tenant, model)
         row = rows.setdefault(key, ModelUsage(model=model, tenant=tenant))
-        if counter.startswith("latency|"):
-            histograms.setdefault(key, {})[float(counter.removeprefix("latency|"))] = int(value)
+        kind, _, bound = counter.partition("|")
+        if kind in _HISTOGRAMS and bound:
+            histograms.setdefault((kind, tenant, model), {})[float(bound)] = int(value)
         elif counter == "cost_usd":
             row.cost_usd = float(value)
-        elif counter == "latency_sum":
-            row.latency_sum_s = float(value)
+        elif counter in ("latency_sum", "ttft_sum"):
+            setattr(row, f"{counter}_s", float(value))
         elif counter == "retried":
             row.retried = int(value)
         elif counter in ("requests", "errors", "prompt_tokens", "completion_tokens"):
             setattr(row, counter, int(value))
-    for key, histogram in histograms.items():
-        rows[key].latency_histogram = dict(sorted(histogram.items()))
-        rows[key].latency_p50_s = _histogram_percentile(histogram, 0.50)
-        rows[key].latency_p95_s = _histogram_percentile(histogram, 0.95)
+    for (kind, tenant, model), histogram in histograms.items():
+        row = rows[(tenant, model)]
+        setattr(row, f"{kind}_histogram", dict(sorted(histogram.items())))
+        setattr(row, f"{kind}_p50_s", _histogram_percentile(histogram, 0.50))
+        setattr(row, f"{kind}_p95_s", _histogram_percentile(histogram, 0.95))
     return sorted(rows.values(), key=lambda r: (r.tenant or "", r.model))
 
 
@@ -88,15 +104,19 @@ def merge_usage(rows: Iterable[ModelUsage]) -> list[ModelUsage]:
     for row in rows:
         key = (row.tenant, row.model)
         if key not in merged:
-            merged[key] = row.model_copy(update={"latency_histogram": dict(row.latency_histogram)})
+            merged[key] = row.model_copy(
+                update={"latency_histogram": dict(row.latency_histogram), "ttft_histogram": dict(row.ttft_histogram)}
+            )
             continue
         total = merged[key]
         for name in ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_usd", "retried",
-                     "latency_sum_s"):  # fmt: skip
+                     "latency_sum_s", "ttft_sum_s"):  # fmt: skip
             setattr(total, name, getattr(total, name) + getattr(row, name))
-        for bound, count in row.latency_histogram.items():
-            total.latency_histogram[bound] = total.latency_histogram.get(bound, 0) + count
-        for name in ("latency_p50_s", "latency_p95_s"):
-            values = [v for v in (getattr(total, name), getattr(row, name)) if v is not None]
-            setattr(total, name, max(values) if values else None)
+        for kind in _HISTOGRAMS:
+            histogram: dict[float, int] = getattr(total, f"{kind}_histogram")
+            for bound, count in getattr(row, f"{kind}_histogram").items():
+                histogram[bound] = histogram.get(bound, 0) + count
+            for name in (f"{kind}_p50_s", f"{kind}_p95_s"):
+                values = [v for v in (getattr(total, name), getattr(row, name)) if v is not None]
+                setattr(total, name, max(values) if values else None)
     return sorted(merged.values(), key=lambda r: (r.tenant or "", r.model))

@@ -182,6 +182,9 @@ class ServingStats(BaseModel):
     worker: str
     queued_s: float = Field(ge=0.0, description="Enqueue to start of processing.")
     latency_s: float = Field(ge=0.0, description="Start of processing to result written.")
+    ttft_s: float | None = Field(
+        default=None, ge=0.0, description="Start of processing to first output token; None where not measurable."
+    )
     attempts: int = Field(default=1, ge=1)
     cost_usd: float = Field(default=0.0, ge=0.0, description="From the registry's prices.")
 

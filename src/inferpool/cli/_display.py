@@ -58,19 +58,23 @@ def eta_seconds(job: BatchJob) -> float | None:
     return (job.request_counts.total - job.finished) * elapsed / job.finished
 
 
+def _seconds(value: float | None) -> str:
+    """A percentile (a histogram bucket's upper bound) for a table cell; '-' where nothing was measured."""
+    return "-" if value is None else ("> 1000" if value == float("inf") else f"{value:g}")
+
+
 def usage_table(title: str, rows: list[ModelUsage]) -> Table:
     table = Table(title=title)
     with_tenant = any(row.tenant is not None for row in rows)
     columns = ("tenant",) * with_tenant + ("model", "requests", "errors", "prompt tok", "completion tok", "cost $",
-                                           "p50 s", "p95 s")  # fmt: skip
+                                           "p50 s", "p95 s", "ttft p50", "ttft p95")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column in ("model", "tenant") else "right")
     for row in rows:
         cells = [
             row.model, str(row.requests), str(row.errors), str(row.prompt_tokens), str(row.completion_tokens),
             f"{row.cost_usd:.6f}",
-            f"{row.latency_p50_s:g}" if row.latency_p50_s is not None else "-",
-            f"{row.latency_p95_s:g}" if row.latency_p95_s is not None else "-",
+            *(_seconds(value) for value in (row.latency_p50_s, row.latency_p95_s, row.ttft_p50_s, row.ttft_p95_s)),
         ]  # fmt: skip
         table.add_row(*([row.tenant or ""] if with_tenant else []), *cells)
     return table

@@ -22,10 +22,13 @@ from inferpool.client.client import Client
 @click.pass_context
 def stats(ctx: click.Context, since: dt.datetime | None, until: dt.datetime | None, model: str | None,
           tenant: str | None, job_id: str | None, as_json: bool) -> None:  # fmt: skip
-    """Requests, errors, tokens, cost and latency (p50/p95) per tenant and model, counted once per request.
+    """Requests, errors, tokens, cost, latency and time to first token (p50/p95) per tenant and model,
+    counted once per request.
 
     Tenants come from the client (Client(tenant=...) or INFERPOOL_TENANT), else a request's `user` field,
-    else 'default'. Latency percentiles are histogram bucket bounds.
+    else 'default'. Percentiles are histogram bucket bounds. Latency and TTFT run from the moment a worker
+    starts on a request; TTFT is '-' for models whose backend cannot see the first token (non-streaming
+    provider calls).
     """
     with Client(settings=load_settings(ctx)) as client:
         if job_id is not None:

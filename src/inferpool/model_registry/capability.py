@@ -21,8 +21,10 @@ def check_request_fits(spec: ModelSpec, request: ChatRequest) -> None:
         raise CapabilityMismatch(
             f"model {spec.name!r} does not support response_format (capability 'json_mode' is missing)"
         )
-    if request.n != 1:
-        raise InvalidRequest(f"n={request.n} is not supported by model {spec.name!r}; send n=1")
+    if request.logprobs and not caps.logprobs:
+        raise CapabilityMismatch(f"model {spec.name!r} does not return logprobs (capability 'logprobs' is missing)")
+    if request.n > caps.max_n:
+        raise InvalidRequest(f"n={request.n} is more than model {spec.name!r} serves (max_n={caps.max_n}); lower n")
     limit = request.output_limit()
     if limit is not None and limit > caps.max_output_tokens:
         raise InvalidRequest(

@@ -10,7 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from inferpool._exceptions import ModelNotFound, RegistryError
-from inferpool.model_registry.spec import ModelSpec, RegistryFile
+from inferpool.model_registry.spec import ModelSpec, RegistryFile, split_adapter
 
 
 def _describe_validation_error(source: str, data: object, exc: ValidationError) -> str:
@@ -81,10 +81,19 @@ class Registry:
         return isinstance(name, str) and (name in self._models or name in self._aliases)
 
     def get(self, name: str) -> ModelSpec:
-        """The model called ``name`` (or with that alias), or ``ModelNotFound`` listing what exists."""
-        canonical = self._aliases.get(name, name)
+        """The model called ``name`` (or with that alias), or ``ModelNotFound`` listing what exists.
+
+        ``"<model>:<adapter>"`` is the model serving one of its LoRA adapters: the base model's spec,
+        once the adapter is known to be registered.
+        """
+        base, adapter = split_adapter(name)
+        canonical = self._aliases.get(base, base)
         try:
-            return self._models[canonical]
+            spec = self._models[canonical]
         except KeyError:
             known = ", ".join(sorted(self._models)) or "(none)"
-            raise ModelNotFound(f"model {name!r} is not in the registry; known models: {known}") from None
+            raise ModelNotFound(f"model {base!r} is not in the registry; known models: {known}") from None
+        if adapter is not None and adapter not in spec.lora_adapters:
+            adapters = ", ".join(sorted(spec.lora_adapters)) or "(none)"
+            raise ModelNotFound(f"model {spec.name!r} has no LoRA adapter {adapter!r}; its adapters: {adapters}")
+        return spec

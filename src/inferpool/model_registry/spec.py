@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -19,6 +20,8 @@ class Capabilities(BaseModel):
     vision: bool = False
     tools: bool = False
     json_mode: bool = False
+    logprobs: bool = Field(default=False, description="Can return token logprobs (logprobs/top_logprobs).")
+    max_n: int = Field(default=1, ge=1, le=128, description="Largest n (choices per request) it serves.")
     context_window: int = Field(gt=0, description="Prompt plus output tokens the model accepts.")
     max_output_tokens: int = Field(gt=0, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(default=256, gt=0, description="Used when a request sets none.")
@@ -63,7 +66,19 @@ class ModelSpec(BaseModel):
     capabilities: Capabilities
     pricing: Pricing = Field(default_factory=Pricing)
     serving: ServingSpec = Field(default_factory=ServingSpec)
+    lora_adapters: dict[str, Path] = Field(
+        default_factory=dict,
+        description="LoRA adapters (name -> PEFT adapter directory) a request selects with model '<name>:<adapter>'.",
+    )
     description: str = ""
+
+    @field_validator("lora_adapters")
+    @classmethod
+    def _valid_adapter_names(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for name in value:
+            if not _NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid adapter name (letters, digits, '.', '_', '-')")
+        return value
 
     @field_validator("name", "aliases")
     @classmethod
@@ -72,6 +87,12 @@ class ModelSpec(BaseModel):
             if not _NAME.match(name):
                 raise ValueError(f"{name!r} is not a valid model name (letters, digits, '.', '_', '-')")
         return value
+
+
+def split_adapter(model: str) -> tuple[str, str | None]:
+    """``"base:adapter"`` -> ("base", "adapter"); a plain name -> (name, None). Names never contain ':'."""
+    base, sep, adapter = model.partition(":")
+    return (base, adapter) if sep else (model, None)
 
 
 class RegistryFile(BaseModel):

@@ -12,9 +12,9 @@ where ``MyBackend(spec, settings)`` builds a ready-to-serve backend.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from inferpool._exceptions import ConfigurationError, RequestError
 from inferpool.constants import BACKEND_ENTRY_POINT_GROUP
@@ -24,14 +24,31 @@ from inferpool.wire import ChatRequest, FinishReason
 
 
 @dataclass(frozen=True)
+class ExtraChoice:
+    """Choices 1..n-1 of a request with ``n > 1`` (choice 0 is the ``Generation`` itself)."""
+
+    text: str
+    finish_reason: FinishReason
+    logprobs: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class Generation:
-    """One request's answer, as a backend produced it."""
+    """One request's answer, as a backend produced it.
+
+    ``first_token_at`` is the wall-clock time (``time.time()``) the first output token existed, for
+    time-to-first-token; None where the backend cannot know it (a non-streaming provider call).
+    ``completion_tokens`` counts the tokens of every choice.
+    """
 
     text: str
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     attempts: int = 1
+    first_token_at: float | None = field(default=None, compare=False)
+    logprobs: dict[str, Any] | None = None
+    extra_choices: tuple[ExtraChoice, ...] = ()
 
 
 #: A backend answers each request with a ``Generation`` or the ``RequestError`` that stopped it.

@@ -8,6 +8,7 @@ the prompt (all messages) and the answer, so usage is exact and predictable. Par
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -65,7 +66,11 @@ class EchoBackend:
             if cut != -1:
                 text, finish = text[:cut], "stop"
         return Generation(
-            text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=count_words(text)
+            text=text,
+            finish_reason=finish,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=count_words(text),
+            first_token_at=time.time(),  # the whole answer, first token included, exists from this moment
         )
 
     async def aclose(self) -> None:

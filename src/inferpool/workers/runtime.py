@@ -32,7 +32,7 @@ from inferpool.wire import (
     TaskChunk,
     TaskItem,
 )
-from inferpool.workers.backend import Backend, Generation, GenerationOutcome
+from inferpool.workers.backend import Backend, ExtraChoice, Generation, GenerationOutcome
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +167,16 @@ class WorkerRuntime:
             return ResultRecord(item.request_id, False, 0, 0, 0.0, latency, payload, tenant, outcome.attempts)
         cost = self.spec.pricing.cost(outcome.prompt_tokens, outcome.completion_tokens)
         stats["cost_usd"] = cost
+        ttft = None if outcome.first_token_at is None else min(latency, max(0.0, outcome.first_token_at - started))
+        if ttft is not None:
+            stats["ttft_s"] = ttft
         data["response"] = self._completion(outcome, int(now))
         payload = pydantic_core.to_json(data).decode()
         return ResultRecord(item.request_id, True, outcome.prompt_tokens, outcome.completion_tokens, cost, latency,
-                            payload, tenant, outcome.attempts)  # fmt: skip
+                            payload, tenant, outcome.attempts, ttft)  # fmt: skip
 
     def _completion(self, generation: Generation, created: int) -> dict[str, object]:
+        choices: tuple[Generation | ExtraChoice, ...] = (generation, *generation.extra_choices)
         return {
             "id": f"chatcmpl-{secrets.token_hex(16)}",
             "object": "chat.completion",
@@ -180,10 +184,12 @@ class WorkerRuntime:
             "model": self.spec.name,
             "choices": [
                 {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": generation.text},
-                    "finish_reason": generation.finish_reason,
+                    "index": index,
+                    "message": {"role": "assistant", "content": choice.text},
+                    "finish_reason": choice.finish_reason,
+                    "logprobs": choice.logprobs,
                 }
+                for index, choice in enumerate(choices)
             ],
             "usage": {
                 "prompt_tokens": generation.prompt_tokens,

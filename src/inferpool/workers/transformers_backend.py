@@ -1,66 +1,42 @@
-"""The Hugging Face transformers backend.
+"""The Hugging Face transformers backend, with a dynamic batcher.
 
-The model is loaded once, in the process that serves it, and every ``generate`` call runs on one
-dedicated thread (a transformers model is not safe to call from several threads at once). Requests that
-arrive together are grouped by sampling settings, left-padded and generated in one batch; per-request
-``max_tokens`` and stop sequences are applied to each row afterwards.
+The model is loaded once, in the process that serves it. Every request, whichever chunk or thread it
+came from, goes through one ``DynamicBatcher``: requests that arrive together (within ``max_wait_ms``,
+up to ``max_batch_size``) and share sampling settings and LoRA adapter are left-padded and generated in
+one ``generate`` call. Inside a batch each row stops on its own (its ``max_tokens``, its stop sequences,
+end of sequence) through a per-row stopping criterion, and the batch ends when every row has stopped.
+The first call of that criterion is the moment the batch's first tokens exist: time to first token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections import defaultdict
+import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 
-from inferpool._exceptions import ContextLengthExceeded, InvalidRequest, ModelLoadError, RequestError
-from inferpool.model_registry.checkpoints import ensure_hf_checkpoint, package_file
+from inferpool._exceptions import InvalidRequest, ModelLoadError, RequestError
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
 from inferpool.wire import ChatRequest, FinishReason
 from inferpool.workers.backend import Generation, GenerationOutcome
+from inferpool.workers.batcher import DynamicBatcher
+from inferpool.workers.local_model import CheckpointParams, chat_prompt_ids, output_budget, requested_adapter
 
 
-class TransformersParams(BaseModel):
-    """Registry ``params`` for the transformers backend: a checkpoint directory, or a GGUF file to convert."""
+class TransformersParams(CheckpointParams):
+    """Registry ``params`` for the transformers backend."""
 
-    model_config = ConfigDict(extra="forbid")
-    path: Path | None = Field(default=None, description="A Hugging Face checkpoint directory.")
-    gguf_path: Path | None = Field(default=None, description="A GGUF file, converted once into the cache.")
-    gguf_package: str | None = Field(default=None, description="Python package that ships the GGUF file.")
-    gguf_file: str | None = Field(default=None, description="GGUF file name inside gguf_package.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field(default="auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'...")
-    max_batch_size: int = Field(default=8, ge=1)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> TransformersParams:
-        sources = [self.path is not None, self.gguf_path is not None, self.gguf_package is not None]
-        if sum(sources) != 1:
-            raise ValueError("give exactly one of path, gguf_path or gguf_package (+ gguf_file)")
-        if self.gguf_package is not None and not self.gguf_file:
-            raise ValueError("gguf_package needs gguf_file")
-        return self
-
-    def checkpoint_dir(self, cache_dir: Path) -> Path:
-        if self.path is not None:
-            if not self.path.is_dir():
-                raise ModelLoadError(f"checkpoint directory {self.path} does not exist")
-            return self.path
-        gguf = self.gguf_path
-        if gguf is None:
-            assert self.gguf_package is not None
-            assert self.gguf_file is not None
-            gguf = package_file(self.gguf_package, self.gguf_file)
-        elif not gguf.is_file():
-            raise ModelLoadError(f"GGUF file {gguf} does not exist")
-        return ensure_hf_checkpoint(gguf, cache_dir)
+    max_batch_size: int = Field(default=8, ge=1, description="Most requests generated together.")
+    max_wait_ms: float = Field(default=5.0, ge=0.0, description="How long to collect requests for a batch.")
 
 
 @dataclass(frozen=True)
@@ -76,11 +52,15 @@ class _Sampling:
 
 @dataclass(frozen=True)
 class _Prepared:
-    index: int
     prompt_ids: list[int]
     max_new_tokens: int
     stops: list[str]
     sampling: _Sampling
+    adapter: str | None
+
+    @property
+    def batch_key(self) -> tuple[_Sampling, str | None]:
+        return self.sampling, self.adapter
 
 
 class TransformersBackend:
@@ -109,7 +89,7 @@ class TransformersBackend:
             model: Any = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype_name))
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"model {spec.name!r}: cannot load checkpoint {checkpoint}: {exc}") from exc
-        self.model: Any = model.to(device).eval()
+        self.model: Any = self._with_adapters(model.to(device)).eval()
         self.device = device
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -118,79 +98,96 @@ class TransformersBackend:
         self._eos_ids = {int(e) for e in eos_ids if e is not None} | {int(self.tokenizer.eos_token_id)}
         model_window = getattr(self.model.config, "max_position_embeddings", None) or spec.capabilities.context_window
         self.context_window = min(spec.capabilities.context_window, int(model_window))
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"generate-{spec.name}")
+        self.batcher: DynamicBatcher[_Prepared, Generation] = DynamicBatcher(
+            self._run_batch,
+            key=lambda prepared: prepared.batch_key,
+            max_batch_size=self.params.max_batch_size,
+            max_wait_s=self.params.max_wait_ms / 1000,
+            name=f"generate-{spec.name}",
+        )
+
+    def _with_adapters(self, model: Any) -> Any:
+        """Wrap ``model`` with the registry's LoRA adapters (peft), if it lists any."""
+        if not self.spec.lora_adapters:
+            return model
+        try:
+            from peft import PeftModel
+        except ImportError as exc:
+            raise ModelLoadError(f"model {self.spec.name!r} lists LoRA adapters; install peft to serve them") from exc
+        wrapped: Any = None
+        for name, path in self.spec.lora_adapters.items():
+            if not Path(path).is_dir():
+                raise ModelLoadError(f"model {self.spec.name!r}: LoRA adapter {name!r}: {path} is not a directory")
+            if wrapped is None:
+                wrapped = PeftModel.from_pretrained(model, str(path), adapter_name=name)
+            else:
+                wrapped.load_adapter(str(path), adapter_name=name)
+        return wrapped
 
     async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._generate_blocking, list(requests))
+        return list(await asyncio.gather(*(self._generate_one(request) for request in requests)))
+
+    async def _generate_one(self, request: ChatRequest) -> GenerationOutcome:
+        try:
+            prepared = self._prepare(request)
+        except RequestError as exc:
+            return exc
+        return await self.batcher.submit(prepared)
 
     async def aclose(self) -> None:
-        self._executor.shutdown(wait=True)
+        self.batcher.close()
 
-    # -- blocking part, always on the backend's single generate thread --------------------------------
-
-    def _generate_blocking(self, requests: list[ChatRequest]) -> list[GenerationOutcome]:
-        outcomes: dict[int, GenerationOutcome] = {}
-        groups: dict[_Sampling, list[_Prepared]] = defaultdict(list)
-        for index, request in enumerate(requests):
-            try:
-                prepared = self._prepare(index, request)
-            except RequestError as exc:
-                outcomes[index] = exc
-                continue
-            groups[prepared.sampling].append(prepared)
-        size = self.params.max_batch_size
-        for members in groups.values():
-            for start in range(0, len(members), size):
-                outcomes.update(self._run_batch(members[start : start + size]))
-        return [outcomes[i] for i in range(len(requests))]
-
-    def _prepare(self, index: int, request: ChatRequest) -> _Prepared:
+    def _prepare(self, request: ChatRequest) -> _Prepared:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(request, name):
                 raise InvalidRequest(f"{name} is not supported by the transformers backend; leave it out or set 0")
-        if request.logprobs:
-            raise InvalidRequest("logprobs are not supported by the transformers backend; leave them out")
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages
-        ]
-        try:
-            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # jinja template errors carry the useful message
-            raise InvalidRequest(f"the model's chat template rejected these messages: {exc}") from exc
-        prompt_ids: list[int] = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        max_new = request.output_limit() or self.spec.capabilities.default_max_tokens
-        if len(prompt_ids) + max_new > self.context_window:
-            raise ContextLengthExceeded(
-                f"the prompt is {len(prompt_ids)} tokens and max_tokens is {max_new}, more than model "
-                f"{self.spec.name!r}'s context window of {self.context_window}; shorten the prompt or lower max_tokens"
-            )
+        if request.response_format and request.response_format.get("type", "text") != "text":
+            raise InvalidRequest("response_format is not supported by the transformers backend; leave it out")
+        adapter = requested_adapter(self.spec, request)
+        prompt_ids = chat_prompt_ids(self.tokenizer, request)
+        max_new = output_budget(self.spec, request, len(prompt_ids), self.context_window)
         temperature = 1.0 if request.temperature is None else request.temperature
         sampling = _Sampling(temperature=temperature, top_p=request.top_p or 1.0, seed=request.seed)
-        return _Prepared(index, prompt_ids, max_new, request.stop_sequences(), sampling)
+        return _Prepared(prompt_ids, max_new, request.stop_sequences(), sampling, adapter[0] if adapter else None)
 
-    def _run_batch(self, batch: list[_Prepared]) -> dict[int, GenerationOutcome]:
+    # -- on the batcher's thread -----------------------------------------------------------------------
+
+    def _run_batch(self, batch: list[_Prepared]) -> list[Generation]:
         torch = self._torch
         width = max(len(p.prompt_ids) for p in batch)
         pad = int(self.tokenizer.pad_token_id)
         input_ids = torch.tensor([[pad] * (width - len(p.prompt_ids)) + p.prompt_ids for p in batch])
         mask = torch.tensor([[0] * (width - len(p.prompt_ids)) + [1] * len(p.prompt_ids) for p in batch])
-        sampling = batch[0].sampling
-        kwargs: dict[str, Any] = {"max_new_tokens": max(p.max_new_tokens for p in batch), "pad_token_id": pad}
+        sampling, adapter = batch[0].batch_key
+        rows = _RowStops(batch, width, self.tokenizer, torch)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max(p.max_new_tokens for p in batch),
+            "pad_token_id": pad,
+            "stopping_criteria": [rows],
+        }
         if sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=None)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._adapter(adapter):
             output = self.model.generate(
                 input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kwargs
             )
         new_tokens = output[:, width:].tolist()
-        return {p.index: self._finish(p, tokens) for p, tokens in zip(batch, new_tokens, strict=True)}
+        return [self._finish(p, tokens, rows.first_token_at) for p, tokens in zip(batch, new_tokens, strict=True)]
 
-    def _finish(self, prepared: _Prepared, tokens: list[int]) -> Generation:
+    def _adapter(self, adapter: str | None) -> Any:
+        """A context in which the model runs with ``adapter`` (None: the base model)."""
+        if not self.spec.lora_adapters:
+            return contextlib.nullcontext()
+        if adapter is None:
+            return self.model.disable_adapter()
+        self.model.set_adapter(adapter)
+        return contextlib.nullcontext()
+
+    def _finish(self, prepared: _Prepared, tokens: list[int], first_token_at: float | None) -> Generation:
         tokens = tokens[: prepared.max_new_tokens]
         finish: FinishReason = "length"
         for position, token in enumerate(tokens):
@@ -208,4 +205,39 @@ class TransformersBackend:
             finish_reason=finish,
             prompt_tokens=len(prepared.prompt_ids),
             completion_tokens=completion_tokens,
+            first_token_at=first_token_at,
         )
+
+
+class _RowStops:
+    """A per-row stopping criterion: row i is done at its own max_tokens or stop sequence.
+
+    transformers calls it after every generated token with the whole sequences; it answers one bool per
+    row, and ``generate`` pads finished rows and returns once all are done (end of sequence is handled by
+    transformers itself).
+    """
+
+    def __init__(self, batch: list[_Prepared], width: int, tokenizer: Any, torch: Any) -> None:
+        self._batch = batch
+        self._width = width
+        self._tokenizer = tokenizer
+        self._torch = torch
+        self._done = [False] * len(batch)
+        # A stop string of n characters spans at most n tokens; one more covers a token cut at its start.
+        self._tail = [max((len(s) for s in p.stops), default=0) + 1 for p in batch]
+        self.first_token_at: float | None = None
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        if self.first_token_at is None:
+            self.first_token_at = time.time()
+        generated = input_ids.shape[1] - self._width
+        for row, prepared in enumerate(self._batch):
+            if self._done[row]:
+                continue
+            if generated >= prepared.max_new_tokens:
+                self._done[row] = True
+            elif prepared.stops:
+                tail = input_ids[row, max(self._width, input_ids.shape[1] - self._tail[row]) :].tolist()
+                text = self._tokenizer.decode(tail, skip_special_tokens=True)
+                self._done[row] = any(stop in text for stop in prepared.stops)
+        return self._torch.tensor(self._done, dtype=self._torch.bool, device=input_ids.device)

@@ -1,0 +1,82 @@
+"""What the local-model backends (transformers, vLLM) share: where the checkpoint comes from, the chat
+prompt, the context-window check and LoRA adapter selection.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from inferpool._exceptions import ContextLengthExceeded, InvalidRequest, ModelLoadError
+from inferpool.model_registry.checkpoints import ensure_hf_checkpoint, package_file
+from inferpool.model_registry.spec import ModelSpec, split_adapter
+from inferpool.wire import ChatRequest
+
+
+class CheckpointParams(BaseModel):
+    """Registry ``params`` naming a local model: a checkpoint directory, or a GGUF file to convert once."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: Path | None = Field(default=None, description="A Hugging Face checkpoint directory.")
+    gguf_path: Path | None = Field(default=None, description="A GGUF file, converted once into the cache.")
+    gguf_package: str | None = Field(default=None, description="Python package that ships the GGUF file.")
+    gguf_file: str | None = Field(default=None, description="GGUF file name inside gguf_package.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CheckpointParams:
+        sources = [self.path is not None, self.gguf_path is not None, self.gguf_package is not None]
+        if sum(sources) != 1:
+            raise ValueError("give exactly one of path, gguf_path or gguf_package (+ gguf_file)")
+        if self.gguf_package is not None and not self.gguf_file:
+            raise ValueError("gguf_package needs gguf_file")
+        return self
+
+    def checkpoint_dir(self, cache_dir: Path) -> Path:
+        if self.path is not None:
+            if not self.path.is_dir():
+                raise ModelLoadError(f"checkpoint directory {self.path} does not exist")
+            return self.path
+        gguf = self.gguf_path
+        if gguf is None:
+            assert self.gguf_package is not None
+            assert self.gguf_file is not None
+            gguf = package_file(self.gguf_package, self.gguf_file)
+        elif not gguf.is_file():
+            raise ModelLoadError(f"GGUF file {gguf} does not exist")
+        return ensure_hf_checkpoint(gguf, cache_dir)
+
+
+def chat_prompt_ids(tokenizer: Any, request: ChatRequest) -> list[int]:
+    """The request's messages through the model's chat template, ending with the assistant's turn."""
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages]
+    try:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # jinja template errors carry the useful message
+        raise InvalidRequest(f"the model's chat template rejected these messages: {exc}") from exc
+    ids: list[int] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def output_budget(spec: ModelSpec, request: ChatRequest, prompt_tokens: int, context_window: int) -> int:
+    """The request's max new tokens, or ``ContextLengthExceeded`` if prompt plus output cannot fit."""
+    max_new = request.output_limit() or spec.capabilities.default_max_tokens
+    if prompt_tokens + max_new > context_window:
+        raise ContextLengthExceeded(
+            f"the prompt is {prompt_tokens} tokens and max_tokens is {max_new}, more than model "
+            f"{spec.name!r}'s context window of {context_window}; shorten the prompt or lower max_tokens"
+        )
+    return max_new
+
+
+def requested_adapter(spec: ModelSpec, request: ChatRequest) -> tuple[str, Path] | None:
+    """The LoRA adapter (name, path) a request selects with ``model: "<model>:<adapter>"``, or None."""
+    adapter = split_adapter(request.model)[1]
+    if adapter is None:
+        return None
+    path = spec.lora_adapters.get(adapter)
+    if path is None:
+        known = ", ".join(sorted(spec.lora_adapters)) or "(none)"
+        raise InvalidRequest(f"model {spec.name!r} has no LoRA adapter {adapter!r}; its adapters: {known}")
+    return adapter, path

