@@ -54,3 +54,16 @@ def test_metrics_during_and_after_a_job(settings: Settings, metrics_port: int) -
     assert after[("inferpool_completion_tokens_total", labels)] == 900
     assert after[("inferpool_request_latency_seconds_count", labels)] == 300
     assert after[("inferpool_request_latency_seconds_sum", labels)] > 0
+    # echo answers all at once: its first token exists when the answer does, so every answer has a TTFT.
+    assert after[("inferpool_time_to_first_token_seconds_count", labels)] == 300
+    assert 0 < after[("inferpool_time_to_first_token_seconds_sum", labels)]
+    assert (
+        after[("inferpool_time_to_first_token_seconds_sum", labels)]
+        <= after[("inferpool_request_latency_seconds_sum", labels)]
+    )
+    with Client(settings=settings) as client:
+        [usage] = client.usage(tenant=tenant)
+    assert usage.ttft_count == 300
+    assert usage.ttft_p50_s is not None
+    assert usage.latency_p95_s is not None
+    assert usage.ttft_p50_s <= usage.latency_p95_s
