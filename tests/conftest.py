@@ -156,7 +156,8 @@ def api_worker_env(emulator: ProviderEmulator) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def api_workers(redis_url: str, session_dir: Path, api_worker_env: dict[str, str]) -> Iterator[list[WorkerProcess]]:
     """Workers for the emulated API models; two share emu-gpt-limited's rate limit."""
-    models = ["emu-gpt", "emu-claude", "emu-gpt-limited", "emu-gpt-limited", "emu-gpt-badkey"]
+    models = ["emu-gpt", "emu-claude", "emu-gpt-stream", "emu-claude-stream", "emu-gpt-limited", "emu-gpt-limited",
+              "emu-gpt-badkey"]  # fmt: skip
     workers = _start_workers(redis_url, session_dir, *models, env=api_worker_env)
     yield workers
     _stop_workers(workers)

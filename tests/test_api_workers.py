@@ -26,10 +26,10 @@ def line(custom_id: str, model: str, text: str, **body: object) -> str:
 
 @pytest.fixture
 def quiet_emulator(emulator: ProviderEmulator) -> Iterator[ProviderEmulator]:
-    emulator.configure(faults={}, latency_s=0.0)
+    emulator.configure(faults={}, latency_s=0.0, token_latency_s=0.0)
     emulator.reset_counts()
     yield emulator
-    emulator.configure(faults={}, latency_s=0.0)
+    emulator.configure(faults={}, latency_s=0.0, token_latency_s=0.0)
 
 
 def test_openai_model_through_the_pool(client: Client, quiet_emulator: ProviderEmulator) -> None:
@@ -58,6 +58,33 @@ def test_anthropic_translation_both_ways(client: Client, quiet_emulator: Provide
     assert stopped.choices[0].finish_reason == "stop"
 
 
+@pytest.mark.parametrize(("plain", "streamed"), [("emu-gpt", "emu-gpt-stream"), ("emu-claude", "emu-claude-stream")])
+def test_streaming_calls_give_the_same_answers_and_time_to_first_token(
+    client: Client, quiet_emulator: ProviderEmulator, plain: str, streamed: str
+) -> None:
+    quiet_emulator.configure(latency_s=0.3, token_latency_s=0.05)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one two three four five six"}]
+    variants: list[dict[str, object]] = [{}, {"max_tokens": 3}, {"stop": [" four"]}]
+    for extra in variants:
+        body = {"messages": messages, "max_tokens": 20, **extra}
+        expected = client.submit({"model": plain, **body}).result(30)
+        got = client.submit({"model": streamed, **body}).result(30)
+        assert expected.response is not None
+        assert got.response is not None
+        assert got.response.text == expected.response.text
+        assert got.response.choices[0].finish_reason == expected.response.choices[0].finish_reason
+        assert got.response.usage == expected.response.usage
+        assert expected.stats is not None
+        assert got.stats is not None
+        assert expected.stats.ttft_s is None  # a plain call cannot see its first token
+        assert got.stats.ttft_s is not None
+        # The emulator waits 0.3 s before the first token and 0.05 s between tokens (at least 2 more).
+        assert got.stats.ttft_s >= 0.3
+        assert got.stats.latency_s - got.stats.ttft_s >= 0.1
+    [usage] = [row for row in client.usage(model=streamed) if row.tenant == "default"]
+    assert usage.ttft_count >= 3
+
+
 def test_requests_anthropic_cannot_serve_fail_clearly(client: Client, quiet_emulator: ProviderEmulator) -> None:
     with pytest.raises(InvalidRequest, match="temperature above 1"):
         client.chat("emu-claude", [{"role": "user", "content": "hi"}], temperature=1.5, timeout=30)
@@ -74,7 +101,8 @@ def test_wrong_key_fails_at_once_without_retries(client: Client, quiet_emulator:
 
 def test_injected_faults_end_in_exactly_one_result_each(client: Client, quiet_emulator: ProviderEmulator) -> None:
     quiet_emulator.configure(faults={"429": 0.05, "500": 0.05, "timeout": 0.05, "garbage": 0.05})
-    lines = [line(f"f{i}", "emu-gpt" if i % 2 else "emu-claude", f"fault test {i}") for i in range(200)]
+    models = ["emu-gpt", "emu-claude", "emu-gpt-stream", "emu-claude-stream"]
+    lines = [line(f"f{i}", models[i % 4], f"fault test {i}") for i in range(200)]
     job = client.batches.create(lines)
     done = client.batches.wait(job.id, timeout=300, poll_s=0.2)
     assert done.status == JobStatus.COMPLETED

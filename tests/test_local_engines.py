@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from inferpool import Client, JobStatus, Settings
-from inferpool.local_pool import LocalPool, start_worker_process
+from inferpool.local_pool import LocalPool, start_worker_process, stop_process
 from inferpool.model_registry.checkpoints import ensure_hf_checkpoint, package_file
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -29,7 +29,7 @@ TIMEOUT_S = 600
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 ENGINES = {
-    "transformers": {"max_batch_size": 16, "max_wait_ms": 5},
+    "transformers": {"max_batch_size": 16},
     "vllm": {"max_model_len": 2048, "enforce_eager": True, "gpu_memory_utilization": 0.3, "max_lora_rank": 8,
              "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}},
 }  # fmt: skip
@@ -97,6 +97,10 @@ def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
            "VLLM_CACHE_ROOT": str(workdir / "vllm-cache"), "TMPDIR": str(workdir)}  # fmt: skip
     with LocalPool([model], env=env) as pool:
         yield Engine(model, Settings(redis_url=pool.redis_url, registry=[registry]), pool, adapter_answer)
+        # A warm shutdown (SIGTERM) releases the engine and exits cleanly.
+        worker = pool.workers[0]
+        stop_process(worker.proc, grace_s=60)
+        assert worker.proc.returncode == 0, worker.log_path.read_text()[-3000:]
 
 
 @pytest.fixture

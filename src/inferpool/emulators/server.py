@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import math
 import random
 import threading
@@ -24,7 +25,8 @@ class WindowLimit(BaseModel):
 
 
 class EmulatorConfig(BaseModel):
-    latency_s: float = Field(default=0.0, ge=0)
+    latency_s: float = Field(default=0.0, ge=0, description="Wait before answering (before the first token).")
+    token_latency_s: float = Field(default=0.0, ge=0, description="Wait between streamed tokens (stream: true).")
     faults: dict[str, float] = Field(default_factory=dict, description="fault -> probability, faults in FAULTS")
     timeout_sleep_s: float = Field(default=30.0, description="How long a 'timeout' fault keeps the request.")
     limits: dict[str, WindowLimit] = Field(default_factory=dict, description="requested model -> limit")
@@ -170,14 +172,39 @@ class ProviderEmulator:
         messages = body.get("messages", [])
         prompt_words = sum(len(_text(m.get("content")).split()) for m in messages)
         text, finish = _answer(messages, body.get("max_completion_tokens") or body.get("max_tokens"), body.get("stop"))
+        usage = {"prompt_tokens": prompt_words, "completion_tokens": len(text.split()),
+                 "total_tokens": prompt_words + len(text.split())}  # fmt: skip
+        head = {"id": f"chatcmpl-emu{self.counts['received']}", "created": int(time.time()), "model": body.get("model")}
+        headers = {"x-ratelimit-remaining-requests": "1000"}
+        if body.get("stream"):
+            events = [{**head, "object": "chat.completion.chunk",
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+                      for delta, reason in _openai_deltas(text, finish)]  # fmt: skip
+            if (body.get("stream_options") or {}).get("include_usage"):
+                events.append({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+            return await self._stream(request, [(None, e) for e in events], headers, done_marker=True)
         return web.json_response({
-            "id": f"chatcmpl-emu{self.counts['received']}", "object": "chat.completion", "created": int(time.time()),
-            "model": body.get("model"),
+            **head, "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                          "logprobs": None}],
-            "usage": {"prompt_tokens": prompt_words, "completion_tokens": len(text.split()),
-                      "total_tokens": prompt_words + len(text.split())},
-        }, headers={"x-ratelimit-remaining-requests": "1000"})  # fmt: skip
+            "usage": usage,
+        }, headers=headers)  # fmt: skip
+
+    async def _stream(self, request: web.Request, events: list[tuple[str | None, dict[str, Any]]],
+                      headers: dict[str, str], *, done_marker: bool = False) -> web.StreamResponse:  # fmt: skip
+        """Server-sent events, ``token_latency_s`` apart: (event name or None, data) each."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               **headers})  # fmt: skip
+        await response.prepare(request)
+        for index, (name, data) in enumerate(events):
+            if index and self.config.token_latency_s:
+                await asyncio.sleep(self.config.token_latency_s)
+            prefix = f"event: {name}\n" if name else ""
+            await response.write(f"{prefix}data: {json.dumps(data)}\n\n".encode())
+        if done_marker:
+            await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
     async def _anthropic(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -193,11 +220,43 @@ class ProviderEmulator:
         stop_reason = {"stop": "end_turn", "length": "max_tokens"}[finish]
         if finish == "stop" and body.get("stop_sequences") and text != _full_answer(messages):
             stop_reason = "stop_sequence"
+        message = {"id": f"msg_emu{self.counts['received']}", "type": "message", "role": "assistant",
+                   "model": body.get("model"), "stop_sequence": None}  # fmt: skip
+        output_tokens = len(text.split())
+        if body.get("stream"):
+            events: list[tuple[str | None, dict[str, Any]]] = [
+                ("message_start", {"type": "message_start", "message": {**message, "content": [], "stop_reason": None,
+                                   "usage": {"input_tokens": prompt_words, "output_tokens": 0}}}),
+                ("content_block_start", {"type": "content_block_start", "index": 0,
+                                         "content_block": {"type": "text", "text": ""}}),
+                *(("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                           "delta": {"type": "text_delta", "text": piece}})
+                  for piece in _pieces(text)),
+                ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                ("message_delta", {"type": "message_delta",
+                                   "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                                   "usage": {"output_tokens": output_tokens}}),
+                ("message_stop", {"type": "message_stop"}),
+            ]  # fmt: skip
+            return await self._stream(request, events, {})
         return web.json_response({
-            "id": f"msg_emu{self.counts['received']}", "type": "message", "role": "assistant",
-            "model": body.get("model"), "content": [{"type": "text", "text": text}], "stop_reason": stop_reason,
-            "stop_sequence": None, "usage": {"input_tokens": prompt_words, "output_tokens": len(text.split())},
+            **message, "content": [{"type": "text", "text": text}], "stop_reason": stop_reason,
+            "usage": {"input_tokens": prompt_words, "output_tokens": output_tokens},
         })  # fmt: skip
+
+
+def _pieces(text: str) -> list[str]:
+    """The answer as streamed tokens: its words, each after the first with its leading space."""
+    words = text.split(" ")
+    return [word if index == 0 else f" {word}" for index, word in enumerate(words) if word or index == 0]
+
+
+def _openai_deltas(text: str, finish: str) -> list[tuple[dict[str, Any], str | None]]:
+    """(delta, finish_reason) of each chunk: the role, one token each, then the finish reason."""
+    deltas: list[tuple[dict[str, Any], str | None]] = [({"role": "assistant", "content": ""}, None)]
+    deltas += [({"content": piece}, None) for piece in _pieces(text) if piece]
+    deltas.append(({}, finish))
+    return deltas
 
 
 def _text(content: Any) -> str:

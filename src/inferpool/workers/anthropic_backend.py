@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from inferpool._exceptions import InvalidRequest
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
 from inferpool.wire import ChatRequest, FinishReason
-from inferpool.workers.api_backend import ApiBackend, ProviderReply, classify_sdk_error, maybe_await
+from inferpool.workers.api_backend import ApiBackend, ApiFailure, ProviderReply, classify_sdk_error, maybe_await
 from inferpool.workers.backend import Generation
 
 _FINISH: dict[str, FinishReason] = {
@@ -58,6 +59,8 @@ class AnthropicBackend(ApiBackend):
         return arguments
 
     async def call(self, arguments: dict[str, Any]) -> ProviderReply:
+        if self.params.stream:
+            return await self._call_streaming(arguments)
         try:
             raw = await self._client.messages.with_raw_response.create(**arguments)
             message = await maybe_await(raw.parse())  # async clients return a coroutine here
@@ -69,6 +72,37 @@ class AnthropicBackend(ApiBackend):
             finish_reason=_FINISH.get(message.stop_reason or "end_turn", "stop"),
             prompt_tokens=message.usage.input_tokens,
             completion_tokens=message.usage.output_tokens,
+        )
+        return ProviderReply(generation, dict(raw.headers))
+
+    async def _call_streaming(self, arguments: dict[str, Any]) -> ProviderReply:
+        """The same call as an event stream: the first text delta is the first token."""
+        first_token_at: float | None = None
+        parts: list[str] = []
+        stop_reason: str | None = None
+        input_tokens = output_tokens = 0
+        try:
+            raw = await self._client.messages.with_raw_response.create(**arguments, stream=True)
+            stream = await maybe_await(raw.parse())
+            async for event in stream:
+                if event.type == "message_start":
+                    input_tokens = event.message.usage.input_tokens
+                elif event.type == "content_block_delta" and getattr(event.delta, "type", "") == "text_delta":
+                    first_token_at = first_token_at or time.time()
+                    parts.append(event.delta.text)
+                elif event.type == "message_delta":
+                    stop_reason = event.delta.stop_reason or stop_reason
+                    output_tokens = event.usage.output_tokens
+        except Exception as exc:  # classify_sdk_error re-raises anything it does not recognise
+            raise classify_sdk_error(exc, self._sdk) from exc
+        if stop_reason is None:
+            raise ApiFailure("the stream ended before the answer did (no stop_reason)", retryable=True)
+        generation = Generation(
+            text="".join(parts),
+            finish_reason=_FINISH.get(stop_reason, "stop"),
+            prompt_tokens=input_tokens,
+            completion_tokens=output_tokens,
+            first_token_at=first_token_at,
         )
         return ProviderReply(generation, dict(raw.headers))
 

@@ -47,6 +47,10 @@ class ApiParams(BaseModel):
     backoff_max_s: float = Field(default=30.0, ge=0)
     max_concurrency: int = Field(default=64, ge=1, description="Requests in flight per worker process.")
     rate_limit: RateLimitSpec | None = None
+    stream: bool = Field(
+        default=False,
+        description="Call the provider with streaming, to record time to first token (the answer is the same).",
+    )
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """A dynamic batcher: requests submitted by many coroutines run together, in batches, on one thread.
 
-A model that is not safe to call from several threads (transformers) gets one ``DynamicBatcher``. It
-collects requests for up to ``max_wait_s`` (only while it has fewer than ``max_batch_size`` compatible
-requests), then runs one batch of requests that share a key (the same sampling settings and adapter).
-While a batch runs, new requests queue up, so a busy worker starts its next batch full and at once.
+A model that is not safe to call from several threads (transformers) gets one ``DynamicBatcher``. While
+it has fewer than ``max_batch_size`` compatible requests it keeps collecting, for as long as requests keep
+arriving (each within ``gap_s`` of the last) and at most ``max_wait_s`` in all; then it runs one batch of
+requests that share a key (the same sampling settings and adapter). A lone request therefore waits only
+``gap_s``, while a burst (the chunks of a batch job reaching a worker one after another) is gathered into
+full batches. While a batch runs, new requests queue up, so a busy worker starts its next batch at once.
 """
 
 from __future__ import annotations
@@ -48,12 +50,14 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         key: Callable[[ItemT], Hashable],
         max_batch_size: int,
         max_wait_s: float,
+        gap_s: float | None = None,
         name: str = "batcher",
     ) -> None:
         self._run_batch = run_batch
         self._key = key
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        self.gap_s = max_wait_s if gap_s is None else min(gap_s, max_wait_s)
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._waiting: list[_Waiting[ItemT, ResultT]] = []
         self._closed = False
@@ -84,18 +88,19 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         stopping = False
         while not (stopping and not self._waiting):
             if not self._waiting:
-                stopping = self._receive(block=True, timeout=None) or stopping
+                stopping = bool(self._receive(block=True, timeout=None)) or stopping
                 continue
             stopping = self._collect() or stopping
             batch = self._take_batch()
             self._run(batch)
 
-    def _receive(self, *, block: bool, timeout: float | None) -> bool:
-        """Move one message from the inbox to the waiting list; True if it was the stop signal."""
+    def _receive(self, *, block: bool, timeout: float | None) -> bool | None:
+        """Move one message from the inbox to the waiting list. True if it was the stop signal, None if
+        nothing came."""
         try:
             message = self._inbox.get(block=block, timeout=timeout)
         except queue.Empty:
-            return False
+            return None
         if message is _STOP:
             return True
         assert isinstance(message, _Waiting)
@@ -103,18 +108,22 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         return False
 
     def _collect(self) -> bool:
-        """Take in more work: everything already queued, then wait up to ``max_wait_s`` while the head's
-        batch is not full. True if the stop signal arrived."""
+        """Take in everything already queued, then, while the head's batch is not full, keep taking
+        requests as long as each comes within ``gap_s`` and ``max_wait_s`` has not passed. True if the
+        stop signal arrived."""
         stopping = False
         while not self._inbox.empty():
-            stopping = self._receive(block=False, timeout=None) or stopping
+            stopping = bool(self._receive(block=False, timeout=None)) or stopping
         deadline = time.monotonic() + self.max_wait_s
         head = self._waiting[0].key
         while not stopping and sum(1 for w in self._waiting if w.key == head) < self.max_batch_size:
-            remaining = deadline - time.monotonic()
+            remaining = min(deadline - time.monotonic(), self.gap_s)
             if remaining <= 0:
                 break
-            stopping = self._receive(block=True, timeout=remaining)
+            received = self._receive(block=True, timeout=remaining)
+            if received is None:  # a quiet gap: the burst is over
+                break
+            stopping = received
         return stopping
 
     def _take_batch(self) -> list[_Waiting[ItemT, ResultT]]:

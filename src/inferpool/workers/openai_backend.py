@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from inferpool.model_registry.spec import ModelSpec
@@ -37,6 +38,8 @@ class OpenAIBackend(ApiBackend):
         return body
 
     async def call(self, arguments: dict[str, Any]) -> ProviderReply:
+        if self.params.stream:
+            return await self._call_streaming(arguments)
         try:
             raw = await self._client.chat.completions.with_raw_response.create(**arguments)
             completion = await maybe_await(raw.parse())  # async clients return a coroutine here
@@ -51,6 +54,39 @@ class OpenAIBackend(ApiBackend):
             finish_reason=_FINISH.get(choice.finish_reason or "stop", "stop"),
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
+        )
+        return ProviderReply(generation, dict(raw.headers))
+
+    async def _call_streaming(self, arguments: dict[str, Any]) -> ProviderReply:
+        """The same call as a server-sent-event stream: the first content delta is the first token."""
+        first_token_at: float | None = None
+        parts: list[str] = []
+        finish: str | None = None
+        usage: Any = None
+        try:
+            raw = await self._client.chat.completions.with_raw_response.create(
+                **arguments, stream=True, stream_options={"include_usage": True}
+            )
+            stream = await maybe_await(raw.parse())
+            async for chunk in stream:
+                usage = chunk.usage or usage
+                for choice in chunk.choices:
+                    if choice.index != 0:
+                        continue
+                    if choice.delta is not None and choice.delta.content:
+                        first_token_at = first_token_at or time.time()
+                        parts.append(choice.delta.content)
+                    finish = choice.finish_reason or finish
+        except Exception as exc:  # classify_sdk_error re-raises anything it does not recognise
+            raise classify_sdk_error(exc, self._sdk) from exc
+        if finish is None:
+            raise ApiFailure("the stream ended before the answer did (no finish_reason)", retryable=True)
+        generation = Generation(
+            text="".join(parts),
+            finish_reason=_FINISH.get(finish, "stop"),
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            first_token_at=first_token_at,
         )
         return ProviderReply(generation, dict(raw.headers))
 

@@ -1,10 +1,11 @@
 """The Hugging Face transformers backend, with a dynamic batcher.
 
 The model is loaded once, in the process that serves it. Every request, whichever chunk or thread it
-came from, goes through one ``DynamicBatcher``: requests that arrive together (within ``max_wait_ms``,
-up to ``max_batch_size``) and share sampling settings and LoRA adapter are left-padded and generated in
-one ``generate`` call. Inside a batch each row stops on its own (its ``max_tokens``, its stop sequences,
-end of sequence) through a per-row stopping criterion, and the batch ends when every row has stopped.
+came from, goes through one ``DynamicBatcher``: requests that arrive together (each within ``gap_ms`` of
+the last, for at most ``max_wait_ms``, up to ``max_batch_size``) and share sampling settings and LoRA
+adapter are left-padded and generated in one ``generate`` call. Inside a batch each row stops on its own
+(its ``max_tokens``, its stop sequences, end of sequence) through a per-row stopping criterion, and the
+batch ends when every row has stopped.
 The first call of that criterion is the moment the batch's first tokens exist: time to first token.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -29,6 +31,8 @@ from inferpool.workers.backend import Generation, GenerationOutcome
 from inferpool.workers.batcher import DynamicBatcher
 from inferpool.workers.local_model import CheckpointParams, chat_prompt_ids, output_budget, requested_adapter
 
+log = logging.getLogger(__name__)
+
 
 class TransformersParams(CheckpointParams):
     """Registry ``params`` for the transformers backend."""
@@ -36,7 +40,8 @@ class TransformersParams(CheckpointParams):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field(default="auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'...")
     max_batch_size: int = Field(default=8, ge=1, description="Most requests generated together.")
-    max_wait_ms: float = Field(default=5.0, ge=0.0, description="How long to collect requests for a batch.")
+    max_wait_ms: float = Field(default=50.0, ge=0.0, description="Longest wait to fill a batch while requests arrive.")
+    gap_ms: float = Field(default=5.0, ge=0.0, description="A batch starts when no request came for this long.")
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,7 @@ class TransformersBackend:
             key=lambda prepared: prepared.batch_key,
             max_batch_size=self.params.max_batch_size,
             max_wait_s=self.params.max_wait_ms / 1000,
+            gap_s=self.params.gap_ms / 1000,
             name=f"generate-{spec.name}",
         )
 
@@ -171,11 +177,14 @@ class TransformersBackend:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=None)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
+        started = time.perf_counter()
         with torch.inference_mode(), self._adapter(adapter):
             output = self.model.generate(
                 input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kwargs
             )
         new_tokens = output[:, width:].tolist()
+        log.info("generated a batch of %d (%d x %d tokens) in %.2f s", len(batch), len(batch), len(new_tokens[0]),
+                 time.perf_counter() - started)  # fmt: skip
         return [self._finish(p, tokens, rows.first_token_at) for p, tokens in zip(batch, new_tokens, strict=True)]
 
     def _adapter(self, adapter: str | None) -> Any:
