@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from inferpool import Client, JobStatus
-from inferpool.constants import MODEL_INFLIGHT_KEY, job_completed_stream_key, job_inflight_key
+from inferpool.constants import MODEL_INFLIGHT_KEY, job_completed_stream_key, job_inflight_key, model_queues
 from inferpool.local_pool import LocalPool, start_scheduler_process, start_worker_process
 
 N_LINES = 1500
@@ -144,7 +144,7 @@ def test_lost_chunks_are_resent_after_the_stale_limit() -> None:
         victim.proc.wait(timeout=10)
         # kombu's Redis transport keeps queued messages in a list named after the queue and unacked ones
         # in these two keys: without them, no redelivery can happen.
-        client.redis.delete("inferpool.model.echo-slow", "unacked", "unacked_index")
+        client.redis.delete(*model_queues("echo-slow"), "unacked", "unacked_index")
         assert client.redis.hlen(job_inflight_key(job.id)) > 0
         pool.workers[0] = start_worker_process("echo-slow", pool.redis_url, pool.workdir / "worker-2.log", env=env)
         _assert_exactly_once(client, job.id)

@@ -190,3 +190,16 @@ def test_flower_refuses_to_start_without_credentials(redis_url: str) -> None:
     proc = run_cli("flower", env={"REDIS_URL": redis_url, "INFERPOOL_FLOWER_AUTH": ""}, timeout=60)
     assert proc.returncode == 1
     assert "set INFERPOOL_FLOWER_AUTH=user:password" in proc.stderr
+
+
+@pytest.mark.usefixtures("echo_worker")
+def test_models_shows_live_workers_and_queues_with_a_redis_url(redis_url: str) -> None:
+    proc = run_cli("models", "--json", env={"REDIS_URL": redis_url})
+    assert proc.returncode == 0, proc.stderr
+    loads = {entry["name"]: entry["load"] for entry in json.loads(proc.stdout)}
+    assert loads["echo"]["live_workers"] >= 1
+    assert set(loads["echo"]) == {"model", "queue_depth", "in_flight", "live_workers"}
+    table = run_cli("models", env={"REDIS_URL": redis_url, "COLUMNS": "200"})
+    assert table.returncode == 0, table.stderr
+    assert "workers" in table.stdout
+    assert "in flight" in table.stdout

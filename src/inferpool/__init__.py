@@ -18,6 +18,7 @@ from inferpool._exceptions import (
     ResultTimeout,
 )
 from inferpool.client import AsyncClient, AsyncResultHandle, Batches, Client, ResultHandle
+from inferpool.constants import Priority
 from inferpool.jobstore import BatchJob, JobStatus
 from inferpool.model_registry import ModelSpec, Registry
 from inferpool.settings import Settings
@@ -48,6 +49,7 @@ __all__ = [
     "ModelNotFound",
     "ModelSpec",
     "PoolStartError",
+    "Priority",
     "ProviderError",
     "RedisUnavailable",
     "Registry",

@@ -10,7 +10,7 @@ from typing import Any
 
 from celery import Celery
 
-from inferpool.constants import TASK_PROCESS_CHUNK, queue_name
+from inferpool.constants import TASK_PROCESS_CHUNK, Priority, queue_name
 from inferpool.settings import Settings
 from inferpool.wire import TaskChunk
 
@@ -28,6 +28,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "unacked_restore_interval": max(1, min(10, vt // 4)),
         "unacked_restore_throttle": 1,
         "unacked_mutex_expire": max(5, min(300, vt)),
+        # Poll a model's queues in name order, which is priority order (constants.queue_name).
+        "queue_order_strategy": "sorted",
     }
     return {
         "broker_url": redis_url,
@@ -63,11 +65,15 @@ def create_celery_app(settings: Settings, *, main: str = "inferpool") -> Celery:
     return app
 
 
-def publish_chunk(app: Celery, chunk: TaskChunk) -> None:
-    """Send one chunk to its model's queue. Flower shows ids and counts, never prompt text."""
-    publish_chunk_json(app, chunk.model_dump_json(exclude_none=True), model=chunk.model, description=chunk.describe())
+def publish_chunk(app: Celery, chunk: TaskChunk, priority: Priority = Priority.NORMAL) -> None:
+    """Send one chunk to its model's queue for ``priority``. Flower shows ids and counts, never prompt text."""
+    publish_chunk_json(app, chunk.model_dump_json(exclude_none=True), model=chunk.model, description=chunk.describe(),
+                       priority=priority)  # fmt: skip
 
 
-def publish_chunk_json(app: Celery, payload: str, *, model: str, description: str) -> None:
+def publish_chunk_json(
+    app: Celery, payload: str, *, model: str, description: str, priority: Priority = Priority.NORMAL
+) -> None:
     """Send a chunk already serialised as ``TaskChunk`` JSON (the task accepts both forms)."""
-    app.send_task(TASK_PROCESS_CHUNK, args=[payload], queue=queue_name(model), argsrepr=description, kwargsrepr="{}")
+    app.send_task(TASK_PROCESS_CHUNK, args=[payload], queue=queue_name(model, priority), argsrepr=description,
+                  kwargsrepr="{}")  # fmt: skip

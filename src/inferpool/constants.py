@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 KEY_PREFIX = "inferpool:"
 
 #: Task names, as Celery and Flower show them.
@@ -11,9 +13,27 @@ TASK_PROCESS_CHUNK = "inferpool.process_chunk"
 BACKEND_ENTRY_POINT_GROUP = "inferpool.backends"
 
 
-def queue_name(model_name: str) -> str:
-    """The Celery queue that carries work for one served model."""
-    return f"inferpool.model.{model_name}"
+class Priority(StrEnum):
+    """Request priority: one Celery queue each, which a worker always polls in this order."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+#: Queue names sort in priority order: workers poll their queues with kombu's "sorted" strategy, so
+#: BRPOP always looks at high, then normal, then low (kombu's default round robin would not).
+_QUEUE_RANK = {Priority.HIGH: "1-high", Priority.NORMAL: "2-normal", Priority.LOW: "3-low"}
+
+
+def queue_name(model_name: str, priority: Priority = Priority.NORMAL) -> str:
+    """The Celery queue that carries work of one priority for one served model."""
+    return f"inferpool.model.{model_name}.{_QUEUE_RANK[Priority(priority)]}"
+
+
+def model_queues(model_name: str) -> list[str]:
+    """A model's queues, highest priority first (the order workers poll them in)."""
+    return [queue_name(model_name, priority) for priority in Priority]
 
 
 def result_key(request_id: str) -> str:

@@ -17,13 +17,11 @@ from prometheus_client.registry import Collector
 
 from inferpool.constants import (
     JOBS_ACTIVE_KEY,
-    MODEL_INFLIGHT_KEY,
     USAGE_TOTAL_KEY,
-    queue_name,
-    worker_heartbeat_pattern,
 )
 from inferpool.model_registry.registry import Registry
 from inferpool.redis_connection import decode_text
+from inferpool.stats import read_model_load
 from inferpool.usage import usage_from_counters
 
 _COUNTERS = (
@@ -81,24 +79,18 @@ class PoolCollector(Collector):
         yield from self._gauges()
 
     def _gauges(self) -> Iterator[Metric]:
-        models = [spec.name for spec in self._registry]
-        pipe = self._redis.pipeline(transaction=False)
-        for model in models:
-            pipe.llen(queue_name(model))
-        depths = pipe.execute()
-        inflight = {decode_text(k): int(v) for k, v in self._redis.hgetall(MODEL_INFLIGHT_KEY).items()}
+        loads = read_model_load(self._redis, [spec.name for spec in self._registry])
         queue = GaugeMetricFamily(
-            "inferpool_queue_depth", "Chunk tasks waiting in the model's queue.", labels=["model"]
+            "inferpool_queue_depth", "Chunk tasks waiting in the model's queues (all priorities).", labels=["model"]
         )
         flight = GaugeMetricFamily(
             "inferpool_in_flight", "Batch requests dispatched, not yet answered.", labels=["model"]
         )
         workers = GaugeMetricFamily("inferpool_live_workers", "Workers with a live heartbeat.", labels=["model"])
-        for model, depth in zip(models, depths, strict=True):
-            queue.add_metric([model], float(depth))
-            flight.add_metric([model], float(inflight.get(model, 0)))
-            live = sum(1 for _ in self._redis.scan_iter(worker_heartbeat_pattern(model), count=1000))
-            workers.add_metric([model], float(live))
+        for load in loads:
+            queue.add_metric([load.model], float(load.queue_depth))
+            flight.add_metric([load.model], float(load.in_flight))
+            workers.add_metric([load.model], float(load.live_workers))
         yield queue
         yield flight
         yield workers

@@ -5,10 +5,41 @@ from __future__ import annotations
 import datetime as dt
 
 import redis
+from pydantic import BaseModel
 
-from inferpool.constants import usage_day_key
+from inferpool.constants import MODEL_INFLIGHT_KEY, model_queues, usage_day_key, worker_heartbeat_pattern
 from inferpool.redis_connection import decode_text
 from inferpool.usage import ModelUsage, merge_usage, usage_from_counters
+
+
+class ModelLoad(BaseModel):
+    """What a model has waiting and running now, and who serves it."""
+
+    model: str
+    queue_depth: int = 0
+    in_flight: int = 0
+    live_workers: int = 0
+
+
+def read_model_load(client: redis.Redis, models: list[str]) -> list[ModelLoad]:
+    """Per model: chunk tasks waiting in its queues (all priorities), batch requests dispatched and not
+    yet answered, and workers whose heartbeat has not expired."""
+    pipe = client.pipeline(transaction=False)
+    for model in models:
+        for queue in model_queues(model):
+            pipe.llen(queue)
+    lengths = pipe.execute()
+    per_model = len(lengths) // len(models) if models else 0
+    inflight = {decode_text(k): int(v) for k, v in client.hgetall(MODEL_INFLIGHT_KEY).items()}
+    return [
+        ModelLoad(
+            model=model,
+            queue_depth=sum(lengths[index * per_model : (index + 1) * per_model]),
+            in_flight=inflight.get(model, 0),
+            live_workers=sum(1 for _ in client.scan_iter(worker_heartbeat_pattern(model), count=1000)),
+        )
+        for index, model in enumerate(models)
+    ]
 
 
 def read_usage(

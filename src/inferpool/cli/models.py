@@ -1,4 +1,4 @@
-"""``inferpool models``: what the registry holds."""
+"""``inferpool models``: what the registry holds and, with a Redis URL, what the pool is doing with it."""
 
 from __future__ import annotations
 
@@ -9,32 +9,47 @@ from rich.table import Table
 
 from inferpool.cli._common import load_settings, make_console
 from inferpool.model_registry.registry import Registry
+from inferpool.redis_connection import connect_redis
+from inferpool.stats import ModelLoad, read_model_load
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the registry entries as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the registry entries (and their load) as JSON.")
 @click.pass_context
 def models(ctx: click.Context, as_json: bool) -> None:
-    """List registered models with backend, context window and price.
+    """List registered models: backend, context window, price and, when REDIS_URL is set, live workers,
+    queued chunk tasks and batch requests in flight.
 
     The built-in registry is merged with the files named in INFERPOOL_REGISTRY (':'-separated).
     """
-    registry = Registry.load(load_settings(ctx).registry)
+    settings = load_settings(ctx)
+    registry = Registry.load(settings.registry)
+    loads: dict[str, ModelLoad] = {}
+    if settings.redis_url:
+        client = connect_redis(settings.redis_url)
+        try:
+            loads = {load.model: load for load in read_model_load(client, [spec.name for spec in registry])}
+        finally:
+            client.close()
     if as_json:
-        click.echo(json.dumps([spec.model_dump(mode="json") for spec in registry], indent=2))
+        entries = [
+            {**spec.model_dump(mode="json"), **({"load": loads[spec.name].model_dump()} if loads else {})}
+            for spec in registry
+        ]
+        click.echo(json.dumps(entries, indent=2))
         return
-    table = Table(title="inferpool models")
-    for column in ("model", "aliases", "backend", "context", "max output", "$/M in", "$/M out"):
+    table = Table(title="inferpool models" + ("" if loads else " (set REDIS_URL to see live workers and queues)"))
+    columns = ["model", "aliases", "backend", "context", "max output", "$/M in", "$/M out"]
+    if loads:
+        columns += ["workers", "queued", "in flight"]
+    for column in columns:
         table.add_column(column)
     for spec in registry:
         caps, price = spec.capabilities, spec.pricing
-        table.add_row(
-            spec.name,
-            ", ".join(spec.aliases),
-            spec.backend,
-            str(caps.context_window),
-            str(caps.max_output_tokens),
-            f"{price.input_per_mtok:g}",
-            f"{price.output_per_mtok:g}",
-        )
+        cells = [spec.name, ", ".join(spec.aliases), spec.backend, str(caps.context_window),
+                 str(caps.max_output_tokens), f"{price.input_per_mtok:g}", f"{price.output_per_mtok:g}"]  # fmt: skip
+        if loads:
+            load = loads[spec.name]
+            cells += [str(load.live_workers), str(load.queue_depth), str(load.in_flight)]
+        table.add_row(*cells)
     make_console().print(table)

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from inferpool._exceptions import ConfigurationError, InvalidRequest
+from inferpool.constants import Priority
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.scheduler.batch_input import describe_validation_error
@@ -20,6 +21,15 @@ _TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 
 RequestLike = ChatRequest | Mapping[str, Any]
 MessagesLike = Sequence[ChatMessage | Mapping[str, Any]]
+
+
+def parse_priority(value: Priority | str) -> Priority:
+    """``value`` as a ``Priority``, or ``InvalidRequest`` naming the choices."""
+    try:
+        return Priority(value)
+    except ValueError:
+        choices = ", ".join(p.value for p in Priority)
+        raise InvalidRequest(f"priority {value!r} is not one of {choices}") from None
 
 
 def build_request(request: RequestLike) -> ChatRequest:

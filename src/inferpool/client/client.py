@@ -17,9 +17,16 @@ import redis.asyncio
 
 from inferpool._exceptions import ResultTimeout, request_error_from_code
 from inferpool.celery_app import create_celery_app, publish_chunk
-from inferpool.client._base import ClientBase, MessagesLike, RequestLike, build_chat_request, build_request
+from inferpool.client._base import (
+    ClientBase,
+    MessagesLike,
+    RequestLike,
+    build_chat_request,
+    build_request,
+    parse_priority,
+)
 from inferpool.client.batches import AsyncBatches, Batches
-from inferpool.constants import result_key, result_notify_key
+from inferpool.constants import Priority, result_key, result_notify_key
 from inferpool.model_registry.registry import Registry
 from inferpool.redis_connection import connect_redis, connect_redis_async
 from inferpool.results import parse_result
@@ -105,19 +112,31 @@ class Client(ClientBase):
         self.celery = create_celery_app(self.settings)
         self.batches = Batches(self.redis, self.settings, self.router, self.tenant_for)
 
-    def submit(self, request: RequestLike, *, custom_id: str | None = None) -> ResultHandle:
-        """Queue one request and return at once. Raises ``InvalidRequest``/``ModelNotFound`` before queueing."""
+    def submit(
+        self, request: RequestLike, *, custom_id: str | None = None, priority: Priority | str = Priority.NORMAL
+    ) -> ResultHandle:
+        """Queue one request and return at once. Raises ``InvalidRequest``/``ModelNotFound`` before queueing.
+
+        ``priority`` (high, normal, low) picks the model's queue; workers always take high first, and
+        batch jobs run at low.
+        """
         chat_request = build_request(request)
         route = self.route(chat_request)
         chunk = self.make_chunk(route.spec, [(chat_request, custom_id)])
-        publish_chunk(self.celery, chunk)
+        publish_chunk(self.celery, chunk, parse_priority(priority))
         return ResultHandle(self, chunk.items[0].request_id)
 
     def chat(
-        self, model: str, messages: MessagesLike, *, timeout: float | None = None, **params: Any
+        self,
+        model: str,
+        messages: MessagesLike,
+        *,
+        timeout: float | None = None,
+        priority: Priority | str = Priority.NORMAL,
+        **params: Any,
     ) -> ChatCompletion:
         """Submit a chat request and wait for its answer (errors are raised)."""
-        return self.submit(build_chat_request(model, messages, params)).completion(timeout)
+        return self.submit(build_chat_request(model, messages, params), priority=priority).completion(timeout)
 
     def handle(self, request_id: str) -> ResultHandle:
         """A handle for a request submitted earlier, possibly by another process."""
@@ -201,18 +220,26 @@ class AsyncClient(ClientBase):
             raise RuntimeError("AsyncClient is not connected: use `await AsyncClient.connect()` or `async with`")
         return self._redis
 
-    async def submit(self, request: RequestLike, *, custom_id: str | None = None) -> AsyncResultHandle:
+    async def submit(
+        self, request: RequestLike, *, custom_id: str | None = None, priority: Priority | str = Priority.NORMAL
+    ) -> AsyncResultHandle:
         await self._ensure_connected()
         chat_request = build_request(request)
         route = self.route(chat_request)
         chunk = self.make_chunk(route.spec, [(chat_request, custom_id)])
-        await asyncio.to_thread(publish_chunk, self.celery, chunk)
+        await asyncio.to_thread(publish_chunk, self.celery, chunk, parse_priority(priority))
         return AsyncResultHandle(self, chunk.items[0].request_id)
 
     async def chat(
-        self, model: str, messages: MessagesLike, *, timeout: float | None = None, **params: Any
+        self,
+        model: str,
+        messages: MessagesLike,
+        *,
+        timeout: float | None = None,
+        priority: Priority | str = Priority.NORMAL,
+        **params: Any,
     ) -> ChatCompletion:
-        handle = await self.submit(build_chat_request(model, messages, params))
+        handle = await self.submit(build_chat_request(model, messages, params), priority=priority)
         return await handle.completion(timeout)
 
     def handle(self, request_id: str) -> AsyncResultHandle:

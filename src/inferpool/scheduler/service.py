@@ -20,7 +20,7 @@ import redis
 from celery import Celery
 
 from inferpool.celery_app import publish_chunk_json
-from inferpool.constants import JOBS_ACTIVE_KEY, MODEL_INFLIGHT_KEY, job_key, worker_heartbeat_pattern
+from inferpool.constants import JOBS_ACTIVE_KEY, MODEL_INFLIGHT_KEY, Priority, job_key, worker_heartbeat_pattern
 from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus, JobStore
 from inferpool.model_registry.registry import Registry
 from inferpool.settings import Settings
@@ -226,7 +226,8 @@ class Scheduler:
         for start in range(0, len(item_jsons), chunk_size):
             members = item_jsons[start : start + chunk_size]
             chunk_id, payload = chunk_json(job_id, model, members, self.settings.result_ttl_s)
-            publish_chunk_json(self.celery, payload, model=model,
+            # Batch work goes on the low-priority queue: single requests overtake it at every worker.
+            publish_chunk_json(self.celery, payload, model=model, priority=Priority.LOW,
                                description=describe_chunk(chunk_id, job_id, model, len(members)))  # fmt: skip
         return len(item_jsons)
 

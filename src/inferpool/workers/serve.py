@@ -10,7 +10,7 @@ from celery import signals
 
 from inferpool._exceptions import ModelLoadError, RedisUnavailable
 from inferpool.celery_app import create_celery_app
-from inferpool.constants import queue_name
+from inferpool.constants import model_queues
 from inferpool.model_registry.registry import Registry
 from inferpool.redis_connection import connect_redis
 from inferpool.settings import Settings
@@ -45,11 +45,11 @@ def serve_model(model: str, settings: Settings, *, concurrency: int | None = Non
 
     def on_ready(**_: Any) -> None:
         runtime.start_heartbeat()
-        log.info("worker %s serving %s on queue %s", runtime.worker_id, spec.name, queue_name(spec.name))
+        log.info("worker %s serving %s on queues %s", runtime.worker_id, spec.name, ", ".join(model_queues(spec.name)))
 
     signals.worker_ready.connect(on_ready, weak=False)
     worker = app.Worker(
-        queues=[queue_name(spec.name)],
+        queues=model_queues(spec.name),
         pool="threads",
         concurrency=concurrency or spec.serving.concurrency,
         hostname=runtime.worker_id,
