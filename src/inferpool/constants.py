@@ -31,6 +31,12 @@ def queue_name(model_name: str, priority: Priority = Priority.NORMAL) -> str:
     return f"inferpool.model.{model_name}.{_QUEUE_RANK[Priority(priority)]}"
 
 
+def split_adapter(model: str) -> tuple[str, str | None]:
+    """``"base:adapter"`` -> ("base", "adapter"); a plain name -> (name, None). Names never contain ':'."""
+    base, sep, adapter = model.partition(":")
+    return (base, adapter) if sep else (model, None)
+
+
 def model_queues(model_name: str) -> list[str]:
     """A model's queues, highest priority first (the order workers poll them in)."""
     return [queue_name(model_name, priority) for priority in Priority]

@@ -186,15 +186,15 @@ class JobStore:
         pipe.execute()
 
     def add_pending(self, job_id: str, items: Sequence[TaskItem], models: Iterable[str]) -> None:
-        """Queue ``items`` (whose ``request.model`` is the canonical model name) for dispatch.
+        """Queue ``items`` (whose ``request.model`` is canonical: a registry name, maybe with ``:adapter``).
 
         ``models`` is every model the job has queued so far (the scheduler reads it to know where to look).
         """
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(job_key(job_id), "models", ",".join(sorted(models)))
         for item in items:
-            pipe.rpush(job_pending_key(job_id, item.request.model), pending_entry(item))
-        for model in {item.request.model for item in items}:
+            pipe.rpush(job_pending_key(job_id, item.served_model), pending_entry(item))
+        for model in {item.served_model for item in items}:
             pipe.expire(job_pending_key(job_id, model), self.result_ttl_s)
         pipe.execute()
 
@@ -208,7 +208,7 @@ class JobStore:
         Each is counted against the model it was dispatched to, which frees that model's window.
         """
         items = self.inflight_items(job_id)
-        results = [(settled_result(job_id, item, code, message), item.request.model) for item in items]
+        results = [(settled_result(job_id, item, code, message), item.served_model) for item in items]
         self.writer.write_many(results, self.result_ttl_s)
 
     def open(self, job_id: str, total: int, models: Iterable[str]) -> None:

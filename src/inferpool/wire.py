@@ -15,6 +15,7 @@ import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from inferpool._exceptions import RequestError
+from inferpool.constants import split_adapter
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -199,6 +200,7 @@ class RequestResult(BaseModel):
     response: ChatCompletion | None = None
     error: ErrorInfo | None = None
     stats: ServingStats | None = None
+    warnings: list[str] | None = Field(default=None, description="E.g. the requested model is deprecated.")
 
     @model_validator(mode="after")
     def _exactly_one_outcome(self) -> RequestResult:
@@ -227,6 +229,12 @@ class TaskItem(BaseModel):
     custom_id: str | None = None
     tenant: str | None = None
     request: ChatRequest
+    warnings: list[str] | None = None
+
+    @property
+    def served_model(self) -> str:
+        """The registry model serving it (``request.model`` less any ``:adapter``)."""
+        return split_adapter(self.request.model)[0]
 
 
 class TaskChunk(BaseModel):
@@ -291,13 +299,16 @@ class BatchOutputLine(BaseModel):
     custom_id: str | None
     response: BatchResponse | None
     error: ErrorInfo | None
+    warnings: list[str] | None = Field(default=None, exclude_if=lambda value: value is None)
 
     @classmethod
     def from_result(cls, result: RequestResult) -> BatchOutputLine:
         if result.response is not None:
             response = BatchResponse(status_code=200, request_id=result.request_id, body=result.response)
-            return cls(id=new_id("batch_req"), custom_id=result.custom_id, response=response, error=None)
-        return cls(id=new_id("batch_req"), custom_id=result.custom_id, response=None, error=result.error)
+            return cls(id=new_id("batch_req"), custom_id=result.custom_id, response=response, error=None,
+                       warnings=result.warnings)  # fmt: skip
+        return cls(id=new_id("batch_req"), custom_id=result.custom_id, response=None, error=result.error,
+                   warnings=result.warnings)  # fmt: skip
 
     @staticmethod
     def json_from_stored_result(raw: bytes | str) -> tuple[str, bool]:
@@ -320,6 +331,8 @@ class BatchOutputLine(BaseModel):
         else:
             line["response"] = None
             line["error"] = result["error"]
+        if result.get("warnings") is not None:
+            line["warnings"] = result["warnings"]
         return pydantic_core.to_json(line).decode(), response is not None
 
     @classmethod

@@ -85,10 +85,12 @@ class ClientBase:
         requests: Sequence[tuple[ChatRequest, str | None]],
         *,
         job_id: str | None = None,
+        warnings: Sequence[str] = (),
     ) -> TaskChunk:
         """One task carrying ``requests`` (each with its optional custom_id) for model ``spec``."""
         items = [
-            TaskItem(request_id=new_id("req"), custom_id=cid, tenant=self.tenant_for(req), request=req)
+            TaskItem(request_id=new_id("req"), custom_id=cid, tenant=self.tenant_for(req), request=req,
+                     warnings=list(warnings) or None)
             for req, cid in requests
-        ]
+        ]  # fmt: skip
         return TaskChunk(job_id=job_id, model=spec.name, items=items, result_ttl_s=self.settings.result_ttl_s)

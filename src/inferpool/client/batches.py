@@ -153,11 +153,9 @@ class Batches:
                 raise BatchRefused(f"batch {job_id} refused: {reason}")
             if isinstance(parsed, AcceptedLine):
                 request = parsed.request
-                if request.model != parsed.spec.name:  # an alias: queue under the canonical name
-                    request = request.model_copy(update={"model": parsed.spec.name})
                 pending.append(TaskItem.model_construct(request_id=new_id("req"), custom_id=parsed.custom_id,
-                                                        tenant=self._tenant_for(request),
-                                                        request=request))  # fmt: skip  # all parts validated
+                                                        tenant=self._tenant_for(request), request=request,
+                                                        warnings=list(parsed.warnings) or None))  # fmt: skip
                 models.add(parsed.spec.name)
             else:
                 rejected.append(RequestResult(request_id=new_id("req"), custom_id=parsed.custom_id, job_id=job_id,

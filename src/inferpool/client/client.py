@@ -122,7 +122,8 @@ class Client(ClientBase):
         """
         chat_request = build_request(request)
         route = self.route(chat_request)
-        chunk = self.make_chunk(route.spec, [(chat_request, custom_id)])
+        chat_request = chat_request.model_copy(update={"model": route.model})
+        chunk = self.make_chunk(route.spec, [(chat_request, custom_id)], warnings=route.warnings)
         publish_chunk(self.celery, chunk, parse_priority(priority))
         return ResultHandle(self, chunk.items[0].request_id)
 
@@ -226,7 +227,8 @@ class AsyncClient(ClientBase):
         await self._ensure_connected()
         chat_request = build_request(request)
         route = self.route(chat_request)
-        chunk = self.make_chunk(route.spec, [(chat_request, custom_id)])
+        chat_request = chat_request.model_copy(update={"model": route.model})
+        chunk = self.make_chunk(route.spec, [(chat_request, custom_id)], warnings=route.warnings)
         await asyncio.to_thread(publish_chunk, self.celery, chunk, parse_priority(priority))
         return AsyncResultHandle(self, chunk.items[0].request_id)
 

@@ -10,7 +10,8 @@ import yaml
 from pydantic import ValidationError
 
 from inferpool._exceptions import ModelNotFound, RegistryError
-from inferpool.model_registry.spec import ModelSpec, RegistryFile, split_adapter
+from inferpool.constants import split_adapter
+from inferpool.model_registry.spec import ModelSpec, RegistryFile
 
 
 def _describe_validation_error(source: str, data: object, exc: ValidationError) -> str:
@@ -57,6 +58,24 @@ class Registry:
                 if clashes_with_model or self._aliases.get(alias, spec.name) != spec.name:
                     raise RegistryError(f"alias {alias!r} of model {spec.name!r} is already a model or alias")
                 self._aliases[alias] = spec.name
+        self._check_replacements()
+
+    def _check_replacements(self) -> None:
+        """Every deprecated model's replacement exists, and no chain of replacements loops."""
+        for spec in self._models.values():
+            seen = [spec.name]
+            current = spec
+            while current.deprecation is not None and current.deprecation.replacement is not None:
+                target = self._aliases.get(current.deprecation.replacement, current.deprecation.replacement)
+                if target not in self._models:
+                    raise RegistryError(
+                        f"model {current.name!r}: deprecation.replacement {current.deprecation.replacement!r} "
+                        "is not in the registry"
+                    )
+                if target in seen:
+                    raise RegistryError(f"deprecation replacements loop: {' -> '.join([*seen, target])}")
+                seen.append(target)
+                current = self._models[target]
 
     @classmethod
     def load(cls, extra_files: Iterable[Path] = ()) -> Registry:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,15 @@ class Pricing(BaseModel):
         return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
 
 
+class Deprecation(BaseModel):
+    """A model on its way out: requests for it are served by ``replacement`` (if given), with a warning."""
+
+    model_config = _STRICT
+    since: dt.date | None = Field(default=None, description="When it was deprecated.")
+    replacement: str | None = Field(default=None, description="The model that serves its requests from now on.")
+    note: str = Field(default="", description="Said in the warning, e.g. why or what to do.")
+
+
 class ServingSpec(BaseModel):
     """How workers for this model run and how requests are grouped for them."""
 
@@ -70,6 +80,7 @@ class ModelSpec(BaseModel):
         default_factory=dict,
         description="LoRA adapters (name -> PEFT adapter directory) a request selects with model '<name>:<adapter>'.",
     )
+    deprecation: Deprecation | None = None
     description: str = ""
 
     @field_validator("lora_adapters")
@@ -87,12 +98,6 @@ class ModelSpec(BaseModel):
             if not _NAME.match(name):
                 raise ValueError(f"{name!r} is not a valid model name (letters, digits, '.', '_', '-')")
         return value
-
-
-def split_adapter(model: str) -> tuple[str, str | None]:
-    """``"base:adapter"`` -> ("base", "adapter"); a plain name -> (name, None). Names never contain ':'."""
-    base, sep, adapter = model.partition(":")
-    return (base, adapter) if sep else (model, None)
 
 
 class RegistryFile(BaseModel):

@@ -33,6 +33,7 @@ class AcceptedLine:
     custom_id: str
     request: ChatRequest
     spec: ModelSpec
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,4 +112,6 @@ class BatchLineParser:
             route = self.router.route(request)
         except RequestError as exc:
             return reject(exc.code, exc.message, custom_id)
-        return AcceptedLine(number, custom_id, request, route.spec)
+        if request.model != route.model:  # an alias or a deprecated model: carry the canonical name
+            request = request.model_copy(update={"model": route.model})
+        return AcceptedLine(number, custom_id, request, route.spec, route.warnings)

@@ -68,7 +68,7 @@ class Scheduler:
         for job_id in self.store.active_ids():
             by_model: dict[str, list[str]] = defaultdict(list)
             for item in self.store.inflight_items(job_id):
-                by_model[item.request.model].append(item.model_dump_json(exclude_none=True))
+                by_model[item.served_model].append(item.model_dump_json(exclude_none=True))
             for model, model_items in by_model.items():
                 counts[model] += len(model_items)
                 resent += self._publish(job_id, model, model_items)
@@ -98,7 +98,7 @@ class Scheduler:
         for job in jobs:
             by_model: dict[str, list[str]] = defaultdict(list)
             for item in self.store.take_stale_inflight(job.job_id, self.settings.stale_after_s()):
-                by_model[item.request.model].append(item.model_dump_json(exclude_none=True))
+                by_model[item.served_model].append(item.model_dump_json(exclude_none=True))
             for model, item_jsons in by_model.items():
                 resent += self._publish(job.job_id, model, item_jsons)
         if resent:

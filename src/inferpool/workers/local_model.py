@@ -10,8 +10,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from inferpool._exceptions import ContextLengthExceeded, InvalidRequest, ModelLoadError
+from inferpool.constants import split_adapter
 from inferpool.model_registry.checkpoints import ensure_hf_checkpoint, package_file
-from inferpool.model_registry.spec import ModelSpec, split_adapter
+from inferpool.model_registry.spec import ModelSpec
 from inferpool.wire import ChatRequest
 
 

@@ -161,6 +161,8 @@ class WorkerRuntime:
         tenant = item.tenant or DEFAULT_TENANT
         data: dict[str, object] = {"request_id": item.request_id, "custom_id": item.custom_id,
                                    "job_id": chunk.job_id, "tenant": tenant, "stats": stats}  # fmt: skip
+        if item.warnings:
+            data["warnings"] = item.warnings
         if isinstance(outcome, RequestError):
             data["error"] = {"code": outcome.code, "message": outcome.message}
             payload = pydantic_core.to_json(data).decode()
