@@ -65,10 +65,10 @@ def create_celery_app(settings: Settings, *, main: str = "inferpool") -> Celery:
     return app
 
 
-def publish_chunk(app: Celery, chunk: TaskChunk, priority: Priority = Priority.NORMAL) -> None:
-    """Send one chunk to its model's queue for ``priority``. Flower shows ids and counts, never prompt text."""
+def publish_chunk(app: Celery, chunk: TaskChunk) -> None:
+    """Send one chunk to its model's queue for its priority. Flower shows ids and counts, never prompt text."""
     publish_chunk_json(app, chunk.model_dump_json(exclude_none=True), model=chunk.model, description=chunk.describe(),
-                       priority=priority)  # fmt: skip
+                       priority=chunk.priority)  # fmt: skip
 
 
 def publish_chunk_json(

@@ -112,6 +112,13 @@ USAGE_TOTAL_KEY = f"{KEY_PREFIX}usage:total"
 USAGE_RETENTION_S = 400 * 86400
 
 
+#: Stream of dead letters: requests that failed after their retries and every fallback (``deadletters``).
+DEAD_LETTERS_KEY = f"{KEY_PREFIX}dlq"
+
+#: At most this many dead letters are kept (the oldest go first).
+DEAD_LETTERS_MAX = 100_000
+
+
 def usage_day_key(day: str) -> str:
     """Hash of one UTC day's usage, ``<tenant>|<model>|<counter>`` -> value (``day`` as YYYY-MM-DD)."""
     return f"{KEY_PREFIX}usage:{day}"

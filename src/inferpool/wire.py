@@ -15,7 +15,7 @@ import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from inferpool._exceptions import RequestError
-from inferpool.constants import split_adapter
+from inferpool.constants import Priority, split_adapter
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -230,6 +230,7 @@ class TaskItem(BaseModel):
     tenant: str | None = None
     request: ChatRequest
     warnings: list[str] | None = None
+    tried: list[str] | None = Field(default=None, description="Models that failed it before (fallbacks).")
 
     @property
     def served_model(self) -> str:
@@ -246,6 +247,7 @@ class TaskChunk(BaseModel):
     items: list[TaskItem] = Field(min_length=1)
     enqueued_at: float = Field(default_factory=time.time)
     result_ttl_s: int = Field(gt=0)
+    priority: Priority = Priority.NORMAL
 
     def describe(self) -> str:
         """Safe one-line description for logs and Flower: ids and counts, never prompt text."""
@@ -265,7 +267,7 @@ def chunk_json(job_id: str | None, model: str, item_jsons: list[str], result_ttl
     """
     chunk_id = new_id("chunk")
     head = json.dumps({"chunk_id": chunk_id, "job_id": job_id, "model": model, "enqueued_at": time.time(),
-                       "result_ttl_s": result_ttl_s})  # fmt: skip
+                       "result_ttl_s": result_ttl_s, "priority": Priority.LOW.value})  # fmt: skip
     return chunk_id, f'{head[:-1]}, "items": [{", ".join(item_jsons)}]}}'
 
 

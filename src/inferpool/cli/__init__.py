@@ -7,6 +7,7 @@ import click
 from inferpool import __version__
 from inferpool.cli._common import InferpoolGroup
 from inferpool.cli.batch import batch
+from inferpool.cli.dlq import dlq
 from inferpool.cli.flower import flower
 from inferpool.cli.models import models
 from inferpool.cli.scheduler import scheduler
@@ -28,6 +29,7 @@ def main() -> None:
 
 
 main.add_command(batch)
+main.add_command(dlq)
 main.add_command(flower)
 main.add_command(models)
 main.add_command(scheduler)

@@ -86,6 +86,7 @@ class ClientBase:
         *,
         job_id: str | None = None,
         warnings: Sequence[str] = (),
+        priority: Priority = Priority.NORMAL,
     ) -> TaskChunk:
         """One task carrying ``requests`` (each with its optional custom_id) for model ``spec``."""
         items = [
@@ -93,4 +94,5 @@ class ClientBase:
                      warnings=list(warnings) or None)
             for req, cid in requests
         ]  # fmt: skip
-        return TaskChunk(job_id=job_id, model=spec.name, items=items, result_ttl_s=self.settings.result_ttl_s)
+        return TaskChunk(job_id=job_id, model=spec.name, items=items, result_ttl_s=self.settings.result_ttl_s,
+                         priority=priority)  # fmt: skip

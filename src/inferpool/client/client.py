@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from types import TracebackType
 from typing import Any, Self
 
 import redis
 import redis.asyncio
 
-from inferpool._exceptions import ResultTimeout, request_error_from_code
+from inferpool._exceptions import InvalidRequest, ResultTimeout, request_error_from_code
 from inferpool.celery_app import create_celery_app, publish_chunk
 from inferpool.client._base import (
     ClientBase,
@@ -27,6 +27,8 @@ from inferpool.client._base import (
 )
 from inferpool.client.batches import AsyncBatches, Batches
 from inferpool.constants import Priority, result_key, result_notify_key
+from inferpool.deadletters import DeadLetters, retry_lines
+from inferpool.jobstore import BatchJob
 from inferpool.model_registry.registry import Registry
 from inferpool.redis_connection import connect_redis, connect_redis_async
 from inferpool.results import parse_result
@@ -111,6 +113,7 @@ class Client(ClientBase):
         self.redis: redis.Redis = connect_redis(self.redis_url)
         self.celery = create_celery_app(self.settings)
         self.batches = Batches(self.redis, self.settings, self.router, self.tenant_for)
+        self.dead_letters = DeadLetters(self.redis)
 
     def submit(
         self, request: RequestLike, *, custom_id: str | None = None, priority: Priority | str = Priority.NORMAL
@@ -123,8 +126,9 @@ class Client(ClientBase):
         chat_request = build_request(request)
         route = self.route(chat_request)
         chat_request = chat_request.model_copy(update={"model": route.model})
-        chunk = self.make_chunk(route.spec, [(chat_request, custom_id)], warnings=route.warnings)
-        publish_chunk(self.celery, chunk, parse_priority(priority))
+        chunk = self.make_chunk(route.spec, [(chat_request, custom_id)], warnings=route.warnings,
+                                priority=parse_priority(priority))  # fmt: skip
+        publish_chunk(self.celery, chunk)
         return ResultHandle(self, chunk.items[0].request_id)
 
     def chat(
@@ -138,6 +142,22 @@ class Client(ClientBase):
     ) -> ChatCompletion:
         """Submit a chat request and wait for its answer (errors are raised)."""
         return self.submit(build_chat_request(model, messages, params), priority=priority).completion(timeout)
+
+    def retry_dead_letters(self, ids: Sequence[str] | None = None, *, model: str | None = None) -> BatchJob:
+        """Send dead letters again as a new batch job (all of them, or those with ``ids``), optionally to
+        another ``model``; they leave the dead-letter stream once the job holds them. Returns the job."""
+        letters = self.dead_letters.list()
+        if ids is not None:
+            wanted = set(ids)
+            letters = [letter for letter in letters if letter.id in wanted]
+            missing = wanted - {letter.id for letter in letters}
+            if missing:
+                raise InvalidRequest(f"no dead letters with ids {', '.join(sorted(missing))}; see `inferpool dlq list`")
+        if not letters:
+            raise InvalidRequest("there are no dead letters to retry")
+        job = self.batches.create(retry_lines(letters, model), metadata={"retry_of": "dead letters"})
+        self.dead_letters.remove([letter.id for letter in letters])
+        return job
 
     def handle(self, request_id: str) -> ResultHandle:
         """A handle for a request submitted earlier, possibly by another process."""
@@ -228,8 +248,9 @@ class AsyncClient(ClientBase):
         chat_request = build_request(request)
         route = self.route(chat_request)
         chat_request = chat_request.model_copy(update={"model": route.model})
-        chunk = self.make_chunk(route.spec, [(chat_request, custom_id)], warnings=route.warnings)
-        await asyncio.to_thread(publish_chunk, self.celery, chunk, parse_priority(priority))
+        chunk = self.make_chunk(route.spec, [(chat_request, custom_id)], warnings=route.warnings,
+                                priority=parse_priority(priority))  # fmt: skip
+        await asyncio.to_thread(publish_chunk, self.celery, chunk)
         return AsyncResultHandle(self, chunk.items[0].request_id)
 
     async def chat(

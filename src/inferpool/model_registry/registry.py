@@ -59,6 +59,12 @@ class Registry:
                     raise RegistryError(f"alias {alias!r} of model {spec.name!r} is already a model or alias")
                 self._aliases[alias] = spec.name
         self._check_replacements()
+        for spec in self._models.values():
+            for fallback in spec.fallbacks:
+                target = self._aliases.get(fallback, fallback)
+                if target not in self._models or target == spec.name:
+                    why = "is the model itself" if target == spec.name else "is not in the registry"
+                    raise RegistryError(f"model {spec.name!r}: fallback {fallback!r} {why}")
 
     def _check_replacements(self) -> None:
         """Every deprecated model's replacement exists, and no chain of replacements loops."""

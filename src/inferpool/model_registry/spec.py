@@ -81,6 +81,11 @@ class ModelSpec(BaseModel):
         description="LoRA adapters (name -> PEFT adapter directory) a request selects with model '<name>:<adapter>'.",
     )
     deprecation: Deprecation | None = None
+    fallbacks: list[str] = Field(
+        default_factory=list,
+        description="Models tried in order when this one fails a request after its retries, or cannot fit its "
+        "prompt (then only larger-context ones).",
+    )
     description: str = ""
 
     @field_validator("lora_adapters")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from inferpool._exceptions import ContextLengthExceeded
+from inferpool._exceptions import ContextLengthExceeded, ProviderError
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
 from inferpool.wire import ChatRequest, FinishReason
@@ -23,6 +23,9 @@ from inferpool.workers.backend import Generation, GenerationOutcome
 class EchoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     delay_ms: float = Field(default=0.0, ge=0.0)
+    fail_marker: str | None = Field(
+        default=None, description="Fail (provider_error) every request whose last user message contains this."
+    )
 
 
 def echo_answer(request: ChatRequest) -> str:
@@ -49,6 +52,8 @@ class EchoBackend:
 
     def _answer(self, request: ChatRequest) -> GenerationOutcome:
         caps = self.spec.capabilities
+        if self.params.fail_marker is not None and self.params.fail_marker in echo_answer(request):
+            return ProviderError(f"injected failure: the prompt contains {self.params.fail_marker!r}")
         prompt_tokens = sum(count_words(m.text()) for m in request.messages)
         limit = request.output_limit() or caps.default_max_tokens
         if prompt_tokens + limit > caps.context_window:

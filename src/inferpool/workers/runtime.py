@@ -20,11 +20,13 @@ from dataclasses import dataclass
 
 import pydantic_core
 import redis
+from celery import Celery
 
 from inferpool._exceptions import ProviderError, RequestError
 from inferpool.constants import DEFAULT_TENANT, job_key, worker_heartbeat_key
 from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus
 from inferpool.model_registry.capability import check_request_fits
+from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.results import ResultRecord, ResultWriter
 from inferpool.settings import Settings
@@ -33,6 +35,7 @@ from inferpool.wire import (
     TaskItem,
 )
 from inferpool.workers.backend import Backend, ExtraChoice, Generation, GenerationOutcome
+from inferpool.workers.failures import FailurePolicy
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,9 @@ class WorkerRuntime:
         redis_client: redis.Redis,
         settings: Settings,
         worker_id: str | None = None,
+        *,
+        registry: Registry | None = None,
+        celery: Celery | None = None,
     ) -> None:
         self.spec = spec
         self.backend = backend
@@ -76,6 +82,7 @@ class WorkerRuntime:
         self.worker_id = worker_id or default_worker_id(spec.name)
         self._redis = redis_client
         self._writer = ResultWriter(redis_client)
+        self._failures = FailurePolicy(spec, registry, redis_client, celery)
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="backend-loop", daemon=True)
         self._loop_thread.start()
@@ -107,8 +114,15 @@ class WorkerRuntime:
             else:
                 runnable.append(item)
         outcomes.update(self._generate(runnable))
+        moving = [(item, outcome, target) for item in runnable
+                  if isinstance(outcome := outcomes[item.request_id], RequestError)
+                  and (target := self._failures.fallback_for(item, outcome)) is not None]  # fmt: skip
+        self._failures.forward(chunk, moving)
+        moved = {item.request_id for item, _, _ in moving}
+        todo = [item for item in todo if item.request_id not in moved]
         records = [self._record(chunk, item, outcomes[item.request_id], started) for item in todo]
         flags = self._writer.write_records(chunk.job_id, self.spec.name, records, chunk.result_ttl_s)
+        self._failures.bury(chunk, todo, outcomes, flags)
         written = sum(flags)
         errors = sum(1 for record in records if not record.ok)
         report = ChunkReport(written, len(already), len(flags) - written, errors)

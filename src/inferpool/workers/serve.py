@@ -39,8 +39,8 @@ def serve_model(model: str, settings: Settings, *, concurrency: int | None = Non
         raise ModelLoadError(
             f"backend {spec.backend!r} for model {spec.name!r} needs a package that is not installed: {exc}"
         ) from exc
-    runtime = WorkerRuntime(spec, backend, redis_client, settings, worker_id)
     app = create_celery_app(settings)
+    runtime = WorkerRuntime(spec, backend, redis_client, settings, worker_id, registry=registry, celery=app)
     install_tasks(app, runtime)
 
     def on_ready(**_: Any) -> None:

@@ -1,0 +1,116 @@
+"""What a worker does with requests its model failed: pass them to a fallback model, or bury them.
+
+A request that ends in a ``ProviderError`` (after the backend's own retries) moves to the next model
+in the ``fallbacks`` chain of the model it was first sent to that has not tried it yet, can serve it and
+has a live worker; one that did not fit its
+model's context window moves only to a fallback with a larger window. It travels as a new chunk on the
+fallback's queue, with the same request id (so its result is still written once), a warning naming the
+failed model, and, for batch jobs, the job's in-flight record moved to the new model (so a restarted
+scheduler re-sends it there and the per-model windows stay right). A ``ProviderError`` with nowhere left
+to go gets its error result and a copy in the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+
+import redis
+from celery import Celery
+
+from inferpool._exceptions import ContextLengthExceeded, ProviderError, RequestError
+from inferpool.celery_app import publish_chunk
+from inferpool.constants import MODEL_INFLIGHT_KEY, job_inflight_key, worker_heartbeat_pattern
+from inferpool.deadletters import DeadLetters
+from inferpool.model_registry.capability import check_request_fits
+from inferpool.model_registry.registry import Registry
+from inferpool.model_registry.spec import ModelSpec
+from inferpool.wire import TaskChunk, TaskItem
+from inferpool.workers.backend import GenerationOutcome
+
+log = logging.getLogger(__name__)
+
+
+class FailurePolicy:
+    def __init__(self, spec: ModelSpec, registry: Registry | None, client: redis.Redis, celery: Celery | None) -> None:
+        self.spec = spec
+        self.registry = registry
+        self.redis = client
+        self.celery = celery
+        self.dead_letters = DeadLetters(client)
+
+    def fallback_for(self, item: TaskItem, outcome: GenerationOutcome) -> ModelSpec | None:
+        """The model ``item`` should move to after ``outcome``, or None.
+
+        The chain is the one of the model the request was first sent to; a candidate must not have tried
+        it yet, must accept it, must have a live worker, and after a context overflow must have a larger
+        context window than the model that overflowed.
+        """
+        if (
+            self.registry is None
+            or self.celery is None
+            or not isinstance(outcome, ProviderError | ContextLengthExceeded)
+        ):
+            return None
+        origin = self.registry.get((item.tried or [self.spec.name])[0])
+        tried = {*(item.tried or []), self.spec.name}
+        for name in origin.fallbacks:
+            candidate = self.registry.get(name)
+            if candidate.name in tried:
+                continue
+            too_small = candidate.capabilities.context_window <= self.spec.capabilities.context_window
+            if isinstance(outcome, ContextLengthExceeded) and too_small:
+                continue
+            try:
+                check_request_fits(candidate, item.request)
+            except RequestError:
+                continue
+            if not self._has_live_worker(candidate.name):
+                continue
+            return candidate
+        return None
+
+    def _has_live_worker(self, model: str) -> bool:
+        return any(True for _ in self.redis.scan_iter(worker_heartbeat_pattern(model), count=1000))
+
+    def forward(self, chunk: TaskChunk, failed: Sequence[tuple[TaskItem, RequestError, ModelSpec]]) -> None:
+        """Send each failed item on to its fallback model (one chunk per fallback)."""
+        if not failed or self.celery is None:
+            return
+        by_model: dict[str, list[TaskItem]] = defaultdict(list)
+        for item, error, target in failed:
+            note = (
+                f"model {self.spec.name!r} failed ({error.code}: {error.message}); passed to fallback {target.name!r}"
+            )
+            by_model[target.name].append(item.model_copy(update={
+                "request": item.request.model_copy(update={"model": target.name}),
+                "tried": [*(item.tried or []), self.spec.name],
+                "warnings": [*(item.warnings or []), note],
+            }))  # fmt: skip
+        if chunk.job_id is not None:
+            pipe = self.redis.pipeline(transaction=True)
+            for model, items in by_model.items():
+                pipe.hincrby(MODEL_INFLIGHT_KEY, self.spec.name, -len(items))
+                pipe.hincrby(MODEL_INFLIGHT_KEY, model, len(items))
+                for moved in items:
+                    pipe.hset(
+                        job_inflight_key(chunk.job_id), moved.request_id, moved.model_dump_json(exclude_none=True)
+                    )
+            pipe.execute()
+        for model, items in by_model.items():
+            log.info("passing %d request(s) of %s to fallback %s", len(items), chunk.describe(), model)
+            publish_chunk(self.celery, TaskChunk(job_id=chunk.job_id, model=model, items=items,
+                                                 result_ttl_s=chunk.result_ttl_s, priority=chunk.priority))  # fmt: skip
+
+    def bury(self, chunk: TaskChunk, items: Sequence[TaskItem], outcomes: dict[str, GenerationOutcome],
+             written: Sequence[bool]) -> int:  # fmt: skip
+        """Copy to the dead-letter stream each provider failure this call wrote the result of."""
+        dead = [
+            (item, chunk.job_id, self.spec.name, outcome.code, outcome.message)
+            for item, stored in zip(items, written, strict=True)
+            if stored and isinstance(outcome := outcomes[item.request_id], ProviderError)
+        ]
+        if dead:
+            self.dead_letters.add_many(dead)
+        return len(dead)
