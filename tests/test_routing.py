@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from inferpool import BatchOutputLine, Client, JobStatus, ModelNotFound, Registry, RegistryError, RequestResult
+from inferpool import (
+    BatchOutputLine,
+    Client,
+    ContextLengthExceeded,
+    JobStatus,
+    ModelNotFound,
+    Registry,
+    RegistryError,
+    RequestResult,
+)
 from inferpool.scheduler.batch_input import AcceptedLine, BatchLineParser
 from inferpool.scheduler.router import Router
 from inferpool.wire import ChatRequest, TaskItem
@@ -134,3 +143,29 @@ def test_a_deprecated_model_is_served_by_its_replacement_through_the_pool(client
         line = output[f"d{i}"]
         assert line.response is not None
         assert bool(line.warnings) == bool(i % 2)
+
+
+def test_a_prompt_that_cannot_fit_goes_to_a_larger_fallback_or_is_refused_before_queueing(tmp_path: Path) -> None:
+    router = _router(
+        tmp_path,
+        """
+models:
+  - name: small
+    backend: echo
+    capabilities: {context_window: 100, max_output_tokens: 50}
+    fallbacks: [also-small, big]
+  - name: also-small
+    backend: echo
+    capabilities: {context_window: 100, max_output_tokens: 50}
+  - name: big
+    backend: echo
+    capabilities: {context_window: 100000, max_output_tokens: 50}
+""",
+    )
+    huge = ChatRequest(model="small", messages=[{"role": "user", "content": "x" * 10_000}])  # type: ignore[list-item]
+    route = router.route(huge)
+    assert route.spec.name == "big"  # also-small is no larger, so it is skipped
+    assert route.warnings == ("the prompt is too long for model 'small'; sent to its fallback 'big'",)
+    with pytest.raises(ContextLengthExceeded, match=r"at least 312 tokens .* no larger fallback"):
+        router.route(huge.model_copy(update={"model": "also-small"}))
+    assert router.route(_request("small")).spec.name == "small"  # short prompts stay

@@ -7,9 +7,15 @@ import datetime as dt
 import redis
 from pydantic import BaseModel
 
-from inferpool.constants import MODEL_INFLIGHT_KEY, model_queues, usage_day_key, worker_heartbeat_pattern
+from inferpool.constants import (
+    MODEL_INFLIGHT_KEY,
+    USAGE_TOTAL_KEY,
+    model_queues,
+    usage_day_key,
+    worker_heartbeat_pattern,
+)
 from inferpool.redis_connection import decode_text
-from inferpool.usage import ModelUsage, merge_usage, usage_from_counters
+from inferpool.usage import ModelUsage, histogram_percentile, merge_usage, usage_from_counters
 
 
 class ModelLoad(BaseModel):
@@ -19,6 +25,18 @@ class ModelLoad(BaseModel):
     queue_depth: int = 0
     in_flight: int = 0
     live_workers: int = 0
+
+
+def read_latency_p50(client: redis.Redis) -> dict[str, float]:
+    """Each model's all-time p50 latency (s, a histogram bucket bound), over every tenant."""
+    decoded = {decode_text(k): decode_text(v) for k, v in client.hgetall(USAGE_TOTAL_KEY).items()}
+    histograms: dict[str, dict[float, int]] = {}
+    for row in usage_from_counters(decoded, by_tenant=True):
+        merged = histograms.setdefault(row.model, {})
+        for bound, count in row.latency_histogram.items():
+            merged[bound] = merged.get(bound, 0) + count
+    p50 = {model: histogram_percentile(histogram, 0.5) for model, histogram in histograms.items()}
+    return {model: value for model, value in p50.items() if value is not None}
 
 
 def read_model_load(client: redis.Redis, models: list[str]) -> list[ModelLoad]:

@@ -50,7 +50,7 @@ class ModelUsage(BaseModel):
         return self.prompt_tokens + self.completion_tokens
 
 
-def _histogram_percentile(histogram: Mapping[float, int], q: float) -> float | None:
+def histogram_percentile(histogram: Mapping[float, int], q: float) -> float | None:
     total = sum(histogram.values())
     if total == 0:
         return None
@@ -92,8 +92,8 @@ def usage_from_counters(counters: Mapping[str, str], *, by_tenant: bool = False)
     for (kind, tenant, model), histogram in histograms.items():
         row = rows[(tenant, model)]
         setattr(row, f"{kind}_histogram", dict(sorted(histogram.items())))
-        setattr(row, f"{kind}_p50_s", _histogram_percentile(histogram, 0.50))
-        setattr(row, f"{kind}_p95_s", _histogram_percentile(histogram, 0.95))
+        setattr(row, f"{kind}_p50_s", histogram_percentile(histogram, 0.50))
+        setattr(row, f"{kind}_p95_s", histogram_percentile(histogram, 0.95))
     return sorted(rows.values(), key=lambda r: (r.tenant or "", r.model))
 
 

@@ -73,8 +73,29 @@ class ChatMessage(BaseModel):
         return isinstance(self.content, list) and any(isinstance(p, ImagePart) for p in self.content)
 
 
+#: ``model`` value asking the router to choose among models by capability, load and price.
+AUTO_MODEL = "auto"
+
+Capability = Literal["vision", "tools", "json_mode", "logprobs"]
+
+
+class RoutingHints(BaseModel):
+    """inferpool's one addition to the request body: what ``model: "auto"`` must pick."""
+
+    model_config = _STRICT
+    require: list[Capability] = Field(default_factory=list, description="Capabilities the model must have.")
+    min_context: int | None = Field(default=None, gt=0, description="Smallest acceptable context window.")
+    prefer: Literal["balanced", "cheapest", "fastest"] = Field(
+        default="balanced",
+        description="balanced: least loaded, then cheapest; cheapest: price first; fastest: lowest p50 latency.",
+    )
+
+
 class ChatRequest(BaseModel):
-    """The OpenAI chat-completions request body. Unknown fields are refused, not silently ignored."""
+    """The OpenAI chat-completions request body. Unknown fields are refused, not silently ignored.
+
+    ``routing`` is inferpool's own (used with ``model: "auto"``); it is never sent to a provider.
+    """
 
     model_config = _STRICT
     model: str = Field(min_length=1)
@@ -96,6 +117,7 @@ class ChatRequest(BaseModel):
     user: str | None = None
     metadata: dict[str, str] | None = None
     stream: Literal[False] | None = None
+    routing: RoutingHints | None = None
 
     @field_validator("stop")
     @classmethod

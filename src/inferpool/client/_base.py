@@ -6,6 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import redis
 from pydantic import ValidationError
 
 from inferpool._exceptions import ConfigurationError, InvalidRequest
@@ -15,6 +16,7 @@ from inferpool.model_registry.spec import ModelSpec
 from inferpool.scheduler.batch_input import describe_validation_error
 from inferpool.scheduler.router import Route, Router
 from inferpool.settings import Settings
+from inferpool.stats import read_latency_p50, read_model_load
 from inferpool.wire import ChatMessage, ChatRequest, TaskChunk, TaskItem, new_id
 
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
@@ -68,6 +70,10 @@ class ClientBase:
         self.redis_url = settings.require_redis_url()
         self.registry = registry or Registry.load(settings.registry)
         self.router = Router(self.registry)
+
+    def attach_live_view(self, client: redis.Redis) -> None:
+        """Route ``model: "auto"`` with the pool's live workers, load and latency, read through ``client``."""
+        self.router.attach_live_view(lambda models: read_model_load(client, models), lambda: read_latency_p50(client))
 
     def tenant_for(self, request: ChatRequest) -> str | None:
         """The client's tenant, else the request's ``user`` (when it is a usable name)."""

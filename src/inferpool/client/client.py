@@ -111,6 +111,7 @@ class Client(ClientBase):
     ) -> None:
         super().__init__(redis_url, settings, registry, tenant)
         self.redis: redis.Redis = connect_redis(self.redis_url)
+        self.attach_live_view(self.redis)
         self.celery = create_celery_app(self.settings)
         self.batches = Batches(self.redis, self.settings, self.router, self.tenant_for)
         self.dead_letters = DeadLetters(self.redis)
@@ -216,6 +217,7 @@ class AsyncClient(ClientBase):
         # Batch job calls run the sync implementation in threads, on a sync connection pool of their own.
         self._sync_redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
         self.batches = AsyncBatches(Batches(self._sync_redis, self.settings, self.router, self.tenant_for))
+        self.attach_live_view(self._sync_redis)
 
     @classmethod
     async def connect(

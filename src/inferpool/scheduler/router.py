@@ -1,14 +1,32 @@
-"""Routing: which model, and so which queue, serves a request."""
+"""Routing: which model, and so which queue, serves a request.
+
+A request names a model (or an alias, or ``model:adapter``), or says ``model: "auto"`` with routing
+hints: then the router picks, among models that have every required capability and a live worker, the
+least loaded (then cheapest), the cheapest, or the fastest. Deprecated models are rewritten to their
+replacement with a warning. A prompt that cannot fit a model's window (a safe lower bound of its tokens,
+before any tokenizer runs) goes to a larger-window fallback of that model, or is refused before queueing.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from inferpool._exceptions import CapabilityMismatch, ContextLengthExceeded
 from inferpool.constants import queue_name, split_adapter
 from inferpool.model_registry.capability import check_request_fits
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
-from inferpool.wire import ChatRequest
+from inferpool.stats import ModelLoad
+from inferpool.wire import AUTO_MODEL, ChatRequest, RoutingHints
+
+#: No tokenizer makes fewer tokens than characters / this, so a prompt over the window by this estimate
+#: can be refused (or sent to a larger model) before it reaches a worker.
+CHARS_PER_TOKEN_MAX = 32
+
+#: Reads the pool's live view: per model, live workers, queued tasks, requests in flight.
+LoadReader = Callable[[list[str]], list[ModelLoad]]
 
 
 @dataclass(frozen=True)
@@ -22,17 +40,39 @@ class Route:
     warnings: tuple[str, ...] = ()
 
 
-class Router:
-    """Resolves a request's model (name or alias) and checks the model can serve it."""
+@dataclass(frozen=True)
+class _Live:
+    loads: Mapping[str, ModelLoad]
+    p50_latency_s: Mapping[str, float]
 
-    def __init__(self, registry: Registry) -> None:
+
+class Router:
+    """Resolves a request's model and checks the model can serve it."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        load_reader: LoadReader | None = None,
+        latency_reader: Callable[[], Mapping[str, float]] | None = None,
+        *,
+        cache_s: float = 2.0,
+    ) -> None:
         self.registry = registry
+        self._load_reader = load_reader
+        self._latency_reader = latency_reader
+        self._cache_s = cache_s
+        self._live: _Live | None = None
+        self._live_at = 0.0
+
+    def attach_live_view(self, load_reader: LoadReader, latency_reader: Callable[[], Mapping[str, float]]) -> None:
+        """Let ``model: "auto"`` see live workers, load and latency (a client does this once connected)."""
+        self._load_reader, self._latency_reader = load_reader, latency_reader
 
     def route(self, request: ChatRequest) -> Route:
-        """The route for ``request``; raises ``ModelNotFound``, ``CapabilityMismatch`` or ``InvalidRequest``.
-
-        A deprecated model's requests go to its replacement (following the chain), with a warning.
-        """
+        """The route for ``request``; raises ``ModelNotFound``, ``CapabilityMismatch``,
+        ``ContextLengthExceeded`` or ``InvalidRequest`` before anything is queued."""
+        if request.model == AUTO_MODEL:
+            return self._route_auto(request)
         spec = self.registry.get(request.model)
         adapter = split_adapter(request.model)[1]
         warnings: list[str] = []
@@ -47,5 +87,110 @@ class Router:
             warnings.append(f"model {spec.name!r} is deprecated{since}; {replacement.name!r} served this request{note}")
             spec, adapter = replacement, None  # an adapter belongs to the model it was trained for
         check_request_fits(spec, request)
+        if not _may_fit(spec, request):
+            larger = self._larger_fallback(spec, request)
+            warnings.append(f"the prompt is too long for model {spec.name!r}; sent to its fallback {larger.name!r}")
+            spec, adapter = larger, None
         model = f"{spec.name}:{adapter}" if adapter else spec.name
         return Route(spec=spec, queue=queue_name(spec.name), model=model, warnings=tuple(warnings))
+
+    def _larger_fallback(self, spec: ModelSpec, request: ChatRequest) -> ModelSpec:
+        for name in spec.fallbacks:
+            candidate = self.registry.get(name)
+            if candidate.capabilities.context_window > spec.capabilities.context_window and _may_fit(
+                candidate, request
+            ):
+                check_request_fits(candidate, request)
+                return candidate
+        asked = request.output_limit() or 0
+        raise ContextLengthExceeded(
+            f"the prompt is at least {_min_prompt_tokens(request)} tokens and max_tokens is {asked}, "
+            f"more than model {spec.name!r}'s context window of {spec.capabilities.context_window}, and it has no "
+            "larger fallback; shorten the prompt or lower max_tokens"
+        )
+
+    # -- model: "auto" ---------------------------------------------------------------------------------
+
+    def _route_auto(self, request: ChatRequest) -> Route:
+        hints = request.routing or RoutingHints()
+        candidates: list[ModelSpec] = []
+        misses: list[str] = []
+        for spec in self.registry:
+            if spec.deprecation is not None:
+                continue
+            missing = _missing(spec, request, hints)
+            if missing:
+                misses.append(f"{spec.name} ({', '.join(missing)})")
+            else:
+                candidates.append(spec)
+        if not candidates:
+            needs = ", ".join([*hints.require, *([f"context >= {hints.min_context}"] if hints.min_context else [])])
+            raise CapabilityMismatch(
+                f"no registered model can serve this request (it needs: {needs or 'chat'}); "
+                f"what each lacks: {'; '.join(misses)}"
+            )
+        live = self._live_view([spec.name for spec in candidates])
+        if live is not None:
+            serving = [spec for spec in candidates if live.loads[spec.name].live_workers > 0]
+            if not serving:
+                names = ", ".join(spec.name for spec in candidates)
+                raise CapabilityMismatch(
+                    f"models that can serve this request ({names}) have no live worker; "
+                    f"start one with `inferpool worker --model {candidates[0].name}`"
+                )
+            candidates = serving
+        chosen = min(candidates, key=lambda spec: _preference(spec, hints, live))
+        return Route(spec=chosen, queue=queue_name(chosen.name), model=chosen.name)
+
+    def _live_view(self, models: list[str]) -> _Live | None:
+        if self._load_reader is None:
+            return None
+        now = time.monotonic()
+        if self._live is None or now - self._live_at > self._cache_s or any(m not in self._live.loads for m in models):
+            names = [spec.name for spec in self.registry]
+            loads = {load.model: load for load in self._load_reader(names)}
+            latencies = self._latency_reader() if self._latency_reader is not None else {}
+            self._live, self._live_at = _Live(loads, latencies), now
+        return self._live
+
+
+def _min_prompt_tokens(request: ChatRequest) -> int:
+    return sum(len(message.text()) for message in request.messages) // CHARS_PER_TOKEN_MAX
+
+
+def _may_fit(spec: ModelSpec, request: ChatRequest) -> bool:
+    """False only when the prompt (at its fewest possible tokens) plus the max_tokens asked for cannot fit;
+    the worker checks exactly, with the model's tokenizer."""
+    return _min_prompt_tokens(request) + (request.output_limit() or 0) <= spec.capabilities.context_window
+
+
+def _missing(spec: ModelSpec, request: ChatRequest, hints: RoutingHints) -> list[str]:
+    """What ``spec`` lacks to serve ``request`` under ``hints`` (empty: it can)."""
+    caps = spec.capabilities
+    missing: list[str] = [capability for capability in hints.require if not getattr(caps, capability)]
+    if hints.min_context is not None and caps.context_window < hints.min_context:
+        missing.append(f"context {caps.context_window} < {hints.min_context}")
+    try:
+        check_request_fits(spec, request)
+    except Exception as exc:  # CapabilityMismatch / InvalidRequest: the message says what is missing
+        missing.append(str(exc))
+    if not missing and not _may_fit(spec, request):
+        missing.append(f"context {caps.context_window} too small for this prompt")
+    return missing
+
+
+def _preference(spec: ModelSpec, hints: RoutingHints, live: _Live | None) -> tuple[float, ...]:
+    """Sort key: smaller is better."""
+    price = spec.pricing.input_per_mtok + spec.pricing.output_per_mtok
+    load = 0.0
+    latency = float("inf")
+    if live is not None:
+        current = live.loads[spec.name]
+        queued = current.queue_depth * spec.serving.chunk_size + current.in_flight
+        load = queued / max(1, current.live_workers * spec.serving.concurrency)
+        latency = live.p50_latency_s.get(spec.name, float("inf"))
+    if hints.prefer == "cheapest":
+        return (price, load)
+    if hints.prefer == "fastest":
+        return (latency, load, price)
+    return (load, price)

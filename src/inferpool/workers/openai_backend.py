@@ -35,6 +35,7 @@ class OpenAIBackend(ApiBackend):
         body = request.model_dump(exclude_none=True)
         body["model"] = self.provider_model
         body.pop("stream", None)
+        body.pop("routing", None)  # inferpool's own field
         return body
 
     async def call(self, arguments: dict[str, Any]) -> ProviderReply:
