@@ -36,6 +36,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.pop("REDIS_URL", None)
 os.environ["INFERPOOL_REGISTRY"] = str(REPO / "tests" / "registry.yaml")
+os.environ.pop("INFERPOOL_MODELS_DIR", None)
+# A developer's own ~/.config/inferpool/registry.yaml must not change what the tests see.
+os.environ["XDG_CONFIG_HOME"] = str(REPO / ".cache" / "test-config")
 
 WORKER_START_TIMEOUT_S = 600.0
 

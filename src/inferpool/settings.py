@@ -39,6 +39,11 @@ class Settings(BaseSettings):
         description="Extra registry YAML files, merged over the built-in one (INFERPOOL_REGISTRY, "
         "several separated by ':' ).",
     )
+    models_dir: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Directories whose Hugging Face checkpoints and GGUF files are registered as models "
+        "(INFERPOOL_MODELS_DIR, several separated by ':').",
+    )
     result_ttl_s: int = Field(default=7 * 24 * 3600, gt=0, description="How long results stay in Redis.")
     visibility_timeout_s: int = Field(
         default=3600,
@@ -62,12 +67,19 @@ class Settings(BaseSettings):
     batch_max_bytes: int = Field(default=2 * 1024**3, gt=0, description="Largest batch input file, in bytes.")
     batch_max_line_bytes: int = Field(default=1_000_000, gt=0, description="Largest single batch line.")
 
-    @field_validator("registry", mode="before")
+    @field_validator("registry", "models_dir", mode="before")
     @classmethod
     def _split_registry(cls, value: object) -> object:
         if isinstance(value, str):
             return [Path(p) for p in value.split(":") if p]
         return value
+
+    def user_registry_file(self) -> Path:
+        """``$XDG_CONFIG_HOME/inferpool/registry.yaml`` (default ``~/.config/...``): merged when it exists."""
+        import os
+
+        base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+        return Path(base) / "inferpool" / "registry.yaml"
 
     def stale_after_s(self) -> float:
         return self.resend_stale_after_s or 1.5 * self.visibility_timeout_s

@@ -174,7 +174,7 @@ def run(ctx: click.Context, input_path: Path, output_path: Path, errors_path: Pa
 
 def _models_in(input_path: Path, settings: Settings) -> set[str]:
     """The registry models a file's valid lines ask for (to start their workers)."""
-    parser = BatchLineParser(Router(Registry.load(settings.registry)), max_line_bytes=settings.batch_max_line_bytes)
+    parser = BatchLineParser(Router(Registry.from_settings(settings)), max_line_bytes=settings.batch_max_line_bytes)
     with input_path.open(encoding="utf-8", errors="replace") as handle:
         return {line.spec.name for line in parser.parse(handle) if isinstance(line, AcceptedLine)}
 

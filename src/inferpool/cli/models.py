@@ -23,7 +23,7 @@ def models(ctx: click.Context, as_json: bool) -> None:
     The built-in registry is merged with the files named in INFERPOOL_REGISTRY (':'-separated).
     """
     settings = load_settings(ctx)
-    registry = Registry.load(settings.registry)
+    registry = Registry.from_settings(settings)
     loads: dict[str, ModelLoad] = {}
     if settings.redis_url:
         client = connect_redis(settings.redis_url)

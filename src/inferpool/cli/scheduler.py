@@ -43,7 +43,7 @@ def scheduler(ctx: click.Context, metrics_port: int | None, metrics_addr: str) -
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     client = connect_redis(settings.require_redis_url())
-    registry = Registry.load(settings.registry)
+    registry = Registry.from_settings(settings)
     service = Scheduler(client, settings, registry, create_celery_app(settings))
     if metrics_port is not None:
         from inferpool.metrics import serve_metrics

@@ -68,7 +68,7 @@ class ClientBase:
             settings = settings.model_copy(update={"tenant": tenant})
         self.settings = settings
         self.redis_url = settings.require_redis_url()
-        self.registry = registry or Registry.load(settings.registry)
+        self.registry = registry or Registry.from_settings(settings)
         self.router = Router(self.registry)
 
     def attach_live_view(self, client: redis.Redis) -> None:

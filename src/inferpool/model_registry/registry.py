@@ -11,7 +11,9 @@ from pydantic import ValidationError
 
 from inferpool._exceptions import ModelNotFound, RegistryError
 from inferpool.constants import split_adapter
-from inferpool.model_registry.spec import ModelSpec, RegistryFile
+from inferpool.model_registry.discovery import discover_models
+from inferpool.model_registry.spec import DiscoverSpec, ModelSpec, RegistryFile
+from inferpool.settings import Settings
 
 
 def _describe_validation_error(source: str, data: object, exc: ValidationError) -> str:
@@ -84,17 +86,36 @@ class Registry:
                 current = self._models[target]
 
     @classmethod
-    def load(cls, extra_files: Iterable[Path] = ()) -> Registry:
-        """The built-in registry with ``extra_files`` merged over it (a later model replaces an earlier one)."""
+    def load(cls, extra_files: Iterable[Path] = (), models_dirs: Iterable[Path] = ()) -> Registry:
+        """The built-in registry, then the models found in ``models_dirs``, then ``extra_files`` merged
+        over them (a later model replaces an earlier one of the same name).
+
+        A file's ``discover`` entries add the models found in their directories (a relative path is
+        relative to the file) before the file's own ``models``, which can therefore refine them.
+        """
         builtin = resources.files("inferpool.model_registry").joinpath("default_registry.yaml")
-        documents = [parse_registry_text(builtin.read_text(encoding="utf-8"), "built-in registry")]
+        specs = list(parse_registry_text(builtin.read_text(encoding="utf-8"), "built-in registry").models)
+        for directory in models_dirs:
+            specs += discover_models(DiscoverSpec(path=directory))
         for path in extra_files:
             try:
                 text = Path(path).read_text(encoding="utf-8")
             except OSError as exc:
                 raise RegistryError(f"cannot read registry file {path}: {exc.strerror}") from exc
-            documents.append(parse_registry_text(text, str(path)))
-        return cls(spec for doc in documents for spec in doc.models)
+            document = parse_registry_text(text, str(path))
+            for discover in document.discover:
+                located = discover.model_copy(update={"path": Path(path).parent / discover.path.expanduser()})
+                specs += discover_models(located)
+            specs += document.models
+        return cls(specs)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Registry:
+        """The registry ``settings`` describe: user file (``~/.config/inferpool/registry.yaml``, if it
+        exists), ``INFERPOOL_MODELS_DIR`` and ``INFERPOOL_REGISTRY``."""
+        user_file = settings.user_registry_file()
+        files = ([user_file] if user_file.is_file() else []) + list(settings.registry)
+        return cls.load(files, settings.models_dir)
 
     def __iter__(self) -> Iterator[ModelSpec]:
         return iter(self._models.values())

@@ -105,8 +105,22 @@ class ModelSpec(BaseModel):
         return value
 
 
+class DiscoverSpec(BaseModel):
+    """A registry file's ``discover`` entry: register the models found in ``path``."""
+
+    model_config = _STRICT
+    path: Path
+    backend: str = Field(default="transformers", description="Backend serving what is found (transformers, vllm).")
+    prefix: str = Field(default="", description="Prepended to each discovered model's name.")
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    max_output_tokens: int = Field(default=2048, gt=0)
+
+
 class RegistryFile(BaseModel):
     """The top level of a registry YAML file."""
 
     model_config = _STRICT
     models: list[ModelSpec] = Field(default_factory=list)
+    discover: list[DiscoverSpec] = Field(
+        default_factory=list, description="Directories whose checkpoints and GGUF files become models."
+    )

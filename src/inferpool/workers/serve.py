@@ -27,7 +27,7 @@ def serve_model(model: str, settings: Settings, *, concurrency: int | None = Non
     The model loads before the worker starts consuming, so a model that cannot load never takes a task:
     the error propagates (``ModelLoadError``) and the process exits non-zero.
     """
-    registry = Registry.load(settings.registry)
+    registry = Registry.from_settings(settings)
     spec = registry.get(model)
     redis_client = connect_redis(settings.require_redis_url())
     log.info("loading model %s (backend %s)", spec.name, spec.backend)

@@ -1,0 +1,137 @@
+"""Local model discovery: every Hugging Face checkpoint and GGUF file in a directory becomes a model.
+
+Capabilities are read from the files: the context window from ``config.json`` (or the GGUF's
+``<arch>.context_length``), chat from the presence of a chat template, tools from the template using
+``tools``, vision from the architecture (a ``vision_config`` or a ``...ForConditionalGeneration`` /
+vision architecture). GGUF metadata is read from the file's header only (a few KB), never its tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from inferpool._exceptions import RegistryError
+from inferpool.model_registry.spec import Capabilities, DiscoverSpec, ModelSpec
+
+_INVALID_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_VISION_HINTS = ("vision", "llava", "_vl", "idefics", "paligemma", "mllama", "pixtral", "clip")
+_DEFAULT_CONTEXT = 4096
+
+
+def discover_models(spec: DiscoverSpec) -> list[ModelSpec]:
+    """Models found directly inside ``spec.path`` (checkpoint directories and ``*.gguf`` files)."""
+    root = spec.path.expanduser()
+    if not root.is_dir():
+        raise RegistryError(f"discover: {root} is not a directory")
+    found: list[ModelSpec] = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir() and (entry / "config.json").is_file():
+            found.append(_from_checkpoint(entry, spec))
+        elif entry.is_file() and entry.suffix.lower() == ".gguf":
+            found.append(_from_gguf(entry, spec))
+    return found
+
+
+def _name(spec: DiscoverSpec, stem: str) -> str:
+    return _INVALID_NAME_CHARS.sub("-", f"{spec.prefix}{stem}").strip("-._") or "model"
+
+
+def _model(spec: DiscoverSpec, stem: str, params: dict[str, Any], window: int, template: str | None,
+           vision: bool, source: Path) -> ModelSpec:  # fmt: skip
+    capabilities = Capabilities(
+        chat=template is not None,
+        vision=vision,
+        tools=template is not None and "tools" in template,
+        context_window=window,
+        max_output_tokens=min(spec.max_output_tokens, window),
+        default_max_tokens=min(256, window),
+    )
+    return ModelSpec(name=_name(spec, stem), backend=spec.backend, params=params, capabilities=capabilities,
+                     serving=spec.serving, description=f"discovered: {source}")  # fmt: skip
+
+
+def _from_checkpoint(directory: Path, spec: DiscoverSpec) -> ModelSpec:
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"discover: {directory / 'config.json'}: not readable JSON: {exc}") from exc
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    window = next((int(c[key]) for c in (config, text_config)
+                   for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+                   if isinstance(c.get(key), int)), _DEFAULT_CONTEXT)  # fmt: skip
+    architectures = " ".join(config.get("architectures") or []).lower() + " " + str(config.get("model_type", ""))
+    vision = "vision_config" in config or any(hint in architectures for hint in _VISION_HINTS)
+    return _model(spec, directory.name, {"path": str(directory)}, window, _checkpoint_template(directory), vision,
+                  directory)  # fmt: skip
+
+
+def _checkpoint_template(directory: Path) -> str | None:
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    try:
+        tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    template = tokenizer_config.get("chat_template")
+    return template if isinstance(template, str) else (json.dumps(template) if template else None)
+
+
+def _from_gguf(path: Path, spec: DiscoverSpec) -> ModelSpec:
+    try:
+        metadata = read_gguf_metadata(path)
+    except (OSError, ValueError, struct.error) as exc:
+        raise RegistryError(f"discover: {path}: not a readable GGUF file: {exc}") from exc
+    arch = str(metadata.get("general.architecture", ""))
+    window = metadata.get(f"{arch}.context_length")
+    template = metadata.get("tokenizer.chat_template")
+    vision = any(hint in arch.lower() for hint in _VISION_HINTS)
+    window = int(window) if isinstance(window, int) else _DEFAULT_CONTEXT
+    template = template if isinstance(template, str) else None
+    return _model(spec, path.stem, {"gguf_path": str(path)}, window, template, vision, path)
+
+
+# -- GGUF header ----------------------------------------------------------------------------------------
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_MAX_ARRAY_KEPT = 64  # long arrays (the vocabulary) are skipped, not kept
+
+
+def read_gguf_metadata(path: Path) -> dict[str, Any]:
+    """The key/value metadata of a GGUF file (version 2 or 3), read from its header."""
+    with path.open("rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise ValueError("no GGUF magic number")
+        (version,) = struct.unpack("<I", handle.read(4))
+        if version not in (2, 3):
+            raise ValueError(f"unsupported GGUF version {version}")
+        _tensors, count = struct.unpack("<QQ", handle.read(16))
+        metadata: dict[str, Any] = {}
+        for _ in range(count):
+            key = _read_string(handle)
+            (value_type,) = struct.unpack("<I", handle.read(4))
+            metadata[key] = _read_value(handle, value_type)
+        return metadata
+
+
+def _read_string(handle: BinaryIO) -> str:
+    (length,) = struct.unpack("<Q", handle.read(8))
+    return handle.read(length).decode("utf-8", errors="replace")
+
+
+def _read_value(handle: BinaryIO, value_type: int) -> Any:
+    if value_type in _SCALARS:
+        fmt = _SCALARS[value_type]
+        return struct.unpack(fmt, handle.read(struct.calcsize(fmt)))[0]
+    if value_type == _STRING:
+        return _read_string(handle)
+    if value_type == _ARRAY:
+        item_type, length = struct.unpack("<IQ", handle.read(12))
+        items = [_read_value(handle, item_type) for _ in range(length)]
+        return items if length <= _MAX_ARRAY_KEPT else None
+    raise ValueError(f"unknown GGUF value type {value_type}")
