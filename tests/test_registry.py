@@ -82,3 +82,56 @@ def test_alias_clash_is_refused(tmp_path: Path) -> None:
 def test_missing_registry_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match="cannot read registry file"):
         Registry.load([tmp_path / "nope.yaml"])
+
+
+def test_providers_give_their_models_a_backend_endpoint_key_and_limits(tmp_path: Path) -> None:
+    path = tmp_path / "providers.yaml"
+    path.write_text("""
+providers:
+  together: {kind: openai-compatible, base_url: "https://api.together.example/v1", api_key_env: TOGETHER_API_KEY,
+             rate_limit: {requests: 600, per_s: 60}}
+  claude: {kind: anthropic}
+  gpu: {kind: local, backend: vllm, params: {dtype: bfloat16}}
+models:
+  - name: llama-together
+    provider: together
+    params: {model: meta-llama/Llama-3-8b-chat-hf, max_attempts: 3}
+    capabilities: {context_window: 8192, max_output_tokens: 1024}
+  - name: sonnet
+    provider: claude
+    capabilities: {context_window: 200000, max_output_tokens: 8192}
+  - name: local-llama
+    provider: gpu
+    params: {path: /models/llama, dtype: float16}
+    capabilities: {context_window: 8192, max_output_tokens: 1024}
+""")
+    registry = Registry.load([path])
+    together = registry.get("llama-together")
+    assert together.backend == "openai"
+    assert together.params == {"base_url": "https://api.together.example/v1", "api_key_env": "TOGETHER_API_KEY",
+                               "rate_limit": {"requests": 600, "per_s": 60},
+                               "model": "meta-llama/Llama-3-8b-chat-hf", "max_attempts": 3}  # fmt: skip
+    assert registry.get("sonnet").backend == "anthropic"
+    local = registry.get("local-llama")
+    assert (local.backend, local.params) == ("vllm", {"dtype": "float16", "path": "/models/llama"})  # model wins
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "models: [{name: m, provider: nope, capabilities: {context_window: 8, max_output_tokens: 4}}]",
+            "model 'm': provider 'nope' is not defined",
+        ),
+        (
+            "models: [{name: m, capabilities: {context_window: 8, max_output_tokens: 4}}]",
+            "model 'm': give a backend or a provider",
+        ),
+        ("providers: {x: {kind: openai-compatible}}", "an openai-compatible provider needs base_url"),
+    ],
+)
+def test_provider_mistakes_are_clear(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(RegistryError, match=message):
+        Registry.load([path])

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from inferpool._exceptions import ModelNotFound, RegistryError
 from inferpool.constants import split_adapter
 from inferpool.model_registry.discovery import discover_models
-from inferpool.model_registry.spec import DiscoverSpec, ModelSpec, RegistryFile
+from inferpool.model_registry.spec import DiscoverSpec, ModelSpec, ProviderSpec, RegistryFile
 from inferpool.settings import Settings
 
 
@@ -44,6 +44,20 @@ def parse_registry_text(text: str, source: str) -> RegistryFile:
         return RegistryFile.model_validate(data)
     except ValidationError as exc:
         raise RegistryError(_describe_validation_error(source, data, exc)) from exc
+
+
+def _with_provider(spec: ModelSpec, providers: dict[str, ProviderSpec]) -> ModelSpec:
+    """``spec`` with its provider's backend and default params filled in."""
+    if spec.provider is None:
+        if not spec.backend:
+            raise RegistryError(f"model {spec.name!r}: give a backend or a provider")
+        return spec
+    provider = providers.get(spec.provider)
+    if provider is None:
+        known = ", ".join(sorted(providers)) or "(none)"
+        raise RegistryError(f"model {spec.name!r}: provider {spec.provider!r} is not defined; providers: {known}")
+    backend = spec.backend or provider.backend_name()
+    return spec.model_copy(update={"backend": backend, "params": {**provider.default_params(), **spec.params}})
 
 
 class Registry:
@@ -94,7 +108,9 @@ class Registry:
         relative to the file) before the file's own ``models``, which can therefore refine them.
         """
         builtin = resources.files("inferpool.model_registry").joinpath("default_registry.yaml")
-        specs = list(parse_registry_text(builtin.read_text(encoding="utf-8"), "built-in registry").models)
+        builtin_document = parse_registry_text(builtin.read_text(encoding="utf-8"), "built-in registry")
+        specs = list(builtin_document.models)
+        providers = dict(builtin_document.providers)
         for directory in models_dirs:
             specs += discover_models(DiscoverSpec(path=directory))
         for path in extra_files:
@@ -107,7 +123,8 @@ class Registry:
                 located = discover.model_copy(update={"path": Path(path).parent / discover.path.expanduser()})
                 specs += discover_models(located)
             specs += document.models
-        return cls(specs)
+            providers.update(document.providers)
+        return cls(_with_provider(spec, providers) for spec in specs)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry:

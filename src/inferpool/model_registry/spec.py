@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _STRICT = ConfigDict(extra="forbid")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -65,13 +65,50 @@ class ServingSpec(BaseModel):
         return self.in_flight_per_worker or 2 * self.chunk_size * self.concurrency
 
 
+class ProviderSpec(BaseModel):
+    """Where a family of models runs: a cloud API (with its endpoint, key and shared limits) or local.
+
+    A model that names the provider gets its backend from ``kind`` and these settings as defaults for
+    its own ``params``.
+    """
+
+    model_config = _STRICT
+    kind: Literal["openai", "openai-compatible", "anthropic", "local"]
+    base_url: str | None = Field(default=None, description="Required for openai-compatible.")
+    api_key_env: str | None = None
+    api_key_file: Path | None = None
+    rate_limit: dict[str, Any] | None = Field(default=None, description="Shared by all its models (see API params).")
+    backend: str = Field(default="transformers", description="For kind local: the backend (transformers, vllm).")
+    params: dict[str, Any] = Field(default_factory=dict, description="More defaults for its models' params.")
+
+    @model_validator(mode="after")
+    def _compatible_needs_url(self) -> ProviderSpec:
+        if self.kind == "openai-compatible" and not self.base_url:
+            raise ValueError("an openai-compatible provider needs base_url")
+        return self
+
+    def backend_name(self) -> str:
+        return {"openai": "openai", "openai-compatible": "openai", "anthropic": "anthropic"}.get(
+            self.kind, self.backend
+        )
+
+    def default_params(self) -> dict[str, Any]:
+        defaults: dict[str, Any] = dict(self.params)
+        for name in ("base_url", "api_key_env", "api_key_file", "rate_limit"):
+            value = getattr(self, name)
+            if value is not None:
+                defaults[name] = str(value) if isinstance(value, Path) else value
+        return defaults
+
+
 class ModelSpec(BaseModel):
     """One servable model."""
 
     model_config = _STRICT
     name: str
     aliases: list[str] = Field(default_factory=list)
-    backend: str = Field(description="Name of the backend entry point (echo, transformers, ...).")
+    backend: str = Field(default="", description="Name of the backend entry point (echo, transformers, ...).")
+    provider: str | None = Field(default=None, description="A provider of the registry's providers section.")
     params: dict[str, Any] = Field(default_factory=dict, description="Backend-specific parameters.")
     capabilities: Capabilities
     pricing: Pricing = Field(default_factory=Pricing)
@@ -120,6 +157,7 @@ class RegistryFile(BaseModel):
     """The top level of a registry YAML file."""
 
     model_config = _STRICT
+    providers: dict[str, ProviderSpec] = Field(default_factory=dict)
     models: list[ModelSpec] = Field(default_factory=list)
     discover: list[DiscoverSpec] = Field(
         default_factory=list, description="Directories whose checkpoints and GGUF files become models."

@@ -87,6 +87,8 @@ class WorkerRuntime:
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="backend-loop", daemon=True)
         self._loop_thread.start()
         self._stop = threading.Event()
+        self._in_hand = 0  # requests being processed now (announced in the heartbeat)
+        self._in_hand_lock = threading.Lock()
         self._heartbeat_thread: threading.Thread | None = None
 
     # -- processing ------------------------------------------------------------------------------------
@@ -97,6 +99,15 @@ class WorkerRuntime:
         Requests of a batch job that was cancelled or expired meanwhile are settled with that error
         instead of being run.
         """
+        with self._in_hand_lock:
+            self._in_hand += len(chunk.items)
+        try:
+            return self._process(chunk)
+        finally:
+            with self._in_hand_lock:
+                self._in_hand -= len(chunk.items)
+
+    def _process(self, chunk: TaskChunk) -> ChunkReport:
         started = time.time()
         already = self._writer.existing([item.request_id for item in chunk.items])
         todo = [item for item in chunk.items if item.request_id not in already]
@@ -232,6 +243,7 @@ class WorkerRuntime:
                 "backend": self.backend.name,
                 "pid": os.getpid(),
                 "concurrency": self.spec.serving.concurrency,
+                "in_hand": self._in_hand,
                 "at": time.time(),
             }
         )
