@@ -9,7 +9,13 @@ from inferpool._exceptions import InvalidRequest
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
 from inferpool.wire import ChatRequest, FinishReason
-from inferpool.workers.api_backend import ApiBackend, ApiFailure, ProviderReply, classify_sdk_error, maybe_await
+from inferpool.workers.api_backend import (
+    ApiBackend,
+    ProviderReply,
+    classify_sdk_error,
+    maybe_await,
+    streamed_generation,
+)
 from inferpool.workers.backend import Generation
 
 _FINISH: dict[str, FinishReason] = {
@@ -95,14 +101,9 @@ class AnthropicBackend(ApiBackend):
                     output_tokens = event.usage.output_tokens
         except Exception as exc:  # classify_sdk_error re-raises anything it does not recognise
             raise classify_sdk_error(exc, self._sdk) from exc
-        if stop_reason is None:
-            raise ApiFailure("the stream ended before the answer did (no stop_reason)", retryable=True)
-        generation = Generation(
-            text="".join(parts),
-            finish_reason=_FINISH.get(stop_reason, "stop"),
-            prompt_tokens=input_tokens,
-            completion_tokens=output_tokens,
-            first_token_at=first_token_at,
+        finish = None if stop_reason is None else _FINISH.get(stop_reason, "stop")
+        generation = streamed_generation(
+            parts, finish, input_tokens, output_tokens, first_token_at, missing="stop_reason"
         )
         return ProviderReply(generation, dict(raw.headers))
 

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from inferpool._exceptions import InvalidRequest, ModelLoadError, ProviderError, RequestError
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
-from inferpool.wire import ChatRequest
-from inferpool.workers.backend import Generation, GenerationOutcome
+from inferpool.wire import ChatRequest, FinishReason
+from inferpool.workers.backend import Generation, GenerationOutcome, parse_params
 from inferpool.workers.ratelimit import RateLimitSpec, SharedRateLimiter, limit_group
 
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
@@ -130,10 +130,7 @@ class ApiBackend(ABC):
 
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.spec = spec
-        try:
-            self.params = ApiParams.model_validate(spec.params)
-        except ValidationError as exc:
-            raise ModelLoadError(f"model {spec.name!r}: invalid {self.name} params: {exc}") from exc
+        self.params = parse_params(ApiParams, spec, self.name)
         self.provider_model = self.params.model or spec.name
         self._api_key = read_api_key(self.params, self.default_key_env)
         self._redis_url = settings.redis_url
@@ -215,6 +212,17 @@ class ApiBackend(ABC):
         await self.close_client()
         if self._redis is not None:
             await self._redis.aclose()
+
+
+def streamed_generation(
+    parts: list[str], finish_reason: FinishReason | None, prompt_tokens: int, completion_tokens: int,
+    first_token_at: float | None, *, missing: str,
+) -> Generation:  # fmt: skip
+    """The answer a provider streamed; a stream that ended without its ``missing`` field is retried."""
+    if finish_reason is None:
+        raise ApiFailure(f"the stream ended before the answer did (no {missing})", retryable=True)
+    return Generation(text="".join(parts), finish_reason=finish_reason, prompt_tokens=prompt_tokens,
+                      completion_tokens=completion_tokens, first_token_at=first_token_at)  # fmt: skip
 
 
 async def maybe_await(value: Any) -> Any:

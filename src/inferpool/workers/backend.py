@@ -14,9 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from inferpool._exceptions import ConfigurationError, RequestError
+from pydantic import BaseModel, ValidationError
+
+from inferpool._exceptions import ConfigurationError, ModelLoadError, RequestError
 from inferpool.constants import BACKEND_ENTRY_POINT_GROUP
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
@@ -68,6 +70,17 @@ class Backend(Protocol):
     async def aclose(self) -> None:
         """Release the model (GPU memory, engine processes)."""
         ...
+
+
+ParamsT = TypeVar("ParamsT", bound=BaseModel)
+
+
+def parse_params(params_model: type[ParamsT], spec: ModelSpec, backend: str) -> ParamsT:
+    """A registry entry's ``params`` as ``params_model``, or a ``ModelLoadError`` naming model and backend."""
+    try:
+        return params_model.model_validate(spec.params)
+    except ValidationError as exc:
+        raise ModelLoadError(f"model {spec.name!r}: invalid {backend} params: {exc}") from exc
 
 
 class BackendFactory(Protocol):

@@ -17,7 +17,7 @@ from inferpool._exceptions import ContextLengthExceeded, ProviderError
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
 from inferpool.wire import ChatRequest, FinishReason
-from inferpool.workers.backend import Generation, GenerationOutcome
+from inferpool.workers.backend import Generation, GenerationOutcome, parse_params
 
 
 class EchoParams(BaseModel):
@@ -43,7 +43,7 @@ class EchoBackend:
 
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.spec = spec
-        self.params = EchoParams.model_validate(spec.params)
+        self.params = parse_params(EchoParams, spec, self.name)
 
     async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
         if self.params.delay_ms:

@@ -8,7 +8,14 @@ from typing import Any
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
 from inferpool.wire import ChatRequest, FinishReason
-from inferpool.workers.api_backend import ApiBackend, ApiFailure, ProviderReply, classify_sdk_error, maybe_await
+from inferpool.workers.api_backend import (
+    ApiBackend,
+    ApiFailure,
+    ProviderReply,
+    classify_sdk_error,
+    maybe_await,
+    streamed_generation,
+)
 from inferpool.workers.backend import Generation
 
 _FINISH: dict[str, FinishReason] = {
@@ -80,15 +87,10 @@ class OpenAIBackend(ApiBackend):
                     finish = choice.finish_reason or finish
         except Exception as exc:  # classify_sdk_error re-raises anything it does not recognise
             raise classify_sdk_error(exc, self._sdk) from exc
-        if finish is None:
-            raise ApiFailure("the stream ended before the answer did (no finish_reason)", retryable=True)
-        generation = Generation(
-            text="".join(parts),
-            finish_reason=_FINISH.get(finish, "stop"),
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            first_token_at=first_token_at,
-        )
+        generation = streamed_generation(
+            parts, None if finish is None else _FINISH.get(finish, "stop"), usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0, first_token_at, missing="finish_reason",
+        )  # fmt: skip
         return ProviderReply(generation, dict(raw.headers))
 
     async def close_client(self) -> None:

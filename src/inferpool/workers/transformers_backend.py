@@ -27,7 +27,7 @@ from inferpool._exceptions import InvalidRequest, ModelLoadError, RequestError
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
 from inferpool.wire import ChatRequest, FinishReason
-from inferpool.workers.backend import Generation, GenerationOutcome
+from inferpool.workers.backend import Generation, GenerationOutcome, parse_params
 from inferpool.workers.batcher import DynamicBatcher
 from inferpool.workers.local_model import CheckpointParams, chat_prompt_ids, output_budget, requested_adapter
 
@@ -74,10 +74,7 @@ class TransformersBackend:
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.spec = spec
-        try:
-            self.params = TransformersParams.model_validate(spec.params)
-        except ValueError as exc:
-            raise ModelLoadError(f"model {spec.name!r}: invalid transformers params: {exc}") from exc
+        self.params = parse_params(TransformersParams, spec, self.name)
         checkpoint = self.params.checkpoint_dir(settings.cache_dir)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -27,7 +27,7 @@ from inferpool._exceptions import InvalidRequest, ModelLoadError, ProviderError,
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
 from inferpool.wire import ChatRequest, FinishReason
-from inferpool.workers.backend import ExtraChoice, Generation, GenerationOutcome
+from inferpool.workers.backend import ExtraChoice, Generation, GenerationOutcome, parse_params
 from inferpool.workers.local_model import CheckpointParams, chat_prompt_ids, output_budget, requested_adapter
 
 
@@ -93,10 +93,7 @@ class VllmBackend:
 
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.spec = spec
-        try:
-            self.params = VllmParams.model_validate(spec.params)
-        except ValueError as exc:
-            raise ModelLoadError(f"model {spec.name!r}: invalid vllm params: {exc}") from exc
+        self.params = parse_params(VllmParams, spec, self.name)
         for name, value in self.params.env.items():
             os.environ.setdefault(name, value)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
