@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from inferpool import Client, JobStatus, Settings
+from inferpool import CapabilityMismatch, Client, JobStatus, Settings
 from inferpool.local_pool import LocalPool, start_worker_process, stop_process
 from inferpool.model_registry.checkpoints import ensure_hf_checkpoint, package_file
 
@@ -202,3 +202,34 @@ def test_sigkilled_worker_requests_are_redelivered_and_answered_once(engine: Eng
     [usage] = done.usage
     assert usage.requests == 48
     assert usage.completion_tokens == sum(o.response.body.usage.completion_tokens for o in output if o.response)
+
+
+PERSON_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                 "required": ["name", "age"]}  # fmt: skip
+
+
+def test_structured_output_logprobs_and_n_where_the_engine_has_them(engine: Engine, client: Client) -> None:
+    body = {"model": engine.model, "messages": [{"role": "user", "content": "Describe a person as JSON."}],
+            "max_tokens": 60, "temperature": 0}  # fmt: skip
+    schema = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}}
+    if engine.model.startswith("smollm2-transformers"):  # json_mode/logprobs are not among its capabilities
+        with pytest.raises(CapabilityMismatch, match="json_mode"):
+            client.submit({**body, "response_format": schema})
+        with pytest.raises(CapabilityMismatch, match="logprobs"):
+            client.submit({**body, "logprobs": True})
+        return
+    structured = client.submit({**body, "response_format": schema}).result(TIMEOUT_S)
+    assert structured.response is not None
+    person = json.loads(structured.response.text)
+    assert isinstance(person["name"], str)
+    assert isinstance(person["age"], int)
+    scored = client.submit({**body, "max_tokens": 6, "logprobs": True, "top_logprobs": 2}).result(TIMEOUT_S)
+    assert scored.response is not None
+    logprobs = scored.response.choices[0].logprobs
+    assert logprobs is not None
+    assert len(logprobs["content"]) == scored.response.usage.completion_tokens == 6
+    assert all(len(token["top_logprobs"]) == 2 and token["logprob"] <= 0 for token in logprobs["content"])
+    several = client.submit({**body, "max_tokens": 8, "n": 3, "temperature": 1.0, "seed": 7}).result(TIMEOUT_S)
+    assert several.response is not None
+    assert [choice.index for choice in several.response.choices] == [0, 1, 2]
+    assert 3 <= several.response.usage.completion_tokens <= 24  # every choice counted, each at most 8

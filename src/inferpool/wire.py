@@ -76,7 +76,7 @@ class ChatMessage(BaseModel):
 #: ``model`` value asking the router to choose among models by capability, load and price.
 AUTO_MODEL = "auto"
 
-Capability = Literal["vision", "tools", "json_mode", "logprobs"]
+Capability = Literal["vision", "tools", "json_mode", "logprobs", "streaming"]
 
 
 class RoutingHints(BaseModel):

@@ -22,6 +22,7 @@ class Capabilities(BaseModel):
     tools: bool = False
     json_mode: bool = False
     logprobs: bool = Field(default=False, description="Can return token logprobs (logprobs/top_logprobs).")
+    streaming: bool = Field(default=False, description="Its backend sees tokens as they come (time to first token).")
     max_n: int = Field(default=1, ge=1, le=128, description="Largest n (choices per request) it serves.")
     context_window: int = Field(gt=0, description="Prompt plus output tokens the model accepts.")
     max_output_tokens: int = Field(gt=0, description="Largest max_tokens a request may ask for.")
