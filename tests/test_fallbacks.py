@@ -7,6 +7,7 @@ echo-doomed, then echo. echo-tiny has a 64-token window and falls back to echo-f
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,9 +16,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from inferpool import Client, JobStatus, ProviderError
-from inferpool.constants import MODEL_INFLIGHT_KEY
+from inferpool import ChatRequest, Client, JobStatus, ProviderError, Registry, Settings
+from inferpool.celery_app import create_celery_app
+from inferpool.constants import MODEL_INFLIGHT_KEY, job_inflight_key, queue_name
 from inferpool.local_pool import WorkerProcess
+from inferpool.wire import TaskChunk, TaskItem
+from inferpool.workers.failures import FailurePolicy
 
 from .conftest import _start_workers, _stop_workers
 
@@ -78,8 +82,6 @@ def test_a_batch_job_with_fallbacks_counts_every_line_once(client: Client, redis
 
 
 def _cli(*args: str, redis_url: str) -> subprocess.CompletedProcess[str]:
-    import os
-
     env = {**os.environ, "REDIS_URL": redis_url}
     return subprocess.run([sys.executable, "-m", "inferpool", *args], capture_output=True, text=True, env=env,
                           timeout=120, check=False)  # fmt: skip
@@ -117,3 +119,30 @@ def test_exhausted_requests_become_dead_letters_and_can_be_retried(client: Clien
     refused = _cli("dlq", "retry", redis_url=redis_url)
     assert refused.returncode != 0
     assert "IDS or --all" in refused.stderr
+
+
+def test_a_redelivered_chunk_does_not_forward_a_request_twice(settings: Settings, redis_client: redis.Redis) -> None:
+    """The first run of a chunk moved the request to its fallback; a second run of the same chunk (after a
+    crash and a redelivery) finds the in-flight record moved and leaves the counts alone."""
+    registry = Registry.from_settings(settings)
+    celery = create_celery_app(settings)
+    policy = FailurePolicy(registry.get("echo-flaky"), registry, redis_client, celery)
+    job_id = f"batch_redelivery_{os.getpid()}"
+    item = TaskItem(request_id=f"req_{job_id}", custom_id="r1",
+                    request=ChatRequest(model="echo-flaky", messages=[{"role": "user", "content": "FAIL"}]))  # type: ignore[list-item]  # fmt: skip
+    redis_client.hset(job_inflight_key(job_id), item.request_id, item.model_dump_json(exclude_none=True))
+    # The fallback here is a model no worker of this session serves, so nothing answers the moved request
+    # while the counts are read.
+    target = registry.get("smollm2-135m-vllm")
+    counted = ("echo-flaky", target.name)
+    before = {k: int(redis_client.hget(MODEL_INFLIGHT_KEY, k) or 0) for k in counted}
+    chunk = TaskChunk(job_id=job_id, model="echo-flaky", items=[item], result_ttl_s=60)
+    failure = ProviderError("down")
+    policy.forward(chunk, [(item, failure, target)])
+    policy.forward(chunk, [(item, failure, target)])  # the redelivered run
+    after = {k: int(redis_client.hget(MODEL_INFLIGHT_KEY, k) or 0) for k in counted}
+    assert after == {"echo-flaky": before["echo-flaky"] - 1, target.name: before[target.name] + 1}
+    moved = TaskItem.model_validate_json(redis_client.hget(job_inflight_key(job_id), item.request_id) or "")
+    assert (moved.request.model, moved.tried) == (target.name, ["echo-flaky"])
+    assert redis_client.llen(queue_name(target.name)) == 1  # published once
+    celery.close()

@@ -6,7 +6,8 @@ has a live worker; one that did not fit its
 model's context window moves only to a fallback with a larger window. It travels as a new chunk on the
 fallback's queue, with the same request id (so its result is still written once), a warning naming the
 failed model, and, for batch jobs, the job's in-flight record moved to the new model (so a restarted
-scheduler re-sends it there and the per-model windows stay right). A ``ProviderError`` with nowhere left
+scheduler re-sends it there and the per-model windows stay right; a redelivered chunk that had already
+forwarded a request finds its record moved and forwards nothing). A ``ProviderError`` with nowhere left
 to go gets its error result and a copy in the dead-letter stream.
 """
 
@@ -32,6 +33,30 @@ from inferpool.workers.backend import GenerationOutcome
 log = logging.getLogger(__name__)
 
 
+# Moves batch requests' in-flight records from one model to another, only where the record still says the
+# request is with the failing model (a redelivered chunk that already forwarded a request moves nothing).
+# KEYS: the job's in-flight hash, the per-model in-flight counts. ARGV: from model, to model, then
+# request id / new item JSON pairs. Returns the request ids moved.
+_MOVE_INFLIGHT = """
+local moved = {}
+for i = 3, #ARGV, 2 do
+  local current = redis.call('HGET', KEYS[1], ARGV[i])
+  if current then
+    local model = cjson.decode(current)['request']['model']
+    if string.match(model, '^[^:]+') == ARGV[1] then
+      redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+      moved[#moved + 1] = ARGV[i]
+    end
+  end
+end
+if #moved > 0 then
+  redis.call('HINCRBY', KEYS[2], ARGV[1], -#moved)
+  redis.call('HINCRBY', KEYS[2], ARGV[2], #moved)
+end
+return moved
+"""
+
+
 class FailurePolicy:
     def __init__(self, spec: ModelSpec, registry: Registry | None, client: redis.Redis, celery: Celery | None) -> None:
         self.spec = spec
@@ -39,6 +64,7 @@ class FailurePolicy:
         self.redis = client
         self.celery = celery
         self.dead_letters = DeadLetters(client)
+        self._move = client.register_script(_MOVE_INFLIGHT)
 
     def fallback_for(self, item: TaskItem, outcome: GenerationOutcome) -> ModelSpec | None:
         """The model ``item`` should move to after ``outcome``, or None.
@@ -89,16 +115,17 @@ class FailurePolicy:
                 "warnings": [*(item.warnings or []), note],
             }))  # fmt: skip
         if chunk.job_id is not None:
-            pipe = self.redis.pipeline(transaction=True)
-            for model, items in by_model.items():
-                pipe.hincrby(MODEL_INFLIGHT_KEY, self.spec.name, -len(items))
-                pipe.hincrby(MODEL_INFLIGHT_KEY, model, len(items))
-                for moved in items:
-                    pipe.hset(
-                        job_inflight_key(chunk.job_id), moved.request_id, moved.model_dump_json(exclude_none=True)
-                    )
-            pipe.execute()
+            job_inflight = job_inflight_key(chunk.job_id)
+            for model, items in list(by_model.items()):
+                pairs = [
+                    part for moved in items for part in (moved.request_id, moved.model_dump_json(exclude_none=True))
+                ]
+                taken = self._move(keys=[job_inflight, MODEL_INFLIGHT_KEY], args=[self.spec.name, model, *pairs])
+                claimed = {rid.decode() if isinstance(rid, bytes) else rid for rid in taken}
+                by_model[model] = [moved for moved in items if moved.request_id in claimed]
         for model, items in by_model.items():
+            if not items:
+                continue
             log.info("passing %d request(s) of %s to fallback %s", len(items), chunk.describe(), model)
             publish_chunk(self.celery, TaskChunk(job_id=chunk.job_id, model=model, items=items,
                                                  result_ttl_s=chunk.result_ttl_s, priority=chunk.priority))  # fmt: skip
