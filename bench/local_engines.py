@@ -11,7 +11,9 @@ max_tokens, for each engine (``--engines transformers,vllm``; vLLM only where it
 - time to first token through the pool with 1, 8 and 64 requests submitted at once (single requests,
   not a batch job), from each result's ``stats.ttft_s``, p50/p95.
 Throughput is completion tokens per second of wall time; the ratios compare the pool with direct.
-``--repeat N`` runs each side N times and compares the best of each (this machine's noise is +-15%).
+The direct run is made before and after the pool run and the ratio uses their mean, because this machine's
+speed drifts by +-15% over minutes; for transformers the bench also reports how much of the job's wall time
+the worker spent inside ``generate`` (from its log), i.e. the pool's own share.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -65,7 +68,7 @@ def registry_entry(engine: str, batch_size: int) -> dict[str, Any]:
 # -- direct baselines, each in its own process (`--direct ENGINE`) -----------------------------------
 
 
-def direct_transformers(n: int, max_tokens: int, batch_size: int) -> dict[str, float]:
+def direct_transformers(n: int, max_tokens: int, batch_size: int, *, one_at_a_time: bool = True) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -93,11 +96,14 @@ def direct_transformers(n: int, max_tokens: int, batch_size: int) -> dict[str, f
     started = time.perf_counter()
     batched = sum(run(ids[i : i + batch_size]) for i in range(0, n, batch_size))
     batched_s = time.perf_counter() - started
+    figures = {"tokens": batched, "seconds": batched_s, "tokens_per_s": batched / batched_s}
+    if not one_at_a_time:
+        return figures
     single_n = max(1, n // 4)
     started = time.perf_counter()
     single = sum(run([p]) for p in ids[:single_n])
     single_s = time.perf_counter() - started
-    return {"tokens": batched, "seconds": batched_s, "tokens_per_s": batched / batched_s,
+    return {**figures,
             "one_at_a_time_tokens_per_s": single / single_s, "one_at_a_time_prompts": single_n}  # fmt: skip
 
 
@@ -122,9 +128,10 @@ def direct_vllm(n: int, max_tokens: int) -> dict[str, float]:
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def run_direct(engine: str, args: argparse.Namespace) -> dict[str, float]:
+def run_direct(engine: str, args: argparse.Namespace, *, one_at_a_time: bool = True) -> dict[str, float]:
     command = [sys.executable, __file__, "--direct", engine, "--prompts", str(args.prompts),
-               "--max-tokens", str(args.max_tokens), "--batch-size", str(args.batch_size)]  # fmt: skip
+               "--max-tokens", str(args.max_tokens), "--batch-size", str(args.batch_size),
+               *([] if one_at_a_time else ["--no-one-at-a-time"])]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"direct {engine} failed:\n{done.stderr[-3000:]}")
@@ -149,20 +156,30 @@ def run_pool(engine: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
             body = {"model": model, "temperature": 0, "max_tokens": args.max_tokens}
             warm = [client.submit({**body, "messages": m}) for m in prompts(2)]
             [h.result(timeout=600) for h in warm]
+            warm_s = generate_seconds(pool.workers[0].log_path)
             lines = [json.dumps({"custom_id": f"p{i}", "method": "POST", "url": "/v1/chat/completions",
                                  "body": {**body, "messages": m}})
                      for i, m in enumerate(prompts(args.prompts))]  # fmt: skip
-            runs = []
-            for _ in range(args.repeat):
-                started = time.perf_counter()
-                job = client.batches.wait(client.batches.create(lines).id, timeout=3600, poll_s=0.05)
-                runs.append(time.perf_counter() - started)
-                if job.status != JobStatus.COMPLETED or job.request_counts.completed != args.prompts:
-                    raise SystemExit(f"{engine}: {job.status} {job.request_counts}")
-            seconds = min(runs)
+            started = time.perf_counter()
+            job = client.batches.wait(client.batches.create(lines).id, timeout=3600, poll_s=0.5)
+            seconds = time.perf_counter() - started
+            if job.status != JobStatus.COMPLETED or job.request_counts.completed != args.prompts:
+                raise SystemExit(f"{engine}: {job.status} {job.request_counts}")
             tokens = sum(row.completion_tokens for row in job.usage)
+            engine_s = generate_seconds(pool.workers[0].log_path)
             ttft = {level: ttft_at(client, body, level) for level in (1, 8, 64)}
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "ttft": ttft, "runs_s": runs}
+    figures = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "ttft": ttft}
+    if engine_s:  # transformers logs each batch's generate time
+        figures["engine_share"] = (engine_s - warm_s) / seconds  # of the job's wall time; the rest is the pool's
+    return figures
+
+
+_GENERATE_LINE = re.compile(r"generated a batch of .* in ([0-9.]+) s")
+
+
+def generate_seconds(log_path: Path) -> float:
+    """Seconds the transformers worker has spent inside ``generate`` so far (from its log; 0 for vLLM)."""
+    return sum(float(match.group(1)) for match in _GENERATE_LINE.finditer(log_path.read_text()))
 
 
 def ttft_at(client: Any, body: dict[str, Any], concurrent: int, samples: int = 16) -> dict[str, float]:
@@ -182,13 +199,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16, help="transformers batch size, direct and pool")
     parser.add_argument("--engines", default="transformers,vllm")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each side; the best of each is compared")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--direct", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-one-at-a-time", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.direct == "transformers":
-        print(json.dumps(direct_transformers(args.prompts, args.max_tokens, args.batch_size)))
+        print(json.dumps(direct_transformers(args.prompts, args.max_tokens, args.batch_size,
+                                             one_at_a_time=not args.no_one_at_a_time)))  # fmt: skip
         return
     if args.direct == "vllm":
         print(json.dumps(direct_vllm(args.prompts, args.max_tokens)))
@@ -200,9 +218,12 @@ def main() -> None:
     figures: dict[str, Any] = {"prompts": args.prompts, "max_tokens": args.max_tokens, "batch_size": args.batch_size}
     with tempfile.TemporaryDirectory(prefix="inferpool-bench-") as tmp:
         for engine in engines:
-            directs = [run_direct(engine, args) for _ in range(args.repeat)]
-            direct = {**min(directs, key=lambda d: d["seconds"]), "runs_s": [d["seconds"] for d in directs]}
+            before = run_direct(engine, args)
             pool = run_pool(engine, args, Path(tmp))
+            after = run_direct(engine, args, one_at_a_time=False)
+            seconds = (before["seconds"] + after["seconds"]) / 2
+            direct = {**before, "seconds": seconds, "tokens_per_s": before["tokens"] / seconds,
+                      "runs_s": [before["seconds"], after["seconds"]]}  # fmt: skip
             fig: dict[str, Any] = {"direct": direct, "pool": pool}
             fig["pool_over_direct"] = pool["tokens_per_s"] / direct["tokens_per_s"]
             if engine == "transformers":
@@ -218,12 +239,15 @@ def report(engine: str, fig: dict[str, Any]) -> None:
     direct, pool = fig["direct"], fig["pool"]
     print(f"\n== {engine} ==")
     print(f"{'run':<34}{'tokens':>8}{'seconds':>9}{'tok/s':>8}")
-    print(f"{'direct (engine alone)':<34}{direct['tokens']:>8}{direct['seconds']:>9.2f}{direct['tokens_per_s']:>8.1f}")
+    label = "direct (mean of before/after)"
+    print(f"{label:<34}{direct['tokens']:>8}{direct['seconds']:>9.2f}{direct['tokens_per_s']:>8.1f}")
     print(f"{'through the pool (batch job)':<34}{pool['tokens']:>8}{pool['seconds']:>9.2f}{pool['tokens_per_s']:>8.1f}")
     print(f"pool / direct throughput: {fig['pool_over_direct']:.3f}")
     if "pool_over_one_at_a_time" in fig:
         print(f"direct one request at a time: {direct['one_at_a_time_tokens_per_s']:.1f} tok/s "
               f"-> pool (dynamic batcher) / one at a time: {fig['pool_over_one_at_a_time']:.2f}x")  # fmt: skip
+    if "engine_share" in pool:
+        print(f"time inside generate (from the worker's log) / job wall time: {pool['engine_share']:.3f}")
     for level, ttft in pool["ttft"].items():
         print(f"TTFT at {level:>2} concurrent: p50 {ttft['p50']:.3f} s, p95 {ttft['p95']:.3f} s (n={ttft['n']})")
 
