@@ -28,7 +28,7 @@ _QUEUE_RANK = {Priority.HIGH: "1-high", Priority.NORMAL: "2-normal", Priority.LO
 
 def queue_name(model_name: str, priority: Priority = Priority.NORMAL) -> str:
     """The Celery queue that carries work of one priority for one served model."""
-    return f"inferpool.model.{model_name}.{_QUEUE_RANK[Priority(priority)]}"
+    return f"inferpool.model.{model_name}.{_QUEUE_RANK[priority]}"  # a plain "high" string finds its rank too
 
 
 def split_adapter(model: str) -> tuple[str, str | None]:

@@ -63,6 +63,7 @@ class Router:
         self._cache_s = cache_s
         self._live: _Live | None = None
         self._live_at = 0.0
+        self._named: dict[str, Route] = {}  # requested name -> route before the per-request checks
 
     def attach_live_view(self, load_reader: LoadReader, latency_reader: Callable[[], Mapping[str, float]]) -> None:
         """Let ``model: "auto"`` see live workers, load and latency (a client does this once connected)."""
@@ -73,8 +74,21 @@ class Router:
         ``ContextLengthExceeded`` or ``InvalidRequest`` before anything is queued."""
         if request.model == AUTO_MODEL:
             return self._route_auto(request)
-        spec = self.registry.get(request.model)
-        adapter = split_adapter(request.model)[1]
+        route = self._named.get(request.model)
+        if route is None:  # the registry never changes under a router: resolve each name once
+            route = self._named[request.model] = self._resolve(request.model)
+        check_request_fits(route.spec, request)
+        if not _may_fit(route.spec, request):
+            larger = self._larger_fallback(route.spec, request)
+            note = f"the prompt is too long for model {route.spec.name!r}; sent to its fallback {larger.name!r}"
+            return Route(spec=larger, queue=queue_name(larger.name), model=larger.name,
+                         warnings=(*route.warnings, note))  # fmt: skip
+        return route
+
+    def _resolve(self, name: str) -> Route:
+        """A name's route: alias and deprecation resolved, adapter kept (``ModelNotFound`` if unknown)."""
+        spec = self.registry.get(name)
+        adapter = split_adapter(name)[1]
         warnings: list[str] = []
         while spec.deprecation is not None:
             deprecation = spec.deprecation
@@ -86,11 +100,6 @@ class Router:
             replacement = self.registry.get(deprecation.replacement)
             warnings.append(f"model {spec.name!r} is deprecated{since}; {replacement.name!r} served this request{note}")
             spec, adapter = replacement, None  # an adapter belongs to the model it was trained for
-        check_request_fits(spec, request)
-        if not _may_fit(spec, request):
-            larger = self._larger_fallback(spec, request)
-            warnings.append(f"the prompt is too long for model {spec.name!r}; sent to its fallback {larger.name!r}")
-            spec, adapter = larger, None
         model = f"{spec.name}:{adapter}" if adapter else spec.name
         return Route(spec=spec, queue=queue_name(spec.name), model=model, warnings=tuple(warnings))
 
