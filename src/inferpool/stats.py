@@ -39,6 +39,11 @@ def read_latency_p50(client: redis.Redis) -> dict[str, float]:
     return {model: value for model, value in p50.items() if value is not None}
 
 
+def count_live_workers(client: redis.Redis, model: str) -> int:
+    """Workers of ``model`` whose heartbeat key has not expired."""
+    return sum(1 for _ in client.scan_iter(worker_heartbeat_pattern(model), count=1000))
+
+
 def read_model_load(client: redis.Redis, models: list[str]) -> list[ModelLoad]:
     """Per model: chunk tasks waiting in its queues (all priorities), batch requests dispatched and not
     yet answered, and workers whose heartbeat has not expired."""
@@ -54,7 +59,7 @@ def read_model_load(client: redis.Redis, models: list[str]) -> list[ModelLoad]:
             model=model,
             queue_depth=sum(lengths[index * per_model : (index + 1) * per_model]),
             in_flight=inflight.get(model, 0),
-            live_workers=sum(1 for _ in client.scan_iter(worker_heartbeat_pattern(model), count=1000)),
+            live_workers=count_live_workers(client, model),
         )
         for index, model in enumerate(models)
     ]

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from inferpool._exceptions import CapabilityMismatch, ContextLengthExceeded
+from inferpool._exceptions import CapabilityMismatch, ContextLengthExceeded, RequestError
 from inferpool.constants import queue_name, split_adapter
 from inferpool.model_registry.capability import check_request_fits
 from inferpool.model_registry.registry import Registry
@@ -181,7 +181,7 @@ def _missing(spec: ModelSpec, request: ChatRequest, hints: RoutingHints) -> list
         missing.append(f"context {caps.context_window} < {hints.min_context}")
     try:
         check_request_fits(spec, request)
-    except Exception as exc:  # CapabilityMismatch / InvalidRequest: the message says what is missing
+    except RequestError as exc:  # CapabilityMismatch / InvalidRequest: the message says what is missing
         missing.append(str(exc))
     if not missing and not _may_fit(spec, request):
         missing.append(f"context {caps.context_window} too small for this prompt")

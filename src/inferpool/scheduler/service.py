@@ -20,10 +20,11 @@ import redis
 from celery import Celery
 
 from inferpool.celery_app import publish_chunk_json
-from inferpool.constants import JOBS_ACTIVE_KEY, MODEL_INFLIGHT_KEY, Priority, job_key, worker_heartbeat_pattern
+from inferpool.constants import JOBS_ACTIVE_KEY, MODEL_INFLIGHT_KEY, Priority, job_key
 from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus, JobStore
 from inferpool.model_registry.registry import Registry
 from inferpool.settings import Settings
+from inferpool.stats import count_live_workers
 from inferpool.wire import chunk_json, describe_chunk
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ class Scheduler:
             self._live_workers = {}
             self._live_checked = now
         if model not in self._live_workers:
-            self._live_workers[model] = sum(1 for _ in self.redis.scan_iter(worker_heartbeat_pattern(model), count=100))
+            self._live_workers[model] = count_live_workers(self.redis, model)
         spec = self.registry.get(model)
         return spec.serving.window_per_worker() * max(1, self._live_workers[model])
 

@@ -22,11 +22,13 @@ from celery import Celery
 
 from inferpool._exceptions import ContextLengthExceeded, ProviderError, RequestError
 from inferpool.celery_app import publish_chunk
-from inferpool.constants import MODEL_INFLIGHT_KEY, job_inflight_key, worker_heartbeat_pattern
+from inferpool.constants import MODEL_INFLIGHT_KEY, job_inflight_key
 from inferpool.deadletters import DeadLetters
 from inferpool.model_registry.capability import check_request_fits
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
+from inferpool.redis_connection import decode_text
+from inferpool.stats import count_live_workers
 from inferpool.wire import TaskChunk, TaskItem
 from inferpool.workers.backend import GenerationOutcome
 
@@ -92,13 +94,10 @@ class FailurePolicy:
                 check_request_fits(candidate, item.request)
             except RequestError:
                 continue
-            if not self._has_live_worker(candidate.name):
+            if count_live_workers(self.redis, candidate.name) == 0:
                 continue
             return candidate
         return None
-
-    def _has_live_worker(self, model: str) -> bool:
-        return any(True for _ in self.redis.scan_iter(worker_heartbeat_pattern(model), count=1000))
 
     def forward(self, chunk: TaskChunk, failed: Sequence[tuple[TaskItem, RequestError, ModelSpec]]) -> None:
         """Send each failed item on to its fallback model (one chunk per fallback)."""
@@ -121,7 +120,7 @@ class FailurePolicy:
                     part for moved in items for part in (moved.request_id, moved.model_dump_json(exclude_none=True))
                 ]
                 taken = self._move(keys=[job_inflight, MODEL_INFLIGHT_KEY], args=[self.spec.name, model, *pairs])
-                claimed = {rid.decode() if isinstance(rid, bytes) else rid for rid in taken}
+                claimed = {decode_text(rid) for rid in taken}
                 by_model[model] = [moved for moved in items if moved.request_id in claimed]
         for model, items in by_model.items():
             if not items:
