@@ -19,6 +19,7 @@ import redis
 from inferpool import ChatRequest, Client, JobStatus, ProviderError, Registry, Settings
 from inferpool.celery_app import create_celery_app
 from inferpool.constants import MODEL_INFLIGHT_KEY, job_inflight_key, queue_name
+from inferpool.inflight import inflight_item, inflight_record
 from inferpool.local_pool import WorkerProcess
 from inferpool.wire import TaskChunk, TaskItem
 from inferpool.workers.failures import FailurePolicy
@@ -126,11 +127,13 @@ def test_a_redelivered_chunk_does_not_forward_a_request_twice(settings: Settings
     crash and a redelivery) finds the in-flight record moved and leaves the counts alone."""
     registry = Registry.from_settings(settings)
     celery = create_celery_app(settings)
-    policy = FailurePolicy(registry.get("echo-flaky"), registry, redis_client, celery)
+    policy = FailurePolicy(registry.get("echo-flaky"), registry, redis_client, celery,
+                           dead_letter_ttl_s=settings.result_ttl_s)  # fmt: skip
     job_id = f"batch_redelivery_{os.getpid()}"
     item = TaskItem(request_id=f"req_{job_id}", custom_id="r1",
                     request=ChatRequest(model="echo-flaky", messages=[{"role": "user", "content": "FAIL"}]))  # type: ignore[list-item]  # fmt: skip
-    redis_client.hset(job_inflight_key(job_id), item.request_id, item.model_dump_json(exclude_none=True))
+    redis_client.hset(job_inflight_key(job_id), item.request_id,
+                      inflight_record("echo-flaky", item.model_dump_json(exclude_none=True)))  # fmt: skip
     # The fallback here is a model no worker of this session serves, so nothing answers the moved request
     # while the counts are read.
     target = registry.get("smollm2-135m-vllm")
@@ -142,7 +145,7 @@ def test_a_redelivered_chunk_does_not_forward_a_request_twice(settings: Settings
     policy.forward(chunk, [(item, failure, target)])  # the redelivered run
     after = {k: int(redis_client.hget(MODEL_INFLIGHT_KEY, k) or 0) for k in counted}
     assert after == {"echo-flaky": before["echo-flaky"] - 1, target.name: before[target.name] + 1}
-    moved = TaskItem.model_validate_json(redis_client.hget(job_inflight_key(job_id), item.request_id) or "")
+    moved = inflight_item(redis_client.hget(job_inflight_key(job_id), item.request_id) or "")
     assert (moved.request.model, moved.tried) == (target.name, ["echo-flaky"])
     assert redis_client.llen(queue_name(target.name)) == 1  # published once
     celery.close()

@@ -12,11 +12,14 @@ import redis
 
 from inferpool import Registry, Settings
 from inferpool.constants import job_completed_stream_key, job_key
+from inferpool.jobstore import JobStore
 from inferpool.wire import ChatRequest, TaskChunk, TaskItem, new_id
 from inferpool.workers import WorkerRuntime, create_backend
 
 
-def _chunk(job_id: str, n: int) -> TaskChunk:
+def _chunk(redis_client: redis.Redis, job_id: str, n: int) -> TaskChunk:
+    """A chunk of ``n`` echo requests of a new job ``job_id`` (whose record exists, as a real job's does)."""
+    JobStore(redis_client, 600).create(job_id, priority=0, completion_window_s=600, window_label="10m", metadata={})
     items = [
         TaskItem(
             request_id=new_id("req"),
@@ -36,20 +39,20 @@ def _runtime(settings: Settings, redis_client: redis.Redis) -> WorkerRuntime:
 def test_second_delivery_skips_finished_requests(settings: Settings, redis_client: redis.Redis) -> None:
     runtime = _runtime(settings, redis_client)
     try:
-        chunk = _chunk("job-twice", 20)
+        chunk = _chunk(redis_client, new_id("job-twice"), 20)
         first = runtime.process_chunk(chunk)
         second = runtime.process_chunk(chunk)
     finally:
         runtime.close()
     assert (first.written, first.skipped_existing) == (20, 0)
     assert (second.written, second.skipped_existing) == (0, 20)
-    assert redis_client.xlen(job_completed_stream_key("job-twice")) == 20
-    assert redis_client.hget(job_key("job-twice"), "completed") == b"20"
+    assert redis_client.xlen(job_completed_stream_key(chunk.job_id or "")) == 20
+    assert redis_client.hget(job_key(chunk.job_id or ""), "completed") == b"20"
 
 
 def test_racing_deliveries_write_each_result_once(settings: Settings, redis_client: redis.Redis) -> None:
     runtimes = [_runtime(settings, redis_client) for _ in range(4)]
-    chunk = _chunk("job-race", 200)
+    chunk = _chunk(redis_client, new_id("job-race"), 200)
     reports = []
     barrier = threading.Barrier(len(runtimes))
 
@@ -66,5 +69,5 @@ def test_racing_deliveries_write_each_result_once(settings: Settings, redis_clie
         runtime.close()
     assert sum(r.written for r in reports) == 200
     assert sum(r.written + r.skipped_existing + r.duplicates_ignored for r in reports) == 4 * 200
-    assert redis_client.xlen(job_completed_stream_key("job-race")) == 200
-    assert redis_client.hget(job_key("job-race"), "completed") == b"200"
+    assert redis_client.xlen(job_completed_stream_key(chunk.job_id or "")) == 200
+    assert redis_client.hget(job_key(chunk.job_id or ""), "completed") == b"200"

@@ -129,8 +129,22 @@ def test_usage_is_counted_per_tenant(settings: Settings) -> None:
     assert (globex_row.requests, globex_row.errors, globex_row.prompt_tokens) == (2, 1, 1)
 
 
-def test_a_request_user_is_its_tenant_when_the_client_names_none(client: Client) -> None:
-    user = f"user-{secrets.token_hex(4)}"
-    result = client.submit({"model": "echo", "messages": USER_HI, "user": user}).result(timeout=30)
-    assert result.tenant == user
-    assert [row.requests for row in client.usage(tenant=user)] == [1]
+def test_a_request_user_names_no_tenant_unless_the_client_allows_it(settings: Settings) -> None:
+    """Review defect 11: by default any line could bill another tenant (and grow the usage keys and metric
+    labels) through its `user` field. Now that takes INFERPOOL_USER_TENANTS ('*' or an allow-list), and a
+    client's own tenant always wins."""
+    allowed, other = f"user-{secrets.token_hex(4)}", f"user-{secrets.token_hex(4)}"
+
+    def tenant_of(client: Client, user: str) -> str | None:
+        return client.submit({"model": "echo", "messages": USER_HI, "user": user}).result(timeout=30).tenant
+
+    with Client(settings=settings) as closed:
+        assert tenant_of(closed, allowed) == "default"
+        assert closed.usage(tenant=allowed) == []
+    with Client(settings=settings.model_copy(update={"user_tenants": f"{allowed}, someone-else"})) as listed:
+        assert (tenant_of(listed, allowed), tenant_of(listed, other)) == (allowed, "default")
+        assert [row.requests for row in listed.usage(tenant=allowed)] == [1]
+    with Client(settings=settings.model_copy(update={"user_tenants": "*"})) as open_:
+        assert tenant_of(open_, other) == other
+    with Client(settings=settings.model_copy(update={"user_tenants": "*"}), tenant="acme-fixed") as fixed:
+        assert tenant_of(fixed, other) == "acme-fixed"

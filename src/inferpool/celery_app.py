@@ -68,12 +68,17 @@ def create_celery_app(settings: Settings, *, main: str = "inferpool") -> Celery:
 def publish_chunk(app: Celery, chunk: TaskChunk) -> None:
     """Send one chunk to its model's queue for its priority. Flower shows ids and counts, never prompt text."""
     publish_chunk_json(app, chunk.model_dump_json(exclude_none=True), model=chunk.model, description=chunk.describe(),
-                       priority=chunk.priority)  # fmt: skip
+                       priority=chunk.priority, expires_s=chunk.result_ttl_s)  # fmt: skip
 
 
 def publish_chunk_json(
-    app: Celery, payload: str, *, model: str, description: str, priority: Priority = Priority.NORMAL
+    app: Celery, payload: str, *, model: str, description: str, expires_s: int, priority: Priority = Priority.NORMAL
 ) -> None:
-    """Send a chunk already serialised as ``TaskChunk`` JSON (the task accepts both forms)."""
+    """Send a chunk already serialised as ``TaskChunk`` JSON (the task accepts both forms).
+
+    ``description`` is what Flower and task events show instead of the arguments (``argsrepr``). The task
+    expires after ``expires_s`` (the result TTL): a worker discards it unrun rather than answer a request
+    whose result, and maybe whose job, is gone.
+    """
     app.send_task(TASK_PROCESS_CHUNK, args=[payload], queue=queue_name(model, priority), argsrepr=description,
-                  kwargsrepr="{}")  # fmt: skip
+                  kwargsrepr="{}", expires=expires_s)  # fmt: skip

@@ -67,9 +67,10 @@ def worker_heartbeat_key(model_name: str, worker_id: str) -> str:
     return f"{KEY_PREFIX}heartbeat:{model_name}:{worker_id}"
 
 
-def worker_heartbeat_pattern(model_name: str) -> str:
-    """``SCAN`` pattern matching every heartbeat of one model."""
-    return f"{KEY_PREFIX}heartbeat:{model_name}:*"
+def worker_heartbeats_key(model_name: str) -> str:
+    """Sorted set worker id -> when its heartbeat expires (Redis server time): live workers are counted
+    with one ``ZCOUNT``, never by scanning the keyspace."""
+    return f"{KEY_PREFIX}heartbeats:{model_name}"
 
 
 #: Sorted set of every batch job id, scored by creation time (``batch list``).
@@ -88,7 +89,8 @@ def job_pending_key(job_id: str, model: str) -> str:
 
 
 def job_inflight_key(job_id: str) -> str:
-    """Hash request id -> task item of a job's dispatched, unanswered requests (re-sent on scheduler start)."""
+    """Hash request id -> ``<served model>|<task item JSON>`` of a job's dispatched, unanswered requests
+    (re-sent on scheduler start). The model prefix says whose in-flight count the request holds."""
     return f"{KEY_PREFIX}job:{job_id}:inflight"
 
 

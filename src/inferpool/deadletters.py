@@ -37,10 +37,20 @@ class DeadLetter(BaseModel):
 
 
 class DeadLetters:
-    """The dead-letter stream in Redis."""
+    """The dead-letter stream in Redis. Letters hold whole prompts, so they are kept no longer than
+    results (``ttl_s``): older entries are trimmed whenever letters are added or listed."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.redis = client
+        self.ttl_s = ttl_s
+
+    def _oldest_kept_id(self) -> str:
+        """Stream ids are milliseconds: entries before this one are past their retention."""
+        return str(max(0, int((time.time() - self.ttl_s) * 1000)))
+
+    def trim(self) -> None:
+        """Drop letters past their retention."""
+        self.redis.xtrim(DEAD_LETTERS_KEY, minid=self._oldest_kept_id(), approximate=False)
 
     def add_many(
         self, entries: Iterable[tuple[TaskItem, str | None, str, str, str]], pipe: redis.client.Pipeline | None = None
@@ -53,11 +63,13 @@ class DeadLetters:
                       "code": code, "message": message, "at": repr(time.time()),
                       "item": item.model_dump_json(exclude_none=True)}  # fmt: skip
             target.xadd(DEAD_LETTERS_KEY, fields, maxlen=DEAD_LETTERS_MAX, approximate=True)  # type: ignore[arg-type]
+        target.xtrim(DEAD_LETTERS_KEY, minid=self._oldest_kept_id(), approximate=True)
         if own:
             target.execute()
 
     def list(self, limit: int | None = None) -> list[DeadLetter]:
-        """Dead letters, oldest first."""
+        """Dead letters, oldest first (none past their retention)."""
+        self.trim()
         entries: Any = self.redis.xrange(DEAD_LETTERS_KEY, count=limit)
         letters = []
         for entry_id, raw in entries or []:

@@ -4,7 +4,8 @@ A job's keys (all in ``inferpool.constants``):
 
 - ``job:{id}`` hash: status, timestamps, counters (``total``, ``completed``, ``failed``), priority, models.
 - ``job:{id}:pending:{model}`` lists: requests not yet dispatched, as ``<request id>|<task item JSON>``.
-- ``job:{id}:inflight`` hash: request id -> task item JSON for dispatched, unanswered requests. The
+- ``job:{id}:inflight`` hash: request id -> ``<model>|<task item JSON>`` (``inferpool.inflight``) for
+  dispatched, unanswered requests. The
   scheduler moves items here atomically as it dispatches them, and re-sends what is here when it starts,
   so a scheduler crash between taking items and publishing them loses nothing (a re-send may run a
   request twice; its result is still written once).
@@ -16,13 +17,14 @@ State lives entirely in Redis: a client can exit and come back, and a restarted 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from enum import StrEnum
 from typing import Any
 
 import redis
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from inferpool.constants import (
     JOBS_ACTIVE_KEY,
@@ -36,10 +38,13 @@ from inferpool.constants import (
     job_usage_key,
     result_key,
 )
+from inferpool.inflight import LUA_INFLIGHT_MODEL, inflight_item, inflight_item_json, inflight_model
 from inferpool.redis_connection import decode_text
 from inferpool.results import ResultWriter, parse_result
 from inferpool.usage import ModelUsage, usage_from_counters
 from inferpool.wire import ErrorInfo, RequestResult, TaskItem
+
+log = logging.getLogger(__name__)
 
 
 class JobStatus(StrEnum):
@@ -62,6 +67,7 @@ class JobStatus(StrEnum):
 #: Error codes for requests a job settles without running them.
 CANCELLED_CODE = "batch_cancelled"
 EXPIRED_CODE = "batch_expired"
+FAILED_CODE = "batch_failed"
 
 
 class RequestCounts(BaseModel):
@@ -111,7 +117,7 @@ end
 for _, entry in ipairs(items) do
   local bar = string.find(entry, '|', 1, true)
   local rid = string.sub(entry, 1, bar - 1)
-  redis.call('HSET', KEYS[2], rid, string.sub(entry, bar + 1))
+  redis.call('HSET', KEYS[2], rid, ARGV[2] .. string.sub(entry, bar))
   redis.call('ZADD', KEYS[5], ARGV[3], rid)
 end
 redis.call('EXPIRE', KEYS[5], ARGV[4])
@@ -134,6 +140,39 @@ return redis.call('HMGET', KEYS[2], unpack(rids))
 """
 
 
+# Recounts the per-model in-flight counts (KEYS[1]) from the in-flight records of the active jobs
+# (KEYS[2]); ARGV: the in-flight key's prefix and suffix around a job id. One script: no result written
+# between reading the records and writing the counts can leave a count that nothing will ever free.
+_RECOUNT = (
+    LUA_INFLIGHT_MODEL
+    + """
+local counts = {}
+for _, job_id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  for _, record in ipairs(redis.call('HVALS', ARGV[1] .. job_id .. ARGV[2])) do
+    local model = inflight_model(record)
+    counts[model] = (counts[model] or 0) + 1
+  end
+end
+redis.call('DEL', KEYS[1])
+for model, n in pairs(counts) do redis.call('HSET', KEYS[1], model, n) end
+return redis.call('HGETALL', KEYS[1])
+"""
+)
+
+# Asks for cancellation (KEYS[1] the job hash, KEYS[2] the active set; ARGV: now) unless the job is
+# gone, final or already cancelling: read and write in one step, so a job that completes meanwhile stays
+# completed. Returns the status the job has afterwards ('' if it is gone).
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return '' end
+if status == 'validating' or status == 'in_progress' or status == 'finalizing' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelling_at', ARGV[1])
+  redis.call('ZADD', KEYS[2], 'NX', ARGV[1], ARGV[2])
+  return 'cancelling'
+end
+return status
+"""
+
 # Sets the total and, unless the job was cancelled while validating, moves it to in_progress.
 _OPEN = """
 redis.call('HSET', KEYS[1], 'total', ARGV[1], 'models', ARGV[3], 'validated', '1')
@@ -151,9 +190,13 @@ def pending_entry(item: TaskItem) -> str:
     return f"{item.request_id}|{item.model_dump_json(exclude_none=True)}"
 
 
-def item_from_entry(entry: bytes | str) -> TaskItem:
-    text = entry.decode() if isinstance(entry, bytes) else entry
-    return TaskItem.model_validate_json(text.partition("|")[2])
+def settled_entry(job_id: str, entry: bytes | str, code: str, message: str) -> RequestResult:
+    """``settled_result`` for a pending entry; one whose item cannot be read is settled by its request id."""
+    request_id, _, item_json = decode_text(entry).partition("|")
+    try:
+        return settled_result(job_id, TaskItem.model_validate_json(item_json), code, message)
+    except ValidationError:
+        return RequestResult(request_id=request_id, job_id=job_id, error=ErrorInfo(code=code, message=message))
 
 
 class JobStore:
@@ -166,6 +209,8 @@ class JobStore:
         self._take = client.register_script(_TAKE_PENDING)
         self._open = client.register_script(_OPEN)
         self._stale = client.register_script(_TAKE_STALE)
+        self._recount = client.register_script(_RECOUNT)
+        self._cancel = client.register_script(_CANCEL)
 
     # -- creating ----------------------------------------------------------------------------------------
 
@@ -202,38 +247,49 @@ class JobStore:
         """Write results the job decides itself (lines rejected, or cancelled before dispatch)."""
         self.writer.write_many([(r, None) for r in results], self.result_ttl_s)
 
-    def settle_inflight(self, job_id: str, code: str, message: str) -> None:
-        """End every dispatched, unanswered request of the job with this error, in one round trip.
-
-        Each is counted against the model it was dispatched to, which frees that model's window.
+    def settle_inflight(self, job_id: str, code: str, message: str, *, model: str | None = None) -> int:
+        """End every dispatched, unanswered request of the job (or only those with ``model``) with this
+        error, in one round trip; returns how many. Each frees the window of the model it is counted under.
         """
-        items = self.inflight_items(job_id)
+        items = [item for item in self.inflight_items(job_id) if model is None or item.served_model == model]
         results = [(settled_result(job_id, item, code, message), item.served_model) for item in items]
-        self.writer.write_many(results, self.result_ttl_s)
+        return sum(self.writer.write_many(results, self.result_ttl_s))
 
     def open(self, job_id: str, total: int, models: Iterable[str]) -> None:
         """Validation is over: the total is known, so the job can finish (unless it was cancelled meanwhile)."""
         self._open(keys=[job_key(job_id)], args=[total, int(time.time()), ",".join(sorted(models))])
 
     def fail(self, job_id: str, reason: str) -> None:
-        """The job cannot run at all (e.g. its file was refused while uploading)."""
+        """The job cannot go on (its upload was refused or broke off, or the scheduler cannot run it).
+
+        Lines not yet dispatched end with a ``batch_failed`` error naming the reason; lines already
+        dispatched still finish (their results are written as usual).
+        """
         pipe = self.redis.pipeline()
         pipe.hset(job_key(job_id), mapping={
             "status": JobStatus.FAILED.value, "failed_at": int(time.time()), "errors": json.dumps([reason]),
         })  # fmt: skip
         pipe.zrem(JOBS_ACTIVE_KEY, job_id)
         pipe.execute()
-        self.drop_pending(job_id)
+        self.drop_pending(job_id, FAILED_CODE, f"the batch failed before this request ran: {reason}")
 
     # -- reading -----------------------------------------------------------------------------------------
 
     def get(self, job_id: str) -> BatchJob | None:
+        """The job, or None if it is gone (or its record is incomplete: only a job's creation writes one)."""
         raw = _decode(self.redis.hgetall(job_key(job_id)))
-        if not raw:
+        if "status" not in raw or "created_at" not in raw:
             return None
+        try:
+            return self._job_from(job_id, raw)
+        except (ValueError, ValidationError) as exc:
+            log.warning("job %s has a malformed record, treated as gone: %s", job_id, exc)
+            return None
+
+    def _job_from(self, job_id: str, raw: dict[str, str]) -> BatchJob:
         usage = usage_from_counters(_decode(self.redis.hgetall(job_usage_key(job_id))))
         fields: dict[str, Any] = {
-            "id": job_id, "status": raw["status"], "created_at": int(raw["created_at"]),
+            "id": job_id, "status": raw["status"], "created_at": int(float(raw["created_at"])),
             "priority": int(raw.get("priority", 0)), "completion_window": raw.get("completion_window", "24h"),
             "models": [m for m in raw.get("models", "").split(",") if m],
             "metadata": json.loads(raw.get("metadata", "{}")), "errors": json.loads(raw.get("errors", "[]")),
@@ -255,7 +311,11 @@ class JobStore:
         return [decode_text(i) for i in self.redis.zrange(JOBS_ACTIVE_KEY, 0, -1)]
 
     def read_raw_results(self, job_id: str, after: str = "0-0", count: int = 1000) -> tuple[list[bytes], str]:
-        """Up to ``count`` stored results (JSON) written after stream position ``after``, and the next position."""
+        """Up to ``count`` stored results (JSON) written after stream position ``after``, and the next position.
+
+        A page can be empty while later ones are not (its results expired): readers stop only when the
+        position stops moving.
+        """
         entries: Any = self.redis.xrange(job_completed_stream_key(job_id), min=f"({after}", count=count)
         if not entries:
             return [], after
@@ -272,9 +332,10 @@ class JobStore:
         """Every result written so far, in completion order (safe while the job runs)."""
         position = "0-0"
         while True:
-            results, position = self.read_results(job_id, position, page)
-            if not results:
+            results, after = self.read_results(job_id, position, page)
+            if after == position:
                 return
+            position = after
             yield from results
 
     # -- scheduling ----------------------------------------------------------------------------------
@@ -298,37 +359,51 @@ class JobStore:
         now = time.time()
         keys = [job_inflight_since_key(job_id), job_inflight_key(job_id)]
         values: Any = self._stale(keys=keys, args=[now - older_than_s, now, limit])
-        return [TaskItem.model_validate_json(v) for v in values if v]
+        return [inflight_item(v) for v in values if v]
 
     def inflight_items(self, job_id: str) -> list[TaskItem]:
-        return [TaskItem.model_validate_json(v) for v in self.redis.hvals(job_inflight_key(job_id))]
+        return [inflight_item(v) for v in self.redis.hvals(job_inflight_key(job_id))]
+
+    def inflight_item_jsons(self, job_id: str) -> list[tuple[str, str]]:
+        """(served model, task item JSON) of each dispatched, unanswered request (unparsed, to re-send)."""
+        return [
+            (inflight_model(record), inflight_item_json(record))
+            for record in self.redis.hvals(job_inflight_key(job_id))
+        ]
+
+    def recount_inflight(self) -> dict[str, int]:
+        """Recount requests in flight per model from the active jobs' in-flight records, atomically."""
+        prefix, _, suffix = job_inflight_key("\0").partition("\0")
+        flat: Any = self._recount(keys=[MODEL_INFLIGHT_KEY, JOBS_ACTIVE_KEY], args=[prefix, suffix])
+        return {decode_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     def model_inflight(self) -> dict[str, int]:
         return {k: int(v) for k, v in _decode(self.redis.hgetall(MODEL_INFLIGHT_KEY)).items()}
 
     def cancel(self, job_id: str) -> BatchJob | None:
         """Ask for cancellation: queued lines end as cancelled, in-flight ones finish."""
-        job = self.get(job_id)
-        if job is None or job.status.is_final or job.status == JobStatus.CANCELLING:
-            return job
-        self.redis.hset(job_key(job_id), mapping={
-            "status": JobStatus.CANCELLING.value, "cancelling_at": int(time.time()),
-        })  # fmt: skip
-        self.redis.zadd(JOBS_ACTIVE_KEY, {job_id: time.time()}, nx=True)
+        self._cancel(keys=[job_key(job_id), JOBS_ACTIVE_KEY], args=[int(time.time()), job_id])
         return self.get(job_id)
 
-    def drop_pending(self, job_id: str, code: str | None = None, message: str = "") -> int:
-        """Empty the pending lists; with ``code``, each dropped request gets that error as its result."""
+    def job_models(self, job_id: str) -> list[str]:
+        """The models the job has queued requests for (from its record: no keyspace scan)."""
+        return [m for m in decode_text(self.redis.hget(job_key(job_id), "models") or b"").split(",") if m]
+
+    def drop_pending(
+        self, job_id: str, code: str | None = None, message: str = "", *, models: Iterable[str] | None = None
+    ) -> int:
+        """Empty the pending lists (of every model of the job, or of ``models``); with ``code``, each
+        dropped request gets that error as its result."""
         dropped = 0
-        for key in self.redis.scan_iter(job_pending_key(job_id, "*"), count=100):
+        for model in self.job_models(job_id) if models is None else models:
+            key = job_pending_key(job_id, model)
             while True:
                 entries: Any = self.redis.lpop(key, 500)
                 if not entries:
                     break
                 dropped += len(entries)
                 if code is not None:
-                    items = [item_from_entry(e) for e in entries]
-                    self.settle([settled_result(job_id, item, code, message) for item in items])
+                    self.settle([settled_entry(job_id, entry, code, message) for entry in entries])
         return dropped
 
     def finalize(self, job_id: str, status: JobStatus) -> None:
@@ -343,6 +418,6 @@ class JobStore:
 
 
 def settled_result(job_id: str, item: TaskItem, code: str, message: str) -> RequestResult:
-    return RequestResult(
-        request_id=item.request_id, custom_id=item.custom_id, job_id=job_id, error=ErrorInfo(code=code, message=message)
-    )
+    """The error result of a request the job ends without running it (counted for the item's tenant)."""
+    return RequestResult(request_id=item.request_id, custom_id=item.custom_id, job_id=job_id, tenant=item.tenant,
+                         error=ErrorInfo(code=code, message=message))  # fmt: skip

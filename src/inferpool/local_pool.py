@@ -8,6 +8,7 @@ server is shut down; the temporary directory goes.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -24,7 +25,7 @@ from typing import Self
 import redis
 
 from inferpool._exceptions import PoolStartError
-from inferpool.constants import worker_heartbeat_key
+from inferpool.heartbeats import live_worker_ids
 
 
 def free_port() -> int:
@@ -74,30 +75,44 @@ def stop_process(proc: subprocess.Popen[bytes], grace_s: float) -> None:
 
 
 class EmbeddedRedis:
-    """A private ``redis-server`` on a free loopback port, persisting nothing, gone when stopped."""
+    """A private ``redis-server`` on a free loopback port, persisting nothing, gone when stopped.
+
+    It asks for a random password: other local users can reach a loopback port, and must not read
+    prompts and results or rewrite its files (``CONFIG SET dir``). The password lives in a config file
+    only its owner can read and in ``url``, never on a command line (``ps`` shows those to everyone).
+    """
 
     def __init__(self, workdir: Path, executable: str | None = None, *, appendonly: bool = False) -> None:
         self.executable = executable or find_redis_server()
         self.workdir = workdir
         self.appendonly = appendonly
         self.port = 0
+        self.password = secrets.token_urlsafe(24)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "redis.log"
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def _write_config(self) -> Path:
+        config = self.workdir / "redis.conf"
+        lines = [
+            f"port {self.port}", "bind 127.0.0.1", f'dir "{self.workdir}"', 'save ""',
+            f"appendonly {'yes' if self.appendonly else 'no'}", "daemonize no", f'logfile "{self.log_path}"',
+            "maxmemory-policy noeviction", f"requirepass {self.password}",
+        ]  # fmt: skip
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+        return config
 
     def start(self, timeout_s: float = 20.0) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.port = self.port or free_port()  # a restart keeps its port
-        args = [
-            self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-            "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no",
-            "--logfile", str(self.log_path), "--maxmemory-policy", "noeviction",
-        ]  # fmt: skip
+        args = [self.executable, str(self._write_config())]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=1)
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
@@ -172,8 +187,7 @@ def wait_for_workers(client: redis.Redis, workers: Iterable[WorkerProcess], time
                     f"{_tail(worker.log_path)}"
                 )
             # Default worker ids end in "-<pid>", so each worker's own heartbeat is found.
-            mine = worker_heartbeat_key(worker.model, f"*-{worker.proc.pid}")
-            if any(True for _ in client.scan_iter(mine, count=1000)):
+            if any(wid.endswith(f"-{worker.proc.pid}") for wid in live_worker_ids(client, worker.model)):
                 pending.remove(worker)
         if pending and time.monotonic() > deadline:
             names = ", ".join(w.model for w in pending)

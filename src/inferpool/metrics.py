@@ -8,6 +8,7 @@ cost per hour are ``rate()`` of the counters.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterator
 
 import redis
@@ -22,7 +23,7 @@ from inferpool.constants import (
 from inferpool.model_registry.registry import Registry
 from inferpool.redis_connection import decode_text
 from inferpool.stats import read_model_load
-from inferpool.usage import usage_from_counters
+from inferpool.usage import ModelUsage, merge_usage, usage_from_counters
 
 _COUNTERS = (
     ("requests", "inferpool_requests", "Requests answered or failed, counted once each."),
@@ -45,16 +46,34 @@ def _cumulative(histogram: dict[float, int]) -> list[tuple[str, float]]:
     return buckets
 
 
+#: The label under which tenants past the cap are summed.
+OTHER_TENANTS = "other"
+
+
+def cap_tenants(rows: list[ModelUsage], max_tenants: int) -> list[ModelUsage]:
+    """Rows of the ``max_tenants`` tenants with the most requests; the others' rows summed per model under
+    ``other``, so the label set stays bounded however many tenants there are."""
+    totals: dict[str, int] = defaultdict(int)
+    for row in rows:
+        totals[row.tenant or ""] += row.requests
+    if len(totals) <= max_tenants:
+        return rows
+    kept = set(sorted(totals, key=lambda tenant: (-totals[tenant], tenant))[:max_tenants])
+    folded = [row.model_copy(update={"tenant": OTHER_TENANTS}) for row in rows if (row.tenant or "") not in kept]
+    return [row for row in rows if (row.tenant or "") in kept] + merge_usage(folded)
+
+
 class PoolCollector(Collector):
     """Collects the pool's metrics from Redis on every scrape."""
 
-    def __init__(self, client: redis.Redis, registry: Registry) -> None:
+    def __init__(self, client: redis.Redis, registry: Registry, max_tenants: int = 50) -> None:
         self._redis = client
         self._registry = registry
+        self._max_tenants = max_tenants
 
     def collect(self) -> Iterator[Metric]:
         counters = {decode_text(k): decode_text(v) for k, v in self._redis.hgetall(USAGE_TOTAL_KEY).items()}
-        rows = usage_from_counters(counters, by_tenant=True)
+        rows = cap_tenants(usage_from_counters(counters, by_tenant=True), self._max_tenants)
         labels = ["tenant", "model"]
         for field, name, documentation in _COUNTERS:
             family = CounterMetricFamily(name, documentation, labels=labels)
@@ -98,8 +117,10 @@ class PoolCollector(Collector):
                                 value=float(self._redis.zcard(JOBS_ACTIVE_KEY)))  # fmt: skip
 
 
-def serve_metrics(port: int, client: redis.Redis, registry: Registry, addr: str = "127.0.0.1") -> None:
+def serve_metrics(
+    port: int, client: redis.Redis, registry: Registry, addr: str = "127.0.0.1", *, max_tenants: int = 50
+) -> None:
     """Serve ``/metrics`` on ``addr:port`` from a background thread."""
     collectors = CollectorRegistry(auto_describe=False)
-    collectors.register(PoolCollector(client, registry))
+    collectors.register(PoolCollector(client, registry, max_tenants))
     start_http_server(port, addr=addr, registry=collectors)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import redis
 import redis.asyncio
 
 from inferpool._exceptions import RedisUnavailable
+
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 
 def _unavailable(url: str, exc: Exception) -> RedisUnavailable:
@@ -23,14 +26,15 @@ def decode_text(value: Any) -> str:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (safe for messages and logs)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    """``url`` with any password (``user:PASSWORD@`` or ``?password=``) replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        netloc, slash, path = rest.partition("/")
+        credentials, at, host = netloc.rpartition("@")
+        if at and ":" in credentials:
+            netloc = f"{credentials.partition(':')[0]}:***@{host}"
+        url = f"{scheme}{sep}{netloc}{slash}{path}"
+    return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
 def connect_redis(url: str) -> redis.Redis:

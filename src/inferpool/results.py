@@ -28,57 +28,91 @@ from inferpool.constants import (
     result_key,
     usage_day_key,
 )
+from inferpool.inflight import LUA_INFLIGHT_MODEL
 from inferpool.usage import latency_bucket
 from inferpool.wire import RequestResult
 
-_WRITE_ONCE = """
+_WRITE_ONCE = (
+    LUA_INFLIGHT_MODEL
+    + """
 -- KEYS: job hash, job completed stream, job in-flight hash, per-model in-flight hash, job usage hash,
 --       job in-flight-since sorted set, the day's usage hash, the all-time usage hash (Prometheus counters)
 -- ARGV: ttl, result key prefix, model, '1' for batch-job results, tenant, usage ttl, then one record per
 --       result: request_id TAB completed|failed TAB prompt_tokens TAB completion_tokens TAB cost TAB
 --       latency bucket TAB latency seconds TAB attempts TAB ttft bucket TAB ttft seconds TAB json
 --       (an empty bucket: not measured)
--- Returns the 0-based positions of the records whose request already had a result (not written again).
+-- Every record is checked before anything is written: a malformed number fails the whole call with an
+-- error and writes nothing. A batch result whose job is gone (its retention ended) is not written: its
+-- request was answered, counted and forgotten long ago. Returns the 0-based positions of the records not
+-- written (their request already had a result, or their job is gone).
 local ttl, prefix, model, is_job, tenant, usage_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1', ARGV[5], ARGV[6]
 local first = 7
-local duplicates = {}
-local completed, failed, settled, prompt, completion, cost = 0, 0, 0, 0, 0, 0
-local latency_sum, retried, ttft_sum = 0, 0, 0
-local buckets, ttft_buckets = {}, {}
+local function number(text, rid)
+  local value = tonumber(text)
+  if value == nil or value ~= value or value == math.huge or value == -math.huge then
+    return error('inferpool: result ' .. rid .. ' has a malformed usage number: ' .. tostring(text))
+  end
+  return value
+end
+local records = {}
 for i = first, #ARGV do
   local record = ARGV[i]
   local fields, pos = {}, 1
   for f = 1, 10 do
     local tab = string.find(record, '\t', pos, true)
+    if tab == nil then return error('inferpool: malformed result record at position ' .. (i - first)) end
     fields[f] = string.sub(record, pos, tab - 1)
     pos = tab + 1
   end
-  local rid = fields[1]
-  local key = prefix .. rid
-  if redis.call('SET', key, string.sub(record, pos), 'NX', 'EX', ttl) then
-    if fields[2] == 'completed' then completed = completed + 1 else failed = failed + 1 end
-    prompt = prompt + tonumber(fields[3])
-    completion = completion + tonumber(fields[4])
-    cost = cost + tonumber(fields[5])
-    if fields[6] ~= '' then
-      buckets[fields[6]] = (buckets[fields[6]] or 0) + 1
-      latency_sum = latency_sum + tonumber(fields[7])
+  local r = {rid = fields[1], ok = fields[2] == 'completed', payload = string.sub(record, pos)}
+  r.prompt = number(fields[3], r.rid)
+  r.completion = number(fields[4], r.rid)
+  r.cost = number(fields[5], r.rid)
+  if fields[6] ~= '' then r.bucket, r.latency = fields[6], number(fields[7], r.rid) end
+  r.attempts = number(fields[8], r.rid)
+  if fields[9] ~= '' then r.ttft_bucket, r.ttft = fields[9], number(fields[10], r.rid) end
+  records[#records + 1] = r
+end
+local skipped = {}
+if is_job and redis.call('EXISTS', KEYS[1]) == 0 then
+  for i = 1, #records do skipped[i] = i - 1 end
+  return skipped
+end
+local completed, failed, prompt, completion, cost = 0, 0, 0, 0, 0
+local latency_sum, retried, ttft_sum = 0, 0, 0
+local buckets, ttft_buckets, settled = {}, {}, {}
+for i, r in ipairs(records) do
+  local key = prefix .. r.rid
+  if redis.call('SET', key, r.payload, 'NX', 'EX', ttl) then
+    if r.ok then completed = completed + 1 else failed = failed + 1 end
+    prompt = prompt + r.prompt
+    completion = completion + r.completion
+    cost = cost + r.cost
+    if r.bucket then
+      buckets[r.bucket] = (buckets[r.bucket] or 0) + 1
+      latency_sum = latency_sum + r.latency
     end
-    if tonumber(fields[8]) > 1 then retried = retried + 1 end
-    if fields[9] ~= '' then
-      ttft_buckets[fields[9]] = (ttft_buckets[fields[9]] or 0) + 1
-      ttft_sum = ttft_sum + tonumber(fields[10])
+    if r.attempts > 1 then retried = retried + 1 end
+    if r.ttft_bucket then
+      ttft_buckets[r.ttft_bucket] = (ttft_buckets[r.ttft_bucket] or 0) + 1
+      ttft_sum = ttft_sum + r.ttft
     end
     if is_job then
-      redis.call('XADD', KEYS[2], '*', 'rid', rid)
-      settled = settled + redis.call('HDEL', KEYS[3], rid)
-      redis.call('ZREM', KEYS[6], rid)
+      redis.call('XADD', KEYS[2], '*', 'rid', r.rid)
+      -- The in-flight count is freed for the model the record names (a fallback may hold it now).
+      local held = redis.call('HGET', KEYS[3], r.rid)
+      if held then
+        local holder = inflight_model(held)
+        settled[holder] = (settled[holder] or 0) + 1
+        redis.call('HDEL', KEYS[3], r.rid)
+      end
+      redis.call('ZREM', KEYS[6], r.rid)
     else
       redis.call('RPUSH', key .. ':notify', '1')
       redis.call('EXPIRE', key .. ':notify', ttl)
     end
   else
-    duplicates[#duplicates + 1] = i - first
+    skipped[#skipped + 1] = i - 1
   end
 end
 local function count_usage(hash, m)
@@ -106,15 +140,16 @@ if completed + failed > 0 then
   if is_job then
     redis.call('HINCRBY', KEYS[1], 'completed', completed)
     redis.call('HINCRBY', KEYS[1], 'failed', failed)
-    if settled > 0 then redis.call('HINCRBY', KEYS[4], model, -settled) end
+    for holder, n in pairs(settled) do redis.call('HINCRBY', KEYS[4], holder, -n) end
     count_usage(KEYS[5], model .. '|')
     for k = 1, 6 do
       if k ~= 4 then redis.call('EXPIRE', KEYS[k], ttl) end
     end
   end
 end
-return duplicates
+return skipped
 """
+)
 
 # Returns the 0-based positions of the request ids (ARGV[2..]) that already have a result.
 _EXISTING = """

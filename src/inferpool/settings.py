@@ -61,7 +61,16 @@ class Settings(BaseSettings):
     tenant: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$",
-        description="Whom this client's usage is counted for (else each request's `user`, else 'default').",
+        description="Whom this client's usage is counted for (else 'default', or the request's `user` where "
+        "INFERPOOL_USER_TENANTS allows it).",
+    )
+    user_tenants: str = Field(
+        default="",
+        description="Whether a request's `user` field names its tenant when the client names none: '' (never, "
+        "the default: any line could bill another tenant), '*' (any usable name), or a comma-separated allow-list.",
+    )
+    metrics_max_tenants: int = Field(
+        default=50, gt=0, description="Tenants exported as Prometheus labels; the rest are summed under 'other'."
     )
     batch_max_lines: int = Field(default=1_000_000, gt=0, description="Most lines one batch job may have.")
     batch_max_bytes: int = Field(default=2 * 1024**3, gt=0, description="Largest batch input file, in bytes.")
@@ -80,6 +89,13 @@ class Settings(BaseSettings):
 
         base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
         return Path(base) / "inferpool" / "registry.yaml"
+
+    def user_may_be_tenant(self, user: str) -> bool:
+        """Whether the ``user`` of a request may name its tenant (see ``user_tenants``)."""
+        policy = self.user_tenants.strip()
+        if policy == "*":
+            return True
+        return user in {name.strip() for name in policy.split(",") if name.strip()}
 
     def stale_after_s(self) -> float:
         return self.resend_stale_after_s or 1.5 * self.visibility_timeout_s

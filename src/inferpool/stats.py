@@ -12,8 +12,8 @@ from inferpool.constants import (
     USAGE_TOTAL_KEY,
     model_queues,
     usage_day_key,
-    worker_heartbeat_pattern,
 )
+from inferpool.heartbeats import count_live_workers_many
 from inferpool.redis_connection import decode_text
 from inferpool.usage import ModelUsage, histogram_percentile, merge_usage, usage_from_counters
 
@@ -39,11 +39,6 @@ def read_latency_p50(client: redis.Redis) -> dict[str, float]:
     return {model: value for model, value in p50.items() if value is not None}
 
 
-def count_live_workers(client: redis.Redis, model: str) -> int:
-    """Workers of ``model`` whose heartbeat key has not expired."""
-    return sum(1 for _ in client.scan_iter(worker_heartbeat_pattern(model), count=1000))
-
-
 def read_model_load(client: redis.Redis, models: list[str]) -> list[ModelLoad]:
     """Per model: chunk tasks waiting in its queues (all priorities), batch requests dispatched and not
     yet answered, and workers whose heartbeat has not expired."""
@@ -54,12 +49,13 @@ def read_model_load(client: redis.Redis, models: list[str]) -> list[ModelLoad]:
     lengths = pipe.execute()
     per_model = len(lengths) // len(models) if models else 0
     inflight = {decode_text(k): int(v) for k, v in client.hgetall(MODEL_INFLIGHT_KEY).items()}
+    live = count_live_workers_many(client, models)
     return [
         ModelLoad(
             model=model,
             queue_depth=sum(lengths[index * per_model : (index + 1) * per_model]),
             in_flight=inflight.get(model, 0),
-            live_workers=count_live_workers(client, model),
+            live_workers=live[model],
         )
         for index, model in enumerate(models)
     ]

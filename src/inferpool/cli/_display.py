@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -76,7 +77,7 @@ def usage_table(title: str, rows: list[ModelUsage]) -> Table:
             f"{row.cost_usd:.6f}",
             *(_seconds(value) for value in (row.latency_p50_s, row.latency_p95_s, row.ttft_p50_s, row.ttft_p95_s)),
         ]  # fmt: skip
-        table.add_row(*([row.tenant or ""] if with_tenant else []), *cells)
+        table.add_row(*(escape(cell) for cell in ([row.tenant or ""] if with_tenant else []) + cells))
     return table
 
 
@@ -89,11 +90,11 @@ def print_job(console: Console, job: BatchJob) -> None:
     eta = eta_seconds(job)
     if eta is not None:
         line += f", ETA {eta:.0f} s"
-    console.print(line, highlight=False)
+    console.print(escape(line), highlight=False)
     if job.errors:
-        console.print("errors: " + "; ".join(job.errors), highlight=False)
+        console.print(escape("errors: " + "; ".join(job.errors)), highlight=False)
     if job.usage:
-        console.print(usage_table(f"usage for {job.id}", job.usage))
+        console.print(usage_table(escape(f"usage for {job.id}"), job.usage))
 
 
 def jobs_table(jobs: list[BatchJob]) -> Table:
@@ -103,8 +104,8 @@ def jobs_table(jobs: list[BatchJob]) -> Table:
     for job in jobs:
         counts = job.request_counts
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
-        table.add_row(job.id, job.status.value, created, str(counts.total), str(counts.completed), str(counts.failed),
-                      str(job.priority))  # fmt: skip
+        table.add_row(escape(job.id), job.status.value, created, str(counts.total), str(counts.completed),
+                      str(counts.failed), str(job.priority))  # fmt: skip
     return table
 
 

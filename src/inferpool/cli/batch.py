@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from inferpool.cli._common import load_settings, make_console
 from inferpool.cli._display import answer_preview, job_progress, jobs_table, print_job
@@ -169,7 +170,7 @@ def run(ctx: click.Context, input_path: Path, output_path: Path, errors_path: Pa
     stdout.print(f"{job.request_counts.total} lines in {elapsed:.1f} s: {job.request_counts.total / elapsed:.1f} "
                  f"lines/s, {tokens / elapsed:.1f} completion tokens/s", highlight=False)  # fmt: skip
     where = f"{output_path}" + (f", errors in {errors_path}" if errors_path else "")
-    stdout.print(f"output written to {where}", highlight=False)
+    stdout.print(escape(f"output written to {where}"), highlight=False)
 
 
 def _models_in(input_path: Path, settings: Settings) -> set[str]:
@@ -217,11 +218,11 @@ def _follow(
             return client.batches.wait(job_id, timeout=timeout, on_progress=on_progress)
     except KeyboardInterrupt:
         if local_pool:
-            console.print(f"interrupted: the local pool stops and job {job_id} with it. For jobs that outlive "
-                          "the command, run a pool on a Redis of your own and set REDIS_URL.")  # fmt: skip
+            console.print(escape(f"interrupted: the local pool stops and job {job_id} with it. For jobs that outlive "
+                                 "the command, run a pool on a Redis of your own and set REDIS_URL."))  # fmt: skip
         else:
-            console.print(f"stopped waiting; job {job_id} goes on. Reattach with: inferpool batch wait {job_id}  "
-                          f"(results: inferpool batch results {job_id} -o OUT.jsonl)")  # fmt: skip
+            console.print(escape(f"stopped waiting; job {job_id} goes on. Reattach with: inferpool batch wait "
+                                 f"{job_id}  (results: inferpool batch results {job_id} -o OUT.jsonl)"))  # fmt: skip
         sys.exit(130)
 
 
@@ -241,9 +242,10 @@ class ResultFiles:
     def drain(self) -> None:
         """Write every line written since the last call."""
         while True:
-            lines, self._position = self._client.batches.output_json_after(self._job_id, self._position)
-            if not lines:
+            lines, position = self._client.batches.output_json_after(self._job_id, self._position)
+            if position == self._position:  # a page can be empty (its results expired) with more after it
                 return
+            self._position = position
             for text, ok in lines:
                 target = self._out if (ok or self._errors is None) else self._errors
                 target.write(text + "\n")
@@ -268,11 +270,14 @@ def _write_results(
 
 
 def _print_answers(console: Console, lines: list[BatchOutputLine]) -> None:
+    """Each line's custom_id and answer (or error). Their text is the user's and the model's: escaped, never
+    read as Rich markup (an answer with ``[/INST]`` in it would otherwise fail the whole print)."""
     for line in sorted(lines, key=lambda item: item.custom_id or ""):
+        custom_id = escape(line.custom_id or "")
         if line.response is not None:
             body = line.response.body
-            console.print(f"[bold]{line.custom_id}[/bold] [dim]({body.model})[/dim] {answer_preview(body.text)}",
-                          highlight=False)  # fmt: skip
+            console.print(f"[bold]{custom_id}[/bold] [dim]({escape(body.model)})[/dim] "
+                          f"{escape(answer_preview(body.text))}", highlight=False)  # fmt: skip
         elif line.error is not None:
-            console.print(f"[bold]{line.custom_id}[/bold] [red]{line.error.code}[/red]: {line.error.message}",
-                          highlight=False)  # fmt: skip
+            console.print(f"[bold]{custom_id}[/bold] [red]{escape(line.error.code)}[/red]: "
+                          f"{escape(line.error.message)}", highlight=False)  # fmt: skip

@@ -6,6 +6,7 @@ import json
 import time
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from inferpool.cli._common import load_settings, make_console
@@ -37,8 +38,10 @@ def list_dead_letters(ctx: click.Context, limit: int | None, as_json: bool) -> N
         table.add_column(column)
     for letter in letters:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(letter.at))
-        table.add_row(letter.id, when, letter.model, letter.job_id or "-", letter.custom_id or "-",
-                      f"{letter.error_code}: {letter.error_message}")  # fmt: skip
+        # Cells are Rich markup: ids and messages (a provider's words, a user's custom_id) are escaped.
+        cells = (letter.id, when, letter.model, letter.job_id or "-", letter.custom_id or "-",
+                 f"{letter.error_code}: {letter.error_message}")  # fmt: skip
+        table.add_row(*(escape(cell) for cell in cells))
     make_console().print(table)
 
 

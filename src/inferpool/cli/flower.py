@@ -11,6 +11,8 @@ from inferpool._exceptions import ConfigurationError
 from inferpool.cli._common import load_settings
 
 AUTH_ENV = "INFERPOOL_FLOWER_AUTH"
+#: Celery reads the broker URL from this variable before its configuration (celery.app.utils.Settings).
+BROKER_ENV = "CELERY_BROKER_URL"
 
 
 @click.command()
@@ -28,7 +30,9 @@ def flower(ctx: click.Context, port: int, address: str, max_tasks: int, no_auth:
     settings = load_settings(ctx)
     broker = settings.require_redis_url()
     auth = os.environ.get(AUTH_ENV, "")
-    args = [sys.executable, "-m", "celery", "--broker", broker, "flower", f"--port={port}", f"--address={address}",
+    # The broker URL (with its password) goes through the environment: a command line is visible in `ps`.
+    os.environ[BROKER_ENV] = broker
+    args = [sys.executable, "-m", "celery", "flower", f"--port={port}", f"--address={address}",
             f"--max_tasks={max_tasks}", "--purge_offline_workers=60"]  # fmt: skip
     if not no_auth:
         if ":" not in auth or not auth.split(":", 1)[1]:

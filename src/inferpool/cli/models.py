@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from inferpool.cli._common import load_settings, make_console
@@ -51,5 +52,5 @@ def models(ctx: click.Context, as_json: bool) -> None:
         if loads:
             load = loads[spec.name]
             cells += [str(load.live_workers), str(load.queue_depth), str(load.in_flight)]
-        table.add_row(*cells)
+        table.add_row(*(escape(cell) for cell in cells))
     make_console().print(table)

@@ -48,7 +48,7 @@ def scheduler(ctx: click.Context, metrics_port: int | None, metrics_addr: str) -
     if metrics_port is not None:
         from inferpool.metrics import serve_metrics
 
-        serve_metrics(metrics_port, client, registry, addr=metrics_addr)
+        serve_metrics(metrics_port, client, registry, addr=metrics_addr, max_tenants=settings.metrics_max_tenants)
         logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", metrics_addr, metrics_port)
-    logging.getLogger(__name__).info("scheduler started")
+    logging.getLogger(__name__).info("scheduler started; registry: %s", registry.describe_sources())
     service.run(stop)

@@ -76,11 +76,12 @@ class ClientBase:
         self.router.attach_live_view(lambda models: read_model_load(client, models), lambda: read_latency_p50(client))
 
     def tenant_for(self, request: ChatRequest) -> str | None:
-        """The client's tenant, else the request's ``user`` (when it is a usable name)."""
+        """The client's tenant; else the request's ``user`` where ``INFERPOOL_USER_TENANTS`` allows it (off by
+        default: a line must not bill another tenant, nor grow the usage keys and metric labels at will)."""
         if self.settings.tenant:
             return self.settings.tenant
         user = request.user
-        return user if user and _TENANT_NAME.match(user) else None
+        return user if user and _TENANT_NAME.match(user) and self.settings.user_may_be_tenant(user) else None
 
     def route(self, request: ChatRequest) -> Route:
         return self.router.route(request)

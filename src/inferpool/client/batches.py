@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import redis
 
 from inferpool._exceptions import BatchRefused, JobNotFound, ResultTimeout
 from inferpool.jobstore import BatchJob, JobStore
-from inferpool.scheduler.batch_input import AcceptedLine, BatchLineParser
+from inferpool.scheduler.batch_input import AcceptedLine, BatchLineParser, load_json
 from inferpool.scheduler.router import Router
 from inferpool.settings import Settings
 from inferpool.wire import BatchOutputLine, ChatRequest, RequestResult, TaskItem, new_id
@@ -72,10 +73,8 @@ def _check_file(path: Path, max_bytes: int, max_lines: int) -> None:
 
 
 def _is_json_object(raw: bytes) -> bool:
-    try:
-        return isinstance(json.loads(raw), dict)
-    except (ValueError, UnicodeDecodeError):
-        return False
+    data, problem = load_json(raw)
+    return problem is None and isinstance(data, dict)
 
 
 def _text_lines(handle: IO[bytes]) -> Iterator[str]:
@@ -125,6 +124,12 @@ class Batches:
         """
         settings = self._settings
         window_s = parse_window(completion_window)
+        if window_s > settings.result_ttl_s:
+            raise BatchRefused(
+                f"completion window {completion_window!r} is longer than the result retention "
+                f"({settings.result_ttl_s} s, INFERPOOL_RESULT_TTL_S): results would expire before the job ends; "
+                "use a shorter window or a longer retention"
+            )
         if isinstance(source, str | os.PathLike):
             path = Path(source)
             _check_file(path, settings.batch_max_bytes, settings.batch_max_lines)
@@ -135,11 +140,28 @@ class Batches:
     def _create(
         self, lines: Iterable[str], priority: int, window_s: int, window_label: str, metadata: Mapping[str, str] | None
     ) -> BatchJob:
-        settings = self._settings
         job_id = new_id("batch")
-        store = self._store
-        store.create(job_id, priority=priority, completion_window_s=window_s, window_label=window_label,
-                     metadata=dict(metadata or {}))  # fmt: skip
+        self._store.create(job_id, priority=priority, completion_window_s=window_s, window_label=window_label,
+                           metadata=dict(metadata or {}))  # fmt: skip
+        try:
+            total, models = self._upload(job_id, lines)
+        except BaseException as exc:
+            # The lines read so far may be running already; the job must not stay 'validating' for ever.
+            if isinstance(exc, BatchRefused):
+                reason = str(exc)
+            elif isinstance(exc, KeyboardInterrupt):
+                reason = "its upload was interrupted"
+            else:
+                reason = f"its input could not be read to the end ({type(exc).__name__}: {exc})"
+            with contextlib.suppress(Exception):
+                self._store.fail(job_id, reason)
+            raise
+        self._store.open(job_id, total, models)
+        return self.retrieve(job_id)
+
+    def _upload(self, job_id: str, lines: Iterable[str]) -> tuple[int, set[str]]:
+        """Validate and queue every line; returns how many there were and the models they need."""
+        settings = self._settings
         parser = BatchLineParser(self._router, max_line_bytes=settings.batch_max_line_bytes)
         pending: list[TaskItem] = []
         rejected: list[RequestResult] = []
@@ -148,9 +170,8 @@ class Batches:
         for parsed in parser.parse(lines):
             total += 1
             if total > settings.batch_max_lines:
-                reason = f"more than {settings.batch_max_lines} lines; split the input into several jobs"
-                store.fail(job_id, reason)
-                raise BatchRefused(f"batch {job_id} refused: {reason}")
+                raise BatchRefused(f"batch {job_id} refused: more than {settings.batch_max_lines} lines; split the "
+                                   "input into several jobs")  # fmt: skip
             if isinstance(parsed, AcceptedLine):
                 request = parsed.request
                 pending.append(TaskItem.model_construct(request_id=new_id("req"), custom_id=parsed.custom_id,
@@ -164,10 +185,8 @@ class Batches:
                 self._flush(job_id, pending, rejected, models)
         self._flush(job_id, pending, rejected, models)
         if total == 0:
-            store.fail(job_id, "the input has no requests")
             raise BatchRefused("the batch input has no requests (it is empty or holds only blank lines)")
-        store.open(job_id, total, models)
-        return self.retrieve(job_id)
+        return total, models
 
     def _flush(self, job_id: str, pending: list[TaskItem], rejected: list[RequestResult], models: set[str]) -> None:
         if pending:
@@ -295,8 +314,9 @@ class AsyncBatches:
         await self.retrieve(job_id)
         position = "0-0"
         while True:
-            lines, position = await asyncio.to_thread(self._sync.results_after, job_id, position)
-            if not lines:
+            lines, after = await asyncio.to_thread(self._sync.results_after, job_id, position)
+            if after == position:  # a page can be empty (its results expired) with more after it
                 return
+            position = after
             for line in lines:
                 yield line

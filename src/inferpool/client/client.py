@@ -114,7 +114,7 @@ class Client(ClientBase):
         self.attach_live_view(self.redis)
         self.celery = create_celery_app(self.settings)
         self.batches = Batches(self.redis, self.settings, self.router, self.tenant_for)
-        self.dead_letters = DeadLetters(self.redis)
+        self.dead_letters = DeadLetters(self.redis, self.settings.result_ttl_s)
 
     def submit(
         self, request: RequestLike, *, custom_id: str | None = None, priority: Priority | str = Priority.NORMAL

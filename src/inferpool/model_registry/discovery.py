@@ -100,38 +100,79 @@ def _from_gguf(path: Path, spec: DiscoverSpec) -> ModelSpec:
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _MAX_ARRAY_KEPT = 64  # long arrays (the vocabulary) are skipped, not kept
+_MAX_STRING_BYTES = 16 * 1024 * 1024  # a chat template is a few KB; a key or value past this is not metadata
+_MAX_ARRAY_DEPTH = 4
+
+
+class _HeaderReader:
+    """Reads GGUF header fields, refusing any length that runs past the end of the file (a corrupt or
+    hostile length field then fails with a clear error, not a MemoryError or a read of gigabytes)."""
+
+    def __init__(self, handle: BinaryIO, size: int) -> None:
+        self.handle = handle
+        self.size = size
+
+    def take(self, count: int) -> bytes:
+        if count > self.size - self.handle.tell():
+            raise ValueError(f"a field of {count} bytes runs past the end of the file ({self.size} bytes)")
+        return self.handle.read(count)
+
+    def skip(self, count: int) -> None:
+        if count > self.size - self.handle.tell():
+            raise ValueError(f"a field of {count} bytes runs past the end of the file ({self.size} bytes)")
+        self.handle.seek(count, 1)
+
+    def unpack(self, fmt: str) -> tuple[Any, ...]:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))
+
+    def string(self, keep: bool = True) -> str:
+        (length,) = self.unpack("<Q")
+        if length > _MAX_STRING_BYTES:
+            raise ValueError(f"a string of {length} bytes is longer than GGUF metadata can be")
+        if not keep:
+            self.skip(length)
+            return ""
+        return self.take(length).decode("utf-8", errors="replace")
+
+    def value(self, value_type: int, keep: bool = True, depth: int = 0) -> Any:
+        if value_type in _SCALARS:
+            fmt = _SCALARS[value_type]
+            if not keep:
+                self.skip(struct.calcsize(fmt))
+                return None
+            return self.unpack(fmt)[0]
+        if value_type == _STRING:
+            return self.string(keep)
+        if value_type == _ARRAY:
+            if depth >= _MAX_ARRAY_DEPTH:
+                raise ValueError(f"arrays nested more than {_MAX_ARRAY_DEPTH} deep")
+            item_type, length = self.unpack("<IQ")
+            if length > self.size - self.handle.tell():  # every item takes at least one byte
+                raise ValueError(f"an array of {length} items runs past the end of the file")
+            kept = keep and length <= _MAX_ARRAY_KEPT
+            if item_type in _SCALARS and not kept:
+                self.skip(length * struct.calcsize(_SCALARS[item_type]))
+                return None
+            items = [self.value(item_type, kept, depth + 1) for _ in range(length)]
+            return items if kept else None
+        raise ValueError(f"unknown GGUF value type {value_type}")
 
 
 def read_gguf_metadata(path: Path) -> dict[str, Any]:
     """The key/value metadata of a GGUF file (version 2 or 3), read from its header."""
     with path.open("rb") as handle:
-        if handle.read(4) != b"GGUF":
+        reader = _HeaderReader(handle, path.stat().st_size)
+        if reader.take(4) != b"GGUF":
             raise ValueError("no GGUF magic number")
-        (version,) = struct.unpack("<I", handle.read(4))
+        (version,) = reader.unpack("<I")
         if version not in (2, 3):
             raise ValueError(f"unsupported GGUF version {version}")
-        _tensors, count = struct.unpack("<QQ", handle.read(16))
+        _tensors, count = reader.unpack("<QQ")
+        if count > reader.size - handle.tell():
+            raise ValueError(f"{count} metadata entries cannot fit in the file")
         metadata: dict[str, Any] = {}
         for _ in range(count):
-            key = _read_string(handle)
-            (value_type,) = struct.unpack("<I", handle.read(4))
-            metadata[key] = _read_value(handle, value_type)
+            key = reader.string()
+            (value_type,) = reader.unpack("<I")
+            metadata[key] = reader.value(value_type)
         return metadata
-
-
-def _read_string(handle: BinaryIO) -> str:
-    (length,) = struct.unpack("<Q", handle.read(8))
-    return handle.read(length).decode("utf-8", errors="replace")
-
-
-def _read_value(handle: BinaryIO, value_type: int) -> Any:
-    if value_type in _SCALARS:
-        fmt = _SCALARS[value_type]
-        return struct.unpack(fmt, handle.read(struct.calcsize(fmt)))[0]
-    if value_type == _STRING:
-        return _read_string(handle)
-    if value_type == _ARRAY:
-        item_type, length = struct.unpack("<IQ", handle.read(12))
-        items = [_read_value(handle, item_type) for _ in range(length)]
-        return items if length <= _MAX_ARRAY_KEPT else None
-    raise ValueError(f"unknown GGUF value type {value_type}")

@@ -63,7 +63,9 @@ def _with_provider(spec: ModelSpec, providers: dict[str, ProviderSpec]) -> Model
 class Registry:
     """The models inferpool knows, by name and alias."""
 
-    def __init__(self, models: Iterable[ModelSpec]) -> None:
+    def __init__(self, models: Iterable[ModelSpec], sources: Iterable[str] = ()) -> None:
+        #: Where the models came from (for messages such as "not in the registry this process uses").
+        self.sources = list(sources)
         self._models: dict[str, ModelSpec] = {}
         for spec in models:
             self._models[spec.name] = spec
@@ -107,6 +109,7 @@ class Registry:
         A file's ``discover`` entries add the models found in their directories (a relative path is
         relative to the file) before the file's own ``models``, which can therefore refine them.
         """
+        extra_files, models_dirs = list(extra_files), list(models_dirs)
         builtin = resources.files("inferpool.model_registry").joinpath("default_registry.yaml")
         builtin_document = parse_registry_text(builtin.read_text(encoding="utf-8"), "built-in registry")
         specs = list(builtin_document.models)
@@ -124,7 +127,8 @@ class Registry:
                 specs += discover_models(located)
             specs += document.models
             providers.update(document.providers)
-        return cls(_with_provider(spec, providers) for spec in specs)
+        sources = ["built-in registry", *(f"models dir {d}" for d in models_dirs), *(str(p) for p in extra_files)]
+        return cls((_with_provider(spec, providers) for spec in specs), sources)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry:
@@ -133,6 +137,10 @@ class Registry:
         user_file = settings.user_registry_file()
         files = ([user_file] if user_file.is_file() else []) + list(settings.registry)
         return cls.load(files, settings.models_dir)
+
+    def describe_sources(self) -> str:
+        """``built-in registry, /etc/inferpool/registry.yaml`` (or ``given models`` when built in code)."""
+        return ", ".join(self.sources) or "given models"
 
     def __iter__(self) -> Iterator[ModelSpec]:
         return iter(self._models.values())

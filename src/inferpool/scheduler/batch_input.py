@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -59,6 +60,20 @@ def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
+def load_json(text: str | bytes) -> tuple[Any, str | None]:
+    """(value, None), or (None, what is wrong) for any input: never raises, whatever the bytes."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        return None, f"not usable JSON ({exc})"
+    except RecursionError:
+        return None, "JSON nested too deeply to read"
+
+
 class BatchLineParser:
     """Turns raw lines into accepted requests (routed) or rejected lines, tracking duplicate ids."""
 
@@ -79,12 +94,9 @@ class BatchLineParser:
         size = len(raw.encode("utf-8"))
         if size > self.max_line_bytes:
             return reject("line_too_large", f"{size} bytes, over the limit of {self.max_line_bytes}; split the prompt")
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            return reject(
-                "invalid_json", f"not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object"
-            )
+        data, problem = load_json(raw)
+        if problem is not None:
+            return reject("invalid_json", f"{problem}; each line must be one JSON object")
         if not isinstance(data, dict):
             return reject("invalid_json", "each line must be a JSON object with custom_id, method, url and body")
         raw_id = data.get("custom_id")

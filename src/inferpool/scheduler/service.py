@@ -1,11 +1,18 @@
 """The scheduler service: drives batch jobs from pending to finished.
 
-Each tick it (1) moves jobs through their states (cancel, expire, complete) and (2) dispatches pending
-requests as chunk tasks, keeping at most a window of requests in flight per model (window per live
-worker x live workers), so Redis queues and Flower stay small whatever the job size. Within a model,
+Each tick it (1) moves jobs through their states (cancel, expire, complete), (2) re-sends requests in
+flight for too long (their chunk may be lost; cancelling jobs too, so they can finish) and (3) dispatches
+pending requests as chunk tasks, keeping at most a window of requests in flight per model (window per
+live worker x live workers), so Redis queues and Flower stay small whatever the job size. Within a model,
 jobs of higher priority go first; jobs of equal priority take turns a chunk at a time, so a 50-line job
-is not stuck behind a 100k-line one. It keeps no state of its own: a restarted scheduler re-sends each
-active job's in-flight requests (duplicates are harmless: results are written once) and carries on.
+is not stuck behind a 100k-line one.
+
+Nothing a client submits can stop it. Each job's work is contained: a model this scheduler's registry
+does not know fails that job's lines for it (``model_not_found``); any other error in one job is logged,
+and a job that keeps failing is marked failed with the reason. Only Redis or broker errors stop a tick;
+the loop waits and tries again. It keeps no state of its own: at start-up it recounts the per-model
+in-flight counts and re-sends each active job's in-flight requests (duplicates are harmless: results are
+written once); after that, never again, so a Redis hiccup does not pay for every in-flight request twice.
 """
 
 from __future__ import annotations
@@ -14,23 +21,41 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
+from typing import TypeVar
 
 import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 
+from inferpool._exceptions import ModelNotFound
 from inferpool.celery_app import publish_chunk_json
-from inferpool.constants import JOBS_ACTIVE_KEY, MODEL_INFLIGHT_KEY, Priority, job_key
+from inferpool.constants import JOBS_ACTIVE_KEY, Priority, job_key
+from inferpool.heartbeats import count_live_workers
 from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus, JobStore
 from inferpool.model_registry.registry import Registry
+from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
-from inferpool.stats import count_live_workers
 from inferpool.wire import chunk_json, describe_chunk
 
 log = logging.getLogger(__name__)
 
 _LIVE_WORKERS_REFRESH_S = 2.0
 _STALE_CHECK_EVERY_S = 5.0
+#: A job whose handling raised this many times (not counting Redis errors) is failed with the reason.
+MAX_JOB_FAULTS = 3
+#: Errors of Redis or the broker: they stop the tick (the loop retries), never a job.
+INFRASTRUCTURE_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, OperationalError)
+
+_T = TypeVar("_T")
+
+
+class _Phase(Enum):
+    DONE = "done"  # final (or just finalized): nothing to do
+    CANCELLING = "cancelling"  # nothing to dispatch, but in-flight requests must still end
+    RUNNING = "running"
 
 
 @dataclass(frozen=True)
@@ -45,6 +70,22 @@ class _JobView:
     validated: bool
 
 
+def _job_view(job_id: str, values: list[bytes | None]) -> _JobView:
+    status, priority, models, expires_at, total, completed, failed, validated = (
+        v.decode() if v else "" for v in values
+    )
+    return _JobView(
+        job_id=job_id,
+        status=JobStatus(status),
+        priority=int(priority or 0),
+        models=[m for m in models.split(",") if m],
+        expires_at=float(expires_at or "inf"),
+        total=int(total or 0),
+        finished=int(completed or 0) + int(failed or 0),
+        validated=validated == "1",
+    )
+
+
 class Scheduler:
     def __init__(self, client: redis.Redis, settings: Settings, registry: Registry, celery: Celery) -> None:
         self.redis = client
@@ -55,55 +96,105 @@ class Scheduler:
         self._live_workers: dict[str, int] = {}
         self._live_checked = 0.0
         self._stale_checked = 0.0
+        self._faults: dict[str, int] = defaultdict(int)
+        # Items taken into flight whose publishing failed (broker down): published first on the next tick.
+        self._unsent: list[tuple[str, ModelSpec, list[str]]] = []
 
     # -- start-up --------------------------------------------------------------------------------------
 
     def recover(self) -> int:
-        """Re-send the in-flight requests of every active job (after a crash or restart).
-
-        Also recounts requests in flight per model from the jobs' in-flight sets, so counts left by jobs
-        whose keys expired do not shrink the dispatch window for ever.
-        """
-        resent = 0
-        counts: dict[str, int] = defaultdict(int)
-        for job_id in self.store.active_ids():
-            by_model: dict[str, list[str]] = defaultdict(list)
-            for item in self.store.inflight_items(job_id):
-                by_model[item.served_model].append(item.model_dump_json(exclude_none=True))
-            for model, model_items in by_model.items():
-                counts[model] += len(model_items)
-                resent += self._publish(job_id, model, model_items)
-        pipe = self.redis.pipeline()
-        pipe.delete(MODEL_INFLIGHT_KEY)
-        if counts:
-            pipe.hset(MODEL_INFLIGHT_KEY, mapping={model: n for model, n in counts.items()})
-        pipe.execute()
-        if resent:
-            log.info("re-sent %d in-flight requests of active jobs", resent)
+        """Recount requests in flight per model (one atomic script), then re-send the in-flight requests
+        of every active job (after a crash or restart). Runs once, at start-up."""
+        counts = self.store.recount_inflight()
+        resent = sum(self._guard(job_id, self._resend_inflight, job_id) or 0 for job_id in self.store.active_ids())
+        log.info("recovered: %d in-flight requests re-sent; in flight per model: %s", resent, counts or "none")
         return resent
+
+    def _resend_inflight(self, job_id: str) -> int:
+        by_model: dict[str, list[str]] = defaultdict(list)
+        for model, item_json in self.store.inflight_item_jsons(job_id):
+            by_model[model].append(item_json)
+        return sum(self._publish_or_refuse(job_id, model, items) for model, items in by_model.items())
+
+    # -- containment -----------------------------------------------------------------------------------
+
+    def _guard(self, job_id: str, step: Callable[..., _T], *args: object) -> _T | None:
+        """Run one job's ``step``; an error other than Redis's is that job's alone (None is returned)."""
+        try:
+            return step(*args)
+        except INFRASTRUCTURE_ERRORS:
+            raise
+        except Exception as exc:
+            self._job_fault(job_id, exc)
+            return None
+
+    def _job_fault(self, job_id: str, exc: Exception) -> None:
+        self._faults[job_id] += 1
+        faults = self._faults[job_id]
+        log.error("job %s: %s: %s (fault %d of %d)", job_id, type(exc).__name__, exc, faults, MAX_JOB_FAULTS,
+                  exc_info=exc)  # fmt: skip
+        if faults < MAX_JOB_FAULTS:
+            return
+        reason = f"the scheduler could not run this job ({type(exc).__name__}: {exc})"
+        try:
+            self.store.fail(job_id, reason)
+        except INFRASTRUCTURE_ERRORS:
+            raise
+        except Exception:  # the job's own records are unreadable: stop driving it all the same
+            log.exception("job %s: could not settle its lines; dropping it from the active set", job_id)
+            self.redis.zrem(JOBS_ACTIVE_KEY, job_id)
+        del self._faults[job_id]
+
+    def _spec(self, model: str) -> ModelSpec | None:
+        try:
+            return self.registry.get(model)
+        except ModelNotFound:
+            return None
+
+    def _refuse_model(self, job_id: str, model: str) -> int:
+        """End the job's requests for a model this scheduler does not know, with ``model_not_found``."""
+        message = (
+            f"model {model!r} is not in the registry the scheduler uses ({self.registry.describe_sources()}); "
+            "add it to the scheduler's registry (INFERPOOL_REGISTRY) and restart the scheduler, or send the "
+            "request to a model it knows"
+        )
+        code = ModelNotFound.code
+        refused = self.store.drop_pending(job_id, code, message, models=[model])
+        refused += self.store.settle_inflight(job_id, code, message, model=model)
+        log.warning("job %s: %d request(s) for model %r refused: not in the scheduler's registry (%s)", job_id,
+                    refused, model, self.registry.describe_sources())  # fmt: skip
+        return refused
 
     # -- one tick --------------------------------------------------------------------------------------
 
     def tick(self) -> int:
         """Advance every active job; returns how many requests were dispatched."""
-        runnable = [job for job in self._active_jobs() if self._advance(job)]
+        self._publish_unsent()
+        running: list[_JobView] = []
+        live: list[_JobView] = []
+        for job in self._active_jobs():
+            phase = self._guard(job.job_id, self._advance, job)
+            if phase is None or phase is _Phase.DONE:
+                continue
+            live.append(job)
+            if phase is _Phase.RUNNING:
+                running.append(job)
         now = time.monotonic()
         if now - self._stale_checked > _STALE_CHECK_EVERY_S:
             self._stale_checked = now
-            self._resend_stale(runnable)
-        return self._dispatch(runnable)
+            for job in live:
+                self._guard(job.job_id, self._resend_stale, job)
+        return self._dispatch(running)
 
-    def _resend_stale(self, jobs: list[_JobView]) -> int:
+    def _resend_stale(self, job: _JobView) -> int:
         """Re-send requests in flight for longer than the stale limit (their chunk may be lost)."""
-        resent = 0
-        for job in jobs:
-            by_model: dict[str, list[str]] = defaultdict(list)
-            for item in self.store.take_stale_inflight(job.job_id, self.settings.stale_after_s()):
-                by_model[item.served_model].append(item.model_dump_json(exclude_none=True))
-            for model, item_jsons in by_model.items():
-                resent += self._publish(job.job_id, model, item_jsons)
+        by_model: dict[str, list[str]] = defaultdict(list)
+        for item in self.store.take_stale_inflight(job.job_id, self.settings.stale_after_s()):
+            by_model[item.served_model].append(item.model_dump_json(exclude_none=True))
+        resent = sum(self._publish_or_refuse(job.job_id, model, items) for model, items in by_model.items())
         if resent:
-            log.warning("re-sent %d requests in flight for over %.0f s", resent, self.settings.stale_after_s())
+            log.warning("job %s: re-sent %d requests in flight for over %.0f s", job.job_id, resent,
+                        self.settings.stale_after_s())  # fmt: skip
         return resent
 
     def _active_jobs(self) -> list[_JobView]:
@@ -117,71 +208,69 @@ class Scheduler:
             if values[0] is None:  # the job's keys expired: forget it
                 self.redis.zrem(JOBS_ACTIVE_KEY, job_id)
                 continue
-            status, priority, models, expires_at, total, completed, failed, validated = (
-                v.decode() if v else "" for v in values
-            )
-            views.append(
-                _JobView(
-                    job_id=job_id,
-                    status=JobStatus(status),
-                    priority=int(priority or 0),
-                    models=[m for m in models.split(",") if m],
-                    expires_at=float(expires_at or "inf"),
-                    total=int(total or 0),
-                    finished=int(completed or 0) + int(failed or 0),
-                    validated=validated == "1",
-                )
-            )
+            view = self._guard(job_id, _job_view, job_id, values)
+            if view is not None:
+                views.append(view)
         return views
 
-    def _advance(self, job: _JobView) -> bool:
-        """Apply cancel/expiry/completion to ``job``; True if it may have requests to dispatch.
+    def _advance(self, job: _JobView) -> _Phase:
+        """Apply cancel/expiry/completion to ``job``.
 
         A validating job is dispatched too (its lines run while the rest of its input is read). It is
         never finalized before validation ends: until then more lines may arrive, and each must still be
-        settled (cancelled, expired or run).
+        settled (cancelled, expired or run), unless its completion window ended with the upload still
+        unfinished (its client died): then it fails.
         """
         if job.status.is_final:
             self.redis.zrem(JOBS_ACTIVE_KEY, job.job_id)
-            return False
+            return _Phase.DONE
+        if time.time() > job.expires_at:
+            return self._expire(job)
         if job.status == JobStatus.CANCELLING:
-            self.store.drop_pending(job.job_id, CANCELLED_CODE, "the batch was cancelled before this request ran")
+            message = "the batch was cancelled before this request ran"
+            self.store.drop_pending(job.job_id, CANCELLED_CODE, message, models=job.models)
             if job.validated and self._all_settled(job.job_id):
                 self.store.finalize(job.job_id, JobStatus.CANCELLED)
                 log.info("job %s cancelled", job.job_id)
-            return False
-        if time.time() > job.expires_at:
-            self._expire_unfinished(job.job_id)
-            if job.validated:
-                self.store.finalize(job.job_id, JobStatus.EXPIRED)
-                log.info("job %s expired", job.job_id)
-            return False
+                return _Phase.DONE
+            return _Phase.CANCELLING
         if job.validated and job.finished >= job.total:
             self.store.finalize(job.job_id, JobStatus.COMPLETED)
             log.info("job %s completed (%d requests)", job.job_id, job.total)
-            return False
-        return True
+            return _Phase.DONE
+        return _Phase.RUNNING
+
+    def _expire(self, job: _JobView) -> _Phase:
+        """The completion window is over: unfinished requests end (as cancelled if the job was cancelling)."""
+        if job.status == JobStatus.CANCELLING:
+            code, status = CANCELLED_CODE, JobStatus.CANCELLED
+            message = "the batch was cancelled before this request finished"
+        else:
+            code, status = EXPIRED_CODE, JobStatus.EXPIRED
+            message = "the batch's completion window ended before this request finished"
+        self.store.drop_pending(job.job_id, code, message, models=job.models)
+        self.store.settle_inflight(job.job_id, code, message)
+        if not job.validated:
+            self.store.fail(job.job_id, "its input was never fully uploaded within the completion window")
+        else:
+            self.store.finalize(job.job_id, status)
+        log.info("job %s %s at the end of its completion window", job.job_id, status.value)
+        return _Phase.DONE
 
     def _all_settled(self, job_id: str) -> bool:
         job = self.store.get(job_id)
         return job is not None and job.finished >= job.request_counts.total
 
-    def _expire_unfinished(self, job_id: str) -> None:
-        message = "the batch's completion window ended before this request finished"
-        self.store.drop_pending(job_id, EXPIRED_CODE, message)
-        self.store.settle_inflight(job_id, EXPIRED_CODE, message)
-
     # -- dispatch --------------------------------------------------------------------------------------
 
-    def _window(self, model: str) -> int:
+    def _window(self, spec: ModelSpec) -> int:
         now = time.monotonic()
         if now - self._live_checked > _LIVE_WORKERS_REFRESH_S:
             self._live_workers = {}
             self._live_checked = now
-        if model not in self._live_workers:
-            self._live_workers[model] = count_live_workers(self.redis, model)
-        spec = self.registry.get(model)
-        return spec.serving.window_per_worker() * max(1, self._live_workers[model])
+        if spec.name not in self._live_workers:
+            self._live_workers[spec.name] = count_live_workers(self.redis, spec.name)
+        return spec.serving.window_per_worker() * max(1, self._live_workers[spec.name])
 
     def _dispatch(self, jobs: list[_JobView]) -> int:
         if not jobs:
@@ -193,49 +282,76 @@ class Scheduler:
                 by_model[model].append(job)
         dispatched = 0
         for model, model_jobs in by_model.items():
-            free = self._window(model) - inflight.get(model, 0)
+            spec = self._spec(model)
+            if spec is None:
+                for job in model_jobs:
+                    self._guard(job.job_id, self._refuse_model, job.job_id, model)
+                continue
+            free = self._window(spec) - inflight.get(model, 0)
             levels: dict[int, list[_JobView]] = defaultdict(list)
             for job in model_jobs:
                 levels[job.priority].append(job)
             for priority in sorted(levels, reverse=True):
                 if free <= 0:
                     break
-                sent = self._round_robin(model, levels[priority], free)
+                sent = self._round_robin(spec, levels[priority], free)
                 free -= sent
                 dispatched += sent
         return dispatched
 
-    def _round_robin(self, model: str, jobs: list[_JobView], free: int) -> int:
+    def _round_robin(self, spec: ModelSpec, jobs: list[_JobView], free: int) -> int:
         """Jobs of one priority take turns, a chunk each, until the window is full or they run dry."""
-        chunk_size = self.registry.get(model).serving.chunk_size
         turn = sorted(jobs, key=lambda j: j.job_id)
         sent = 0
         while turn and free - sent > 0:
             for job in list(turn):
-                take = min(chunk_size, free - sent)
+                take = min(spec.serving.chunk_size, free - sent)
                 if take <= 0:
                     break
-                items = self.store.take_pending(job.job_id, model, take)
-                if not items:
+                moved = self._guard(job.job_id, self._take_and_publish, job.job_id, spec, take)
+                if not moved:
                     turn.remove(job)
                     continue
-                sent += self._publish(job.job_id, model, items)
+                sent += moved
         return sent
 
-    def _publish(self, job_id: str, model: str, item_jsons: list[str]) -> int:
-        chunk_size = self.registry.get(model).serving.chunk_size
+    def _take_and_publish(self, job_id: str, spec: ModelSpec, take: int) -> int:
+        items = self.store.take_pending(job_id, spec.name, take)
+        return self._publish(job_id, spec, items) if items else 0
+
+    def _publish_or_refuse(self, job_id: str, model: str, item_jsons: list[str]) -> int:
+        spec = self._spec(model)
+        if spec is None:
+            self._refuse_model(job_id, model)
+            return 0
+        return self._publish(job_id, spec, item_jsons)
+
+    def _publish(self, job_id: str, spec: ModelSpec, item_jsons: list[str]) -> int:
+        """Send items (already in the job's in-flight records) as chunks. If the broker fails, what was not
+        sent is kept and sent first on the next tick: nothing waits for the stale limit."""
+        chunk_size = spec.serving.chunk_size
         for start in range(0, len(item_jsons), chunk_size):
             members = item_jsons[start : start + chunk_size]
-            chunk_id, payload = chunk_json(job_id, model, members, self.settings.result_ttl_s)
-            # Batch work goes on the low-priority queue: single requests overtake it at every worker.
-            publish_chunk_json(self.celery, payload, model=model, priority=Priority.LOW,
-                               description=describe_chunk(chunk_id, job_id, model, len(members)))  # fmt: skip
+            chunk_id, payload = chunk_json(job_id, spec.name, members, self.settings.result_ttl_s)
+            try:
+                # Batch work goes on the low-priority queue: single requests overtake it at every worker.
+                publish_chunk_json(self.celery, payload, model=spec.name, priority=Priority.LOW,
+                                   description=describe_chunk(chunk_id, job_id, spec.name, len(members)),
+                                   expires_s=self.settings.result_ttl_s)  # fmt: skip
+            except INFRASTRUCTURE_ERRORS:
+                self._unsent.append((job_id, spec, item_jsons[start:]))
+                raise
         return len(item_jsons)
+
+    def _publish_unsent(self) -> None:
+        while self._unsent:
+            job_id, spec, item_jsons = self._unsent.pop(0)
+            self._publish(job_id, spec, item_jsons)
 
     # -- the loop --------------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, idle_sleep_s: float = 0.1) -> None:
-        """Tick until ``stop`` is set; survives Redis restarts by retrying."""
+        """Recover once, then tick until ``stop`` is set; Redis and broker errors are waited out."""
         recovered = False
         while not stop.is_set():
             try:
@@ -243,9 +359,8 @@ class Scheduler:
                     self.recover()
                     recovered = True
                 busy = self.tick() > 0
-            except redis.RedisError as exc:
-                log.warning("scheduler: Redis error, retrying: %s", exc)
-                recovered = False
+            except INFRASTRUCTURE_ERRORS as exc:
+                log.warning("scheduler: Redis or the broker failed, retrying: %s", exc)
                 busy = False
                 stop.wait(1.0)
             if not busy:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import os
 import random
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -26,7 +28,7 @@ from inferpool._exceptions import InvalidRequest, ModelLoadError, ProviderError,
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
 from inferpool.wire import ChatRequest, FinishReason
-from inferpool.workers.backend import Generation, GenerationOutcome, parse_params
+from inferpool.workers.backend import Generation, GenerationOutcome, gather_outcomes, parse_params
 from inferpool.workers.ratelimit import RateLimitSpec, SharedRateLimiter, limit_group
 
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
@@ -68,36 +70,43 @@ class ProviderReply:
     headers: Mapping[str, str]
 
 
+#: The longest ``Retry-After`` honoured: a provider (or a broken proxy) asking for more, or for ``inf``,
+#: is retried after this long instead (the attempts still run out, and the request moves on or fails).
+MAX_RETRY_AFTER_S = 120.0
+_DURATION_PART = re.compile(r"([0-9.]+)(ms|h|m|s)")
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
 def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
-    """Seconds from ``Retry-After`` (or ``retry-after-ms``) if the provider sent one."""
+    """Seconds from ``Retry-After`` (or ``retry-after-ms``) if the provider sent a usable one, capped at
+    ``MAX_RETRY_AFTER_S``; values that are not finite numbers are ignored."""
     if not headers:
         return None
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(name)
-        if value is not None:
-            try:
-                return max(0.0, float(value) * scale)
-            except ValueError:
-                continue
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            continue
+        if math.isfinite(seconds):
+            return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
     return None
 
 
 def exhausted_limit_seconds(headers: Mapping[str, str]) -> float | None:
-    """If ``x-ratelimit-remaining-requests`` says 0, how long until the reset (OpenAI's ``6m0s`` form)."""
+    """If ``x-ratelimit-remaining-requests`` says 0, how long until the reset (OpenAI's ``6m0s`` form),
+    at most ``MAX_RETRY_AFTER_S``; an unreadable reset counts as one second."""
     if headers.get("x-ratelimit-remaining-requests") != "0":
         return None
-    reset = headers.get("x-ratelimit-reset-requests", "1s")
     seconds = 0.0
-    number = ""
-    for char in reset:
-        if char.isdigit() or char == ".":
-            number += char
+    for number, unit in _DURATION_PART.findall(headers.get("x-ratelimit-reset-requests", "1s")):
+        try:
+            seconds += float(number) * _DURATION_UNITS[unit]
+        except ValueError:
             continue
-        unit = {"h": 3600.0, "m": 60.0, "s": 1.0}.get(char)
-        if unit is not None and number:
-            seconds += float(number) * unit
-        number = ""
-    return seconds or 1.0
+    return min(MAX_RETRY_AFTER_S, seconds) if math.isfinite(seconds) and seconds > 0 else 1.0
 
 
 def read_api_key(params: ApiParams, default_env: str) -> str:
@@ -165,7 +174,7 @@ class ApiBackend(ABC):
         return self._semaphore, self._limiter
 
     async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
-        return list(await asyncio.gather(*(self._serve(request) for request in requests)))
+        return await gather_outcomes(self.name, (self._serve(request) for request in requests))
 
     async def _serve(self, request: ChatRequest) -> GenerationOutcome:
         try:

@@ -11,14 +11,16 @@ where ``MyBackend(spec, settings)`` builds a ready-to-serve backend.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import logging
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ValidationError
 
-from inferpool._exceptions import ConfigurationError, ModelLoadError, RequestError
+from inferpool._exceptions import ConfigurationError, ModelLoadError, ProviderError, RequestError
 from inferpool.constants import BACKEND_ENTRY_POINT_GROUP
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
@@ -55,6 +57,24 @@ class Generation:
 
 #: A backend answers each request with a ``Generation`` or the ``RequestError`` that stopped it.
 GenerationOutcome = Generation | RequestError
+
+
+log = logging.getLogger(__name__)
+
+
+async def gather_outcomes(backend: str, answers: Iterable[Awaitable[GenerationOutcome]]) -> list[GenerationOutcome]:
+    """Await every request's answer; one that raises becomes that request's ``ProviderError`` alone,
+    never its chunk-mates'."""
+    outcomes: list[GenerationOutcome] = []
+    for result in await asyncio.gather(*answers, return_exceptions=True):
+        if isinstance(result, Generation | RequestError):
+            outcomes.append(result)
+        elif isinstance(result, Exception):
+            log.error("backend %s failed on a request", backend, exc_info=result)
+            outcomes.append(ProviderError(f"backend {backend!r} failed: {type(result).__name__}: {result}"))
+        else:
+            raise result  # cancellation, KeyboardInterrupt: not a request's failure
+    return outcomes
 
 
 @runtime_checkable

@@ -24,11 +24,12 @@ from inferpool._exceptions import ContextLengthExceeded, ProviderError, RequestE
 from inferpool.celery_app import publish_chunk
 from inferpool.constants import MODEL_INFLIGHT_KEY, job_inflight_key
 from inferpool.deadletters import DeadLetters
+from inferpool.heartbeats import count_live_workers
+from inferpool.inflight import LUA_INFLIGHT_MODEL
 from inferpool.model_registry.capability import check_request_fits
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.redis_connection import decode_text
-from inferpool.stats import count_live_workers
 from inferpool.wire import TaskChunk, TaskItem
 from inferpool.workers.backend import GenerationOutcome
 
@@ -39,14 +40,15 @@ log = logging.getLogger(__name__)
 # request is with the failing model (a redelivered chunk that already forwarded a request moves nothing).
 # KEYS: the job's in-flight hash, the per-model in-flight counts. ARGV: from model, to model, then
 # request id / new item JSON pairs. Returns the request ids moved.
-_MOVE_INFLIGHT = """
+_MOVE_INFLIGHT = (
+    LUA_INFLIGHT_MODEL
+    + """
 local moved = {}
 for i = 3, #ARGV, 2 do
   local current = redis.call('HGET', KEYS[1], ARGV[i])
   if current then
-    local model = cjson.decode(current)['request']['model']
-    if string.match(model, '^[^:]+') == ARGV[1] then
-      redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    if inflight_model(current) == ARGV[1] then
+      redis.call('HSET', KEYS[1], ARGV[i], ARGV[2] .. '|' .. ARGV[i + 1])
       moved[#moved + 1] = ARGV[i]
     end
   end
@@ -57,15 +59,19 @@ if #moved > 0 then
 end
 return moved
 """
+)
 
 
 class FailurePolicy:
-    def __init__(self, spec: ModelSpec, registry: Registry | None, client: redis.Redis, celery: Celery | None) -> None:
+    def __init__(
+        self, spec: ModelSpec, registry: Registry | None, client: redis.Redis, celery: Celery | None, *,
+        dead_letter_ttl_s: int,
+    ) -> None:  # fmt: skip
         self.spec = spec
         self.registry = registry
         self.redis = client
         self.celery = celery
-        self.dead_letters = DeadLetters(client)
+        self.dead_letters = DeadLetters(client, dead_letter_ttl_s)
         self._move = client.register_script(_MOVE_INFLIGHT)
 
     def fallback_for(self, item: TaskItem, outcome: GenerationOutcome) -> ModelSpec | None:

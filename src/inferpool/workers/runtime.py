@@ -23,7 +23,8 @@ import redis
 from celery import Celery
 
 from inferpool._exceptions import ProviderError, RequestError
-from inferpool.constants import DEFAULT_TENANT, job_key, worker_heartbeat_key
+from inferpool.constants import DEFAULT_TENANT, job_key
+from inferpool.heartbeats import beat, withdraw
 from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus
 from inferpool.model_registry.capability import check_request_fits
 from inferpool.model_registry.registry import Registry
@@ -62,6 +63,12 @@ def default_worker_id(model_name: str) -> str:
     return f"{model_name}@{socket.gethostname()}-{os.getpid()}"
 
 
+def _valid_usage(generation: Generation) -> bool:
+    """Token counts a provider reported are non-negative integers (a compatible server may send anything)."""
+    counts = (generation.prompt_tokens, generation.completion_tokens)
+    return all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts)
+
+
 class WorkerRuntime:
     """Serves one model in this process."""
 
@@ -82,7 +89,7 @@ class WorkerRuntime:
         self.worker_id = worker_id or default_worker_id(spec.name)
         self._redis = redis_client
         self._writer = ResultWriter(redis_client)
-        self._failures = FailurePolicy(spec, registry, redis_client, celery)
+        self._failures = FailurePolicy(spec, registry, redis_client, celery, dead_letter_ttl_s=settings.result_ttl_s)
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="backend-loop", daemon=True)
         self._loop_thread.start()
@@ -109,6 +116,11 @@ class WorkerRuntime:
 
     def _process(self, chunk: TaskChunk) -> ChunkReport:
         started = time.time()
+        if started > chunk.enqueued_at + chunk.result_ttl_s or (chunk.job_id and not self._job_exists(chunk.job_id)):
+            # Its results' retention is over (and maybe its job's): whoever wanted the answers is gone, and a
+            # result written now would count the requests a second time.
+            log.warning("chunk %s outlived its results' retention; dropped unrun", chunk.describe())
+            return ChunkReport(0, len(chunk.items), 0, 0)
         already = self._writer.existing([item.request_id for item in chunk.items])
         todo = [item for item in chunk.items if item.request_id not in already]
         outcomes: dict[str, GenerationOutcome] = {}
@@ -140,6 +152,9 @@ class WorkerRuntime:
         log.info("chunk %s done: %s", chunk.describe(), report.as_dict())
         return report
 
+    def _job_exists(self, job_id: str) -> bool:
+        return bool(self._redis.exists(job_key(job_id)))
+
     def _job_stopped(self, job_id: str | None) -> RequestError | None:
         """The error for requests of a job that was cancelled or expired, else None."""
         if job_id is None:
@@ -153,19 +168,37 @@ class WorkerRuntime:
         return None
 
     def _generate(self, items: Sequence[TaskItem]) -> dict[str, GenerationOutcome]:
+        """Each item's outcome. If the backend fails the whole call, each request is tried again on its
+        own, so one request's failure never fails its chunk-mates."""
         if not items:
             return {}
-        future = asyncio.run_coroutine_threadsafe(self.backend.generate([i.request for i in items]), self._loop)
         try:
-            generated = future.result()
-        except Exception as exc:  # a backend bug must not lose the chunk's requests: each gets an error
-            log.exception("backend %s failed on a chunk", self.backend.name)
-            failure = ProviderError(f"backend {self.backend.name!r} failed: {type(exc).__name__}: {exc}")
-            return {item.request_id: failure for item in items}
-        if len(generated) != len(items):
-            failure = ProviderError(f"backend {self.backend.name!r} returned {len(generated)} answers for {len(items)}")
-            return {item.request_id: failure for item in items}
+            generated = self._call_backend(items)
+        except Exception as exc:
+            if len(items) == 1:
+                return {items[0].request_id: self._backend_failure(items[0], exc)}
+            log.warning("backend %s failed on %d requests (%s: %s); trying them one by one", self.backend.name,
+                        len(items), type(exc).__name__, exc)  # fmt: skip
+            return {item.request_id: self._generate_alone(item) for item in items}
         return {item.request_id: outcome for item, outcome in zip(items, generated, strict=True)}
+
+    def _generate_alone(self, item: TaskItem) -> GenerationOutcome:
+        try:
+            return self._call_backend([item])[0]
+        except Exception as exc:
+            return self._backend_failure(item, exc)
+
+    def _backend_failure(self, item: TaskItem, exc: Exception) -> ProviderError:
+        """A backend bug must not lose the request: it gets an error (and the log the traceback)."""
+        log.error("backend %s failed on request %s", self.backend.name, item.request_id, exc_info=exc)
+        return ProviderError(f"backend {self.backend.name!r} failed: {type(exc).__name__}: {exc}")
+
+    def _call_backend(self, items: Sequence[TaskItem]) -> list[GenerationOutcome]:
+        future = asyncio.run_coroutine_threadsafe(self.backend.generate([i.request for i in items]), self._loop)
+        generated = future.result()
+        if len(generated) != len(items):
+            raise ProviderError(f"backend {self.backend.name!r} returned {len(generated)} answers for {len(items)}")
+        return generated
 
     # A result is built as a dict and serialised by ``pydantic_core.to_json``, not through the pydantic models: on a
     # 500-request echo chunk, validating results cost as much as everything else together. The client
@@ -188,6 +221,10 @@ class WorkerRuntime:
                                    "job_id": chunk.job_id, "tenant": tenant, "stats": stats}  # fmt: skip
         if item.warnings:
             data["warnings"] = item.warnings
+        if not isinstance(outcome, RequestError) and not _valid_usage(outcome):
+            counts = f"prompt_tokens={outcome.prompt_tokens!r}, completion_tokens={outcome.completion_tokens!r}"
+            outcome = ProviderError(f"backend {self.backend.name!r} reported malformed usage ({counts})",
+                                    attempts=outcome.attempts)  # fmt: skip
         if isinstance(outcome, RequestError):
             data["error"] = {"code": outcome.code, "message": outcome.message}
             payload = pydantic_core.to_json(data).decode()
@@ -247,7 +284,7 @@ class WorkerRuntime:
                 "at": time.time(),
             }
         )
-        self._redis.set(worker_heartbeat_key(self.spec.name, self.worker_id), payload, ex=self.settings.heartbeat_ttl_s)
+        beat(self._redis, self.spec.name, self.worker_id, self.settings.heartbeat_ttl_s, payload)
 
     def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_ttl_s / 3
@@ -261,7 +298,7 @@ class WorkerRuntime:
         """Stop the heartbeat, remove it, and release the backend."""
         self._stop.set()
         with contextlib.suppress(redis.RedisError):
-            self._redis.delete(worker_heartbeat_key(self.spec.name, self.worker_id))
+            withdraw(self._redis, self.spec.name, self.worker_id)
         asyncio.run_coroutine_threadsafe(self.backend.aclose(), self._loop).result(timeout=60)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=10)

@@ -5,31 +5,35 @@ from __future__ import annotations
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, Task
+from celery.utils.time import get_exponential_backoff_interval
 
 from inferpool.constants import TASK_PROCESS_CHUNK
 from inferpool.wire import TaskChunk
 from inferpool.workers.runtime import WorkerRuntime
+
+#: Longest wait before a chunk that met a Redis outage is tried again.
+RETRY_BACKOFF_MAX_S = 30
 
 
 def install_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     """Register ``inferpool.process_chunk`` on ``app``, served by ``runtime``."""
 
     # Redis going away mid-chunk (a restart) retries the chunk with backoff rather than failing it;
-    # requests it already answered are skipped on the retry.
-    @app.task(
-        name=TASK_PROCESS_CHUNK,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        ignore_result=True,
-        autoretry_for=(redis.ConnectionError, redis.TimeoutError),
-        retry_backoff=True,
-        retry_backoff_max=30,
-        retry_jitter=True,
-        max_retries=None,
-    )
-    def process_chunk(payload: str | dict[str, Any]) -> dict[str, int]:
+    # requests it already answered are skipped on the retry. The retry is published by hand, not by
+    # Celery's ``autoretry_for``: that re-publishes without ``argsrepr``, and the chunk's prompts would
+    # then show in task events and Flower.
+    @app.task(bind=True, name=TASK_PROCESS_CHUNK, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+              max_retries=None)  # fmt: skip
+    def process_chunk(task: Task[Any, Any], payload: str | dict[str, Any]) -> dict[str, int]:
         chunk = (
             TaskChunk.model_validate_json(payload) if isinstance(payload, str) else TaskChunk.model_validate(payload)
         )
-        return runtime.process_chunk(chunk).as_dict()
+        try:
+            return runtime.process_chunk(chunk).as_dict()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            countdown = get_exponential_backoff_interval(factor=1, retries=task.request.retries,
+                                                         maximum=RETRY_BACKOFF_MAX_S, full_jitter=True)  # fmt: skip
+            # celery-types' stub omits retry's **options, which Celery passes on to apply_async.
+            raise task.retry(exc=exc, countdown=countdown, argsrepr=chunk.describe(),  # type: ignore[call-arg]
+                             kwargsrepr="{}") from exc  # fmt: skip

@@ -11,7 +11,6 @@ The first call of that criterion is the moment the batch's first tokens exist: t
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -27,7 +26,7 @@ from inferpool._exceptions import InvalidRequest, ModelLoadError, RequestError
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
 from inferpool.wire import ChatRequest, FinishReason
-from inferpool.workers.backend import Generation, GenerationOutcome, parse_params
+from inferpool.workers.backend import Generation, GenerationOutcome, gather_outcomes, parse_params
 from inferpool.workers.batcher import DynamicBatcher
 from inferpool.workers.local_model import CheckpointParams, chat_prompt_ids, output_budget, requested_adapter
 
@@ -128,7 +127,7 @@ class TransformersBackend:
         return wrapped
 
     async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
-        return list(await asyncio.gather(*(self._generate_one(request) for request in requests)))
+        return await gather_outcomes(self.name, (self._generate_one(request) for request in requests))
 
     async def _generate_one(self, request: ChatRequest) -> GenerationOutcome:
         try:

@@ -13,7 +13,6 @@ which vLLM loads on first use. Engine settings come from the registry entry's ``
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 import uuid
@@ -27,7 +26,7 @@ from inferpool._exceptions import InvalidRequest, ModelLoadError, ProviderError,
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
 from inferpool.wire import ChatRequest, FinishReason
-from inferpool.workers.backend import ExtraChoice, Generation, GenerationOutcome, parse_params
+from inferpool.workers.backend import ExtraChoice, Generation, GenerationOutcome, gather_outcomes, parse_params
 from inferpool.workers.local_model import CheckpointParams, chat_prompt_ids, output_budget, requested_adapter
 
 
@@ -129,7 +128,7 @@ class VllmBackend:
         self._lora_ids = {name: index + 1 for index, name in enumerate(sorted(spec.lora_adapters))}
 
     async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
-        return list(await asyncio.gather(*(self._generate_one(request) for request in requests)))
+        return await gather_outcomes(self.name, (self._generate_one(request) for request in requests))
 
     async def aclose(self) -> None:
         # Shut the engine down now and drop it: AsyncLLM.__del__ at interpreter exit raises otherwise.
