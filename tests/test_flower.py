@@ -5,6 +5,7 @@ Needs Debian's chromium (`.ci/run` installs it); skipped, with the reason, where
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -13,14 +14,23 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
+import redis
+from celery.exceptions import Retry
 
-from inferpool import Client
+from inferpool import Client, Registry, Settings
+from inferpool.celery_app import create_celery_app
+from inferpool.constants import TASK_PROCESS_CHUNK, queue_name
 from inferpool.local_pool import free_port, stop_process
+from inferpool.wire import ChatRequest
+from inferpool.workers import WorkerRuntime, create_backend
+from inferpool.workers.tasks import install_tasks
 
 pytestmark = [
     pytest.mark.usefixtures("scheduler", "echo_worker"),
@@ -94,3 +104,50 @@ def test_flower_shows_workers_and_tasks_but_no_prompts(client: Client, flower_po
     )
     browse(f"{base}/tasks", "--window-size=1400,700", f"--screenshot={screenshot}")
     assert screenshot.stat().st_size > 10_000
+
+
+def test_a_retried_task_shows_no_prompt_either(
+    settings: Settings, client: Client, flower_port: int, redis_url: str
+) -> None:
+    """Review defects 8 and 10: Celery's autoretry re-published a chunk without its argsrepr, so the prompts
+    showed in task events and Flower; and `inferpool flower` put the Redis password on its command line."""
+    flower = [
+        p for p in psutil.process_iter(["cmdline"]) if f"--port={flower_port}" in " ".join(p.info["cmdline"] or [])
+    ]
+    password = urllib.parse.urlsplit(redis_url).password or ""
+    assert password
+    assert flower
+    assert all(password not in " ".join(p.cmdline()) for p in flower)
+
+    # A chunk whose worker meets a real Redis outage: its runtime's Redis is a port nobody listens on.
+    spec = Registry.from_settings(settings).get("echo")
+    dead = redis.Redis(port=free_port(), socket_connect_timeout=1)
+    runtime = WorkerRuntime(spec, create_backend(spec, settings), dead, settings, worker_id="retry-test")
+    app = create_celery_app(settings)
+    install_tasks(app, runtime)
+    chunk = client.make_chunk(spec, [(ChatRequest.model_validate(
+        {"model": "echo", "messages": [{"role": "user", "content": f"{SECRET_PROMPT} retried"}]}), None)])  # fmt: skip
+    task_id = f"retry-{chunk.chunk_id}"
+    task = app.tasks[TASK_PROCESS_CHUNK]
+    task.push_request(id=task_id, args=[chunk.model_dump_json()], kwargs={}, retries=0, called_directly=False,
+                      delivery_info={"exchange": "", "routing_key": queue_name("echo")})  # fmt: skip
+    try:
+        with pytest.raises(Retry):
+            task.run(chunk.model_dump_json())  # the retry is published to the real broker
+    finally:
+        task.pop_request()
+        runtime.close()
+        app.close()
+    # The session's echo worker runs the retried task; Flower sees it.
+    assert client.wait_result(chunk.items[0].request_id, timeout=60).ok
+    time.sleep(1.0)
+    base = f"http://ops:flower-pass@127.0.0.1:{flower_port}"
+    request = urllib.request.Request(f"http://127.0.0.1:{flower_port}/api/task/info/{task_id}",
+                                     headers={"Authorization": "Basic " + base64.b64encode(b"ops:flower-pass").decode()})  # fmt: skip
+    info = json.loads(urllib.request.urlopen(request, timeout=10).read())
+    assert info["args"] == chunk.describe()
+    assert info["state"] == "SUCCESS"
+    detail = browse(f"{base}/task/{task_id}", "--dump-dom")
+    assert task_id in detail
+    assert SECRET_PROMPT not in detail
+    assert SECRET_PROMPT not in json.dumps(info)
