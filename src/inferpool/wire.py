@@ -19,6 +19,23 @@ from inferpool.constants import Priority, split_adapter
 
 _STRICT = ConfigDict(extra="forbid")
 
+#: Deepest nesting accepted in a request's free-form JSON (tools, response_format, tool calls). Real
+#: schemas nest a few levels; thousands of levels only serve to break a serialiser further down the line.
+MAX_JSON_DEPTH = 64
+
+
+def check_json_depth(value: object, limit: int = MAX_JSON_DEPTH) -> None:
+    """Raise ``ValueError`` if ``value`` (JSON-like: dicts and lists) nests deeper than ``limit`` (iteratively:
+    no recursion to exhaust)."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth >= limit:
+                raise ValueError(f"nested more than {limit} levels deep")
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children)
+
 
 def new_id(prefix: str) -> str:
     """A random id (128 bits) with a readable prefix, e.g. ``req_5f0c...``."""
@@ -60,6 +77,26 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _openai_message_rules(self) -> ChatMessage:
+        """What OpenAI's API refuses, refused here too (not answered with a 200 and a guess)."""
+        if self.role in ("system", "developer", "user") and self.content is None:
+            raise ValueError(f"a {self.role} message needs content")
+        if self.role == "tool":
+            if not self.tool_call_id:
+                raise ValueError("a tool message needs tool_call_id: the id of the assistant tool call it answers")
+            if self.content is None:
+                raise ValueError("a tool message needs content: the tool's result")
+        if self.role == "assistant" and self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs content or tool_calls")
+        return self
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _shallow_tool_calls(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        check_json_depth(value)
+        return value
 
     def text(self) -> str:
         """The message's text; image parts are not text and are left out (check ``has_images``)."""
@@ -118,6 +155,23 @@ class ChatRequest(BaseModel):
     metadata: dict[str, str] | None = None
     stream: Literal[False] | None = None
     routing: RoutingHints | None = None
+
+    @field_validator("response_format", "tools", "tool_choice")
+    @classmethod
+    def _shallow_json(cls, value: object) -> object:
+        check_json_depth(value)
+        return value
+
+    @model_validator(mode="after")
+    def _tool_messages_answer_calls(self) -> ChatRequest:
+        called: set[str] = set()
+        for index, message in enumerate(self.messages):
+            if message.role == "assistant" and message.tool_calls:
+                called.update(str(call.get("id")) for call in message.tool_calls)
+            elif message.role == "tool" and message.tool_call_id not in called:
+                raise ValueError(f"messages[{index}] answers tool_call_id {message.tool_call_id!r}, which no earlier "
+                                 "assistant message called")  # fmt: skip
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -341,8 +395,20 @@ class BatchOutputLine(BaseModel):
         Equal to ``from_result(parse(raw)).model_dump_json()`` (a test holds them equal) at a third of the
         cost, which matters when a client writes out 100k lines.
         """
-        result = pydantic_core.from_json(raw)
+        try:
+            return BatchOutputLine._json_from_result(pydantic_core.from_json(raw))
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+            # A stored result this version cannot read (corrupted, or from a future one): its own error line.
+            error = ErrorInfo(code="unreadable_result", message=f"the stored result cannot be read: {exc}")
+            return BatchOutputLine.from_error(None, error).model_dump_json(), False
+
+    @staticmethod
+    def _json_from_result(result: Any) -> tuple[str, bool]:
+        if not isinstance(result, dict):
+            raise TypeError("not a JSON object")
         response = result.get("response")
+        if response is not None and not isinstance(response, dict):
+            raise TypeError("its response is not an object")
         line: dict[str, Any] = {"id": new_id("batch_req"), "custom_id": result.get("custom_id")}
         if response is not None:
             choices = response["choices"]
@@ -353,8 +419,12 @@ class BatchOutputLine(BaseModel):
             line["response"] = {"status_code": 200, "request_id": result["request_id"], "body": response}
             line["error"] = None
         else:
+            error = result.get("error")
+            if not (isinstance(error, dict) and isinstance(error.get("code"), str)
+                    and isinstance(error.get("message"), str)):  # fmt: skip
+                raise ValueError("it has neither a response nor an error")
             line["response"] = None
-            line["error"] = result["error"]
+            line["error"] = error
         if result.get("warnings") is not None:
             line["warnings"] = result["warnings"]
         return pydantic_core.to_json(line).decode(), response is not None

@@ -42,6 +42,8 @@ def build_request(request: RequestLike) -> ChatRequest:
         return ChatRequest.model_validate(dict(request))
     except ValidationError as exc:
         raise InvalidRequest(describe_validation_error(exc)) from exc
+    except RecursionError as exc:
+        raise InvalidRequest("the request is nested too deeply to read") from exc
 
 
 def build_chat_request(model: str, messages: MessagesLike, params: Mapping[str, Any]) -> ChatRequest:

@@ -36,6 +36,10 @@ def parse_registry_text(text: str, source: str) -> RegistryFile:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RegistryError(f"{source}: not valid YAML: {exc}") from exc
+    except RecursionError as exc:
+        raise RegistryError(f"{source}: not usable YAML: nested too deeply") from exc
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a date that does not exist
+        raise RegistryError(f"{source}: not usable YAML: {exc}") from exc
     if data is None:
         data = {}
     if not isinstance(data, dict):
