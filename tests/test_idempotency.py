@@ -71,3 +71,19 @@ def test_racing_deliveries_write_each_result_once(settings: Settings, redis_clie
     assert sum(r.written + r.skipped_existing + r.duplicates_ignored for r in reports) == 4 * 200
     assert redis_client.xlen(job_completed_stream_key(chunk.job_id or "")) == 200
     assert redis_client.hget(job_key(chunk.job_id or ""), "completed") == b"200"
+
+
+def test_first_deliveries_that_skip_the_lookup_still_write_once(settings: Settings, redis_client: redis.Redis) -> None:
+    """A chunk's first delivery does not look results up before running (none can exist); if the same
+    requests arrive twice as 'first' deliveries anyway, the write script still stores each once."""
+    runtimes = [_runtime(settings, redis_client) for _ in range(3)]
+    chunk = _chunk(redis_client, new_id("job-fresh"), 100)
+    try:
+        reports = [runtime.process_chunk(chunk, maybe_answered=False) for runtime in runtimes]
+    finally:
+        for runtime in runtimes:
+            runtime.close()
+    assert [r.skipped_existing for r in reports] == [0, 0, 0]
+    assert [r.written for r in reports] == [100, 0, 0]
+    assert [r.duplicates_ignored for r in reports] == [0, 100, 100]
+    assert redis_client.hget(job_key(chunk.job_id or ""), "completed") == b"100"

@@ -49,8 +49,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # Task events cost a worker more than processing a small chunk does, so they are off unless asked
+        # for (INFERPOOL_TASK_EVENTS=1): Flower turns them on in every worker while it runs (its
+        # enable_events broadcast, which `inferpool flower` also sends at start). Progress and usage never
+        # depend on them: they live in Redis.
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": False,
         "task_track_started": True,
         "task_default_queue": "inferpool.default",
         "worker_hijack_root_logger": False,

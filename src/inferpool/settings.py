@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     )
     heartbeat_ttl_s: int = Field(default=15, gt=1, description="Seconds a worker heartbeat lives.")
     log_level: str = Field(default="INFO")
+    task_events: bool = Field(
+        default=False,
+        description="Workers send Celery task events from the start (Flower turns them on anyway while it runs).",
+    )
     tenant: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$",

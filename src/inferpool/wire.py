@@ -324,6 +324,11 @@ class TaskChunk(BaseModel):
     enqueued_at: float = Field(default_factory=time.time)
     result_ttl_s: int = Field(gt=0)
     priority: Priority = Priority.NORMAL
+    resent: bool = Field(
+        default=False,
+        description="Sent again (scheduler recovery or stale re-send, a fallback): some requests may be answered "
+        "already, so the worker looks their results up before running them.",
+    )
 
     def describe(self) -> str:
         """Safe one-line description for logs and Flower: ids and counts, never prompt text."""
@@ -335,7 +340,9 @@ def describe_chunk(chunk_id: str, job_id: str | None, model: str, size: int) -> 
     return f"{job}model={model} chunk={chunk_id} n={size}"
 
 
-def chunk_json(job_id: str | None, model: str, item_jsons: list[str], result_ttl_s: int) -> tuple[str, str]:
+def chunk_json(
+    job_id: str | None, model: str, item_jsons: list[str], result_ttl_s: int, *, resent: bool = False
+) -> tuple[str, str]:
     """(chunk id, ``TaskChunk`` JSON) from items already serialised as JSON, without parsing them again.
 
     The scheduler moves items from Redis to Celery this way: 100k items parsed and re-serialised only to
@@ -343,7 +350,7 @@ def chunk_json(job_id: str | None, model: str, item_jsons: list[str], result_ttl
     """
     chunk_id = new_id("chunk")
     head = json.dumps({"chunk_id": chunk_id, "job_id": job_id, "model": model, "enqueued_at": time.time(),
-                       "result_ttl_s": result_ttl_s, "priority": Priority.LOW.value})  # fmt: skip
+                       "result_ttl_s": result_ttl_s, "priority": Priority.LOW.value, "resent": resent})  # fmt: skip
     return chunk_id, f'{head[:-1]}, "items": [{", ".join(item_jsons)}]}}'
 
 

@@ -9,10 +9,24 @@ import click
 
 from inferpool._exceptions import ConfigurationError
 from inferpool.cli._common import load_settings
+from inferpool.settings import Settings
 
 AUTH_ENV = "INFERPOOL_FLOWER_AUTH"
 #: Celery reads the broker URL from this variable before its configuration (celery.app.utils.Settings).
 BROKER_ENV = "CELERY_BROKER_URL"
+
+
+def _enable_task_events(settings: Settings) -> None:
+    """Ask running workers for task events now (Flower repeats it every 5 s, for workers started later)."""
+    from inferpool.celery_app import create_celery_app
+
+    app = create_celery_app(settings)
+    try:
+        app.control.enable_events()
+    except Exception as exc:  # Flower retries on its own; it must still start
+        click.echo(f"could not ask workers for task events yet: {exc}", err=True)
+    finally:
+        app.close()
 
 
 @click.command()
@@ -40,5 +54,6 @@ def flower(ctx: click.Context, port: int, address: str, max_tasks: int, no_auth:
                 f"Flower needs credentials: set {AUTH_ENV}=user:password (or pass --no-auth to serve it open)"
             )
         os.environ["FLOWER_BASIC_AUTH"] = auth  # via the environment: not visible in `ps` like an argument
+    _enable_task_events(settings)
     # Replace this process: Flower handles its own signals and logging.
     os.execv(sys.executable, args)

@@ -98,7 +98,7 @@ class Scheduler:
         self._stale_checked = 0.0
         self._faults: dict[str, int] = defaultdict(int)
         # Items taken into flight whose publishing failed (broker down): published first on the next tick.
-        self._unsent: list[tuple[str, ModelSpec, list[str]]] = []
+        self._unsent: list[tuple[str, ModelSpec, list[str], bool]] = []
 
     # -- start-up --------------------------------------------------------------------------------------
 
@@ -114,7 +114,7 @@ class Scheduler:
         by_model: dict[str, list[str]] = defaultdict(list)
         for model, item_json in self.store.inflight_item_jsons(job_id):
             by_model[model].append(item_json)
-        return sum(self._publish_or_refuse(job_id, model, items) for model, items in by_model.items())
+        return sum(self._publish_or_refuse(job_id, model, items, resent=True) for model, items in by_model.items())
 
     # -- containment -----------------------------------------------------------------------------------
 
@@ -191,7 +191,9 @@ class Scheduler:
         by_model: dict[str, list[str]] = defaultdict(list)
         for item in self.store.take_stale_inflight(job.job_id, self.settings.stale_after_s()):
             by_model[item.served_model].append(item.model_dump_json(exclude_none=True))
-        resent = sum(self._publish_or_refuse(job.job_id, model, items) for model, items in by_model.items())
+        resent = sum(
+            self._publish_or_refuse(job.job_id, model, items, resent=True) for model, items in by_model.items()
+        )
         if resent:
             log.warning("job %s: re-sent %d requests in flight for over %.0f s", job.job_id, resent,
                         self.settings.stale_after_s())  # fmt: skip
@@ -319,34 +321,34 @@ class Scheduler:
         items = self.store.take_pending(job_id, spec.name, take)
         return self._publish(job_id, spec, items) if items else 0
 
-    def _publish_or_refuse(self, job_id: str, model: str, item_jsons: list[str]) -> int:
+    def _publish_or_refuse(self, job_id: str, model: str, item_jsons: list[str], *, resent: bool) -> int:
         spec = self._spec(model)
         if spec is None:
             self._refuse_model(job_id, model)
             return 0
-        return self._publish(job_id, spec, item_jsons)
+        return self._publish(job_id, spec, item_jsons, resent=resent)
 
-    def _publish(self, job_id: str, spec: ModelSpec, item_jsons: list[str]) -> int:
+    def _publish(self, job_id: str, spec: ModelSpec, item_jsons: list[str], *, resent: bool = False) -> int:
         """Send items (already in the job's in-flight records) as chunks. If the broker fails, what was not
         sent is kept and sent first on the next tick: nothing waits for the stale limit."""
         chunk_size = spec.serving.chunk_size
         for start in range(0, len(item_jsons), chunk_size):
             members = item_jsons[start : start + chunk_size]
-            chunk_id, payload = chunk_json(job_id, spec.name, members, self.settings.result_ttl_s)
+            chunk_id, payload = chunk_json(job_id, spec.name, members, self.settings.result_ttl_s, resent=resent)
             try:
                 # Batch work goes on the low-priority queue: single requests overtake it at every worker.
                 publish_chunk_json(self.celery, payload, model=spec.name, priority=Priority.LOW,
                                    description=describe_chunk(chunk_id, job_id, spec.name, len(members)),
                                    expires_s=self.settings.result_ttl_s)  # fmt: skip
             except INFRASTRUCTURE_ERRORS:
-                self._unsent.append((job_id, spec, item_jsons[start:]))
+                self._unsent.append((job_id, spec, item_jsons[start:], resent))
                 raise
         return len(item_jsons)
 
     def _publish_unsent(self) -> None:
         while self._unsent:
-            job_id, spec, item_jsons = self._unsent.pop(0)
-            self._publish(job_id, spec, item_jsons)
+            job_id, spec, item_jsons, resent = self._unsent.pop(0)
+            self._publish(job_id, spec, item_jsons, resent=resent)
 
     # -- the loop --------------------------------------------------------------------------------------
 

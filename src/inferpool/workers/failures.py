@@ -132,7 +132,7 @@ class FailurePolicy:
             if not items:
                 continue
             log.info("passing %d request(s) of %s to fallback %s", len(items), chunk.describe(), model)
-            publish_chunk(self.celery, TaskChunk(job_id=chunk.job_id, model=model, items=items,
+            publish_chunk(self.celery, TaskChunk(job_id=chunk.job_id, model=model, items=items, resent=True,
                                                  result_ttl_s=chunk.result_ttl_s, priority=chunk.priority))  # fmt: skip
 
     def bury(self, chunk: TaskChunk, items: Sequence[TaskItem], outcomes: dict[str, GenerationOutcome],

@@ -100,28 +100,29 @@ class WorkerRuntime:
 
     # -- processing ------------------------------------------------------------------------------------
 
-    def process_chunk(self, chunk: TaskChunk) -> ChunkReport:
+    def process_chunk(self, chunk: TaskChunk, *, maybe_answered: bool = True) -> ChunkReport:
         """Answer every request of ``chunk`` that has no result yet, and write each result once.
 
         Requests of a batch job that was cancelled or expired meanwhile are settled with that error
-        instead of being run.
+        instead of being run. ``maybe_answered=False`` (a chunk's first delivery, never sent before)
+        skips looking results up before running: none can exist, and the write is exactly-once anyway.
         """
         with self._in_hand_lock:
             self._in_hand += len(chunk.items)
         try:
-            return self._process(chunk)
+            return self._process(chunk, maybe_answered or chunk.resent)
         finally:
             with self._in_hand_lock:
                 self._in_hand -= len(chunk.items)
 
-    def _process(self, chunk: TaskChunk) -> ChunkReport:
+    def _process(self, chunk: TaskChunk, maybe_answered: bool) -> ChunkReport:
         started = time.time()
         if started > chunk.enqueued_at + chunk.result_ttl_s or (chunk.job_id and not self._job_exists(chunk.job_id)):
             # Its results' retention is over (and maybe its job's): whoever wanted the answers is gone, and a
             # result written now would count the requests a second time.
             log.warning("chunk %s outlived its results' retention; dropped unrun", chunk.describe())
             return ChunkReport(0, len(chunk.items), 0, 0)
-        already = self._writer.existing([item.request_id for item in chunk.items])
+        already = self._writer.existing([item.request_id for item in chunk.items]) if maybe_answered else set()
         todo = [item for item in chunk.items if item.request_id not in already]
         outcomes: dict[str, GenerationOutcome] = {}
         runnable: list[TaskItem] = []

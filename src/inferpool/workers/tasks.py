@@ -29,8 +29,11 @@ def install_tasks(app: Celery, runtime: WorkerRuntime) -> None:
         chunk = (
             TaskChunk.model_validate_json(payload) if isinstance(payload, str) else TaskChunk.model_validate(payload)
         )
+        request = task.request
+        # Delivered before (restored after a crash, or a retry): some results may exist already.
+        again = bool(request.retries) or bool((request.delivery_info or {}).get("redelivered"))
         try:
-            return runtime.process_chunk(chunk).as_dict()
+            return runtime.process_chunk(chunk, maybe_answered=again).as_dict()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             countdown = get_exponential_backoff_interval(factor=1, retries=task.request.retries,
                                                          maximum=RETRY_BACKOFF_MAX_S, full_jitter=True)  # fmt: skip
