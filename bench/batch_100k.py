@@ -1,7 +1,10 @@
 """A 100,000-line batch job end to end through inferpool, against plain Celery, in one run.
 
-    python bench/batch_100k.py --lines 100000 --plain-prompts 10000 --json bench/results/batch_100k.json
+    python bench/batch_100k.py --lines 100000 --plain-prompts 10000 --prompt-chars 20 1000 4000 \
+        --json bench/results/batch_100k.json
 
+Each ``--prompt-chars`` size is one run of both sides with prompts of that many characters (the
+answers are echoes cut at max_tokens 8, as chat.completion objects on both sides).
 inferpool: a private Redis, the scheduler and echo workers (bench/registry.yaml's ``echo-bench``); the
 client is `inferpool batch run FILE -o OUT --no-local` in its own process, timed from start to the last
 output line written, its peak RSS sampled. Baseline: plain Celery on its own private Redis, one task per
@@ -30,14 +33,26 @@ from inferpool.local_pool import EmbeddedRedis, LocalPool, stop_process
 BENCH = Path(__file__).resolve().parent
 
 
-def write_input(path: Path, n: int) -> None:
+_FILLER = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore "
+
+
+def prompt_text(i: int, chars: int) -> str:
+    """``prompt number i`` padded with words to ``chars`` characters (at least the number itself)."""
+    head = f"prompt number {i}"
+    if len(head) >= chars:
+        return head
+    filler = (_FILLER * (chars // len(_FILLER) + 1))[: chars - len(head) - 1]
+    return f"{head} {filler}"
+
+
+def chat_body(i: int, chars: int) -> dict[str, object]:
+    return {"model": "echo-bench", "messages": [{"role": "user", "content": prompt_text(i, chars)}], "max_tokens": 8}
+
+
+def write_input(path: Path, n: int, chars: int) -> None:
     with path.open("w") as handle:
         for i in range(n):
-            body = {
-                "model": "echo-bench",
-                "messages": [{"role": "user", "content": f"prompt number {i}"}],
-                "max_tokens": 8,
-            }
+            body = chat_body(i, chars)
             handle.write(
                 json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
             )
@@ -69,9 +84,9 @@ def redis_peak_mb(url: str) -> float:
         client.close()
 
 
-def bench_inferpool(lines: int, workers: int, workdir: Path) -> dict[str, float]:
+def bench_inferpool(lines: int, workers: int, workdir: Path, chars: int) -> dict[str, float]:
     source, output = workdir / "input.jsonl", workdir / "output.jsonl"
-    write_input(source, lines)
+    write_input(source, lines, chars)
     env = {**os.environ, "INFERPOOL_REGISTRY": str(BENCH / "registry.yaml")}
     with LocalPool(["echo-bench"], env=env, workers_per_model=workers) as pool:
         env["REDIS_URL"] = pool.redis_url
@@ -92,19 +107,20 @@ def bench_inferpool(lines: int, workers: int, workdir: Path) -> dict[str, float]
 _PLAIN_CLIENT = """
 import sys, time
 sys.path.insert(0, {bench!r})
-from plain_celery_app import app, echo
-n = {n}
-echo.delay("warm-up").get(timeout=60)
+from plain_celery_app import app, chat
+from batch_100k import chat_body
+n, chars = {n}, {chars}
+chat.delay(chat_body(0, chars)).get(timeout=60)
 started = time.perf_counter()
-results = [echo.delay(f"prompt number {{i}}") for i in range(n)]
+results = [chat.delay(chat_body(i, chars)) for i in range(n)]
 values = [r.get(timeout=600) for r in results]
 elapsed = time.perf_counter() - started
-assert values[-1] == f"echo: prompt number {{n - 1}}"
+assert values[-1]["choices"][0]["message"]["content"].startswith(f"echo: prompt number {{n - 1}}")
 print(elapsed)
 """
 
 
-def bench_plain_celery(prompts: int, workdir: Path) -> dict[str, float]:
+def bench_plain_celery(prompts: int, workdir: Path, chars: int) -> dict[str, float]:
     server = EmbeddedRedis(workdir / "plain-redis")
     server.start()
     env = {**os.environ, "REDIS_URL": server.url}
@@ -114,7 +130,7 @@ def bench_plain_celery(prompts: int, workdir: Path) -> dict[str, float]:
         cwd=BENCH, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
-        code = _PLAIN_CLIENT.format(bench=str(BENCH), n=prompts)
+        code = _PLAIN_CLIENT.format(bench=str(BENCH), n=prompts, chars=chars)
         _, rss_mb, result = run_sampled([sys.executable, "-c", code], env)
         if result.returncode != 0:
             raise SystemExit(f"plain Celery client failed:\n{result.stderr.decode()[-3000:]}")
@@ -132,21 +148,29 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=100_000, help="lines in the inferpool job")
     parser.add_argument("--plain-prompts", type=int, default=10_000, help="prompts sent through plain Celery")
     parser.add_argument("--workers", type=int, default=1, help="echo worker processes in the inferpool pool")
+    parser.add_argument("--prompt-chars", type=int, nargs="+", default=[20], help="prompt sizes to run (chars)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="inferpool-bench-") as tmp:
-        workdir = Path(tmp)
-        plain = bench_plain_celery(args.plain_prompts, workdir)
-        pool = bench_inferpool(args.lines, args.workers, workdir)
-    ratio = pool["prompts_per_s"] / plain["prompts_per_s"]
-    print(f"{'path':<28}{'prompts':>9}{'seconds':>10}{'prompts/s':>11}{'client RSS MB':>15}{'Redis peak MB':>15}")
-    for name, row in (("plain Celery (1 task/prompt)", plain), ("inferpool batch job", pool)):
-        print(f"{name:<28}{row['prompts']:>9}{row['seconds']:>10.1f}{row['prompts_per_s']:>11.0f}"
-              f"{row['client_peak_rss_mb']:>15.0f}{row['redis_peak_mb']:>15.0f}")  # fmt: skip
-    print(f"inferpool / plain Celery = {ratio:.1f}x prompts per second")
+    runs = []
+    for chars in args.prompt_chars:
+        with tempfile.TemporaryDirectory(prefix="inferpool-bench-") as tmp:
+            workdir = Path(tmp)
+            plain = bench_plain_celery(args.plain_prompts, workdir, chars)
+            pool = bench_inferpool(args.lines, args.workers, workdir, chars)
+        runs.append({"prompt_chars": chars, "plain_celery": plain, "inferpool": pool,
+                     "ratio": pool["prompts_per_s"] / plain["prompts_per_s"]})  # fmt: skip
+    print(f"{'chars':>6} {'path':<28}{'prompts':>9}{'seconds':>10}{'prompts/s':>11}{'client RSS MB':>15}"
+          f"{'Redis peak MB':>15}{'ratio':>8}")  # fmt: skip
+    for run in runs:
+        for name, key in (("plain Celery (1 task/prompt)", "plain_celery"), ("inferpool batch job", "inferpool")):
+            row = run[key]
+            ratio = f"{run['ratio']:.1f}x" if key == "inferpool" else ""
+            print(f"{run['prompt_chars']:>6} {name:<28}{row['prompts']:>9}{row['seconds']:>10.1f}"
+                  f"{row['prompts_per_s']:>11.0f}{row['client_peak_rss_mb']:>15.0f}{row['redis_peak_mb']:>15.0f}"
+                  f"{ratio:>8}")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"plain_celery": plain, "inferpool": pool, "ratio": ratio}, indent=2))
+        args.json.write_text(json.dumps(runs, indent=2))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import secrets
+import time
+from typing import Any
 
 from celery import Celery
 
@@ -14,3 +17,18 @@ app.conf.update(task_serializer="json", result_serializer="json", accept_content
 @app.task(name="plain.echo")
 def echo(prompt: str) -> str:
     return f"echo: {prompt}"
+
+
+@app.task(name="plain.chat")
+def chat(body: dict[str, Any]) -> dict[str, Any]:
+    """The same chat body in as an inferpool batch line's, a chat.completion of the same answer out."""
+    prompt = body["messages"][-1]["content"]
+    words = f"echo: {prompt}".split()[: body.get("max_tokens") or 256]
+    return {
+        "id": f"chatcmpl-{secrets.token_hex(16)}", "object": "chat.completion", "created": int(time.time()),
+        "model": body["model"],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)},
+                     "finish_reason": "length", "logprobs": None}],
+        "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(words),
+                  "total_tokens": len(prompt.split()) + len(words)},
+    }  # fmt: skip

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from inferpool import Client, JobStatus
-from inferpool.constants import MODEL_INFLIGHT_KEY, job_completed_stream_key, job_inflight_key, model_queues
+from inferpool.constants import MODEL_INFLIGHT_KEY, job_completed_stream_key, job_items_key, model_queues
 from inferpool.local_pool import LocalPool, start_scheduler_process, start_worker_process
 
 N_LINES = 1500
@@ -73,7 +73,7 @@ def _assert_exactly_once(client: Client, job_id: str) -> None:
     [daily] = client.usage(yesterday)
     assert (daily.tenant, daily.model, daily.requests, daily.errors) == ("default", "echo-slow", N_LINES, 0)
     assert (daily.prompt_tokens, daily.completion_tokens) == (usage.prompt_tokens, usage.completion_tokens)
-    assert client.redis.hlen(job_inflight_key(job_id)) == 0
+    assert client.redis.hlen(job_items_key(job_id)) == 0
     assert int(client.redis.hget(MODEL_INFLIGHT_KEY, "echo-slow") or 0) == 0
 
 
@@ -87,7 +87,7 @@ def test_sigkilled_worker_mid_job(pool: LocalPool) -> None:
         at_kill = client.batches.retrieve(job.id).finished
         assert at_kill < N_LINES
         # Requests the dead worker held are still in flight: nobody answers them until redelivery.
-        assert client.redis.hlen(job_inflight_key(job.id)) > 0
+        assert client.redis.hlen(job_items_key(job.id)) > 0
         pool.workers[0] = start_worker_process("echo-slow", pool.redis_url, pool.workdir / "worker-2.log", env=POOL_ENV)
         _assert_exactly_once(client, job.id)
 
@@ -145,6 +145,6 @@ def test_lost_chunks_are_resent_after_the_stale_limit() -> None:
         # kombu's Redis transport keeps queued messages in a list named after the queue and unacked ones
         # in these two keys: without them, no redelivery can happen.
         client.redis.delete(*model_queues("echo-slow"), "unacked", "unacked_index")
-        assert client.redis.hlen(job_inflight_key(job.id)) > 0
+        assert client.redis.hlen(job_items_key(job.id)) > 0
         pool.workers[0] = start_worker_process("echo-slow", pool.redis_url, pool.workdir / "worker-2.log", env=env)
         _assert_exactly_once(client, job.id)

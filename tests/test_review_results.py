@@ -23,7 +23,15 @@ import redis
 from inferpool import BatchRefused, Client, JobStatus, ProviderError, Registry, Settings
 from inferpool.celery_app import create_celery_app, publish_chunk
 from inferpool.cli.batch import ResultFiles
-from inferpool.constants import MODEL_INFLIGHT_KEY, job_completed_stream_key, job_inflight_key, job_key, result_key
+from inferpool.constants import (
+    MODEL_INFLIGHT_KEY,
+    job_completed_stream_key,
+    job_inflight_since_key,
+    job_items_key,
+    job_key,
+    queue_name,
+    result_key,
+)
 from inferpool.inflight import inflight_record
 from inferpool.jobstore import JobStore
 from inferpool.results import ResultRecord, ResultWriter
@@ -71,8 +79,9 @@ def test_a_result_frees_the_window_of_the_model_now_holding_the_request(
                            dead_letter_ttl_s=settings.result_ttl_s)  # fmt: skip
     job_id = _new_job(redis_client)
     item = _item("echo-flaky", "FAIL once")
-    redis_client.hset(job_inflight_key(job_id), item.request_id,
+    redis_client.hset(job_items_key(job_id), item.request_id,
                       inflight_record("echo-flaky", item.model_dump_json(exclude_none=True)))  # fmt: skip
+    redis_client.zadd(job_inflight_since_key(job_id), {item.request_id: time.time()})
     redis_client.hincrby(MODEL_INFLIGHT_KEY, "echo-flaky", 1)
     target = registry.get("smollm2-135m-vllm")  # no worker of this session serves it
     before = {m: _count(redis_client, m) for m in ("echo-flaky", target.name)}
@@ -82,7 +91,8 @@ def test_a_result_frees_the_window_of_the_model_now_holding_the_request(
     assert written
     after = {m: _count(redis_client, m) for m in ("echo-flaky", target.name)}
     assert after == {"echo-flaky": before["echo-flaky"] - 1, target.name: before[target.name]}
-    assert redis_client.hlen(job_inflight_key(job_id)) == 0
+    assert redis_client.hlen(job_items_key(job_id)) == 0
+    redis_client.delete(queue_name(target.name))  # the forwarded chunk: no worker of this session takes it
     celery.close()
 
 
@@ -102,8 +112,11 @@ def test_a_chunk_that_outlived_its_job_writes_and_counts_nothing(
 ) -> None:
     gone = new_id("batch")  # its record expired with its retention
     items = [_item("echo") for _ in range(3)]
-    report = runtime.process_chunk(TaskChunk(job_id=gone, model="echo", items=items, result_ttl_s=600))
+    refs = [item.request_id for item in items]
+    report = runtime.process_chunk(TaskChunk(job_id=gone, model="echo", refs=refs, result_ttl_s=600))
     assert (report.written, report.skipped_existing) == (0, 3)
+    inline = runtime.process_chunk(TaskChunk(job_id=gone, model="echo", items=items, result_ttl_s=600))
+    assert (inline.written, inline.duplicates_ignored) == (0, 3)  # refused by the write script
     assert redis_client.exists(job_key(gone), job_completed_stream_key(gone)) == 0
     assert redis_client.exists(*(result_key(item.request_id) for item in items)) == 0
     # The write script refuses on its own too (a job gone between the worker's check and its write).

@@ -22,7 +22,14 @@ import redis
 
 from inferpool import Client, JobStatus, Registry, Settings
 from inferpool.celery_app import create_celery_app
-from inferpool.constants import JOBS_ACTIVE_KEY, MODEL_INFLIGHT_KEY, job_inflight_key, job_key, model_queues
+from inferpool.constants import (
+    JOBS_ACTIVE_KEY,
+    MODEL_INFLIGHT_KEY,
+    job_inflight_since_key,
+    job_items_key,
+    job_key,
+    model_queues,
+)
 from inferpool.jobstore import JobStore
 from inferpool.local_pool import (
     EmbeddedRedis,
@@ -132,13 +139,13 @@ def test_recovery_runs_at_start_up_only_and_recounts_atomically(private_redis: E
     thread = threading.Thread(target=service.run, args=(stop,), kwargs={"idle_sleep_s": 0.05})
     thread.start()
     try:
-        _wait_for(lambda: client.hlen(job_inflight_key(job.id)) == 30, "the job to be dispatched")
+        _wait_for(lambda: client.zcard(job_inflight_since_key(job.id)) == 30, "the job to be dispatched")
         queued = _queued(client, "echo")
         time.sleep(1.5)  # appendfsync everysec
         private_redis.restart()  # the scheduler's next calls fail; it waits and carries on
         time.sleep(4.0)
         assert _queued(client, "echo") == queued  # nothing re-sent: recovery did not run again
-        assert client.hlen(job_inflight_key(job.id)) == 30
+        assert client.zcard(job_inflight_since_key(job.id)) == 30
     finally:
         stop.set()
         thread.join(timeout=30)
@@ -168,9 +175,9 @@ def test_recovery_runs_at_start_up_only_and_recounts_atomically(private_redis: E
         recounts += 1
     writer_thread.join()
     assert recounts > 1
-    assert client.hlen(job_inflight_key(job_id)) == 0
+    assert client.hlen(job_items_key(job_id)) == 0
     counts = {k.decode(): int(v) for k, v in client.hgetall(MODEL_INFLIGHT_KEY).items()}
-    assert counts.get("echo", 0) == client.hlen(job_inflight_key(job.id))  # only the first job's 30
+    assert counts.get("echo", 0) == client.zcard(job_inflight_since_key(job.id))  # only the first job's 30
     celery.close()
     client.close()
 
@@ -194,7 +201,7 @@ def test_a_cancelling_job_with_a_lost_chunk_finishes(private_redis: EmbeddedRedi
     client = Client(settings=Settings(redis_url=private_redis.url))
     try:
         job = client.batches.create([_line(f"c{i}", "echo-slow") for i in range(20)])
-        _wait_for(lambda: client.redis.hlen(job_inflight_key(job.id)) == 20, "the job to be dispatched")
+        _wait_for(lambda: client.redis.zcard(job_inflight_since_key(job.id)) == 20, "the job to be dispatched")
         client.redis.delete(*model_queues("echo-slow"))  # its chunks are lost (a Redis without AOF, say)
         assert client.batches.cancel(job.id).status == JobStatus.CANCELLING
         worker = start_worker_process("echo-slow", private_redis.url, tmp_path / "worker.log")

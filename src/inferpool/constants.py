@@ -84,18 +84,21 @@ MODEL_INFLIGHT_KEY = f"{KEY_PREFIX}inflight"
 
 
 def job_pending_key(job_id: str, model: str) -> str:
-    """List of a job's requests for one model that the scheduler has not dispatched yet."""
+    """List of the request ids of a job's requests for one model that the scheduler has not dispatched yet."""
     return f"{KEY_PREFIX}job:{job_id}:pending:{model}"
 
 
-def job_inflight_key(job_id: str) -> str:
-    """Hash request id -> ``<served model>|<task item JSON>`` of a job's dispatched, unanswered requests
-    (re-sent on scheduler start). The model prefix says whose in-flight count the request holds."""
-    return f"{KEY_PREFIX}job:{job_id}:inflight"
+def job_items_key(job_id: str) -> str:
+    """Hash request id -> ``<served model>|<task item JSON>`` of a job's unanswered requests, pending or in
+    flight: the one copy of each prompt. Chunks carry request ids only; a worker reads the items here, and
+    the result script deletes an item with the writing of its result. The model prefix says which model
+    holds the request (a fallback move rewrites it)."""
+    return f"{KEY_PREFIX}job:{job_id}:items"
 
 
 def job_inflight_since_key(job_id: str) -> str:
-    """Sorted set request id -> when it was (last) dispatched; the scheduler re-sends the stale ones."""
+    """Sorted set request id -> when it was (last) dispatched: the job's requests in flight. The scheduler
+    re-sends the stale ones."""
     return f"{KEY_PREFIX}job:{job_id}:inflight-since"
 
 

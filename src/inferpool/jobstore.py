@@ -3,12 +3,13 @@
 A job's keys (all in ``inferpool.constants``):
 
 - ``job:{id}`` hash: status, timestamps, counters (``total``, ``completed``, ``failed``), priority, models.
-- ``job:{id}:pending:{model}`` lists: requests not yet dispatched, as ``<request id>|<task item JSON>``.
-- ``job:{id}:inflight`` hash: request id -> ``<model>|<task item JSON>`` (``inferpool.inflight``) for
-  dispatched, unanswered requests. The
-  scheduler moves items here atomically as it dispatches them, and re-sends what is here when it starts,
-  so a scheduler crash between taking items and publishing them loses nothing (a re-send may run a
-  request twice; its result is still written once).
+- ``job:{id}:items`` hash: request id -> ``<model>|<task item JSON>`` (``inferpool.inflight``) for every
+  unanswered request: the one copy of each prompt in Redis. Deleted with the writing of its result.
+- ``job:{id}:pending:{model}`` lists: ids of the requests not yet dispatched.
+- ``job:{id}:inflight-since`` sorted set: ids of the dispatched, unanswered requests, by dispatch time. The
+  scheduler moves ids here atomically as it dispatches them, and re-sends what is here when it starts, so
+  a scheduler crash between taking ids and publishing them loses nothing (a re-send may run a request
+  twice; its result is still written once). Chunks carry ids only: workers read the items.
 - ``job:{id}:completed`` stream and ``job:{id}:usage`` hash: written by ``inferpool.results``.
 
 State lives entirely in Redis: a client can exit and come back, and a restarted scheduler resumes.
@@ -31,14 +32,14 @@ from inferpool.constants import (
     JOBS_INDEX_KEY,
     MODEL_INFLIGHT_KEY,
     job_completed_stream_key,
-    job_inflight_key,
     job_inflight_since_key,
+    job_items_key,
     job_key,
     job_pending_key,
     job_usage_key,
     result_key,
 )
-from inferpool.inflight import LUA_INFLIGHT_MODEL, inflight_item, inflight_item_json, inflight_model
+from inferpool.inflight import LUA_INFLIGHT_MODEL, inflight_item, inflight_record, split_record
 from inferpool.redis_connection import decode_text
 from inferpool.results import ResultWriter, parse_result
 from inferpool.usage import ModelUsage, usage_from_counters
@@ -108,49 +109,62 @@ class BatchJob(BaseModel):
 _TIMESTAMPS = ("in_progress_at", "finalizing_at", "completed_at", "cancelling_at", "cancelled_at", "expired_at",
                "failed_at", "expires_at")  # fmt: skip
 
-# Moves up to ARGV[1] items from a pending list into the job's in-flight hash and counts them per model.
+# Moves up to ARGV[1] request ids from a pending list (KEYS[1]) into flight: stamped in the job's
+# in-flight set (KEYS[2]) and counted for the model (ARGV[2]) in KEYS[3] and the job (KEYS[4]). The items
+# stay where they are (the job's items hash): only ids move, whatever the prompts' size.
 _TAKE_PENDING = """
-local items = redis.call('LPOP', KEYS[1], ARGV[1])
-if not items then
-  return {}
-end
-for _, entry in ipairs(items) do
-  local bar = string.find(entry, '|', 1, true)
-  local rid = string.sub(entry, 1, bar - 1)
-  redis.call('HSET', KEYS[2], rid, ARGV[2] .. string.sub(entry, bar))
-  redis.call('ZADD', KEYS[5], ARGV[3], rid)
-end
-redis.call('EXPIRE', KEYS[5], ARGV[4])
-redis.call('HINCRBY', KEYS[3], ARGV[2], #items)
-redis.call('HINCRBY', KEYS[4], 'dispatched', #items)
-return items
-"""
-
-
-# In-flight items dispatched before ARGV[1] (at most ARGV[3]), re-stamped ARGV[2]: to be re-sent.
-_TAKE_STALE = """
-local rids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
-if #rids == 0 then
+local rids = redis.call('LPOP', KEYS[1], ARGV[1])
+if not rids then
   return {}
 end
 for _, rid in ipairs(rids) do
-  redis.call('ZADD', KEYS[1], ARGV[2], rid)
+  redis.call('ZADD', KEYS[2], ARGV[3], rid)
 end
-return redis.call('HMGET', KEYS[2], unpack(rids))
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('HINCRBY', KEYS[3], ARGV[2], #rids)
+redis.call('HINCRBY', KEYS[4], 'dispatched', #rids)
+return rids
 """
 
 
-# Recounts the per-model in-flight counts (KEYS[1]) from the in-flight records of the active jobs
-# (KEYS[2]); ARGV: the in-flight key's prefix and suffix around a job id. One script: no result written
-# between reading the records and writing the counts can leave a count that nothing will ever free.
+# In-flight requests dispatched before ARGV[1] (at most ARGV[3]), re-stamped ARGV[2], to be re-sent:
+# returns request id, holding model pairs (KEYS[1] the in-flight set, KEYS[2] the items hash). An id whose
+# item is gone (answered meanwhile) is dropped from the set.
+_TAKE_STALE = (
+    LUA_INFLIGHT_MODEL
+    + """
+local rids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+local out = {}
+for _, rid in ipairs(rids) do
+  local record = redis.call('HGET', KEYS[2], rid)
+  if record then
+    redis.call('ZADD', KEYS[1], ARGV[2], rid)
+    out[#out + 1] = rid
+    out[#out + 1] = inflight_model(record)
+  else
+    redis.call('ZREM', KEYS[1], rid)
+  end
+end
+return out
+"""
+)
+
+
+# Recounts the per-model in-flight counts (KEYS[1]) from the in-flight sets of the active jobs (KEYS[2])
+# and the models their items name; ARGV: the key prefix and the two suffixes around a job id. One
+# script: no result written between reading and writing the counts can leave a count nothing frees.
 _RECOUNT = (
     LUA_INFLIGHT_MODEL
     + """
 local counts = {}
 for _, job_id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  for _, record in ipairs(redis.call('HVALS', ARGV[1] .. job_id .. ARGV[2])) do
-    local model = inflight_model(record)
-    counts[model] = (counts[model] or 0) + 1
+  local items = ARGV[1] .. job_id .. ARGV[2]
+  for _, rid in ipairs(redis.call('ZRANGE', ARGV[1] .. job_id .. ARGV[3], 0, -1)) do
+    local record = redis.call('HGET', items, rid)
+    if record then
+      local model = inflight_model(record)
+      counts[model] = (counts[model] or 0) + 1
+    end
   end
 end
 redis.call('DEL', KEYS[1])
@@ -186,17 +200,14 @@ def _decode(mapping: Any) -> dict[str, str]:
     return {decode_text(k): decode_text(v) for k, v in mapping.items()}
 
 
-def pending_entry(item: TaskItem) -> str:
-    return f"{item.request_id}|{item.model_dump_json(exclude_none=True)}"
-
-
-def settled_entry(job_id: str, entry: bytes | str, code: str, message: str) -> RequestResult:
-    """``settled_result`` for a pending entry; one whose item cannot be read is settled by its request id."""
-    request_id, _, item_json = decode_text(entry).partition("|")
-    try:
-        return settled_result(job_id, TaskItem.model_validate_json(item_json), code, message)
-    except ValidationError:
-        return RequestResult(request_id=request_id, job_id=job_id, error=ErrorInfo(code=code, message=message))
+def settled_record(job_id: str, request_id: str, record: bytes | None, code: str, message: str) -> RequestResult:
+    """``settled_result`` for an item record; one that is missing or unreadable is settled by request id."""
+    if record is not None:
+        try:
+            return settled_result(job_id, inflight_item(record), code, message)
+        except ValidationError:
+            pass
+    return RequestResult(request_id=request_id, job_id=job_id, error=ErrorInfo(code=code, message=message))
 
 
 class JobStore:
@@ -235,11 +246,19 @@ class JobStore:
 
         ``models`` is every model the job has queued so far (the scheduler reads it to know where to look).
         """
+        by_model: dict[str, list[str]] = {}
+        records: dict[str, str] = {}
+        for item in items:
+            model = item.served_model
+            by_model.setdefault(model, []).append(item.request_id)
+            records[item.request_id] = inflight_record(model, item.model_dump_json(exclude_none=True))
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(job_key(job_id), "models", ",".join(sorted(models)))
-        for item in items:
-            pipe.rpush(job_pending_key(job_id, item.served_model), pending_entry(item))
-        for model in {item.served_model for item in items}:
+        if records:
+            pipe.hset(job_items_key(job_id), mapping=records)  # type: ignore[arg-type]
+            pipe.expire(job_items_key(job_id), self.result_ttl_s)
+        for model, request_ids in by_model.items():
+            pipe.rpush(job_pending_key(job_id, model), *request_ids)
             pipe.expire(job_pending_key(job_id, model), self.result_ttl_s)
         pipe.execute()
 
@@ -251,9 +270,19 @@ class JobStore:
         """End every dispatched, unanswered request of the job (or only those with ``model``) with this
         error, in one round trip; returns how many. Each frees the window of the model it is counted under.
         """
-        items = [item for item in self.inflight_items(job_id) if model is None or item.served_model == model]
-        results = [(settled_result(job_id, item, code, message), item.served_model) for item in items]
+        inflight = [entry for entry in self._inflight_records(job_id) if model is None or entry[1] == model]
+        results = [(settled_record(job_id, rid, record, code, message), holder) for rid, holder, record in inflight]
         return sum(self.writer.write_many(results, self.result_ttl_s))
+
+    def _inflight_records(self, job_id: str) -> list[tuple[str, str, bytes | None]]:
+        """(request id, holding model, record) of each request in flight (model '' if its item is gone)."""
+        rids = [decode_text(rid) for rid in self.redis.zrange(job_inflight_since_key(job_id), 0, -1)]
+        if not rids:
+            return []
+        records: Any = self.redis.hmget(job_items_key(job_id), rids)
+        return [
+            (rid, split_record(record)[0] if record else "", record) for rid, record in zip(rids, records, strict=True)
+        ]
 
     def open(self, job_id: str, total: int, models: Iterable[str]) -> None:
         """Validation is over: the total is known, so the job can finish (unless it was cancelled meanwhile)."""
@@ -341,40 +370,35 @@ class JobStore:
     # -- scheduling ----------------------------------------------------------------------------------
 
     def take_pending(self, job_id: str, model: str, limit: int) -> list[str]:
-        """Atomically move up to ``limit`` pending items of ``model`` into the job's in-flight set.
+        """Atomically move up to ``limit`` pending requests of ``model`` into flight; returns their ids."""
+        keys = [job_pending_key(job_id, model), job_inflight_since_key(job_id), MODEL_INFLIGHT_KEY, job_key(job_id)]
+        rids: Any = self._take(keys=keys, args=[limit, model, time.time(), self.result_ttl_s])
+        return [decode_text(rid) for rid in rids]
 
-        Returns the items as ``TaskItem`` JSON, unparsed (the scheduler only forwards them).
-        """
-        keys = [job_pending_key(job_id, model), job_inflight_key(job_id), MODEL_INFLIGHT_KEY, job_key(job_id),
-                job_inflight_since_key(job_id)]  # fmt: skip
-        entries: Any = self._take(keys=keys, args=[limit, model, time.time(), self.result_ttl_s])
-        return [decode_text(entry).partition("|")[2] for entry in entries]
-
-    def take_stale_inflight(self, job_id: str, older_than_s: float, limit: int = 1000) -> list[TaskItem]:
-        """In-flight items dispatched more than ``older_than_s`` ago, stamped as dispatched now.
+    def take_stale_inflight(self, job_id: str, older_than_s: float, limit: int = 1000) -> list[tuple[str, str]]:
+        """(request id, holding model) of requests dispatched more than ``older_than_s`` ago, stamped as
+        dispatched now.
 
         A chunk can vanish without a trace (a task that failed outside the per-request error handling,
         a message lost with a Redis that kept no AOF); these are re-sent so the job still finishes.
         """
         now = time.time()
-        keys = [job_inflight_since_key(job_id), job_inflight_key(job_id)]
-        values: Any = self._stale(keys=keys, args=[now - older_than_s, now, limit])
-        return [inflight_item(v) for v in values if v]
+        keys = [job_inflight_since_key(job_id), job_items_key(job_id)]
+        flat: Any = self._stale(keys=keys, args=[now - older_than_s, now, limit])
+        return [(decode_text(flat[i]), decode_text(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     def inflight_items(self, job_id: str) -> list[TaskItem]:
-        return [inflight_item(v) for v in self.redis.hvals(job_inflight_key(job_id))]
+        return [inflight_item(record) for _, _, record in self._inflight_records(job_id) if record]
 
-    def inflight_item_jsons(self, job_id: str) -> list[tuple[str, str]]:
-        """(served model, task item JSON) of each dispatched, unanswered request (unparsed, to re-send)."""
-        return [
-            (inflight_model(record), inflight_item_json(record))
-            for record in self.redis.hvals(job_inflight_key(job_id))
-        ]
+    def inflight_refs(self, job_id: str) -> list[tuple[str, str]]:
+        """(request id, holding model) of each request in flight whose item is still there."""
+        return [(rid, holder) for rid, holder, record in self._inflight_records(job_id) if record]
 
     def recount_inflight(self) -> dict[str, int]:
-        """Recount requests in flight per model from the active jobs' in-flight records, atomically."""
-        prefix, _, suffix = job_inflight_key("\0").partition("\0")
-        flat: Any = self._recount(keys=[MODEL_INFLIGHT_KEY, JOBS_ACTIVE_KEY], args=[prefix, suffix])
+        """Recount requests in flight per model from the active jobs' in-flight sets, atomically."""
+        prefix, _, items_suffix = job_items_key("\0").partition("\0")
+        since_suffix = job_inflight_since_key("\0").partition("\0")[2]
+        flat: Any = self._recount(keys=[MODEL_INFLIGHT_KEY, JOBS_ACTIVE_KEY], args=[prefix, items_suffix, since_suffix])
         return {decode_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     def model_inflight(self) -> dict[str, int]:
@@ -398,12 +422,17 @@ class JobStore:
         for model in self.job_models(job_id) if models is None else models:
             key = job_pending_key(job_id, model)
             while True:
-                entries: Any = self.redis.lpop(key, 500)
-                if not entries:
+                popped: Any = self.redis.lpop(key, 500)
+                if not popped:
                     break
-                dropped += len(entries)
+                rids = [decode_text(rid) for rid in popped]
+                dropped += len(rids)
+                records: Any = self.redis.hmget(job_items_key(job_id), rids)
                 if code is not None:
-                    self.settle([settled_entry(job_id, entry, code, message) for entry in entries])
+                    self.settle([settled_record(job_id, rid, record, code, message)
+                                 for rid, record in zip(rids, records, strict=True)])  # fmt: skip
+                else:
+                    self.redis.hdel(job_items_key(job_id), *rids)
         return dropped
 
     def finalize(self, job_id: str, status: JobStatus) -> None:

@@ -21,8 +21,8 @@ from inferpool.constants import (
     USAGE_RETENTION_S,
     USAGE_TOTAL_KEY,
     job_completed_stream_key,
-    job_inflight_key,
     job_inflight_since_key,
+    job_items_key,
     job_key,
     job_usage_key,
     result_key,
@@ -35,7 +35,7 @@ from inferpool.wire import RequestResult
 _WRITE_ONCE = (
     LUA_INFLIGHT_MODEL
     + """
--- KEYS: job hash, job completed stream, job in-flight hash, per-model in-flight hash, job usage hash,
+-- KEYS: job hash, job completed stream, job items hash, per-model in-flight hash, job usage hash,
 --       job in-flight-since sorted set, the day's usage hash, the all-time usage hash (Prometheus counters)
 -- ARGV: ttl, result key prefix, model, '1' for batch-job results, tenant, usage ttl, then one record per
 --       result: request_id TAB completed|failed TAB prompt_tokens TAB completion_tokens TAB cost TAB
@@ -99,14 +99,14 @@ for i, r in ipairs(records) do
     end
     if is_job then
       redis.call('XADD', KEYS[2], '*', 'rid', r.rid)
-      -- The in-flight count is freed for the model the record names (a fallback may hold it now).
-      local held = redis.call('HGET', KEYS[3], r.rid)
-      if held then
-        local holder = inflight_model(held)
+      -- A dispatched request frees the in-flight count of the model its item names (a fallback may hold
+      -- it now, not this one); its item, the job's copy of the prompt, goes with the answer.
+      if redis.call('ZREM', KEYS[6], r.rid) == 1 then
+        local held = redis.call('HGET', KEYS[3], r.rid)
+        local holder = held and inflight_model(held) or model
         settled[holder] = (settled[holder] or 0) + 1
-        redis.call('HDEL', KEYS[3], r.rid)
       end
-      redis.call('ZREM', KEYS[6], r.rid)
+      redis.call('HDEL', KEYS[3], r.rid)
     else
       redis.call('RPUSH', key .. ':notify', '1')
       redis.call('EXPIRE', key .. ':notify', ttl)
@@ -255,7 +255,7 @@ class ResultWriter:
         day = time.strftime("%Y-%m-%d", time.gmtime())
         pipe = self._client.pipeline(transaction=False)
         for (job_id, model, tenant), indexes in groups.items():
-            keys = [job_key(job_id), job_completed_stream_key(job_id), job_inflight_key(job_id), MODEL_INFLIGHT_KEY,
+            keys = [job_key(job_id), job_completed_stream_key(job_id), job_items_key(job_id), MODEL_INFLIGHT_KEY,
                     job_usage_key(job_id), job_inflight_since_key(job_id), usage_day_key(day),
                     USAGE_TOTAL_KEY]  # fmt: skip
             args = [ttl_s, _RESULT_PREFIX, model, "1" if job_id else "", tenant, USAGE_RETENTION_S,

@@ -112,8 +112,8 @@ class Scheduler:
 
     def _resend_inflight(self, job_id: str) -> int:
         by_model: dict[str, list[str]] = defaultdict(list)
-        for model, item_json in self.store.inflight_item_jsons(job_id):
-            by_model[model].append(item_json)
+        for request_id, model in self.store.inflight_refs(job_id):
+            by_model[model].append(request_id)
         return sum(self._publish_or_refuse(job_id, model, items, resent=True) for model, items in by_model.items())
 
     # -- containment -----------------------------------------------------------------------------------
@@ -189,8 +189,8 @@ class Scheduler:
     def _resend_stale(self, job: _JobView) -> int:
         """Re-send requests in flight for longer than the stale limit (their chunk may be lost)."""
         by_model: dict[str, list[str]] = defaultdict(list)
-        for item in self.store.take_stale_inflight(job.job_id, self.settings.stale_after_s()):
-            by_model[item.served_model].append(item.model_dump_json(exclude_none=True))
+        for request_id, model in self.store.take_stale_inflight(job.job_id, self.settings.stale_after_s()):
+            by_model[model].append(request_id)
         resent = sum(
             self._publish_or_refuse(job.job_id, model, items, resent=True) for model, items in by_model.items()
         )
@@ -318,22 +318,22 @@ class Scheduler:
         return sent
 
     def _take_and_publish(self, job_id: str, spec: ModelSpec, take: int) -> int:
-        items = self.store.take_pending(job_id, spec.name, take)
-        return self._publish(job_id, spec, items) if items else 0
+        request_ids = self.store.take_pending(job_id, spec.name, take)
+        return self._publish(job_id, spec, request_ids) if request_ids else 0
 
-    def _publish_or_refuse(self, job_id: str, model: str, item_jsons: list[str], *, resent: bool) -> int:
+    def _publish_or_refuse(self, job_id: str, model: str, request_ids: list[str], *, resent: bool) -> int:
         spec = self._spec(model)
         if spec is None:
             self._refuse_model(job_id, model)
             return 0
-        return self._publish(job_id, spec, item_jsons, resent=resent)
+        return self._publish(job_id, spec, request_ids, resent=resent)
 
-    def _publish(self, job_id: str, spec: ModelSpec, item_jsons: list[str], *, resent: bool = False) -> int:
-        """Send items (already in the job's in-flight records) as chunks. If the broker fails, what was not
-        sent is kept and sent first on the next tick: nothing waits for the stale limit."""
+    def _publish(self, job_id: str, spec: ModelSpec, request_ids: list[str], *, resent: bool = False) -> int:
+        """Send requests (already in flight) as chunks of ids. If the broker fails, what was not sent is
+        kept and sent first on the next tick: nothing waits for the stale limit."""
         chunk_size = spec.serving.chunk_size
-        for start in range(0, len(item_jsons), chunk_size):
-            members = item_jsons[start : start + chunk_size]
+        for start in range(0, len(request_ids), chunk_size):
+            members = request_ids[start : start + chunk_size]
             chunk_id, payload = chunk_json(job_id, spec.name, members, self.settings.result_ttl_s, resent=resent)
             try:
                 # Batch work goes on the low-priority queue: single requests overtake it at every worker.
@@ -341,14 +341,14 @@ class Scheduler:
                                    description=describe_chunk(chunk_id, job_id, spec.name, len(members)),
                                    expires_s=self.settings.result_ttl_s)  # fmt: skip
             except INFRASTRUCTURE_ERRORS:
-                self._unsent.append((job_id, spec, item_jsons[start:], resent))
+                self._unsent.append((job_id, spec, request_ids[start:], resent))
                 raise
-        return len(item_jsons)
+        return len(request_ids)
 
     def _publish_unsent(self) -> None:
         while self._unsent:
-            job_id, spec, item_jsons, resent = self._unsent.pop(0)
-            self._publish(job_id, spec, item_jsons, resent=resent)
+            job_id, spec, request_ids, resent = self._unsent.pop(0)
+            self._publish(job_id, spec, request_ids, resent=resent)
 
     # -- the loop --------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from celery import Celery
 
 from inferpool._exceptions import ContextLengthExceeded, ProviderError, RequestError
 from inferpool.celery_app import publish_chunk
-from inferpool.constants import MODEL_INFLIGHT_KEY, job_inflight_key
+from inferpool.constants import MODEL_INFLIGHT_KEY, job_items_key
 from inferpool.deadletters import DeadLetters
 from inferpool.heartbeats import count_live_workers
 from inferpool.inflight import LUA_INFLIGHT_MODEL
@@ -36,10 +36,10 @@ from inferpool.workers.backend import GenerationOutcome
 log = logging.getLogger(__name__)
 
 
-# Moves batch requests' in-flight records from one model to another, only where the record still says the
-# request is with the failing model (a redelivered chunk that already forwarded a request moves nothing).
-# KEYS: the job's in-flight hash, the per-model in-flight counts. ARGV: from model, to model, then
-# request id / new item JSON pairs. Returns the request ids moved.
+# Moves batch requests' item records from one model to another, only where the record still says the
+# request is with the failing model (a redelivered chunk that already forwarded a request, or one whose
+# request was answered meanwhile, moves nothing). KEYS: the job's items hash, the per-model in-flight
+# counts. ARGV: from model, to model, then request id / new item JSON pairs. Returns the request ids moved.
 _MOVE_INFLIGHT = (
     LUA_INFLIGHT_MODEL
     + """
@@ -119,21 +119,21 @@ class FailurePolicy:
                 "tried": [*(item.tried or []), self.spec.name],
                 "warnings": [*(item.warnings or []), note],
             }))  # fmt: skip
-        if chunk.job_id is not None:
-            job_inflight = job_inflight_key(chunk.job_id)
-            for model, items in list(by_model.items()):
-                pairs = [
-                    part for moved in items for part in (moved.request_id, moved.model_dump_json(exclude_none=True))
-                ]
-                taken = self._move(keys=[job_inflight, MODEL_INFLIGHT_KEY], args=[self.spec.name, model, *pairs])
-                claimed = {decode_text(rid) for rid in taken}
-                by_model[model] = [moved for moved in items if moved.request_id in claimed]
         for model, items in by_model.items():
-            if not items:
-                continue
-            log.info("passing %d request(s) of %s to fallback %s", len(items), chunk.describe(), model)
-            publish_chunk(self.celery, TaskChunk(job_id=chunk.job_id, model=model, items=items, resent=True,
-                                                 result_ttl_s=chunk.result_ttl_s, priority=chunk.priority))  # fmt: skip
+            common = {"job_id": chunk.job_id, "model": model, "resent": True, "result_ttl_s": chunk.result_ttl_s,
+                      "priority": chunk.priority}  # fmt: skip
+            if chunk.job_id is None:
+                moving = TaskChunk(items=items, **common)
+            else:  # the job's items are rewritten for the fallback; the chunk carries their ids
+                pairs = [part for moved in items
+                         for part in (moved.request_id, moved.model_dump_json(exclude_none=True))]  # fmt: skip
+                taken = self._move(keys=[job_items_key(chunk.job_id), MODEL_INFLIGHT_KEY],
+                                   args=[self.spec.name, model, *pairs])  # fmt: skip
+                if not taken:
+                    continue
+                moving = TaskChunk(refs=[decode_text(rid) for rid in taken], **common)
+            log.info("passing %d request(s) of %s to fallback %s", moving.size, chunk.describe(), model)
+            publish_chunk(self.celery, moving)
 
     def bury(self, chunk: TaskChunk, items: Sequence[TaskItem], outcomes: dict[str, GenerationOutcome],
              written: Sequence[bool]) -> int:  # fmt: skip

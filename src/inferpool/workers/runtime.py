@@ -16,25 +16,24 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pydantic_core
 import redis
 from celery import Celery
 
-from inferpool._exceptions import ProviderError, RequestError
-from inferpool.constants import DEFAULT_TENANT, job_key
+from inferpool._exceptions import InvalidRequest, ProviderError, RequestError
+from inferpool.constants import DEFAULT_TENANT, job_items_key, job_key
 from inferpool.heartbeats import beat, withdraw
+from inferpool.inflight import inflight_item, split_record
 from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus
 from inferpool.model_registry.capability import check_request_fits
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
+from inferpool.redis_connection import decode_text
 from inferpool.results import ResultRecord, ResultWriter
 from inferpool.settings import Settings
-from inferpool.wire import (
-    TaskChunk,
-    TaskItem,
-)
+from inferpool.wire import ChatRequest, TaskChunk, TaskItem
 from inferpool.workers.backend import Backend, ExtraChoice, Generation, GenerationOutcome
 from inferpool.workers.failures import FailurePolicy
 
@@ -61,6 +60,24 @@ class ChunkReport:
 
 def default_worker_id(model_name: str) -> str:
     return f"{model_name}@{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class _Todo:
+    """A chunk's requests to answer; ``stopped`` ends them all (their job was cancelled or expired)."""
+
+    items: list[TaskItem]
+    stopped: RequestError | None = None
+    unreadable: dict[str, RequestError] = field(default_factory=dict)
+
+
+def _stop_error(status: str) -> RequestError | None:
+    """The error for requests of a job with this status, if it was cancelled or expired."""
+    if status in (JobStatus.CANCELLING.value, JobStatus.CANCELLED.value):
+        return RequestError("the batch was cancelled before this request ran", code=CANCELLED_CODE)
+    if status == JobStatus.EXPIRED.value:
+        return RequestError("the batch's completion window ended before this request ran", code=EXPIRED_CODE)
+    return None
 
 
 def _valid_usage(generation: Generation) -> bool:
@@ -108,28 +125,28 @@ class WorkerRuntime:
         skips looking results up before running: none can exist, and the write is exactly-once anyway.
         """
         with self._in_hand_lock:
-            self._in_hand += len(chunk.items)
+            self._in_hand += chunk.size
         try:
             return self._process(chunk, maybe_answered or chunk.resent)
         finally:
             with self._in_hand_lock:
-                self._in_hand -= len(chunk.items)
+                self._in_hand -= chunk.size
 
     def _process(self, chunk: TaskChunk, maybe_answered: bool) -> ChunkReport:
         started = time.time()
-        if started > chunk.enqueued_at + chunk.result_ttl_s or (chunk.job_id and not self._job_exists(chunk.job_id)):
-            # Its results' retention is over (and maybe its job's): whoever wanted the answers is gone, and a
+        found = None if started > chunk.enqueued_at + chunk.result_ttl_s else self._todo(chunk, maybe_answered)
+        if found is None:
+            # Its results' retention (and maybe its job's) is over: whoever wanted the answers is gone, and a
             # result written now would count the requests a second time.
             log.warning("chunk %s outlived its results' retention; dropped unrun", chunk.describe())
-            return ChunkReport(0, len(chunk.items), 0, 0)
-        already = self._writer.existing([item.request_id for item in chunk.items]) if maybe_answered else set()
-        todo = [item for item in chunk.items if item.request_id not in already]
+            return ChunkReport(0, chunk.size, 0, 0)
+        todo, stopped, unreadable = found.items, found.stopped, found.unreadable
+        skipped = chunk.size - len(todo)
         outcomes: dict[str, GenerationOutcome] = {}
         runnable: list[TaskItem] = []
-        stopped = self._job_stopped(chunk.job_id) if todo else None
         for item in todo:
-            if stopped is not None:
-                outcomes[item.request_id] = stopped
+            if stopped is not None or item.request_id in unreadable:
+                outcomes[item.request_id] = stopped or unreadable[item.request_id]
                 continue
             try:
                 check_request_fits(self.spec, item.request)
@@ -149,24 +166,36 @@ class WorkerRuntime:
         self._failures.bury(chunk, todo, outcomes, flags)
         written = sum(flags)
         errors = sum(1 for record in records if not record.ok)
-        report = ChunkReport(written, len(already), len(flags) - written, errors)
+        report = ChunkReport(written, skipped, len(flags) - written, errors)
         log.info("chunk %s done: %s", chunk.describe(), report.as_dict())
         return report
 
-    def _job_exists(self, job_id: str) -> bool:
-        return bool(self._redis.exists(job_key(job_id)))
+    def _todo(self, chunk: TaskChunk, maybe_answered: bool) -> _Todo | None:
+        """The chunk's requests still to answer; None if the chunk's job is gone.
 
-    def _job_stopped(self, job_id: str | None) -> RequestError | None:
-        """The error for requests of a job that was cancelled or expired, else None."""
-        if job_id is None:
+        A chunk of refs reads its items from the job (one round trip, with the job's status): an item that
+        is gone was answered or settled; one held by another model (a fallback) is that model's to serve.
+        """
+        if not chunk.refs or chunk.job_id is None:
+            already = self._writer.existing([item.request_id for item in chunk.items]) if maybe_answered else set()
+            return _Todo([item for item in chunk.items if item.request_id not in already])
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hget(job_key(chunk.job_id), "status")
+        pipe.hmget(job_items_key(chunk.job_id), chunk.refs)
+        status, records = pipe.execute()
+        if status is None:
             return None
-        raw = self._redis.hget(job_key(job_id), "status")
-        status = raw.decode() if isinstance(raw, bytes) else ""
-        if status in (JobStatus.CANCELLING.value, JobStatus.CANCELLED.value):
-            return RequestError("the batch was cancelled before this request ran", code=CANCELLED_CODE)
-        if status == JobStatus.EXPIRED.value:
-            return RequestError("the batch's completion window ended before this request ran", code=EXPIRED_CODE)
-        return None
+        todo = _Todo([], _stop_error(decode_text(status)))
+        for request_id, record in zip(chunk.refs, records, strict=True):
+            if record is None or split_record(record)[0] != self.spec.name:
+                continue
+            try:
+                todo.items.append(inflight_item(record))
+            except ValueError as exc:  # a stored item this version cannot read: its own error, not the chunk's
+                todo.unreadable[request_id] = InvalidRequest(f"the stored request cannot be read: {exc}")
+                placeholder = ChatRequest.model_construct(model=self.spec.name, messages=[])
+                todo.items.append(TaskItem.model_construct(request_id=request_id, request=placeholder))
+        return todo
 
     def _generate(self, items: Sequence[TaskItem]) -> dict[str, GenerationOutcome]:
         """Each item's outcome. If the backend fails the whole call, each request is tried again on its
