@@ -88,42 +88,61 @@ class BatchLineParser:
                 yield self.parse_line(number, raw)
 
     def parse_line(self, number: int, raw: str) -> ParsedLine:
-        def reject(code: str, message: str, custom_id: str | None = None) -> RejectedLine:
-            return RejectedLine(number, custom_id, ErrorInfo(code=code, message=f"line {number}: {message}"))
-
         size = len(raw.encode("utf-8"))
         if size > self.max_line_bytes:
-            return reject("line_too_large", f"{size} bytes, over the limit of {self.max_line_bytes}; split the prompt")
+            return _reject(number, "line_too_large",
+                           f"{size} bytes, over the limit of {self.max_line_bytes}; split the prompt")  # fmt: skip
+        try:  # the common case, a good line: parsed and validated in one pass (pydantic's Rust JSON parser)
+            line = _ChatBatchLine.model_validate_json(raw)
+        except ValidationError:
+            return self._parse_bad_line(number, raw)  # the slow path, which says exactly what is wrong
+        refused = self._refuse_id_or_url(number, line.custom_id, line.url)
+        return refused or self._route(number, line.custom_id, line.body)
+
+    def _parse_bad_line(self, number: int, raw: str) -> ParsedLine:
         data, problem = load_json(raw)
         if problem is not None:
-            return reject("invalid_json", f"{problem}; each line must be one JSON object")
+            return _reject(number, "invalid_json", f"{problem}; each line must be one JSON object")
         if not isinstance(data, dict):
-            return reject("invalid_json", "each line must be a JSON object with custom_id, method, url and body")
+            return _reject(number, "invalid_json",
+                           "each line must be a JSON object with custom_id, method, url and body")  # fmt: skip
         raw_id = data.get("custom_id")
         custom_id = raw_id if isinstance(raw_id, str) and raw_id else None
         if custom_id is None:
-            return reject(
-                "missing_custom_id", "custom_id is missing or not a non-empty string; give each line a unique one"
-            )
-        first = self._seen.setdefault(custom_id, number)
-        if first != number:
-            return reject(
-                "duplicate_custom_id",
-                f"custom_id {custom_id!r} was already used on line {first}; make it unique",
-                custom_id,
-            )
+            return _reject(number, "missing_custom_id",
+                           "custom_id is missing or not a non-empty string; give each line a unique one")  # fmt: skip
         url = data.get("url")
-        if isinstance(url, str) and url != CHAT_COMPLETIONS_URL:
-            return reject("unsupported_url", f"url {url!r} is not supported; use {CHAT_COMPLETIONS_URL!r}", custom_id)
+        refused = self._refuse_id_or_url(number, custom_id, url if isinstance(url, str) else CHAT_COMPLETIONS_URL)
+        if refused is not None:
+            return refused
         try:
             request = _ChatBatchLine.model_validate(data).body  # one validation for the line and its body
         except ValidationError as exc:
             in_body = all(err["loc"][:1] == ("body",) for err in exc.errors())
-            return reject("invalid_request" if in_body else "invalid_line", describe_validation_error(exc), custom_id)
+            code = "invalid_request" if in_body else "invalid_line"
+            return _reject(number, code, describe_validation_error(exc), custom_id)
+        return self._route(number, custom_id, request)
+
+    def _refuse_id_or_url(self, number: int, custom_id: str, url: str) -> RejectedLine | None:
+        first = self._seen.setdefault(custom_id, number)
+        if first != number:
+            return _reject(number, "duplicate_custom_id",
+                           f"custom_id {custom_id!r} was already used on line {first}; make it unique",
+                           custom_id)  # fmt: skip
+        if url != CHAT_COMPLETIONS_URL:
+            return _reject(number, "unsupported_url", f"url {url!r} is not supported; use {CHAT_COMPLETIONS_URL!r}",
+                           custom_id)  # fmt: skip
+        return None
+
+    def _route(self, number: int, custom_id: str, request: ChatRequest) -> ParsedLine:
         try:
             route = self.router.route(request)
         except RequestError as exc:
-            return reject(exc.code, exc.message, custom_id)
+            return _reject(number, exc.code, exc.message, custom_id)
         if request.model != route.model:  # an alias or a deprecated model: carry the canonical name
             request = request.model_copy(update={"model": route.model})
         return AcceptedLine(number, custom_id, request, route.spec, route.warnings)
+
+
+def _reject(number: int, code: str, message: str, custom_id: str | None = None) -> RejectedLine:
+    return RejectedLine(number, custom_id, ErrorInfo(code=code, message=f"line {number}: {message}"))

@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
@@ -33,7 +32,7 @@ from inferpool.model_registry.spec import ModelSpec
 from inferpool.redis_connection import decode_text
 from inferpool.results import ResultRecord, ResultWriter
 from inferpool.settings import Settings
-from inferpool.wire import ChatRequest, TaskChunk, TaskItem
+from inferpool.wire import ChatRequest, TaskChunk, TaskItem, random_hex
 from inferpool.workers.backend import Backend, ExtraChoice, Generation, GenerationOutcome
 from inferpool.workers.failures import FailurePolicy
 
@@ -272,7 +271,7 @@ class WorkerRuntime:
     def _completion(self, generation: Generation, created: int) -> dict[str, object]:
         choices: tuple[Generation | ExtraChoice, ...] = (generation, *generation.extra_choices)
         return {
-            "id": f"chatcmpl-{secrets.token_hex(16)}",
+            "id": f"chatcmpl-{random_hex()}",
             "object": "chat.completion",
             "created": created,
             "model": self.spec.name,
