@@ -2,8 +2,9 @@
 
 Every result goes through one Lua script: ``SET NX`` on the result key and, only if that succeeded, a
 wake-up for waiters (single requests) or, for batch jobs, one completion-stream entry, one count, the
-request's removal from the job's in-flight set and its usage. A chunk that runs twice after a crash or a redelivery
-therefore never yields two results or counts anything twice.
+request's removal from the job's in-flight set (freeing the count of the model its item names), the
+deletion of its item and its usage. A chunk that runs twice after a crash or a redelivery therefore never
+yields two results or counts anything twice.
 """
 
 from __future__ import annotations
