@@ -11,16 +11,14 @@ import threading
 import redis
 
 from inferpool import Registry, Settings
-from inferpool.constants import job_completed_stream_key, job_key
+from inferpool.constants import job_completed_stream_key, job_key, result_key
 from inferpool.jobstore import JobStore
 from inferpool.wire import ChatRequest, TaskChunk, TaskItem, new_id
 from inferpool.workers import WorkerRuntime, create_backend
 
 
-def _chunk(redis_client: redis.Redis, job_id: str, n: int) -> TaskChunk:
-    """A chunk of ``n`` echo requests of a new job ``job_id`` (whose record exists, as a real job's does)."""
-    JobStore(redis_client, 600).create(job_id, priority=0, completion_window_s=600, window_label="10m", metadata={})
-    items = [
+def _items(n: int) -> list[TaskItem]:
+    return [
         TaskItem(
             request_id=new_id("req"),
             custom_id=f"c{i}",
@@ -28,7 +26,15 @@ def _chunk(redis_client: redis.Redis, job_id: str, n: int) -> TaskChunk:
         )
         for i in range(n)
     ]
-    return TaskChunk(job_id=job_id, model="echo", items=items, result_ttl_s=600)
+
+
+def _chunk(redis_client: redis.Redis, job_id: str, n: int) -> TaskChunk:
+    """A chunk of ``n`` echo requests of a new job ``job_id``, dispatched as the scheduler does (by id)."""
+    store = JobStore(redis_client, 600)
+    store.create(job_id, priority=0, completion_window_s=600, window_label="10m", metadata={})
+    store.add_pending(job_id, _items(n), ["echo"])
+    refs = store.take_pending(job_id, "echo", n)
+    return TaskChunk(job_id=job_id, model="echo", refs=refs, result_ttl_s=600)
 
 
 def _runtime(settings: Settings, redis_client: redis.Redis) -> WorkerRuntime:
@@ -74,10 +80,10 @@ def test_racing_deliveries_write_each_result_once(settings: Settings, redis_clie
 
 
 def test_first_deliveries_that_skip_the_lookup_still_write_once(settings: Settings, redis_client: redis.Redis) -> None:
-    """A chunk's first delivery does not look results up before running (none can exist); if the same
-    requests arrive twice as 'first' deliveries anyway, the write script still stores each once."""
+    """A single request's chunk, on its first delivery, does not look results up before running (none can
+    exist); if the same requests arrive twice as 'first' deliveries anyway, each result is stored once."""
     runtimes = [_runtime(settings, redis_client) for _ in range(3)]
-    chunk = _chunk(redis_client, new_id("job-fresh"), 100)
+    chunk = TaskChunk(model="echo", items=_items(100), result_ttl_s=600)
     try:
         reports = [runtime.process_chunk(chunk, maybe_answered=False) for runtime in runtimes]
     finally:
@@ -86,4 +92,4 @@ def test_first_deliveries_that_skip_the_lookup_still_write_once(settings: Settin
     assert [r.skipped_existing for r in reports] == [0, 0, 0]
     assert [r.written for r in reports] == [100, 0, 0]
     assert [r.duplicates_ignored for r in reports] == [0, 100, 100]
-    assert redis_client.hget(job_key(chunk.job_id or ""), "completed") == b"100"
+    assert redis_client.exists(*(result_key(item.request_id) for item in chunk.items)) == 100

@@ -37,11 +37,10 @@ from inferpool.constants import (
     job_key,
     job_pending_key,
     job_usage_key,
-    result_key,
 )
 from inferpool.inflight import LUA_INFLIGHT_MODEL, inflight_item, inflight_record, split_record
 from inferpool.redis_connection import decode_text
-from inferpool.results import ResultWriter, parse_result
+from inferpool.results import STORED_RESULT_FIELD, ResultWriter, decompress_result, parse_result
 from inferpool.usage import ModelUsage, usage_from_counters
 from inferpool.wire import ErrorInfo, RequestResult, TaskItem
 
@@ -262,9 +261,10 @@ class JobStore:
             pipe.expire(job_pending_key(job_id, model), self.result_ttl_s)
         pipe.execute()
 
-    def settle(self, results: Sequence[RequestResult]) -> None:
-        """Write results the job decides itself (lines rejected, or cancelled before dispatch)."""
-        self.writer.write_many([(r, None) for r in results], self.result_ttl_s)
+    def settle(self, results: Sequence[RequestResult], *, new_lines: bool = False) -> None:
+        """Write results the job decides itself: lines refused while uploading (``new_lines``: they have no
+        item), or requests cancelled, expired or failed before they ran."""
+        self.writer.write_many([(r, None) for r in results], self.result_ttl_s, new_lines=new_lines)
 
     def settle_inflight(self, job_id: str, code: str, message: str, *, model: str | None = None) -> int:
         """End every dispatched, unanswered request of the job (or only those with ``model``) with this
@@ -348,9 +348,8 @@ class JobStore:
         entries: Any = self.redis.xrange(job_completed_stream_key(job_id), min=f"({after}", count=count)
         if not entries:
             return [], after
-        ids = [decode_text(fields[b"rid"]) for _, fields in entries]
-        raws: Any = self.redis.mget([result_key(rid) for rid in ids])
-        return [raw for raw in raws if raw is not None], decode_text(entries[-1][0])
+        stored = [fields.get(STORED_RESULT_FIELD) for _, fields in entries]
+        return [decompress_result(raw) for raw in stored if raw is not None], decode_text(entries[-1][0])
 
     def read_results(self, job_id: str, after: str = "0-0", count: int = 1000) -> tuple[list[RequestResult], str]:
         """``read_raw_results``, parsed."""

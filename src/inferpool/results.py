@@ -10,6 +10,7 @@ yields two results or counts anything twice.
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,15 +39,21 @@ _WRITE_ONCE = (
     + """
 -- KEYS: job hash, job completed stream, job items hash, per-model in-flight hash, job usage hash,
 --       job in-flight-since sorted set, the day's usage hash, the all-time usage hash (Prometheus counters)
--- ARGV: ttl, result key prefix, model, '1' for batch-job results, tenant, usage ttl, then one record per
+-- ARGV: ttl, result key prefix, model, mode, tenant, usage ttl, then one record per
 --       result: request_id TAB completed|failed TAB prompt_tokens TAB completion_tokens TAB cost TAB
 --       latency bucket TAB latency seconds TAB attempts TAB ttft bucket TAB ttft seconds TAB json
 --       (an empty bucket: not measured)
+-- mode: '' a single request's result: its own key (SET NX) and a wake-up for its waiter. 'job' a batch
+--       request's result: written only if the request's item is still in the job's items hash (it goes
+--       with the answer: that is what makes the write happen once), as an entry of the job's completion
+--       stream that carries the result (compressed). 'new' a batch line settled before it had an item
+--       (refused while uploading): written to the stream unconditionally.
 -- Every record is checked before anything is written: a malformed number fails the whole call with an
 -- error and writes nothing. A batch result whose job is gone (its retention ended) is not written: its
 -- request was answered, counted and forgotten long ago. Returns the 0-based positions of the records not
 -- written (their request already had a result, or their job is gone).
-local ttl, prefix, model, is_job, tenant, usage_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1', ARGV[5], ARGV[6]
+local ttl, prefix, model, mode, tenant, usage_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local is_job = mode ~= ''
 local first = 7
 local function number(text, rid)
   local value = tonumber(text)
@@ -82,9 +89,22 @@ end
 local completed, failed, prompt, completion, cost = 0, 0, 0, 0, 0
 local latency_sum, retried, ttft_sum = 0, 0, 0
 local buckets, ttft_buckets, settled = {}, {}, {}
+local function fresh(r)
+  if mode == 'new' then return true end
+  if not is_job then return redis.call('SET', prefix .. r.rid, r.payload, 'NX', 'EX', ttl) end
+  local held = redis.call('HGET', KEYS[3], r.rid)
+  if not held then return false end
+  -- A dispatched request frees the in-flight count of the model its item names (a fallback may hold it
+  -- now, not this one); its item, the job's copy of the prompt, goes with the answer.
+  if redis.call('ZREM', KEYS[6], r.rid) == 1 then
+    local holder = inflight_model(held)
+    settled[holder] = (settled[holder] or 0) + 1
+  end
+  redis.call('HDEL', KEYS[3], r.rid)
+  return true
+end
 for i, r in ipairs(records) do
-  local key = prefix .. r.rid
-  if redis.call('SET', key, r.payload, 'NX', 'EX', ttl) then
+  if fresh(r) then
     if r.ok then completed = completed + 1 else failed = failed + 1 end
     prompt = prompt + r.prompt
     completion = completion + r.completion
@@ -99,18 +119,10 @@ for i, r in ipairs(records) do
       ttft_sum = ttft_sum + r.ttft
     end
     if is_job then
-      redis.call('XADD', KEYS[2], '*', 'rid', r.rid)
-      -- A dispatched request frees the in-flight count of the model its item names (a fallback may hold
-      -- it now, not this one); its item, the job's copy of the prompt, goes with the answer.
-      if redis.call('ZREM', KEYS[6], r.rid) == 1 then
-        local held = redis.call('HGET', KEYS[3], r.rid)
-        local holder = held and inflight_model(held) or model
-        settled[holder] = (settled[holder] or 0) + 1
-      end
-      redis.call('HDEL', KEYS[3], r.rid)
+      redis.call('XADD', KEYS[2], '*', 'rid', r.rid, 'z1', r.payload)
     else
-      redis.call('RPUSH', key .. ':notify', '1')
-      redis.call('EXPIRE', key .. ':notify', ttl)
+      redis.call('RPUSH', prefix .. r.rid .. ':notify', '1')
+      redis.call('EXPIRE', prefix .. r.rid .. ':notify', ttl)
     end
   else
     skipped[#skipped + 1] = i - 1
@@ -198,15 +210,17 @@ class ResultRecord:
             ttft_s=stats.ttft_s if stats else None,
         )
 
-    def encode(self) -> str:
-        """The script's record format (see ``_WRITE_ONCE``)."""
+    def encode(self, *, compressed: bool) -> bytes:
+        """The script's record format (see ``_WRITE_ONCE``); a batch result's payload is compressed."""
         bucket = latency_bucket(self.latency_s) if self.latency_s is not None else ""
         ttft_bucket = latency_bucket(self.ttft_s) if self.ttft_s is not None else ""
-        return (
+        head = (
             f"{self.request_id}\t{'completed' if self.ok else 'failed'}\t{self.prompt_tokens}\t"
             f"{self.completion_tokens}\t{self.cost_usd!r}\t{bucket}\t{self.latency_s or 0.0!r}\t{self.attempts}\t"
-            f"{ttft_bucket}\t{self.ttft_s or 0.0!r}\t{self.payload}"
-        )
+            f"{ttft_bucket}\t{self.ttft_s or 0.0!r}\t"
+        ).encode()
+        payload = self.payload.encode()
+        return head + (compress_result(payload) if compressed else payload)
 
 
 class ResultWriter:
@@ -228,24 +242,30 @@ class ResultWriter:
         """
         return self.write_many([(result, model)], ttl_s)[0]
 
-    def write_many(self, results: Sequence[tuple[RequestResult, str | None]], ttl_s: int) -> list[bool]:
-        """``write`` for many (result, model) pairs, in one round trip."""
+    def write_many(
+        self, results: Sequence[tuple[RequestResult, str | None]], ttl_s: int, *, new_lines: bool = False
+    ) -> list[bool]:
+        """``write`` for many (result, model) pairs, in one round trip.
+
+        ``new_lines``: batch lines settled before they were ever queued (refused while uploading): they
+        have no item, and are written as they are.
+        """
         records = [ResultRecord.of(result) for result, _ in results]
         keys = [
             (result.job_id or "", model or (result.stats.model if result.stats else NO_MODEL))
             for result, model in results
         ]
-        return self._write_grouped(records, keys, ttl_s)
+        return self._write_grouped(records, keys, ttl_s, "new" if new_lines else "job")
 
     def write_records(self, job_id: str | None, model: str, records: Sequence[ResultRecord], ttl_s: int) -> list[bool]:
         """Store records of one job (or none) and one model; True for each one this call stored.
 
         The workers' hot path: no ``RequestResult`` object is built or validated on the way.
         """
-        return self._write_grouped(records, [(job_id or "", model)] * len(records), ttl_s)
+        return self._write_grouped(records, [(job_id or "", model)] * len(records), ttl_s, "job")
 
     def _write_grouped(
-        self, records: Sequence[ResultRecord], targets: Sequence[tuple[str, str]], ttl_s: int
+        self, records: Sequence[ResultRecord], targets: Sequence[tuple[str, str]], ttl_s: int, job_mode: str
     ) -> list[bool]:
         """One script call per (job, model, tenant) group, all in one pipeline; True where a record was stored."""
         groups: dict[tuple[str, str, str], list[int]] = {}
@@ -259,8 +279,9 @@ class ResultWriter:
             keys = [job_key(job_id), job_completed_stream_key(job_id), job_items_key(job_id), MODEL_INFLIGHT_KEY,
                     job_usage_key(job_id), job_inflight_since_key(job_id), usage_day_key(day),
                     USAGE_TOTAL_KEY]  # fmt: skip
-            args = [ttl_s, _RESULT_PREFIX, model, "1" if job_id else "", tenant, USAGE_RETENTION_S,
-                    *(records[i].encode() for i in indexes)]  # fmt: skip
+            args: list[bytes | str | int] = [ttl_s, _RESULT_PREFIX, model, job_mode if job_id else "", tenant,
+                                             USAGE_RETENTION_S]  # fmt: skip
+            args += [records[i].encode(compressed=bool(job_id)) for i in indexes]
             self._write(keys=keys, args=args, client=pipe)
         written = [True] * len(records)
         for indexes, duplicates in zip(groups.values(), pipe.execute(), strict=True):
@@ -278,3 +299,29 @@ class ResultWriter:
 
 def parse_result(raw: bytes | str) -> RequestResult:
     return RequestResult.model_validate_json(raw)
+
+
+# -- how a batch result is stored ------------------------------------------------------------------------
+
+#: zlib's preset dictionary for batch results (stream field ``z1``): a result as workers write it, so the
+#: compressor finds every key and the common values already there. A 650-byte echo result takes ~100 bytes.
+#: Never change it: stored results name it by its field. A new dictionary gets a new field (``z2``).
+_ZDICT_V1 = (
+    b'{"request_id":"req_","custom_id":"","job_id":"batch_","tenant":"default","stats":{"model":"","backend":'
+    b'"echo","worker":"@","queued_s":0.0,"latency_s":0.0,"attempts":1,"cost_usd":0.0,"ttft_s":0.0},"warnings":'
+    b'["model  is deprecated"],"error":{"code":"provider_error","message":"the batch was cancelled before this '
+    b'request ran"},"batch_expired","batch_failed","invalid_request","context_length_exceeded","model_not_found",'
+    b'"response":{"id":"chatcmpl-","object":"chat.completion","created":17,"model":"","choices":[{"index":0,'
+    b'"message":{"role":"assistant","content":"The "},"finish_reason":"stop","logprobs":null}],"usage":'
+    b'{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}}'
+)
+STORED_RESULT_FIELD = b"z1"
+
+
+def compress_result(payload: bytes) -> bytes:
+    compressor = zlib.compressobj(level=6, zdict=_ZDICT_V1)
+    return compressor.compress(payload) + compressor.flush()
+
+
+def decompress_result(stored: bytes) -> bytes:
+    return zlib.decompressobj(zdict=_ZDICT_V1).decompress(stored)

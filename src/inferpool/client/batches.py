@@ -192,7 +192,7 @@ class Batches:
         if pending:
             self._store.add_pending(job_id, pending, models)
         if rejected:
-            self._store.settle(rejected)
+            self._store.settle(rejected, new_lines=True)
         pending.clear()
         rejected.clear()
 
