@@ -80,7 +80,7 @@ def test_a_result_frees_the_window_of_the_model_now_holding_the_request(
     job_id = _new_job(redis_client)
     item = _item("echo-flaky", "FAIL once")
     redis_client.hset(job_items_key(job_id), item.request_id,
-                      inflight_record("echo-flaky", item.model_dump_json(exclude_none=True)))  # fmt: skip
+                      inflight_record("echo-flaky", item))  # fmt: skip
     redis_client.zadd(job_inflight_since_key(job_id), {item.request_id: time.time()})
     redis_client.hincrby(MODEL_INFLIGHT_KEY, "echo-flaky", 1)
     target = registry.get("smollm2-135m-vllm")  # no worker of this session serves it

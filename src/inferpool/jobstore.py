@@ -203,7 +203,7 @@ def settled_record(job_id: str, request_id: str, record: bytes | None, code: str
     """``settled_result`` for an item record; one that is missing or unreadable is settled by request id."""
     if record is not None:
         try:
-            return settled_result(job_id, inflight_item(record), code, message)
+            return settled_result(job_id, inflight_item(request_id, record), code, message)
         except ValidationError:
             pass
     return RequestResult(request_id=request_id, job_id=job_id, error=ErrorInfo(code=code, message=message))
@@ -250,7 +250,7 @@ class JobStore:
         for item in items:
             model = item.served_model
             by_model.setdefault(model, []).append(item.request_id)
-            records[item.request_id] = inflight_record(model, item.model_dump_json(exclude_none=True))
+            records[item.request_id] = inflight_record(model, item)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(job_key(job_id), "models", ",".join(sorted(models)))
         if records:
@@ -387,7 +387,7 @@ class JobStore:
         return [(decode_text(flat[i]), decode_text(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     def inflight_items(self, job_id: str) -> list[TaskItem]:
-        return [inflight_item(record) for _, _, record in self._inflight_records(job_id) if record]
+        return [inflight_item(rid, record) for rid, _, record in self._inflight_records(job_id) if record]
 
     def inflight_refs(self, job_id: str) -> list[tuple[str, str]]:
         """(request id, holding model) of each request in flight whose item is still there."""

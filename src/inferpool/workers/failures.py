@@ -25,7 +25,7 @@ from inferpool.celery_app import publish_chunk
 from inferpool.constants import MODEL_INFLIGHT_KEY, job_items_key
 from inferpool.deadletters import DeadLetters
 from inferpool.heartbeats import count_live_workers
-from inferpool.inflight import LUA_INFLIGHT_MODEL
+from inferpool.inflight import LUA_INFLIGHT_MODEL, record_json
 from inferpool.model_registry.capability import check_request_fits
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
@@ -125,8 +125,7 @@ class FailurePolicy:
             if chunk.job_id is None:
                 moving = TaskChunk(items=items, **common)
             else:  # the job's items are rewritten for the fallback; the chunk carries their ids
-                pairs = [part for moved in items
-                         for part in (moved.request_id, moved.model_dump_json(exclude_none=True))]  # fmt: skip
+                pairs = [part for moved in items for part in (moved.request_id, record_json(moved))]
                 taken = self._move(keys=[job_items_key(chunk.job_id), MODEL_INFLIGHT_KEY],
                                    args=[self.spec.name, model, *pairs])  # fmt: skip
                 if not taken:

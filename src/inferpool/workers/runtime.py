@@ -189,7 +189,7 @@ class WorkerRuntime:
             if record is None or split_record(record)[0] != self.spec.name:
                 continue
             try:
-                todo.items.append(inflight_item(record))
+                todo.items.append(inflight_item(request_id, record))
             except ValueError as exc:  # a stored item this version cannot read: its own error, not the chunk's
                 todo.unreadable[request_id] = InvalidRequest(f"the stored request cannot be read: {exc}")
                 placeholder = ChatRequest.model_construct(model=self.spec.name, messages=[])
