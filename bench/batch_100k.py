@@ -31,7 +31,8 @@ import redis
 from inferpool.local_pool import EmbeddedRedis, LocalPool, stop_process
 
 BENCH = Path(__file__).resolve().parent
-
+sys.path.insert(0, str(BENCH))
+from _plain_worker import start_plain_celery_worker  # noqa: E402  (bench/ is not a package)
 
 _FILLER = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore "
 
@@ -124,11 +125,7 @@ def bench_plain_celery(prompts: int, workdir: Path, chars: int) -> dict[str, flo
     server = EmbeddedRedis(workdir / "plain-redis")
     server.start()
     env = {**os.environ, "REDIS_URL": server.url}
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "plain_celery_app", "worker", "-P", "threads", "-c", "4",
-         "--without-gossip", "--without-mingle", "--loglevel", "WARNING"],
-        cwd=BENCH, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    worker = start_plain_celery_worker(env)
     try:
         code = _PLAIN_CLIENT.format(bench=str(BENCH), n=prompts, chars=chars)
         _, rss_mb, result = run_sampled([sys.executable, "-c", code], env)

@@ -211,9 +211,10 @@ def soak(n: int) -> Row:
         client.batches.wait(job.id, timeout=3600, poll_s=1.0)
         stop.set()  # RSS while the job runs; reading a million results back below is the bench's own work
         row = verify(client, job.id, n, started, timeout_s=60)
-        redis_peak = int(client.redis.info("memory")["used_memory_peak"]) / 2**20
+        memory = client.redis.info("memory")
+        redis_peak, redis_end = int(memory["used_memory_peak"]) / 2**20, int(memory["used_memory"]) / 2**20
     row.scenario = f"soak {n:,} lines"
-    row.peaks_mb = {**peaks, "redis used_memory_peak": redis_peak}
+    row.peaks_mb = {**peaks, "redis used_memory_peak": redis_peak, "redis used_memory at the end": redis_end}
     row.note = "peak RSS MB: " + ", ".join(f"{k} {v:.0f}" for k, v in row.peaks_mb.items()) + f"; {row.note}"
     return row
 

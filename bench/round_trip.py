@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
+    from _plain_worker import start_plain_celery_worker
+
     from inferpool import Client, Settings
     from inferpool.local_pool import EmbeddedRedis, start_worker_process, stop_process, wait_for_workers
 
@@ -47,11 +48,7 @@ def main() -> None:
 
         env = {**os.environ, "INFERPOOL_LOG_LEVEL": "WARNING"}
         worker = start_worker_process("echo", server.url, workdir / "worker.log", env=env)
-        plain = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "plain_celery_app", "worker", "-P", "threads", "-c", "4",
-             "--without-gossip", "--without-mingle", "--loglevel", "WARNING"],
-            cwd=BENCH, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+        plain = start_plain_celery_worker(env)
         try:
             with Client(settings=Settings(redis_url=server.url)) as client:
                 wait_for_workers(client.redis, [worker], 120)
