@@ -27,9 +27,12 @@ def record_json(item: TaskItem) -> str:
     return item.model_dump_json(exclude_none=True, exclude_defaults=True, exclude={"request_id"})
 
 
-def inflight_record(model: str, item: TaskItem) -> str:
-    """The record of an item held by ``model`` (a registry name: never contains '|')."""
-    return f"{model}|{record_json(item)}"
+def inflight_record(model: str, item: TaskItem) -> bytes:
+    """The record of an item held by ``model`` (a registry name: never contains '|'), as bytes: the upload
+    of a big job makes one per line, and pydantic's JSON is bytes before it is text."""
+    item_json = TaskItem.__pydantic_serializer__.to_json(item, exclude_none=True, exclude_defaults=True,
+                                                         exclude={"request_id"})  # fmt: skip
+    return model.encode() + b"|" + item_json
 
 
 def split_record(record: bytes | str) -> tuple[str, str]:

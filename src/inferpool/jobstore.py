@@ -246,7 +246,7 @@ class JobStore:
         ``models`` is every model the job has queued so far (the scheduler reads it to know where to look).
         """
         by_model: dict[str, list[str]] = {}
-        records: dict[str, str] = {}
+        records: dict[str, bytes] = {}
         for item in items:
             model = item.served_model
             by_model.setdefault(model, []).append(item.request_id)

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import redis
 
@@ -77,11 +77,6 @@ def _is_json_object(raw: bytes) -> bool:
     return problem is None and isinstance(data, dict)
 
 
-def _text_lines(handle: IO[bytes]) -> Iterator[str]:
-    for raw in handle:
-        yield raw.decode("utf-8", errors="replace")
-
-
 def _source_lines(source: Iterable[str | Mapping[str, Any]]) -> Iterator[str]:
     for entry in source:
         yield entry if isinstance(entry, str) else json.dumps(dict(entry))
@@ -134,11 +129,16 @@ class Batches:
             path = Path(source)
             _check_file(path, settings.batch_max_bytes, settings.batch_max_lines)
             with path.open("rb") as handle:
-                return self._create(_text_lines(handle), priority, window_s, completion_window, metadata)
+                return self._create(handle, priority, window_s, completion_window, metadata)
         return self._create(_source_lines(source), priority, window_s, completion_window, metadata)
 
     def _create(
-        self, lines: Iterable[str], priority: int, window_s: int, window_label: str, metadata: Mapping[str, str] | None
+        self,
+        lines: Iterable[str | bytes],
+        priority: int,
+        window_s: int,
+        window_label: str,
+        metadata: Mapping[str, str] | None,
     ) -> BatchJob:
         job_id = new_id("batch")
         self._store.create(job_id, priority=priority, completion_window_s=window_s, window_label=window_label,
@@ -159,7 +159,7 @@ class Batches:
         self._store.open(job_id, total, models)
         return self.retrieve(job_id)
 
-    def _upload(self, job_id: str, lines: Iterable[str]) -> tuple[int, set[str]]:
+    def _upload(self, job_id: str, lines: Iterable[str | bytes]) -> tuple[int, set[str]]:
         """Validate and queue every line; returns how many there were and the models they need."""
         settings = self._settings
         parser = BatchLineParser(self._router, max_line_bytes=settings.batch_max_line_bytes)

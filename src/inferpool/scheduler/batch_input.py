@@ -82,13 +82,14 @@ class BatchLineParser:
         self.max_line_bytes = max_line_bytes
         self._seen: dict[str, int] = {}
 
-    def parse(self, lines: Iterable[str]) -> Iterator[ParsedLine]:
+    def parse(self, lines: Iterable[str | bytes]) -> Iterator[ParsedLine]:
+        """Lines as text, or as the file's bytes (then never decoded in Python: pydantic reads UTF-8)."""
         for number, raw in enumerate(lines, start=1):
             if raw.strip():
                 yield self.parse_line(number, raw)
 
-    def parse_line(self, number: int, raw: str) -> ParsedLine:
-        size = len(raw.encode("utf-8"))
+    def parse_line(self, number: int, raw: str | bytes) -> ParsedLine:
+        size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8"))
         if size > self.max_line_bytes:
             return _reject(number, "line_too_large",
                            f"{size} bytes, over the limit of {self.max_line_bytes}; split the prompt")  # fmt: skip
@@ -99,7 +100,7 @@ class BatchLineParser:
         refused = self._refuse_id_or_url(number, line.custom_id, line.url)
         return refused or self._route(number, line.custom_id, line.body)
 
-    def _parse_bad_line(self, number: int, raw: str) -> ParsedLine:
+    def _parse_bad_line(self, number: int, raw: str | bytes) -> ParsedLine:
         data, problem = load_json(raw)
         if problem is not None:
             return _reject(number, "invalid_json", f"{problem}; each line must be one JSON object")
