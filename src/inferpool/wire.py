@@ -446,7 +446,7 @@ class BatchOutputLine(BaseModel):
                    warnings=result.warnings)  # fmt: skip
 
     @staticmethod
-    def json_from_stored_result(raw: bytes | str) -> tuple[str, bool]:
+    def json_from_stored_result(raw: bytes | str) -> tuple[bytes, bool]:
         """The output line's JSON straight from a stored ``RequestResult``'s JSON, and whether it succeeded.
 
         Equal to ``from_result(parse(raw)).model_dump_json()`` (a test holds them equal) at a third of the
@@ -457,10 +457,10 @@ class BatchOutputLine(BaseModel):
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
             # A stored result this version cannot read (corrupted, or from a future one): its own error line.
             error = ErrorInfo(code="unreadable_result", message=f"the stored result cannot be read: {exc}")
-            return BatchOutputLine.from_error(None, error).model_dump_json(), False
+            return BatchOutputLine.from_error(None, error).model_dump_json().encode(), False
 
     @staticmethod
-    def _json_from_result(result: Any) -> tuple[str, bool]:
+    def _json_from_result(result: Any) -> tuple[bytes, bool]:
         if not isinstance(result, dict):
             raise TypeError("not a JSON object")
         response = result.get("response")
@@ -484,7 +484,7 @@ class BatchOutputLine(BaseModel):
             line["error"] = error
         if result.get("warnings") is not None:
             line["warnings"] = result["warnings"]
-        return pydantic_core.to_json(line).decode(), response is not None
+        return pydantic_core.to_json(line), response is not None
 
     @classmethod
     def from_error(cls, custom_id: str | None, error: ErrorInfo) -> BatchOutputLine:

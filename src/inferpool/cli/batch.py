@@ -233,8 +233,8 @@ class ResultFiles:
         self._client = client
         self._job_id = job_id
         self._stack = contextlib.ExitStack()
-        self._out = self._stack.enter_context(output_path.open("w", encoding="utf-8"))
-        self._errors = self._stack.enter_context(errors_path.open("w", encoding="utf-8")) if errors_path else None
+        self._out = self._stack.enter_context(output_path.open("wb"))  # UTF-8 JSON lines, as pydantic makes them
+        self._errors = self._stack.enter_context(errors_path.open("wb")) if errors_path else None
         self._position = "0-0"
         self.count = 0
         self.first: list[BatchOutputLine] = []
@@ -248,7 +248,7 @@ class ResultFiles:
             self._position = position
             for text, ok in lines:
                 target = self._out if (ok or self._errors is None) else self._errors
-                target.write(text + "\n")
+                target.write(text + b"\n")
                 if len(self.first) < _SHOW_ANSWERS_UP_TO:
                     self.first.append(BatchOutputLine.model_validate_json(text))
             self.count += len(lines)

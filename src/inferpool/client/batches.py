@@ -252,8 +252,8 @@ class Batches:
         results, position = self._store.read_results(job_id, position)
         return [BatchOutputLine.from_result(r) for r in results], position
 
-    def output_json_after(self, job_id: str, position: str = "0-0") -> tuple[builtins.list[tuple[str, bool]], str]:
-        """Like ``results_after``, but each line as (JSON text, succeeded): the fast path for writing files."""
+    def output_json_after(self, job_id: str, position: str = "0-0") -> tuple[builtins.list[tuple[bytes, bool]], str]:
+        """Like ``results_after``, but each line as (UTF-8 JSON bytes, succeeded): the fast path for writing files."""
         raws, position = self._store.read_raw_results(job_id, position)
         return [BatchOutputLine.json_from_stored_result(raw) for raw in raws], position
 
