@@ -57,7 +57,7 @@ def _new_job(redis_client: redis.Redis, ttl_s: int = 600) -> str:
 
 
 def _record(request_id: str, prompt_tokens: object = 3) -> ResultRecord:
-    payload = json.dumps({"request_id": request_id, "error": {"code": "x", "message": "y"}})
+    payload = json.dumps({"request_id": request_id, "error": {"code": "x", "message": "y"}}).encode()
     return ResultRecord(request_id, False, prompt_tokens, 0, 0.0, 0.01, payload)  # type: ignore[arg-type]
 
 

@@ -187,7 +187,7 @@ def _request(i: int) -> ChatRequest:
 
 
 def _error_record(request_id: str) -> ResultRecord:
-    payload = json.dumps({"request_id": request_id, "error": {"code": "x", "message": "y"}})
+    payload = json.dumps({"request_id": request_id, "error": {"code": "x", "message": "y"}}).encode()
     return ResultRecord(request_id, False, 0, 0, 0.0, 0.01, payload)
 
 

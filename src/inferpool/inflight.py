@@ -22,17 +22,16 @@ end
 """
 
 
-def record_json(item: TaskItem) -> str:
-    """The item as a record stores it: no request id, no defaults."""
-    return item.model_dump_json(exclude_none=True, exclude_defaults=True, exclude={"request_id"})
+def record_json(item: TaskItem) -> bytes:
+    """The item as a record stores it: no request id, no defaults; bytes, as pydantic makes them (the upload
+    of a big job makes one per line)."""
+    return TaskItem.__pydantic_serializer__.to_json(item, exclude_none=True, exclude_defaults=True,
+                                                    exclude={"request_id"})  # fmt: skip
 
 
 def inflight_record(model: str, item: TaskItem) -> bytes:
-    """The record of an item held by ``model`` (a registry name: never contains '|'), as bytes: the upload
-    of a big job makes one per line, and pydantic's JSON is bytes before it is text."""
-    item_json = TaskItem.__pydantic_serializer__.to_json(item, exclude_none=True, exclude_defaults=True,
-                                                         exclude={"request_id"})  # fmt: skip
-    return model.encode() + b"|" + item_json
+    """The record of an item held by ``model`` (a registry name: never contains '|')."""
+    return model.encode() + b"|" + record_json(item)
 
 
 def split_record(record: bytes | str) -> tuple[str, str]:

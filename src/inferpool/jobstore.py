@@ -195,6 +195,11 @@ end
 """
 
 
+def _pairs(flat: Sequence[Any]) -> list[tuple[Any, Any]]:
+    """A script's flat reply ``[a1, b1, a2, b2, ...]`` as pairs."""
+    return list(zip(flat[::2], flat[1::2], strict=True))
+
+
 def _decode(mapping: Any) -> dict[str, str]:
     return {decode_text(k): decode_text(v) for k, v in mapping.items()}
 
@@ -384,10 +389,7 @@ class JobStore:
         now = time.time()
         keys = [job_inflight_since_key(job_id), job_items_key(job_id)]
         flat: Any = self._stale(keys=keys, args=[now - older_than_s, now, limit])
-        return [(decode_text(flat[i]), decode_text(flat[i + 1])) for i in range(0, len(flat), 2)]
-
-    def inflight_items(self, job_id: str) -> list[TaskItem]:
-        return [inflight_item(rid, record) for rid, _, record in self._inflight_records(job_id) if record]
+        return [(decode_text(rid), decode_text(model)) for rid, model in _pairs(flat)]
 
     def inflight_refs(self, job_id: str) -> list[tuple[str, str]]:
         """(request id, holding model) of each request in flight whose item is still there."""
@@ -398,7 +400,7 @@ class JobStore:
         prefix, _, items_suffix = job_items_key("\0").partition("\0")
         since_suffix = job_inflight_since_key("\0").partition("\0")[2]
         flat: Any = self._recount(keys=[MODEL_INFLIGHT_KEY, JOBS_ACTIVE_KEY], args=[prefix, items_suffix, since_suffix])
-        return {decode_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return {decode_text(model): int(count) for model, count in _pairs(flat)}
 
     def model_inflight(self) -> dict[str, int]:
         return {k: int(v) for k, v in _decode(self.redis.hgetall(MODEL_INFLIGHT_KEY)).items()}

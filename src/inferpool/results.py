@@ -181,7 +181,8 @@ _RESULT_PREFIX = result_key("")
 
 @dataclass(frozen=True, slots=True)
 class ResultRecord:
-    """One result ready to store: ``payload`` is the ``RequestResult`` JSON, the rest feeds the counters."""
+    """One result ready to store: ``payload`` is the ``RequestResult`` JSON (UTF-8 bytes, as pydantic makes
+    them), the rest feeds the counters."""
 
     request_id: str
     ok: bool
@@ -189,7 +190,7 @@ class ResultRecord:
     completion_tokens: int
     cost_usd: float
     latency_s: float | None
-    payload: str
+    payload: bytes
     tenant: str = DEFAULT_TENANT
     attempts: int = 1
     ttft_s: float | None = None
@@ -204,7 +205,7 @@ class ResultRecord:
             completion_tokens=usage.completion_tokens if usage else 0,
             cost_usd=stats.cost_usd if stats else 0.0,
             latency_s=stats.latency_s if stats else None,
-            payload=result.model_dump_json(exclude_none=True),
+            payload=result.model_dump_json(exclude_none=True).encode(),
             tenant=result.tenant or DEFAULT_TENANT,
             attempts=stats.attempts if stats else 1,
             ttft_s=stats.ttft_s if stats else None,
@@ -219,8 +220,7 @@ class ResultRecord:
             f"{self.completion_tokens}\t{self.cost_usd!r}\t{bucket}\t{self.latency_s or 0.0!r}\t{self.attempts}\t"
             f"{ttft_bucket}\t{self.ttft_s or 0.0!r}\t"
         ).encode()
-        payload = self.payload.encode()
-        return head + (compress_result(payload) if compressed else payload)
+        return head + (compress_result(self.payload) if compressed else self.payload)
 
 
 class ResultWriter:

@@ -256,7 +256,7 @@ class WorkerRuntime:
                                     attempts=outcome.attempts)  # fmt: skip
         if isinstance(outcome, RequestError):
             data["error"] = {"code": outcome.code, "message": outcome.message}
-            payload = pydantic_core.to_json(data).decode()
+            payload = pydantic_core.to_json(data)
             return ResultRecord(item.request_id, False, 0, 0, 0.0, latency, payload, tenant, outcome.attempts)
         cost = self.spec.pricing.cost(outcome.prompt_tokens, outcome.completion_tokens)
         stats["cost_usd"] = cost
@@ -264,7 +264,7 @@ class WorkerRuntime:
         if ttft is not None:
             stats["ttft_s"] = ttft
         data["response"] = self._completion(outcome, int(now))
-        payload = pydantic_core.to_json(data).decode()
+        payload = pydantic_core.to_json(data)
         return ResultRecord(item.request_id, True, outcome.prompt_tokens, outcome.completion_tokens, cost, latency,
                             payload, tenant, outcome.attempts, ttft)  # fmt: skip
 
