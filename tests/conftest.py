@@ -115,6 +115,13 @@ def echo_slow_worker(redis_url: str, session_dir: Path) -> Iterator[WorkerProces
 
 
 @pytest.fixture(scope="session")
+def echo_trickle_worker(redis_url: str, session_dir: Path) -> Iterator[WorkerProcess]:
+    workers = _start_workers(redis_url, session_dir, "echo-trickle")
+    yield workers[0]
+    _stop_workers(workers)
+
+
+@pytest.fixture(scope="session")
 def metrics_port() -> int:
     return free_port()
 

@@ -12,7 +12,7 @@ import redis
 
 from inferpool import Registry, Settings
 from inferpool.constants import job_completed_stream_key, job_key, result_key
-from inferpool.jobstore import JobStore
+from inferpool.jobstore import JobStore, NewJob
 from inferpool.wire import ChatRequest, TaskChunk, TaskItem, new_id
 from inferpool.workers import WorkerRuntime, create_backend
 
@@ -31,7 +31,7 @@ def _items(n: int) -> list[TaskItem]:
 def _chunk(redis_client: redis.Redis, job_id: str, n: int) -> TaskChunk:
     """A chunk of ``n`` echo requests of a new job ``job_id``, dispatched as the scheduler does (by id)."""
     store = JobStore(redis_client, 600)
-    store.create(job_id, priority=0, completion_window_s=600, window_label="10m", metadata={})
+    store.create(job_id, NewJob(window_s=600, window_label="10m"))
     store.add_pending(job_id, _items(n), ["echo"])
     refs = store.take_pending(job_id, "echo", n)
     return TaskChunk(job_id=job_id, model="echo", refs=refs, result_ttl_s=600)

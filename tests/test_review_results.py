@@ -33,7 +33,7 @@ from inferpool.constants import (
     result_key,
 )
 from inferpool.inflight import inflight_record
-from inferpool.jobstore import JobStore
+from inferpool.jobstore import JobStore, NewJob
 from inferpool.results import ResultRecord, ResultWriter
 from inferpool.wire import ChatRequest, TaskChunk, TaskItem, new_id
 from inferpool.workers import WorkerRuntime, create_backend
@@ -52,7 +52,7 @@ def _item(model: str, text: str = "hi") -> TaskItem:
 
 def _new_job(redis_client: redis.Redis, ttl_s: int = 600) -> str:
     job_id = new_id("batch")
-    JobStore(redis_client, ttl_s).create(job_id, priority=0, completion_window_s=ttl_s, window_label="x", metadata={})
+    JobStore(redis_client, ttl_s).create(job_id, NewJob(window_s=ttl_s, window_label="x"))
     return job_id
 
 

@@ -30,7 +30,7 @@ from inferpool.constants import (
     job_key,
     model_queues,
 )
-from inferpool.jobstore import JobStore
+from inferpool.jobstore import JobStore, NewJob
 from inferpool.local_pool import (
     EmbeddedRedis,
     WorkerProcess,
@@ -152,7 +152,7 @@ def test_recovery_runs_at_start_up_only_and_recounts_atomically(private_redis: E
 
     # Results written while recovery recounts never leave a count that nothing frees.
     job_id = new_id("batch")
-    store.create(job_id, priority=0, completion_window_s=3600, window_label="1h", metadata={})
+    store.create(job_id, NewJob(window_s=3600, window_label="1h"))
     items = [TaskItem(request_id=new_id("req"), custom_id=f"q{i}", request=_request(i)) for i in range(600)]
     store.add_pending(job_id, items, ["echo"])
     taken = store.take_pending(job_id, "echo", 600)

@@ -106,6 +106,9 @@ class ProviderError(RequestError):
     code: ClassVar[str] = "provider_error"
 
 
+#: Error code of a streamed request whose reader hung up, and whose worker stopped generating.
+STREAM_CANCELLED_CODE = "request_cancelled"
+
 _REQUEST_ERRORS_BY_CODE: dict[str, type[RequestError]] = {
     cls.code: cls for cls in (InvalidRequest, ContextLengthExceeded, ModelNotFound, CapabilityMismatch, ProviderError)
 }

@@ -52,6 +52,23 @@ def result_notify_key(request_id: str) -> str:
     return f"{KEY_PREFIX}result:{request_id}:notify"
 
 
+def stream_key(request_id: str) -> str:
+    """Stream of a streamed request's output as it is generated: ``start``, text deltas (field ``o`` the
+    delta's character offset in the answer, ``t`` its text), then ``done`` written with the result. Capped
+    (``MAXLEN ~``) and expiring; a view of progress, never the result itself."""
+    return f"{KEY_PREFIX}stream:{request_id}"
+
+
+def stream_cancel_key(request_id: str) -> str:
+    """Set by a reader that stopped reading (a gateway client hung up): the worker stops generating."""
+    return f"{KEY_PREFIX}stream:{request_id}:cancel"
+
+
+#: Entries kept per output stream (approximately): a reader further behind than this loses deltas and is
+#: given the rest of the answer from the result instead.
+STREAM_MAX_ENTRIES = 10_000
+
+
 def job_key(job_id: str) -> str:
     """Hash with a job's metadata and counters."""
     return f"{KEY_PREFIX}job:{job_id}"
@@ -75,6 +92,12 @@ def worker_heartbeats_key(model_name: str) -> str:
 
 #: Sorted set of every batch job id, scored by creation time (``batch list``).
 JOBS_INDEX_KEY = f"{KEY_PREFIX}jobs"
+
+
+def tenant_jobs_key(tenant: str) -> str:
+    """Sorted set of one tenant's batch job ids, scored by creation time (the gateway's ``GET /v1/batches``)."""
+    return f"{KEY_PREFIX}tenant:{tenant}:jobs"
+
 
 #: Sorted set of the jobs the scheduler still has to drive (not yet in a final state).
 JOBS_ACTIVE_KEY = f"{KEY_PREFIX}jobs:active"
@@ -127,3 +150,18 @@ DEAD_LETTERS_MAX = 100_000
 def usage_day_key(day: str) -> str:
     """Hash of one UTC day's usage, ``<tenant>|<model>|<counter>`` -> value (``day`` as YYYY-MM-DD)."""
     return f"{KEY_PREFIX}usage:{day}"
+
+
+#: Hash SHA-256(API key) hex -> JSON ``{key_id, tenant, created_at}``: the gateway's keys. The keys themselves
+#: are never stored.
+API_KEYS_KEY = f"{KEY_PREFIX}apikeys"
+
+
+def file_key(file_id: str) -> str:
+    """Hash with an uploaded file's metadata (its bytes are in the gateway's file store)."""
+    return f"{KEY_PREFIX}file:{file_id}"
+
+
+def tenant_files_key(tenant: str) -> str:
+    """Sorted set of one tenant's file ids, scored by upload time (``GET /v1/files``)."""
+    return f"{KEY_PREFIX}tenant:{tenant}:files"

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
+import redis.asyncio
 
 from inferpool.constants import worker_heartbeat_key, worker_heartbeats_key
 from inferpool.redis_connection import decode_text
@@ -77,3 +78,11 @@ def live_worker_ids(client: redis.Redis, model: str) -> list[str]:
     """Ids of the workers of ``model`` whose heartbeat has not expired."""
     ids: Any = client.eval(_LIVE, 1, worker_heartbeats_key(model))
     return [decode_text(worker_id) for worker_id in ids]
+
+
+async def count_live_workers_async(client: redis.asyncio.Redis, models: Sequence[str]) -> dict[str, int]:
+    """``count_live_workers_many`` on an asyncio client (the gateway)."""
+    if not models:
+        return {}
+    counts: Any = await client.eval(_COUNT, len(models), *(worker_heartbeats_key(model) for model in models))
+    return {model: int(count) for model, count in zip(models, counts, strict=True)}

@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -37,6 +38,7 @@ from inferpool.constants import (
     job_key,
     job_pending_key,
     job_usage_key,
+    tenant_jobs_key,
 )
 from inferpool.inflight import LUA_INFLIGHT_MODEL, inflight_item, inflight_record, split_record
 from inferpool.redis_connection import decode_text
@@ -70,6 +72,18 @@ EXPIRED_CODE = "batch_expired"
 FAILED_CODE = "batch_failed"
 
 
+@dataclass(frozen=True)
+class NewJob:
+    """What a new job is created with."""
+
+    priority: int = 0
+    window_s: int = 24 * 3600
+    window_label: str = "24h"
+    metadata: dict[str, str] = field(default_factory=dict)
+    tenant: str | None = None
+    input_file_id: str | None = None
+
+
 class RequestCounts(BaseModel):
     total: int = 0
     completed: int = 0
@@ -98,6 +112,8 @@ class BatchJob(BaseModel):
     models: list[str] = Field(default_factory=list)
     metadata: dict[str, str] = Field(default_factory=dict)
     errors: list[str] = Field(default_factory=list)
+    tenant: str | None = Field(default=None, description="Who owns the job, where a gateway created it for a key.")
+    input_file_id: str | None = None
     usage: list[ModelUsage] = Field(default_factory=list)
 
     @property
@@ -229,18 +245,26 @@ class JobStore:
 
     # -- creating ----------------------------------------------------------------------------------------
 
-    def create(
-        self, job_id: str, *, priority: int, completion_window_s: int, window_label: str, metadata: dict[str, str]
-    ) -> None:
+    def create(self, job_id: str, options: NewJob) -> None:
         now = time.time()
+        record: dict[Any, Any] = {
+            "status": JobStatus.VALIDATING.value, "created_at": int(now), "priority": options.priority,
+            "expires_at": int(now + options.window_s), "completion_window": options.window_label,
+            "metadata": json.dumps(options.metadata), "total": 0, "completed": 0, "failed": 0, "dispatched": 0,
+        }  # fmt: skip
+        if options.tenant is not None:
+            record["tenant"] = options.tenant
+        if options.input_file_id is not None:
+            record["input_file_id"] = options.input_file_id
         pipe = self.redis.pipeline()
-        pipe.hset(job_key(job_id), mapping={
-            "status": JobStatus.VALIDATING.value, "created_at": int(now), "priority": priority,
-            "expires_at": int(now + completion_window_s), "completion_window": window_label,
-            "metadata": json.dumps(metadata), "total": 0, "completed": 0, "failed": 0, "dispatched": 0,
-        })  # fmt: skip
+        pipe.hset(job_key(job_id), mapping=record)
         pipe.expire(job_key(job_id), self.result_ttl_s)
         pipe.zadd(JOBS_INDEX_KEY, {job_id: now})
+        if options.tenant is not None:
+            index = tenant_jobs_key(options.tenant)
+            pipe.zadd(index, {job_id: now})
+            pipe.zremrangebyscore(index, "-inf", now - self.result_ttl_s)  # jobs whose retention ended
+            pipe.expire(index, self.result_ttl_s)
         # Active from the start: the scheduler dispatches lines while the rest of the file is validated.
         pipe.zadd(JOBS_ACTIVE_KEY, {job_id: now})
         pipe.execute()
@@ -329,12 +353,24 @@ class JobStore:
             "metadata": json.loads(raw.get("metadata", "{}")), "errors": json.loads(raw.get("errors", "[]")),
             "request_counts": RequestCounts(total=int(raw.get("total", 0)), completed=int(raw.get("completed", 0)),
                                             failed=int(raw.get("failed", 0))),
-            "usage": usage,
+            "usage": usage, "tenant": raw.get("tenant"), "input_file_id": raw.get("input_file_id"),
         }  # fmt: skip
         for name in _TIMESTAMPS:
             if name in raw:
                 fields[name] = int(float(raw[name]))
         return BatchJob.model_validate(fields)
+
+    def tenant_job_ids(self, tenant: str, limit: int, after: str | None = None) -> list[str]:
+        """Up to ``limit`` of ``tenant``'s job ids, newest first, older than job ``after`` if given."""
+        index = tenant_jobs_key(tenant)
+        top: float | str = "+inf"
+        if after is not None:
+            score = self.redis.zscore(index, after)
+            if score is None:
+                return []
+            top = f"({score}"
+        ids = self.redis.zrevrangebyscore(index, top, "-inf", start=0, num=limit)
+        return [decode_text(i) for i in ids]
 
     def list_jobs(self, limit: int = 20) -> list[BatchJob]:
         """The newest jobs first (jobs whose keys expired are left out)."""

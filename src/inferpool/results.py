@@ -20,6 +20,7 @@ import redis
 from inferpool.constants import (
     DEFAULT_TENANT,
     MODEL_INFLIGHT_KEY,
+    STREAM_MAX_ENTRIES,
     USAGE_RETENTION_S,
     USAGE_TOTAL_KEY,
     job_completed_stream_key,
@@ -28,6 +29,7 @@ from inferpool.constants import (
     job_key,
     job_usage_key,
     result_key,
+    stream_key,
     usage_day_key,
 )
 from inferpool.inflight import LUA_INFLIGHT_MODEL
@@ -39,11 +41,13 @@ _WRITE_ONCE = (
     + """
 -- KEYS: job hash, job completed stream, job items hash, per-model in-flight hash, job usage hash,
 --       job in-flight-since sorted set, the day's usage hash, the all-time usage hash (Prometheus counters)
--- ARGV: ttl, result key prefix, model, mode, tenant, usage ttl, then one record per
+-- ARGV: ttl, result key prefix, model, mode, tenant, usage ttl, output stream key prefix, stream cap, then one
+--       record per
 --       result: request_id TAB completed|failed TAB prompt_tokens TAB completion_tokens TAB cost TAB
 --       latency bucket TAB latency seconds TAB attempts TAB ttft bucket TAB ttft seconds TAB json
 --       (an empty bucket: not measured)
--- mode: '' a single request's result: its own key (SET NX) and a wake-up for its waiter. 'job' a batch
+-- mode: '' a single request's result: its own key (SET NX), a wake-up for its waiter and, if the request is
+--       streamed (its output stream exists), the stream's last entry ('d'). 'job' a batch
 --       request's result: written only if the request's item is still in the job's items hash (it goes
 --       with the answer: that is what makes the write happen once), as an entry of the job's completion
 --       stream that carries the result (compressed). 'new' a batch line settled before it had an item
@@ -53,8 +57,9 @@ _WRITE_ONCE = (
 -- request was answered, counted and forgotten long ago. Returns the 0-based positions of the records not
 -- written (their request already had a result, or their job is gone).
 local ttl, prefix, model, mode, tenant, usage_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local stream_prefix, stream_cap = ARGV[7], ARGV[8]
 local is_job = mode ~= ''
-local first = 7
+local first = 9
 local function number(text, rid)
   local value = tonumber(text)
   if value == nil or value ~= value or value == math.huge or value == -math.huge then
@@ -123,6 +128,9 @@ for i, r in ipairs(records) do
     else
       redis.call('RPUSH', prefix .. r.rid .. ':notify', '1')
       redis.call('EXPIRE', prefix .. r.rid .. ':notify', ttl)
+      if redis.call('EXISTS', stream_prefix .. r.rid) == 1 then
+        redis.call('XADD', stream_prefix .. r.rid, 'MAXLEN', '~', stream_cap, '*', 'd', '1')
+      end
     end
   else
     skipped[#skipped + 1] = i - 1
@@ -177,6 +185,7 @@ return found
 NO_MODEL = "-"
 
 _RESULT_PREFIX = result_key("")
+_STREAM_PREFIX = stream_key("")
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +289,7 @@ class ResultWriter:
                     job_usage_key(job_id), job_inflight_since_key(job_id), usage_day_key(day),
                     USAGE_TOTAL_KEY]  # fmt: skip
             args: list[bytes | str | int] = [ttl_s, _RESULT_PREFIX, model, job_mode if job_id else "", tenant,
-                                             USAGE_RETENTION_S]  # fmt: skip
+                                             USAGE_RETENTION_S, _STREAM_PREFIX, STREAM_MAX_ENTRIES]  # fmt: skip
             args += [records[i].encode(compressed=bool(job_id)) for i in indexes]
             self._write(keys=keys, args=args, client=pipe)
         written = [True] * len(records)

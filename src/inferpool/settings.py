@@ -13,6 +13,13 @@ from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
+def _default_files_dir() -> Path:
+    import os
+
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "inferpool" / "files"
+
+
 def _default_cache_dir() -> Path:
     import os
 
@@ -33,6 +40,11 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(
         default_factory=_default_cache_dir,
         description="Where converted model checkpoints are cached.",
+    )
+    files_dir: Path = Field(
+        default_factory=_default_files_dir,
+        description="The gateway's file store (uploaded batch inputs); several gateways share it (a network "
+        "file system) or each keeps its own and the load balancer pins /v1/files to one.",
     )
     registry: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,

@@ -163,6 +163,11 @@ class RoutingHints(BaseModel):
     )
 
 
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool | None = Field(default=None, description="End the stream with a chunk carrying usage.")
+
+
 class ChatRequest(BaseModel):
     """The OpenAI chat-completions request body. Unknown fields are refused, not silently ignored.
 
@@ -188,7 +193,8 @@ class ChatRequest(BaseModel):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None
     metadata: dict[str, str] | None = None
-    stream: Literal[False] | None = None
+    stream: bool | None = Field(default=None, description="Publish the answer as it is generated (``Client.stream``).")
+    stream_options: StreamOptions | None = None
     routing: RoutingHints | None = None
 
     @field_validator("response_format", "tools", "tool_choice")
@@ -214,6 +220,12 @@ class ChatRequest(BaseModel):
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
         return value
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> ChatRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
 
     @model_validator(mode="after")
     def _one_max_tokens(self) -> ChatRequest:

@@ -9,6 +9,8 @@ from inferpool.cli._common import InferpoolGroup
 from inferpool.cli.batch import batch
 from inferpool.cli.dlq import dlq
 from inferpool.cli.flower import flower
+from inferpool.cli.gateway import gateway
+from inferpool.cli.keys import keys
 from inferpool.cli.models import models
 from inferpool.cli.scheduler import scheduler
 from inferpool.cli.stats import stats
@@ -31,6 +33,8 @@ def main() -> None:
 main.add_command(batch)
 main.add_command(dlq)
 main.add_command(flower)
+main.add_command(gateway)
+main.add_command(keys)
 main.add_command(models)
 main.add_command(scheduler)
 main.add_command(stats)

@@ -25,6 +25,13 @@ RequestLike = ChatRequest | Mapping[str, Any]
 MessagesLike = Sequence[ChatMessage | Mapping[str, Any]]
 
 
+def check_tenant(tenant: str | None) -> str | None:
+    """``tenant`` if it is a usable tenant name (or None); ``ConfigurationError`` otherwise."""
+    if tenant is not None and not _TENANT_NAME.match(tenant):
+        raise ConfigurationError(f"tenant {tenant!r}: use letters, digits, '.', '_', '@', '-' (max 128)")
+    return tenant
+
+
 def parse_priority(value: Priority | str) -> Priority:
     """``value`` as a ``Priority``, or ``InvalidRequest`` naming the choices."""
     try:
@@ -64,9 +71,7 @@ class ClientBase:
         settings = settings or Settings()
         if redis_url is not None:
             settings = settings.with_redis_url(redis_url)
-        if tenant is not None:
-            if not _TENANT_NAME.match(tenant):
-                raise ConfigurationError(f"tenant {tenant!r}: use letters, digits, '.', '_', '@', '-' (max 128)")
+        if check_tenant(tenant) is not None:
             settings = settings.model_copy(update={"tenant": tenant})
         self.settings = settings
         self.redis_url = settings.require_redis_url()
@@ -96,10 +101,12 @@ class ClientBase:
         job_id: str | None = None,
         warnings: Sequence[str] = (),
         priority: Priority = Priority.NORMAL,
+        tenant: str | None = None,
     ) -> TaskChunk:
-        """One task carrying ``requests`` (each with its optional custom_id) for model ``spec``."""
+        """One task carrying ``requests`` (each with its optional custom_id) for model ``spec``; usage is
+        counted for ``tenant`` if given (a gateway serving many tenants), else as ``tenant_for`` says."""
         items = [
-            TaskItem(request_id=new_id("req"), custom_id=cid, tenant=self.tenant_for(req), request=req,
+            TaskItem(request_id=new_id("req"), custom_id=cid, tenant=tenant or self.tenant_for(req), request=req,
                      warnings=list(warnings) or None)
             for req, cid in requests
         ]  # fmt: skip

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from inferpool._exceptions import BatchRefused, JobNotFound, ResultTimeout
-from inferpool.jobstore import BatchJob, JobStore
+from inferpool.jobstore import BatchJob, JobStore, NewJob
 from inferpool.scheduler.batch_input import AcceptedLine, BatchLineParser, load_json
 from inferpool.scheduler.router import Router
 from inferpool.settings import Settings
@@ -111,11 +111,15 @@ class Batches:
         priority: int = 0,
         completion_window: str = "24h",
         metadata: Mapping[str, str] | None = None,
+        tenant: str | None = None,
+        input_file_id: str | None = None,
     ) -> BatchJob:
         """Validate and queue every line of ``source`` (a JSONL path, or lines / line dicts); return the job.
 
         Bad lines are settled at once with an error result; the file as a whole is refused
-        (``BatchRefused``) only if it is not JSONL at all or exceeds the job limits.
+        (``BatchRefused``) only if it is not JSONL at all or exceeds the job limits. ``tenant`` owns the
+        job and is counted its usage (a gateway serving many tenants); ``input_file_id`` is recorded for
+        the OpenAI batch object.
         """
         settings = self._settings
         window_s = parse_window(completion_window)
@@ -125,26 +129,20 @@ class Batches:
                 f"({settings.result_ttl_s} s, INFERPOOL_RESULT_TTL_S): results would expire before the job ends; "
                 "use a shorter window or a longer retention"
             )
+        options = NewJob(priority=priority, window_s=window_s, window_label=completion_window,
+                         metadata=dict(metadata or {}), tenant=tenant, input_file_id=input_file_id)  # fmt: skip
         if isinstance(source, str | os.PathLike):
             path = Path(source)
             _check_file(path, settings.batch_max_bytes, settings.batch_max_lines)
             with path.open("rb") as handle:
-                return self._create(handle, priority, window_s, completion_window, metadata)
-        return self._create(_source_lines(source), priority, window_s, completion_window, metadata)
+                return self._create(handle, options)
+        return self._create(_source_lines(source), options)
 
-    def _create(
-        self,
-        lines: Iterable[str | bytes],
-        priority: int,
-        window_s: int,
-        window_label: str,
-        metadata: Mapping[str, str] | None,
-    ) -> BatchJob:
+    def _create(self, lines: Iterable[str | bytes], options: NewJob) -> BatchJob:
         job_id = new_id("batch")
-        self._store.create(job_id, priority=priority, completion_window_s=window_s, window_label=window_label,
-                           metadata=dict(metadata or {}))  # fmt: skip
+        self._store.create(job_id, options)
         try:
-            total, models = self._upload(job_id, lines)
+            total, models = self._upload(job_id, lines, options.tenant)
         except BaseException as exc:
             # The lines read so far may be running already; the job must not stay 'validating' for ever.
             if isinstance(exc, BatchRefused):
@@ -159,7 +157,7 @@ class Batches:
         self._store.open(job_id, total, models)
         return self.retrieve(job_id)
 
-    def _upload(self, job_id: str, lines: Iterable[str | bytes]) -> tuple[int, set[str]]:
+    def _upload(self, job_id: str, lines: Iterable[str | bytes], tenant: str | None) -> tuple[int, set[str]]:
         """Validate and queue every line; returns how many there were and the models they need."""
         settings = self._settings
         parser = BatchLineParser(self._router, max_line_bytes=settings.batch_max_line_bytes)
@@ -175,12 +173,13 @@ class Batches:
             if isinstance(parsed, AcceptedLine):
                 request = parsed.request
                 pending.append(TaskItem.model_construct(request_id=new_id("req"), custom_id=parsed.custom_id,
-                                                        tenant=self._tenant_for(request), request=request,
+                                                        tenant=tenant or self._tenant_for(request),
+                                                        request=request,
                                                         warnings=list(parsed.warnings) or None))  # fmt: skip
                 models.add(parsed.spec.name)
             else:
                 rejected.append(RequestResult(request_id=new_id("req"), custom_id=parsed.custom_id, job_id=job_id,
-                                              tenant=settings.tenant, error=parsed.error))  # fmt: skip
+                                              tenant=tenant or settings.tenant, error=parsed.error))  # fmt: skip
             if len(pending) + len(rejected) >= _FLUSH_EVERY:
                 self._flush(job_id, pending, rejected, models)
         self._flush(job_id, pending, rejected, models)
@@ -258,6 +257,11 @@ class Batches:
         return [BatchOutputLine.json_from_stored_result(raw) for raw in raws], position
 
 
+def check_batch_file(path: Path, settings: Settings) -> None:
+    """Refuse a batch input file up front (``BatchRefused``): missing, over the job limits, or not JSONL."""
+    _check_file(path, settings.batch_max_bytes, settings.batch_max_lines)
+
+
 class AsyncBatches:
     """The asyncio twin of ``Batches`` (``async_client.batches``), same methods, awaited.
 
@@ -275,10 +279,12 @@ class AsyncBatches:
         priority: int = 0,
         completion_window: str = "24h",
         metadata: Mapping[str, str] | None = None,
+        tenant: str | None = None,
+        input_file_id: str | None = None,
     ) -> BatchJob:
-        return await asyncio.to_thread(
-            self._sync.create, source, priority=priority, completion_window=completion_window, metadata=metadata
-        )
+        return await asyncio.to_thread(self._sync.create, source, priority=priority,
+                                       completion_window=completion_window, metadata=metadata, tenant=tenant,
+                                       input_file_id=input_file_id)  # fmt: skip
 
     async def retrieve(self, job_id: str) -> BatchJob:
         return await asyncio.to_thread(self._sync.retrieve, job_id)
@@ -308,6 +314,11 @@ class AsyncBatches:
             if deadline is not None and time.monotonic() >= deadline:
                 raise _still_running(job, timeout)
             await asyncio.sleep(poll_s)
+
+    async def output_json_after(
+        self, job_id: str, position: str = "0-0"
+    ) -> tuple[builtins.list[tuple[bytes, bool]], str]:
+        return await asyncio.to_thread(self._sync.output_json_after, job_id, position)
 
     async def results(self, job_id: str) -> AsyncIterator[BatchOutputLine]:
         """Output lines written so far, in completion order."""

@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self, overload
 
 import redis
 import redis.asyncio
@@ -23,10 +23,11 @@ from inferpool.client._base import (
     RequestLike,
     build_chat_request,
     build_request,
+    check_tenant,
     parse_priority,
 )
 from inferpool.client.batches import AsyncBatches, Batches
-from inferpool.constants import Priority, result_key, result_notify_key
+from inferpool.constants import Priority, result_key, result_notify_key, stream_cancel_key, stream_key
 from inferpool.deadletters import DeadLetters, retry_lines
 from inferpool.jobstore import BatchJob
 from inferpool.model_registry.registry import Registry
@@ -34,6 +35,7 @@ from inferpool.redis_connection import connect_redis, connect_redis_async
 from inferpool.results import parse_result
 from inferpool.settings import Settings
 from inferpool.stats import read_usage
+from inferpool.streams import READ_SLICE_S, ChatCompletionChunk, StreamAssembler, ask_to_stop
 from inferpool.usage import ModelUsage
 from inferpool.wire import ChatCompletion, RequestResult
 
@@ -60,6 +62,21 @@ def _timeout_error(request_id: str, timeout: float | None) -> ResultTimeout:
     )
 
 
+def _read_slice(deadline: float | None, request_id: str, timeout: float | None) -> int:
+    """Milliseconds the next blocking stream read may last; ``ResultTimeout`` once the deadline passed."""
+    remaining = _remaining(deadline)
+    if remaining is not None and remaining <= 0:
+        raise _timeout_error(request_id, timeout)
+    block = READ_SLICE_S if remaining is None else min(remaining, READ_SLICE_S)
+    return max(1, int(block * 1000))
+
+
+def _streamed_result(request_id: str, raw: bytes | str | None) -> RequestResult:
+    if raw is None:  # its stream ended, so it was written: the retention must have run out meanwhile
+        raise ResultTimeout(f"the result of request {request_id} is gone (its retention ended)")
+    return parse_result(raw)
+
+
 class ResultHandle:
     """A submitted request. ``result()`` waits for it; the handle can be recreated from ``request_id``."""
 
@@ -77,6 +94,17 @@ class ResultHandle:
         """The answer, or the request's error raised as an ``InferpoolError``."""
         return completion_or_raise(self.result(timeout))
 
+    def stream(self, timeout: float | None = None) -> Iterator[ChatCompletionChunk]:
+        """The answer as ``chat.completion.chunk`` objects while it is generated (a request submitted with
+        ``stream: true``), from the start, from any process; the last chunk carries usage. The request's
+        error is raised after the chunks shown. Without ``stream: true`` the whole answer comes at the end."""
+        return self._client.read_stream(self.request_id, timeout)
+
+    def stop(self) -> None:
+        """Ask the worker to stop generating a streamed request nobody reads any more (where its backend can:
+        echo, vLLM, the API providers). The request still ends with one result: ``request_cancelled``."""
+        ask_to_stop(self._client.redis, self.request_id, self._client.settings.result_ttl_s)
+
 
 class AsyncResultHandle:
     """The asyncio twin of ``ResultHandle``; ``await handle`` waits with no time limit."""
@@ -93,6 +121,14 @@ class AsyncResultHandle:
 
     async def completion(self, timeout: float | None = None) -> ChatCompletion:
         return completion_or_raise(await self.result(timeout))
+
+    def stream(self, timeout: float | None = None) -> AsyncIterator[ChatCompletionChunk]:
+        """``ResultHandle.stream``, as an async iterator."""
+        return self._client.read_stream(self.request_id, timeout)
+
+    async def stop(self) -> None:
+        """``ResultHandle.stop``."""
+        await self._client.redis.set(stream_cancel_key(self.request_id), 1, ex=self._client.settings.result_ttl_s)
 
     def __await__(self) -> Generator[Any, None, RequestResult]:
         return self.result().__await__()
@@ -117,22 +153,53 @@ class Client(ClientBase):
         self.dead_letters = DeadLetters(self.redis, self.settings.result_ttl_s)
 
     def submit(
-        self, request: RequestLike, *, custom_id: str | None = None, priority: Priority | str = Priority.NORMAL
+        self,
+        request: RequestLike,
+        *,
+        custom_id: str | None = None,
+        priority: Priority | str = Priority.NORMAL,
+        tenant: str | None = None,
     ) -> ResultHandle:
         """Queue one request and return at once. Raises ``InvalidRequest``/``ModelNotFound`` before queueing.
 
         ``priority`` (high, normal, low) picks the model's queue; workers always take high first, and
-        batch jobs run at low.
+        batch jobs run at low. ``tenant`` counts this request's usage for another tenant than the client's.
         """
         chat_request = build_request(request)
         route = self.route(chat_request)
         chat_request = chat_request.model_copy(update={"model": route.model})
         chunk = self.make_chunk(route.spec, [(chat_request, custom_id)], warnings=route.warnings,
-                                priority=parse_priority(priority))  # fmt: skip
+                                priority=parse_priority(priority), tenant=check_tenant(tenant))  # fmt: skip
         publish_chunk(self.celery, chunk)
         return ResultHandle(self, chunk.items[0].request_id)
 
+    @overload
+    def chat(self, model: str, messages: MessagesLike, *, stream: Literal[True], timeout: float | None = None,
+             priority: Priority | str = Priority.NORMAL,
+             **params: Any) -> Iterator[ChatCompletionChunk]: ...  # fmt: skip
+
+    @overload
+    def chat(self, model: str, messages: MessagesLike, *, stream: Literal[False] = False,
+             timeout: float | None = None, priority: Priority | str = Priority.NORMAL,
+             **params: Any) -> ChatCompletion: ...  # fmt: skip
+
     def chat(
+        self,
+        model: str,
+        messages: MessagesLike,
+        *,
+        stream: bool = False,
+        timeout: float | None = None,
+        priority: Priority | str = Priority.NORMAL,
+        **params: Any,
+    ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
+        """Submit a chat request and wait for its answer (errors are raised); with ``stream=True``, the
+        answer's chunks as they are generated (see ``stream``)."""
+        if stream:
+            return self.stream(model, messages, timeout=timeout, priority=priority, **params)
+        return self.submit(build_chat_request(model, messages, params), priority=priority).completion(timeout)
+
+    def stream(
         self,
         model: str,
         messages: MessagesLike,
@@ -140,9 +207,11 @@ class Client(ClientBase):
         timeout: float | None = None,
         priority: Priority | str = Priority.NORMAL,
         **params: Any,
-    ) -> ChatCompletion:
-        """Submit a chat request and wait for its answer (errors are raised)."""
-        return self.submit(build_chat_request(model, messages, params), priority=priority).completion(timeout)
+    ) -> Iterator[ChatCompletionChunk]:
+        """Submit a chat request with ``stream: true`` and yield its ``chat.completion.chunk`` objects: text
+        deltas as the worker makes them, the finish reason, and a last chunk with usage. Errors are raised."""
+        request = build_chat_request(model, messages, {**params, "stream": True})
+        return self.submit(request, priority=priority).stream(timeout)
 
     def retry_dead_letters(self, ids: Sequence[str] | None = None, *, model: str | None = None) -> BatchJob:
         """Send dead letters again as a new batch job (all of them, or those with ``ids``), optionally to
@@ -188,6 +257,22 @@ class Client(ClientBase):
                 raise _timeout_error(request_id, timeout)
             block = _WAIT_SLICE_S if remaining is None else min(remaining, _WAIT_SLICE_S)
             self.redis.blpop([result_notify_key(request_id)], timeout=max(block, 0.01))
+
+    def read_stream(self, request_id: str, timeout: float | None = None) -> Iterator[ChatCompletionChunk]:
+        """``ResultHandle.stream`` of ``request_id``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        assembler = StreamAssembler(request_id)
+        raw: bytes | str | None = None
+        while not assembler.done:
+            block = _read_slice(deadline, request_id, timeout)
+            reply: Any = self.redis.xread({stream_key(request_id): assembler.position}, count=1000, block=block)
+            if reply:
+                yield from assembler.feed(reply[0][1])
+            elif (raw := self.redis.get(result_key(request_id))) is not None:
+                break
+        result = _streamed_result(request_id, raw if raw is not None else self.redis.get(result_key(request_id)))
+        yield from assembler.finish(result)
+        completion_or_raise(result)
 
     def close(self) -> None:
         self.redis.close()
@@ -244,18 +329,48 @@ class AsyncClient(ClientBase):
         return self._redis
 
     async def submit(
-        self, request: RequestLike, *, custom_id: str | None = None, priority: Priority | str = Priority.NORMAL
+        self,
+        request: RequestLike,
+        *,
+        custom_id: str | None = None,
+        priority: Priority | str = Priority.NORMAL,
+        tenant: str | None = None,
     ) -> AsyncResultHandle:
         await self._ensure_connected()
         chat_request = build_request(request)
         route = self.route(chat_request)
         chat_request = chat_request.model_copy(update={"model": route.model})
         chunk = self.make_chunk(route.spec, [(chat_request, custom_id)], warnings=route.warnings,
-                                priority=parse_priority(priority))  # fmt: skip
+                                priority=parse_priority(priority), tenant=check_tenant(tenant))  # fmt: skip
         await asyncio.to_thread(publish_chunk, self.celery, chunk)
         return AsyncResultHandle(self, chunk.items[0].request_id)
 
+    @overload
+    async def chat(self, model: str, messages: MessagesLike, *, stream: Literal[True], timeout: float | None = None,
+                   priority: Priority | str = Priority.NORMAL,
+                   **params: Any) -> AsyncIterator[ChatCompletionChunk]: ...  # fmt: skip
+
+    @overload
+    async def chat(self, model: str, messages: MessagesLike, *, stream: Literal[False] = False,
+                   timeout: float | None = None, priority: Priority | str = Priority.NORMAL,
+                   **params: Any) -> ChatCompletion: ...  # fmt: skip
+
     async def chat(
+        self,
+        model: str,
+        messages: MessagesLike,
+        *,
+        stream: bool = False,
+        timeout: float | None = None,
+        priority: Priority | str = Priority.NORMAL,
+        **params: Any,
+    ) -> ChatCompletion | AsyncIterator[ChatCompletionChunk]:
+        if stream:
+            return await self.stream(model, messages, timeout=timeout, priority=priority, **params)
+        handle = await self.submit(build_chat_request(model, messages, params), priority=priority)
+        return await handle.completion(timeout)
+
+    async def stream(
         self,
         model: str,
         messages: MessagesLike,
@@ -263,9 +378,11 @@ class AsyncClient(ClientBase):
         timeout: float | None = None,
         priority: Priority | str = Priority.NORMAL,
         **params: Any,
-    ) -> ChatCompletion:
-        handle = await self.submit(build_chat_request(model, messages, params), priority=priority)
-        return await handle.completion(timeout)
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        """``Client.stream``: submitted when awaited, then iterated with ``async for``."""
+        request = build_chat_request(model, messages, {**params, "stream": True})
+        handle = await self.submit(request, priority=priority)
+        return handle.stream(timeout)
 
     def handle(self, request_id: str) -> AsyncResultHandle:
         return AsyncResultHandle(self, request_id)
@@ -282,6 +399,25 @@ class AsyncClient(ClientBase):
                 raise _timeout_error(request_id, timeout)
             block = _WAIT_SLICE_S if remaining is None else min(remaining, _WAIT_SLICE_S)
             await client.blpop([result_notify_key(request_id)], timeout=max(block, 0.01))
+
+    async def read_stream(self, request_id: str, timeout: float | None = None) -> AsyncIterator[ChatCompletionChunk]:
+        """``AsyncResultHandle.stream`` of ``request_id``."""
+        client = await self._ensure_connected()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        assembler = StreamAssembler(request_id)
+        raw: bytes | str | None = None
+        while not assembler.done:
+            block = _read_slice(deadline, request_id, timeout)
+            reply: Any = await client.xread({stream_key(request_id): assembler.position}, count=1000, block=block)
+            if reply:
+                for chunk in assembler.feed(reply[0][1]):
+                    yield chunk
+            elif (raw := await client.get(result_key(request_id))) is not None:
+                break
+        result = _streamed_result(request_id, raw if raw is not None else await client.get(result_key(request_id)))
+        for chunk in assembler.finish(result):
+            yield chunk
+        completion_or_raise(result)
 
     async def aclose(self) -> None:
         if self._redis is not None:

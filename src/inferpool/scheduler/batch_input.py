@@ -136,6 +136,10 @@ class BatchLineParser:
         return None
 
     def _route(self, number: int, custom_id: str, request: ChatRequest) -> ParsedLine:
+        if request.stream:
+            return _reject(number, "invalid_request",
+                           "stream is not supported in batch jobs (their answers are read from the output file); "
+                           "remove it", custom_id)  # fmt: skip
         try:
             route = self.router.route(request)
         except RequestError as exc:

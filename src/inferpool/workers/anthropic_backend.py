@@ -8,6 +8,7 @@ from typing import Any
 from inferpool._exceptions import InvalidRequest
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
+from inferpool.streams import current_delta_sink
 from inferpool.wire import ChatRequest, FinishReason
 from inferpool.workers.api_backend import (
     ApiBackend,
@@ -65,7 +66,7 @@ class AnthropicBackend(ApiBackend):
         return arguments
 
     async def call(self, arguments: dict[str, Any]) -> ProviderReply:
-        if self.params.stream:
+        if self.params.stream or current_delta_sink() is not None:
             return await self._call_streaming(arguments)
         try:
             raw = await self._client.messages.with_raw_response.create(**arguments)
@@ -82,7 +83,11 @@ class AnthropicBackend(ApiBackend):
         return ProviderReply(generation, dict(raw.headers))
 
     async def _call_streaming(self, arguments: dict[str, Any]) -> ProviderReply:
-        """The same call as an event stream: the first text delta is the first token."""
+        """The same call as an event stream: the first text delta is the first token; a reader of the
+        request's own stream (``current_delta_sink``) gets each delta as it comes."""
+        sink = current_delta_sink()
+        if sink is not None:
+            sink.restart()  # a retried call streams the answer from its start again
         first_token_at: float | None = None
         parts: list[str] = []
         stop_reason: str | None = None
@@ -96,6 +101,8 @@ class AnthropicBackend(ApiBackend):
                 elif event.type == "content_block_delta" and getattr(event.delta, "type", "") == "text_delta":
                     first_token_at = first_token_at or time.time()
                     parts.append(event.delta.text)
+                    if sink is not None:
+                        sink.emit(event.delta.text)
                 elif event.type == "message_delta":
                     stop_reason = event.delta.stop_reason or stop_reason
                     output_tokens = event.usage.output_tokens

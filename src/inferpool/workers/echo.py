@@ -2,7 +2,8 @@
 
 It answers ``echo: <text of the last user message>``. A token is a whitespace-separated word, both for
 the prompt (all messages) and the answer, so usage is exact and predictable. Parameters (registry
-``params``): ``delay_ms`` sleeps that long per request, to emulate a slow model.
+``params``): ``delay_ms`` sleeps that long per request, to emulate a slow model. A streamed request is
+answered word by word, ``delay_ms`` spread over its words.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from inferpool._exceptions import ContextLengthExceeded, ProviderError
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
+from inferpool.streams import DeltaSink, current_delta_sink
 from inferpool.wire import ChatRequest, FinishReason
 from inferpool.workers.backend import Generation, GenerationOutcome, parse_params
 
@@ -46,9 +48,26 @@ class EchoBackend:
         self.params = parse_params(EchoParams, spec, self.name)
 
     async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
+        sink = current_delta_sink()
+        if sink is not None and len(requests) == 1:
+            return [await self._stream(requests[0], sink)]
         if self.params.delay_ms:
             await asyncio.sleep(self.params.delay_ms / 1000 * len(requests))
         return [self._answer(request) for request in requests]
+
+    async def _stream(self, request: ChatRequest, sink: DeltaSink) -> GenerationOutcome:
+        """The same answer, word by word (``delay_ms`` spread over the words); stops if the reader hangs up."""
+        answer = self._answer(request)
+        if not isinstance(answer, Generation):
+            return answer
+        words = answer.text.split(" ")
+        pause = self.params.delay_ms / 1000 / max(1, len(words))
+        for index, word in enumerate(words):
+            await asyncio.sleep(pause)
+            if sink.cancelled:
+                break
+            sink.emit(word if index == 0 else " " + word)
+        return answer
 
     def _answer(self, request: ChatRequest) -> GenerationOutcome:
         caps = self.spec.capabilities

@@ -7,6 +7,7 @@ from typing import Any
 
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
+from inferpool.streams import current_delta_sink
 from inferpool.wire import ChatRequest, FinishReason
 from inferpool.workers.api_backend import (
     ApiBackend,
@@ -41,12 +42,13 @@ class OpenAIBackend(ApiBackend):
     def translate(self, request: ChatRequest) -> dict[str, Any]:
         body = request.model_dump(exclude_none=True)
         body["model"] = self.provider_model
-        body.pop("stream", None)
+        body.pop("stream", None)  # the backend decides (params.stream, or a reader waiting for deltas)
+        body.pop("stream_options", None)
         body.pop("routing", None)  # inferpool's own field
         return body
 
     async def call(self, arguments: dict[str, Any]) -> ProviderReply:
-        if self.params.stream:
+        if self.params.stream or current_delta_sink() is not None:
             return await self._call_streaming(arguments)
         try:
             raw = await self._client.chat.completions.with_raw_response.create(**arguments)
@@ -66,7 +68,11 @@ class OpenAIBackend(ApiBackend):
         return ProviderReply(generation, dict(raw.headers))
 
     async def _call_streaming(self, arguments: dict[str, Any]) -> ProviderReply:
-        """The same call as a server-sent-event stream: the first content delta is the first token."""
+        """The same call as a server-sent-event stream: the first content delta is the first token; a reader
+        of the request's own stream (``current_delta_sink``) gets each delta as it comes."""
+        sink = current_delta_sink()
+        if sink is not None:
+            sink.restart()  # a retried call streams the answer from its start again
         first_token_at: float | None = None
         parts: list[str] = []
         finish: str | None = None
@@ -84,6 +90,8 @@ class OpenAIBackend(ApiBackend):
                     if choice.delta is not None and choice.delta.content:
                         first_token_at = first_token_at or time.time()
                         parts.append(choice.delta.content)
+                        if sink is not None:
+                            sink.emit(choice.delta.content)
                     finish = choice.finish_reason or finish
         except Exception as exc:  # classify_sdk_error re-raises anything it does not recognise
             raise classify_sdk_error(exc, self._sdk) from exc

@@ -21,7 +21,7 @@ import pydantic_core
 import redis
 from celery import Celery
 
-from inferpool._exceptions import InvalidRequest, ProviderError, RequestError
+from inferpool._exceptions import STREAM_CANCELLED_CODE, InvalidRequest, ProviderError, RequestError
 from inferpool.constants import DEFAULT_TENANT, job_items_key, job_key
 from inferpool.heartbeats import beat, withdraw
 from inferpool.inflight import inflight_item, split_record
@@ -32,6 +32,7 @@ from inferpool.model_registry.spec import ModelSpec
 from inferpool.redis_connection import decode_text
 from inferpool.results import ResultRecord, ResultWriter
 from inferpool.settings import Settings
+from inferpool.streams import DeltaSink, bind_delta_sink, open_streams, unbind_delta_sink
 from inferpool.wire import ChatRequest, TaskChunk, TaskItem, random_hex
 from inferpool.workers.backend import Backend, ExtraChoice, Generation, GenerationOutcome
 from inferpool.workers.failures import FailurePolicy
@@ -153,7 +154,9 @@ class WorkerRuntime:
                 outcomes[item.request_id] = exc
             else:
                 runnable.append(item)
-        outcomes.update(self._generate(runnable))
+        streamed = [item.request_id for item in todo if item.request.stream and item.request_id not in unreadable]
+        open_streams(self._redis, streamed, self.spec.name, chunk.result_ttl_s)
+        outcomes.update(self._generate(runnable, chunk.result_ttl_s))
         moving = [(item, outcome, target) for item in runnable
                   if isinstance(outcome := outcomes[item.request_id], RequestError)
                   and (target := self._failures.fallback_for(item, outcome)) is not None]  # fmt: skip
@@ -196,24 +199,24 @@ class WorkerRuntime:
                 todo.items.append(TaskItem.model_construct(request_id=request_id, request=placeholder))
         return todo
 
-    def _generate(self, items: Sequence[TaskItem]) -> dict[str, GenerationOutcome]:
+    def _generate(self, items: Sequence[TaskItem], ttl_s: int) -> dict[str, GenerationOutcome]:
         """Each item's outcome. If the backend fails the whole call, each request is tried again on its
         own, so one request's failure never fails its chunk-mates."""
         if not items:
             return {}
         try:
-            generated = self._call_backend(items)
+            generated = self._call_backend(items, ttl_s)
         except Exception as exc:
             if len(items) == 1:
                 return {items[0].request_id: self._backend_failure(items[0], exc)}
             log.warning("backend %s failed on %d requests (%s: %s); trying them one by one", self.backend.name,
                         len(items), type(exc).__name__, exc)  # fmt: skip
-            return {item.request_id: self._generate_alone(item) for item in items}
+            return {item.request_id: self._generate_alone(item, ttl_s) for item in items}
         return {item.request_id: outcome for item, outcome in zip(items, generated, strict=True)}
 
-    def _generate_alone(self, item: TaskItem) -> GenerationOutcome:
+    def _generate_alone(self, item: TaskItem, ttl_s: int) -> GenerationOutcome:
         try:
-            return self._call_backend([item])[0]
+            return self._call_backend([item], ttl_s)[0]
         except Exception as exc:
             return self._backend_failure(item, exc)
 
@@ -222,11 +225,37 @@ class WorkerRuntime:
         log.error("backend %s failed on request %s", self.backend.name, item.request_id, exc_info=exc)
         return ProviderError(f"backend {self.backend.name!r} failed: {type(exc).__name__}: {exc}")
 
-    def _call_backend(self, items: Sequence[TaskItem]) -> list[GenerationOutcome]:
-        future = asyncio.run_coroutine_threadsafe(self.backend.generate([i.request for i in items]), self._loop)
-        generated = future.result()
-        if len(generated) != len(items):
-            raise ProviderError(f"backend {self.backend.name!r} returned {len(generated)} answers for {len(items)}")
+    def _call_backend(self, items: Sequence[TaskItem], ttl_s: int) -> list[GenerationOutcome]:
+        """One backend call for the requests nobody streams, and one per streamed request (with its sink)."""
+        plain = [item for item in items if not item.request.stream]
+        streamed = [item for item in items if item.request.stream]
+
+        async def run() -> list[list[GenerationOutcome]]:
+            calls = [self._generate_streamed(item, ttl_s) for item in streamed]
+            if plain:
+                calls.append(self.backend.generate([item.request for item in plain]))
+            return await asyncio.gather(*calls)
+
+        replies = asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+        for reply, size in zip(replies, [1] * len(streamed) + ([len(plain)] if plain else []), strict=True):
+            if len(reply) != size:
+                raise ProviderError(f"backend {self.backend.name!r} returned {len(reply)} answers for {size}")
+        answers = {item.request_id: reply[0] for item, reply in zip(streamed, replies, strict=False)}
+        if plain:
+            answers.update((item.request_id, outcome) for item, outcome in zip(plain, replies[-1], strict=True))
+        return [answers[item.request_id] for item in items]
+
+    async def _generate_streamed(self, item: TaskItem, ttl_s: int) -> list[GenerationOutcome]:
+        sink = DeltaSink(self._redis, item.request_id, ttl_s)
+        token = bind_delta_sink(sink)
+        try:
+            generated = await self.backend.generate([item.request])
+        finally:
+            unbind_delta_sink(token)
+            await sink.drain()
+        if sink.cancelled and generated and not isinstance(generated[0], RequestError):
+            return [RequestError("the client stopped reading the stream; generation was stopped",
+                                 code=STREAM_CANCELLED_CODE, attempts=generated[0].attempts)]  # fmt: skip
         return generated
 
     # A result is built as a dict and serialised by ``pydantic_core.to_json``, not through the pydantic models: on a

@@ -25,6 +25,7 @@ from pydantic import Field
 from inferpool._exceptions import InvalidRequest, ModelLoadError, ProviderError, RequestError
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
+from inferpool.streams import current_delta_sink
 from inferpool.wire import ChatRequest, FinishReason
 from inferpool.workers.backend import ExtraChoice, Generation, GenerationOutcome, gather_outcomes, parse_params
 from inferpool.workers.local_model import CheckpointParams, chat_prompt_ids, output_budget, requested_adapter
@@ -188,14 +189,21 @@ class VllmBackend:
             return exc
         first_token_at: float | None = None
         choices: dict[int, _Choice] = {}
+        sink = current_delta_sink()
+        engine_request_id = f"inferpool-{uuid.uuid4().hex}"
         try:
             stream = self.engine.generate(
-                {"prompt_token_ids": prompt_ids}, params, f"inferpool-{uuid.uuid4().hex}", lora_request=lora
+                {"prompt_token_ids": prompt_ids}, params, engine_request_id, lora_request=lora
             )
             async for output in stream:
+                if sink is not None and sink.cancelled:  # the reader hung up: free the engine's slot
+                    await self.engine.abort(engine_request_id)
+                    break
                 for delta in output.outputs:
                     if first_token_at is None and delta.token_ids:
                         first_token_at = time.time()
+                    if sink is not None and delta.index == 0:
+                        sink.emit(delta.text)
                     choice = choices.setdefault(delta.index, _Choice())
                     choice.text.append(delta.text)
                     choice.token_ids.extend(delta.token_ids)

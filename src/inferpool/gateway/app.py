@@ -1,0 +1,145 @@
+"""The gateway application: an OpenAI-compatible HTTP API in front of the pool (``inferpool gateway``).
+
+Starlette on uvicorn. Each route module is one API area, like openai-python's resources: ``chat``,
+``models``, ``files``, ``batches``. The gateway keeps no state of its own: every request becomes a client
+call on the pool's Redis (keys, jobs, results, file metadata there; file bytes in the file store), so any
+number of gateways can stand behind one load balancer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from inferpool._exceptions import InferpoolError
+from inferpool.client.client import AsyncClient
+from inferpool.constants import DEFAULT_TENANT
+from inferpool.gateway.errors import HTTPError, handle_error
+from inferpool.gateway.filestore import FileStore
+from inferpool.gateway.keys import tenant_of_key
+from inferpool.heartbeats import count_live_workers_async
+from inferpool.jobstore import JobStore
+from inferpool.model_registry.registry import Registry
+from inferpool.settings import Settings
+
+
+@dataclass
+class Gateway:
+    """What the routes share: the pool's client, the job store, the file store, and whether keys are required."""
+
+    settings: Settings
+    client: AsyncClient
+    jobs: JobStore
+    files: FileStore
+    require_keys: bool
+
+    async def authenticate(self, request: Request) -> str:
+        """The tenant of the request's API key; 401 without a valid one (unless started with ``--no-auth``)."""
+        if not self.require_keys:
+            return self.settings.tenant or DEFAULT_TENANT
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise HTTPError(401, "You didn't provide an API key: send 'Authorization: Bearer <key>' (an operator "
+                            "creates keys with `inferpool keys create --tenant NAME`).",
+                            code="missing_api_key")  # fmt: skip
+        tenant = await tenant_of_key(self.client.redis, key.strip())
+        if tenant is None:
+            raise HTTPError(401, "Incorrect API key provided (unknown or revoked).", code="invalid_api_key")
+        return tenant
+
+    async def require_live_worker(self, model: str) -> None:
+        """503 if no worker serves ``model`` now: the request would only wait in its queue."""
+        if (await count_live_workers_async(self.client.redis, [model]))[model] == 0:
+            raise HTTPError(503, f"No live worker serves model '{model}' right now; retry later (operators: start one "
+                            f"with `inferpool worker {model}`).", type_="api_error",
+                            code="no_live_worker")  # fmt: skip
+
+
+def list_page(data: list[dict[str, Any]], has_more: bool) -> JSONResponse:
+    """OpenAI's ``list`` object with cursor fields."""
+    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+    return JSONResponse({"object": "list", "data": data, "has_more": has_more, "first_id": first, "last_id": last})
+
+
+def list_limit(request: Request, default: int, most: int) -> int:
+    raw = request.query_params.get("limit", str(default))
+    if not raw.isdigit() or not 1 <= int(raw) <= most:
+        raise HTTPError(400, f"limit must be an integer from 1 to {most}.", param="limit")
+    return int(raw)
+
+
+def gateway_of(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
+    """The request's JSON object, read up to ``limit`` bytes (413 beyond), or a 400 saying what is wrong."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPError(413, f"The request body is {declared} bytes, over the limit of {limit}.", code="too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise HTTPError(413, f"The request body is over the limit of {limit} bytes.", code="too_large")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise HTTPError(400, f"We could not parse the JSON body of your request ({exc}). The body must be one JSON "
+                        "object.", code="invalid_json") from None  # fmt: skip
+    if not isinstance(data, dict):
+        raise HTTPError(400, "The request body must be a JSON object.", code="invalid_json")
+    return data
+
+
+async def health(request: Request) -> Response:
+    """Liveness: the process answers."""
+    return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    """Readiness: the pool's Redis answers (a load balancer sends traffic only then)."""
+    try:
+        await gateway_of(request).client.redis.ping()
+    except (redis.RedisError, OSError) as exc:
+        return JSONResponse({"status": "unavailable", "reason": f"Redis: {exc}"}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+def create_app(settings: Settings, *, require_keys: bool = True, registry: Registry | None = None) -> Starlette:
+    """The gateway for the pool ``settings`` point at. ``require_keys=False`` serves everyone as one tenant."""
+    from inferpool.gateway import batches, chat, files, models
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        client = await AsyncClient.connect(settings=settings, registry=registry)
+        jobs = JobStore(redis.Redis.from_url(client.redis_url, socket_connect_timeout=5), settings.result_ttl_s)
+        app.state.gateway = Gateway(settings, client, jobs, FileStore(settings.files_dir, client.redis), require_keys)
+        try:
+            yield
+        finally:
+            jobs.redis.close()
+            await client.aclose()
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        *chat.routes,
+        *models.routes,
+        *files.routes,
+        *batches.routes,
+    ]
+    # InferpoolError and Redis errors are answered by Starlette's ExceptionMiddleware; anything else (a bug) by
+    # its ServerErrorMiddleware, which also logs the traceback.
+    handlers: dict[Any, Any] = {InferpoolError: handle_error, redis.RedisError: handle_error, Exception: handle_error}
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)

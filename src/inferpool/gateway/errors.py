@@ -1,0 +1,80 @@
+"""Errors as OpenAI's API sends them: ``{"error": {"message", "type", "param", "code"}}`` with the status
+codes the official SDKs turn into their own exceptions (400 ``BadRequestError``, 401
+``AuthenticationError``, 404 ``NotFoundError``, 413, 429 ``RateLimitError``, 503 ``InternalServerError``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from inferpool._exceptions import (
+    BatchRefused,
+    InferpoolError,
+    JobNotFound,
+    RedisUnavailable,
+    RequestError,
+    ResultTimeout,
+)
+
+log = logging.getLogger(__name__)
+
+
+class HTTPError(InferpoolError):
+    """A gateway request refused with an HTTP status and an OpenAI error body."""
+
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code
+        self.param = param
+
+
+def not_found(what: str, object_id: str) -> HTTPError:
+    """404 for an object that does not exist or belongs to another tenant (they cannot be told apart)."""
+    return HTTPError(404, f"No {what} found with id '{object_id}'.", code=f"{what}_not_found")
+
+
+#: Request error codes a worker or the router reports, as HTTP statuses.
+_STATUS_OF_CODE = {"model_not_found": 404, "rate_limited": 429, "provider_error": 502, "request_cancelled": 499}
+
+
+def error_body(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, object]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def request_error_status(exc: RequestError) -> int:
+    return _STATUS_OF_CODE.get(exc.code, 500 if exc.code.startswith("batch_") else 400)
+
+
+def _response(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, type_, code, param), status_code=status)
+
+
+async def handle_error(request: Request, exc: Exception) -> Response:
+    """Every exception a route raises, as an OpenAI error response (never a traceback)."""
+    if isinstance(exc, HTTPError):
+        return _response(exc.status, exc.message, exc.type, exc.code, exc.param)
+    if isinstance(exc, RequestError):
+        status = request_error_status(exc)
+        type_ = "invalid_request_error" if status < 500 else "api_error"
+        return _response(status, exc.message, type_, exc.code)
+    if isinstance(exc, JobNotFound):
+        return _response(404, str(exc), "invalid_request_error", "batch_not_found")
+    if isinstance(exc, BatchRefused):
+        return _response(400, str(exc), "invalid_request_error", "invalid_file")
+    if isinstance(exc, ResultTimeout):
+        return _response(504, str(exc), "api_error", "timeout")
+    if isinstance(exc, RedisUnavailable | redis.RedisError):
+        log.warning("gateway: Redis unavailable: %s", exc)
+        return _response(503, "the pool's Redis is unavailable; retry shortly", "api_error", "service_unavailable")
+    if isinstance(exc, InferpoolError):
+        return _response(400, str(exc), "invalid_request_error", None)
+    log.error("gateway: %s %s failed", request.method, request.url.path, exc_info=exc)
+    return _response(500, f"internal error ({type(exc).__name__}); see the gateway's log", "api_error", None)
