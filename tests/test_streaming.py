@@ -76,9 +76,7 @@ def test_first_delta_arrives_long_before_the_answer_ends(client: Client) -> None
     assert rest[-1].usage is not None
 
 
-def test_stop_ends_generation_and_the_request_with_request_cancelled(
-    client: Client, redis_client: redis.Redis
-) -> None:
+def test_stop_ends_generation_and_the_request_with_request_cancelled(client: Client, redis_client: redis.Redis) -> None:
     handle = client.submit({"model": "echo-trickle", "messages": ask(WORDS), "stream": True})
     stream = handle.stream(timeout=30)
     seen = [next(c for c in stream if c.text)]
