@@ -105,12 +105,12 @@ def test_models_list_shows_live_workers(acme: openai.OpenAI) -> None:
     assert "echo" in models
     assert models["echo"].model_extra is not None
     assert models["echo"].model_extra["inferpool"]["live_workers"] >= 1
-    assert models["emu-claude"].model_extra["inferpool"]["live_workers"] == 0  # type: ignore[index]
+    assert models["echo-unserved"].model_extra["inferpool"]["live_workers"] == 0  # type: ignore[index]
 
 
 def test_no_live_worker_is_a_503(acme: openai.OpenAI) -> None:
-    with pytest.raises(openai.InternalServerError, match="No live worker serves model 'emu-claude'"):
-        acme.chat.completions.create(model="emu-claude", messages=ask("hi"))  # type: ignore[arg-type]
+    with pytest.raises(openai.InternalServerError, match="No live worker serves model 'echo-unserved'"):
+        acme.chat.completions.create(model="echo-unserved", messages=ask("hi"))  # type: ignore[arg-type]
 
 
 def test_wrong_key_is_an_authentication_error(gateway_url: str) -> None:
