@@ -50,7 +50,10 @@ def connect_redis(url: str) -> redis.Redis:
 
 async def connect_redis_async(url: str) -> redis.asyncio.Redis:
     """The asyncio twin of ``connect_redis``."""
-    client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+    # Every concurrent waiter holds a connection while it blocks (BLPOP/XREAD, up to 1 s): a gateway at a few
+    # hundred requests in flight needs that many; redis-py's default cap raised MaxConnectionsError at ~100.
+    client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30,
+                                          max_connections=4096)  # fmt: skip
     try:
         await client.ping()
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
