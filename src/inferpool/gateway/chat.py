@@ -28,8 +28,9 @@ async def create_chat_completion(request: Request) -> Response:
     tenant = await gateway.authenticate(request)
     body = await read_json_body(request, gateway.settings.batch_max_line_bytes)
     chat_request = build_request(body)
-    await gateway.require_live_worker(gateway.client.route(chat_request).spec.name)
-    handle = await gateway.client.submit(chat_request, tenant=tenant)
+    route = gateway.client.route(chat_request)
+    await gateway.require_live_worker(route.spec.name)
+    handle = await gateway.client.submit(chat_request, tenant=tenant, route=route)
     headers = {"x-request-id": handle.request_id}
     if chat_request.stream:
         include_usage = bool(chat_request.stream_options and chat_request.stream_options.include_usage)

@@ -18,6 +18,7 @@ from inferpool.client.batches import check_batch_file
 from inferpool.gateway.app import Gateway, gateway_of, list_limit, list_page
 from inferpool.gateway.batches import owned_job, result_file_job
 from inferpool.gateway.errors import not_found
+from inferpool.jobstore import BatchJob
 
 MAX_LIST_LIMIT = 10_000
 
@@ -49,9 +50,9 @@ async def retrieve_file(request: Request) -> Response:
     gateway = gateway_of(request)
     tenant = await gateway.authenticate(request)
     file_id = request.path_params["file_id"]
-    kind_job = result_file_job(file_id)
-    if kind_job is not None:
-        job = await owned_job(gateway, tenant, kind_job[1], what="file", object_id=file_id)
+    result_file = await _owned_result_file(gateway, tenant, file_id)
+    if result_file is not None:
+        job = result_file[1]
         return JSONResponse({"id": file_id, "object": "file", "bytes": None, "created_at": job.created_at,
                              "filename": f"{file_id}.jsonl", "purpose": "batch_output", "status": "processed",
                              "status_details": None})  # fmt: skip
@@ -65,17 +66,26 @@ async def file_content(request: Request) -> Response:
     gateway = gateway_of(request)
     tenant = await gateway.authenticate(request)
     file_id = request.path_params["file_id"]
-    kind_job = result_file_job(file_id)
-    if kind_job is not None:
-        kind, job_id = kind_job
-        job = await owned_job(gateway, tenant, job_id, what="file", object_id=file_id)
+    result_file = await _owned_result_file(gateway, tenant, file_id)
+    if result_file is not None:
+        kind, job = result_file
         if not job.status.is_final:
             raise not_found("file", file_id)  # it exists once the batch has ended, as with OpenAI
-        lines = _result_lines(gateway, job_id, successes=kind == "out")
+        lines = _result_lines(gateway, job.id, successes=kind == "out")
         return StreamingResponse(lines, media_type="application/jsonl")
     if await gateway.files.get(tenant, file_id) is None:
         raise not_found("file", file_id)
     return FileResponse(gateway.files.path_of(file_id), media_type="application/jsonl")
+
+
+async def _owned_result_file(gateway: Gateway, tenant: str, file_id: str) -> tuple[str, BatchJob] | None:
+    """("out" or "err", the batch job) for a batch's output or error file the tenant owns; None for an
+    uploaded file's id; 404 for another tenant's or an unknown batch."""
+    kind_job = result_file_job(file_id)
+    if kind_job is None:
+        return None
+    kind, job_id = kind_job
+    return kind, await owned_job(gateway, tenant, job_id, what="file", object_id=file_id)
 
 
 async def _result_lines(gateway: Gateway, job_id: str, *, successes: bool) -> AsyncIterator[bytes]:
