@@ -1,17 +1,18 @@
 """The HTTP gateway against the direct client, in one run: requests/s, added latency, time to first token.
 
     python bench/gateway.py --requests 400 --json bench/results/gateway.json
-    python bench/gateway.py --litellm-url http://127.0.0.1:4000/v1 --litellm-model echo   # also a LiteLLM proxy
+    python bench/gateway.py --litellm-bin /tmp/litellm-venv/bin/litellm   # also a LiteLLM proxy
 
-One private Redis, one echo worker, one gateway process (``inferpool gateway --no-auth``). At each
+One private Redis, one echo worker, one gateway process (``inferpool gateway``, with an API key). At each
 concurrency (1, 16, 128) the same number of non-streaming chats go through ``AsyncClient.chat`` (direct)
 and through the gateway with the official ``openai`` SDK (``AsyncOpenAI``), alternating rounds so drift on
 a shared machine hits both. Prints requests/s, p50/p99 latency, the gateway's added p50 and the ratio of
 throughputs; then time to first streamed token (client sends -> first content delta) both ways.
 
-``--litellm-url`` adds a LiteLLM proxy the caller started in front of the same pool, e.g. with a config
-whose model ``echo`` is ``openai/echo`` at ``api_base`` = this run's gateway (printed at start; use
-``--port`` to fix it), so the proxy's own cost is measured on the same machine and backend.
+``--litellm-bin`` (the ``litellm`` command of a separate environment: ``pip install 'litellm[proxy]'``)
+adds a second table in front of the OpenAI emulator (its own process): direct client -> API-proxy worker
+-> emulator, gateway -> worker -> emulator, and a LiteLLM proxy (started here, one worker) -> emulator.
+LiteLLM cannot reach the Redis queue, so it fronts the same provider rather than the same pool.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +36,11 @@ import httpx
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-MESSAGES = [{"role": "user", "content": "ping the pool"}]
+MESSAGES: Any = [{"role": "user", "content": "ping the pool"}]
+#: The bench registry's model behind the OpenAI emulator (its requests ask the emulator for "bench-emu").
+EMULATED = "bench-gpt"
+#: The LiteLLM proxy's master key (it refuses to start without one); requests carry it, as ours carry a key.
+LITELLM_KEY = "sk-bench-" + secrets.token_hex(16)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -45,17 +52,26 @@ async def run_load(call: Callable[[], Awaitable[None]], requests: int, concurren
     latencies: list[float] = []
     queue = iter(range(requests))
 
+    errors = 0
+
     async def lane() -> None:
+        nonlocal errors
         for _ in queue:
             started = time.perf_counter()
-            await call()
+            try:
+                await call()
+            except Exception:  # counted and shown: a target that drops requests must not look fast
+                errors += 1
+                continue
             latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()
     await asyncio.gather(*(lane() for _ in range(concurrency)))
     wall = time.perf_counter() - started
-    return {"rps": requests / wall, "p50_ms": percentile(latencies, 0.5) * 1000,
-            "p99_ms": percentile(latencies, 0.99) * 1000}  # fmt: skip
+    if not latencies:
+        return {"rps": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan"), "errors": errors}
+    return {"rps": len(latencies) / wall, "p50_ms": percentile(latencies, 0.5) * 1000,
+            "p99_ms": percentile(latencies, 0.99) * 1000, "errors": errors}  # fmt: skip
 
 
 async def first_token_s(stream: Callable[[], Awaitable[float]], rounds: int) -> float:
@@ -85,73 +101,137 @@ async def measure_ttft(direct: Any, sdk: Any) -> dict[str, float]:
             "gateway_ms": await first_token_s(gateway_ttft, 20) * 1000}  # fmt: skip
 
 
-async def bench(args: argparse.Namespace, redis_url: str, gateway: str) -> dict[str, object]:
+def openai_sdk(base_url: str, api_key: str) -> Any:
     import openai
 
-    from inferpool import AsyncClient, Settings
-
-    direct = await AsyncClient.connect(settings=Settings(redis_url=redis_url))
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    sdk = openai.AsyncOpenAI(base_url=gateway, api_key="unused", max_retries=0,
-                             http_client=httpx.AsyncClient(limits=limits, timeout=60))  # fmt: skip
-    targets: dict[str, Callable[[], Awaitable[None]]] = {}
+    return openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0,
+                              http_client=httpx.AsyncClient(limits=limits, timeout=60))  # fmt: skip
 
-    async def via_direct() -> None:
-        await direct.chat("echo", MESSAGES, timeout=60)
 
-    async def via_gateway() -> None:
-        await sdk.chat.completions.create(model="echo", messages=MESSAGES)  # type: ignore[arg-type]
-
-    targets = {"direct": via_direct, "gateway": via_gateway}
-    if args.litellm_url:
-        litellm = openai.AsyncOpenAI(base_url=args.litellm_url, api_key=args.litellm_key, max_retries=0,
-                                     http_client=httpx.AsyncClient(limits=limits, timeout=60))  # fmt: skip
-
-        async def via_litellm() -> None:
-            await litellm.chat.completions.create(model=args.litellm_model, messages=MESSAGES)  # type: ignore[arg-type]
-
-        targets["litellm"] = via_litellm
+async def load_table(targets: dict[str, Callable[[], Awaitable[None]]], requests: int) -> dict[str, Any]:
+    """requests/s and latency of each target at 1, 16 and 128 concurrent requests, rounds alternating."""
     for call in targets.values():  # warm connections, scripts, imports
         await run_load(call, 50, 4)
     rows: dict[str, dict[str, dict[str, float]]] = {}
     for concurrency in (1, 16, 128):
+        print(f"  {concurrency} concurrent ...", file=sys.stderr, flush=True)
         rounds: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
-        for _ in range(2):  # alternate, so drift on a shared machine hits both
+        for _ in range(2):  # alternate, so drift on a shared machine hits all
             for name, call in targets.items():
-                rounds[name].append(await run_load(call, args.requests // 2, concurrency))
+                rounds[name].append(await run_load(call, requests // 2, concurrency))
         rows[str(concurrency)] = {
-            name: {key: statistics.mean(r[key] for r in results) for key in ("rps", "p50_ms", "p99_ms")}
+            name: {key: statistics.mean(r[key] for r in results) for key in ("rps", "p50_ms", "p99_ms", "errors")}
             for name, results in rounds.items()
         }
+    return rows
 
-    ttft = await measure_ttft(direct, sdk)
+
+async def bench(
+    args: argparse.Namespace, redis_url: str, gateway: str, key: str, litellm: str | None
+) -> dict[str, object]:
+    from inferpool import AsyncClient, Settings
+
+    direct = await AsyncClient.connect(settings=Settings(redis_url=redis_url))
+    sdk = openai_sdk(gateway, key)
+
+    def targets(model: str) -> dict[str, Callable[[], Awaitable[None]]]:
+        async def via_direct() -> None:
+            await direct.chat(model, MESSAGES, timeout=60)
+
+        async def via_gateway() -> None:
+            await sdk.chat.completions.create(model=model, messages=MESSAGES)
+
+        return {"direct": via_direct, "gateway": via_gateway}
+
+    figures: dict[str, object] = {"requests": args.requests, "load": await load_table(targets("echo"), args.requests)}
+    if litellm is not None:
+        proxy = openai_sdk(litellm, LITELLM_KEY)
+
+        async def via_litellm() -> None:
+            await proxy.chat.completions.create(model=EMULATED, messages=MESSAGES)
+
+        emulated = {**targets(EMULATED), "litellm": via_litellm}
+        figures["emulator_load"] = await load_table(emulated, args.requests)
+        await proxy.close()
+    figures["ttft"] = await measure_ttft(direct, sdk)
     await direct.aclose()
     await sdk.close()
-    return {"requests": args.requests, "load": rows, "ttft": ttft}
+    return figures
 
 
-def report(figures: dict[str, object]) -> None:
-    load: dict[str, dict[str, dict[str, float]]] = figures["load"]  # type: ignore[assignment]
-    print(f"{'concurrency':>11} {'target':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs direct':>10}")
+def print_table(load: dict[str, dict[str, dict[str, float]]]) -> None:
+    print(f"{'concurrency':>11} {'target':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs direct':>10} {'errors':>7}")
     for concurrency, row in load.items():
         for name, stats in row.items():
             ratio = stats["rps"] / row["direct"]["rps"]
             print(f"{concurrency:>11} {name:>8} {stats['rps']:8.0f} {stats['p50_ms']:8.2f} {stats['p99_ms']:8.2f} "
-                  f"{ratio:9.2f}x")  # fmt: skip
+                  f"{ratio:9.2f}x {stats['errors']:7.0f}")  # fmt: skip
         added = row["gateway"]["p50_ms"] - row["direct"]["p50_ms"]
         print(f"{'':>11} gateway p50 added: {added:+.2f} ms")
-    ttft: dict[str, float] = figures["ttft"]  # type: ignore[assignment]
+        if "litellm" in row:
+            ratio = row["gateway"]["rps"] / max(row["litellm"]["rps"], 1e-9)
+            print(f"{'':>11} gateway vs LiteLLM requests/s: {ratio:.2f}x")
+
+
+def report(figures: dict[str, Any]) -> None:
+    print("echo pool (direct client vs gateway):")
+    print_table(figures["load"])
+    if "emulator_load" in figures:
+        print(f"OpenAI emulator behind each ({EMULATED}: API-proxy worker; LiteLLM proxy straight to the emulator):")
+        print_table(figures["emulator_load"])
+    ttft: dict[str, float] = figures["ttft"]
     print(f"time to first streamed token (median of 20): direct {ttft['direct_ms']:.1f} ms, "
           f"gateway {ttft['gateway_ms']:.1f} ms")  # fmt: skip
+
+
+def wait_http(url: str, proc: subprocess.Popen[Any], what: str, deadline_s: float = 180) -> None:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}")
+        time.sleep(0.3)
+    raise SystemExit(f"{what} did not answer {url} within {deadline_s:.0f} s")
+
+
+def start_litellm(binary: str, emulator_url: str, workdir: Path) -> tuple[subprocess.Popen[Any], str]:
+    from inferpool.local_pool import free_port
+
+    port = free_port()
+    config = workdir / "litellm.yaml"
+    config.write_text(json.dumps({"general_settings": {"master_key": LITELLM_KEY}, "model_list": [{
+        "model_name": EMULATED, "litellm_params": {"model": "openai/bench-emu", "api_base": emulator_url,
+                                                   "api_key": "sk-unused"}}]}))  # fmt: skip
+    log = (workdir / "litellm.log").open("wb")
+    command = [binary, "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_http(f"http://127.0.0.1:{port}/health/liveliness", proc, "the LiteLLM proxy")
+    return proc, f"http://127.0.0.1:{port}/v1"
+
+
+def start_emulator(workdir: Path) -> tuple[subprocess.Popen[Any], str]:
+    """The OpenAI emulator in its own process; returns it and its OpenAI base URL."""
+    log_path = workdir / "emulator.log"
+    proc = subprocess.Popen([sys.executable, "-m", "inferpool.emulators"], stdout=log_path.open("wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        first = log_path.read_text().partition("\n")[0]
+        if first.startswith("OpenAI base URL:"):
+            return proc, first.split()[3]
+        time.sleep(0.1)
+    raise SystemExit("the emulator did not start")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=400, help="requests per target and concurrency")
-    parser.add_argument("--port", type=int, default=0, help="the gateway's port (default: a free one)")
-    parser.add_argument("--litellm-url", default=None, help="a LiteLLM proxy in front of this pool (see above)")
-    parser.add_argument("--litellm-model", default="echo")
-    parser.add_argument("--litellm-key", default="sk-unused")
+    parser.add_argument("--litellm-bin", default=None, help="the `litellm` command: also measure its proxy")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
@@ -172,27 +252,42 @@ def main() -> None:
         env = {**os.environ, "INFERPOOL_LOG_LEVEL": "WARNING", "INFERPOOL_REGISTRY": str(registry),
                "INFERPOOL_FILES_DIR": str(workdir / "files")}  # fmt: skip
         os.environ["INFERPOOL_REGISTRY"] = str(registry)
-        workers = [start_worker_process(m, server.url, workdir / f"{m}.log", env=env) for m in ("echo", "echo-trickle")]
-        port = args.port or free_port()
-        gateway = start_inferpool_process(["gateway", "--no-auth", "--port", str(port)], server.url,
+        helpers: list[subprocess.Popen[Any]] = []
+        models = ["echo", "echo-trickle"]
+        litellm_url = None
+        if args.litellm_bin:
+            emulator, emulator_url = start_emulator(workdir)
+            helpers.append(emulator)
+            env.update({"OPENAI_BASE_URL": emulator_url, "OPENAI_API_KEY": "sk-unused"})
+            models.append(EMULATED)
+        workers = [start_worker_process(m, server.url, workdir / f"{m}.log", env=env) for m in models]
+        port = free_port()
+        gateway = start_inferpool_process(["gateway", "--port", str(port)], server.url,
                                           workdir / "gateway.log", env)  # fmt: skip
         try:
             import redis
 
+            from inferpool.gateway.keys import ApiKeys
+
+            key, _ = ApiKeys(redis.Redis.from_url(server.url)).create("bench")
+            if args.litellm_bin:
+                proxy, litellm_url = start_litellm(args.litellm_bin, emulator_url, workdir)
+                helpers.append(proxy)
             wait_for_workers(redis.Redis.from_url(server.url), workers, 120)
             url = f"http://127.0.0.1:{port}"
-            for _ in range(100):
-                try:
-                    if httpx.get(f"{url}/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.2)
+            wait_http(f"{url}/ready", gateway, "the gateway")
             print(f"gateway at {url}/v1", flush=True)
-            figures = asyncio.run(bench(args, server.url, f"{url}/v1"))
+            figures = asyncio.run(bench(args, server.url, f"{url}/v1", key, litellm_url))
         finally:
+            for name in ("gateway", "litellm"):
+                log_path = workdir / f"{name}.log"
+                if log_path.exists() and "Traceback" in (text := log_path.read_text(errors="replace")):
+                    print(f"--- {name}.log (tail) ---\n{text[-3000:]}", file=sys.stderr)
             stop_process(gateway, grace_s=10)
             for worker in workers:
                 stop_process(worker.proc, grace_s=10)
+            for helper in helpers:
+                stop_process(helper, grace_s=10)
             server.stop()
     report(figures)
     if args.json:

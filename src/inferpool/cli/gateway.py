@@ -9,6 +9,11 @@ import click
 from inferpool._exceptions import ConfigurationError
 from inferpool.cli._common import configure_logging, load_settings
 
+#: Idle keep-alive connections stay open this long (uvicorn's default is 5 s): longer than the 60 s idle
+#: timeout of common load balancers, so the gateway is not the side that closes a connection the balancer
+#: (or a pooled SDK client) is about to reuse; such a race surfaces as a connection error in the client.
+KEEP_ALIVE_S = 75
+
 
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -51,9 +56,11 @@ def gateway(ctx: click.Context, host: str, port: int, no_auth: bool, processes: 
     if processes > 1:
         factory = "inferpool.cli.gateway:app_from_environment_no_auth" if no_auth else \
             "inferpool.cli.gateway:app_from_environment"  # fmt: skip
-        uvicorn.run(factory, factory=True, host=host, port=port, workers=processes, log_level=log_level)
+        uvicorn.run(factory, factory=True, host=host, port=port, workers=processes, log_level=log_level,
+                    timeout_keep_alive=KEEP_ALIVE_S)  # fmt: skip
     else:
-        uvicorn.run(create_app(settings, require_keys=not no_auth), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_app(settings, require_keys=not no_auth), host=host, port=port, log_level=log_level,
+                    timeout_keep_alive=KEEP_ALIVE_S)  # fmt: skip
 
 
 def app_from_environment() -> object:
