@@ -267,6 +267,21 @@ def test_no_auth_refuses_a_public_address(redis_url: str) -> None:
     assert "loopback" in run.stderr
 
 
+@pytest.mark.usefixtures("api_workers")
+def test_tool_calls_through_the_sdk(acme: openai.OpenAI) -> None:
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
+    completion = acme.chat.completions.create(model="emu-claude", messages=ask("Oslo"), tools=[weather])  # type: ignore[arg-type, list-item]
+    calls = completion.choices[0].message.tool_calls
+    assert calls is not None
+    assert calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+    assert json.loads(calls[0].function.arguments) == {"city": "Oslo"}  # type: ignore[union-attr]
+    streamed = acme.chat.completions.create(model="emu-gpt-stream", messages=ask("Oslo"), tools=[weather],  # type: ignore[arg-type, list-item]
+                                            stream=True)  # fmt: skip
+    pieces = [c.choices[0].delta.tool_calls for c in streamed if c.choices and c.choices[0].delta.tool_calls]
+    assert [call.function.name for piece in pieces for call in piece] == ["get_weather"]  # type: ignore[union-attr]
+
+
 NODE_TEST_DIR = Path(__file__).parent / "node"
 
 

@@ -15,14 +15,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inferpool import Client, InvalidRequest, JobStatus, RegistryError, RequestError
+from inferpool.client._base import build_request
 from inferpool.model_registry.registry import Registry, parse_registry_text
 from inferpool.scheduler.batch_input import AcceptedLine, BatchLineParser, RejectedLine
 from inferpool.scheduler.router import Router
 from inferpool.wire import BatchOutputLine, ChatRequest
+from inferpool.workers.anthropic_translate import tool_arguments
 
 FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "n",
           "presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice", "logprobs",
-          "top_logprobs", "user", "metadata", "stream", "routing"]  # fmt: skip
+          "top_logprobs", "user", "metadata", "stream", "routing", "parallel_tool_calls"]  # fmt: skip
 SLOW = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
@@ -44,6 +46,18 @@ bodies = st.fixed_dictionaries(
 )
 
 
+functions = st.fixed_dictionaries({}, optional={"name": scalars, "parameters": json_values, "description": scalars})
+tool_lists = st.lists(
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["function", "retrieval", 1])}, optional={"function": functions | json_values}
+    ),
+    max_size=3,
+)
+tool_choices = st.sampled_from(["none", "auto", "required", "any"]) | st.fixed_dictionaries(
+    {"type": st.just("function")}, optional={"function": functions | json_values}
+)
+
+
 def _nested(depth: int) -> str:
     return "[" * depth + "]" * depth
 
@@ -61,6 +75,26 @@ lines = st.one_of(
     st.integers(min_value=1, max_value=200_000).map(_nested),
     st.integers(min_value=4_301, max_value=20_000).map(lambda n: '{"custom_id": "big", "body": ' + "7" * n + "}"),
 ).map(lambda text: text.replace("\n", " ").replace("\r", " "))
+
+
+@SLOW
+@given(tools=tool_lists | json_values, choice=tool_choices | json_values, parallel=json_values)
+def test_any_tools_become_a_request_or_invalid_request(tools: Any, choice: Any, parallel: Any) -> None:
+    """The tool fields, nearer to valid than random bodies get: a request, or InvalidRequest saying why."""
+    body = {"model": "emu-claude", "messages": [{"role": "user", "content": "hi"}], "tools": tools,
+            "tool_choice": choice, "parallel_tool_calls": parallel}  # fmt: skip
+    try:
+        request = build_request(body)
+    except InvalidRequest as exc:
+        message = exc.message
+    else:
+        message = ""
+    if message:
+        return
+    for tool in request.tools or []:
+        assert isinstance(tool["function"]["name"], str)
+    arguments = tool_arguments(request)  # the Anthropic translation takes whatever validation let through
+    assert ("tools" in arguments) == bool(request.tools)
 
 
 @pytest.fixture(scope="module")

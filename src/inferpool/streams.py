@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import redis
 import redis.asyncio
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from inferpool.constants import STREAM_MAX_ENTRIES, stream_cancel_key, stream_key
 from inferpool.wire import FinishReason, RequestResult, Usage
@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(
+        default=None, description="Tool calls, whole, in the choice's last delta (each with its ``index``)."
+    )
 
 
 class ChunkChoice(BaseModel):
@@ -242,6 +245,9 @@ class StreamAssembler:
                                 "differently); the result is what is stored", self.request_id)  # fmt: skip
                     rest = ""
                 delta = ChunkDelta(content=rest) if rest else ChunkDelta()
+                if choice.message.tool_calls:
+                    delta.tool_calls = [{"index": index, **call.model_dump()}
+                                        for index, call in enumerate(choice.message.tool_calls)]  # fmt: skip
             else:
                 delta = ChunkDelta(role="assistant", content=text)
             yield self._chunk([ChunkChoice(index=choice.index, delta=delta, finish_reason=choice.finish_reason,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from typing import Annotated, Any, Literal
@@ -19,6 +20,7 @@ from inferpool._exceptions import RequestError
 from inferpool.constants import Priority, split_adapter
 
 _STRICT = ConfigDict(extra="forbid")
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 #: Deepest nesting accepted in a request's free-form JSON (tools, response_format, tool calls). Real
 #: schemas nest a few levels; thousands of levels only serve to break a serialiser further down the line.
@@ -187,8 +189,9 @@ class ChatRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, description="Functions the model may call.")
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None
@@ -202,6 +205,41 @@ class ChatRequest(BaseModel):
     def _shallow_json(cls, value: object) -> object:
         check_json_depth(value)
         return value
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_are_functions(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for index, tool in enumerate(value or []):
+            function = tool.get("function")
+            if tool.get("type") != "function" or not isinstance(function, dict):
+                raise ValueError(f'tools[{index}] must be {{"type": "function", "function": {{...}}}}')
+            if not isinstance(function.get("name"), str) or not _TOOL_NAME.match(function["name"]):
+                raise ValueError(f"tools[{index}].function.name must be 1-64 letters, digits, '_' or '-'")
+            if not isinstance(function.get("parameters", {}), dict):
+                raise ValueError(f"tools[{index}].function.parameters must be a JSON Schema object")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _known_tool_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(value, str) and value not in ("none", "auto", "required"):
+            raise ValueError("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", ...}")
+        function = value.get("function") if isinstance(value, dict) else None
+        if isinstance(value, dict) and not (isinstance(function, dict) and isinstance(function.get("name"), str)):
+            raise ValueError("tool_choice must name its function: {\"type\": \"function\", \"function\": "
+                             "{\"name\": ...}}")  # fmt: skip
+        return value
+
+    @model_validator(mode="after")
+    def _tool_options_need_tools(self) -> ChatRequest:
+        for name in ("tool_choice", "parallel_tool_calls"):
+            if getattr(self, name) is not None and not self.tools:
+                raise ValueError(f"{name} is only allowed when tools are given")
+        if isinstance(self.tool_choice, dict):
+            named = self.tool_choice["function"]["name"]
+            if named not in {tool["function"]["name"] for tool in self.tools or []}:
+                raise ValueError(f"tool_choice names function {named!r}, which is not in tools")
+        return self
 
     @model_validator(mode="after")
     def _tool_messages_answer_calls(self) -> ChatRequest:
@@ -268,10 +306,24 @@ class Usage(BaseModel):
     total_tokens: int = Field(ge=0)
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="The call's arguments as JSON text, as the model wrote them.")
+
+
+class ToolCall(BaseModel):
+    """A function the model asks the caller to run (OpenAI's shape, whichever provider made it)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class Choice(BaseModel):

@@ -14,6 +14,16 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, Field
 
+from inferpool.emulators.tools import (
+    anthropic_tool_error,
+    anthropic_tool_events,
+    anthropic_tool_uses,
+    openai_tool_calls,
+    openai_tool_deltas,
+    openai_tool_error,
+    tool_results_text,
+)
+
 FAULTS = ("429", "500", "timeout", "garbage")
 
 
@@ -170,23 +180,33 @@ class ProviderEmulator:
         if early is not None:
             return early
         messages = body.get("messages", [])
+        problem = openai_tool_error(messages)
+        if problem is not None:
+            return web.json_response({"error": {"type": "invalid_request_error", "message": problem,
+                                                "param": "messages", "code": None}}, status=400)  # fmt: skip
         prompt_words = sum(len(_text(m.get("content")).split()) for m in messages)
+        calls = openai_tool_calls(body, self.counts["received"])
         text, finish = _answer(messages, body.get("max_completion_tokens") or body.get("max_tokens"), body.get("stop"))
-        usage = {"prompt_tokens": prompt_words, "completion_tokens": len(text.split()),
-                 "total_tokens": prompt_words + len(text.split())}  # fmt: skip
+        if calls:
+            text, finish = "", "tool_calls"
+        completion = len(text.split()) + sum(len(c["function"]["arguments"].split()) for c in calls)
+        usage = {"prompt_tokens": prompt_words, "completion_tokens": completion,
+                 "total_tokens": prompt_words + completion}  # fmt: skip
         head = {"id": f"chatcmpl-emu{self.counts['received']}", "created": int(time.time()), "model": body.get("model")}
         headers = {"x-ratelimit-remaining-requests": "1000"}
         if body.get("stream"):
             events = [{**head, "object": "chat.completion.chunk",
                        "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
-                      for delta, reason in _openai_deltas(text, finish)]  # fmt: skip
+                      for delta, reason in _openai_deltas(text, finish, calls)]  # fmt: skip
             if (body.get("stream_options") or {}).get("include_usage"):
                 events.append({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
             return await self._stream(request, [(None, e) for e in events], headers, done_marker=True)
+        message: dict[str, Any] = {"role": "assistant", "content": text or None if calls else text}
+        if calls:
+            message["tool_calls"] = calls
         return web.json_response({
             **head, "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                         "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
             "usage": usage,
         }, headers=headers)  # fmt: skip
 
@@ -213,34 +233,45 @@ class ProviderEmulator:
         early = await self._common(request, key or None, body)
         if early is not None:
             return early
+        problem = anthropic_tool_error(body)
+        if problem is not None:
+            return web.json_response({"type": "error", "error": {"type": "invalid_request_error",
+                                                                 "message": problem}}, status=400)  # fmt: skip
         messages = body.get("messages", [])
         system = body.get("system") or ""
         prompt_words = len(_text(system).split()) + sum(len(_text(m.get("content")).split()) for m in messages)
+        uses = anthropic_tool_uses(body, self.counts["received"])
         text, finish = _answer(messages, body.get("max_tokens"), body.get("stop_sequences"))
         stop_reason = {"stop": "end_turn", "length": "max_tokens"}[finish]
         if finish == "stop" and body.get("stop_sequences") and text != _full_answer(messages):
             stop_reason = "stop_sequence"
+        if uses:
+            text, stop_reason = "", "tool_use"
         message = {"id": f"msg_emu{self.counts['received']}", "type": "message", "role": "assistant",
                    "model": body.get("model"), "stop_sequence": None}  # fmt: skip
-        output_tokens = len(text.split())
+        output_tokens = len(text.split()) + sum(len(json.dumps(u["input"]).split()) for u in uses)
         if body.get("stream"):
-            events: list[tuple[str | None, dict[str, Any]]] = [
-                ("message_start", {"type": "message_start", "message": {**message, "content": [], "stop_reason": None,
-                                   "usage": {"input_tokens": prompt_words, "output_tokens": 0}}}),
+            text_events: list[tuple[str | None, dict[str, Any]]] = [
                 ("content_block_start", {"type": "content_block_start", "index": 0,
                                          "content_block": {"type": "text", "text": ""}}),
                 *(("content_block_delta", {"type": "content_block_delta", "index": 0,
                                            "delta": {"type": "text_delta", "text": piece}})
                   for piece in _pieces(text)),
                 ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ]  # fmt: skip
+            events: list[tuple[str | None, dict[str, Any]]] = [
+                ("message_start", {"type": "message_start", "message": {**message, "content": [], "stop_reason": None,
+                                   "usage": {"input_tokens": prompt_words, "output_tokens": 0}}}),
+                *(anthropic_tool_events(uses, 0) if uses else text_events),
                 ("message_delta", {"type": "message_delta",
                                    "delta": {"stop_reason": stop_reason, "stop_sequence": None},
                                    "usage": {"output_tokens": output_tokens}}),
                 ("message_stop", {"type": "message_stop"}),
             ]  # fmt: skip
             return await self._stream(request, events, {})
+        content = uses or [{"type": "text", "text": text}]
         return web.json_response({
-            **message, "content": [{"type": "text", "text": text}], "stop_reason": stop_reason,
+            **message, "content": content, "stop_reason": stop_reason,
             "usage": {"input_tokens": prompt_words, "output_tokens": output_tokens},
         })  # fmt: skip
 
@@ -251,10 +282,11 @@ def _pieces(text: str) -> list[str]:
     return [word if index == 0 else f" {word}" for index, word in enumerate(words) if word or index == 0]
 
 
-def _openai_deltas(text: str, finish: str) -> list[tuple[dict[str, Any], str | None]]:
-    """(delta, finish_reason) of each chunk: the role, one token each, then the finish reason."""
+def _openai_deltas(text: str, finish: str, calls: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str | None]]:
+    """(delta, finish_reason) of each chunk: the role, one token (or tool-call piece) each, then the finish."""
     deltas: list[tuple[dict[str, Any], str | None]] = [({"role": "assistant", "content": ""}, None)]
     deltas += [({"content": piece}, None) for piece in _pieces(text) if piece]
+    deltas += [(delta, None) for delta in openai_tool_deltas(calls)]
     deltas.append(({}, finish))
     return deltas
 
@@ -268,6 +300,9 @@ def _text(content: Any) -> str:
 
 
 def _full_answer(messages: list[dict[str, Any]]) -> str:
+    results = tool_results_text(messages)
+    if results is not None:
+        return f"emulated: {results}"
     last_user: dict[str, Any] = next((m for m in reversed(messages) if m.get("role") == "user"), {})
     return f"emulated: {_text(last_user.get('content'))}"
 

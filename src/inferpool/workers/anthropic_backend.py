@@ -10,6 +10,7 @@ from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
 from inferpool.streams import current_delta_sink
 from inferpool.wire import ChatRequest, FinishReason
+from inferpool.workers.anthropic_translate import StreamedToolUses, conversation, tool_arguments, tool_calls_of
 from inferpool.workers.api_backend import (
     ApiBackend,
     ProviderReply,
@@ -47,8 +48,9 @@ class AnthropicBackend(ApiBackend):
         system = [m.text() for m in request.messages if m.role in ("system", "developer")]
         arguments: dict[str, Any] = {
             "model": self.provider_model,
-            "messages": _conversation(request),
+            "messages": conversation(request),
             "max_tokens": request.output_limit() or self.spec.capabilities.default_max_tokens,
+            **tool_arguments(request),
         }
         if system:
             arguments["system"] = "\n\n".join(system)
@@ -79,6 +81,7 @@ class AnthropicBackend(ApiBackend):
             finish_reason=_FINISH.get(message.stop_reason or "end_turn", "stop"),
             prompt_tokens=message.usage.input_tokens,
             completion_tokens=message.usage.output_tokens,
+            tool_calls=tuple(tool_calls_of(message.content)),
         )
         return ProviderReply(generation, dict(raw.headers))
 
@@ -90,6 +93,7 @@ class AnthropicBackend(ApiBackend):
             sink.restart()  # a retried call streams the answer from its start again
         first_token_at: float | None = None
         parts: list[str] = []
+        tool_uses = StreamedToolUses()
         stop_reason: str | None = None
         input_tokens = output_tokens = 0
         try:
@@ -98,11 +102,16 @@ class AnthropicBackend(ApiBackend):
             async for event in stream:
                 if event.type == "message_start":
                     input_tokens = event.message.usage.input_tokens
+                elif event.type == "content_block_start":
+                    tool_uses.start(event.index, event.content_block)
                 elif event.type == "content_block_delta" and getattr(event.delta, "type", "") == "text_delta":
                     first_token_at = first_token_at or time.time()
                     parts.append(event.delta.text)
                     if sink is not None:
                         sink.emit(event.delta.text)
+                elif event.type == "content_block_delta" and getattr(event.delta, "type", "") == "input_json_delta":
+                    first_token_at = first_token_at or time.time()
+                    tool_uses.add(event.index, event.delta.partial_json)
                 elif event.type == "message_delta":
                     stop_reason = event.delta.stop_reason or stop_reason
                     output_tokens = event.usage.output_tokens
@@ -110,24 +119,15 @@ class AnthropicBackend(ApiBackend):
             raise classify_sdk_error(exc, self._sdk) from exc
         finish = None if stop_reason is None else _FINISH.get(stop_reason, "stop")
         generation = streamed_generation(
-            parts, finish, input_tokens, output_tokens, first_token_at, missing="stop_reason"
+            parts,
+            finish,
+            input_tokens,
+            output_tokens,
+            first_token_at,
+            missing="stop_reason",
+            tool_calls=tool_uses.calls(),
         )
         return ProviderReply(generation, dict(raw.headers))
 
     async def close_client(self) -> None:
         await self._client.close()
-
-
-def _conversation(request: ChatRequest) -> list[dict[str, Any]]:
-    """User and assistant turns (system ones go to ``system``), consecutive turns of one speaker merged."""
-    messages: list[dict[str, Any]] = []
-    for message in request.messages:
-        if message.role in ("system", "developer"):
-            continue
-        if message.role not in ("user", "assistant"):
-            raise InvalidRequest(f"messages with role {message.role!r} are not supported for Anthropic models")
-        if messages and messages[-1]["role"] == message.role:
-            messages[-1]["content"] += "\n\n" + message.text()
-        else:
-            messages.append({"role": message.role, "content": message.text()})
-    return messages

@@ -24,7 +24,7 @@ from typing import Any
 import redis.asyncio
 from pydantic import BaseModel, ConfigDict, Field
 
-from inferpool._exceptions import InvalidRequest, ModelLoadError, ProviderError, RequestError
+from inferpool._exceptions import ModelLoadError, ProviderError, RequestError
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
 from inferpool.wire import ChatRequest, FinishReason
@@ -178,11 +178,6 @@ class ApiBackend(ABC):
 
     async def _serve(self, request: ChatRequest) -> GenerationOutcome:
         try:
-            if request.tools:
-                # Results carry text only so far; a tool call would come back empty. Refuse, don't drop.
-                raise InvalidRequest(
-                    "tool calls are not supported through inferpool yet; send the request without tools"
-                )
             arguments = self.translate(request)
         except RequestError as exc:
             return exc
@@ -225,13 +220,14 @@ class ApiBackend(ABC):
 
 def streamed_generation(
     parts: list[str], finish_reason: FinishReason | None, prompt_tokens: int, completion_tokens: int,
-    first_token_at: float | None, *, missing: str,
+    first_token_at: float | None, *, missing: str, tool_calls: Sequence[dict[str, Any]] = (),
 ) -> Generation:  # fmt: skip
     """The answer a provider streamed; a stream that ended without its ``missing`` field is retried."""
     if finish_reason is None:
         raise ApiFailure(f"the stream ended before the answer did (no {missing})", retryable=True)
     return Generation(text="".join(parts), finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-                      completion_tokens=completion_tokens, first_token_at=first_token_at)  # fmt: skip
+                      completion_tokens=completion_tokens, first_token_at=first_token_at,
+                      tool_calls=tuple(tool_calls))  # fmt: skip
 
 
 async def maybe_await(value: Any) -> Any:

@@ -36,13 +36,19 @@ class ExtraChoice:
     logprobs: dict[str, Any] | None = None
 
 
+def tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    """One tool call in OpenAI's shape (``arguments``: JSON text)."""
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
 @dataclass(frozen=True)
 class Generation:
     """One request's answer, as a backend produced it.
 
     ``first_token_at`` is the wall-clock time (``time.time()``) the first output token existed, for
     time-to-first-token; None where the backend cannot know it (a non-streaming provider call).
-    ``completion_tokens`` counts the tokens of every choice.
+    ``completion_tokens`` counts the tokens of every choice. ``tool_calls`` are the functions the model
+    asked for, in OpenAI's shape (``{"id", "type": "function", "function": {"name", "arguments"}}``).
     """
 
     text: str
@@ -53,6 +59,7 @@ class Generation:
     first_token_at: float | None = field(default=None, compare=False)
     logprobs: dict[str, Any] | None = None
     extra_choices: tuple[ExtraChoice, ...] = ()
+    tool_calls: tuple[dict[str, Any], ...] = ()
 
 
 #: A backend answers each request with a ``Generation`` or the ``RequestError`` that stopped it.

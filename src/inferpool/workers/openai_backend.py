@@ -17,7 +17,7 @@ from inferpool.workers.api_backend import (
     maybe_await,
     streamed_generation,
 )
-from inferpool.workers.backend import Generation
+from inferpool.workers.backend import Generation, tool_call
 
 _FINISH: dict[str, FinishReason] = {
     "stop": "stop", "length": "length", "tool_calls": "tool_calls", "function_call": "tool_calls",
@@ -64,6 +64,11 @@ class OpenAIBackend(ApiBackend):
             finish_reason=_FINISH.get(choice.finish_reason or "stop", "stop"),
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
+            tool_calls=tuple(
+                tool_call(call.id, call.function.name, call.function.arguments)
+                for call in choice.message.tool_calls or ()
+                if call.type == "function"
+            ),
         )
         return ProviderReply(generation, dict(raw.headers))
 
@@ -75,6 +80,7 @@ class OpenAIBackend(ApiBackend):
             sink.restart()  # a retried call streams the answer from its start again
         first_token_at: float | None = None
         parts: list[str] = []
+        calls = _ToolCallDeltas()
         finish: str | None = None
         usage: Any = None
         try:
@@ -92,14 +98,36 @@ class OpenAIBackend(ApiBackend):
                         parts.append(choice.delta.content)
                         if sink is not None:
                             sink.emit(choice.delta.content)
+                    if choice.delta is not None and choice.delta.tool_calls:
+                        calls.add(choice.delta.tool_calls)
                     finish = choice.finish_reason or finish
         except Exception as exc:  # classify_sdk_error re-raises anything it does not recognise
             raise classify_sdk_error(exc, self._sdk) from exc
         generation = streamed_generation(
             parts, None if finish is None else _FINISH.get(finish, "stop"), usage.prompt_tokens if usage else 0,
             usage.completion_tokens if usage else 0, first_token_at, missing="finish_reason",
+            tool_calls=calls.calls(),
         )  # fmt: skip
         return ProviderReply(generation, dict(raw.headers))
 
     async def close_client(self) -> None:
         await self._client.close()
+
+
+class _ToolCallDeltas:
+    """Streamed tool calls put back together: the first delta of a call (by ``index``) carries its id and
+    name, later ones more of its ``arguments`` text."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, str]] = {}
+
+    def add(self, deltas: Any) -> None:
+        for delta in deltas:
+            call = self._calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+            call["id"] = delta.id or call["id"]
+            if delta.function is not None:
+                call["name"] = delta.function.name or call["name"]
+                call["arguments"] += delta.function.arguments or ""
+
+    def calls(self) -> list[dict[str, Any]]:
+        return [tool_call(c["id"], c["name"], c["arguments"]) for _, c in sorted(self._calls.items())]

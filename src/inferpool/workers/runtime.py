@@ -80,6 +80,13 @@ def _stop_error(status: str) -> RequestError | None:
     return None
 
 
+def _message(choice: Generation | ExtraChoice) -> dict[str, object]:
+    """The choice's assistant message; a model's tool calls come with it (content may then be null)."""
+    if isinstance(choice, Generation) and choice.tool_calls:
+        return {"role": "assistant", "content": choice.text or None, "tool_calls": list(choice.tool_calls)}
+    return {"role": "assistant", "content": choice.text}
+
+
 def _valid_usage(generation: Generation) -> bool:
     """Token counts a provider reported are non-negative integers (a compatible server may send anything)."""
     counts = (generation.prompt_tokens, generation.completion_tokens)
@@ -307,7 +314,7 @@ class WorkerRuntime:
             "choices": [
                 {
                     "index": index,
-                    "message": {"role": "assistant", "content": choice.text},
+                    "message": _message(choice),
                     "finish_reason": choice.finish_reason,
                     "logprobs": choice.logprobs,
                 }
