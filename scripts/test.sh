@@ -18,13 +18,15 @@ if [ "${INFERPOOL_SKIP_VLLM:-0}" != "1" ] && ! python -c "import importlib.util,
     python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
   fi
 fi
+# The example hook package (examples/inferpool-redact-pii): the hook tests run it inside a real worker.
+python -m pip install --quiet --no-deps -e examples/inferpool-redact-pii
 if command -v npm >/dev/null 2>&1 && [ ! -d tests/node/node_modules/openai ]; then
   echo "==> installing the Node openai SDK for the gateway's Node test (npm)"
   npm ci --prefix tests/node --no-audit --no-fund --silent
 fi
 echo "==> ruff"
-ruff check src tests bench
-ruff format --check src tests bench
+ruff check src tests bench examples
+ruff format --check src tests bench examples
 echo "==> mypy"
 mypy
 echo "==> pytest"

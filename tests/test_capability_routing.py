@@ -53,8 +53,9 @@ def test_auto_picks_by_capability_and_price(client: Client) -> None:
 
 
 def test_a_capability_no_model_has_is_named_in_the_error(client: Client) -> None:
-    with pytest.raises(CapabilityMismatch, match=r"it needs: json_mode\).*echo \(json_mode\)"):
-        client.submit(auto([{"role": "user", "content": "hi"}], require=["json_mode"]))
+    lacks = r"it needs: vision, tools\).*echo \(vision, tools\).*echo-vision \(tools\)"
+    with pytest.raises(CapabilityMismatch, match=lacks):
+        client.submit(auto([{"role": "user", "content": "hi"}], require=["vision", "tools"]))
 
 
 def test_a_killed_worker_leaves_routing_by_itself(client: Client, vision_workers: list[WorkerProcess]) -> None:

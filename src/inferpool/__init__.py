@@ -5,6 +5,7 @@ from inferpool._exceptions import (
     CapabilityMismatch,
     ConfigurationError,
     ContextLengthExceeded,
+    HookError,
     InferpoolError,
     InvalidRequest,
     JobNotFound,
@@ -16,6 +17,7 @@ from inferpool._exceptions import (
     RegistryError,
     RequestError,
     ResultTimeout,
+    TemplateError,
 )
 from inferpool.client import AsyncClient, AsyncResultHandle, Batches, Client, ResultHandle
 from inferpool.constants import Priority
@@ -41,6 +43,7 @@ __all__ = [
     "Client",
     "ConfigurationError",
     "ContextLengthExceeded",
+    "HookError",
     "InferpoolError",
     "InvalidRequest",
     "JobNotFound",
@@ -59,5 +62,6 @@ __all__ = [
     "ResultHandle",
     "ResultTimeout",
     "Settings",
+    "TemplateError",
     "__version__",
 ]

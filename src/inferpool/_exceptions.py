@@ -4,14 +4,16 @@
 
     InferpoolError
     ├── ConfigurationError          bad settings, registry file or command-line usage
-    │   └── RegistryError           a registry YAML file that does not validate
+    │   ├── RegistryError           a registry YAML file that does not validate
+    │   └── TemplateError           a prompt template or rows file that cannot be used at all
     ├── RedisUnavailable            cannot reach Redis at the configured URL
     ├── RequestError                one request cannot be served; carries an OpenAI-style ``code``
     │   ├── InvalidRequest          malformed body, unknown or unsupported parameter
     │   │   └── ContextLengthExceeded   prompt + max_tokens larger than the model's context window
     │   ├── ModelNotFound           no model or alias of that name in the registry
     │   ├── CapabilityMismatch      the model cannot do what the request asks (images, tools...)
-    │   └── ProviderError           the backend failed while generating
+    │   ├── ProviderError           the backend failed while generating
+    │   └── HookError               a request or result hook refused, rejected or failed
     ├── ModelLoadError              a worker cannot load its model
     ├── ResultTimeout               waited for a result longer than asked
     ├── BatchRefused                a whole batch file refused up front (not JSONL, over the job limits)
@@ -41,6 +43,11 @@ class RegistryError(ConfigurationError):
 
 class RedisUnavailable(InferpoolError):
     """Redis cannot be reached at the configured URL."""
+
+
+class TemplateError(ConfigurationError):
+    """A prompt template (or its rows file) that cannot be used at all: bad YAML or Jinja syntax, an
+    unreadable file. A single row that cannot be rendered is that line's error instead."""
 
 
 class ModelLoadError(InferpoolError):
@@ -106,11 +113,18 @@ class ProviderError(RequestError):
     code: ClassVar[str] = "provider_error"
 
 
+class HookError(RequestError):
+    """A hook (``inferpool.hooks``) refused the request, rejected its answer, or failed; names the hook."""
+
+    code: ClassVar[str] = "hook_error"
+
+
 #: Error code of a streamed request whose reader hung up, and whose worker stopped generating.
 STREAM_CANCELLED_CODE = "request_cancelled"
 
 _REQUEST_ERRORS_BY_CODE: dict[str, type[RequestError]] = {
-    cls.code: cls for cls in (InvalidRequest, ContextLengthExceeded, ModelNotFound, CapabilityMismatch, ProviderError)
+    cls.code: cls
+    for cls in (InvalidRequest, ContextLengthExceeded, ModelNotFound, CapabilityMismatch, ProviderError, HookError)
 }
 
 

@@ -11,6 +11,7 @@ TASK_PROCESS_CHUNK = "inferpool.process_chunk"
 
 #: Entry-point group through which backends (built-in and third-party alike) register.
 BACKEND_ENTRY_POINT_GROUP = "inferpool.backends"
+HOOK_ENTRY_POINT_GROUP = "inferpool.hooks"
 
 
 class Priority(StrEnum):

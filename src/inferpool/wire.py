@@ -363,6 +363,7 @@ class ServingStats(BaseModel):
     )
     attempts: int = Field(default=1, ge=1)
     cost_usd: float = Field(default=0.0, ge=0.0, description="From the registry's prices.")
+    hooks_s: float | None = Field(default=None, ge=0.0, description="Time spent in the model's hooks, if it has any.")
 
 
 class RequestResult(BaseModel):

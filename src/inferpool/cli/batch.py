@@ -14,20 +14,18 @@ from rich.markup import escape
 
 from inferpool.cli._common import load_settings, make_console
 from inferpool.cli._display import answer_preview, job_progress, jobs_table, print_job
+from inferpool.cli._job_input import JobInput, input_argument, rows_option, template_option
 from inferpool.client.client import Client
 from inferpool.jobstore import BatchJob
 from inferpool.local_pool import LocalPool
-from inferpool.model_registry.registry import Registry
-from inferpool.scheduler.batch_input import AcceptedLine, BatchLineParser
-from inferpool.scheduler.router import Router
 from inferpool.settings import Settings
+from inferpool.templates.join import join_results
+from inferpool.templates.prompt import CUSTOM_ID_METADATA, DEFAULT_CUSTOM_ID, UnrenderedRow, load_template
+from inferpool.templates.rows import read_rows
 from inferpool.wire import BatchOutputLine
 
 _SHOW_ANSWERS_UP_TO = 50
 
-input_argument = click.argument(
-    "input_path", metavar="INPUT.jsonl", type=click.Path(exists=True, dir_okay=False, path_type=Path)
-)
 priority_option = click.option("--priority", type=int, default=0, show_default=True,
                                help="Higher runs first when several jobs share a model.")  # fmt: skip
 window_option = click.option("--completion-window", default="24h", show_default=True,
@@ -55,13 +53,18 @@ def _client(ctx: click.Context) -> Client:
 
 @batch.command()
 @input_argument
+@template_option
+@rows_option
 @priority_option
 @window_option
 @click.pass_context
-def submit(ctx: click.Context, input_path: Path, priority: int, completion_window: str) -> None:
-    """Validate and queue INPUT.jsonl on the pool at REDIS_URL; print the job id at once."""
+def submit(ctx: click.Context, input_path: Path | None, template_path: Path | None, rows_path: Path | None,
+           priority: int, completion_window: str) -> None:  # fmt: skip
+    """Validate and queue INPUT.jsonl (or --template over --rows) on the pool at REDIS_URL; print the job
+    id at once."""
+    source = JobInput.from_options(input_path, template_path, rows_path)
     with _client(ctx) as client:
-        job = client.batches.create(input_path, priority=priority, completion_window=completion_window)
+        job = source.create(client, priority, completion_window)
     click.echo(job.id)
     click.echo(f"follow it with: inferpool batch wait {job.id}", err=True)
 
@@ -93,16 +96,67 @@ def wait(ctx: click.Context, job_id: str, timeout: float | None) -> None:
 
 @batch.command()
 @click.argument("job_id")
-@output_option
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the OpenAI Batch output lines (with --join: the rows, .csv or .jsonl).")  # fmt: skip
 @errors_option
+@click.option("--join", "join_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The job's data rows (from --template --rows): write them with answer, error columns.")  # fmt: skip
 @click.pass_context
-def results(ctx: click.Context, job_id: str, output_path: Path, errors_path: Path | None) -> None:
-    """Write a job's output lines so far (all of them once it has finished), in completion order."""
+def results(ctx: click.Context, job_id: str, output_path: Path, errors_path: Path | None,
+            join_path: Path | None) -> None:  # fmt: skip
+    """Write a job's output lines so far (all of them once it has finished), in completion order; or,
+    with --join DATA.csv, the job's rows with each one's answer and error as new columns."""
     with _client(ctx) as client:
         job = client.batches.retrieve(job_id)
+        if join_path is not None:
+            template = job.metadata.get(CUSTOM_ID_METADATA, DEFAULT_CUSTOM_ID)
+            summary = join_results(join_path, client.batches.results(job_id), output_path, template)
+            click.echo(f"{summary.rows} rows written to {output_path}: {summary.answered} answered, {summary.failed} "
+                       f"failed, {summary.missing} without a result yet", err=True)  # fmt: skip
+            return
         count, _ = _write_results(client, job_id, output_path, errors_path)
     note = "" if job.status.is_final else f" (job still {job.status.value}: partial, run again later)"
     click.echo(f"{count} lines written to {output_path}{note}", err=True)
+
+
+@batch.command()
+@click.option("--template", "template_path", required=True, type=click.Path(exists=True, dir_okay=False,
+              path_type=Path), help="The prompt template (YAML).")  # fmt: skip
+@click.option("--rows", "rows_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The data rows: .csv (with a header), .jsonl or .parquet.")  # fmt: skip
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the batch JSONL.")  # fmt: skip
+def build(template_path: Path, rows_path: Path, output_path: Path) -> None:
+    """Render a prompt template over data rows into an OpenAI Batch JSONL file (one line per row).
+
+    \b
+    The template (YAML):
+      model: smollm2-135m
+      params: {temperature: 0, max_tokens: 64}
+      custom_id: "{{ id }}"            # optional; default row-{{ row_number }}
+      messages:
+        - {role: user, content: "Capital of {{ country }}?"}
+
+    Contents are Jinja2, rendered in its sandbox; a column the template uses and a row lacks is an
+    error naming the row and the column. Such rows are reported and left out (exit status 1);
+    `batch run/submit --template --rows` keep them as error lines instead.
+    """
+    written = 0
+    problems: list[str] = []
+    with output_path.open("w", encoding="utf-8") as handle:
+        for line in load_template(template_path).compiled().lines(read_rows(rows_path)):
+            if isinstance(line, UnrenderedRow):
+                problems.append(line.message)
+                continue
+            handle.write(line + "\n")
+            written += 1
+    click.echo(f"{written} lines written to {output_path}", err=True)
+    for problem in problems[:20]:
+        click.echo(f"  {problem}", err=True)
+    if problems:
+        more = " (first 20 shown)" if len(problems) > 20 else ""
+        click.echo(f"{len(problems)} rows could not be rendered and were left out{more}", err=True)
+        sys.exit(1)
 
 
 @batch.command()
@@ -127,6 +181,8 @@ def list_jobs(ctx: click.Context, limit: int) -> None:
 
 @batch.command()
 @input_argument
+@template_option
+@rows_option
 @output_option
 @errors_option
 @click.option("--local/--no-local", default=None,
@@ -141,21 +197,24 @@ def list_jobs(ctx: click.Context, limit: int) -> None:
 @priority_option
 @window_option
 @click.pass_context
-def run(ctx: click.Context, input_path: Path, output_path: Path, errors_path: Path | None, local: bool | None,
-        timeout: float | None, show_answers: bool | None, priority: int, completion_window: str) -> None:  # fmt: skip
-    """Submit INPUT.jsonl, follow it, write OUTPUT and print a usage summary.
+def run(ctx: click.Context, input_path: Path | None, template_path: Path | None, rows_path: Path | None,
+        output_path: Path, errors_path: Path | None, local: bool | None, timeout: float | None,
+        show_answers: bool | None, priority: int, completion_window: str) -> None:  # fmt: skip
+    """Submit INPUT.jsonl (or --template over --rows), follow it, write OUTPUT and print a usage summary.
 
     A bad line (malformed JSON, missing or duplicate custom_id, unknown model, invalid body, prompt over
-    the context window) gets its own error line with a code and a message; the other lines still run.
+    the context window, a row the template cannot be rendered with) gets its own error line with a code
+    and a message; the other lines still run.
     """
+    source = JobInput.from_options(input_path, template_path, rows_path)
     settings = load_settings(ctx)
     console = make_console(stderr=True)
     use_local = not settings.redis_url if local is None else local
-    models = _models_in(input_path, settings) if use_local else set()
+    models = source.models(settings) if use_local else set()
     with _redis_url(settings, use_local, models, console) as redis_url, \
             Client(settings=settings.with_redis_url(redis_url)) as client:  # fmt: skip
         started = time.monotonic()
-        job = client.batches.create(input_path, priority=priority, completion_window=completion_window)
+        job = source.create(client, priority, completion_window)
         with ResultFiles(client, job.id, output_path, errors_path) as files:
             # Output lines are written while the job runs, not all at the end.
             job = _follow(client, job.id, timeout, local_pool=use_local, on_poll=files.drain)
@@ -171,13 +230,6 @@ def run(ctx: click.Context, input_path: Path, output_path: Path, errors_path: Pa
                  f"lines/s, {tokens / elapsed:.1f} completion tokens/s", highlight=False)  # fmt: skip
     where = f"{output_path}" + (f", errors in {errors_path}" if errors_path else "")
     stdout.print(escape(f"output written to {where}"), highlight=False)
-
-
-def _models_in(input_path: Path, settings: Settings) -> set[str]:
-    """The registry models a file's valid lines ask for (to start their workers)."""
-    parser = BatchLineParser(Router(Registry.from_settings(settings)), max_line_bytes=settings.batch_max_line_bytes)
-    with input_path.open(encoding="utf-8", errors="replace") as handle:
-        return {line.spec.name for line in parser.parse(handle) if isinstance(line, AcceptedLine)}
 
 
 @contextlib.contextmanager

@@ -25,6 +25,8 @@ from inferpool.jobstore import BatchJob, JobStore, NewJob
 from inferpool.scheduler.batch_input import AcceptedLine, BatchLineParser, load_json
 from inferpool.scheduler.router import Router
 from inferpool.settings import Settings
+from inferpool.templates.prompt import CUSTOM_ID_METADATA, PromptTemplate, UnrenderedRow, load_template
+from inferpool.templates.rows import read_rows
 from inferpool.wire import BatchOutputLine, ChatRequest, RequestResult, TaskItem, new_id
 
 #: Called with the job's latest state while ``wait`` polls.
@@ -122,15 +124,7 @@ class Batches:
         the OpenAI batch object.
         """
         settings = self._settings
-        window_s = parse_window(completion_window)
-        if window_s > settings.result_ttl_s:
-            raise BatchRefused(
-                f"completion window {completion_window!r} is longer than the result retention "
-                f"({settings.result_ttl_s} s, INFERPOOL_RESULT_TTL_S): results would expire before the job ends; "
-                "use a shorter window or a longer retention"
-            )
-        options = NewJob(priority=priority, window_s=window_s, window_label=completion_window,
-                         metadata=dict(metadata or {}), tenant=tenant, input_file_id=input_file_id)  # fmt: skip
+        options = self._options(priority, completion_window, metadata, tenant, input_file_id)
         if isinstance(source, str | os.PathLike):
             path = Path(source)
             _check_file(path, settings.batch_max_bytes, settings.batch_max_lines)
@@ -138,7 +132,41 @@ class Batches:
                 return self._create(handle, options)
         return self._create(_source_lines(source), options)
 
-    def _create(self, lines: Iterable[str | bytes], options: NewJob) -> BatchJob:
+    def _options(self, priority: int, completion_window: str, metadata: Mapping[str, str] | None,
+                 tenant: str | None, input_file_id: str | None) -> NewJob:  # fmt: skip
+        window_s = parse_window(completion_window)
+        if window_s > self._settings.result_ttl_s:
+            raise BatchRefused(
+                f"completion window {completion_window!r} is longer than the result retention "
+                f"({self._settings.result_ttl_s} s, INFERPOOL_RESULT_TTL_S): results would expire before the job "
+                "ends; use a shorter window or a longer retention"
+            )
+        return NewJob(priority=priority, window_s=window_s, window_label=completion_window,
+                      metadata=dict(metadata or {}), tenant=tenant, input_file_id=input_file_id)  # fmt: skip
+
+    def create_from_template(
+        self,
+        template: str | os.PathLike[str] | PromptTemplate | Mapping[str, Any],
+        rows: str | os.PathLike[str] | Iterable[Mapping[str, Any]],
+        *,
+        priority: int = 0,
+        completion_window: str = "24h",
+        metadata: Mapping[str, str] | None = None,
+        tenant: str | None = None,
+    ) -> BatchJob:
+        """One request per row: ``template`` (a YAML file or a ``PromptTemplate``) rendered with each row of
+        ``rows`` (a CSV, JSONL or Parquet file, or mappings). A row that cannot be rendered is its line's
+        ``template_error`` (row number and column named); the rest run. ``TemplateError`` if the template
+        or the rows file cannot be used at all. The custom_id template is kept in the job's metadata
+        (``inferpool_custom_id``), for ``join_results``."""
+        prompt = load_template(template if isinstance(template, PromptTemplate | Mapping) else Path(template))
+        lines = prompt.compiled().lines(
+            read_rows(Path(rows)) if isinstance(rows, str | os.PathLike) else (dict(row) for row in rows)
+        )
+        job_metadata = {**(metadata or {}), CUSTOM_ID_METADATA: prompt.custom_id}
+        return self._create(lines, self._options(priority, completion_window, job_metadata, tenant, None))
+
+    def _create(self, lines: Iterable[str | bytes | UnrenderedRow], options: NewJob) -> BatchJob:
         job_id = new_id("batch")
         self._store.create(job_id, options)
         try:
@@ -157,7 +185,8 @@ class Batches:
         self._store.open(job_id, total, models)
         return self.retrieve(job_id)
 
-    def _upload(self, job_id: str, lines: Iterable[str | bytes], tenant: str | None) -> tuple[int, set[str]]:
+    def _upload(self, job_id: str, lines: Iterable[str | bytes | UnrenderedRow],
+                tenant: str | None) -> tuple[int, set[str]]:  # fmt: skip
         """Validate and queue every line; returns how many there were and the models they need."""
         settings = self._settings
         parser = BatchLineParser(self._router, max_line_bytes=settings.batch_max_line_bytes)
@@ -285,6 +314,15 @@ class AsyncBatches:
         return await asyncio.to_thread(self._sync.create, source, priority=priority,
                                        completion_window=completion_window, metadata=metadata, tenant=tenant,
                                        input_file_id=input_file_id)  # fmt: skip
+
+    async def create_from_template(
+        self,
+        template: str | os.PathLike[str] | PromptTemplate | Mapping[str, Any],
+        rows: str | os.PathLike[str] | Iterable[Mapping[str, Any]],
+        **options: Any,
+    ) -> BatchJob:
+        """``Batches.create_from_template``."""
+        return await asyncio.to_thread(self._sync.create_from_template, template, rows, **options)
 
     async def retrieve(self, job_id: str) -> BatchJob:
         return await asyncio.to_thread(self._sync.retrieve, job_id)

@@ -66,6 +66,21 @@ class ServingSpec(BaseModel):
         return self.in_flight_per_worker or 2 * self.chunk_size * self.concurrency
 
 
+class HookSpec(BaseModel):
+    """A hook a model's requests go through: its entry-point name and its params."""
+
+    model_config = _STRICT
+    name: str = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+def _hook_specs(value: Any) -> Any:
+    """``hooks: [name, {name, params}]``: a bare name is a hook without params."""
+    if isinstance(value, list):
+        return [{"name": item} if isinstance(item, str) else item for item in value]
+    return value
+
+
 class ProviderSpec(BaseModel):
     """Where a family of models runs: a cloud API (with its endpoint, key and shared limits) or local.
 
@@ -81,6 +96,9 @@ class ProviderSpec(BaseModel):
     rate_limit: dict[str, Any] | None = Field(default=None, description="Shared by all its models (see API params).")
     backend: str = Field(default="transformers", description="For kind local: the backend (transformers, vllm).")
     params: dict[str, Any] = Field(default_factory=dict, description="More defaults for its models' params.")
+    hooks: list[HookSpec] = Field(default_factory=list, description="Hooks of all its models (theirs run after).")
+
+    _hooks_by_name = field_validator("hooks", mode="before")(_hook_specs)
 
     @model_validator(mode="after")
     def _compatible_needs_url(self) -> ProviderSpec:
@@ -124,7 +142,12 @@ class ModelSpec(BaseModel):
         description="Models tried in order when this one fails a request after its retries, or cannot fit its "
         "prompt (then only larger-context ones).",
     )
+    hooks: list[HookSpec] = Field(
+        default_factory=list, description="Hooks (inferpool.hooks entry points) its requests and answers go through."
+    )
     description: str = ""
+
+    _hooks_by_name = field_validator("hooks", mode="before")(_hook_specs)
 
     @field_validator("lora_adapters")
     @classmethod

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from inferpool._exceptions import RequestError
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.scheduler.router import Router
+from inferpool.templates.prompt import UnrenderedRow
 from inferpool.wire import CHAT_COMPLETIONS_URL, BatchInputLine, ChatRequest, ErrorInfo
 
 #: Default cap on one input line, in bytes.
@@ -82,10 +83,15 @@ class BatchLineParser:
         self.max_line_bytes = max_line_bytes
         self._seen: dict[str, int] = {}
 
-    def parse(self, lines: Iterable[str | bytes]) -> Iterator[ParsedLine]:
-        """Lines as text, or as the file's bytes (then never decoded in Python: pydantic reads UTF-8)."""
+    def parse(self, lines: Iterable[str | bytes | UnrenderedRow]) -> Iterator[ParsedLine]:
+        """Lines as text, or as the file's bytes (then never decoded in Python: pydantic reads UTF-8); a
+        template's row that could not be rendered is its line's ``template_error``."""
         for number, raw in enumerate(lines, start=1):
-            if raw.strip():
+            if isinstance(raw, UnrenderedRow):
+                if raw.custom_id is not None:
+                    self._seen.setdefault(raw.custom_id, number)
+                yield RejectedLine(number, raw.custom_id, ErrorInfo(code="template_error", message=raw.message))
+            elif raw.strip():
                 yield self.parse_line(number, raw)
 
     def parse_line(self, number: int, raw: str | bytes) -> ParsedLine:

@@ -36,6 +36,7 @@ from inferpool.streams import DeltaSink, bind_delta_sink, open_streams, unbind_d
 from inferpool.wire import ChatRequest, TaskChunk, TaskItem, random_hex
 from inferpool.workers.backend import Backend, ExtraChoice, Generation, GenerationOutcome
 from inferpool.workers.failures import FailurePolicy
+from inferpool.workers.hooks import HookChain
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,11 @@ class WorkerRuntime:
         *,
         registry: Registry | None = None,
         celery: Celery | None = None,
+        hooks: HookChain | None = None,
     ) -> None:
         self.spec = spec
         self.backend = backend
+        self.hooks = hooks or HookChain()
         self.settings = settings
         self.worker_id = worker_id or default_worker_id(spec.name)
         self._redis = redis_client
@@ -150,11 +153,18 @@ class WorkerRuntime:
         todo, stopped, unreadable = found.items, found.stopped, found.unreadable
         skipped = chunk.size - len(todo)
         outcomes: dict[str, GenerationOutcome] = {}
+        hook_s: dict[str, float] = {}
         runnable: list[TaskItem] = []
-        for item in todo:
+        for index, item in enumerate(todo):
             if stopped is not None or item.request_id in unreadable:
                 outcomes[item.request_id] = stopped or unreadable[item.request_id]
                 continue
+            if self.hooks.hooks:
+                request, hook_s[item.request_id] = self.hooks.before(item.request)
+                if isinstance(request, RequestError):
+                    outcomes[item.request_id] = request
+                    continue
+                item = todo[index] = item.model_copy(update={"request": request})
             try:
                 check_request_fits(self.spec, item.request)
             except RequestError as exc:
@@ -164,13 +174,16 @@ class WorkerRuntime:
         streamed = [item.request_id for item in todo if item.request.stream and item.request_id not in unreadable]
         open_streams(self._redis, streamed, self.spec.name, chunk.result_ttl_s)
         outcomes.update(self._generate(runnable, chunk.result_ttl_s))
+        if self.hooks.hooks:
+            self._after_hooks(runnable, outcomes, hook_s)
         moving = [(item, outcome, target) for item in runnable
                   if isinstance(outcome := outcomes[item.request_id], RequestError)
                   and (target := self._failures.fallback_for(item, outcome)) is not None]  # fmt: skip
         self._failures.forward(chunk, moving)
         moved = {item.request_id for item, _, _ in moving}
         todo = [item for item in todo if item.request_id not in moved]
-        records = [self._record(chunk, item, outcomes[item.request_id], started) for item in todo]
+        records = [self._record(chunk, item, outcomes[item.request_id], started, hook_s.get(item.request_id))
+                   for item in todo]  # fmt: skip
         flags = self._writer.write_records(chunk.job_id, self.spec.name, records, chunk.result_ttl_s)
         self._failures.bury(chunk, todo, outcomes, flags)
         written = sum(flags)
@@ -178,6 +191,15 @@ class WorkerRuntime:
         report = ChunkReport(written, skipped, len(flags) - written, errors)
         log.info("chunk %s done: %s", chunk.describe(), report.as_dict())
         return report
+
+    def _after_hooks(self, items: Sequence[TaskItem], outcomes: dict[str, GenerationOutcome],
+                     hook_s: dict[str, float]) -> None:  # fmt: skip
+        """Answers through the hooks' ``after_result`` (an error stays as it is)."""
+        for item in items:
+            outcome = outcomes[item.request_id]
+            if isinstance(outcome, Generation):
+                outcomes[item.request_id], seconds = self.hooks.after(item.request, outcome)
+                hook_s[item.request_id] = hook_s.get(item.request_id, 0.0) + seconds
 
     def _todo(self, chunk: TaskChunk, maybe_answered: bool) -> _Todo | None:
         """The chunk's requests still to answer; None if the chunk's job is gone.
@@ -234,8 +256,10 @@ class WorkerRuntime:
 
     def _call_backend(self, items: Sequence[TaskItem], ttl_s: int) -> list[GenerationOutcome]:
         """One backend call for the requests nobody streams, and one per streamed request (with its sink)."""
-        plain = [item for item in items if not item.request.stream]
-        streamed = [item for item in items if item.request.stream]
+        # A model whose hooks rewrite answers shows only the stored answer: no deltas before it.
+        may_stream = not self.hooks.rewrites_answers
+        plain = [item for item in items if not (item.request.stream and may_stream)]
+        streamed = [item for item in items if item.request.stream and may_stream]
 
         async def run() -> list[list[GenerationOutcome]]:
             calls = [self._generate_streamed(item, ttl_s) for item in streamed]
@@ -269,10 +293,11 @@ class WorkerRuntime:
     # 500-request echo chunk, validating results cost as much as everything else together. The client
     # validates every result it reads (``RequestResult``), and the tests read them all.
 
-    def _record(self, chunk: TaskChunk, item: TaskItem, outcome: GenerationOutcome, started: float) -> ResultRecord:
+    def _record(self, chunk: TaskChunk, item: TaskItem, outcome: GenerationOutcome, started: float,
+                hooks_s: float | None = None) -> ResultRecord:  # fmt: skip
         now = time.time()
         latency = max(0.0, now - started)
-        stats = {
+        stats: dict[str, object] = {
             "model": self.spec.name,
             "backend": self.backend.name,
             "worker": self.worker_id,
@@ -281,6 +306,8 @@ class WorkerRuntime:
             "attempts": outcome.attempts,
             "cost_usd": 0.0,
         }
+        if hooks_s is not None:
+            stats["hooks_s"] = hooks_s
         tenant = item.tenant or DEFAULT_TENANT
         data: dict[str, object] = {"request_id": item.request_id, "custom_id": item.custom_id,
                                    "job_id": chunk.job_id, "tenant": tenant, "stats": stats}  # fmt: skip

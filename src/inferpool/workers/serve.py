@@ -15,6 +15,7 @@ from inferpool.model_registry.registry import Registry
 from inferpool.redis_connection import connect_redis
 from inferpool.settings import Settings
 from inferpool.workers.backend import create_backend
+from inferpool.workers.hooks import load_hooks
 from inferpool.workers.runtime import WorkerRuntime
 from inferpool.workers.tasks import install_tasks
 
@@ -30,6 +31,7 @@ def serve_model(model: str, settings: Settings, *, concurrency: int | None = Non
     registry = Registry.from_settings(settings)
     spec = registry.get(model)
     redis_client = connect_redis(settings.require_redis_url())
+    hooks = load_hooks(spec.hooks)  # before the model: a hook that is not installed fails fast
     log.info("loading model %s (backend %s)", spec.name, spec.backend)
     try:
         backend = create_backend(spec, settings)
@@ -40,7 +42,8 @@ def serve_model(model: str, settings: Settings, *, concurrency: int | None = Non
             f"backend {spec.backend!r} for model {spec.name!r} needs a package that is not installed: {exc}"
         ) from exc
     app = create_celery_app(settings)
-    runtime = WorkerRuntime(spec, backend, redis_client, settings, worker_id, registry=registry, celery=app)
+    runtime = WorkerRuntime(spec, backend, redis_client, settings, worker_id, registry=registry, celery=app,
+                            hooks=hooks)  # fmt: skip
     install_tasks(app, runtime)
 
     def on_ready(**_: Any) -> None:
