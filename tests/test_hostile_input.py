@@ -24,7 +24,7 @@ from inferpool.workers.anthropic_translate import tool_arguments
 
 FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "n",
           "presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice", "logprobs",
-          "top_logprobs", "user", "metadata", "stream", "routing", "parallel_tool_calls"]  # fmt: skip
+          "top_logprobs", "user", "metadata", "stream", "routing", "parallel_tool_calls", "cache"]  # fmt: skip
 SLOW = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)

@@ -166,3 +166,19 @@ def file_key(file_id: str) -> str:
 def tenant_files_key(tenant: str) -> str:
     """Sorted set of one tenant's file ids, scored by upload time (``GET /v1/files``)."""
     return f"{KEY_PREFIX}tenant:{tenant}:files"
+
+
+# -- the response cache (its own prefix: it may live in another Redis, see INFERPOOL_CACHE_REDIS_URL) --------
+
+CACHE_PREFIX = KEY_PREFIX + "cache:"
+#: Sorted set of cached answers by the time they were stored (the oldest are evicted past the cap).
+CACHE_INDEX_KEY = CACHE_PREFIX + "index"
+
+
+def cache_entry_key(digest: str) -> str:
+    return f"{CACHE_PREFIX}answer:{digest}"
+
+
+def cache_lock_key(digest: str) -> str:
+    """Held by the request computing an answer, while identical ones wait for it."""
+    return f"{CACHE_PREFIX}lock:{digest}"

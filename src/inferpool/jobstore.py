@@ -82,6 +82,7 @@ class NewJob:
     metadata: dict[str, str] = field(default_factory=dict)
     tenant: str | None = None
     input_file_id: str | None = None
+    cache: bool | None = None  # lines that set no ``cache`` of their own get this one (not stored)
 
 
 class RequestCounts(BaseModel):

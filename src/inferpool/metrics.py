@@ -32,6 +32,8 @@ _COUNTERS = (
     ("prompt_tokens", "inferpool_prompt_tokens", "Prompt tokens."),
     ("completion_tokens", "inferpool_completion_tokens", "Completion tokens."),
     ("cost_usd", "inferpool_cost_usd", "Cost in USD, from the registry's prices."),
+    ("cache_hits", "inferpool_cache_hits", "Requests answered from the response cache (or an identical request)."),
+    ("saved_usd", "inferpool_cache_saved_usd", "Cost the response cache saved, in USD."),
 )
 
 

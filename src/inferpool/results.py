@@ -44,8 +44,8 @@ _WRITE_ONCE = (
 -- ARGV: ttl, result key prefix, model, mode, tenant, usage ttl, output stream key prefix, stream cap, then one
 --       record per
 --       result: request_id TAB completed|failed TAB prompt_tokens TAB completion_tokens TAB cost TAB
---       latency bucket TAB latency seconds TAB attempts TAB ttft bucket TAB ttft seconds TAB json
---       (an empty bucket: not measured)
+--       latency bucket TAB latency seconds TAB attempts TAB ttft bucket TAB ttft seconds TAB
+--       cached (1 or 0) TAB cost saved by the cache TAB json (an empty bucket: not measured)
 -- mode: '' a single request's result: its own key (SET NX), a wake-up for its waiter and, if the request is
 --       streamed (its output stream exists), the stream's last entry ('d'). 'job' a batch
 --       request's result: written only if the request's item is still in the job's items hash (it goes
@@ -71,7 +71,7 @@ local records = {}
 for i = first, #ARGV do
   local record = ARGV[i]
   local fields, pos = {}, 1
-  for f = 1, 10 do
+  for f = 1, 12 do
     local tab = string.find(record, '\t', pos, true)
     if tab == nil then return error('inferpool: malformed result record at position ' .. (i - first)) end
     fields[f] = string.sub(record, pos, tab - 1)
@@ -84,6 +84,7 @@ for i = first, #ARGV do
   if fields[6] ~= '' then r.bucket, r.latency = fields[6], number(fields[7], r.rid) end
   r.attempts = number(fields[8], r.rid)
   if fields[9] ~= '' then r.ttft_bucket, r.ttft = fields[9], number(fields[10], r.rid) end
+  r.cached, r.saved = fields[11] == '1', number(fields[12], r.rid)
   records[#records + 1] = r
 end
 local skipped = {}
@@ -92,7 +93,7 @@ if is_job and redis.call('EXISTS', KEYS[1]) == 0 then
   return skipped
 end
 local completed, failed, prompt, completion, cost = 0, 0, 0, 0, 0
-local latency_sum, retried, ttft_sum = 0, 0, 0
+local latency_sum, retried, ttft_sum, hits, saved = 0, 0, 0, 0, 0
 local buckets, ttft_buckets, settled = {}, {}, {}
 local function fresh(r)
   if mode == 'new' then return true end
@@ -119,6 +120,7 @@ for i, r in ipairs(records) do
       latency_sum = latency_sum + r.latency
     end
     if r.attempts > 1 then retried = retried + 1 end
+    if r.cached then hits, saved = hits + 1, saved + r.saved end
     if r.ttft_bucket then
       ttft_buckets[r.ttft_bucket] = (ttft_buckets[r.ttft_bucket] or 0) + 1
       ttft_sum = ttft_sum + r.ttft
@@ -146,6 +148,10 @@ local function count_usage(hash, m)
   redis.call('HINCRBY', hash, m .. 'retried', retried)
   for bucket, n in pairs(buckets) do
     redis.call('HINCRBY', hash, m .. 'latency|' .. bucket, n)
+  end
+  if hits > 0 then
+    redis.call('HINCRBY', hash, m .. 'cache_hits', hits)
+    redis.call('HINCRBYFLOAT', hash, m .. 'saved_usd', string.format('%.17g', saved))
   end
   if next(ttft_buckets) ~= nil then
     redis.call('HINCRBYFLOAT', hash, m .. 'ttft_sum', string.format('%.17g', ttft_sum))
@@ -203,6 +209,8 @@ class ResultRecord:
     tenant: str = DEFAULT_TENANT
     attempts: int = 1
     ttft_s: float | None = None
+    cached: bool = False
+    saved_usd: float = 0.0
 
     @classmethod
     def of(cls, result: RequestResult) -> ResultRecord:
@@ -227,7 +235,7 @@ class ResultRecord:
         head = (
             f"{self.request_id}\t{'completed' if self.ok else 'failed'}\t{self.prompt_tokens}\t"
             f"{self.completion_tokens}\t{self.cost_usd!r}\t{bucket}\t{self.latency_s or 0.0!r}\t{self.attempts}\t"
-            f"{ttft_bucket}\t{self.ttft_s or 0.0!r}\t"
+            f"{ttft_bucket}\t{self.ttft_s or 0.0!r}\t{1 if self.cached else 0}\t{self.saved_usd!r}\t"
         ).encode()
         return head + (compress_result(self.payload) if compressed else self.payload)
 

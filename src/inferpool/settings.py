@@ -91,6 +91,19 @@ class Settings(BaseSettings):
     batch_max_lines: int = Field(default=1_000_000, gt=0, description="Most lines one batch job may have.")
     batch_max_bytes: int = Field(default=2 * 1024**3, gt=0, description="Largest batch input file, in bytes.")
     batch_max_line_bytes: int = Field(default=1_000_000, gt=0, description="Largest single batch line.")
+    cache_redis_url: str | None = Field(
+        default=None,
+        description="A separate Redis for the response cache (default: the pool's); give it its own maxmemory.",
+    )
+    cache_max_entries: int = Field(
+        default=200_000, gt=0, description="Most answers the response cache keeps; the oldest go first."
+    )
+    cache_max_entry_bytes: int = Field(
+        default=64 * 1024, gt=0, description="Answers larger than this (as stored JSON) are not cached."
+    )
+    cache_wait_s: float = Field(
+        default=120.0, gt=0, description="How long a request waits for an identical one in flight to finish."
+    )
 
     @field_validator("registry", "models_dir", mode="before")
     @classmethod

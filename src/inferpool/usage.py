@@ -33,6 +33,8 @@ class ModelUsage(BaseModel):
     latency_p50_s: float | None = None
     latency_p95_s: float | None = None
     retried: int = 0
+    cache_hits: int = 0
+    saved_usd: float = 0.0
     latency_sum_s: float = 0.0
     latency_histogram: dict[float, int] = {}
     ttft_p50_s: float | None = None
@@ -81,13 +83,16 @@ def usage_from_counters(counters: Mapping[str, str], *, by_tenant: bool = False)
         kind, _, bound = counter.partition("|")
         if kind in _HISTOGRAMS and bound:
             histograms.setdefault((kind, tenant, model), {})[float(bound)] = int(value)
-        elif counter == "cost_usd":
-            row.cost_usd = float(value)
+        elif counter in ("cost_usd", "saved_usd"):
+            setattr(row, counter, float(value))
         elif counter in ("latency_sum", "ttft_sum"):
             setattr(row, f"{counter}_s", float(value))
-        elif counter == "retried":
-            row.retried = int(value)
-        elif counter in ("requests", "errors", "prompt_tokens", "completion_tokens"):
+        elif counter in ("retried", "cache_hits") or counter in (
+            "requests",
+            "errors",
+            "prompt_tokens",
+            "completion_tokens",
+        ):
             setattr(row, counter, int(value))
     for (kind, tenant, model), histogram in histograms.items():
         row = rows[(tenant, model)]
@@ -110,7 +115,7 @@ def merge_usage(rows: Iterable[ModelUsage]) -> list[ModelUsage]:
             continue
         total = merged[key]
         for name in ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_usd", "retried",
-                     "latency_sum_s", "ttft_sum_s"):  # fmt: skip
+                     "cache_hits", "saved_usd", "latency_sum_s", "ttft_sum_s"):  # fmt: skip
             setattr(total, name, getattr(total, name) + getattr(row, name))
         for kind in _HISTOGRAMS:
             histogram: dict[float, int] = getattr(total, f"{kind}_histogram")

@@ -173,7 +173,7 @@ class StreamOptions(BaseModel):
 class ChatRequest(BaseModel):
     """The OpenAI chat-completions request body. Unknown fields are refused, not silently ignored.
 
-    ``routing`` is inferpool's own (used with ``model: "auto"``); it is never sent to a provider.
+    ``routing`` (used with ``model: "auto"``) and ``cache`` are inferpool's own; never sent to a provider.
     """
 
     model_config = _STRICT
@@ -199,6 +199,11 @@ class ChatRequest(BaseModel):
     stream: bool | None = Field(default=None, description="Publish the answer as it is generated (``Client.stream``).")
     stream_options: StreamOptions | None = None
     routing: RoutingHints | None = None
+    cache: bool | None = Field(
+        default=None,
+        description="inferpool's own, never sent to a provider: false never uses the response cache, true also "
+        "caches a request that samples; unset follows the model's registry entry.",
+    )
 
     @field_validator("response_format", "tools", "tool_choice")
     @classmethod
@@ -364,6 +369,9 @@ class ServingStats(BaseModel):
     attempts: int = Field(default=1, ge=1)
     cost_usd: float = Field(default=0.0, ge=0.0, description="From the registry's prices.")
     hooks_s: float | None = Field(default=None, ge=0.0, description="Time spent in the model's hooks, if it has any.")
+    cached: bool | None = Field(
+        default=None, description="True: the answer came from the response cache (or an identical request)."
+    )
 
 
 class RequestResult(BaseModel):

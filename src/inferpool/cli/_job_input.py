@@ -31,6 +31,13 @@ rows_option = click.option(
 )  # fmt: skip
 
 
+cache_option = click.option(
+    "--cache/--no-cache", default=None,
+    help="Use the response cache for every line that does not choose (default: as each model's registry entry "
+         "says: deterministic requests of models with a cache).",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class JobInput:
     """A JSONL file, or a template and its rows."""
@@ -61,10 +68,11 @@ class JobInput:
         parser = BatchLineParser(router, max_line_bytes=settings.batch_max_line_bytes)
         return {line.spec.name for line in parser.parse(self.lines()) if isinstance(line, AcceptedLine)}
 
-    def create(self, client: Client, priority: int, completion_window: str) -> BatchJob:
+    def create(self, client: Client, priority: int, completion_window: str, cache: bool | None = None) -> BatchJob:
         if self.input_path is not None:
-            return client.batches.create(self.input_path, priority=priority, completion_window=completion_window)
+            return client.batches.create(self.input_path, priority=priority, completion_window=completion_window,
+                                         cache=cache)  # fmt: skip
         assert self.template_path is not None
         assert self.rows_path is not None
         return client.batches.create_from_template(self.template_path, self.rows_path, priority=priority,
-                                                   completion_window=completion_window)  # fmt: skip
+                                                   completion_window=completion_window, cache=cache)  # fmt: skip

@@ -115,16 +115,18 @@ class Batches:
         metadata: Mapping[str, str] | None = None,
         tenant: str | None = None,
         input_file_id: str | None = None,
+        cache: bool | None = None,
     ) -> BatchJob:
         """Validate and queue every line of ``source`` (a JSONL path, or lines / line dicts); return the job.
 
         Bad lines are settled at once with an error result; the file as a whole is refused
         (``BatchRefused``) only if it is not JSONL at all or exceeds the job limits. ``tenant`` owns the
         job and is counted its usage (a gateway serving many tenants); ``input_file_id`` is recorded for
-        the OpenAI batch object.
+        the OpenAI batch object. ``cache`` (true or false) is the response-cache choice of every line that
+        makes none of its own.
         """
         settings = self._settings
-        options = self._options(priority, completion_window, metadata, tenant, input_file_id)
+        options = self._options(priority, completion_window, metadata, tenant, input_file_id, cache)
         if isinstance(source, str | os.PathLike):
             path = Path(source)
             _check_file(path, settings.batch_max_bytes, settings.batch_max_lines)
@@ -133,7 +135,7 @@ class Batches:
         return self._create(_source_lines(source), options)
 
     def _options(self, priority: int, completion_window: str, metadata: Mapping[str, str] | None,
-                 tenant: str | None, input_file_id: str | None) -> NewJob:  # fmt: skip
+                 tenant: str | None, input_file_id: str | None, cache: bool | None) -> NewJob:  # fmt: skip
         window_s = parse_window(completion_window)
         if window_s > self._settings.result_ttl_s:
             raise BatchRefused(
@@ -142,7 +144,8 @@ class Batches:
                 "ends; use a shorter window or a longer retention"
             )
         return NewJob(priority=priority, window_s=window_s, window_label=completion_window,
-                      metadata=dict(metadata or {}), tenant=tenant, input_file_id=input_file_id)  # fmt: skip
+                      metadata=dict(metadata or {}), tenant=tenant, input_file_id=input_file_id,
+                      cache=cache)  # fmt: skip
 
     def create_from_template(
         self,
@@ -153,6 +156,7 @@ class Batches:
         completion_window: str = "24h",
         metadata: Mapping[str, str] | None = None,
         tenant: str | None = None,
+        cache: bool | None = None,
     ) -> BatchJob:
         """One request per row: ``template`` (a YAML file or a ``PromptTemplate``) rendered with each row of
         ``rows`` (a CSV, JSONL or Parquet file, or mappings). A row that cannot be rendered is its line's
@@ -164,13 +168,13 @@ class Batches:
             read_rows(Path(rows)) if isinstance(rows, str | os.PathLike) else (dict(row) for row in rows)
         )
         job_metadata = {**(metadata or {}), CUSTOM_ID_METADATA: prompt.custom_id}
-        return self._create(lines, self._options(priority, completion_window, job_metadata, tenant, None))
+        return self._create(lines, self._options(priority, completion_window, job_metadata, tenant, None, cache))
 
     def _create(self, lines: Iterable[str | bytes | UnrenderedRow], options: NewJob) -> BatchJob:
         job_id = new_id("batch")
         self._store.create(job_id, options)
         try:
-            total, models = self._upload(job_id, lines, options.tenant)
+            total, models = self._upload(job_id, lines, options)
         except BaseException as exc:
             # The lines read so far may be running already; the job must not stay 'validating' for ever.
             if isinstance(exc, BatchRefused):
@@ -186,9 +190,9 @@ class Batches:
         return self.retrieve(job_id)
 
     def _upload(self, job_id: str, lines: Iterable[str | bytes | UnrenderedRow],
-                tenant: str | None) -> tuple[int, set[str]]:  # fmt: skip
+                options: NewJob) -> tuple[int, set[str]]:  # fmt: skip
         """Validate and queue every line; returns how many there were and the models they need."""
-        settings = self._settings
+        settings, tenant = self._settings, options.tenant
         parser = BatchLineParser(self._router, max_line_bytes=settings.batch_max_line_bytes)
         pending: list[TaskItem] = []
         rejected: list[RequestResult] = []
@@ -201,6 +205,8 @@ class Batches:
                                    "input into several jobs")  # fmt: skip
             if isinstance(parsed, AcceptedLine):
                 request = parsed.request
+                if options.cache is not None and request.cache is None:
+                    request = request.model_copy(update={"cache": options.cache})
                 pending.append(TaskItem.model_construct(request_id=new_id("req"), custom_id=parsed.custom_id,
                                                         tenant=tenant or self._tenant_for(request),
                                                         request=request,
@@ -310,10 +316,11 @@ class AsyncBatches:
         metadata: Mapping[str, str] | None = None,
         tenant: str | None = None,
         input_file_id: str | None = None,
+        cache: bool | None = None,
     ) -> BatchJob:
         return await asyncio.to_thread(self._sync.create, source, priority=priority,
                                        completion_window=completion_window, metadata=metadata, tenant=tenant,
-                                       input_file_id=input_file_id)  # fmt: skip
+                                       input_file_id=input_file_id, cache=cache)  # fmt: skip
 
     async def create_from_template(
         self,

@@ -66,6 +66,16 @@ class ServingSpec(BaseModel):
         return self.in_flight_per_worker or 2 * self.chunk_size * self.concurrency
 
 
+class CacheSpec(BaseModel):
+    """A model's response cache: answers to identical requests are reused for ``ttl_s``."""
+
+    model_config = _STRICT
+    ttl_s: int = Field(default=7 * 24 * 3600, gt=0, description="How long a cached answer is reused.")
+    any_temperature: bool = Field(
+        default=False, description="Also cache requests that sample (no temperature 0, no seed)."
+    )
+
+
 class HookSpec(BaseModel):
     """A hook a model's requests go through: its entry-point name and its params."""
 
@@ -145,6 +155,7 @@ class ModelSpec(BaseModel):
     hooks: list[HookSpec] = Field(
         default_factory=list, description="Hooks (inferpool.hooks entry points) its requests and answers go through."
     )
+    cache: CacheSpec | None = Field(default=None, description="Reuse answers to identical requests (opt-in).")
     description: str = ""
 
     _hooks_by_name = field_validator("hooks", mode="before")(_hook_specs)

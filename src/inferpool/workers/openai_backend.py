@@ -44,7 +44,8 @@ class OpenAIBackend(ApiBackend):
         body["model"] = self.provider_model
         body.pop("stream", None)  # the backend decides (params.stream, or a reader waiting for deltas)
         body.pop("stream_options", None)
-        body.pop("routing", None)  # inferpool's own field
+        body.pop("routing", None)  # inferpool's own fields
+        body.pop("cache", None)
         return body
 
     async def call(self, arguments: dict[str, Any]) -> ProviderReply:

@@ -35,6 +35,7 @@ from inferpool.settings import Settings
 from inferpool.streams import DeltaSink, bind_delta_sink, open_streams, unbind_delta_sink
 from inferpool.wire import ChatRequest, TaskChunk, TaskItem, random_hex
 from inferpool.workers.backend import Backend, ExtraChoice, Generation, GenerationOutcome
+from inferpool.workers.cache import CachePlan, ResponseCache, cache_key, cache_ttl_s
 from inferpool.workers.failures import FailurePolicy
 from inferpool.workers.hooks import HookChain
 
@@ -108,10 +109,12 @@ class WorkerRuntime:
         registry: Registry | None = None,
         celery: Celery | None = None,
         hooks: HookChain | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.spec = spec
         self.backend = backend
         self.hooks = hooks or HookChain()
+        self.cache = cache
         self.settings = settings
         self.worker_id = worker_id or default_worker_id(spec.name)
         self._redis = redis_client
@@ -173,7 +176,7 @@ class WorkerRuntime:
                 runnable.append(item)
         streamed = [item.request_id for item in todo if item.request.stream and item.request_id not in unreadable]
         open_streams(self._redis, streamed, self.spec.name, chunk.result_ttl_s)
-        outcomes.update(self._generate(runnable, chunk.result_ttl_s))
+        cached = self._answer(runnable, chunk.result_ttl_s, outcomes)
         if self.hooks.hooks:
             self._after_hooks(runnable, outcomes, hook_s)
         moving = [(item, outcome, target) for item in runnable
@@ -182,8 +185,8 @@ class WorkerRuntime:
         self._failures.forward(chunk, moving)
         moved = {item.request_id for item, _, _ in moving}
         todo = [item for item in todo if item.request_id not in moved]
-        records = [self._record(chunk, item, outcomes[item.request_id], started, hook_s.get(item.request_id))
-                   for item in todo]  # fmt: skip
+        records = [self._record(chunk, item, outcomes[item.request_id], started, hook_s.get(item.request_id),
+                                cached=item.request_id in cached) for item in todo]  # fmt: skip
         flags = self._writer.write_records(chunk.job_id, self.spec.name, records, chunk.result_ttl_s)
         self._failures.bury(chunk, todo, outcomes, flags)
         written = sum(flags)
@@ -191,6 +194,29 @@ class WorkerRuntime:
         report = ChunkReport(written, skipped, len(flags) - written, errors)
         log.info("chunk %s done: %s", chunk.describe(), report.as_dict())
         return report
+
+    def _answer(self, items: Sequence[TaskItem], ttl_s: int, outcomes: dict[str, GenerationOutcome]) -> set[str]:
+        """Put every item's outcome into ``outcomes``: from the response cache where the request may use it
+        (see ``inferpool.workers.cache``), else from the backend. Returns the ids answered from the cache."""
+        keys = {}
+        if self.cache is not None:
+            for item in items:
+                cache_ttl = cache_ttl_s(self.spec, item.request, self.settings.result_ttl_s)
+                if cache_ttl is not None:
+                    keys[item.request_id] = (cache_key(item.request), cache_ttl)
+        if self.cache is None or not keys:
+            outcomes.update(self._generate(items, ttl_s))
+            return set()
+        plan = CachePlan(self.cache, keys, self.worker_id)
+        now = plan.first_run()
+        outcomes.update(self._generate([i for i in items if i.request_id not in keys or i.request_id in now], ttl_s))
+        plan.store(outcomes, plan.mine)
+        abandoned = plan.wait()
+        if abandoned:
+            late = {plan.leader[digest] for digest in abandoned}
+            outcomes.update(self._generate([i for i in items if i.request_id in late], ttl_s))
+            plan.store(outcomes, abandoned)
+        return plan.fill(outcomes)
 
     def _after_hooks(self, items: Sequence[TaskItem], outcomes: dict[str, GenerationOutcome],
                      hook_s: dict[str, float]) -> None:  # fmt: skip
@@ -294,7 +320,7 @@ class WorkerRuntime:
     # validates every result it reads (``RequestResult``), and the tests read them all.
 
     def _record(self, chunk: TaskChunk, item: TaskItem, outcome: GenerationOutcome, started: float,
-                hooks_s: float | None = None) -> ResultRecord:  # fmt: skip
+                hooks_s: float | None = None, *, cached: bool = False) -> ResultRecord:  # fmt: skip
         now = time.time()
         latency = max(0.0, now - started)
         stats: dict[str, object] = {
@@ -322,6 +348,10 @@ class WorkerRuntime:
             payload = pydantic_core.to_json(data)
             return ResultRecord(item.request_id, False, 0, 0, 0.0, latency, payload, tenant, outcome.attempts)
         cost = self.spec.pricing.cost(outcome.prompt_tokens, outcome.completion_tokens)
+        saved = 0.0
+        if cached:  # tokens are recorded as they were; the answer cost nothing this time
+            stats["cached"] = True
+            cost, saved = 0.0, cost
         stats["cost_usd"] = cost
         ttft = None if outcome.first_token_at is None else min(latency, max(0.0, outcome.first_token_at - started))
         if ttft is not None:
@@ -329,7 +359,7 @@ class WorkerRuntime:
         data["response"] = self._completion(outcome, int(now))
         payload = pydantic_core.to_json(data)
         return ResultRecord(item.request_id, True, outcome.prompt_tokens, outcome.completion_tokens, cost, latency,
-                            payload, tenant, outcome.attempts, ttft)  # fmt: skip
+                            payload, tenant, outcome.attempts, ttft, cached, saved)  # fmt: skip
 
     def _completion(self, generation: Generation, created: int) -> dict[str, object]:
         choices: tuple[Generation | ExtraChoice, ...] = (generation, *generation.extra_choices)

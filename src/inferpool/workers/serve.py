@@ -15,6 +15,7 @@ from inferpool.model_registry.registry import Registry
 from inferpool.redis_connection import connect_redis
 from inferpool.settings import Settings
 from inferpool.workers.backend import create_backend
+from inferpool.workers.cache import ResponseCache
 from inferpool.workers.hooks import load_hooks
 from inferpool.workers.runtime import WorkerRuntime
 from inferpool.workers.tasks import install_tasks
@@ -42,8 +43,9 @@ def serve_model(model: str, settings: Settings, *, concurrency: int | None = Non
             f"backend {spec.backend!r} for model {spec.name!r} needs a package that is not installed: {exc}"
         ) from exc
     app = create_celery_app(settings)
+    cache_redis = connect_redis(settings.cache_redis_url) if settings.cache_redis_url else redis_client
     runtime = WorkerRuntime(spec, backend, redis_client, settings, worker_id, registry=registry, celery=app,
-                            hooks=hooks)  # fmt: skip
+                            hooks=hooks, cache=ResponseCache(cache_redis, settings))  # fmt: skip
     install_tasks(app, runtime)
 
     def on_ready(**_: Any) -> None:
