@@ -87,7 +87,8 @@ def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         "name": model, "backend": backend,
         "params": {"path": str(_checkpoint()), "dtype": "float32", **ENGINES[backend]},
         "capabilities": {"context_window": 2048, "max_output_tokens": 512, "default_max_tokens": 64,
-                         "json_mode": backend == "vllm", "logprobs": backend == "vllm", "max_n": 4},
+                         "json_mode": backend == "vllm", "logprobs": backend == "vllm", "tools": backend == "vllm",
+                         "max_n": 4},
         "serving": {"concurrency": 4, "chunk_size": 8},
         "lora_adapters": {"tiny": str(adapter)},
     }  # fmt: skip
@@ -233,3 +234,43 @@ def test_structured_output_logprobs_and_n_where_the_engine_has_them(engine: Engi
     assert several.response is not None
     assert [choice.index for choice in several.response.choices] == [0, 1, 2]
     assert 3 <= several.response.usage.completion_tokens <= 24  # every choice counted, each at most 8
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                          "required": ["city"]}}}  # fmt: skip
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}}, "required": ["zone"]}}}  # fmt: skip
+
+
+def test_tool_calls_where_the_engine_makes_them(engine: Engine, client: Client) -> None:
+    """vLLM constrains the answer to the tools' schemas ("required" or a named function), so even a
+    135M model answers with well-formed calls; transformers refuses tools."""
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    body = {"model": engine.model, "messages": ask, "max_tokens": 60, "temperature": 0, "tools": [WEATHER, CLOCK]}
+    if engine.model.startswith("smollm2-transformers"):
+        with pytest.raises(CapabilityMismatch, match="tools"):
+            client.submit({**body, "tool_choice": "required"})
+        return
+    required = client.submit({**body, "tool_choice": "required", "parallel_tool_calls": False}).result(TIMEOUT_S)
+    assert required.response is not None, required.error
+    choice = required.response.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls is not None
+    (call,) = choice.message.tool_calls
+    assert call.function.name in ("get_weather", "get_time")
+    assert set(json.loads(call.function.arguments)) == ({"city"} if call.function.name == "get_weather" else {"zone"})
+    named = client.submit({**body, "tool_choice": {"type": "function", "function": {"name": "get_time"}}})
+    (clock,) = named.result(TIMEOUT_S).response.choices[0].message.tool_calls or []  # type: ignore[union-attr]
+    assert clock.function.name == "get_time"
+    assert isinstance(json.loads(clock.function.arguments)["zone"], str)
+    follow_up = [*ask, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]  # fmt: skip
+    answer = client.submit({**body, "messages": follow_up, "tool_choice": "none"}).result(TIMEOUT_S)
+    assert answer.response is not None, answer.error
+    assert answer.response.choices[0].message.tool_calls is None
+    assert answer.response.text
+    auto = client.submit({**body, "tool_choice": "auto"}).result(TIMEOUT_S)
+    assert auto.error is not None
+    assert auto.error.code == "capability_mismatch"
+    assert "tool_choice 'required'" in auto.error.message

@@ -4,6 +4,7 @@ prompt, the context-window check and LoRA adapter selection.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ from inferpool._exceptions import ContextLengthExceeded, InvalidRequest, ModelLo
 from inferpool.constants import split_adapter
 from inferpool.model_registry.checkpoints import ensure_hf_checkpoint, package_file
 from inferpool.model_registry.spec import ModelSpec
-from inferpool.wire import ChatRequest
+from inferpool.wire import ChatMessage, ChatRequest
+from inferpool.workers.local_tools import tools_prompt
 
 
 class CheckpointParams(BaseModel):
@@ -50,14 +52,29 @@ class CheckpointParams(BaseModel):
 
 
 def chat_prompt_ids(tokenizer: Any, request: ChatRequest) -> list[int]:
-    """The request's messages through the model's chat template, ending with the assistant's turn."""
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages]
+    """The request's messages through the model's chat template, ending with the assistant's turn. An
+    assistant's tool calls are shown as their JSON; tools go to templates that render them, else into a
+    first system message."""
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
+                for m in request.messages]  # fmt: skip
+    extra: dict[str, Any] = {}
+    if request.tools and request.tool_choice != "none":
+        if "tools" in str(getattr(tokenizer, "chat_template", "") or ""):
+            extra["tools"] = request.tools
+        else:
+            messages.insert(0, {"role": "system", "content": tools_prompt(request)})
     try:
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
     except Exception as exc:  # jinja template errors carry the useful message
         raise InvalidRequest(f"the model's chat template rejected these messages: {exc}") from exc
     ids: list[int] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return ids
+
+
+def _message_text(message: ChatMessage) -> str:
+    if message.role == "assistant" and message.tool_calls and not message.text():
+        return json.dumps([call.get("function") for call in message.tool_calls])
+    return message.text()
 
 
 def output_budget(spec: ModelSpec, request: ChatRequest, prompt_tokens: int, context_window: int) -> int:

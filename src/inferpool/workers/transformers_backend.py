@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from inferpool._exceptions import InvalidRequest, ModelLoadError, RequestError
+from inferpool._exceptions import CapabilityMismatch, InvalidRequest, ModelLoadError, RequestError
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
 from inferpool.wire import ChatRequest, FinishReason
@@ -145,6 +145,9 @@ class TransformersBackend:
                 raise InvalidRequest(f"{name} is not supported by the transformers backend; leave it out or set 0")
         if request.response_format and request.response_format.get("type", "text") != "text":
             raise InvalidRequest("response_format is not supported by the transformers backend; leave it out")
+        if request.tools and request.tool_choice != "none":
+            raise CapabilityMismatch("tool calls are not supported by the transformers backend; serve the model "
+                                     "with vLLM, or send the request without tools")  # fmt: skip
         adapter = requested_adapter(self.spec, request)
         prompt_ids = chat_prompt_ids(self.tokenizer, request)
         max_new = output_budget(self.spec, request, len(prompt_ids), self.context_window)

@@ -7,7 +7,8 @@ streamed as deltas: the first delta with a token is the time to first token.
 
 OpenAI parameters map to ``SamplingParams``: max_tokens, temperature, top_p, stop, seed, n,
 presence/frequency penalty, logprobs/top_logprobs; ``response_format`` (json_object, json_schema) maps
-to structured outputs. ``model: "<model>:<adapter>"`` selects a LoRA adapter listed in the registry,
+to structured outputs, and so do ``tools`` with ``tool_choice`` "required" or a named function (see
+``local_tools``). ``model: "<model>:<adapter>"`` selects a LoRA adapter listed in the registry,
 which vLLM loads on first use. Engine settings come from the registry entry's ``params``.
 """
 
@@ -17,7 +18,7 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from pydantic import Field
@@ -29,6 +30,7 @@ from inferpool.streams import current_delta_sink
 from inferpool.wire import ChatRequest, FinishReason
 from inferpool.workers.backend import ExtraChoice, Generation, GenerationOutcome, gather_outcomes, parse_params
 from inferpool.workers.local_model import CheckpointParams, chat_prompt_ids, output_budget, requested_adapter
+from inferpool.workers.local_tools import tool_call_schema, tool_calls_from_output
 
 
 class VllmParams(CheckpointParams):
@@ -142,7 +144,12 @@ class VllmBackend:
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         structured = None
-        if request.response_format:
+        calls = tool_call_schema(request)
+        if calls is not None:
+            if request.response_format:
+                raise InvalidRequest("give tools or response_format, not both")
+            structured = StructuredOutputsParams(json=calls)
+        elif request.response_format:
             kind = request.response_format.get("type", "text")
             if kind == "json_object":
                 structured = StructuredOutputsParams(json_object=True)
@@ -185,6 +192,7 @@ class VllmBackend:
             max_tokens = output_budget(self.spec, request, len(prompt_ids), self.context_window)
             params = self._sampling_params(request, max_tokens)
             lora = self._lora_request(request)
+            calls_tools = tool_call_schema(request) is not None
         except RequestError as exc:
             return exc
         first_token_at: float | None = None
@@ -202,8 +210,8 @@ class VllmBackend:
                 for delta in output.outputs:
                     if first_token_at is None and delta.token_ids:
                         first_token_at = time.time()
-                    if sink is not None and delta.index == 0:
-                        sink.emit(delta.text)
+                    if sink is not None and delta.index == 0 and not calls_tools:
+                        sink.emit(delta.text)  # (a tool call's JSON is not text: the calls come at the end)
                     choice = choices.setdefault(delta.index, _Choice())
                     choice.text.append(delta.text)
                     choice.token_ids.extend(delta.token_ids)
@@ -214,7 +222,14 @@ class VllmBackend:
             return InvalidRequest(f"vLLM refused the request: {exc}")
         except Exception as exc:  # an engine failure: every request in it fails, the worker keeps serving
             return ProviderError(f"vLLM engine error: {type(exc).__name__}: {exc}")
-        return self._generation(request, prompt_ids, choices, first_token_at)
+        generation = self._generation(request, prompt_ids, choices, first_token_at)
+        if not calls_tools:
+            return generation
+        try:
+            calls = tool_calls_from_output(request, generation.text)
+        except RequestError as exc:
+            return exc
+        return replace(generation, text="", finish_reason="tool_calls", tool_calls=calls)
 
     def _generation(
         self, request: ChatRequest, prompt_ids: list[int], choices: dict[int, _Choice], first_token_at: float | None
