@@ -328,7 +328,7 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class Choice(BaseModel):
@@ -368,10 +368,11 @@ class ServingStats(BaseModel):
     )
     attempts: int = Field(default=1, ge=1)
     cost_usd: float = Field(default=0.0, ge=0.0, description="From the registry's prices.")
-    hooks_s: float | None = Field(default=None, ge=0.0, description="Time spent in the model's hooks, if it has any.")
-    cached: bool | None = Field(
-        default=None, description="True: the answer came from the response cache (or an identical request)."
-    )
+    hooks_s: float | None = Field(default=None, ge=0.0, exclude_if=lambda value: value is None,
+                                  description="Time spent in the model's hooks, if it has any.")  # fmt: skip
+    cached: bool | None = Field(default=None, exclude_if=lambda value: value is None,
+                                description="True: the answer came from the response cache (or an identical "
+                                "request).")  # fmt: skip
 
 
 class RequestResult(BaseModel):
