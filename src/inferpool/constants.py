@@ -182,3 +182,11 @@ def cache_entry_key(digest: str) -> str:
 def cache_lock_key(digest: str) -> str:
     """Held by the request computing an answer, while identical ones wait for it."""
     return f"{CACHE_PREFIX}lock:{digest}"
+
+
+# -- scheduler leadership --------------------------------------------------------------------------------
+
+#: The leader's lease: "<fencing token>|<owner>", expiring unless renewed.
+SCHEDULER_LEASE_KEY = KEY_PREFIX + "scheduler:lease"
+#: Counter of leaderships: each new leader's fencing token is larger than every earlier one.
+SCHEDULER_FENCE_KEY = KEY_PREFIX + "scheduler:fence"

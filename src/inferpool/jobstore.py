@@ -32,6 +32,7 @@ from inferpool.constants import (
     JOBS_ACTIVE_KEY,
     JOBS_INDEX_KEY,
     MODEL_INFLIGHT_KEY,
+    SCHEDULER_LEASE_KEY,
     job_completed_stream_key,
     job_inflight_since_key,
     job_items_key,
@@ -125,10 +126,18 @@ class BatchJob(BaseModel):
 _TIMESTAMPS = ("in_progress_at", "finalizing_at", "completed_at", "cancelling_at", "cancelled_at", "expired_at",
                "failed_at", "expires_at")  # fmt: skip
 
+#: The error a fenced script answers when the caller's lease (fencing value) is no longer the current one
+#: (written out in the scripts below).
+NOT_LEADER_ERROR = "inferpool: not the leader"
+
 # Moves up to ARGV[1] request ids from a pending list (KEYS[1]) into flight: stamped in the job's
 # in-flight set (KEYS[2]) and counted for the model (ARGV[2]) in KEYS[3] and the job (KEYS[4]). The items
-# stay where they are (the job's items hash): only ids move, whatever the prompts' size.
+# stay where they are (the job's items hash): only ids move, whatever the prompts' size. Fenced: with a
+# lease value (ARGV[5]), nothing moves unless the scheduler lease (KEYS[5]) still holds it.
 _TAKE_PENDING = """
+if ARGV[5] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[5] then
+  return redis.error_reply('inferpool: not the leader')
+end
 local rids = redis.call('LPOP', KEYS[1], ARGV[1])
 if not rids then
   return {}
@@ -145,10 +154,13 @@ return rids
 
 # In-flight requests dispatched before ARGV[1] (at most ARGV[3]), re-stamped ARGV[2], to be re-sent:
 # returns request id, holding model pairs (KEYS[1] the in-flight set, KEYS[2] the items hash). An id whose
-# item is gone (answered meanwhile) is dropped from the set.
+# item is gone (answered meanwhile) is dropped from the set. Fenced like _TAKE_PENDING (KEYS[3], ARGV[4]).
 _TAKE_STALE = (
     LUA_INFLIGHT_MODEL
     + """
+if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[4] then
+  return redis.error_reply('inferpool: not the leader')
+end
 local rids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
 local out = {}
 for _, rid in ipairs(rids) do
@@ -210,6 +222,19 @@ if redis.call('HGET', KEYS[1], 'status') == 'validating' then
   redis.call('HSET', KEYS[1], 'status', 'in_progress', 'in_progress_at', ARGV[2])
 end
 """
+
+
+class NotLeader(Exception):
+    """A fenced script refused: another scheduler holds the lease now."""
+
+
+def _fenced(script: Any, keys: list[str], args: list[Any]) -> Any:
+    try:
+        return script(keys=keys, args=args)
+    except redis.ResponseError as exc:
+        if NOT_LEADER_ERROR in str(exc):
+            raise NotLeader(str(exc)) from exc
+        raise
 
 
 def _pairs(flat: Sequence[Any]) -> list[tuple[Any, Any]]:
@@ -410,13 +435,16 @@ class JobStore:
 
     # -- scheduling ----------------------------------------------------------------------------------
 
-    def take_pending(self, job_id: str, model: str, limit: int) -> list[str]:
-        """Atomically move up to ``limit`` pending requests of ``model`` into flight; returns their ids."""
-        keys = [job_pending_key(job_id, model), job_inflight_since_key(job_id), MODEL_INFLIGHT_KEY, job_key(job_id)]
-        rids: Any = self._take(keys=keys, args=[limit, model, time.time(), self.result_ttl_s])
+    def take_pending(self, job_id: str, model: str, limit: int, fence: str = "") -> list[str]:
+        """Atomically move up to ``limit`` pending requests of ``model`` into flight; returns their ids.
+        With ``fence`` (the scheduler lease's value), ``NotLeader`` if the lease is not that any more."""
+        keys = [job_pending_key(job_id, model), job_inflight_since_key(job_id), MODEL_INFLIGHT_KEY, job_key(job_id),
+                SCHEDULER_LEASE_KEY]  # fmt: skip
+        rids: Any = _fenced(self._take, keys, [limit, model, time.time(), self.result_ttl_s, fence])
         return [decode_text(rid) for rid in rids]
 
-    def take_stale_inflight(self, job_id: str, older_than_s: float, limit: int = 1000) -> list[tuple[str, str]]:
+    def take_stale_inflight(self, job_id: str, older_than_s: float, limit: int = 1000,
+                            fence: str = "") -> list[tuple[str, str]]:  # fmt: skip
         """(request id, holding model) of requests dispatched more than ``older_than_s`` ago, stamped as
         dispatched now.
 
@@ -424,8 +452,8 @@ class JobStore:
         a message lost with a Redis that kept no AOF); these are re-sent so the job still finishes.
         """
         now = time.time()
-        keys = [job_inflight_since_key(job_id), job_items_key(job_id)]
-        flat: Any = self._stale(keys=keys, args=[now - older_than_s, now, limit])
+        keys = [job_inflight_since_key(job_id), job_items_key(job_id), SCHEDULER_LEASE_KEY]
+        flat: Any = _fenced(self._stale, keys, [now - older_than_s, now, limit, fence])
         return [(decode_text(rid), decode_text(model)) for rid, model in _pairs(flat)]
 
     def inflight_refs(self, job_id: str) -> list[tuple[str, str]]:

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
         "the visibility timeout, after which Celery itself would have redelivered it).",
     )
     heartbeat_ttl_s: int = Field(default=15, gt=1, description="Seconds a worker heartbeat lives.")
+    scheduler_lease_s: float = Field(
+        default=6.0, ge=1.0,
+        description="Life of the leading scheduler's lease (renewed every third of it): another scheduler takes "
+        "over at most this long plus a third after the leader dies.",
+    )  # fmt: skip
     log_level: str = Field(default="INFO")
     task_events: bool = Field(
         default=False,

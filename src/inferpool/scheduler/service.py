@@ -34,9 +34,10 @@ from inferpool._exceptions import ModelNotFound
 from inferpool.celery_app import publish_chunk_json
 from inferpool.constants import JOBS_ACTIVE_KEY, Priority, job_key
 from inferpool.heartbeats import count_live_workers
-from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus, JobStore
+from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus, JobStore, NotLeader
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
+from inferpool.scheduler.lease import SchedulerLease
 from inferpool.settings import Settings
 from inferpool.wire import chunk_json, describe_chunk
 
@@ -48,6 +49,9 @@ _STALE_CHECK_EVERY_S = 5.0
 MAX_JOB_FAULTS = 3
 #: Errors of Redis or the broker: they stop the tick (the loop retries), never a job.
 INFRASTRUCTURE_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, OperationalError)
+
+#: What ends a tick instead of being a job's fault: infrastructure errors and a lost lease.
+_STOP_TICK_ERRORS: tuple[type[Exception], ...] = (*INFRASTRUCTURE_ERRORS, NotLeader)
 
 _T = TypeVar("_T")
 
@@ -87,8 +91,10 @@ def _job_view(job_id: str, values: list[bytes | None]) -> _JobView:
 
 
 class Scheduler:
-    def __init__(self, client: redis.Redis, settings: Settings, registry: Registry, celery: Celery) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, registry: Registry, celery: Celery,
+                 lease: SchedulerLease | None = None) -> None:  # fmt: skip
         self.redis = client
+        self.lease = lease
         self.settings = settings
         self.registry = registry
         self.celery = celery
@@ -119,10 +125,11 @@ class Scheduler:
     # -- containment -----------------------------------------------------------------------------------
 
     def _guard(self, job_id: str, step: Callable[..., _T], *args: object) -> _T | None:
-        """Run one job's ``step``; an error other than Redis's is that job's alone (None is returned)."""
+        """Run one job's ``step``; an error other than Redis's (or a lost lease) is that job's alone (None is
+        returned)."""
         try:
             return step(*args)
-        except INFRASTRUCTURE_ERRORS:
+        except _STOP_TICK_ERRORS:
             raise
         except Exception as exc:
             self._job_fault(job_id, exc)
@@ -165,6 +172,15 @@ class Scheduler:
                     refused, model, self.registry.describe_sources())  # fmt: skip
         return refused
 
+    def _fence(self) -> str:
+        """The lease value the dispatch scripts must find ('' without a lease: a scheduler run alone)."""
+        if self.lease is None:
+            return ""
+        value = self.lease.value
+        if value is None:
+            raise NotLeader("this scheduler does not hold the lease")
+        return value
+
     # -- one tick --------------------------------------------------------------------------------------
 
     def tick(self) -> int:
@@ -189,7 +205,8 @@ class Scheduler:
     def _resend_stale(self, job: _JobView) -> int:
         """Re-send requests in flight for longer than the stale limit (their chunk may be lost)."""
         by_model: dict[str, list[str]] = defaultdict(list)
-        for request_id, model in self.store.take_stale_inflight(job.job_id, self.settings.stale_after_s()):
+        for request_id, model in self.store.take_stale_inflight(job.job_id, self.settings.stale_after_s(),
+                                                                 fence=self._fence()):  # fmt: skip
             by_model[model].append(request_id)
         resent = sum(
             self._publish_or_refuse(job.job_id, model, items, resent=True) for model, items in by_model.items()
@@ -318,7 +335,7 @@ class Scheduler:
         return sent
 
     def _take_and_publish(self, job_id: str, spec: ModelSpec, take: int) -> int:
-        request_ids = self.store.take_pending(job_id, spec.name, take)
+        request_ids = self.store.take_pending(job_id, spec.name, take, fence=self._fence())
         return self._publish(job_id, spec, request_ids) if request_ids else 0
 
     def _publish_or_refuse(self, job_id: str, model: str, request_ids: list[str], *, resent: bool) -> int:
@@ -353,14 +370,24 @@ class Scheduler:
     # -- the loop --------------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, idle_sleep_s: float = 0.1) -> None:
-        """Recover once, then tick until ``stop`` is set; Redis and broker errors are waited out."""
+        """Tick until ``stop`` is set; Redis and broker errors are waited out. With a lease, only while it
+        is held: each leadership starts with a recovery (recount, re-send in-flight requests)."""
         recovered = False
         while not stop.is_set():
             try:
+                if self.lease is not None and not self.lease.held:
+                    recovered = False
+                    if not self.lease.try_acquire():
+                        stop.wait(self.lease.try_interval_s)
+                        continue
                 if not recovered:
                     self.recover()
                     recovered = True
                 busy = self.tick() > 0
+            except NotLeader:
+                if self.lease is not None:
+                    self.lease.lose()
+                busy = False
             except INFRASTRUCTURE_ERRORS as exc:
                 log.warning("scheduler: Redis or the broker failed, retrying: %s", exc)
                 busy = False

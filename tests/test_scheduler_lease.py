@@ -1,0 +1,95 @@
+"""Several schedulers: one leads through a Redis lease, another takes over when it dies, and a deposed
+leader's dispatch is fenced off. Real scheduler and worker processes on a Redis of their own (the
+session's scheduler must not take part)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from inferpool import Client, JobStatus, Settings
+from inferpool.constants import SCHEDULER_LEASE_KEY
+from inferpool.jobstore import JobStore, NotLeader
+from inferpool.local_pool import EmbeddedRedis, start_scheduler_process, start_worker_process, stop_process
+from inferpool.scheduler.lease import SchedulerLease, lease_holder
+
+LEASE_S = 2.0
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def wait_until(condition: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_a_deposed_leader_cannot_dispatch(own_redis: EmbeddedRedis) -> None:
+    client = redis.Redis.from_url(own_redis.url)
+    store = JobStore(client, 3600)
+    first, second = SchedulerLease(client, "first", 5), SchedulerLease(client, "second", 5)
+    assert first.try_acquire()
+    assert not second.try_acquire()
+    assert store.take_pending("batch_x", "echo", 5, fence=first.value or "") == []
+    client.delete(SCHEDULER_LEASE_KEY)  # as if its lease lapsed while it was paused or cut off
+    assert second.try_acquire()
+    assert int((second.value or "0").partition("|")[0]) > int((first.value or "0").partition("|")[0])
+    with pytest.raises(NotLeader):
+        store.take_pending("batch_x", "echo", 5, fence=first.value or "")
+    with pytest.raises(NotLeader):
+        store.take_stale_inflight("batch_x", 0.0, fence=first.value or "")
+    assert store.take_pending("batch_x", "echo", 5, fence=second.value or "") == []
+    assert not first.renew()
+    assert not first.held
+    second.release()
+    assert lease_holder(client) is None
+
+
+def test_another_scheduler_takes_over_when_the_leader_dies(own_redis: EmbeddedRedis, tmp_path: Path) -> None:
+    env = {"INFERPOOL_SCHEDULER_LEASE_S": str(LEASE_S)}
+    client = redis.Redis.from_url(own_redis.url)
+    worker = start_worker_process("echo-slow", own_redis.url, tmp_path / "worker.log")
+    leader = start_scheduler_process(own_redis.url, tmp_path / "scheduler-a.log", env)
+    standby = None
+    try:
+        wait_until(lambda: lease_holder(client) is not None, 60, "no scheduler took the lease")
+        assert lease_holder(client) == f"{socket.gethostname()}-{leader.proc.pid}"
+        standby = start_scheduler_process(own_redis.url, tmp_path / "scheduler-b.log", env)
+        lines = [{"custom_id": f"l{i}", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "echo-slow", "messages": [{"role": "user", "content": f"line {i}"}]}}
+                 for i in range(300)]  # fmt: skip
+        with Client(settings=Settings(redis_url=own_redis.url)) as pool:
+            job = pool.batches.create(lines)
+            wait_until(lambda: pool.batches.retrieve(job.id).finished >= 40, 120, "the job made no progress")
+            os.killpg(leader.proc.pid, signal.SIGKILL)
+            leader.proc.wait(timeout=10)
+            assert pool.batches.retrieve(job.id).finished < 300  # the rest needs a scheduler to dispatch it
+            wait_until(lambda: lease_holder(client) == f"{socket.gethostname()}-{standby.proc.pid}",  # type: ignore[union-attr]
+                       60, "the standby did not take the lease")  # fmt: skip
+            done = pool.batches.wait(job.id, timeout=180)
+            outputs = list(pool.batches.results(job.id))
+        assert done.status is JobStatus.COMPLETED
+        assert done.request_counts.model_dump() == {"total": 300, "completed": 300, "failed": 0}
+        assert sorted(line.custom_id or "" for line in outputs) == sorted(f"l{i}" for i in range(300))
+        assert [row.requests for row in done.usage] == [300]  # every line counted once
+        stop_process(standby.proc, grace_s=15)
+        assert standby.proc.returncode == 0, standby.log_path.read_text()[-2000:]
+        assert lease_holder(client) is None  # a scheduler stopping gracefully hands the lease on at once
+    finally:
+        for process in (leader, standby, worker):
+            if process is not None:
+                stop_process(process.proc, grace_s=10)
