@@ -21,7 +21,8 @@ from inferpool.constants import MODEL_INFLIGHT_KEY, job_completed_stream_key, jo
 from inferpool.local_pool import LocalPool, start_scheduler_process, start_worker_process
 
 N_LINES = 1500
-POOL_ENV = {"INFERPOOL_VISIBILITY_TIMEOUT_S": "4"}
+# A killed scheduler's lease lapses after 1 s, so its replacement leads (and recovers) soon after it starts.
+POOL_ENV = {"INFERPOOL_VISIBILITY_TIMEOUT_S": "4", "INFERPOOL_SCHEDULER_LEASE_S": "1"}
 
 
 def _lines(n: int) -> list[str]:
@@ -116,7 +117,7 @@ def test_redelivered_chunk_counts_usage_once(pool: LocalPool) -> None:
             os.killpg(pool.scheduler.proc.pid, signal.SIGKILL)
             pool.scheduler.proc.wait(timeout=10)
             pool.scheduler = start_scheduler_process(pool.redis_url, pool.workdir / "scheduler-n.log", POOL_ENV)
-            time.sleep(0.5)
+            time.sleep(2.0)  # the killed one's lease lapses (1 s) and this one leads and re-sends what is in flight
         _assert_exactly_once(client, job.id)
 
 
