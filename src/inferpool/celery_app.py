@@ -11,13 +11,14 @@ from typing import Any
 from celery import Celery
 
 from inferpool.constants import TASK_PROCESS_CHUNK, Priority, queue_name
+from inferpool.redis_connection import kombu_broker
 from inferpool.settings import Settings
 from inferpool.wire import TaskChunk
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration inferpool ships."""
-    redis_url = settings.require_redis_url()
+    broker_url, sentinel_options = kombu_broker(settings.require_redis_url())
     # kombu sweeps for unacked messages past their visibility timeout every interval x throttle seconds
     # (10 x 10 = 100 s by default); we scan on every sweep, and sweep more often for short timeouts.
     # A worker killed while holding the sweep's mutex blocks every sweep until the mutex expires
@@ -30,9 +31,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "unacked_mutex_expire": max(5, min(300, vt)),
         # Poll a model's queues in name order, which is priority order (constants.queue_name).
         "queue_order_strategy": "sorted",
+        **sentinel_options,  # master_name (and the sentinels' password) for a sentinel:// URL
     }
     return {
-        "broker_url": redis_url,
+        "broker_url": broker_url,
         # Results travel through inferpool's own keys (inferpool.results), not Celery's backend.
         "result_backend": None,
         "task_ignore_result": True,

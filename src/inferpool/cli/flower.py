@@ -12,7 +12,8 @@ from inferpool.cli._common import load_settings
 from inferpool.settings import Settings
 
 AUTH_ENV = "INFERPOOL_FLOWER_AUTH"
-#: Celery reads the broker URL from this variable before its configuration (celery.app.utils.Settings).
+#: Celery reads the broker URL from this variable before its configuration (celery.app.utils.Settings): it
+#: must not be left set, or it would replace the app's own (e.g. kombu's form of a sentinel:// URL).
 BROKER_ENV = "CELERY_BROKER_URL"
 
 
@@ -44,10 +45,12 @@ def flower(ctx: click.Context, port: int, address: str, max_tasks: int, no_auth:
     settings = load_settings(ctx)
     broker = settings.require_redis_url()
     auth = os.environ.get(AUTH_ENV, "")
-    # The broker URL (with its password) goes through the environment: a command line is visible in `ps`.
-    os.environ[BROKER_ENV] = broker
-    args = [sys.executable, "-m", "celery", "flower", f"--port={port}", f"--address={address}",
-            f"--max_tasks={max_tasks}", "--purge_offline_workers=60"]  # fmt: skip
+    # The Redis URL (with its password) goes through the environment: a command line is visible in `ps`.
+    # Flower gets inferpool's own Celery app, configured from it (a sentinel:// URL needs its options).
+    os.environ["REDIS_URL"] = broker
+    os.environ.pop(BROKER_ENV, None)
+    args = [sys.executable, "-m", "celery", "-A", "inferpool.cli._flower_app", "flower", f"--port={port}",
+            f"--address={address}", f"--max_tasks={max_tasks}", "--purge_offline_workers=60"]  # fmt: skip
     if not no_auth:
         if ":" not in auth or not auth.split(":", 1)[1]:
             raise ConfigurationError(

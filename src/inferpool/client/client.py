@@ -28,7 +28,7 @@ from inferpool.constants import Priority, result_key, result_notify_key, stream_
 from inferpool.deadletters import DeadLetters, retry_lines
 from inferpool.jobstore import BatchJob
 from inferpool.model_registry.registry import Registry
-from inferpool.redis_connection import connect_redis, connect_redis_async
+from inferpool.redis_connection import connect_redis, connect_redis_async, redis_from_url
 from inferpool.results import parse_result
 from inferpool.scheduler.router import Route
 from inferpool.settings import Settings
@@ -296,7 +296,7 @@ class AsyncClient(ClientBase):
         self._redis: redis.asyncio.Redis | None = None
         self.celery = create_celery_app(self.settings)
         # Batch job calls run the sync implementation in threads, on a sync connection pool of their own.
-        self._sync_redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
+        self._sync_redis = redis_from_url(self.redis_url, socket_connect_timeout=5)
         self.batches = AsyncBatches(Batches(self._sync_redis, self.settings, self.router, self.tenant_for))
         self.attach_live_view(self._sync_redis)
 

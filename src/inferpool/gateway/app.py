@@ -29,6 +29,7 @@ from inferpool.gateway.keys import tenant_of_key
 from inferpool.heartbeats import count_live_workers_async
 from inferpool.jobstore import JobStore
 from inferpool.model_registry.registry import Registry
+from inferpool.redis_connection import redis_from_url
 from inferpool.settings import Settings
 
 
@@ -123,7 +124,7 @@ def create_app(settings: Settings, *, require_keys: bool = True, registry: Regis
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         client = await AsyncClient.connect(settings=settings, registry=registry)
-        jobs = JobStore(redis.Redis.from_url(client.redis_url, socket_connect_timeout=5), settings.result_ttl_s)
+        jobs = JobStore(redis_from_url(client.redis_url, socket_connect_timeout=5), settings.result_ttl_s)
         app.state.gateway = Gateway(settings, client, jobs, FileStore(settings.files_dir, client.redis), require_keys)
         try:
             yield

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from inferpool._exceptions import ModelLoadError, ProviderError, RequestError
 from inferpool.model_registry.spec import ModelSpec
+from inferpool.redis_connection import async_redis_from_url
 from inferpool.settings import Settings
 from inferpool.wire import ChatRequest, FinishReason
 from inferpool.workers.backend import Generation, GenerationOutcome, gather_outcomes, parse_params
@@ -168,7 +169,7 @@ class ApiBackend(ABC):
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.params.max_concurrency)
             if self.params.rate_limit is not None and self._redis_url:
-                self._redis = redis.asyncio.Redis.from_url(self._redis_url)
+                self._redis = async_redis_from_url(self._redis_url)
                 group = limit_group(self.provider, self.params.base_url, self._api_key)
                 self._limiter = SharedRateLimiter(self._redis, group, self.params.rate_limit)
         return self._semaphore, self._limiter
