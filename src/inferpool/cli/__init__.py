@@ -12,6 +12,7 @@ from inferpool.cli.flower import flower
 from inferpool.cli.gateway import gateway
 from inferpool.cli.keys import keys
 from inferpool.cli.models import models
+from inferpool.cli.probe import probe
 from inferpool.cli.scheduler import scheduler
 from inferpool.cli.stats import stats
 from inferpool.cli.worker import worker
@@ -36,6 +37,7 @@ main.add_command(flower)
 main.add_command(gateway)
 main.add_command(keys)
 main.add_command(models)
+main.add_command(probe)
 main.add_command(scheduler)
 main.add_command(stats)
 main.add_command(worker)
