@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 import redis
 
-from inferpool import AsyncClient, Client, Settings
+from inferpool import AsyncClient, BatchJob, Client, JobStatus, Settings
 from inferpool.emulators import EmulatorConfig, ProviderEmulator, WindowLimit
 from inferpool.local_pool import (
     EmbeddedRedis,
@@ -198,3 +199,30 @@ def no_leftover_processes() -> Iterator[None]:
     yield
     leftovers = [p for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != "zombie"]
     assert not leftovers, f"processes left running: {[(p.pid, p.cmdline()) for p in leftovers]}"
+
+
+# -- helpers for the tests that kill parts of a pool mid-job ------------------------------------------------
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float, what: str) -> None:
+    """Poll ``condition`` until it is true; fail with ``what`` after ``timeout_s`` (a bound on progress,
+    not a performance threshold)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def echo_slow_lines(count: int) -> list[dict[str, object]]:
+    """``count`` batch lines for echo-slow, custom ids l0..l{count-1}."""
+    return [{"custom_id": f"l{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": "echo-slow", "messages": [{"role": "user", "content": f"line {i}"}]}}
+            for i in range(count)]  # fmt: skip
+
+
+def assert_answered_once(job: BatchJob, output_ids: list[str | None], count: int) -> None:
+    """The job completed with every line answered once and counted once in its usage."""
+    assert job.status is JobStatus.COMPLETED
+    assert job.request_counts.model_dump() == {"total": count, "completed": count, "failed": 0}
+    assert sorted(i or "" for i in output_ids) == sorted(f"l{i}" for i in range(count))
+    assert [row.requests for row in job.usage] == [count]

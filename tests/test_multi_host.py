@@ -26,6 +26,8 @@ import redis
 from inferpool.constants import job_key, worker_heartbeats_key
 from inferpool.local_pool import find_redis_server, stop_process
 
+from .conftest import wait_until
+
 SUBNET = "10.77.{net}.{host}"
 CLIENT_SCRIPT = """
 import json, sys
@@ -117,13 +119,6 @@ def hosts() -> Iterator[Hosts]:
         made.remove()
 
 
-def _wait(condition: object, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
-
-
 def test_a_job_survives_losing_a_worker_host(hosts: Hosts, tmp_path: Path) -> None:
     password = secrets.token_urlsafe(16)
     config = tmp_path / "redis.conf"
@@ -132,19 +127,19 @@ def test_a_job_survives_losing_a_worker_host(hosts: Hosts, tmp_path: Path) -> No
     hosts.start("redis", [find_redis_server(), str(config)], tmp_path / "redis.log", {})
     url = f"redis://:{password}@{redis_address}:6379/0"
     observer = redis.Redis.from_url(url, socket_connect_timeout=2)  # the test itself sits on the bridge too
-    _wait(lambda: _answers(observer), 30, "redis did not start on its host")
+    wait_until(lambda: _answers(observer), 30, "redis did not start on its host")
     env = {"INFERPOOL_VISIBILITY_TIMEOUT_S": "4", "INFERPOOL_RESEND_STALE_AFTER_S": "6", "REDIS_URL": url,
            "INFERPOOL_HEARTBEAT_TTL_S": "3"}  # fmt: skip
     inferpool = [sys.executable, "-m", "inferpool"]
     hosts.start("scheduler", [*inferpool, "scheduler"], tmp_path / "scheduler.log", env)
     doomed = hosts.start("worker1", [*inferpool, "worker", "--model", "echo-slow"], tmp_path / "worker1.log", env)
     hosts.start("worker2", [*inferpool, "worker", "--model", "echo-slow"], tmp_path / "worker2.log", env)
-    _wait(lambda: observer.zcard(worker_heartbeats_key("echo-slow")) >= 2, 120, "the workers did not start")
+    wait_until(lambda: observer.zcard(worker_heartbeats_key("echo-slow")) >= 2, 120, "the workers did not start")
     client_log = tmp_path / "client.log"
     client = hosts.start("client", [sys.executable, "-c", CLIENT_SCRIPT, url], client_log, {})
-    _wait(lambda: client_log.read_text().strip() != "", 60, "the client did not submit its job")
+    wait_until(lambda: client_log.read_text().strip() != "", 60, "the client did not submit its job")
     job_id = client_log.read_text().split()[0]
-    _wait(lambda: int(observer.hget(job_key(job_id), "completed") or 0) >= 60, 120, "no progress")
+    wait_until(lambda: int(observer.hget(job_key(job_id), "completed") or 0) >= 60, 120, "no progress")
     hosts.cut("worker1")
     time.sleep(1.0)  # the cut-off host keeps its chunks in hand; nothing it answers arrives
     os.killpg(doomed.pid, signal.SIGKILL)

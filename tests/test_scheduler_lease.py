@@ -7,18 +7,19 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from inferpool import Client, JobStatus, Settings
+from inferpool import Client, Settings
 from inferpool.constants import SCHEDULER_LEASE_KEY
 from inferpool.jobstore import JobStore, NotLeader
 from inferpool.local_pool import EmbeddedRedis, start_scheduler_process, start_worker_process, stop_process
 from inferpool.scheduler.lease import SchedulerLease, lease_holder
+
+from .conftest import assert_answered_once, echo_slow_lines, wait_until
 
 LEASE_S = 2.0
 
@@ -29,13 +30,6 @@ def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     server.start()
     yield server
     server.stop()
-
-
-def wait_until(condition: object, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 def test_a_deposed_leader_cannot_dispatch(own_redis: EmbeddedRedis) -> None:
@@ -69,11 +63,8 @@ def test_another_scheduler_takes_over_when_the_leader_dies(own_redis: EmbeddedRe
         wait_until(lambda: lease_holder(client) is not None, 60, "no scheduler took the lease")
         assert lease_holder(client) == f"{socket.gethostname()}-{leader.proc.pid}"
         standby = start_scheduler_process(own_redis.url, tmp_path / "scheduler-b.log", env)
-        lines = [{"custom_id": f"l{i}", "method": "POST", "url": "/v1/chat/completions",
-                  "body": {"model": "echo-slow", "messages": [{"role": "user", "content": f"line {i}"}]}}
-                 for i in range(300)]  # fmt: skip
         with Client(settings=Settings(redis_url=own_redis.url)) as pool:
-            job = pool.batches.create(lines)
+            job = pool.batches.create(echo_slow_lines(300))
             wait_until(lambda: pool.batches.retrieve(job.id).finished >= 40, 120, "the job made no progress")
             os.killpg(leader.proc.pid, signal.SIGKILL)
             leader.proc.wait(timeout=10)
@@ -82,10 +73,7 @@ def test_another_scheduler_takes_over_when_the_leader_dies(own_redis: EmbeddedRe
                        60, "the standby did not take the lease")  # fmt: skip
             done = pool.batches.wait(job.id, timeout=180)
             outputs = list(pool.batches.results(job.id))
-        assert done.status is JobStatus.COMPLETED
-        assert done.request_counts.model_dump() == {"total": 300, "completed": 300, "failed": 0}
-        assert sorted(line.custom_id or "" for line in outputs) == sorted(f"l{i}" for i in range(300))
-        assert [row.requests for row in done.usage] == [300]  # every line counted once
+        assert_answered_once(done, [line.custom_id for line in outputs], 300)
         stop_process(standby.proc, grace_s=15)
         assert standby.proc.returncode == 0, standby.log_path.read_text()[-2000:]
         assert lease_holder(client) is None  # a scheduler stopping gracefully hands the lease on at once

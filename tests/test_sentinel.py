@@ -8,7 +8,6 @@ import os
 import secrets
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from inferpool import Client, JobStatus, Settings
+from inferpool import Client, Settings
 from inferpool.local_pool import (
     WorkerProcess,
     find_redis_server,
@@ -26,6 +25,8 @@ from inferpool.local_pool import (
     stop_process,
 )
 from inferpool.redis_connection import kombu_broker, parse_sentinel_url, redis_from_url
+
+from .conftest import assert_answered_once, echo_slow_lines, wait_until
 
 SERVICE = "inferpool-primary"
 
@@ -60,13 +61,6 @@ def _start(executable: str, config: Path, *extra: str) -> subprocess.Popen[bytes
                             start_new_session=True)  # fmt: skip
 
 
-def _wait(condition: object, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
-
-
 @pytest.fixture
 def sentinels(tmp_path: Path) -> Iterator[SentinelSetup]:
     executable = find_redis_server()
@@ -91,8 +85,8 @@ def sentinels(tmp_path: Path) -> Iterator[SentinelSetup]:
         processes.append(_start(executable, config, "--sentinel"))
     setup = SentinelSetup(password, processes[0], primary_port, replica_port, sentinel_ports, processes)
     replica = redis.Redis(port=replica_port, password=password)
-    _wait(lambda: _linked(replica), 30, "the replica did not sync with the primary")
-    _wait(lambda: setup.master_port() == primary_port, 30, "the sentinels do not see the primary")
+    wait_until(lambda: _linked(replica), 30, "the replica did not sync with the primary")
+    wait_until(lambda: setup.master_port() == primary_port, 30, "the sentinels do not see the primary")
     yield setup
     for process in processes:
         if process.poll() is None:
@@ -130,22 +124,16 @@ def test_a_job_survives_a_failover(sentinels: SentinelSetup, tmp_path: Path) -> 
     ]
     try:
         direct = redis_from_url(sentinels.url)
-        _wait(lambda: direct.exists("inferpool:scheduler:lease"), 60, "the scheduler did not start")
-        lines = [{"custom_id": f"l{i}", "method": "POST", "url": "/v1/chat/completions",
-                  "body": {"model": "echo-slow", "messages": [{"role": "user", "content": f"line {i}"}]}}
-                 for i in range(300)]  # fmt: skip
+        wait_until(lambda: direct.exists("inferpool:scheduler:lease"), 60, "the scheduler did not start")
         with Client(settings=Settings(redis_url=sentinels.url)) as client:
-            job = client.batches.create(lines)
-            _wait(lambda: client.batches.retrieve(job.id).finished >= 40, 120, "the job made no progress")
+            job = client.batches.create(echo_slow_lines(300))
+            wait_until(lambda: client.batches.retrieve(job.id).finished >= 40, 120, "the job made no progress")
             os.killpg(sentinels.primary.pid, signal.SIGKILL)
             sentinels.primary.wait(timeout=10)
-            _wait(lambda: sentinels.master_port() == sentinels.replica_port, 60, "no failover happened")
+            wait_until(lambda: sentinels.master_port() == sentinels.replica_port, 60, "no failover happened")
             done = client.batches.wait(job.id, timeout=240)
             outputs = list(client.batches.results(job.id))
-        assert done.status is JobStatus.COMPLETED
-        assert done.request_counts.model_dump() == {"total": 300, "completed": 300, "failed": 0}
-        assert sorted(line.custom_id or "" for line in outputs) == sorted(f"l{i}" for i in range(300))
-        assert [row.requests for row in done.usage] == [300]
+        assert_answered_once(done, [line.custom_id for line in outputs], 300)
         assert all(process.proc.poll() is None for process in processes)  # both followed the new primary
     finally:
         for process in processes:
