@@ -9,11 +9,13 @@ import math
 import random
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, Field
 
+from inferpool.emulators.batches import BatchEndpoints
 from inferpool.emulators.tools import (
     anthropic_tool_error,
     anthropic_tool_events,
@@ -41,11 +43,17 @@ class EmulatorConfig(BaseModel):
     timeout_sleep_s: float = Field(default=30.0, description="How long a 'timeout' fault keeps the request.")
     limits: dict[str, WindowLimit] = Field(default_factory=dict, description="requested model -> limit")
     api_keys: list[str] = Field(default_factory=list, description="When set, requests must carry one of these.")
+    batch_delay_s: float = Field(default=0.5, ge=0, description="How long a provider batch takes to finish.")
+    batch_failure_rate: float = Field(default=0.0, ge=0, le=1, description="Share of batch lines that fail.")
+    batch_expire_s: float | None = Field(
+        default=None, gt=0, description="A batch older than this expires (if it has not finished by then)."
+    )
     seed: int = 0
 
 
 class ProviderEmulator:
-    """Serves ``/v1/chat/completions`` (OpenAI) and ``/v1/messages`` (Anthropic) on 127.0.0.1."""
+    """Serves ``/v1/chat/completions`` (OpenAI) and ``/v1/messages`` (Anthropic) on 127.0.0.1, and their
+    batch APIs (``inferpool.emulators.batches``)."""
 
     def __init__(self, config: EmulatorConfig | None = None) -> None:
         self.config = config or EmulatorConfig()
@@ -58,6 +66,7 @@ class ProviderEmulator:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.batch_endpoints = BatchEndpoints(self)
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -83,6 +92,7 @@ class ProviderEmulator:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._openai)
         app.router.add_post("/v1/messages", self._anthropic)
+        self.batch_endpoints.add_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         self._loop.run_until_complete(self._runner.setup())
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -104,6 +114,10 @@ class ProviderEmulator:
         """Change the config while serving (e.g. turn faults on for one test)."""
         with self._lock:
             self.config = self.config.model_copy(update=changes)
+
+    def count(self, name: str) -> None:
+        with self._lock:
+            self.counts[name] += 1
 
     def reset_counts(self) -> None:
         with self._lock:
@@ -179,36 +193,19 @@ class ProviderEmulator:
         early = await self._common(request, auth.removeprefix("Bearer ") or None, body)
         if early is not None:
             return early
-        messages = body.get("messages", [])
-        problem = openai_tool_error(messages)
-        if problem is not None:
-            return web.json_response({"error": {"type": "invalid_request_error", "message": problem,
+        answer = openai_answer(body, self.counts["received"])
+        if isinstance(answer, str):
+            return web.json_response({"error": {"type": "invalid_request_error", "message": answer,
                                                 "param": "messages", "code": None}}, status=400)  # fmt: skip
-        prompt_words = sum(len(_text(m.get("content")).split()) for m in messages)
-        calls = openai_tool_calls(body, self.counts["received"])
-        text, finish = _answer(messages, body.get("max_completion_tokens") or body.get("max_tokens"), body.get("stop"))
-        if calls:
-            text, finish = "", "tool_calls"
-        completion = len(text.split()) + sum(len(c["function"]["arguments"].split()) for c in calls)
-        usage = {"prompt_tokens": prompt_words, "completion_tokens": completion,
-                 "total_tokens": prompt_words + completion}  # fmt: skip
-        head = {"id": f"chatcmpl-emu{self.counts['received']}", "created": int(time.time()), "model": body.get("model")}
         headers = {"x-ratelimit-remaining-requests": "1000"}
         if body.get("stream"):
-            events = [{**head, "object": "chat.completion.chunk",
+            events = [{**answer.head, "object": "chat.completion.chunk",
                        "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
-                      for delta, reason in _openai_deltas(text, finish, calls)]  # fmt: skip
+                      for delta, reason in _openai_deltas(answer.text, answer.finish, answer.calls)]  # fmt: skip
             if (body.get("stream_options") or {}).get("include_usage"):
-                events.append({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+                events.append({**answer.head, "object": "chat.completion.chunk", "choices": [], "usage": answer.usage})
             return await self._stream(request, [(None, e) for e in events], headers, done_marker=True)
-        message: dict[str, Any] = {"role": "assistant", "content": text or None if calls else text}
-        if calls:
-            message["tool_calls"] = calls
-        return web.json_response({
-            **head, "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-            "usage": usage,
-        }, headers=headers)  # fmt: skip
+        return web.json_response(answer.completion(), headers=headers)
 
     async def _stream(self, request: web.Request, events: list[tuple[str | None, dict[str, Any]]],
                       headers: dict[str, str], *, done_marker: bool = False) -> web.StreamResponse:  # fmt: skip
@@ -233,47 +230,91 @@ class ProviderEmulator:
         early = await self._common(request, key or None, body)
         if early is not None:
             return early
-        problem = anthropic_tool_error(body)
-        if problem is not None:
+        message = anthropic_answer(body, self.counts["received"])
+        if isinstance(message, str):
             return web.json_response({"type": "error", "error": {"type": "invalid_request_error",
-                                                                 "message": problem}}, status=400)  # fmt: skip
-        messages = body.get("messages", [])
-        system = body.get("system") or ""
-        prompt_words = len(_text(system).split()) + sum(len(_text(m.get("content")).split()) for m in messages)
-        uses = anthropic_tool_uses(body, self.counts["received"])
-        text, finish = _answer(messages, body.get("max_tokens"), body.get("stop_sequences"))
-        stop_reason = {"stop": "end_turn", "length": "max_tokens"}[finish]
-        if finish == "stop" and body.get("stop_sequences") and text != _full_answer(messages):
-            stop_reason = "stop_sequence"
-        if uses:
-            text, stop_reason = "", "tool_use"
-        message = {"id": f"msg_emu{self.counts['received']}", "type": "message", "role": "assistant",
-                   "model": body.get("model"), "stop_sequence": None}  # fmt: skip
-        output_tokens = len(text.split()) + sum(len(json.dumps(u["input"]).split()) for u in uses)
-        if body.get("stream"):
-            text_events: list[tuple[str | None, dict[str, Any]]] = [
-                ("content_block_start", {"type": "content_block_start", "index": 0,
-                                         "content_block": {"type": "text", "text": ""}}),
-                *(("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                           "delta": {"type": "text_delta", "text": piece}})
-                  for piece in _pieces(text)),
-                ("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            ]  # fmt: skip
-            events: list[tuple[str | None, dict[str, Any]]] = [
-                ("message_start", {"type": "message_start", "message": {**message, "content": [], "stop_reason": None,
-                                   "usage": {"input_tokens": prompt_words, "output_tokens": 0}}}),
-                *(anthropic_tool_events(uses, 0) if uses else text_events),
-                ("message_delta", {"type": "message_delta",
-                                   "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                                   "usage": {"output_tokens": output_tokens}}),
-                ("message_stop", {"type": "message_stop"}),
-            ]  # fmt: skip
-            return await self._stream(request, events, {})
-        content = uses or [{"type": "text", "text": text}]
-        return web.json_response({
-            **message, "content": content, "stop_reason": stop_reason,
-            "usage": {"input_tokens": prompt_words, "output_tokens": output_tokens},
-        })  # fmt: skip
+                                                                 "message": message}}, status=400)  # fmt: skip
+        if not body.get("stream"):
+            return web.json_response(message)
+        text = "".join(block.get("text", "") for block in message["content"] if block["type"] == "text")
+        uses = [block for block in message["content"] if block["type"] == "tool_use"]
+        text_events: list[tuple[str | None, dict[str, Any]]] = [
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+            *(("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                       "delta": {"type": "text_delta", "text": piece}})
+              for piece in _pieces(text)),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ]  # fmt: skip
+        head = {k: v for k, v in message.items() if k not in ("content", "stop_reason", "usage")}
+        events: list[tuple[str | None, dict[str, Any]]] = [
+            ("message_start", {"type": "message_start", "message": {**head, "content": [], "stop_reason": None,
+                               "usage": {"input_tokens": message["usage"]["input_tokens"], "output_tokens": 0}}}),
+            *(anthropic_tool_events(uses, 0) if uses else text_events),
+            ("message_delta", {"type": "message_delta",
+                               "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+                               "usage": {"output_tokens": message["usage"]["output_tokens"]}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]  # fmt: skip
+        return await self._stream(request, events, {})
+
+
+@dataclass(frozen=True)
+class OpenAIAnswer:
+    """The emulator's answer to one chat request, before it is shaped as a completion or a stream."""
+
+    head: dict[str, Any]
+    text: str
+    finish: str
+    calls: list[dict[str, Any]]
+    usage: dict[str, int]
+
+    def completion(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": self.text or None if self.calls else self.text}
+        if self.calls:
+            message["tool_calls"] = self.calls
+        return {**self.head, "object": "chat.completion",
+                "choices": [{"index": 0, "message": message, "finish_reason": self.finish, "logprobs": None}],
+                "usage": self.usage}  # fmt: skip
+
+
+def openai_answer(body: dict[str, Any], sequence: int) -> OpenAIAnswer | str:
+    """The answer to an OpenAI chat body (``emulated: <last user text>``, or tool calls), or the 400's
+    message for a body the real API refuses."""
+    messages = body.get("messages", [])
+    problem = openai_tool_error(messages)
+    if problem is not None:
+        return problem
+    prompt_words = sum(len(_text(m.get("content")).split()) for m in messages)
+    calls = openai_tool_calls(body, sequence)
+    text, finish = _answer(messages, body.get("max_completion_tokens") or body.get("max_tokens"), body.get("stop"))
+    if calls:
+        text, finish = "", "tool_calls"
+    completion = len(text.split()) + sum(len(c["function"]["arguments"].split()) for c in calls)
+    usage = {"prompt_tokens": prompt_words, "completion_tokens": completion, "total_tokens": prompt_words + completion}
+    head = {"id": f"chatcmpl-emu{sequence}", "created": int(time.time()), "model": body.get("model")}
+    return OpenAIAnswer(head, text, finish, calls, usage)
+
+
+def anthropic_answer(body: dict[str, Any], sequence: int) -> dict[str, Any] | str:
+    """The Messages API answer to ``body`` (a ``message`` object), or the 400's message."""
+    problem = anthropic_tool_error(body)
+    if problem is not None:
+        return problem
+    messages = body.get("messages", [])
+    system = body.get("system") or ""
+    prompt_words = len(_text(system).split()) + sum(len(_text(m.get("content")).split()) for m in messages)
+    uses = anthropic_tool_uses(body, sequence)
+    text, finish = _answer(messages, body.get("max_tokens"), body.get("stop_sequences"))
+    stop_reason = {"stop": "end_turn", "length": "max_tokens"}[finish]
+    if finish == "stop" and body.get("stop_sequences") and text != _full_answer(messages):
+        stop_reason = "stop_sequence"
+    if uses:
+        text, stop_reason = "", "tool_use"
+    output_tokens = len(text.split()) + sum(len(json.dumps(u["input"]).split()) for u in uses)
+    return {"id": f"msg_emu{sequence}", "type": "message", "role": "assistant", "model": body.get("model"),
+            "stop_sequence": None, "content": uses or [{"type": "text", "text": text}], "stop_reason": stop_reason,
+            "usage": {"input_tokens": prompt_words, "output_tokens": output_tokens}}  # fmt: skip
 
 
 def _pieces(text: str) -> list[str]:

@@ -1,0 +1,127 @@
+"""The emulators' batch APIs (OpenAI Files + Batches, Anthropic Message Batches), driven by the official
+SDKs exactly as a provider-batch path will drive the real ones: create, poll, read results, fail lines,
+cancel and expire."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from inferpool.emulators import EmulatorConfig, ProviderEmulator
+
+KEY = "sk-batch-test"
+
+
+@pytest.fixture
+def emulator() -> Iterator[ProviderEmulator]:
+    server = ProviderEmulator(EmulatorConfig(api_keys=[KEY], batch_delay_s=0.3)).start()
+    yield server
+    server.stop()
+
+
+def openai_client(emulator: ProviderEmulator) -> openai.OpenAI:
+    return openai.OpenAI(base_url=emulator.openai_base_url, api_key=KEY, max_retries=0)
+
+
+def anthropic_client(emulator: ProviderEmulator) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=emulator.url, api_key=KEY, max_retries=0)
+
+
+def openai_lines(count: int) -> bytes:
+    return "".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+                               "body": {"model": "gpt-emu", "messages": [{"role": "user", "content": f"q {i}"}]}}) + "\n"
+                   for i in range(count)).encode()  # fmt: skip
+
+
+def wait_openai(client: openai.OpenAI, batch_id: str) -> Any:
+    deadline = time.monotonic() + 30
+    while (batch := client.batches.retrieve(batch_id)).status not in ("completed", "expired", "cancelled", "failed"):
+        assert time.monotonic() < deadline, batch.status
+        time.sleep(0.05)
+    return batch
+
+
+def test_openai_files_and_batches(emulator: ProviderEmulator) -> None:
+    client = openai_client(emulator)
+    uploaded = client.files.create(file=("input.jsonl", openai_lines(20)), purpose="batch")
+    assert uploaded.bytes == len(openai_lines(20))
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                  metadata={"job": "j1"})  # fmt: skip
+    assert batch.status in ("validating", "in_progress")
+    done = wait_openai(client, batch.id)
+    assert done.status == "completed"
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (20, 20, 0)
+    assert done.output_file_id is not None
+    lines = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
+    assert [line["custom_id"] for line in lines] == [f"c{i}" for i in range(20)]
+    assert lines[3]["response"]["body"]["choices"][0]["message"]["content"] == "emulated: q 3"
+    assert done.error_file_id is None
+    assert emulator.counts["openai_batches_created"] == 1
+
+
+def test_openai_batch_line_failures_cancel_and_expiry(emulator: ProviderEmulator) -> None:
+    client = openai_client(emulator)
+    emulator.configure(batch_failure_rate=0.5)
+    failing = wait_openai(client, client.batches.create(input_file_id=client.files.create(
+        file=("in.jsonl", openai_lines(40)), purpose="batch").id, endpoint="/v1/chat/completions",
+        completion_window="24h").id)  # fmt: skip
+    assert failing.request_counts is not None
+    assert 0 < failing.request_counts.failed < 40
+    assert failing.error_file_id is not None
+    errors = client.files.content(failing.error_file_id).text.splitlines()
+    assert len(errors) == failing.request_counts.failed
+    assert json.loads(errors[0])["response"]["status_code"] == 500
+
+    emulator.configure(batch_failure_rate=0.0, batch_delay_s=30)
+    cancelled = client.batches.cancel(client.batches.create(input_file_id=client.files.create(
+        file=("in.jsonl", openai_lines(10)), purpose="batch").id, endpoint="/v1/chat/completions",
+        completion_window="24h").id)  # fmt: skip
+    assert cancelled.status == "cancelled"
+    assert cancelled.error_file_id is not None
+    codes = {
+        json.loads(line)["error"]["code"] for line in client.files.content(cancelled.error_file_id).text.splitlines()
+    }
+    assert codes == {"batch_cancelled"}
+
+    emulator.configure(batch_delay_s=10, batch_expire_s=0.2)
+    expiring = client.batches.create(input_file_id=client.files.create(
+        file=("in.jsonl", openai_lines(10)), purpose="batch").id, endpoint="/v1/chat/completions",
+        completion_window="24h")  # fmt: skip
+    expired = wait_openai(client, expiring.id)
+    assert expired.status == "expired"
+    assert expired.request_counts is not None
+    assert expired.request_counts.completed < 10
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=emulator.openai_base_url, api_key="wrong", max_retries=0).batches.retrieve(expiring.id)
+
+
+def test_anthropic_message_batches(emulator: ProviderEmulator) -> None:
+    client = anthropic_client(emulator)
+    requests: Any = [{"custom_id": f"m{i}", "params": {"model": "claude-emu", "max_tokens": 20,
+                                                       "messages": [{"role": "user", "content": f"hello {i}"}]}}
+                     for i in range(12)]  # fmt: skip
+    batch = client.messages.batches.create(requests=requests)
+    assert batch.processing_status == "in_progress"
+    deadline = time.monotonic() + 30
+    while (batch := client.messages.batches.retrieve(batch.id)).processing_status != "ended":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert batch.request_counts.succeeded == 12
+    results = list(client.messages.batches.results(batch.id))
+    assert [r.custom_id for r in results] == [f"m{i}" for i in range(12)]
+    first = results[0].result
+    assert first.type == "succeeded"
+    assert first.message.content[0].text == "emulated: hello 0"  # type: ignore[union-attr]
+    assert emulator.counts["anthropic_batches_created"] == 1
+
+    emulator.configure(batch_delay_s=30)
+    cancelled = client.messages.batches.cancel(client.messages.batches.create(requests=requests).id)
+    assert cancelled.processing_status == "ended"
+    assert {r.result.type for r in client.messages.batches.results(cancelled.id)} == {"canceled"}
