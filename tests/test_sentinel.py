@@ -45,6 +45,10 @@ class SentinelSetup:
         hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
         return f"sentinel://:{self.password}@{hosts}/{SERVICE}/0"
 
+    def ready_for_failover(self) -> bool:
+        views = [_sentinel_view(port) for port in self.sentinel_ports]
+        return all(view.get("num-other-sentinels") == 2 and view.get("num-slaves") == 1 for view in views)
+
     def master_port(self) -> int | None:
         for port in self.sentinel_ports:
             try:
@@ -54,6 +58,14 @@ class SentinelSetup:
             if found:
                 return int(found[1])
         return None
+
+
+def _sentinel_view(port: int) -> dict[str, object]:
+    try:
+        view: dict[str, object] = redis.Redis(port=port, socket_connect_timeout=1).sentinel_master(SERVICE)
+    except redis.RedisError:
+        return {}
+    return view
 
 
 def _start(executable: str, config: Path, *extra: str) -> subprocess.Popen[bytes]:
@@ -87,6 +99,9 @@ def sentinels(tmp_path: Path) -> Iterator[SentinelSetup]:
     replica = redis.Redis(port=replica_port, password=password)
     wait_until(lambda: _linked(replica), 30, "the replica did not sync with the primary")
     wait_until(lambda: setup.master_port() == primary_port, 30, "the sentinels do not see the primary")
+    # A failover needs a quorum of sentinels that know each other and the replica: they learn both from the
+    # primary (hello messages every 2 s, INFO every 10 s), so wait for it before anything kills the primary.
+    wait_until(lambda: setup.ready_for_failover(), 60, "the sentinels do not know each other and the replica")
     yield setup
     for process in processes:
         if process.poll() is None:

@@ -11,6 +11,7 @@ import asyncio
 import builtins
 import contextlib
 import json
+import logging
 import os
 import re
 import time
@@ -32,6 +33,8 @@ from inferpool.wire import BatchOutputLine, ChatRequest, RequestResult, TaskItem
 #: Called with the job's latest state while ``wait`` polls.
 JobProgressCallback = Callable[[BatchJob], None]
 BatchSource = str | os.PathLike[str] | Iterable[str | Mapping[str, Any]]
+
+log = logging.getLogger(__name__)
 
 _FLUSH_EVERY = 1000
 _SNIFF_LINES = 10
@@ -255,10 +258,21 @@ class Batches:
         poll_s: float = 0.5,
         on_progress: JobProgressCallback | None = None,
     ) -> BatchJob:
-        """Poll until the job reaches a final status; ``ResultTimeout`` after ``timeout`` seconds."""
+        """Poll until the job reaches a final status; ``ResultTimeout`` after ``timeout`` seconds.
+
+        Redis being briefly unreachable (a restart, a Sentinel failover) is waited out: the job lives on in
+        Redis, so polling resumes where it was; past ``timeout`` the Redis error is raised.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            job = self.retrieve(job_id)
+            try:
+                job = self.retrieve(job_id)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                log.warning("waiting for batch %s: Redis is unreachable (%s); retrying", job_id, exc)
+                time.sleep(max(poll_s, 1.0))
+                continue
             if on_progress is not None:
                 on_progress(job)
             if job.status.is_final:
