@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from inferpool._exceptions import TemplateError
-from inferpool.templates.prompt import DEFAULT_CUSTOM_ID, PromptTemplate, TemplateMessage, UnrenderedRow
+from inferpool.templates.prompt import DEFAULT_CUSTOM_ID, RowCustomIds, UnrenderedRow
 from inferpool.templates.rows import Row, read_rows
 from inferpool.wire import BatchOutputLine
 
@@ -67,14 +67,12 @@ def _outcome(line: BatchOutputLine) -> tuple[str, str]:
 
 def _joined_rows(rows_path: Path, outcomes: dict[str, tuple[str, str]],
                  custom_id_template: str) -> Iterator[tuple[dict[str, Any], str]]:  # fmt: skip
-    ids = PromptTemplate(model="-", messages=[TemplateMessage(role="user", content="")],
-                         custom_id=custom_id_template).compiled()  # fmt: skip
+    ids = RowCustomIds(custom_id_template)
     for number, row in enumerate(read_rows(rows_path), start=1):
         fields: Row = {} if isinstance(row, Exception) else dict(row)
-        line = ids.line(number, row)
-        custom_id = line.custom_id if isinstance(line, UnrenderedRow) else str(line["custom_id"])
-        if custom_id is None:
-            answer, error, kind = "", line.message if isinstance(line, UnrenderedRow) else "", "failed"
+        custom_id = ids.of(number, row)
+        if isinstance(custom_id, UnrenderedRow):
+            answer, error, kind = "", custom_id.message, "failed"
         else:
             found = outcomes.get(custom_id)
             if found is None:

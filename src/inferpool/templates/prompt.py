@@ -57,15 +57,47 @@ class PromptTemplate(BaseModel):
         for name in ("model", "messages"):
             if name in self.params:
                 raise TemplateError(f"params.{name}: give {name} at the top of the template, not in params")
-        fields = {"model": self.model, "custom_id": self.custom_id}
-        fields.update({f"messages[{i}].content": m.content for i, m in enumerate(self.messages)})
-        compiled: dict[str, jinja2.Template] = {}
-        for where, text in fields.items():
-            try:
-                compiled[where] = _ENVIRONMENT.from_string(text)
-            except jinja2.TemplateSyntaxError as exc:
-                raise TemplateError(f"{where}: Jinja syntax error on line {exc.lineno}: {exc.message}") from exc
-        return CompiledTemplate(self, compiled)
+        fields = {"model": self.model, **{f"messages[{i}].content": m.content for i, m in enumerate(self.messages)}}
+        compiled = {where: _compile(where, text) for where, text in fields.items()}
+        return CompiledTemplate(self, compiled, RowCustomIds(self.custom_id))
+
+
+def _compile(where: str, text: str) -> jinja2.Template:
+    try:
+        return _ENVIRONMENT.from_string(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"{where}: Jinja syntax error on line {exc.lineno}: {exc.message}") from exc
+
+
+def _render(template: jinja2.Template, where: str, row_number: int, row: Mapping[str, Any]) -> str:
+    try:
+        return template.render({**row, "row_number": row_number})
+    except jinja2.UndefinedError as exc:
+        found = _UNDEFINED_NAME.search(str(exc.message))
+        if found:
+            raise _RowProblem(f"column {found.group(1)!r} is missing (used in {where})") from exc
+        raise _RowProblem(f"{where}: {exc.message}") from exc
+    except jinja2.TemplateError as exc:  # SecurityError and friends: the row's data met the sandbox
+        raise _RowProblem(f"{where} cannot be rendered: {exc}") from exc
+    except (TypeError, ValueError, ArithmeticError) as exc:  # a filter given a value it cannot take
+        raise _RowProblem(f"{where} cannot be rendered with this row: {type(exc).__name__}: {exc}") from exc
+
+
+class RowCustomIds:
+    """Each row's custom_id from a custom_id template: what a template job's lines are named by, and what
+    ``--join`` matches results to rows with (from the template kept in the job's metadata)."""
+
+    def __init__(self, text: str) -> None:
+        self._template = _compile("custom_id", text)
+
+    def of(self, row_number: int, row: Mapping[str, Any] | Exception) -> str | UnrenderedRow:
+        """Row ``row_number``'s custom_id, or why it has none."""
+        try:
+            if isinstance(row, Exception):
+                raise _RowProblem(str(row))
+            return _render(self._template, "custom_id", row_number, row).strip()
+        except _RowProblem as problem:
+            return UnrenderedRow(None, f"row {row_number}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -80,18 +112,14 @@ class UnrenderedRow:
 class CompiledTemplate:
     template: PromptTemplate
     fields: dict[str, jinja2.Template]
-
-    def custom_id(self, row_number: int, row: Mapping[str, Any]) -> str:
-        return self._render("custom_id", row_number, row).strip()
+    custom_ids: RowCustomIds
 
     def line(self, row_number: int, row: Mapping[str, Any] | Exception) -> dict[str, Any] | UnrenderedRow:
         """Row ``row_number`` (1-based) as a batch line, or what stopped it."""
-        try:
-            if isinstance(row, Exception):
-                raise _RowProblem(str(row))
-            custom_id = self.custom_id(row_number, row)
-        except _RowProblem as problem:
-            return UnrenderedRow(None, f"row {row_number}: {problem}")
+        custom_id = self.custom_ids.of(row_number, row)
+        if isinstance(custom_id, UnrenderedRow):
+            return custom_id
+        assert not isinstance(row, Exception)  # a row that could not be read has no custom_id either
         try:
             messages = [{"role": m.role, "content": self._render(f"messages[{i}].content", row_number, row)}
                         for i, m in enumerate(self.template.messages)]  # fmt: skip
@@ -108,17 +136,7 @@ class CompiledTemplate:
             yield line if isinstance(line, UnrenderedRow) else json.dumps(line, ensure_ascii=False)
 
     def _render(self, where: str, row_number: int, row: Mapping[str, Any]) -> str:
-        try:
-            return self.fields[where].render({**row, "row_number": row_number})
-        except jinja2.UndefinedError as exc:
-            found = _UNDEFINED_NAME.search(str(exc.message))
-            if found:
-                raise _RowProblem(f"column {found.group(1)!r} is missing (used in {where})") from exc
-            raise _RowProblem(f"{where}: {exc.message}") from exc
-        except jinja2.TemplateError as exc:  # SecurityError and friends: the row's data met the sandbox
-            raise _RowProblem(f"{where} cannot be rendered: {exc}") from exc
-        except (TypeError, ValueError, ArithmeticError) as exc:  # a filter given a value it cannot take
-            raise _RowProblem(f"{where} cannot be rendered with this row: {type(exc).__name__}: {exc}") from exc
+        return _render(self.fields[where], where, row_number, row)
 
 
 class _RowProblem(Exception):

@@ -139,16 +139,16 @@ class VllmBackend:
         if engine is not None:
             engine.shutdown()
 
-    def _sampling_params(self, request: ChatRequest, max_tokens: int) -> Any:
+    def _sampling_params(self, request: ChatRequest, max_tokens: int, call_schema: dict[str, Any] | None) -> Any:
+        """``call_schema``: the JSON schema a tool-calling answer must follow (``tool_call_schema``), if any."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         structured = None
-        calls = tool_call_schema(request)
-        if calls is not None:
+        if call_schema is not None:
             if request.response_format:
                 raise InvalidRequest("give tools or response_format, not both")
-            structured = StructuredOutputsParams(json=calls)
+            structured = StructuredOutputsParams(json=call_schema)
         elif request.response_format:
             kind = request.response_format.get("type", "text")
             if kind == "json_object":
@@ -190,9 +190,10 @@ class VllmBackend:
         try:
             prompt_ids = chat_prompt_ids(self.tokenizer, request)
             max_tokens = output_budget(self.spec, request, len(prompt_ids), self.context_window)
-            params = self._sampling_params(request, max_tokens)
+            call_schema = tool_call_schema(request)
+            params = self._sampling_params(request, max_tokens, call_schema)
             lora = self._lora_request(request)
-            calls_tools = tool_call_schema(request) is not None
+            calls_tools = call_schema is not None
         except RequestError as exc:
             return exc
         first_token_at: float | None = None
