@@ -10,10 +10,11 @@ from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
 from inferpool.streams import current_delta_sink
 from inferpool.wire import ChatRequest, FinishReason
-from inferpool.workers.anthropic_translate import StreamedToolUses, conversation, tool_arguments, tool_calls_of
+from inferpool.workers.anthropic_translate import conversation, tool_arguments, tool_calls_of
 from inferpool.workers.api_backend import (
     ApiBackend,
     ProviderReply,
+    StreamedToolCalls,
     classify_sdk_error,
     maybe_await,
     streamed_generation,
@@ -93,7 +94,7 @@ class AnthropicBackend(ApiBackend):
             sink.restart()  # a retried call streams the answer from its start again
         first_token_at: float | None = None
         parts: list[str] = []
-        tool_uses = StreamedToolUses()
+        tool_uses = StreamedToolCalls(empty_arguments="{}")  # a tool_use's input is a JSON object
         stop_reason: str | None = None
         input_tokens = output_tokens = 0
         try:
@@ -103,7 +104,9 @@ class AnthropicBackend(ApiBackend):
                 if event.type == "message_start":
                     input_tokens = event.message.usage.input_tokens
                 elif event.type == "content_block_start":
-                    tool_uses.start(event.index, event.content_block)
+                    block = event.content_block
+                    if getattr(block, "type", "") == "tool_use":
+                        tool_uses.piece(event.index, call_id=block.id, name=block.name)
                 elif event.type == "content_block_delta" and getattr(event.delta, "type", "") == "text_delta":
                     first_token_at = first_token_at or time.time()
                     parts.append(event.delta.text)
@@ -111,7 +114,7 @@ class AnthropicBackend(ApiBackend):
                         sink.emit(event.delta.text)
                 elif event.type == "content_block_delta" and getattr(event.delta, "type", "") == "input_json_delta":
                     first_token_at = first_token_at or time.time()
-                    tool_uses.add(event.index, event.delta.partial_json)
+                    tool_uses.piece(event.index, arguments=event.delta.partial_json)
                 elif event.type == "message_delta":
                     stop_reason = event.delta.stop_reason or stop_reason
                     output_tokens = event.usage.output_tokens

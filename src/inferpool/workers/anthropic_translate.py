@@ -95,22 +95,3 @@ def tool_arguments(request: ChatRequest) -> dict[str, Any]:
 def tool_calls_of(blocks: Any) -> list[dict[str, Any]]:
     """The ``tool_use`` blocks of an Anthropic answer as OpenAI tool calls."""
     return [tool_call(b.id, b.name, json.dumps(b.input)) for b in blocks if getattr(b, "type", "") == "tool_use"]
-
-
-class StreamedToolUses:
-    """``tool_use`` blocks of a streamed answer: started by ``content_block_start``, their input arriving
-    as ``input_json_delta`` pieces."""
-
-    def __init__(self) -> None:
-        self._blocks: dict[int, dict[str, str]] = {}
-
-    def start(self, index: int, block: Any) -> None:
-        if getattr(block, "type", "") == "tool_use":
-            self._blocks[index] = {"id": block.id, "name": block.name, "json": ""}
-
-    def add(self, index: int, partial_json: str) -> None:
-        if index in self._blocks:
-            self._blocks[index]["json"] += partial_json
-
-    def calls(self) -> list[dict[str, Any]]:
-        return [tool_call(b["id"], b["name"], b["json"] or "{}") for _, b in sorted(self._blocks.items())]

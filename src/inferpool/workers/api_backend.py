@@ -29,7 +29,7 @@ from inferpool.model_registry.spec import ModelSpec
 from inferpool.redis_connection import async_redis_from_url
 from inferpool.settings import Settings
 from inferpool.wire import ChatRequest, FinishReason
-from inferpool.workers.backend import Generation, GenerationOutcome, gather_outcomes, parse_params
+from inferpool.workers.backend import Generation, GenerationOutcome, gather_outcomes, parse_params, tool_call
 from inferpool.workers.ratelimit import RateLimitSpec, SharedRateLimiter, limit_group
 
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
@@ -229,6 +229,25 @@ def streamed_generation(
     return Generation(text="".join(parts), finish_reason=finish_reason, prompt_tokens=prompt_tokens,
                       completion_tokens=completion_tokens, first_token_at=first_token_at,
                       tool_calls=tuple(tool_calls))  # fmt: skip
+
+
+class StreamedToolCalls:
+    """Tool calls a provider streams in pieces, put back together by their index: a call's first piece
+    names it (id, function name), later pieces add to its arguments' JSON text. ``empty_arguments`` is
+    what a call whose arguments never came is given."""
+
+    def __init__(self, empty_arguments: str = "") -> None:
+        self._calls: dict[int, dict[str, str]] = {}
+        self._empty = empty_arguments
+
+    def piece(self, index: int, *, call_id: str | None = None, name: str | None = None, arguments: str = "") -> None:
+        call = self._calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+        call["id"] = call_id or call["id"]
+        call["name"] = name or call["name"]
+        call["arguments"] += arguments
+
+    def calls(self) -> list[dict[str, Any]]:
+        return [tool_call(c["id"], c["name"], c["arguments"] or self._empty) for _, c in sorted(self._calls.items())]
 
 
 async def maybe_await(value: Any) -> Any:

@@ -13,6 +13,7 @@ from inferpool.workers.api_backend import (
     ApiBackend,
     ApiFailure,
     ProviderReply,
+    StreamedToolCalls,
     classify_sdk_error,
     maybe_await,
     streamed_generation,
@@ -81,7 +82,7 @@ class OpenAIBackend(ApiBackend):
             sink.restart()  # a retried call streams the answer from its start again
         first_token_at: float | None = None
         parts: list[str] = []
-        calls = _ToolCallDeltas()
+        calls = StreamedToolCalls()
         finish: str | None = None
         usage: Any = None
         try:
@@ -99,8 +100,8 @@ class OpenAIBackend(ApiBackend):
                         parts.append(choice.delta.content)
                         if sink is not None:
                             sink.emit(choice.delta.content)
-                    if choice.delta is not None and choice.delta.tool_calls:
-                        calls.add(choice.delta.tool_calls)
+                    if choice.delta is not None:
+                        _add_call_pieces(calls, choice.delta.tool_calls)
                     finish = choice.finish_reason or finish
         except Exception as exc:  # classify_sdk_error re-raises anything it does not recognise
             raise classify_sdk_error(exc, self._sdk) from exc
@@ -115,20 +116,9 @@ class OpenAIBackend(ApiBackend):
         await self._client.close()
 
 
-class _ToolCallDeltas:
-    """Streamed tool calls put back together: the first delta of a call (by ``index``) carries its id and
-    name, later ones more of its ``arguments`` text."""
-
-    def __init__(self) -> None:
-        self._calls: dict[int, dict[str, str]] = {}
-
-    def add(self, deltas: Any) -> None:
-        for delta in deltas:
-            call = self._calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
-            call["id"] = delta.id or call["id"]
-            if delta.function is not None:
-                call["name"] = delta.function.name or call["name"]
-                call["arguments"] += delta.function.arguments or ""
-
-    def calls(self) -> list[dict[str, Any]]:
-        return [tool_call(c["id"], c["name"], c["arguments"]) for _, c in sorted(self._calls.items())]
+def _add_call_pieces(calls: StreamedToolCalls, deltas: Any) -> None:
+    """A chunk's ``delta.tool_calls`` (None, or pieces of calls by index) into ``calls``."""
+    for delta in deltas or ():
+        function = delta.function
+        calls.piece(delta.index, call_id=delta.id, name=function.name if function else None,
+                    arguments=(function.arguments if function else None) or "")  # fmt: skip
