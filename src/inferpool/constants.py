@@ -8,6 +8,8 @@ KEY_PREFIX = "inferpool:"
 
 #: Task names, as Celery and Flower show them.
 TASK_PROCESS_CHUNK = "inferpool.process_chunk"
+#: The task that advances one provider batch (upload, create, poll, collect): ``inferpool.provider_batch``.
+TASK_PROVIDER_BATCH_STEP = "inferpool.provider_batch_step"
 
 #: Entry-point group through which backends (built-in and third-party alike) register.
 BACKEND_ENTRY_POINT_GROUP = "inferpool.backends"
@@ -190,3 +192,39 @@ def cache_lock_key(digest: str) -> str:
 SCHEDULER_LEASE_KEY = KEY_PREFIX + "scheduler:lease"
 #: Counter of leaderships: each new leader's fencing token is larger than every earlier one.
 SCHEDULER_FENCE_KEY = KEY_PREFIX + "scheduler:fence"
+
+
+# -- provider batches (inferpool.provider_batch) ----------------------------------------------------------
+
+
+def provider_batch_key(pbatch_id: str) -> str:
+    """Hash: one provider batch's state (job, model, provider, state, provider file and batch ids)."""
+    return f"{KEY_PREFIX}pbatch:{pbatch_id}"
+
+
+def provider_batch_rids_key(pbatch_id: str) -> str:
+    """List: the request ids a provider batch carries (its lines, in order)."""
+    return f"{KEY_PREFIX}pbatch:{pbatch_id}:rids"
+
+
+def provider_batch_lock_key(pbatch_id: str) -> str:
+    """String: held by the worker advancing the provider batch now."""
+    return f"{KEY_PREFIX}pbatch:{pbatch_id}:lock"
+
+
+def provider_batch_create_lock_key(provider: str) -> str:
+    """String: held while one provider batch of ``provider`` is being created, where creates are serialised
+    (Anthropic: a batch interrupted mid-create is then told apart from others by its creation time)."""
+    return f"{KEY_PREFIX}pbatch-create-lock:{provider}"
+
+
+def job_provider_batches_key(job_id: str) -> str:
+    """Sorted set: a job's provider batches, by creation time."""
+    return f"{KEY_PREFIX}job:{job_id}:pbatches"
+
+
+#: Sorted set: unfinished provider batches, scored by when their next step is due.
+PROVIDER_BATCHES_DUE_KEY = f"{KEY_PREFIX}pbatches:due"
+#: Sorted set: provider-side batch ids some provider batch has recorded, by time (recovery never adopts one
+#: of these for another).
+PROVIDER_BATCHES_CLAIMED_KEY = f"{KEY_PREFIX}pbatches:claimed"

@@ -38,10 +38,13 @@ from inferpool.constants import (
     job_items_key,
     job_key,
     job_pending_key,
+    job_provider_batches_key,
     job_usage_key,
+    provider_batch_key,
     tenant_jobs_key,
 )
 from inferpool.inflight import LUA_INFLIGHT_MODEL, inflight_item, inflight_record, split_record
+from inferpool.provider_batch.paths import PathChoice, ProviderBatchSummary
 from inferpool.redis_connection import decode_text
 from inferpool.results import STORED_RESULT_FIELD, ResultWriter, decompress_result, parse_result
 from inferpool.usage import ModelUsage, usage_from_counters
@@ -84,6 +87,7 @@ class NewJob:
     tenant: str | None = None
     input_file_id: str | None = None
     cache: bool | None = None  # lines that set no ``cache`` of their own get this one (not stored)
+    via: str = "auto"  # realtime, provider-batch or auto (inferpool.provider_batch.paths)
 
 
 class RequestCounts(BaseModel):
@@ -117,6 +121,12 @@ class BatchJob(BaseModel):
     tenant: str | None = Field(default=None, description="Who owns the job, where a gateway created it for a key.")
     input_file_id: str | None = None
     usage: list[ModelUsage] = Field(default_factory=list)
+    via: str = Field(default="realtime", description="The path asked for: auto, realtime or provider-batch.")
+    paths: dict[str, PathChoice] = Field(
+        default_factory=dict, description="Per model: the path its lines take (real-time or the provider's Batch "
+        "API) and why.",
+    )  # fmt: skip
+    provider_batches: list[ProviderBatchSummary] = Field(default_factory=list)
 
     @property
     def finished(self) -> int:
@@ -228,7 +238,7 @@ class NotLeader(Exception):
     """A fenced script refused: another scheduler holds the lease now."""
 
 
-def _fenced(script: Any, keys: list[str], args: list[Any]) -> Any:
+def fenced_call(script: Any, keys: list[str], args: list[Any]) -> Any:
     try:
         return script(keys=keys, args=args)
     except redis.ResponseError as exc:
@@ -277,6 +287,7 @@ class JobStore:
             "status": JobStatus.VALIDATING.value, "created_at": int(now), "priority": options.priority,
             "expires_at": int(now + options.window_s), "completion_window": options.window_label,
             "metadata": json.dumps(options.metadata), "total": 0, "completed": 0, "failed": 0, "dispatched": 0,
+            "via": options.via,
         }  # fmt: skip
         if options.tenant is not None:
             record["tenant"] = options.tenant
@@ -380,11 +391,34 @@ class JobStore:
             "request_counts": RequestCounts(total=int(raw.get("total", 0)), completed=int(raw.get("completed", 0)),
                                             failed=int(raw.get("failed", 0))),
             "usage": usage, "tenant": raw.get("tenant"), "input_file_id": raw.get("input_file_id"),
+            "via": raw.get("via", "realtime"), "provider_batches": self._provider_batches(job_id),
+            "paths": {name.removeprefix("path:"): PathChoice.model_validate_json(value)
+                      for name, value in raw.items() if name.startswith("path:")},
         }  # fmt: skip
         for name in _TIMESTAMPS:
             if name in raw:
                 fields[name] = int(float(raw[name]))
         return BatchJob.model_validate(fields)
+
+    def _provider_batches(self, job_id: str) -> list[ProviderBatchSummary]:
+        ids = self.redis.zrange(job_provider_batches_key(job_id), 0, -1)
+        if not ids:
+            return []
+        fields = ("id", "model", "provider", "state", "count", "batch_id", "provider_status", "outcome")
+        pipe = self.redis.pipeline(transaction=False)
+        for member in ids:
+            pipe.hmget(provider_batch_key(decode_text(member)), fields)
+        summaries = []
+        for values in pipe.execute():
+            if values[0] is None:
+                continue
+            pbatch, model, provider, state, count, batch_id, status, outcome = (
+                decode_text(v) if v is not None else None for v in values
+            )
+            summaries.append(ProviderBatchSummary(id=pbatch or "", model=model or "", provider=provider or "",
+                                                  state=state or "", lines=int(count or 0), provider_batch_id=batch_id,
+                                                  provider_status=status, outcome=outcome))  # fmt: skip
+        return summaries
 
     def tenant_job_ids(self, tenant: str, limit: int, after: str | None = None) -> list[str]:
         """Up to ``limit`` of ``tenant``'s job ids, newest first, older than job ``after`` if given."""
@@ -440,7 +474,7 @@ class JobStore:
         With ``fence`` (the scheduler lease's value), ``NotLeader`` if the lease is not that any more."""
         keys = [job_pending_key(job_id, model), job_inflight_since_key(job_id), MODEL_INFLIGHT_KEY, job_key(job_id),
                 SCHEDULER_LEASE_KEY]  # fmt: skip
-        rids: Any = _fenced(self._take, keys, [limit, model, time.time(), self.result_ttl_s, fence])
+        rids: Any = fenced_call(self._take, keys, [limit, model, time.time(), self.result_ttl_s, fence])
         return [decode_text(rid) for rid in rids]
 
     def take_stale_inflight(self, job_id: str, older_than_s: float, limit: int = 1000,
@@ -453,7 +487,7 @@ class JobStore:
         """
         now = time.time()
         keys = [job_inflight_since_key(job_id), job_items_key(job_id), SCHEDULER_LEASE_KEY]
-        flat: Any = _fenced(self._stale, keys, [now - older_than_s, now, limit, fence])
+        flat: Any = fenced_call(self._stale, keys, [now - older_than_s, now, limit, fence])
         return [(decode_text(rid), decode_text(model)) for rid, model in _pairs(flat)]
 
     def inflight_refs(self, job_id: str) -> list[tuple[str, str]]:

@@ -109,6 +109,17 @@ class Settings(BaseSettings):
     cache_wait_s: float = Field(
         default=120.0, gt=0, description="How long a request waits for an identical one in flight to finish."
     )
+    provider_batch_poll_s: float = Field(
+        default=30.0, gt=0, description="First wait before a provider batch's status is polled (then doubling)."
+    )
+    provider_batch_poll_max_s: float = Field(
+        default=600.0, gt=0, description="Longest wait between two polls of a provider batch."
+    )
+    provider_batch_step_timeout_s: float = Field(
+        default=600.0, gt=0,
+        description="A provider-batch step (upload, create, collect) not finished by then is run again by another "
+        "worker (the one running it died).",
+    )  # fmt: skip
 
     @field_validator("registry", "models_dir", mode="before")
     @classmethod

@@ -373,6 +373,11 @@ class ServingStats(BaseModel):
     cached: bool | None = Field(default=None, exclude_if=lambda value: value is None,
                                 description="True: the answer came from the response cache (or an identical "
                                 "request).")  # fmt: skip
+    via: Literal["realtime", "provider-batch"] = Field(
+        default="realtime",
+        description="Which path served it: the provider's real-time API (or a local model), or the provider's own "
+        "Batch API (at its batch price).",
+    )
 
 
 class RequestResult(BaseModel):

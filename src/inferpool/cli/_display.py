@@ -95,8 +95,24 @@ def print_job(console: Console, job: BatchJob) -> None:
     console.print(escape(line), highlight=False)
     if job.errors:
         console.print(escape("errors: " + "; ".join(job.errors)), highlight=False)
+    for model, path in sorted(job.paths.items()):
+        console.print(escape(f"{model}: {path.via} ({path.reason})"), highlight=False)
+    if job.provider_batches:
+        console.print(provider_batches_table(job))
     if job.usage:
         console.print(usage_table(escape(f"usage for {job.id}"), job.usage))
+
+
+def provider_batches_table(job: BatchJob) -> Table:
+    """The job's batches at the providers: where each stands."""
+    table = Table(title=escape(f"provider batches of {job.id}"))
+    for column in ("batch", "model", "provider", "lines", "state", "provider batch", "provider says"):
+        table.add_column(column)
+    for batch in job.provider_batches:
+        said = batch.outcome or batch.provider_status or ""
+        table.add_row(escape(batch.id), escape(batch.model), batch.provider, str(batch.lines), batch.state,
+                      escape(batch.provider_batch_id or "-"), escape(said))  # fmt: skip
+    return table
 
 
 def jobs_table(jobs: list[BatchJob]) -> Table:

@@ -11,6 +11,7 @@ import click
 from inferpool.client.client import Client
 from inferpool.jobstore import BatchJob
 from inferpool.model_registry.registry import Registry
+from inferpool.provider_batch.paths import VIA_CHOICES, Via
 from inferpool.scheduler.batch_input import AcceptedLine, BatchLineParser
 from inferpool.scheduler.router import Router
 from inferpool.settings import Settings
@@ -35,6 +36,13 @@ cache_option = click.option(
     "--cache/--no-cache", default=None,
     help="Use the response cache for every line that does not choose (default: as each model's registry entry "
          "says: deterministic requests of models with a cache).",
+)  # fmt: skip
+via_option = click.option(
+    "--via", type=click.Choice(VIA_CHOICES), default="auto", show_default=True,
+    help="Path of the lines of models with a provider Batch API (OpenAI, Anthropic): the provider's own Batch "
+         "API (answers within 24 h at its batch price, usually half), the real-time API, or auto: the Batch API "
+         "where the registry enables it for the model (batch_api), the completion window is 24h and the job "
+         "has at least the model's batch_api.min_lines lines. `batch status` shows the choice and why.",
 )  # fmt: skip
 
 
@@ -68,11 +76,13 @@ class JobInput:
         parser = BatchLineParser(router, max_line_bytes=settings.batch_max_line_bytes)
         return {line.spec.name for line in parser.parse(self.lines()) if isinstance(line, AcceptedLine)}
 
-    def create(self, client: Client, priority: int, completion_window: str, cache: bool | None = None) -> BatchJob:
+    def create(self, client: Client, priority: int, completion_window: str, cache: bool | None = None,
+               via: Via = "auto") -> BatchJob:  # fmt: skip
         if self.input_path is not None:
             return client.batches.create(self.input_path, priority=priority, completion_window=completion_window,
-                                         cache=cache)  # fmt: skip
+                                         cache=cache, via=via)  # fmt: skip
         assert self.template_path is not None
         assert self.rows_path is not None
         return client.batches.create_from_template(self.template_path, self.rows_path, priority=priority,
-                                                   completion_window=completion_window, cache=cache)  # fmt: skip
+                                                   completion_window=completion_window, cache=cache,
+                                                   via=via)  # fmt: skip

@@ -23,6 +23,7 @@ import redis
 
 from inferpool._exceptions import BatchRefused, JobNotFound, ResultTimeout
 from inferpool.jobstore import BatchJob, JobStore, NewJob
+from inferpool.provider_batch.paths import VIA_CHOICES, Via
 from inferpool.scheduler.batch_input import AcceptedLine, BatchLineParser, load_json
 from inferpool.scheduler.router import Router
 from inferpool.settings import Settings
@@ -119,6 +120,7 @@ class Batches:
         tenant: str | None = None,
         input_file_id: str | None = None,
         cache: bool | None = None,
+        via: Via = "auto",
     ) -> BatchJob:
         """Validate and queue every line of ``source`` (a JSONL path, or lines / line dicts); return the job.
 
@@ -126,10 +128,11 @@ class Batches:
         (``BatchRefused``) only if it is not JSONL at all or exceeds the job limits. ``tenant`` owns the
         job and is counted its usage (a gateway serving many tenants); ``input_file_id`` is recorded for
         the OpenAI batch object. ``cache`` (true or false) is the response-cache choice of every line that
-        makes none of its own.
+        makes none of its own. ``via`` is the path of the lines of models with a provider Batch API
+        (``auto``, ``realtime``, ``provider-batch``: see ``inferpool.provider_batch.paths``).
         """
         settings = self._settings
-        options = self._options(priority, completion_window, metadata, tenant, input_file_id, cache)
+        options = self._options(priority, completion_window, metadata, tenant, input_file_id, cache, via)
         if isinstance(source, str | os.PathLike):
             path = Path(source)
             _check_file(path, settings.batch_max_bytes, settings.batch_max_lines)
@@ -138,7 +141,9 @@ class Batches:
         return self._create(_source_lines(source), options)
 
     def _options(self, priority: int, completion_window: str, metadata: Mapping[str, str] | None,
-                 tenant: str | None, input_file_id: str | None, cache: bool | None) -> NewJob:  # fmt: skip
+                 tenant: str | None, input_file_id: str | None, cache: bool | None, via: Via) -> NewJob:  # fmt: skip
+        if via not in VIA_CHOICES:
+            raise BatchRefused(f"via {via!r} is not one of {', '.join(VIA_CHOICES)}")
         window_s = parse_window(completion_window)
         if window_s > self._settings.result_ttl_s:
             raise BatchRefused(
@@ -148,7 +153,7 @@ class Batches:
             )
         return NewJob(priority=priority, window_s=window_s, window_label=completion_window,
                       metadata=dict(metadata or {}), tenant=tenant, input_file_id=input_file_id,
-                      cache=cache)  # fmt: skip
+                      cache=cache, via=via)  # fmt: skip
 
     def create_from_template(
         self,
@@ -160,6 +165,7 @@ class Batches:
         metadata: Mapping[str, str] | None = None,
         tenant: str | None = None,
         cache: bool | None = None,
+        via: Via = "auto",
     ) -> BatchJob:
         """One request per row: ``template`` (a YAML file or a ``PromptTemplate``) rendered with each row of
         ``rows`` (a CSV, JSONL or Parquet file, or mappings). A row that cannot be rendered is its line's
@@ -171,7 +177,8 @@ class Batches:
             read_rows(Path(rows)) if isinstance(rows, str | os.PathLike) else (dict(row) for row in rows)
         )
         job_metadata = {**(metadata or {}), CUSTOM_ID_METADATA: prompt.custom_id}
-        return self._create(lines, self._options(priority, completion_window, job_metadata, tenant, None, cache))
+        options = self._options(priority, completion_window, job_metadata, tenant, None, cache, via)
+        return self._create(lines, options)
 
     def _create(self, lines: Iterable[str | bytes | UnrenderedRow], options: NewJob) -> BatchJob:
         job_id = new_id("batch")
@@ -331,10 +338,11 @@ class AsyncBatches:
         tenant: str | None = None,
         input_file_id: str | None = None,
         cache: bool | None = None,
+        via: Via = "auto",
     ) -> BatchJob:
         return await asyncio.to_thread(self._sync.create, source, priority=priority,
                                        completion_window=completion_window, metadata=metadata, tenant=tenant,
-                                       input_file_id=input_file_id, cache=cache)  # fmt: skip
+                                       input_file_id=input_file_id, cache=cache, via=via)  # fmt: skip
 
     async def create_from_template(
         self,

@@ -81,6 +81,9 @@ class BatchEndpoints:
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/files", self._upload)
+        app.router.add_get("/v1/files", self._list_files)
+        app.router.add_get("/v1/batches", self._list_openai)
+        app.router.add_get("/v1/messages/batches", self._list_anthropic)
         app.router.add_get("/v1/files/{file_id}", self._file)
         app.router.add_get("/v1/files/{file_id}/content", self._file_content)
         app.router.add_delete("/v1/files/{file_id}", self._delete_file)
@@ -133,7 +136,28 @@ class BatchEndpoints:
         return (False, {"type": "invalid_request_error", "message": message}) if isinstance(message, str) else (
             True, message)  # fmt: skip
 
+    def _page(self, request: web.Request, objects: list[dict[str, Any]], after: str | None) -> dict[str, Any]:
+        """One page of ``objects`` (in listing order) after the one with id ``after``, in the providers' list
+        envelope (OpenAI's and Anthropic's share these fields)."""
+        try:
+            limit = max(1, min(1000, int(request.query.get("limit", "20"))))
+        except ValueError:
+            limit = 20
+        ids = [o["id"] for o in objects]
+        start = ids.index(after) + 1 if after in ids else 0
+        page = objects[start : start + limit]
+        return {"object": "list", "data": page, "has_more": start + limit < len(objects),
+                "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None}  # fmt: skip
+
     # -- OpenAI files ----------------------------------------------------------------------------------
+
+    async def _list_files(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        purpose = request.query.get("purpose")
+        files = [f for f in self.files.values() if purpose is None or f["purpose"] == purpose]
+        files.sort(key=lambda f: f["created_at"], reverse=request.query.get("order", "desc") == "desc")
+        return web.json_response(self._page(request, files, request.query.get("after")))
 
     async def _upload(self, request: web.Request) -> web.Response:
         if (refused := self._refused(request)) is not None:
@@ -191,6 +215,13 @@ class BatchEndpoints:
         batch.endpoint, batch.input_file_id = body.get("endpoint", batch.endpoint), body["input_file_id"]
         batch.completion_window, batch.metadata = body.get("completion_window", "24h"), body.get("metadata")
         return web.json_response(self._openai_object(batch))
+
+    async def _list_openai(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        newest_first = sorted((b for b in self.batches.values() if b.provider == "openai"), key=lambda b: -b.created)
+        objects = [self._openai_object(b) for b in newest_first]
+        return web.json_response(self._page(request, objects, request.query.get("after")))
 
     async def _retrieve_openai(self, request: web.Request) -> web.Response:
         if (refused := self._refused(request)) is not None:
@@ -266,6 +297,14 @@ class BatchEndpoints:
                                      status=400)  # fmt: skip
         batch = self._new_batch("anthropic", requests)
         return web.json_response(self._anthropic_object(batch))
+
+    async def _list_anthropic(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        newest_first = sorted((b for b in self.batches.values() if b.provider == "anthropic"),
+                              key=lambda b: -b.created)  # fmt: skip
+        objects = [self._anthropic_object(b) for b in newest_first]
+        return web.json_response(self._page(request, objects, request.query.get("after_id")))
 
     async def _retrieve_anthropic(self, request: web.Request) -> web.Response:
         if (refused := self._refused(request)) is not None:

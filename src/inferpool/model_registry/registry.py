@@ -62,7 +62,8 @@ def _with_provider(spec: ModelSpec, providers: dict[str, ProviderSpec]) -> Model
         raise RegistryError(f"model {spec.name!r}: provider {spec.provider!r} is not defined; providers: {known}")
     backend = spec.backend or provider.backend_name()
     return spec.model_copy(update={"backend": backend, "params": {**provider.default_params(), **spec.params},
-                                   "hooks": [*provider.hooks, *spec.hooks]})  # fmt: skip
+                                   "hooks": [*provider.hooks, *spec.hooks],
+                                   "batch_api": spec.batch_api or provider.batch_api})  # fmt: skip
 
 
 class Registry:

@@ -76,6 +76,34 @@ class CacheSpec(BaseModel):
     )
 
 
+class BatchApiSpec(BaseModel):
+    """A model's use of its provider's own Batch API (OpenAI Batch, Anthropic Message Batches).
+
+    Answers come within the provider's 24 h window at its batch price; a batch job takes this path per
+    model (``--via auto``, the default, or ``provider-batch``): see ``inferpool.provider_batch``.
+    """
+
+    model_config = _STRICT
+    enabled: bool = Field(default=False, description="Allow batch jobs to use the provider's Batch API.")
+    min_lines: int = Field(default=100, ge=1, description="--via auto: fewer lines of a job than this run real-time.")
+    pricing: Pricing | None = Field(default=None, description="USD per million tokens (default: half the model's).")
+    on_expiry: Literal["fail", "realtime"] = Field(
+        default="fail",
+        description="Lines a provider batch left unprocessed when it expired: batch_expired errors, or re-sent "
+        "through the real-time API.",
+    )
+    max_requests: int | None = Field(default=None, ge=1, description="Split above this many lines (default: the "
+                                     "provider's limit, 50,000 OpenAI, 100,000 Anthropic).")  # fmt: skip
+    max_bytes: int | None = Field(default=None, ge=1024, description="Split above this many bytes of provider input "
+                                  "(default: 200 MB OpenAI, 256 MB Anthropic).")  # fmt: skip
+
+    def price(self, realtime: Pricing) -> Pricing:
+        """The batch price: the one given, or half the real-time one."""
+        if self.pricing is not None:
+            return self.pricing
+        return Pricing(input_per_mtok=realtime.input_per_mtok / 2, output_per_mtok=realtime.output_per_mtok / 2)
+
+
 class HookSpec(BaseModel):
     """A hook a model's requests go through: its entry-point name and its params."""
 
@@ -107,6 +135,7 @@ class ProviderSpec(BaseModel):
     backend: str = Field(default="transformers", description="For kind local: the backend (transformers, vllm).")
     params: dict[str, Any] = Field(default_factory=dict, description="More defaults for its models' params.")
     hooks: list[HookSpec] = Field(default_factory=list, description="Hooks of all its models (theirs run after).")
+    batch_api: BatchApiSpec | None = Field(default=None, description="Default Batch API use of its models.")
 
     _hooks_by_name = field_validator("hooks", mode="before")(_hook_specs)
 
@@ -156,6 +185,9 @@ class ModelSpec(BaseModel):
         default_factory=list, description="Hooks (inferpool.hooks entry points) its requests and answers go through."
     )
     cache: CacheSpec | None = Field(default=None, description="Reuse answers to identical requests (opt-in).")
+    batch_api: BatchApiSpec | None = Field(
+        default=None, description="Use the provider's own Batch API for batch jobs (opt-in; default: the provider's)."
+    )
     description: str = ""
 
     _hooks_by_name = field_validator("hooks", mode="before")(_hook_specs)

@@ -37,6 +37,7 @@ from inferpool.heartbeats import count_live_workers
 from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus, JobStore, NotLeader
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
+from inferpool.provider_batch.planner import ProviderBatchPlanner
 from inferpool.scheduler.lease import SchedulerLease
 from inferpool.settings import Settings
 from inferpool.wire import chunk_json, describe_chunk
@@ -72,12 +73,19 @@ class _JobView:
     total: int
     finished: int
     validated: bool
+    via: str = "realtime"
+    window_s: float = 0.0
+
+
+_VIEW_FIELDS = ("status", "priority", "models", "expires_at", "total", "completed", "failed", "validated", "via",
+                "created_at")  # fmt: skip
 
 
 def _job_view(job_id: str, values: list[bytes | None]) -> _JobView:
-    status, priority, models, expires_at, total, completed, failed, validated = (
+    status, priority, models, expires_at, total, completed, failed, validated, via, created_at = (
         v.decode() if v else "" for v in values
     )
+    expires = float(expires_at or "inf")
     return _JobView(
         job_id=job_id,
         status=JobStatus(status),
@@ -87,6 +95,8 @@ def _job_view(job_id: str, values: list[bytes | None]) -> _JobView:
         total=int(total or 0),
         finished=int(completed or 0) + int(failed or 0),
         validated=validated == "1",
+        via=via or "realtime",  # jobs from before provider batches
+        window_s=expires - float(created_at or 0),
     )
 
 
@@ -103,6 +113,7 @@ class Scheduler:
         self._live_checked = 0.0
         self._stale_checked = 0.0
         self._faults: dict[str, int] = defaultdict(int)
+        self.planner = ProviderBatchPlanner(self.store, settings, celery, self._fence)
         # Items taken into flight whose publishing failed (broker down): published first on the next tick.
         self._unsent: list[tuple[str, ModelSpec, list[str], bool]] = []
 
@@ -200,7 +211,14 @@ class Scheduler:
             self._stale_checked = now
             for job in live:
                 self._guard(job.job_id, self._resend_stale, job)
-        return self._dispatch(running)
+        dispatched = self._dispatch(running)
+        try:
+            dispatched += self.planner.drive()
+        except _STOP_TICK_ERRORS:
+            raise
+        except Exception:
+            log.exception("scheduler: publishing provider batch steps failed; trying again next tick")
+        return dispatched
 
     def _resend_stale(self, job: _JobView) -> int:
         """Re-send requests in flight for longer than the stale limit (their chunk may be lost)."""
@@ -217,11 +235,10 @@ class Scheduler:
         return resent
 
     def _active_jobs(self) -> list[_JobView]:
-        fields = ("status", "priority", "models", "expires_at", "total", "completed", "failed", "validated")
         ids = self.store.active_ids()
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hmget(job_key(job_id), fields)
+            pipe.hmget(job_key(job_id), _VIEW_FIELDS)
         views = []
         for job_id, values in zip(ids, pipe.execute(), strict=True):
             if values[0] is None:  # the job's keys expired: forget it
@@ -248,6 +265,7 @@ class Scheduler:
         if job.status == JobStatus.CANCELLING:
             message = "the batch was cancelled before this request ran"
             self.store.drop_pending(job.job_id, CANCELLED_CODE, message, models=job.models)
+            self.planner.cancel_job(job.job_id)
             if job.validated and self._all_settled(job.job_id):
                 self.store.finalize(job.job_id, JobStatus.CANCELLED)
                 log.info("job %s cancelled", job.job_id)
@@ -269,6 +287,7 @@ class Scheduler:
             message = "the batch's completion window ended before this request finished"
         self.store.drop_pending(job.job_id, code, message, models=job.models)
         self.store.settle_inflight(job.job_id, code, message)
+        self.planner.settle_job(job.job_id, code, message)
         if not job.validated:
             self.store.fail(job.job_id, "its input was never fully uploaded within the completion window")
         else:
@@ -309,7 +328,10 @@ class Scheduler:
             free = self._window(spec) - inflight.get(model, 0)
             levels: dict[int, list[_JobView]] = defaultdict(list)
             for job in model_jobs:
-                levels[job.priority].append(job)
+                held = self._guard(job.job_id, self.planner.holds, job.job_id, job.via, job.window_s, job.validated,
+                                   spec)  # fmt: skip
+                if held is False:
+                    levels[job.priority].append(job)
             for priority in sorted(levels, reverse=True):
                 if free <= 0:
                     break

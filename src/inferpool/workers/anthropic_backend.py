@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from inferpool._exceptions import InvalidRequest
 from inferpool.model_registry.spec import ModelSpec
@@ -20,6 +20,9 @@ from inferpool.workers.api_backend import (
     streamed_generation,
 )
 from inferpool.workers.backend import Generation
+
+if TYPE_CHECKING:
+    from inferpool.provider_batch.api import ProviderBatchApi
 
 _FINISH: dict[str, FinishReason] = {
     "end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
@@ -76,15 +79,7 @@ class AnthropicBackend(ApiBackend):
             message = await maybe_await(raw.parse())  # async clients return a coroutine here
         except Exception as exc:  # classify_sdk_error re-raises anything it does not recognise
             raise classify_sdk_error(exc, self._sdk) from exc
-        text = "".join(getattr(block, "text", "") for block in message.content if block.type == "text")
-        generation = Generation(
-            text=text,
-            finish_reason=_FINISH.get(message.stop_reason or "end_turn", "stop"),
-            prompt_tokens=message.usage.input_tokens,
-            completion_tokens=message.usage.output_tokens,
-            tool_calls=tuple(tool_calls_of(message.content)),
-        )
-        return ProviderReply(generation, dict(raw.headers))
+        return ProviderReply(message_generation(message), dict(raw.headers))
 
     async def _call_streaming(self, arguments: dict[str, Any]) -> ProviderReply:
         """The same call as an event stream: the first text delta is the first token; a reader of the
@@ -134,3 +129,21 @@ class AnthropicBackend(ApiBackend):
 
     async def close_client(self) -> None:
         await self._client.close()
+
+    def batch_api(self) -> ProviderBatchApi:
+        """Anthropic's Message Batches on this backend's client and translation."""
+        from inferpool.provider_batch.anthropic_batch import AnthropicBatchApi
+
+        return AnthropicBatchApi(self._client, self.translate)
+
+
+def message_generation(message: Any) -> Generation:
+    """An SDK ``Message`` as a ``Generation`` (the real-time answer, and a batch result's message)."""
+    text = "".join(getattr(block, "text", "") for block in message.content if block.type == "text")
+    return Generation(
+        text=text,
+        finish_reason=_FINISH.get(message.stop_reason or "end_turn", "stop"),
+        prompt_tokens=message.usage.input_tokens,
+        completion_tokens=message.usage.output_tokens,
+        tool_calls=tuple(tool_calls_of(message.content)),
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
@@ -19,6 +19,9 @@ from inferpool.workers.api_backend import (
     streamed_generation,
 )
 from inferpool.workers.backend import Generation, tool_call
+
+if TYPE_CHECKING:
+    from inferpool.provider_batch.api import ProviderBatchApi
 
 _FINISH: dict[str, FinishReason] = {
     "stop": "stop", "length": "length", "tool_calls": "tool_calls", "function_call": "tool_calls",
@@ -57,22 +60,7 @@ class OpenAIBackend(ApiBackend):
             completion = await maybe_await(raw.parse())  # async clients return a coroutine here
         except Exception as exc:  # classify_sdk_error re-raises anything it does not recognise
             raise classify_sdk_error(exc, self._sdk) from exc
-        if not completion.choices:
-            raise ApiFailure("the response has no choices", retryable=True)
-        choice = completion.choices[0]
-        usage = completion.usage
-        generation = Generation(
-            text=choice.message.content or "",
-            finish_reason=_FINISH.get(choice.finish_reason or "stop", "stop"),
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            tool_calls=tuple(
-                tool_call(call.id, call.function.name, call.function.arguments)
-                for call in choice.message.tool_calls or ()
-                if call.type == "function"
-            ),
-        )
-        return ProviderReply(generation, dict(raw.headers))
+        return ProviderReply(completion_generation(completion), dict(raw.headers))
 
     async def _call_streaming(self, arguments: dict[str, Any]) -> ProviderReply:
         """The same call as a server-sent-event stream: the first content delta is the first token; a reader
@@ -114,6 +102,31 @@ class OpenAIBackend(ApiBackend):
 
     async def close_client(self) -> None:
         await self._client.close()
+
+    def batch_api(self) -> ProviderBatchApi:
+        """OpenAI's Batch API on this backend's client and translation."""
+        from inferpool.provider_batch.openai_batch import OpenAIBatchApi
+
+        return OpenAIBatchApi(self._client, self.translate)
+
+
+def completion_generation(completion: Any) -> Generation:
+    """An SDK ``ChatCompletion`` as a ``Generation`` (the real-time answer, and a batch output line's body)."""
+    if not completion.choices:
+        raise ApiFailure("the response has no choices", retryable=True)
+    choice = completion.choices[0]
+    usage = completion.usage
+    return Generation(
+        text=choice.message.content or "",
+        finish_reason=_FINISH.get(choice.finish_reason or "stop", "stop"),
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        completion_tokens=usage.completion_tokens if usage else 0,
+        tool_calls=tuple(
+            tool_call(call.id, call.function.name, call.function.arguments)
+            for call in choice.message.tool_calls or ()
+            if call.type == "function"
+        ),
+    )
 
 
 def _add_call_pieces(calls: StreamedToolCalls, deltas: Any) -> None:

@@ -14,8 +14,9 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import pydantic_core
 import redis
@@ -28,7 +29,7 @@ from inferpool.inflight import inflight_item, split_record
 from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus
 from inferpool.model_registry.capability import check_request_fits
 from inferpool.model_registry.registry import Registry
-from inferpool.model_registry.spec import ModelSpec
+from inferpool.model_registry.spec import BatchApiSpec, ModelSpec
 from inferpool.redis_connection import decode_text
 from inferpool.results import ResultRecord, ResultWriter
 from inferpool.settings import Settings
@@ -40,6 +41,7 @@ from inferpool.workers.failures import FailurePolicy
 from inferpool.workers.hooks import HookChain
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -185,8 +187,9 @@ class WorkerRuntime:
         self._failures.forward(chunk, moving)
         moved = {item.request_id for item, _, _ in moving}
         todo = [item for item in todo if item.request_id not in moved]
-        records = [self._record(chunk, item, outcomes[item.request_id], started, hook_s.get(item.request_id),
-                                cached=item.request_id in cached) for item in todo]  # fmt: skip
+        records = [self.result_record(chunk.job_id, chunk.enqueued_at, item, outcomes[item.request_id], started,
+                                      hook_s.get(item.request_id), cached=item.request_id in cached)
+                   for item in todo]  # fmt: skip
         flags = self._writer.write_records(chunk.job_id, self.spec.name, records, chunk.result_ttl_s)
         self._failures.bury(chunk, todo, outcomes, flags)
         written = sum(flags)
@@ -319,24 +322,30 @@ class WorkerRuntime:
     # 500-request echo chunk, validating results cost as much as everything else together. The client
     # validates every result it reads (``RequestResult``), and the tests read them all.
 
-    def _record(self, chunk: TaskChunk, item: TaskItem, outcome: GenerationOutcome, started: float,
-                hooks_s: float | None = None, *, cached: bool = False) -> ResultRecord:  # fmt: skip
+    def result_record(self, job_id: str | None, enqueued_at: float, item: TaskItem, outcome: GenerationOutcome,
+                      started: float, hooks_s: float | None = None, *, cached: bool = False,
+                      provider_batch: bool = False) -> ResultRecord:  # fmt: skip
+        """The stored result of ``item``. ``provider_batch``: answered through the provider's Batch API (its
+        batch price; its turnaround is the result's latency_s but stays out of the latency histograms)."""
         now = time.time()
         latency = max(0.0, now - started)
         stats: dict[str, object] = {
             "model": self.spec.name,
             "backend": self.backend.name,
             "worker": self.worker_id,
-            "queued_s": max(0.0, started - chunk.enqueued_at),
+            "queued_s": max(0.0, started - enqueued_at),
             "latency_s": latency,
             "attempts": outcome.attempts,
             "cost_usd": 0.0,
         }
         if hooks_s is not None:
             stats["hooks_s"] = hooks_s
+        if provider_batch:
+            stats["via"] = "provider-batch"
         tenant = item.tenant or DEFAULT_TENANT
         data: dict[str, object] = {"request_id": item.request_id, "custom_id": item.custom_id,
-                                   "job_id": chunk.job_id, "tenant": tenant, "stats": stats}  # fmt: skip
+                                   "job_id": job_id, "tenant": tenant, "stats": stats}  # fmt: skip
+        measured = None if provider_batch else latency
         if item.warnings:
             data["warnings"] = item.warnings
         if not isinstance(outcome, RequestError) and not _valid_usage(outcome):
@@ -346,8 +355,11 @@ class WorkerRuntime:
         if isinstance(outcome, RequestError):
             data["error"] = {"code": outcome.code, "message": outcome.message}
             payload = pydantic_core.to_json(data)
-            return ResultRecord(item.request_id, False, 0, 0, 0.0, latency, payload, tenant, outcome.attempts)
-        cost = self.spec.pricing.cost(outcome.prompt_tokens, outcome.completion_tokens)
+            return ResultRecord(item.request_id, False, 0, 0, 0.0, measured, payload, tenant, outcome.attempts)
+        pricing = self.spec.pricing
+        if provider_batch:
+            pricing = (self.spec.batch_api or BatchApiSpec()).price(pricing)
+        cost = pricing.cost(outcome.prompt_tokens, outcome.completion_tokens)
         saved = 0.0
         if cached:  # tokens are recorded as they were; the answer cost nothing this time
             stats["cached"] = True
@@ -358,8 +370,16 @@ class WorkerRuntime:
             stats["ttft_s"] = ttft
         data["response"] = self._completion(outcome, int(now))
         payload = pydantic_core.to_json(data)
-        return ResultRecord(item.request_id, True, outcome.prompt_tokens, outcome.completion_tokens, cost, latency,
+        return ResultRecord(item.request_id, True, outcome.prompt_tokens, outcome.completion_tokens, cost, measured,
                             payload, tenant, outcome.attempts, ttft, cached, saved)  # fmt: skip
+
+    def write_records(self, job_id: str, records: Sequence[ResultRecord], ttl_s: int) -> list[bool]:
+        """Store results of this model's requests of ``job_id``, each once (see ``ResultWriter``)."""
+        return self._writer.write_records(job_id, self.spec.name, records, ttl_s)
+
+    def run_on_backend_loop(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``coroutine`` on the backend's event loop (where its SDK clients live) and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def _completion(self, generation: Generation, created: int) -> dict[str, object]:
         choices: tuple[Generation | ExtraChoice, ...] = (generation, *generation.extra_choices)

@@ -12,6 +12,8 @@ from inferpool._exceptions import ModelLoadError, RedisUnavailable
 from inferpool.celery_app import create_celery_app
 from inferpool.constants import model_queues
 from inferpool.model_registry.registry import Registry
+from inferpool.provider_batch.runner import ProviderBatchRunner
+from inferpool.provider_batch.store import ProviderBatchStore
 from inferpool.redis_connection import connect_redis
 from inferpool.settings import Settings
 from inferpool.workers.backend import create_backend
@@ -46,7 +48,12 @@ def serve_model(model: str, settings: Settings, *, concurrency: int | None = Non
     cache_redis = connect_redis(settings.cache_redis_url) if settings.cache_redis_url else redis_client
     runtime = WorkerRuntime(spec, backend, redis_client, settings, worker_id, registry=registry, celery=app,
                             hooks=hooks, cache=ResponseCache(cache_redis, settings))  # fmt: skip
-    install_tasks(app, runtime)
+    batch_api = getattr(backend, "batch_api", None)
+    runner = None
+    if callable(batch_api):
+        store = ProviderBatchStore(redis_client, settings.result_ttl_s)
+        runner = ProviderBatchRunner(runtime, batch_api(), store, settings)
+    install_tasks(app, runtime, runner)
 
     def on_ready(**_: Any) -> None:
         runtime.start_heartbeat()

@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import redis
 from celery import Celery, Task
 from celery.utils.time import get_exponential_backoff_interval
 
-from inferpool.constants import TASK_PROCESS_CHUNK
+from inferpool.constants import TASK_PROCESS_CHUNK, TASK_PROVIDER_BATCH_STEP
+from inferpool.provider_batch.runner import ProviderBatchRunner
 from inferpool.wire import TaskChunk
 from inferpool.workers.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
 
 #: Longest wait before a chunk that met a Redis outage is tried again.
 RETRY_BACKOFF_MAX_S = 30
 
 
-def install_tasks(app: Celery, runtime: WorkerRuntime) -> None:
-    """Register ``inferpool.process_chunk`` on ``app``, served by ``runtime``."""
+def install_tasks(app: Celery, runtime: WorkerRuntime, provider_batches: ProviderBatchRunner | None = None) -> None:
+    """Register ``inferpool.process_chunk`` on ``app``, served by ``runtime``, and
+    ``inferpool.provider_batch_step``, served by ``provider_batches`` (models with a provider Batch API)."""
+
+    # A step that fails on Redis is published again by the scheduler when its step timeout has passed.
+    @app.task(name=TASK_PROVIDER_BATCH_STEP, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    def provider_batch_step(pbatch_id: str) -> str:
+        if provider_batches is None:
+            log.error("provider batch %s: model %s has no provider Batch API in this worker", pbatch_id,
+                      runtime.spec.name)  # fmt: skip
+            return "no provider Batch API here"
+        return provider_batches.step(pbatch_id)
 
     # Redis going away mid-chunk (a restart) retries the chunk with backoff rather than failing it;
     # requests it already answered are skipped on the retry. The retry is published by hand, not by

@@ -1,0 +1,122 @@
+"""The scheduler's side of provider batches: choose each job's path per model, form provider batches
+from the job's pending lines, and publish the step of every provider batch that is due.
+
+The scheduler never calls a provider: the workers of the model do (``inferpool.provider_batch.runner``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+
+from inferpool.constants import TASK_PROVIDER_BATCH_STEP, Priority, job_items_key, job_key, job_pending_key, queue_name
+from inferpool.jobstore import JobStore, settled_record
+from inferpool.model_registry.spec import ModelSpec
+from inferpool.provider_batch.paths import (
+    UNAVAILABLE_CODE,
+    PathChoice,
+    batch_limits,
+    batch_provider,
+    choose_path,
+    waits_for_upload,
+)
+from inferpool.provider_batch.store import ProviderBatchStore, path_field
+from inferpool.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ProviderBatchPlanner:
+    def __init__(self, jobs: JobStore, settings: Settings, celery: Celery, fence: Callable[[], str]) -> None:
+        self.jobs = jobs
+        self.redis = jobs.redis
+        self.settings = settings
+        self.celery = celery
+        self.store = ProviderBatchStore(jobs.redis, settings.result_ttl_s)
+        self._fence = fence
+
+    # -- paths ------------------------------------------------------------------------------------------
+
+    def holds(self, job_id: str, via: str, window_s: float, validated: bool, spec: ModelSpec) -> bool:
+        """Whether the job's pending lines for ``spec`` are not for real-time dispatch now: they wait for the
+        upload to end, went into provider batches (done here), or end with ``provider_batch_unavailable``."""
+        if via == "realtime":
+            return False
+        choice = self._choice(job_id, spec.name)
+        if choice is None:
+            if waits_for_upload(spec, via) and not validated:
+                return True
+            lines = int(self.redis.llen(job_pending_key(job_id, spec.name)))
+            choice = choose_path(spec, via, window_s, lines)
+            self.redis.hset(job_key(job_id), path_field(spec.name), choice.model_dump_json())
+            log.info("job %s, model %s: %s (%s)", job_id, spec.name, choice.via, choice.reason)
+        if choice.via == "realtime":
+            return False
+        if choice.via == "unavailable":
+            self.jobs.drop_pending(job_id, UNAVAILABLE_CODE, choice.reason, models=[spec.name])
+        else:
+            self._form(job_id, spec)
+        return True
+
+    def _choice(self, job_id: str, model: str) -> PathChoice | None:
+        raw = self.redis.hget(job_key(job_id), path_field(model))
+        return None if raw is None else PathChoice.model_validate_json(raw)
+
+    def _form(self, job_id: str, spec: ModelSpec) -> None:
+        """Every pending line of the model into provider batches of at most the provider's size."""
+        max_requests, _ = batch_limits(spec)
+        provider = batch_provider(spec) or "openai"
+        while True:
+            pbatch_id, moved = self.store.form(job_id, spec.name, provider, max_requests, fence=self._fence())
+            if moved:
+                log.info("job %s: provider batch %s formed (%s, %d lines)", job_id, pbatch_id, spec.name, moved)
+            if moved < max_requests:
+                return
+
+    # -- driving -----------------------------------------------------------------------------------------
+
+    def drive(self) -> int:
+        """Publish the step of every provider batch that is due; returns how many. A step not finished within
+        the step timeout (its worker died) is published again then."""
+        now = time.time()
+        timeout = self.settings.provider_batch_step_timeout_s
+        published = 0
+        for pbatch_id in self.store.due(now):
+            batch = self.store.get(pbatch_id)
+            if batch is None or batch.finished:
+                self.store.forget(pbatch_id)
+                continue
+            self.store.schedule(pbatch_id, now + timeout)
+            self.celery.send_task(TASK_PROVIDER_BATCH_STEP, args=[pbatch_id],
+                                  queue=queue_name(batch.model, Priority.HIGH), argsrepr=pbatch_id, kwargsrepr="{}",
+                                  expires=timeout)  # fmt: skip
+            published += 1
+        return published
+
+    def cancel_job(self, job_id: str) -> None:
+        """Ask for the cancellation of the job's unfinished provider batches (their lines end as the
+        provider reports them: answered, or ``batch_cancelled``)."""
+        for batch in self.store.job_batches(job_id):
+            if not batch.finished and not batch.cancel:
+                self.store.request_cancel(batch.id)
+
+    def settle_job(self, job_id: str, code: str, message: str) -> int:
+        """End the unanswered lines of the job's provider batches with this error now (the job's window is
+        over) and cancel the batches at the provider; returns how many lines."""
+        settled = 0
+        for batch in self.store.job_batches(job_id):
+            if batch.finished:
+                continue
+            for rids in self.store.request_ids(batch.id):
+                records: Any = self.redis.hmget(job_items_key(job_id), rids)
+                results = [settled_record(job_id, rid, record, code, message)
+                           for rid, record in zip(rids, records, strict=True) if record is not None]  # fmt: skip
+                self.jobs.settle(results)
+                settled += len(results)
+            if not batch.cancel:
+                self.store.request_cancel(batch.id)
+        return settled

@@ -1,0 +1,285 @@
+"""Provider batches in Redis: which lines went into which provider batch, and how far each has come.
+
+A provider batch (``pbatch_...``) is one batch created at a provider for the lines of one job and one
+model. Its hash (``inferpool.constants.provider_batch_key``) holds the job, model, provider, its
+``state`` and the provider's ids; its lines are a list of request ids. The states, each recorded *before*
+the step that creates something at the provider, so a process killed at any point and restarted neither
+creates a second provider batch for the same lines nor loses one::
+
+    prepared --(mark)--> uploading --upload--> uploaded --(mark)--> creating --create--> created
+        --poll...--> (ended at the provider) --collect--> collected
+
+``uploading`` and ``creating`` say "this may exist at the provider already": a step that finds either
+looks the object up by the name or metadata it was made with before making it again
+(``inferpool.provider_batch.api``). Anthropic has no upload: its lines go to ``creating`` directly.
+
+Lines move from the job's pending list into a provider batch in one script (like the scheduler's take of
+real-time lines), so none is lost between the two. A line's answer is written through the exactly-once
+result path (``inferpool.results``): collecting twice writes nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from enum import StrEnum
+from typing import Any
+
+import redis
+from pydantic import BaseModel
+
+from inferpool.constants import (
+    PROVIDER_BATCHES_CLAIMED_KEY,
+    PROVIDER_BATCHES_DUE_KEY,
+    SCHEDULER_LEASE_KEY,
+    job_items_key,
+    job_key,
+    job_pending_key,
+    job_provider_batches_key,
+    provider_batch_create_lock_key,
+    provider_batch_key,
+    provider_batch_lock_key,
+    provider_batch_rids_key,
+)
+from inferpool.jobstore import fenced_call
+from inferpool.redis_connection import decode_text
+from inferpool.wire import new_id
+
+#: How long the claimed provider ids are remembered (longer than any provider batch lives).
+_CLAIMED_RETENTION_S = 30 * 86400
+
+
+class PBatchState(StrEnum):
+    PREPARED = "prepared"
+    UPLOADING = "uploading"
+    UPLOADED = "uploaded"
+    CREATING = "creating"
+    CREATED = "created"
+    COLLECTED = "collected"
+
+
+class ProviderBatch(BaseModel):
+    """One provider batch's record."""
+
+    id: str
+    job_id: str
+    model: str
+    provider: str
+    state: PBatchState
+    count: int
+    created_at: float
+    marked_at: float | None = None
+    sent: int | None = None
+    file_id: str | None = None
+    batch_id: str | None = None
+    provider_status: str | None = None
+    polls: int = 0
+    cancel: bool = False
+    cancel_sent: bool = False
+    outcome: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state == PBatchState.COLLECTED
+
+
+# Moves up to ARGV[1] ids from a job's pending list (KEYS[1]) into a new provider batch (KEYS[2] hash,
+# KEYS[3] ids), due now (KEYS[4]) and listed for its job (KEYS[5]). Fenced by the scheduler lease
+# (KEYS[6], ARGV[8]) like the real-time take. ARGV: limit, pbatch id, job, model, provider, now, ttl, fence.
+_FORM = """
+if ARGV[8] ~= '' and redis.call('GET', KEYS[6]) ~= ARGV[8] then
+  return redis.error_reply('inferpool: not the leader')
+end
+local rids = redis.call('LPOP', KEYS[1], ARGV[1])
+if not rids then return 0 end
+redis.call('RPUSH', KEYS[3], unpack(rids))
+redis.call('HSET', KEYS[2], 'id', ARGV[2], 'job_id', ARGV[3], 'model', ARGV[4], 'provider', ARGV[5],
+           'state', 'prepared', 'count', #rids, 'created_at', ARGV[6])
+redis.call('ZADD', KEYS[4], ARGV[6], ARGV[2])
+redis.call('ZADD', KEYS[5], ARGV[6], ARGV[2])
+for k = 2, 5 do
+  if k ~= 4 then redis.call('EXPIRE', KEYS[k], ARGV[7]) end
+end
+return #rids
+"""
+
+# Splits a prepared provider batch (KEYS[1] hash, KEYS[2] ids) after its first ARGV[1] lines: the rest go
+# into a new one (KEYS[3] hash, KEYS[4] ids), due now (KEYS[5]) and listed for the job (KEYS[6]). Only
+# while the batch is still 'prepared' (nothing of it exists at the provider). ARGV: keep, new id, now, ttl.
+_SPLIT = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'prepared' then return 0 end
+local rest = redis.call('LRANGE', KEYS[2], ARGV[1], -1)
+if #rest == 0 then return 0 end
+redis.call('LTRIM', KEYS[2], 0, ARGV[1] - 1)
+redis.call('HSET', KEYS[1], 'count', ARGV[1])
+local job, model, provider = unpack(redis.call('HMGET', KEYS[1], 'job_id', 'model', 'provider'))
+for i = 1, #rest, 1000 do
+  redis.call('RPUSH', KEYS[4], unpack(rest, i, math.min(i + 999, #rest)))
+end
+redis.call('HSET', KEYS[3], 'id', ARGV[2], 'job_id', job, 'model', model, 'provider', provider,
+           'state', 'prepared', 'count', #rest, 'created_at', ARGV[3])
+redis.call('ZADD', KEYS[5], ARGV[3], ARGV[2])
+redis.call('ZADD', KEYS[6], ARGV[3], ARGV[2])
+for _, k in ipairs({KEYS[3], KEYS[4], KEYS[6]}) do redis.call('EXPIRE', k, ARGV[4]) end
+return #rest
+"""
+
+# Ends a provider batch (KEYS[1]) once: it becomes 'collected' with ARGV[1] as its outcome, is no longer due
+# (KEYS[2]), and the ids ARGV[5..] whose items (KEYS[3]) are still there go back to the job's pending list
+# (KEYS[4]) to run real-time, the job's path for the model (KEYS[5], field ARGV[3]) saying so (ARGV[4]).
+# Returns how many went back (-1: it was collected already).
+_CLOSE = """
+if redis.call('HGET', KEYS[1], 'state') == 'collected' then return -1 end
+local back = 0
+for i = 5, #ARGV do
+  if redis.call('HEXISTS', KEYS[3], ARGV[i]) == 1 then
+    redis.call('RPUSH', KEYS[4], ARGV[i])
+    back = back + 1
+  end
+end
+if back > 0 then redis.call('HSET', KEYS[5], ARGV[3], ARGV[4]) end
+redis.call('HSET', KEYS[1], 'state', 'collected', 'outcome', ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+return back
+"""
+
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def path_field(model: str) -> str:
+    """The job hash field holding the path (``PathChoice`` JSON) chosen for ``model``."""
+    return f"path:{model}"
+
+
+class ProviderBatchStore:
+    """Reads and changes provider batch state; safe from several processes at once."""
+
+    def __init__(self, client: redis.Redis, result_ttl_s: int) -> None:
+        self.redis = client
+        self.result_ttl_s = result_ttl_s
+        self._form = client.register_script(_FORM)
+        self._split = client.register_script(_SPLIT)
+        self._close = client.register_script(_CLOSE)
+        self._unlock = client.register_script(_UNLOCK)
+
+    # -- the scheduler's side ---------------------------------------------------------------------------
+
+    def form(self, job_id: str, model: str, provider: str, limit: int, fence: str = "") -> tuple[str, int]:
+        """Move up to ``limit`` pending lines of ``model`` into a new provider batch: (its id, how many; 0:
+        none were pending). ``NotLeader`` where the fence no longer holds."""
+        pbatch_id = new_id("pbatch")
+        keys = [job_pending_key(job_id, model), provider_batch_key(pbatch_id), provider_batch_rids_key(pbatch_id),
+                PROVIDER_BATCHES_DUE_KEY, job_provider_batches_key(job_id), SCHEDULER_LEASE_KEY]  # fmt: skip
+        moved = fenced_call(self._form, keys, [limit, pbatch_id, job_id, model, provider, time.time(),
+                                               self.result_ttl_s, fence])  # fmt: skip
+        return pbatch_id, int(moved)
+
+    def due(self, now: float, limit: int = 100) -> list[str]:
+        return [decode_text(i) for i in self.redis.zrangebyscore(PROVIDER_BATCHES_DUE_KEY, "-inf", now, 0, limit)]
+
+    def schedule(self, pbatch_id: str, at: float) -> None:
+        """The batch's next step is due ``at`` (only while it is unfinished: ``XX``)."""
+        self.redis.zadd(PROVIDER_BATCHES_DUE_KEY, {pbatch_id: at}, xx=True)
+
+    def forget(self, pbatch_id: str) -> None:
+        """No step is due for it any more (it ended, or its record expired)."""
+        self.redis.zrem(PROVIDER_BATCHES_DUE_KEY, pbatch_id)
+
+    def job_batches(self, job_id: str) -> list[ProviderBatch]:
+        ids = [decode_text(i) for i in self.redis.zrange(job_provider_batches_key(job_id), 0, -1)]
+        return [batch for batch in (self.get(i) for i in ids) if batch is not None]
+
+    def request_cancel(self, pbatch_id: str) -> None:
+        """Ask the workers to cancel it at the provider (and settle its lines); due now."""
+        pipe = self.redis.pipeline()
+        pipe.hset(provider_batch_key(pbatch_id), "cancel", "1")
+        pipe.zadd(PROVIDER_BATCHES_DUE_KEY, {pbatch_id: time.time()}, xx=True)
+        pipe.execute()
+
+    # -- the workers' side ------------------------------------------------------------------------------
+
+    def get(self, pbatch_id: str) -> ProviderBatch | None:
+        raw: dict[str, Any] = {decode_text(k): decode_text(v)
+                               for k, v in self.redis.hgetall(provider_batch_key(pbatch_id)).items()}  # fmt: skip
+        if "state" not in raw:
+            return None
+        raw["cancel"] = raw.get("cancel") == "1"
+        raw["cancel_sent"] = raw.get("cancel_sent") == "1"
+        return ProviderBatch.model_validate(raw)
+
+    def request_ids(self, pbatch_id: str, page: int = 1000) -> Iterator[list[str]]:
+        """The batch's request ids, a page at a time."""
+        key = provider_batch_rids_key(pbatch_id)
+        start = 0
+        while True:
+            ids = [decode_text(i) for i in self.redis.lrange(key, start, start + page - 1)]
+            if not ids:
+                return
+            yield ids
+            start += len(ids)
+
+    def mark(self, pbatch_id: str, state: PBatchState | None = None, **fields: str | int | float) -> None:
+        """Record a state (and fields such as the provider's ids) before or after a step."""
+        mapping: dict[Any, Any] = dict(fields)
+        if state is not None:
+            mapping["state"] = state.value
+        self.redis.hset(provider_batch_key(pbatch_id), mapping=mapping)
+
+    def count_fault(self, pbatch_id: str) -> int:
+        """One more failed step (a provider or network error); returns how many so far."""
+        return int(self.redis.hincrby(provider_batch_key(pbatch_id), "faults", 1))
+
+    def claim(self, provider_batch_id: str) -> None:
+        now = time.time()
+        pipe = self.redis.pipeline()
+        pipe.zadd(PROVIDER_BATCHES_CLAIMED_KEY, {provider_batch_id: now})
+        pipe.zremrangebyscore(PROVIDER_BATCHES_CLAIMED_KEY, "-inf", now - _CLAIMED_RETENTION_S)
+        pipe.execute()
+
+    def claimed(self, provider_batch_id: str) -> bool:
+        return self.redis.zscore(PROVIDER_BATCHES_CLAIMED_KEY, provider_batch_id) is not None
+
+    def split(self, batch: ProviderBatch, keep: int) -> str | None:
+        """Keep the first ``keep`` lines; the rest become a new provider batch (its id)."""
+        new = new_id("pbatch")
+        keys = [provider_batch_key(batch.id), provider_batch_rids_key(batch.id), provider_batch_key(new),
+                provider_batch_rids_key(new), PROVIDER_BATCHES_DUE_KEY,
+                job_provider_batches_key(batch.job_id)]  # fmt: skip
+        moved: Any = self._split(keys=keys, args=[keep, new, time.time(), self.result_ttl_s])
+        return new if int(moved) else None
+
+    def close(self, batch: ProviderBatch, outcome: str, *, back_to_realtime: list[str] | None = None,
+              reason: str = "") -> int:  # fmt: skip
+        """End the batch once (``collected``); ``back_to_realtime`` lines (unanswered ones) are queued again for
+        the real-time path, the job's path for the model saying why. Returns how many went back (-1: it was
+        closed already)."""
+        keys = [provider_batch_key(batch.id), PROVIDER_BATCHES_DUE_KEY, job_items_key(batch.job_id),
+                job_pending_key(batch.job_id, batch.model), job_key(batch.job_id)]  # fmt: skip
+        path = json.dumps({"via": "realtime", "reason": reason})
+        back: Any = self._close(keys=keys, args=[outcome, batch.id, path_field(batch.model), path,
+                                                 *(back_to_realtime or [])])  # fmt: skip
+        return int(back)
+
+    def lock(self, pbatch_id: str, hold_s: float) -> AbstractContextManager[bool]:
+        """Whether this process may advance the batch now (no other holds it); released on exit."""
+        return self._lock(provider_batch_lock_key(pbatch_id), hold_s)
+
+    def create_lock(self, provider: str, hold_s: float) -> AbstractContextManager[bool]:
+        """Whether this process may create a batch at ``provider`` now (see ``provider_batch_create_lock_key``)."""
+        return self._lock(provider_batch_create_lock_key(provider), hold_s)
+
+    @contextmanager
+    def _lock(self, key: str, hold_s: float) -> Iterator[bool]:
+        token = uuid.uuid4().hex
+        held = bool(self.redis.set(key, token, nx=True, px=int(hold_s * 1000)))
+        try:
+            yield held
+        finally:
+            if held:
+                self._unlock(keys=[key], args=[token])
