@@ -14,17 +14,22 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from inferpool import Client, JobStatus, RequestResult
+from inferpool.cli import main
 from inferpool.emulators import EmulatorConfig, ProviderEmulator
 from inferpool.local_pool import LocalPool, start_worker_process, stop_process
 from inferpool.model_registry.registry import Registry
+from inferpool.provider_batch.openai_batch import result_line
 from inferpool.provider_batch.paths import UNAVAILABLE_CODE, choose_path
 from inferpool.provider_batch.store import ProviderBatchStore
-from inferpool.settings import Settings
+from inferpool.settings import Settings as PoolSettings
 from tests.conftest import ANTHROPIC_TEST_KEY, OPENAI_TEST_KEY, wait_until
 
-MODELS = ["emu-gpt-batch", "emu-claude-batch", "emu-gpt-batch-resend"]
+MODELS = ["emu-gpt-batch", "emu-claude-batch", "emu-gpt-batch-resend", "emu-gpt-batch-refused"]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +58,7 @@ def pool(pool_env: dict[str, str]) -> Iterator[LocalPool]:
 
 @pytest.fixture
 def pool_client(pool: LocalPool) -> Iterator[Client]:
-    with Client(settings=Settings(redis_url=pool.redis_url)) as client:
+    with Client(settings=PoolSettings(redis_url=pool.redis_url)) as client:
         yield client
 
 
@@ -106,7 +111,7 @@ def test_mixed_job_goes_through_both_batch_apis_at_batch_price(
     assert sorted((b.model, b.lines, b.state) for b in job.provider_batches) == [
         ("emu-claude-batch", 999, "collected"), ("emu-gpt-batch", 400, "collected"),
         ("emu-gpt-batch", 600, "collected")]  # fmt: skip
-    registry = Registry.from_settings(Settings())
+    registry = Registry.from_settings(PoolSettings())
     failed = Counter[str]()
     for result in results:
         assert result.custom_id is not None
@@ -129,6 +134,11 @@ def test_mixed_job_goes_through_both_batch_apis_at_batch_price(
     assert set(failed) <= {"provider_error", too_long.error.code}
     errors = [r.error.message for r in results if r.error and r.error.code == "provider_error"]
     assert all("emulated failure of line" in message for message in errors)
+    # `batch status` says which path each model took, why, and where each provider batch stands.
+    shown = CliRunner().invoke(main, ["batch", "status", job.id], env={"REDIS_URL": pool_client.settings.redis_url})
+    assert shown.exit_code == 0, shown.output
+    assert "emu-gpt-batch: provider-batch (auto: 1000 lines" in " ".join(shown.output.split())
+    assert "provider batches of" in shown.output
     # Usage as for real-time lines: every line counted once, at the batch price.
     by_model = {row.model: row for row in job.usage}
     assert sum(row.requests for row in job.usage) == 2000
@@ -212,6 +222,35 @@ def test_expired_lines_are_resent_real_time_where_the_model_says_so(
     assert "expired" in path.reason
 
 
+def test_a_batch_the_provider_refuses_fails_only_its_lines(pool_client: Client) -> None:
+    """OpenAI fails a batch whose input it does not accept (here: a model it has no Batch API for); its
+    lines end with the provider's message, the job's other lines are answered."""
+    job = pool_client.batches.create(_lines("emu-gpt-batch-refused", 5, "f") + _lines("emu-gpt-batch", 50, "p"))
+    results = _results(pool_client, job.id)
+    refused = [r for r in results if r.custom_id and r.custom_id.startswith("f")]
+    assert len(refused) == 5
+    for result in refused:
+        assert result.error is not None
+        assert result.error.code == "provider_error"
+        assert "openai failed the batch: the model 'no-batch-gpt' is not available" in result.error.message
+    assert all(r.response is not None for r in results if r.custom_id and r.custom_id.startswith("p"))
+    outcomes = {b.model: b.outcome or "" for b in pool_client.batches.retrieve(job.id).provider_batches}
+    assert outcomes["emu-gpt-batch-refused"].startswith("failed:")
+
+
+@given(st.binary(max_size=300) | st.builds(lambda v: json.dumps(v).encode(), st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(
+        ["custom_id", "response", "error", "status_code", "body", "code", "message", "choices"]), inner, max_size=4),
+    max_leaves=12)))  # fmt: skip
+@settings(max_examples=300, deadline=None)
+def test_any_output_file_line_is_a_result_or_skipped(raw: bytes) -> None:
+    """A provider's output or error file line, whatever its bytes, is a line's outcome or skipped: never an
+    exception that would stop the collection of the rest."""
+    parsed = result_line(raw)
+    assert parsed is None or isinstance(parsed[0], str)
+
+
 @pytest.mark.parametrize(
     ("model", "fault", "provider"),
     [("emu-gpt-batch-crash", "after-upload", "openai"), ("emu-claude-batch-crash", "after-create", "anthropic")],
@@ -251,7 +290,7 @@ def test_a_worker_killed_mid_step_neither_loses_nor_doubles_the_provider_batch(
 
 
 def test_path_choice_reasons() -> None:
-    registry = Registry.from_settings(Settings())
+    registry = Registry.from_settings(PoolSettings())
     gpt, echo = registry.get("emu-gpt-batch"), registry.get("echo")
     assert choose_path(gpt, "auto", 86400, 50).via == "provider-batch"
     assert choose_path(gpt, "auto", 86400, 49).via == "realtime"

@@ -43,6 +43,7 @@ class _Batch:
     cancelled_at: float | None = None
     results: list[dict[str, Any]] | None = None
     files: dict[str, str] = field(default_factory=dict)
+    refused: list[dict[str, Any]] = field(default_factory=list)  # validation errors: the batch failed
 
     def processed_share(self, now: float) -> float:
         """How much of the batch is done at ``now`` (0..1), however it ended."""
@@ -56,6 +57,8 @@ class _Batch:
 
     def state(self, now: float) -> str:
         """validating, in_progress, completed, expired or cancelled."""
+        if self.refused:
+            return "failed"
         if self.cancelled_at is not None:
             return "cancelled"
         expire_end = self.expire_end()
@@ -214,6 +217,7 @@ class BatchEndpoints:
         batch = self._new_batch("openai", lines)
         batch.endpoint, batch.input_file_id = body.get("endpoint", batch.endpoint), body["input_file_id"]
         batch.completion_window, batch.metadata = body.get("completion_window", "24h"), body.get("metadata")
+        batch.refused = _validation_errors(lines, batch.endpoint)
         return web.json_response(self._openai_object(batch))
 
     async def _list_openai(self, request: web.Request) -> web.Response:
@@ -243,13 +247,15 @@ class BatchEndpoints:
             self._finish_openai(batch, now)
         results = batch.results or []
         failed = sum(1 for r in results if not r["ok"])
-        ended = {"completed": "completed_at", "expired": "expired_at", "cancelled": "cancelled_at"}.get(state)
+        ended = {"completed": "completed_at", "expired": "expired_at", "cancelled": "cancelled_at",
+                 "failed": "failed_at"}.get(state)  # fmt: skip
         stamps: dict[str, int | None] = dict.fromkeys(_STAMPS)
         if state != "validating":
             stamps["in_progress_at"] = int(batch.created)
         if ended:
             stamps[ended] = int(now)
-        return {"id": batch.id, "object": "batch", "endpoint": batch.endpoint, "errors": None,
+        errors = {"object": "list", "data": batch.refused} if batch.refused else None
+        return {"id": batch.id, "object": "batch", "endpoint": batch.endpoint, "errors": errors,
                 "input_file_id": batch.input_file_id, "completion_window": batch.completion_window,
                 "status": state, "output_file_id": batch.files.get("out"), "error_file_id": batch.files.get("err"),
                 "created_at": int(batch.created), "expires_at": int(batch.created + 86400), **stamps,
@@ -257,7 +263,11 @@ class BatchEndpoints:
                 "metadata": batch.metadata}  # fmt: skip
 
     def _finish_openai(self, batch: _Batch, now: float) -> None:
-        """Write the output and error files once the batch has ended, however it ended."""
+        """Write the output and error files once the batch has ended, however it ended (a batch that failed
+        validation has none)."""
+        if batch.refused:
+            batch.results = []
+            return
         done_lines = int(len(batch.lines) * batch.processed_share(now) + 1e-9)
         ended_as = batch.state(now)
         results: list[dict[str, Any]] = []
@@ -361,6 +371,30 @@ class BatchEndpoints:
                                      status=400)  # fmt: skip
         data = "".join(json.dumps(result) + "\n" for result in self._anthropic_results_of(batch, now))
         return web.Response(text=data, content_type="application/binary")
+
+
+def _validation_errors(lines: list[Any], endpoint: str) -> list[dict[str, Any]]:
+    """What OpenAI's validation of a batch input file would refuse, as its ``errors.data`` entries. A body
+    whose model starts with ``no-batch-`` stands for a model the provider does not offer through its Batch
+    API."""
+    errors: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for number, line in enumerate(lines, 1):
+        problem = None
+        body = line.get("body") if isinstance(line, dict) else None
+        if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str) or not isinstance(body, dict):
+            problem = "each line needs a custom_id and a body"
+        elif line["custom_id"] in seen:
+            problem = f"the custom_id {line['custom_id']!r} is used twice"
+        elif line.get("url") != endpoint:
+            problem = f"the url {line.get('url')!r} is not the batch's endpoint {endpoint}"
+        elif str(body.get("model", "")).startswith("no-batch-"):
+            problem = f"the model {body['model']!r} is not available through the Batch API"
+        if problem:
+            errors.append({"code": "invalid_request", "message": problem, "param": None, "line": number})
+        if isinstance(line, dict) and isinstance(line.get("custom_id"), str):
+            seen.add(line["custom_id"])
+    return errors
 
 
 def _iso(moment: float) -> str:

@@ -97,7 +97,7 @@ class OpenAIBatchApi:
                 continue
             content = await self._client.files.content(file_id)
             for number, raw in enumerate(content.read().splitlines(), 1):
-                parsed = _result_line(raw)
+                parsed = result_line(raw)
                 if parsed is None:
                     log.warning("openai batch %s: line %d of file %s is not a result; skipped", batch_id, number,
                                 file_id)  # fmt: skip
@@ -105,7 +105,7 @@ class OpenAIBatchApi:
                 yield parsed
 
 
-def _result_line(raw: bytes) -> tuple[str, LineOutcome] | None:
+def result_line(raw: bytes) -> tuple[str, LineOutcome] | None:
     """(custom_id, outcome) of one output or error file line; None if it is not one."""
     try:
         entry = json.loads(raw)
