@@ -108,7 +108,7 @@ def test_mixed_job_goes_through_both_batch_apis_at_batch_price(
     # One provider batch per model and split: 600 + 400 OpenAI lines, 999 Anthropic lines in one (the line over max_tokens was refused at upload).
     after = _created(batch_emulator)
     assert (after[0] - before[0], after[1] - before[1]) == (2, 1)
-    assert sorted((b.model, b.lines, b.state) for b in job.provider_batches) == [
+    assert sorted((b.model, b.count, b.state.value) for b in job.provider_batches) == [
         ("emu-claude-batch", 999, "collected"), ("emu-gpt-batch", 400, "collected"),
         ("emu-gpt-batch", 600, "collected")]  # fmt: skip
     registry = Registry.from_settings(PoolSettings())
@@ -134,6 +134,10 @@ def test_mixed_job_goes_through_both_batch_apis_at_batch_price(
     assert set(failed) <= {"provider_error", too_long.error.code}
     errors = [r.error.message for r in results if r.error and r.error.code == "provider_error"]
     assert all("emulated failure of line" in message for message in errors)
+    # Output lines (OpenAI batch format) say the path too.
+    output = {line.custom_id: line.via for line in pool_client.batches.results(job.id)}
+    assert output["g1"] == "provider-batch"
+    assert output["too-long-0"] is None  # refused at upload: no model served it
     # `batch status` says which path each model took, why, and where each provider batch stands.
     shown = CliRunner().invoke(main, ["batch", "status", job.id], env={"REDIS_URL": pool_client.settings.redis_url})
     assert shown.exit_code == 0, shown.output
@@ -191,8 +195,8 @@ def test_cancel_cancels_the_provider_batches(pool_client: Client, batch_emulator
     assert set(codes) <= {"answered", "batch_cancelled"}
     assert codes["batch_cancelled"] > 0
     [batch] = done.provider_batches
-    assert batch.provider_batch_id is not None
-    assert batch_emulator.batch_endpoints.batches[batch.provider_batch_id].cancelled_at is not None
+    assert batch.batch_id is not None
+    assert batch_emulator.batch_endpoints.batches[batch.batch_id].cancelled_at is not None
 
 
 def test_expired_lines_are_resent_real_time_where_the_model_says_so(
@@ -286,7 +290,7 @@ def test_a_worker_killed_mid_step_neither_loses_nor_doubles_the_provider_batch(
                    if f["purpose"] == "batch"]  # fmt: skip
         assert len(uploads) == 1
     [batch] = pool_client.batches.retrieve(job.id).provider_batches
-    assert batch.state == "collected"
+    assert batch.finished
 
 
 def test_path_choice_reasons() -> None:

@@ -107,9 +107,11 @@ models:
 
 
 def test_output_line_fast_path_equals_the_model_path() -> None:
-    for warnings in (None, ["model 'x' is deprecated"]):
+    stats = {"model": "m", "backend": "openai", "worker": "w", "queued_s": 0, "latency_s": 1}
+    for warnings, served in ((None, None), (["model 'x' is deprecated"], stats),
+                             (None, {**stats, "via": "provider-batch"})):  # fmt: skip
         result = RequestResult.model_validate({
-            "request_id": "req_1", "custom_id": "c1", "warnings": warnings,
+            "request_id": "req_1", "custom_id": "c1", "warnings": warnings, "stats": served,
             "response": {"id": "chatcmpl-1", "created": 1, "model": "echo", "usage": {"prompt_tokens": 1,
                          "completion_tokens": 2, "total_tokens": 3},
                          "choices": [{"index": 0, "message": {"content": "echo: hi"}, "finish_reason": "stop"}]},
@@ -120,6 +122,7 @@ def test_output_line_fast_path_equals_the_model_path() -> None:
         assert ok
         assert {k: v for k, v in fast_line.items() if k != "id"} == {k: v for k, v in slow.items() if k != "id"}
         assert ("warnings" in fast_line) == (warnings is not None)
+        assert fast_line.get("via") == (served and served.get("via", "realtime"))
 
 
 @pytest.mark.usefixtures("echo_worker", "scheduler")

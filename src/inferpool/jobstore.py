@@ -44,7 +44,8 @@ from inferpool.constants import (
     tenant_jobs_key,
 )
 from inferpool.inflight import LUA_INFLIGHT_MODEL, inflight_item, inflight_record, split_record
-from inferpool.provider_batch.paths import PathChoice, ProviderBatchSummary
+from inferpool.provider_batch.paths import PathChoice
+from inferpool.provider_batch.records import ProviderBatch
 from inferpool.redis_connection import decode_text
 from inferpool.results import STORED_RESULT_FIELD, ResultWriter, decompress_result, parse_result
 from inferpool.usage import ModelUsage, usage_from_counters
@@ -126,7 +127,9 @@ class BatchJob(BaseModel):
         default_factory=dict, description="Per model: the path its lines take (real-time or the provider's Batch "
         "API) and why.",
     )  # fmt: skip
-    provider_batches: list[ProviderBatchSummary] = Field(default_factory=list)
+    provider_batches: list[ProviderBatch] = Field(
+        default_factory=list, description="Its batches at the providers (lines sent through a Batch API)."
+    )
 
     @property
     def finished(self) -> int:
@@ -400,25 +403,11 @@ class JobStore:
                 fields[name] = int(float(raw[name]))
         return BatchJob.model_validate(fields)
 
-    def _provider_batches(self, job_id: str) -> list[ProviderBatchSummary]:
-        ids = self.redis.zrange(job_provider_batches_key(job_id), 0, -1)
-        if not ids:
-            return []
-        fields = ("id", "model", "provider", "state", "count", "batch_id", "provider_status", "outcome")
+    def _provider_batches(self, job_id: str) -> list[ProviderBatch]:
         pipe = self.redis.pipeline(transaction=False)
-        for member in ids:
-            pipe.hmget(provider_batch_key(decode_text(member)), fields)
-        summaries = []
-        for values in pipe.execute():
-            if values[0] is None:
-                continue
-            pbatch, model, provider, state, count, batch_id, status, outcome = (
-                decode_text(v) if v is not None else None for v in values
-            )
-            summaries.append(ProviderBatchSummary(id=pbatch or "", model=model or "", provider=provider or "",
-                                                  state=state or "", lines=int(count or 0), provider_batch_id=batch_id,
-                                                  provider_status=status, outcome=outcome))  # fmt: skip
-        return summaries
+        for member in self.redis.zrange(job_provider_batches_key(job_id), 0, -1):
+            pipe.hgetall(provider_batch_key(decode_text(member)))
+        return [batch for batch in map(ProviderBatch.from_hash, pipe.execute()) if batch is not None]
 
     def tenant_job_ids(self, tenant: str, limit: int, after: str | None = None) -> list[str]:
         """Up to ``limit`` of ``tenant``'s job ids, newest first, older than job ``after`` if given."""

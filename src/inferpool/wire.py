@@ -514,15 +514,20 @@ class BatchOutputLine(BaseModel):
     response: BatchResponse | None
     error: ErrorInfo | None
     warnings: list[str] | None = Field(default=None, exclude_if=lambda value: value is None)
+    via: Literal["realtime", "provider-batch"] | None = Field(
+        default=None, exclude_if=lambda value: value is None,
+        description="inferpool's addition: the path that served the line (absent for lines no model served).",
+    )  # fmt: skip
 
     @classmethod
     def from_result(cls, result: RequestResult) -> BatchOutputLine:
+        via = result.stats.via if result.stats is not None else None
         if result.response is not None:
             response = BatchResponse(status_code=200, request_id=result.request_id, body=result.response)
             return cls(id=new_id("batch_req"), custom_id=result.custom_id, response=response, error=None,
-                       warnings=result.warnings)  # fmt: skip
+                       warnings=result.warnings, via=via)  # fmt: skip
         return cls(id=new_id("batch_req"), custom_id=result.custom_id, response=None, error=result.error,
-                   warnings=result.warnings)  # fmt: skip
+                   warnings=result.warnings, via=via)  # fmt: skip
 
     @staticmethod
     def json_from_stored_result(raw: bytes | str) -> tuple[bytes, bool]:
@@ -563,6 +568,9 @@ class BatchOutputLine(BaseModel):
             line["error"] = error
         if result.get("warnings") is not None:
             line["warnings"] = result["warnings"]
+        stats = result.get("stats")
+        if isinstance(stats, dict):
+            line["via"] = stats.get("via", "realtime")
         return pydantic_core.to_json(line), response is not None
 
     @classmethod

@@ -110,8 +110,8 @@ def provider_batches_table(job: BatchJob) -> Table:
         table.add_column(column)
     for batch in job.provider_batches:
         said = batch.outcome or batch.provider_status or ""
-        table.add_row(escape(batch.id), escape(batch.model), batch.provider, str(batch.lines), batch.state,
-                      escape(batch.provider_batch_id or "-"), escape(said))  # fmt: skip
+        table.add_row(escape(batch.id), escape(batch.model), batch.provider, str(batch.count), batch.state.value,
+                      escape(batch.batch_id or "-"), escape(said))  # fmt: skip
     return table
 
 

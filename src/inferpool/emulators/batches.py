@@ -5,7 +5,8 @@ then in progress, then done after ``batch_delay_s``; each line fails with ``batc
 (decided by its position, so every look agrees); with ``batch_expire_s`` shorter than the delay the
 batch expires with only the lines before that point processed. Answers are the emulators' chat answers.
 The emulator counts the batches it was asked to create (``openai_batches_created``,
-``anthropic_batches_created``), so tests can check none was created twice.
+``anthropic_batches_created``), so tests can check none was created twice, and every request to these
+endpoints (``batch_api_requests``).
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ class BatchEndpoints:
     # -- common ----------------------------------------------------------------------------------------
 
     def _refused(self, request: web.Request) -> web.Response | None:
+        """The 401 for a request without a good key (None: go on); counts every batch API request made."""
+        self._emulator.count("batch_api_requests")
         keys = self._emulator.config.api_keys
         key = (request.headers.get("x-api-key") or request.headers.get("Authorization", "").removeprefix("Bearer ")
                or None)  # fmt: skip
@@ -198,6 +201,8 @@ class BatchEndpoints:
         return web.Response(body=data, content_type="application/octet-stream")
 
     async def _delete_file(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
         file_id = request.match_info["file_id"]
         self.files.pop(file_id, None)
         self.file_bytes.pop(file_id, None)

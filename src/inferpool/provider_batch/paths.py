@@ -37,19 +37,6 @@ class PathChoice(BaseModel):
     reason: str
 
 
-class ProviderBatchSummary(BaseModel):
-    """One provider batch of a job, as ``batch status`` shows it."""
-
-    id: str
-    model: str
-    provider: str
-    state: str
-    lines: int
-    provider_batch_id: str | None = None
-    provider_status: str | None = None
-    outcome: str | None = None
-
-
 def batch_provider(spec: ModelSpec) -> str | None:
     """The provider whose Batch API serves the model (``openai``, ``anthropic``), if any."""
     return spec.backend if spec.backend in PROVIDER_LIMITS else None

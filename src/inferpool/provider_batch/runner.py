@@ -29,7 +29,8 @@ from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus
 from inferpool.model_registry.capability import check_request_fits
 from inferpool.provider_batch.api import LineOutcome, ProviderBatchApi
 from inferpool.provider_batch.paths import batch_limits
-from inferpool.provider_batch.store import PBatchState, ProviderBatch, ProviderBatchStore
+from inferpool.provider_batch.records import PBatchState, ProviderBatch
+from inferpool.provider_batch.store import ProviderBatchStore
 from inferpool.redis_connection import decode_text
 from inferpool.settings import Settings
 from inferpool.wire import TaskItem
@@ -105,11 +106,12 @@ class ProviderBatchRunner:
         resumed = batch.state
         while True:
             state = batch.state
+            # Nothing of it runs at the provider before the create (an uploaded file is only input).
+            if batch.cancel and state in (PBatchState.PREPARED, PBatchState.UPLOADED):
+                self._settle_all(batch, _not_run("cancelled", decode_text(job_status)))
+                self.store.close(batch, "cancelled before it was sent")
+                return "cancelled before it was sent"
             if state == PBatchState.PREPARED:
-                if batch.cancel:
-                    self._settle_all(batch, _not_run("cancelled", decode_text(job_status)))
-                    self.store.close(batch, "cancelled before it was sent")
-                    return "cancelled before it was sent"
                 sent = self._build(batch)
                 if sent == 0:
                     self.store.close(batch, "no lines left to send")

@@ -25,11 +25,9 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from enum import StrEnum
 from typing import Any
 
 import redis
-from pydantic import BaseModel
 
 from inferpool.constants import (
     PROVIDER_BATCHES_CLAIMED_KEY,
@@ -45,45 +43,12 @@ from inferpool.constants import (
     provider_batch_rids_key,
 )
 from inferpool.jobstore import fenced_call
+from inferpool.provider_batch.records import PBatchState, ProviderBatch
 from inferpool.redis_connection import decode_text
 from inferpool.wire import new_id
 
 #: How long the claimed provider ids are remembered (longer than any provider batch lives).
 _CLAIMED_RETENTION_S = 30 * 86400
-
-
-class PBatchState(StrEnum):
-    PREPARED = "prepared"
-    UPLOADING = "uploading"
-    UPLOADED = "uploaded"
-    CREATING = "creating"
-    CREATED = "created"
-    COLLECTED = "collected"
-
-
-class ProviderBatch(BaseModel):
-    """One provider batch's record."""
-
-    id: str
-    job_id: str
-    model: str
-    provider: str
-    state: PBatchState
-    count: int
-    created_at: float
-    marked_at: float | None = None
-    sent: int | None = None
-    file_id: str | None = None
-    batch_id: str | None = None
-    provider_status: str | None = None
-    polls: int = 0
-    cancel: bool = False
-    cancel_sent: bool = False
-    outcome: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.state == PBatchState.COLLECTED
 
 
 # Moves up to ARGV[1] ids from a job's pending list (KEYS[1]) into a new provider batch (KEYS[2] hash,
@@ -205,13 +170,7 @@ class ProviderBatchStore:
     # -- the workers' side ------------------------------------------------------------------------------
 
     def get(self, pbatch_id: str) -> ProviderBatch | None:
-        raw: dict[str, Any] = {decode_text(k): decode_text(v)
-                               for k, v in self.redis.hgetall(provider_batch_key(pbatch_id)).items()}  # fmt: skip
-        if "state" not in raw:
-            return None
-        raw["cancel"] = raw.get("cancel") == "1"
-        raw["cancel_sent"] = raw.get("cancel_sent") == "1"
-        return ProviderBatch.model_validate(raw)
+        return ProviderBatch.from_hash(self.redis.hgetall(provider_batch_key(pbatch_id)))
 
     def request_ids(self, pbatch_id: str, page: int = 1000) -> Iterator[list[str]]:
         """The batch's request ids, a page at a time."""
