@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 from inferpool import Client, JobStatus
@@ -42,7 +43,8 @@ def run(client: Client, lines: list[str], emulator: ProviderEmulator, via: Via) 
     job = client.batches.wait(client.batches.create(lines, via=via).id, poll_s=0.1)
     elapsed = time.perf_counter() - started
     if job.status != JobStatus.COMPLETED or job.request_counts.completed != len(lines):
-        raise SystemExit(f"{job.id}: {job.status} {job.request_counts}")
+        errors = Counter(r.error.message[:200] for r in client.batches.request_results(job.id) if r.error)
+        raise SystemExit(f"{job.id}: {job.status} {job.request_counts}; errors: {errors.most_common(3)}")
     requests = emulator.counts["received"] + emulator.counts["batch_api_requests"]
     return {"seconds": elapsed, "provider_requests": requests, "cost_usd": sum(u.cost_usd for u in job.usage),
             "provider_batches": len(job.provider_batches)}  # fmt: skip

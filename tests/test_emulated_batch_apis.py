@@ -125,3 +125,24 @@ def test_anthropic_message_batches(emulator: ProviderEmulator) -> None:
     cancelled = client.messages.batches.cancel(client.messages.batches.create(requests=requests).id)
     assert cancelled.processing_status == "ended"
     assert {r.result.type for r in client.messages.batches.results(cancelled.id)} == {"canceled"}
+
+
+def test_large_inputs_and_listings(emulator: ProviderEmulator) -> None:
+    """Inputs past aiohttp's default 1 MiB body limit are taken (an OpenAI file, an Anthropic create), and the
+    list endpoints page newest first as the SDKs' auto-pagination expects."""
+    client = openai_client(emulator)
+    big = openai_lines(12_000)
+    assert len(big) > 1024 * 1024
+    uploaded = client.files.create(file=("big.jsonl", big), purpose="batch")
+    assert uploaded.bytes == len(big)
+    names = [f.filename for f in client.files.list(purpose="batch", order="desc", limit=1)]
+    assert names == ["big.jsonl"]
+    created = [client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                     completion_window="24h", metadata={"n": str(n)}).id for n in range(3)]  # fmt: skip
+    listed = [b.id for b in client.batches.list(limit=2)]  # pages of 2, followed by the SDK
+    assert listed == created[::-1]
+    requests = [{"custom_id": f"r{i}", "params": {"model": "claude-emu", "max_tokens": 8,
+                                                  "messages": [{"role": "user", "content": "x" * 200}]}}
+                for i in range(6_000)]  # fmt: skip
+    batch = anthropic_client(emulator).messages.batches.create(requests=requests)  # type: ignore[arg-type]
+    assert [b.id for b in anthropic_client(emulator).messages.batches.list(limit=1)] == [batch.id]

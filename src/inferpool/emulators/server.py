@@ -89,7 +89,9 @@ class ProviderEmulator:
     def _serve(self, ready: threading.Event) -> None:
         self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self._loop)
-        app = web.Application()
+        # Batch input files and Anthropic batch bodies go up to the providers' limits (200 MB, 256 MB); aiohttp
+        # refuses bodies over 1 MiB by default.
+        app = web.Application(client_max_size=300 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._openai)
         app.router.add_post("/v1/messages", self._anthropic)
         self.batch_endpoints.add_routes(app)
