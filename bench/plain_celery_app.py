@@ -23,7 +23,8 @@ def echo(prompt: str) -> str:
 def chat(body: dict[str, Any]) -> dict[str, Any]:
     """The same chat body in as an inferpool batch line's, a chat.completion of the same answer out."""
     prompt = body["messages"][-1]["content"]
-    words = f"echo: {prompt}".split()[: body.get("max_tokens") or 256]
+    limit = body.get("max_tokens") or 256
+    words = f"echo: {prompt}".split(maxsplit=limit)[:limit]  # the same work as inferpool's echo backend
     return {
         "id": f"chatcmpl-{secrets.token_hex(16)}", "object": "chat.completion", "created": int(time.time()),
         "model": body["model"],

@@ -92,7 +92,11 @@ def test_mixed_job_goes_through_both_batch_apis_at_batch_price(
     batch_emulator.config.batch_failure_rate = 0.02
     try:
         before = _created(batch_emulator)
-        lines = _lines("emu-gpt-batch", 1000, "g") + _lines("emu-claude-batch", 999, "c")
+        lines = _lines("emu-gpt-batch", 998, "g") + _lines("emu-claude-batch", 999, "c")
+        # The model's hooks run on the way to the provider: one line is redacted, one refused.
+        lines += [_lines("emu-gpt-batch", 1, "hook-mail-")[0], _lines("emu-gpt-batch", 1, "hook-block-")[0]]
+        lines[-2]["body"]["messages"][-1]["content"] = "question hook-mail-0 from ann@example.com"
+        lines[-1]["body"]["messages"][-1]["content"] = "question hook-block-0: the launch code"
         lines.append(_lines("emu-claude-batch", 1, "too-long-", max_tokens=5000)[0])
         job = pool_client.batches.create(lines)
         assert job.via == "auto"
@@ -105,12 +109,20 @@ def test_mixed_job_goes_through_both_batch_apis_at_batch_price(
     assert {m: p.via for m, p in job.paths.items()} == {"emu-gpt-batch": "provider-batch",
                                                          "emu-claude-batch": "provider-batch"}  # fmt: skip
     assert "auto: 999 lines" in job.paths["emu-claude-batch"].reason
-    # One provider batch per model and split: 600 + 400 OpenAI lines, 999 Anthropic lines in one (the line over max_tokens was refused at upload).
+    # One provider batch per model and split: OpenAI's at the model's 600-line limit (600 + 400), Anthropic's at
+    # its 64 KiB limit (999 lines: the one over max_tokens was refused at upload).
     after = _created(batch_emulator)
-    assert (after[0] - before[0], after[1] - before[1]) == (2, 1)
-    assert sorted((b.model, b.count, b.state.value) for b in job.provider_batches) == [
-        ("emu-claude-batch", 999, "collected"), ("emu-gpt-batch", 400, "collected"),
-        ("emu-gpt-batch", 600, "collected")]  # fmt: skip
+    gpt = sorted(b.count for b in job.provider_batches if b.model == "emu-gpt-batch")
+    claude = [b for b in job.provider_batches if b.model == "emu-claude-batch"]
+    assert gpt == [400, 600]
+    assert len(claude) >= 3
+    assert sum(b.count for b in claude) == 999
+    assert (after[0] - before[0], after[1] - before[1]) == (2, len(claude))
+    assert all(b.finished for b in job.provider_batches)
+    for batch in claude:
+        assert batch.batch_id is not None
+        sent = batch_emulator.batch_endpoints.batches[batch.batch_id].lines
+        assert sum(len(json.dumps(line, separators=(",", ":"))) + 1 for line in sent) <= 65536
     registry = Registry.from_settings(PoolSettings())
     failed = Counter[str]()
     for result in results:
@@ -126,12 +138,20 @@ def test_mixed_job_goes_through_both_batch_apis_at_batch_price(
         price = spec.batch_api.price(spec.pricing) if spec.batch_api else spec.pricing
         assert result.stats.cost_usd == pytest.approx(price.cost(usage.prompt_tokens, usage.completion_tokens))
         assert price.input_per_mtok < spec.pricing.input_per_mtok
-        assert f"question {result.custom_id}" in result.response.text
+        if not result.custom_id.startswith("hook-"):
+            assert f"question {result.custom_id}" in result.response.text
+    mail = next(r for r in results if r.custom_id == "hook-mail-0")
+    assert mail.response is not None
+    assert "[email]" in mail.response.text
+    assert "ann@example.com" not in mail.response.text
+    blocked = next(r for r in results if r.custom_id == "hook-block-0")
+    assert blocked.error is not None
+    assert blocked.error.code == "hook_error"
     too_long = next(r for r in results if r.custom_id == "too-long-0")
     assert too_long.error is not None
     assert "max_tokens" in too_long.error.message
     assert failed["provider_error"] > 0
-    assert set(failed) <= {"provider_error", too_long.error.code}
+    assert set(failed) <= {"provider_error", "hook_error", too_long.error.code}
     errors = [r.error.message for r in results if r.error and r.error.code == "provider_error"]
     assert all("emulated failure of line" in message for message in errors)
     # Output lines (OpenAI batch format) say the path too.
@@ -257,15 +277,20 @@ def test_any_output_file_line_is_a_result_or_skipped(raw: bytes) -> None:
 
 @pytest.mark.parametrize(
     ("model", "fault", "provider"),
-    [("emu-gpt-batch-crash", "after-upload", "openai"), ("emu-claude-batch-crash", "after-create", "anthropic")],
+    [
+        ("emu-gpt-batch-crash", "after-upload", "openai"),
+        ("emu-gpt-batch-crash", "after-create", "openai"),
+        ("emu-claude-batch-crash", "after-create", "anthropic"),
+    ],
 )
 def test_a_worker_killed_mid_step_neither_loses_nor_doubles_the_provider_batch(
     pool: LocalPool, pool_client: Client, pool_env: dict[str, str], batch_emulator: ProviderEmulator,
     model: str, fault: str, provider: str,
 ) -> None:  # fmt: skip
-    """OpenAI: killed between the upload and the create (the file is found again by its name). Anthropic:
-    killed between the create and recording its id (the batch is found again and adopted). Either way the
-    emulator is asked to create exactly one batch, and every line is answered once."""
+    """Killed between the upload and the create (OpenAI: the file is found again by its name), or between the
+    create and recording its id (OpenAI: the batch is found by its metadata; Anthropic: by its creation slot
+    and size). Either way the emulator is asked to create exactly one batch, and every line is answered
+    once."""
     log_dir = pool.workdir
     crashing = start_worker_process(model, pool.redis_url, log_dir / f"{model}-crash.log",
                                     env={**pool_env, "INFERPOOL_FAULT_PROVIDER_BATCH": fault})  # fmt: skip

@@ -80,7 +80,9 @@ class EchoBackend:
                 f"the prompt is {prompt_tokens} tokens and max_tokens is {limit}, more than model "
                 f"{self.spec.name!r}'s context window of {caps.context_window}; shorten the prompt or lower max_tokens"
             )
-        words = echo_answer(request).split()
+        # Only the first ``limit`` words are split off (a long prompt is not cut into a list it then drops):
+        # a word count over ``limit`` leaves the unsplit rest as one more item.
+        words = echo_answer(request).split(maxsplit=limit)
         finish: FinishReason = "stop"
         if len(words) > limit:
             words, finish = words[:limit], "length"
