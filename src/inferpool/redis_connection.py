@@ -89,8 +89,43 @@ def parse_sentinel_url(url: str) -> SentinelTarget | None:
                           sentinel_password)  # fmt: skip
 
 
+class CommandPacker:
+    """Packs commands into RESP with one ``bytes.join``.
+
+    redis-py packs with hiredis when hiredis is installed, which copies arguments at ~460 MB/s: a pipeline
+    storing 500 items of 4 KB took 4.4 ms to pack against 0.3 ms here (and redis-py's own Python packer
+    joins its buffer once per argument up to 6 KB, 1.5 ms). Small commands cost the same either way
+    (~4 us). Values are encoded as redis-py's default ``Encoder`` does (UTF-8; ``bool`` refused).
+    """
+
+    def pack(self, *args: Any) -> list[bytes]:
+        command = args[0]
+        if isinstance(command, str):  # a command name with literal arguments, e.g. 'CONFIG GET'
+            args = (*command.encode().split(), *args[1:])
+        elif b" " in command:
+            args = (*command.split(), *args[1:])
+        parts: list[bytes | memoryview] = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            data = _encode(arg)
+            parts += (b"$%d\r\n" % len(data), data, b"\r\n")
+        return [b"".join(parts)]
+
+
+def _encode(value: Any) -> bytes | memoryview:
+    if isinstance(value, bytes | memoryview):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(value).encode()
+    raise redis.DataError(
+        f"Invalid input of type: {type(value).__name__!r}. Convert to a bytes, string, int or float first."
+    )
+
+
 def redis_from_url(url: str, **options: Any) -> redis.Redis:
     """A (not yet connected) client for ``url``: a Sentinel-managed one for ``sentinel://`` URLs."""
+    options.setdefault("command_packer", CommandPacker())
     target = parse_sentinel_url(url)
     if target is None:
         return redis.Redis.from_url(url, **options)

@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import redis
 
@@ -59,13 +59,15 @@ def _check_file(path: Path, max_bytes: int, max_lines: int) -> None:
         raise BatchRefused(f"cannot read {path}: {exc.strerror}") from exc
     if size > max_bytes:
         raise BatchRefused(f"{path} is {size} bytes, over the batch limit of {max_bytes}; split it into several jobs")
-    lines = 0
     sniffed: list[bytes] = []
     with path.open("rb") as handle:
         for raw in handle:
-            lines += 1
-            if len(sniffed) < _SNIFF_LINES and raw.strip():
+            if raw.strip():
                 sniffed.append(raw)
+            if len(sniffed) >= _SNIFF_LINES:
+                break
+        handle.seek(0)
+        lines = _count_lines(handle)
     if lines > max_lines:
         raise BatchRefused(f"{path} has {lines} lines, over the batch limit of {max_lines}; split it into several jobs")
     if not sniffed:
@@ -76,6 +78,16 @@ def _check_file(path: Path, max_bytes: int, max_lines: int) -> None:
             "Each line must be one OpenAI batch request: "
             '{"custom_id": ..., "method": "POST", "url": "/v1/chat/completions", "body": {...}}'
         )
+
+
+def _count_lines(handle: BinaryIO) -> int:
+    """Lines in the file (a last one without a newline counts), read in 1 MiB blocks: no line objects."""
+    lines = 0
+    last = b"\n"
+    while block := handle.read(1 << 20):
+        lines += block.count(b"\n")
+        last = block[-1:]
+    return lines + (last != b"\n")
 
 
 def _is_json_object(raw: bytes) -> bool:

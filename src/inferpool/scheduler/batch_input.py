@@ -91,7 +91,7 @@ class BatchLineParser:
                 if raw.custom_id is not None:
                     self._seen.setdefault(raw.custom_id, number)
                 yield RejectedLine(number, raw.custom_id, ErrorInfo(code="template_error", message=raw.message))
-            elif raw.strip():
+            elif raw and not raw.isspace():  # not ``raw.strip()``: that copies every line to test for blanks
                 yield self.parse_line(number, raw)
 
     def parse_line(self, number: int, raw: str | bytes) -> ParsedLine:

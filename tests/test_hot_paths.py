@@ -1,0 +1,50 @@
+"""The hot paths' fast versions give exactly what the plain versions give (bench/README.md, issue 16)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from redis.connection import PythonRespSerializer
+
+from inferpool.client.batches import _count_lines
+from inferpool.redis_connection import CommandPacker
+from inferpool.workers.echo import count_words
+
+_WHITESPACE_HEAVY = st.text(alphabet=st.sampled_from(" \t\n\r\x0b\x0c\x1c\x1f\x85\u3000ab.é"), max_size=60)
+
+
+@given(st.text(max_size=200) | _WHITESPACE_HEAVY)
+@settings(max_examples=500, deadline=None)
+def test_count_words_is_len_split(text: str) -> None:
+    assert count_words(text) == len(text.split())
+
+
+_ARG = st.binary(max_size=40) | st.text(max_size=20) | st.integers() | st.floats(allow_nan=False)
+
+
+@given(st.sampled_from(["SET", "HSET", "CONFIG GET", "EVALSHA", b"GET", b"CLIENT SETNAME"]), st.lists(_ARG, max_size=8))
+@settings(max_examples=300, deadline=None)
+def test_command_packer_packs_what_redis_py_packs(command: str | bytes, args: list[object]) -> None:
+    reference = PythonRespSerializer(6000, _reference_encode)
+    assert b"".join(CommandPacker().pack(command, *args)) == b"".join(reference.pack(command, *args))
+
+
+def _reference_encode(value: object) -> bytes:
+    from redis._parsers.encoders import Encoder  # redis-py's own default encoder
+
+    return Encoder("utf-8", "strict", False).encode(value)  # type: ignore[no-any-return]
+
+
+def test_command_packer_refuses_what_redis_py_refuses() -> None:
+    with pytest.raises(redis.DataError, match="bool"):
+        CommandPacker().pack("SET", "k", True)
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_count_lines_counts_what_iteration_counts(data: bytes) -> None:
+    assert _count_lines(io.BytesIO(data)) == sum(1 for _ in io.BytesIO(data))
