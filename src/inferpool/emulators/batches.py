@@ -57,7 +57,7 @@ class _Batch:
         return self.created + self.expire_s
 
     def state(self, now: float) -> str:
-        """validating, in_progress, completed, expired or cancelled."""
+        """validating, in_progress, finalizing, completed, failed, expired or cancelled."""
         if self.refused:
             return "failed"
         if self.cancelled_at is not None:
@@ -68,6 +68,8 @@ class _Batch:
         age = now - self.created
         if age >= self.delay_s:
             return "completed"
+        if age >= self.delay_s * 0.9:
+            return "finalizing"
         return "validating" if age < self.delay_s * 0.2 else "in_progress"
 
     def fails(self, index: int) -> bool:
@@ -257,6 +259,8 @@ class BatchEndpoints:
         stamps: dict[str, int | None] = dict.fromkeys(_STAMPS)
         if state != "validating":
             stamps["in_progress_at"] = int(batch.created)
+        if state in ("finalizing", "completed"):
+            stamps["finalizing_at"] = int(batch.created + batch.delay_s * 0.9)
         if ended:
             stamps[ended] = int(now)
         errors = {"object": "list", "data": batch.refused} if batch.refused else None
@@ -330,7 +334,7 @@ class BatchEndpoints:
         if (refused := self._refused(request)) is not None:
             return refused
         batch = self._batch(request, "anthropic")
-        if batch.state(time.time()) in ("validating", "in_progress"):
+        if batch.state(time.time()) not in _FINAL_OPENAI:
             batch.cancelled_at = time.time()
         return web.json_response(self._anthropic_object(batch))
 

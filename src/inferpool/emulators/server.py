@@ -78,7 +78,9 @@ class ProviderEmulator:
     def openai_base_url(self) -> str:
         return f"{self.url}/v1"
 
-    def start(self) -> ProviderEmulator:
+    def start(self, port: int = 0) -> ProviderEmulator:
+        """Serve on 127.0.0.1:``port`` (0: a free one) in a background thread."""
+        self.port = port
         ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(ready,), name="provider-emulator", daemon=True)
         self._thread.start()
@@ -97,7 +99,7 @@ class ProviderEmulator:
         self.batch_endpoints.add_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         self._loop.run_until_complete(site.start())
         server: Any = site._server  # aiohttp exposes the bound port only through the asyncio server
         self.port = server.sockets[0].getsockname()[1]
