@@ -43,7 +43,7 @@ from inferpool.constants import (
     provider_batch_key,
     tenant_jobs_key,
 )
-from inferpool.inflight import LUA_INFLIGHT_MODEL, inflight_item, inflight_record, split_record
+from inferpool.inflight import LUA_INFLIGHT_MODEL, PendingRecord, inflight_item, inflight_record, split_record
 from inferpool.provider_batch.paths import PathChoice
 from inferpool.provider_batch.records import ProviderBatch
 from inferpool.redis_connection import decode_text
@@ -314,12 +314,17 @@ class JobStore:
 
         ``models`` is every model the job has queued so far (the scheduler reads it to know where to look).
         """
+        self.add_pending_records(job_id, [PendingRecord(item.request_id, item.served_model,
+                                                        inflight_record(item.served_model, item))
+                                          for item in items], models)  # fmt: skip
+
+    def add_pending_records(self, job_id: str, pending: Sequence[PendingRecord], models: Iterable[str]) -> None:
+        """``add_pending`` for requests already made into records (the client's upload)."""
         by_model: dict[str, list[str]] = {}
         records: dict[str, bytes] = {}
-        for item in items:
-            model = item.served_model
-            by_model.setdefault(model, []).append(item.request_id)
-            records[item.request_id] = inflight_record(model, item)
+        for request_id, model, record in pending:
+            by_model.setdefault(model, []).append(request_id)
+            records[request_id] = record
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(job_key(job_id), "models", ",".join(sorted(models)))
         if records:

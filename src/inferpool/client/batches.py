@@ -22,6 +22,8 @@ from typing import Any, BinaryIO
 import redis
 
 from inferpool._exceptions import BatchRefused, JobNotFound, ResultTimeout
+from inferpool.constants import split_adapter
+from inferpool.inflight import PendingRecord, item_json
 from inferpool.jobstore import BatchJob, JobStore, NewJob
 from inferpool.provider_batch.paths import VIA_CHOICES, Via
 from inferpool.scheduler.batch_input import AcceptedLine, BatchLineParser, load_json
@@ -29,7 +31,7 @@ from inferpool.scheduler.router import Router
 from inferpool.settings import Settings
 from inferpool.templates.prompt import CUSTOM_ID_METADATA, PromptTemplate, UnrenderedRow, load_template
 from inferpool.templates.rows import read_rows
-from inferpool.wire import BatchOutputLine, ChatRequest, RequestResult, TaskItem, new_id
+from inferpool.wire import BatchOutputLine, ChatRequest, RequestResult, new_id
 
 #: Called with the job's latest state while ``wait`` polls.
 JobProgressCallback = Callable[[BatchJob], None]
@@ -216,7 +218,7 @@ class Batches:
         """Validate and queue every line; returns how many there were and the models they need."""
         settings, tenant = self._settings, options.tenant
         parser = BatchLineParser(self._router, max_line_bytes=settings.batch_max_line_bytes)
-        pending: list[TaskItem] = []
+        pending: list[PendingRecord] = []
         rejected: list[RequestResult] = []
         models: set[str] = set()
         total = 0
@@ -229,10 +231,10 @@ class Batches:
                 request = parsed.request
                 if options.cache is not None and request.cache is None:
                     request = request.model_copy(update={"cache": options.cache})
-                pending.append(TaskItem.model_construct(request_id=new_id("req"), custom_id=parsed.custom_id,
-                                                        tenant=tenant or self._tenant_for(request),
-                                                        request=request,
-                                                        warnings=list(parsed.warnings) or None))  # fmt: skip
+                model = split_adapter(request.model)[0]
+                record = item_json(request, parsed.custom_id, tenant or self._tenant_for(request),
+                                   list(parsed.warnings) or None)  # fmt: skip
+                pending.append(PendingRecord(new_id("req"), model, model.encode() + b"|" + record))
                 models.add(parsed.spec.name)
             else:
                 rejected.append(RequestResult(request_id=new_id("req"), custom_id=parsed.custom_id, job_id=job_id,
@@ -244,9 +246,10 @@ class Batches:
             raise BatchRefused("the batch input has no requests (it is empty or holds only blank lines)")
         return total, models
 
-    def _flush(self, job_id: str, pending: list[TaskItem], rejected: list[RequestResult], models: set[str]) -> None:
+    def _flush(self, job_id: str, pending: list[PendingRecord], rejected: list[RequestResult],
+               models: set[str]) -> None:  # fmt: skip
         if pending:
-            self._store.add_pending(job_id, pending, models)
+            self._store.add_pending_records(job_id, pending, models)
         if rejected:
             self._store.settle(rejected, new_lines=True)
         pending.clear()

@@ -13,7 +13,7 @@ def check_request_fits(spec: ModelSpec, request: ChatRequest) -> None:
     The context-window check needs the model's tokenizer, so the backend makes it.
     """
     caps = spec.capabilities
-    if any(message.has_images() for message in request.messages) and not caps.vision:
+    if not caps.vision and any(message.has_images() for message in request.messages):
         raise CapabilityMismatch(f"model {spec.name!r} does not accept images (capability 'vision' is missing)")
     if request.tools and not caps.tools:
         raise CapabilityMismatch(f"model {spec.name!r} does not support tools (capability 'tools' is missing)")
