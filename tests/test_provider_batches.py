@@ -192,6 +192,7 @@ def test_provider_batch_asked_for_a_model_without_one_fails_its_lines(pool_clien
     refused = [r for r in results if r.custom_id and r.custom_id.startswith("no")]
     assert [r.error.code for r in refused if r.error] == [UNAVAILABLE_CODE] * 2
     assert all("--via auto or --via realtime" in r.error.message for r in refused if r.error)
+    assert set(pool_client.batches.retrieve(job.id).paths) == {"emu-gpt-batch", "echo"}
     answered = [r for r in results if r.custom_id and r.custom_id.startswith("ok")]
     assert all(r.stats and r.stats.via == "provider-batch" for r in answered)
     assert len(answered) == 3

@@ -44,8 +44,8 @@ class ProviderBatchPlanner:
     def holds(self, job_id: str, via: str, window_s: float, validated: bool, spec: ModelSpec) -> bool:
         """Whether the job's pending lines for ``spec`` are not for real-time dispatch now: they wait for the
         upload to end, went into provider batches (done here), or end with ``provider_batch_unavailable``."""
-        if via == "realtime":
-            return False
+        if via == "realtime" or (via == "auto" and batch_provider(spec) is None):
+            return False  # nothing to choose (and nothing worth showing in batch status)
         choice = self._choice(job_id, spec.name)
         if choice is None:
             if waits_for_upload(spec, via) and not validated:
