@@ -32,6 +32,7 @@ from inferpool.provider_batch.paths import batch_limits
 from inferpool.provider_batch.records import PBatchState, ProviderBatch
 from inferpool.provider_batch.store import ProviderBatchStore
 from inferpool.redis_connection import decode_text
+from inferpool.results import ResultRecord
 from inferpool.settings import Settings
 from inferpool.wire import TaskItem
 from inferpool.workers.backend import Generation
@@ -283,7 +284,7 @@ class ProviderBatchRunner:
                  self.api.provider, batch.batch_id, status, written, len(back))  # fmt: skip
         return f"{status}: {written} results written"
 
-    def _record(self, batch: ProviderBatch, item: TaskItem, outcome: LineOutcome) -> Any:
+    def _record(self, batch: ProviderBatch, item: TaskItem, outcome: LineOutcome) -> ResultRecord:
         hooks_s = None
         if isinstance(outcome, Generation) and self.runtime.hooks.hooks:
             outcome, hooks_s = self.runtime.hooks.after(item.request, outcome)
