@@ -15,6 +15,7 @@ import openai
 import pytest
 import redis
 
+from inferpool import Client
 from inferpool.constants import stream_key
 from inferpool.gateway.keys import ApiKeys
 from inferpool.local_pool import WorkerProcess, free_port, start_inferpool_process, stop_process
@@ -138,7 +139,8 @@ def test_malformed_bodies_are_bad_requests_with_useful_messages(acme: openai.Ope
     assert reply.status_code == 413
 
 
-def test_batch_flow_through_files_and_batches(acme: openai.OpenAI, globex: openai.OpenAI, tmp_path: Path) -> None:
+def test_batch_flow_through_files_and_batches(acme: openai.OpenAI, globex: openai.OpenAI, tmp_path: Path,
+                                              client: Client) -> None:  # fmt: skip
     lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
               "body": {"model": "echo", "messages": ask(f"line {i}")}} for i in range(20)]  # fmt: skip
     lines.append({"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "nope"}})
@@ -148,8 +150,12 @@ def test_batch_flow_through_files_and_batches(acme: openai.OpenAI, globex: opena
     assert uploaded.bytes == path.stat().st_size
     assert acme.files.content(uploaded.id).read() == path.read_bytes()
     assert uploaded.id in [f.id for f in acme.files.list()]
+    with pytest.raises(openai.BadRequestError, match="inferpool_via must be one of auto, realtime, provider-batch"):
+        acme.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+                            metadata={"inferpool_via": "sometimes"})  # fmt: skip
     batch = acme.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                completion_window="24h", metadata={"run": "t1"})  # fmt: skip
+                                completion_window="24h", metadata={"run": "t1", "inferpool_via": "realtime"})  # fmt: skip
+    assert client.batches.retrieve(batch.id).via == "realtime"
     deadline = time.monotonic() + 60
     while batch.status not in ("completed", "failed", "cancelled", "expired"):
         assert time.monotonic() < deadline, batch
@@ -158,7 +164,7 @@ def test_batch_flow_through_files_and_batches(acme: openai.OpenAI, globex: opena
     assert batch.status == "completed"
     assert batch.request_counts is not None
     assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (21, 20, 1)
-    assert batch.metadata == {"run": "t1"}
+    assert batch.metadata == {"run": "t1", "inferpool_via": "realtime"}
     assert batch.input_file_id == uploaded.id
     assert batch.output_file_id is not None
     assert batch.error_file_id is not None

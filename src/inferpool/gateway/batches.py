@@ -19,12 +19,17 @@ from inferpool.constants import DEFAULT_TENANT
 from inferpool.gateway.app import Gateway, gateway_of, list_limit, list_page, read_json_body
 from inferpool.gateway.errors import HTTPError, not_found
 from inferpool.jobstore import BatchJob
+from inferpool.provider_batch.paths import VIA_CHOICES, as_via
 from inferpool.scheduler.batch_input import describe_validation_error
 from inferpool.wire import CHAT_COMPLETIONS_URL
 
 _OUTPUT_PREFIX = "file-out-"
 _ERRORS_PREFIX = "file-err-"
 _JOB_PREFIX = "batch_"
+
+
+#: The batch's ``metadata`` entry that chooses ``--via`` (OpenAI's batch object has no field of its own for it).
+VIA_METADATA_KEY = "inferpool_via"
 
 
 class CreateBatch(BaseModel):
@@ -97,9 +102,15 @@ async def create_batch(request: Request) -> Response:
     if info.purpose != "batch":
         raise HTTPError(400, f"file {info.id} was uploaded with purpose {info.purpose!r}, not 'batch'.",
                         param="input_file_id")  # fmt: skip
+    asked = (body.metadata or {}).get(VIA_METADATA_KEY, "auto")
+    via = as_via(asked)
+    if via is None:
+        raise HTTPError(400, f"metadata.{VIA_METADATA_KEY} must be one of {', '.join(VIA_CHOICES)} (the path of the "
+                        f"lines of models with a provider Batch API), not {asked!r}.",
+                        param=f"metadata.{VIA_METADATA_KEY}")  # fmt: skip
     job = await gateway.client.batches.create(gateway.files.path_of(info.id), completion_window=body.completion_window,
-                                              metadata=body.metadata, tenant=tenant,
-                                              input_file_id=info.id)  # fmt: skip
+                                              metadata=body.metadata, tenant=tenant, input_file_id=info.id,
+                                              via=via)  # fmt: skip
     return JSONResponse(batch_object(job))
 
 

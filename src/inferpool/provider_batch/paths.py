@@ -17,6 +17,13 @@ from inferpool.model_registry.spec import ModelSpec
 
 Via = Literal["auto", "realtime", "provider-batch"]
 VIA_CHOICES: tuple[str, ...] = get_args(Via)
+_VIAS: dict[str, Via] = {"auto": "auto", "realtime": "realtime", "provider-batch": "provider-batch"}
+
+
+def as_via(value: str) -> Via | None:
+    """``value`` as a ``Via``, or None if it is not one."""
+    return _VIAS.get(value)
+
 
 #: The error code of lines sent ``--via provider-batch`` for a model that cannot use a Batch API.
 UNAVAILABLE_CODE = "provider_batch_unavailable"
