@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import pytest
 import redis
@@ -11,7 +13,10 @@ from hypothesis import strategies as st
 from redis.connection import PythonRespSerializer
 
 from inferpool.client.batches import _count_lines
+from inferpool.constants import job_final_key
+from inferpool.jobstore import JobStatus, JobStore, NewJob
 from inferpool.redis_connection import CommandPacker
+from inferpool.wire import new_id
 from inferpool.workers.echo import count_words
 
 _WHITESPACE_HEAVY = st.text(alphabet=st.sampled_from(" \t\n\r\x0b\x0c\x1c\x1f\x85\u3000ab.é"), max_size=60)
@@ -48,3 +53,25 @@ def test_command_packer_refuses_what_redis_py_refuses() -> None:
 @settings(max_examples=300, deadline=None)
 def test_count_lines_counts_what_iteration_counts(data: bytes) -> None:
     assert _count_lines(io.BytesIO(data)) == sum(1 for _ in io.BytesIO(data))
+
+
+def test_waiters_wake_on_the_final_status_signal(redis_client: redis.Redis) -> None:
+    """``wait_final`` times out while the job runs; once the job is final it returns at once for every
+    waiter (the signal is read without being taken), for a finished job and for a failed one."""
+    store = JobStore(redis_client, 600)
+    done, broken = new_id("job-final"), new_id("job-failed")
+    for job_id in (done, broken):
+        store.create(job_id, NewJob(window_s=600, window_label="10m"))
+        assert store.wait_final(job_id, 0.05) is False
+    store.finalize(done, JobStatus.COMPLETED)
+    store.fail(broken, "upload broke off")
+    for job_id in (done, broken):
+        assert [store.wait_final(job_id, 5) for _ in range(3)] == [True, True, True]
+    assert redis_client.ttl(job_final_key(done)) > 0
+
+
+def test_gc_tuning_freezes_startup_objects_and_raises_the_first_threshold() -> None:
+    code = ("import gc; from inferpool.process_tuning import GEN0_THRESHOLD, tune_gc_for_throughput; "
+            "tune_gc_for_throughput(); print(gc.get_threshold()[0] == GEN0_THRESHOLD, gc.get_freeze_count() > 1000)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True"]

@@ -1,4 +1,4 @@
-from inferpool.cli import main
+from inferpool.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -82,6 +82,12 @@ def job_completed_stream_key(job_id: str) -> str:
     return f"{KEY_PREFIX}job:{job_id}:completed"
 
 
+def job_final_key(job_id: str) -> str:
+    """List holding the job's final status once it has one: waiters block on it (``BRPOPLPUSH`` of the list onto
+    itself, which leaves the entry for every other waiter) instead of polling the job."""
+    return f"{KEY_PREFIX}job:{job_id}:final"
+
+
 def worker_heartbeat_key(model_name: str, worker_id: str) -> str:
     """Expiring key a live worker refreshes; its absence means the worker is gone."""
     return f"{KEY_PREFIX}heartbeat:{model_name}:{worker_id}"

@@ -34,6 +34,7 @@ from inferpool.constants import (
     MODEL_INFLIGHT_KEY,
     SCHEDULER_LEASE_KEY,
     job_completed_stream_key,
+    job_final_key,
     job_inflight_since_key,
     job_items_key,
     job_key,
@@ -373,6 +374,7 @@ class JobStore:
             "status": JobStatus.FAILED.value, "failed_at": int(time.time()), "errors": json.dumps([reason]),
         })  # fmt: skip
         pipe.zrem(JOBS_ACTIVE_KEY, job_id)
+        self._announce_final(pipe, job_id, JobStatus.FAILED)
         pipe.execute()
         self.drop_pending(job_id, FAILED_CODE, f"the batch failed before this request ran: {reason}")
 
@@ -537,7 +539,21 @@ class JobStore:
         pipe = self.redis.pipeline()
         pipe.hset(job_key(job_id), mapping={"status": status.value, "finalizing_at": now, stamp: now})
         pipe.zrem(JOBS_ACTIVE_KEY, job_id)
+        self._announce_final(pipe, job_id, status)
         pipe.execute()
+
+    def _announce_final(self, pipe: Any, job_id: str, status: JobStatus) -> None:
+        """Wake whoever waits for the job (``wait_final``); the signal lives as long as the job's record."""
+        pipe.rpush(job_final_key(job_id), status.value)
+        pipe.expire(job_final_key(job_id), self.result_ttl_s)
+
+    def wait_final(self, job_id: str, timeout_s: float) -> bool:
+        """Block until the job has a final status (True) or ``timeout_s`` passes (False). Cheaper and quicker
+        than polling: the scheduler's ``finalize`` (or ``fail``) wakes every waiter at once."""
+        key = job_final_key(job_id)
+        # Rotating the list onto itself reads its entry without taking it from the other waiters. Redis 6+
+        # takes a fractional timeout (0 would block forever: the least is a millisecond).
+        return self.redis.brpoplpush(key, key, timeout=max(0.001, timeout_s)) is not None
 
 
 def settled_result(job_id: str, item: TaskItem, code: str, message: str) -> RequestResult:

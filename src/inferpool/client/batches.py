@@ -280,7 +280,8 @@ class Batches:
         poll_s: float = 0.5,
         on_progress: JobProgressCallback | None = None,
     ) -> BatchJob:
-        """Poll until the job reaches a final status; ``ResultTimeout`` after ``timeout`` seconds.
+        """Poll every ``poll_s`` until the job reaches a final status; ``ResultTimeout`` after ``timeout``
+        seconds. Between polls it blocks on the job's final-status signal, so it returns as soon as the job ends.
 
         Redis being briefly unreachable (a restart, a Sentinel failover) is waited out: the job lives on in
         Redis, so polling resumes where it was; past ``timeout`` the Redis error is raised.
@@ -301,7 +302,12 @@ class Batches:
                 return job
             if deadline is not None and time.monotonic() >= deadline:
                 raise _still_running(job, timeout)
-            time.sleep(poll_s)
+            pause = poll_s if deadline is None else min(poll_s, max(0.0, deadline - time.monotonic()))
+            if pause > 0:
+                try:  # blocks on the job's final-status signal: wakes at once when the job ends (no polling lag)
+                    self._store.wait_final(job_id, pause)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    time.sleep(pause)  # the next poll waits the outage out (or raises past the timeout)
 
     def results(self, job_id: str) -> Iterator[BatchOutputLine]:
         """Output lines written so far, in completion order; call again later for the rest."""

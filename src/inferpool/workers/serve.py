@@ -12,6 +12,7 @@ from inferpool._exceptions import ModelLoadError, RedisUnavailable
 from inferpool.celery_app import create_celery_app
 from inferpool.constants import model_queues
 from inferpool.model_registry.registry import Registry
+from inferpool.process_tuning import tune_gc_for_throughput
 from inferpool.provider_batch.runner import ProviderBatchRunner
 from inferpool.provider_batch.store import ProviderBatchStore
 from inferpool.redis_connection import connect_redis
@@ -56,6 +57,7 @@ def serve_model(model: str, settings: Settings, *, concurrency: int | None = Non
     install_tasks(app, runtime, runner)
 
     def on_ready(**_: Any) -> None:
+        tune_gc_for_throughput()  # the model and Celery are loaded: what the process holds now stays
         runtime.start_heartbeat()
         log.info("worker %s serving %s on queues %s", runtime.worker_id, spec.name, ", ".join(model_queues(spec.name)))
 
