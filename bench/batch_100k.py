@@ -1,10 +1,11 @@
 """A 100,000-line batch job end to end through inferpool, against plain Celery, in one run.
 
-    python bench/batch_100k.py --lines 100000 --plain-prompts 10000 --prompt-chars 20 1000 4000 \
+    python bench/batch_100k.py --lines 100000 --plain-prompts 5000 --prompt-chars 20 1000 4000 --repeat 3 \
         --json bench/results/batch_100k.json
 
-Each ``--prompt-chars`` size is one run of both sides with prompts of that many characters (the
-answers are echoes cut at max_tokens 8, as chat.completion objects on both sides).
+Each ``--prompt-chars`` size runs both sides ``--repeat`` times, alternating which goes first, with prompts of
+that many characters (the answers are echoes cut at max_tokens 8, as chat.completion objects on both sides);
+each side's figure is its median round, and every round's own ratio is printed too.
 inferpool: a private Redis, the scheduler and echo workers (bench/registry.yaml's ``echo-bench``); the
 client is `inferpool batch run FILE -o OUT --no-local` in its own process, timed from start to the last
 output line written, its peak RSS sampled. Baseline: plain Celery on its own private Redis, one task per
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import redis
@@ -140,22 +142,44 @@ def bench_plain_celery(prompts: int, workdir: Path, chars: int) -> dict[str, flo
             "redis_peak_mb": redis_mb}  # fmt: skip
 
 
+def run_size(args: argparse.Namespace, chars: int) -> dict[str, Any]:
+    """``--repeat`` rounds of both sides at one prompt size, alternating which goes first (this host's speed
+    drifts by up to 25% within minutes; a drift then hits both). Each side's figure is its median round."""
+    rounds = []
+    for index in range(args.repeat):
+        with tempfile.TemporaryDirectory(prefix="inferpool-bench-") as tmp:
+            workdir = Path(tmp)
+            if index % 2 == 0:
+                plain = bench_plain_celery(args.plain_prompts, workdir, chars)
+                pool = bench_inferpool(args.lines, args.workers, workdir, chars)
+            else:
+                pool = bench_inferpool(args.lines, args.workers, workdir, chars)
+                plain = bench_plain_celery(args.plain_prompts, workdir, chars)
+        ratio = pool["prompts_per_s"] / plain["prompts_per_s"]
+        rounds.append({"plain_celery": plain, "inferpool": pool, "ratio": ratio})
+    plain_median = _median_round([r["plain_celery"] for r in rounds])
+    pool_median = _median_round([r["inferpool"] for r in rounds])
+    return {"prompt_chars": chars, "plain_celery": plain_median, "inferpool": pool_median,
+            "ratio": pool_median["prompts_per_s"] / plain_median["prompts_per_s"],
+            "round_ratios": [r["ratio"] for r in rounds], "rounds": rounds}  # fmt: skip
+
+
+def _median_round(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The round with the median rate (the lower middle one for an even count)."""
+    return sorted(rows, key=lambda row: row["prompts_per_s"])[(len(rows) - 1) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=100_000, help="lines in the inferpool job")
     parser.add_argument("--plain-prompts", type=int, default=10_000, help="prompts sent through plain Celery")
     parser.add_argument("--workers", type=int, default=1, help="echo worker processes in the inferpool pool")
     parser.add_argument("--prompt-chars", type=int, nargs="+", default=[20], help="prompt sizes to run (chars)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of both sides per size; each side's figure is its median round")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
-    runs = []
-    for chars in args.prompt_chars:
-        with tempfile.TemporaryDirectory(prefix="inferpool-bench-") as tmp:
-            workdir = Path(tmp)
-            plain = bench_plain_celery(args.plain_prompts, workdir, chars)
-            pool = bench_inferpool(args.lines, args.workers, workdir, chars)
-        runs.append({"prompt_chars": chars, "plain_celery": plain, "inferpool": pool,
-                     "ratio": pool["prompts_per_s"] / plain["prompts_per_s"]})  # fmt: skip
+    runs = [run_size(args, chars) for chars in args.prompt_chars]
     print(f"{'chars':>6} {'path':<28}{'prompts':>9}{'seconds':>10}{'prompts/s':>11}{'client RSS MB':>15}"
           f"{'Redis peak MB':>15}{'ratio':>8}")  # fmt: skip
     for run in runs:
@@ -165,6 +189,10 @@ def main() -> None:
             print(f"{run['prompt_chars']:>6} {name:<28}{row['prompts']:>9}{row['seconds']:>10.1f}"
                   f"{row['prompts_per_s']:>11.0f}{row['client_peak_rss_mb']:>15.0f}{row['redis_peak_mb']:>15.0f}"
                   f"{ratio:>8}")  # fmt: skip
+    if args.repeat > 1:
+        print(f"medians of {args.repeat} rounds; each round's own ratio:")
+        for run in runs:
+            print(f"{run['prompt_chars']:>6} " + ", ".join(f"{ratio:.1f}x" for ratio in run["round_ratios"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(runs, indent=2))

@@ -10,7 +10,6 @@ that read records share ``LUA_INFLIGHT_MODEL``.
 
 from __future__ import annotations
 
-import json
 from typing import NamedTuple
 
 from pydantic_core import to_json
@@ -71,6 +70,9 @@ def split_record(record: bytes | str) -> tuple[str, str]:
 
 
 def inflight_item(request_id: str, record: bytes | str) -> TaskItem:
-    """The item of ``request_id`` from its record."""
-    item_json = split_record(record)[1]
-    return TaskItem.model_validate_json(f'{{"request_id":{json.dumps(request_id)},{item_json[1:]}')
+    """The item of ``request_id`` from its record; ``ValueError`` (pydantic's ``ValidationError``) if the record
+    is not one. Validated straight from the record's bytes with the id spliced in (one copy of the prompt:
+    a worker reads 500 of them per chunk)."""
+    raw = record.encode() if isinstance(record, str) else record
+    start = raw.index(b"|") + 2  # after "<model>|{"
+    return TaskItem.model_validate_json(b'{"request_id":' + to_json(request_id) + b"," + raw[start:])

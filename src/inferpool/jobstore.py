@@ -265,7 +265,7 @@ def settled_record(job_id: str, request_id: str, record: bytes | None, code: str
     if record is not None:
         try:
             return settled_result(job_id, inflight_item(request_id, record), code, message)
-        except ValidationError:
+        except ValueError:  # pydantic's ValidationError, or no model prefix
             pass
     return RequestResult(request_id=request_id, job_id=job_id, error=ErrorInfo(code=code, message=message))
 

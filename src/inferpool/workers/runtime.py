@@ -93,8 +93,9 @@ def _message(choice: Generation | ExtraChoice) -> dict[str, object]:
 
 def _valid_usage(generation: Generation) -> bool:
     """Token counts a provider reported are non-negative integers (a compatible server may send anything)."""
-    counts = (generation.prompt_tokens, generation.completion_tokens)
-    return all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts)
+    prompt, completion = generation.prompt_tokens, generation.completion_tokens  # (no generator: a per-request path)
+    return (isinstance(prompt, int) and not isinstance(prompt, bool) and prompt >= 0
+            and isinstance(completion, int) and not isinstance(completion, bool) and completion >= 0)  # fmt: skip
 
 
 class WorkerRuntime:
@@ -300,6 +301,8 @@ class WorkerRuntime:
         for reply, size in zip(replies, [1] * len(streamed) + ([len(plain)] if plain else []), strict=True):
             if len(reply) != size:
                 raise ProviderError(f"backend {self.backend.name!r} returned {len(reply)} answers for {size}")
+        if not streamed:  # the batch path: the answers are already in the items' order
+            return list(replies[-1])
         answers = {item.request_id: reply[0] for item, reply in zip(streamed, replies, strict=False)}
         if plain:
             answers.update((item.request_id, outcome) for item, outcome in zip(plain, replies[-1], strict=True))
