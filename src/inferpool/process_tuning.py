@@ -22,9 +22,14 @@ import gc
 GEN0_THRESHOLD = 50_000
 
 
-def tune_gc_for_throughput() -> None:
-    """Freeze what the process holds now and collect young objects less often (see the module docstring)."""
-    gc.collect()
+def tune_gc_for_throughput(*, collect_first: bool = False) -> None:
+    """Freeze what the process holds now and collect young objects less often (see the module docstring).
+
+    ``collect_first`` runs a full collection before freezing, so no garbage is frozen with the rest: worth it
+    once a model is loaded; at the command line's start it would cost ~35 ms to reclaim ~20 objects.
+    """
+    if collect_first:
+        gc.collect()
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GEN0_THRESHOLD, gen1, gen2)

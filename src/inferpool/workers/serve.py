@@ -57,7 +57,7 @@ def serve_model(model: str, settings: Settings, *, concurrency: int | None = Non
     install_tasks(app, runtime, runner)
 
     def on_ready(**_: Any) -> None:
-        tune_gc_for_throughput()  # the model and Celery are loaded: what the process holds now stays
+        tune_gc_for_throughput(collect_first=True)  # the model and Celery are loaded: what is held now stays
         runtime.start_heartbeat()
         log.info("worker %s serving %s on queues %s", runtime.worker_id, spec.name, ", ".join(model_queues(spec.name)))
 
