@@ -91,11 +91,13 @@ def _message(choice: Generation | ExtraChoice) -> dict[str, object]:
     return {"role": "assistant", "content": choice.text}
 
 
+def _is_token_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _valid_usage(generation: Generation) -> bool:
     """Token counts a provider reported are non-negative integers (a compatible server may send anything)."""
-    prompt, completion = generation.prompt_tokens, generation.completion_tokens  # (no generator: a per-request path)
-    return (isinstance(prompt, int) and not isinstance(prompt, bool) and prompt >= 0
-            and isinstance(completion, int) and not isinstance(completion, bool) and completion >= 0)  # fmt: skip
+    return _is_token_count(generation.prompt_tokens) and _is_token_count(generation.completion_tokens)
 
 
 class WorkerRuntime:
