@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from inferpool import Client, JobStatus
-from inferpool.constants import MODEL_INFLIGHT_KEY, job_completed_stream_key, job_items_key, model_queues
+from inferpool.constants import MODEL_INFLIGHT_KEY, job_items_key, model_queues
 from inferpool.local_pool import LocalPool, start_scheduler_process, start_worker_process
 
 N_LINES = 1500
@@ -64,7 +64,7 @@ def _assert_exactly_once(client: Client, job_id: str) -> None:
     assert Counter(o.custom_id for o in output) == Counter(f"k{i}" for i in range(N_LINES))
     assert all(o.response is not None and o.response.body.text == f"echo: kill test {o.custom_id[1:]}"
                for o in output if o.custom_id)  # fmt: skip
-    assert client.redis.xlen(job_completed_stream_key(job_id)) == N_LINES
+    assert len({r.request_id for r in client.batches.request_results(job_id)}) == N_LINES  # one result each
     [usage] = done.usage
     assert (usage.model, usage.requests, usage.errors) == ("echo-slow", N_LINES, 0)
     assert usage.prompt_tokens == 3 * N_LINES

@@ -11,7 +11,6 @@ import pytest
 import redis
 
 from inferpool import AsyncClient, BatchRefused, Client, JobNotFound, JobStatus, Settings
-from inferpool.constants import job_completed_stream_key
 
 pytestmark = pytest.mark.usefixtures("scheduler", "echo_worker", "echo_slow_worker")
 
@@ -63,7 +62,7 @@ def test_ten_thousand_lines_with_bad_ones_mixed_in(client: Client, redis_client:
     # and the two lines that had none to give (not JSON; no custom_id).
     ids = Counter(o.custom_id for o in output)
     assert {cid: n for cid, n in ids.items() if n > 1} == {"ok-3": 2, None: 2}
-    assert redis_client.xlen(job_completed_stream_key(job.id)) == len(lines)
+    assert len({r.request_id for r in client.batches.request_results(job.id)}) == len(lines)  # one result each
     usage = {row.model: row for row in done.usage}
     assert usage["echo"].requests == 10_001
     assert usage["echo"].errors == 1  # the over-long prompt, refused by the worker

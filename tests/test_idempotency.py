@@ -6,6 +6,7 @@ process, so the two deliveries can be ordered (and raced) deterministically.
 
 from __future__ import annotations
 
+import json
 import threading
 
 import redis
@@ -13,6 +14,7 @@ import redis
 from inferpool import Registry, Settings
 from inferpool.constants import job_completed_stream_key, job_key, result_key
 from inferpool.jobstore import JobStore, NewJob
+from inferpool.results import ResultRecord, ResultWriter, parse_result
 from inferpool.wire import ChatRequest, TaskChunk, TaskItem, new_id
 from inferpool.workers import WorkerRuntime, create_backend
 
@@ -37,6 +39,12 @@ def _chunk(redis_client: redis.Redis, job_id: str, n: int) -> TaskChunk:
     return TaskChunk(job_id=job_id, model="echo", refs=refs, result_ttl_s=600)
 
 
+def _stored_request_ids(redis_client: redis.Redis, job_id: str) -> list[str]:
+    """The request ids of every result stored in the job's completion stream, sorted (a duplicate shows twice)."""
+    stored, _ = JobStore(redis_client, 600).read_raw_results(job_id, count=1_000_000)
+    return sorted(parse_result(raw).request_id for raw in stored)
+
+
 def _runtime(settings: Settings, redis_client: redis.Redis) -> WorkerRuntime:
     spec = Registry.load().get("echo")
     return WorkerRuntime(spec, create_backend(spec, settings), redis_client, settings, worker_id="test-runtime")
@@ -52,7 +60,7 @@ def test_second_delivery_skips_finished_requests(settings: Settings, redis_clien
         runtime.close()
     assert (first.written, first.skipped_existing) == (20, 0)
     assert (second.written, second.skipped_existing) == (0, 20)
-    assert redis_client.xlen(job_completed_stream_key(chunk.job_id or "")) == 20
+    assert _stored_request_ids(redis_client, chunk.job_id or "") == sorted(chunk.refs)
     assert redis_client.hget(job_key(chunk.job_id or ""), "completed") == b"20"
 
 
@@ -75,7 +83,7 @@ def test_racing_deliveries_write_each_result_once(settings: Settings, redis_clie
         runtime.close()
     assert sum(r.written for r in reports) == 200
     assert sum(r.written + r.skipped_existing + r.duplicates_ignored for r in reports) == 4 * 200
-    assert redis_client.xlen(job_completed_stream_key(chunk.job_id or "")) == 200
+    assert _stored_request_ids(redis_client, chunk.job_id or "") == sorted(chunk.refs)
     assert redis_client.hget(job_key(chunk.job_id or ""), "completed") == b"200"
 
 
@@ -93,3 +101,21 @@ def test_first_deliveries_that_skip_the_lookup_still_write_once(settings: Settin
     assert [r.written for r in reports] == [100, 0, 0]
     assert [r.duplicates_ignored for r in reports] == [0, 100, 100]
     assert redis_client.exists(*(result_key(item.request_id) for item in chunk.items)) == 100
+
+
+def test_a_partly_duplicate_write_stores_only_the_new_results(redis_client: redis.Redis) -> None:
+    """One stream entry holds a call's results; the ones not written (already answered) are marked, not read."""
+    chunk = _chunk(redis_client, new_id("job-partly"), 5)
+    job_id, writer = chunk.job_id or "", ResultWriter(redis_client)
+
+    def record(request_id: str) -> ResultRecord:
+        payload = json.dumps({"request_id": request_id, "error": {"code": "x", "message": "y"}}).encode()
+        return ResultRecord(request_id, False, 0, 0, 0.0, 0.01, payload)
+
+    assert writer.write_records(job_id, "echo", [record(r) for r in chunk.refs[1:4:2]], 600) == [True, True]
+    again = writer.write_records(job_id, "echo", [record(r) for r in chunk.refs], 600)
+    assert again == [True, False, True, False, True]
+    entries = redis_client.xrange(job_completed_stream_key(job_id))
+    assert [fields.get(b"s") for _, fields in entries] == [None, b"1,3"]
+    assert _stored_request_ids(redis_client, job_id) == sorted(chunk.refs)
+    assert redis_client.hget(job_key(job_id), "failed") == b"5"

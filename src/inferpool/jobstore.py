@@ -48,7 +48,7 @@ from inferpool.inflight import LUA_INFLIGHT_MODEL, PendingRecord, inflight_item,
 from inferpool.provider_batch.paths import PathChoice
 from inferpool.provider_batch.records import ProviderBatch
 from inferpool.redis_connection import decode_text
-from inferpool.results import STORED_RESULT_FIELD, ResultWriter, decompress_result, parse_result
+from inferpool.results import ResultWriter, parse_result, stored_results
 from inferpool.usage import ModelUsage, usage_from_counters
 from inferpool.wire import ErrorInfo, RequestResult, TaskItem
 
@@ -137,6 +137,8 @@ class BatchJob(BaseModel):
         return self.request_counts.completed + self.request_counts.failed
 
 
+#: Completion-stream entries read per ``XRANGE``: an entry holds one chunk's results (up to its chunk size).
+_ENTRIES_PER_READ = 8
 _TIMESTAMPS = ("in_progress_at", "finalizing_at", "completed_at", "cancelling_at", "cancelled_at", "expired_at",
                "failed_at", "expires_at")  # fmt: skip
 
@@ -437,16 +439,22 @@ class JobStore:
         return [decode_text(i) for i in self.redis.zrange(JOBS_ACTIVE_KEY, 0, -1)]
 
     def read_raw_results(self, job_id: str, after: str = "0-0", count: int = 1000) -> tuple[list[bytes], str]:
-        """Up to ``count`` stored results (JSON) written after stream position ``after``, and the next position.
+        """About ``count`` stored results (JSON) written after stream position ``after`` (whole entries: one
+        holds a chunk's results), and the next position.
 
-        A page can be empty while later ones are not (its results expired): readers stop only when the
+        A page can be empty while later ones are not (its entries unreadable): readers stop only when the
         position stops moving.
         """
-        entries: Any = self.redis.xrange(job_completed_stream_key(job_id), min=f"({after}", count=count)
-        if not entries:
-            return [], after
-        stored = [fields.get(STORED_RESULT_FIELD) for _, fields in entries]
-        return [decompress_result(raw) for raw in stored if raw is not None], decode_text(entries[-1][0])
+        key, position = job_completed_stream_key(job_id), after
+        results: list[bytes] = []
+        while len(results) < count:
+            entries: Any = self.redis.xrange(key, min=f"({position}", count=_ENTRIES_PER_READ)
+            for entry_id, fields in entries:
+                results += stored_results(fields)
+                position = decode_text(entry_id)
+            if len(entries) < _ENTRIES_PER_READ:
+                break
+        return results, position
 
     def read_results(self, job_id: str, after: str = "0-0", count: int = 1000) -> tuple[list[RequestResult], str]:
         """``read_raw_results``, parsed."""

@@ -1,17 +1,24 @@
 """Where results live in Redis and how they are written exactly once.
 
 Every result goes through one Lua script: ``SET NX`` on the result key and, only if that succeeded, a
-wake-up for waiters (single requests) or, for batch jobs, one completion-stream entry, one count, the
-request's removal from the job's in-flight set (freeing the count of the model its item names), the
-deletion of its item and its usage. A chunk that runs twice after a crash or a redelivery therefore never
-yields two results or counts anything twice.
+wake-up for waiters (single requests) or, for batch jobs, one count, the request's removal from the job's
+in-flight set (freeing the count of the model its item names), the deletion of its item and its usage. A
+chunk that runs twice after a crash or a redelivery therefore never yields two results or counts anything
+twice.
+
+A batch job's results live in its completion stream, one entry per script call (a worker's chunk): field
+``z2`` holds the call's results, one JSON per line, compressed together (zlib with a preset dictionary), and
+field ``s`` the positions of the lines that were not written (their request already had a result), if any.
+Compressed together, an echo result takes ~60 bytes and ~2 us of the worker's CPU; compressed one by one
+(field ``z1``, one entry per result, as earlier versions wrote them; still read), ~220 bytes
+and ~7 us.
 """
 
 from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,25 +48,28 @@ _WRITE_ONCE = (
     + """
 -- KEYS: job hash, job completed stream, job items hash, per-model in-flight hash, job usage hash,
 --       job in-flight-since sorted set, the day's usage hash, the all-time usage hash (Prometheus counters)
--- ARGV: ttl, result key prefix, model, mode, tenant, usage ttl, output stream key prefix, stream cap, then one
---       record per
+-- ARGV: ttl, result key prefix, model, mode, tenant, usage ttl, output stream key prefix, stream cap, the
+--       job's results (batch modes: every record's JSON, one per line, compressed together; '' otherwise),
+--       then one record per
 --       result: request_id TAB completed|failed TAB prompt_tokens TAB completion_tokens TAB cost TAB
 --       latency bucket TAB latency seconds TAB attempts TAB ttft bucket TAB ttft seconds TAB
---       cached (1 or 0) TAB cost saved by the cache TAB json (an empty bucket: not measured)
+--       cached (1 or 0) TAB cost saved by the cache TAB json (an empty bucket: not measured; the json is
+--       empty in the batch modes, where it is in the compressed results)
 -- mode: '' a single request's result: its own key (SET NX), a wake-up for its waiter and, if the request is
 --       streamed (its output stream exists), the stream's last entry ('d'). 'job' a batch
 --       request's result: written only if the request's item is still in the job's items hash (it goes
---       with the answer: that is what makes the write happen once), as an entry of the job's completion
---       stream that carries the result (compressed). 'new' a batch line settled before it had an item
---       (refused while uploading): written to the stream unconditionally.
+--       with the answer: that is what makes the write happen once); the call's results that were written
+--       make one entry of the job's completion stream: the compressed results ('z2') and, if some were
+--       not written, their positions ('s', comma-separated). 'new' a batch line settled before it had an
+--       item (refused while uploading): written to the stream unconditionally.
 -- Every record is checked before anything is written: a malformed number fails the whole call with an
 -- error and writes nothing. A batch result whose job is gone (its retention ended) is not written: its
 -- request was answered, counted and forgotten long ago. Returns the 0-based positions of the records not
 -- written (their request already had a result, or their job is gone).
 local ttl, prefix, model, mode, tenant, usage_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local stream_prefix, stream_cap = ARGV[7], ARGV[8]
+local stream_prefix, stream_cap, job_results = ARGV[7], ARGV[8], ARGV[9]
 local is_job = mode ~= ''
-local first = 9
+local first = 10
 local function number(text, rid)
   local value = tonumber(text)
   if value == nil or value ~= value or value == math.huge or value == -math.huge then
@@ -125,9 +135,7 @@ for i, r in ipairs(records) do
       ttft_buckets[r.ttft_bucket] = (ttft_buckets[r.ttft_bucket] or 0) + 1
       ttft_sum = ttft_sum + r.ttft
     end
-    if is_job then
-      redis.call('XADD', KEYS[2], '*', 'rid', r.rid, 'z1', r.payload)
-    else
+    if not is_job then
       redis.call('RPUSH', prefix .. r.rid .. ':notify', '1')
       redis.call('EXPIRE', prefix .. r.rid .. ':notify', ttl)
       if redis.call('EXISTS', stream_prefix .. r.rid) == 1 then
@@ -161,6 +169,13 @@ local function count_usage(hash, m)
   end
 end
 if completed + failed > 0 then
+  if is_job then
+    if #skipped == 0 then
+      redis.call('XADD', KEYS[2], '*', 'z2', job_results)
+    else
+      redis.call('XADD', KEYS[2], '*', 'z2', job_results, 's', table.concat(skipped, ','))
+    end
+  end
   count_usage(KEYS[7], tenant .. '|' .. model .. '|')
   redis.call('EXPIRE', KEYS[7], usage_ttl)
   count_usage(KEYS[8], tenant .. '|' .. model .. '|')
@@ -228,8 +243,9 @@ class ResultRecord:
             ttft_s=stats.ttft_s if stats else None,
         )
 
-    def encode(self, *, compressed: bool) -> bytes:
-        """The script's record format (see ``_WRITE_ONCE``); a batch result's payload is compressed."""
+    def encode(self, *, with_payload: bool = True) -> bytes:
+        """The script's record format (see ``_WRITE_ONCE``); a batch result's payload travels apart from it
+        (compressed with its chunk-mates'), so its record ends at the last tab."""
         bucket = latency_bucket(self.latency_s) if self.latency_s is not None else ""
         ttft_bucket = latency_bucket(self.ttft_s) if self.ttft_s is not None else ""
         head = (
@@ -237,7 +253,7 @@ class ResultRecord:
             f"{self.completion_tokens}\t{self.cost_usd!r}\t{bucket}\t{self.latency_s or 0.0!r}\t{self.attempts}\t"
             f"{ttft_bucket}\t{self.ttft_s or 0.0!r}\t{1 if self.cached else 0}\t{self.saved_usd!r}\t"
         ).encode()
-        return head + (compress_result(self.payload) if compressed else self.payload)
+        return head + self.payload if with_payload else head
 
 
 class ResultWriter:
@@ -296,9 +312,11 @@ class ResultWriter:
             keys = [job_key(job_id), job_completed_stream_key(job_id), job_items_key(job_id), MODEL_INFLIGHT_KEY,
                     job_usage_key(job_id), job_inflight_since_key(job_id), usage_day_key(day),
                     USAGE_TOTAL_KEY]  # fmt: skip
+            group = [records[i] for i in indexes]
+            stored = compress_results([record.payload for record in group]) if job_id else b""
             args: list[bytes | str | int] = [ttl_s, _RESULT_PREFIX, model, job_mode if job_id else "", tenant,
-                                             USAGE_RETENTION_S, _STREAM_PREFIX, STREAM_MAX_ENTRIES]  # fmt: skip
-            args += [records[i].encode(compressed=bool(job_id)) for i in indexes]
+                                             USAGE_RETENTION_S, _STREAM_PREFIX, STREAM_MAX_ENTRIES, stored]  # fmt: skip
+            args += [record.encode(with_payload=not job_id) for record in group]
             self._write(keys=keys, args=args, client=pipe)
         written = [True] * len(records)
         for indexes, duplicates in zip(groups.values(), pipe.execute(), strict=True):
@@ -320,9 +338,9 @@ def parse_result(raw: bytes | str) -> RequestResult:
 
 # -- how a batch result is stored ------------------------------------------------------------------------
 
-#: zlib's preset dictionary for batch results (stream field ``z1``): a result as workers write it, so the
-#: compressor finds every key and the common values already there. A 650-byte echo result takes ~100 bytes.
-#: Never change it: stored results name it by its field. A new dictionary gets a new field (``z2``).
+#: zlib's preset dictionary for batch results: a result as workers write it, so the compressor finds every key
+#: and the common values already there. Never change it: stored results name it by their field (``z1``,
+#: ``z2``). A new dictionary gets a new field.
 _ZDICT_V1 = (
     b'{"request_id":"req_","custom_id":"","job_id":"batch_","tenant":"default","stats":{"model":"","backend":'
     b'"echo","worker":"@","queued_s":0.0,"latency_s":0.0,"attempts":1,"cost_usd":0.0,"ttft_s":0.0},"warnings":'
@@ -332,13 +350,30 @@ _ZDICT_V1 = (
     b'"message":{"role":"assistant","content":"The "},"finish_reason":"stop","logprobs":null}],"usage":'
     b'{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}}'
 )
-STORED_RESULT_FIELD = b"z1"
+#: A completion-stream entry's results: one JSON per line (JSON text never holds a raw newline), compressed
+#: together with ``_ZDICT_V1``. Field ``s``: the positions of the lines not written, comma-separated.
+STORED_RESULTS_FIELD = b"z2"
+SKIPPED_FIELD = b"s"
+#: One result per entry, compressed alone with ``_ZDICT_V1`` (written by earlier versions; still read).
+STORED_RESULT_FIELD_V1 = b"z1"
+#: zlib level 1: on a 500-result echo chunk, 1.7 us and ~62 bytes a result; level 6, 3.1 us and ~53 bytes.
+_LEVEL = 1
 
 
-def compress_result(payload: bytes) -> bytes:
-    compressor = zlib.compressobj(level=6, zdict=_ZDICT_V1)
-    return compressor.compress(payload) + compressor.flush()
+def compress_results(payloads: Sequence[bytes]) -> bytes:
+    compressor = zlib.compressobj(level=_LEVEL, zdict=_ZDICT_V1)
+    return compressor.compress(b"\n".join(payloads)) + compressor.flush()
 
 
-def decompress_result(stored: bytes) -> bytes:
-    return zlib.decompressobj(zdict=_ZDICT_V1).decompress(stored)
+def stored_results(fields: Mapping[bytes, bytes]) -> list[bytes]:
+    """The results (JSON) that a completion-stream entry holds: none for an entry this version cannot read."""
+    stored = fields.get(STORED_RESULTS_FIELD)
+    if stored is not None:
+        lines = zlib.decompressobj(zdict=_ZDICT_V1).decompress(stored).split(b"\n")
+        skipped = fields.get(SKIPPED_FIELD)
+        if skipped:
+            gone = {int(position) for position in skipped.split(b",")}
+            lines = [line for position, line in enumerate(lines) if position not in gone]
+        return lines
+    single = fields.get(STORED_RESULT_FIELD_V1)
+    return [] if single is None else [zlib.decompressobj(zdict=_ZDICT_V1).decompress(single)]
