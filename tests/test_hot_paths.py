@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import subprocess
 import sys
@@ -12,12 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.connection import PythonRespSerializer
 
+from inferpool import Registry, Settings
 from inferpool.client.batches import _count_lines
 from inferpool.constants import job_final_key
 from inferpool.jobstore import JobStatus, JobStore, NewJob
 from inferpool.redis_connection import CommandPacker
-from inferpool.wire import new_id
-from inferpool.workers.echo import count_words
+from inferpool.wire import ChatRequest, new_id
+from inferpool.workers.backend import Generation, create_backend
+from inferpool.workers.echo import count_words, echo_answer
 
 _WHITESPACE_HEAVY = st.text(alphabet=st.sampled_from(" \t\n\r\x0b\x0c\x1c\x1f\x85\u3000ab.é"), max_size=60)
 
@@ -26,6 +29,20 @@ _WHITESPACE_HEAVY = st.text(alphabet=st.sampled_from(" \t\n\r\x0b\x0c\x1c\x1f\x8
 @settings(max_examples=500, deadline=None)
 def test_count_words_is_len_split(text: str) -> None:
     assert count_words(text) == len(text.split())
+
+
+@given(_WHITESPACE_HEAVY | st.text(max_size=80), st.integers(min_value=1, max_value=12))
+@settings(max_examples=300, deadline=None)
+def test_echo_answer_is_the_plain_split(text: str, max_tokens: int) -> None:
+    """The echo backend splits the prompt as it is; the answer is that of splitting ``"echo: " + prompt``."""
+    request = ChatRequest.model_validate(
+        {"model": "echo", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}
+    )
+    [answer] = asyncio.run(create_backend(Registry.load().get("echo"), Settings()).generate([request]))
+    words = echo_answer(request).split(maxsplit=max_tokens)
+    assert isinstance(answer, Generation)
+    assert answer.text == " ".join(words[:max_tokens])
+    assert answer.finish_reason == ("length" if len(words) > max_tokens else "stop")
 
 
 _ARG = st.binary(max_size=40) | st.text(max_size=20) | st.integers() | st.floats(allow_nan=False)

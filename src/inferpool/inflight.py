@@ -62,6 +62,11 @@ def inflight_record(model: str, item: TaskItem) -> bytes:
     return model.encode() + b"|" + record_json(item)
 
 
+def held_by(record: bytes, model: str) -> bool:
+    """Whether ``record`` is held by ``model`` (without decoding the record: a worker checks 500 per chunk)."""
+    return record.startswith(model.encode() + b"|")
+
+
 def split_record(record: bytes | str) -> tuple[str, str]:
     """(holding model, task item JSON) of a record."""
     text = record.decode() if isinstance(record, bytes) else record

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import TYPE_CHECKING
 
 import click
 
 from inferpool._exceptions import InferpoolError
 from inferpool.cli._common import load_settings, make_console
-from inferpool.gateway.keys import ApiKeys
 from inferpool.redis_connection import connect_redis
+
+if TYPE_CHECKING:
+    from inferpool.gateway.keys import ApiKeys
 
 
 @click.group()
@@ -18,6 +21,8 @@ def keys() -> None:
 
 
 def _keys(ctx: click.Context) -> ApiKeys:
+    from inferpool.gateway.keys import ApiKeys  # the gateway's imports only when a keys command runs
+
     return ApiKeys(connect_redis(load_settings(ctx).require_redis_url()))
 
 

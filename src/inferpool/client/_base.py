@@ -1,10 +1,11 @@
-"""What ``Client`` and ``AsyncClient`` share: settings, routing and building tasks. No I/O here."""
+"""What ``Client`` and ``AsyncClient`` share: settings, routing, building tasks and sending them to Celery."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from pydantic import ValidationError
@@ -18,6 +19,9 @@ from inferpool.scheduler.router import Route, Router
 from inferpool.settings import Settings
 from inferpool.stats import read_latency_p50, read_model_load
 from inferpool.wire import ChatMessage, ChatRequest, TaskChunk, TaskItem, new_id
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 
@@ -77,6 +81,24 @@ class ClientBase:
         self.redis_url = settings.require_redis_url()
         self.registry = registry or Registry.from_settings(settings)
         self.router = Router(self.registry)
+
+    @functools.cached_property
+    def celery(self) -> Celery:
+        """The Celery app single requests are published through, made on first use: a client that only runs
+        batch jobs (``inferpool batch run``) never imports Celery, ~40 ms of its start-up."""
+        from inferpool.celery_app import create_celery_app
+
+        return create_celery_app(self.settings)
+
+    def publish(self, chunk: TaskChunk) -> None:
+        """Send a single request's chunk to its model's queue."""
+        from inferpool.celery_app import publish_chunk
+
+        publish_chunk(self.celery, chunk)
+
+    def close_celery(self) -> None:
+        if "celery" in self.__dict__:
+            self.celery.close()
 
     def attach_live_view(self, client: redis.Redis) -> None:
         """Route ``model: "auto"`` with the pool's live workers, load and latency, read through ``client``."""

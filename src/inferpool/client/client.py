@@ -16,7 +16,6 @@ import redis
 import redis.asyncio
 
 from inferpool._exceptions import InvalidRequest, ResultTimeout, request_error_from_code
-from inferpool.celery_app import create_celery_app, publish_chunk
 from inferpool.client._base import (
     ClientBase,
     MessagesLike,
@@ -146,7 +145,6 @@ class Client(ClientBase):
         super().__init__(redis_url, settings, registry, tenant)
         self.redis: redis.Redis = connect_redis(self.redis_url)
         self.attach_live_view(self.redis)
-        self.celery = create_celery_app(self.settings)
         self.batches = Batches(self.redis, self.settings, self.router, self.tenant_for)
         self.dead_letters = DeadLetters(self.redis, self.settings.result_ttl_s)
 
@@ -166,7 +164,7 @@ class Client(ClientBase):
         ``route`` is ``client.route(request)`` when the caller has already routed it.
         """
         chunk = self.single_chunk(request, custom_id, priority, tenant, route)
-        publish_chunk(self.celery, chunk)
+        self.publish(chunk)
         return ResultHandle(self, chunk.items[0].request_id)
 
     @overload
@@ -272,7 +270,7 @@ class Client(ClientBase):
 
     def close(self) -> None:
         self.redis.close()
-        self.celery.close()
+        self.close_celery()
 
     def __enter__(self) -> Self:
         return self
@@ -294,7 +292,6 @@ class AsyncClient(ClientBase):
     ) -> None:
         super().__init__(redis_url, settings, registry, tenant)
         self._redis: redis.asyncio.Redis | None = None
-        self.celery = create_celery_app(self.settings)
         # Batch job calls run the sync implementation in threads, on a sync connection pool of their own.
         self._sync_redis = redis_from_url(self.redis_url, socket_connect_timeout=5)
         self.batches = AsyncBatches(Batches(self._sync_redis, self.settings, self.router, self.tenant_for))
@@ -335,7 +332,7 @@ class AsyncClient(ClientBase):
     ) -> AsyncResultHandle:
         await self._ensure_connected()
         chunk = self.single_chunk(request, custom_id, priority, tenant, route)
-        await asyncio.to_thread(publish_chunk, self.celery, chunk)
+        await asyncio.to_thread(self.publish, chunk)
         return AsyncResultHandle(self, chunk.items[0].request_id)
 
     @overload
@@ -416,7 +413,7 @@ class AsyncClient(ClientBase):
         if self._redis is not None:
             await self._redis.aclose()
         self._sync_redis.close()
-        self.celery.close()
+        self.close_celery()
 
     async def __aenter__(self) -> Self:
         await self._ensure_connected()

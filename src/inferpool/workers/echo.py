@@ -32,8 +32,12 @@ class EchoParams(BaseModel):
 
 def echo_answer(request: ChatRequest) -> str:
     """The full answer the echo backend gives to ``request`` before ``max_tokens`` and stops apply."""
+    return f"echo: {_last_user_text(request)}"
+
+
+def _last_user_text(request: ChatRequest) -> str:
     last_user = next((m for m in reversed(request.messages) if m.role == "user"), request.messages[-1])
-    return f"echo: {last_user.text()}"
+    return last_user.text()
 
 
 #: ASCII bytes mapped to b" " (whitespace, as ``str.split`` sees it) or b"x" (anything else).
@@ -90,8 +94,9 @@ class EchoBackend:
                 f"{self.spec.name!r}'s context window of {caps.context_window}; shorten the prompt or lower max_tokens"
             )
         # Only the first ``limit`` words are split off (a long prompt is not cut into a list it then drops):
-        # a word count over ``limit`` leaves the unsplit rest as one more item.
-        words = echo_answer(request).split(maxsplit=limit)
+        # a word count over ``limit`` leaves the unsplit rest as one more item. The answer's first word is
+        # "echo:", so the prompt is split as it is (not copied behind "echo: " first).
+        words = ["echo:", *_last_user_text(request).split(maxsplit=limit - 1)] if limit > 0 else []
         finish: FinishReason = "stop"
         if len(words) > limit:
             words, finish = words[:limit], "length"

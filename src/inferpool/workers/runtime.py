@@ -25,7 +25,7 @@ from celery import Celery
 from inferpool._exceptions import STREAM_CANCELLED_CODE, InvalidRequest, ProviderError, RequestError
 from inferpool.constants import DEFAULT_TENANT, job_items_key, job_key
 from inferpool.heartbeats import beat, withdraw
-from inferpool.inflight import inflight_item, split_record
+from inferpool.inflight import held_by, inflight_item
 from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus
 from inferpool.model_registry.capability import check_request_fits
 from inferpool.model_registry.registry import Registry
@@ -250,7 +250,7 @@ class WorkerRuntime:
             return None
         todo = _Todo([], _stop_error(decode_text(status)))
         for request_id, record in zip(chunk.refs, records, strict=True):
-            if record is None or split_record(record)[0] != self.spec.name:
+            if record is None or not held_by(record, self.spec.name):
                 continue
             try:
                 todo.items.append(inflight_item(request_id, record))
