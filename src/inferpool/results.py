@@ -369,11 +369,15 @@ def stored_results(fields: Mapping[bytes, bytes]) -> list[bytes]:
     """The results (JSON) that a completion-stream entry holds: none for an entry this version cannot read."""
     stored = fields.get(STORED_RESULTS_FIELD)
     if stored is not None:
-        lines = zlib.decompressobj(zdict=_ZDICT_V1).decompress(stored).split(b"\n")
+        lines = _decompress(stored).split(b"\n")
         skipped = fields.get(SKIPPED_FIELD)
         if skipped:
             gone = {int(position) for position in skipped.split(b",")}
             lines = [line for position, line in enumerate(lines) if position not in gone]
         return lines
     single = fields.get(STORED_RESULT_FIELD_V1)
-    return [] if single is None else [zlib.decompressobj(zdict=_ZDICT_V1).decompress(single)]
+    return [] if single is None else [_decompress(single)]
+
+
+def _decompress(stored: bytes) -> bytes:
+    return zlib.decompressobj(zdict=_ZDICT_V1).decompress(stored)

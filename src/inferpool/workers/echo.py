@@ -96,7 +96,7 @@ class EchoBackend:
         # Only the first ``limit`` words are split off (a long prompt is not cut into a list it then drops):
         # a word count over ``limit`` leaves the unsplit rest as one more item. The answer's first word is
         # "echo:", so the prompt is split as it is (not copied behind "echo: " first).
-        words = ["echo:", *_last_user_text(request).split(maxsplit=limit - 1)] if limit > 0 else []
+        words = ["echo:", *_last_user_text(request).split(maxsplit=limit - 1)]  # limit >= 1 (registry, request)
         finish: FinishReason = "stop"
         if len(words) > limit:
             words, finish = words[:limit], "length"
