@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +25,7 @@ import redis
 
 from inferpool import Client, InvalidRequest, JobStatus, ProviderError, Registry, RegistryError, Settings
 from inferpool.deadletters import DeadLetters
-from inferpool.local_pool import EmbeddedRedis
+from inferpool.local_pool import EmbeddedRedis, free_port
 from inferpool.metrics import OTHER_TENANTS, PoolCollector
 from inferpool.redis_connection import redact_url
 from inferpool.wire import ChatRequest, TaskItem, new_id
@@ -55,6 +58,20 @@ def test_redact_url_hides_every_password() -> None:
     assert redact_url("redis://host/0?password=s3cret&db=2") == "redis://host/0?password=***&db=2"
     assert redact_url("unix:///run/redis.sock?PASSWORD=s3cret") == "unix:///run/redis.sock?PASSWORD=***"
     assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+    # Issue 25.12: a Sentinel URL's own password, and any other secret-looking parameter.
+    sentinel = "sentinel://:pw@h:1/m/0?sentinel_password=S3CRET&socket_timeout=5"
+    assert redact_url(sentinel) == "sentinel://:***@h:1/m/0?sentinel_password=***&socket_timeout=5"
+    assert "S3CRET" not in redact_url("redis://h/0?db=1&auth_token=S3CRET")
+    assert redact_url("redis://h/0?db=1&keepalive=1") == "redis://h/0?db=1&keepalive=1"
+
+
+def test_stats_never_prints_a_sentinel_password(tmp_path: Path) -> None:
+    url = f"sentinel://:pw@127.0.0.1:{free_port()}/m/0?sentinel_password=S3CRET"
+    done = subprocess.run([sys.executable, "-m", "inferpool", "stats"], env={**os.environ, "REDIS_URL": url},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode != 0
+    assert "sentinel_password=***" in done.stderr + done.stdout, done.stderr
+    assert "S3CRET" not in done.stderr + done.stdout
 
 
 # -- 11 -------------------------------------------------------------------------------------------------

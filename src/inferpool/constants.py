@@ -145,6 +145,10 @@ DEFAULT_TENANT = "default"
 #: All-time usage counters (never expire; what the Prometheus exporter reports), same fields as a day's.
 USAGE_TOTAL_KEY = f"{KEY_PREFIX}usage:total"
 
+#: All-time latency histogram per model, over every tenant (fields ``model|bucket``): what routing by
+#: "fastest" reads, bounded by models x buckets however many tenants there are.
+MODEL_LATENCY_KEY = f"{KEY_PREFIX}usage:latency"
+
 #: How long per-day usage counters are kept.
 USAGE_RETENTION_S = 400 * 86400
 
@@ -174,6 +178,15 @@ def file_key(file_id: str) -> str:
 def tenant_files_key(tenant: str) -> str:
     """Sorted set of one tenant's file ids, scored by upload time (``GET /v1/files``)."""
     return f"{KEY_PREFIX}tenant:{tenant}:files"
+
+
+def tenant_file_bytes_key(tenant: str) -> str:
+    """Bytes of one tenant's stored files (its upload quota is checked against it)."""
+    return f"{KEY_PREFIX}tenant:{tenant}:file_bytes"
+
+
+#: Sorted set of every uploaded file id, scored by upload time: the expiry sweep reads the oldest.
+FILES_BY_AGE_KEY = f"{KEY_PREFIX}files:by_age"
 
 
 # -- the response cache (its own prefix: it may live in another Redis, see INFERPOOL_CACHE_REDIS_URL) --------

@@ -24,7 +24,10 @@ import redis.sentinel
 
 from inferpool._exceptions import ConfigurationError, RedisUnavailable
 
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+#: Any query parameter whose name says it holds a secret (``password``, ``sentinel_password``, ``auth``,
+#: ``token``, ``secret``...), with or without a prefix: its value is masked.
+_QUERY_PASSWORD = re.compile(r"([?&;][^=&#;]*(?:password|passwd|pwd|auth|token|secret|key)[^=&#;]*=)[^&#;]*",
+                             re.IGNORECASE)  # fmt: skip
 
 
 def _unavailable(url: str, exc: Exception) -> RedisUnavailable:
@@ -40,7 +43,8 @@ def decode_text(value: Any) -> str:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password (``user:PASSWORD@`` or ``?password=``) replaced by ``***``."""
+    """``url`` with any password (``user:PASSWORD@``, ``?password=``, ``?sentinel_password=`` or any other
+    password-like query parameter) replaced by ``***``."""
     scheme, sep, rest = url.partition("://")
     if sep:
         netloc, slash, path = rest.partition("/")

@@ -27,6 +27,7 @@ import redis
 from inferpool.constants import (
     DEFAULT_TENANT,
     MODEL_INFLIGHT_KEY,
+    MODEL_LATENCY_KEY,
     STREAM_MAX_ENTRIES,
     USAGE_RETENTION_S,
     USAGE_TOTAL_KEY,
@@ -47,7 +48,8 @@ _WRITE_ONCE = (
     LUA_INFLIGHT_MODEL
     + """
 -- KEYS: job hash, job completed stream, job items hash, per-model in-flight hash, job usage hash,
---       job in-flight-since sorted set, the day's usage hash, the all-time usage hash (Prometheus counters)
+--       job in-flight-since sorted set, the day's usage hash, the all-time usage hash (Prometheus counters),
+--       the per-model latency histogram
 -- ARGV: ttl, result key prefix, model, mode, tenant, usage ttl, output stream key prefix, stream cap, the
 --       job's results (batch modes: every record's JSON, one per line, compressed together; '' otherwise),
 --       then one record per
@@ -179,6 +181,9 @@ if completed + failed > 0 then
   count_usage(KEYS[7], tenant .. '|' .. model .. '|')
   redis.call('EXPIRE', KEYS[7], usage_ttl)
   count_usage(KEYS[8], tenant .. '|' .. model .. '|')
+  for bucket, n in pairs(buckets) do
+    redis.call('HINCRBY', KEYS[9], model .. '|' .. bucket, n)
+  end
   if is_job then
     redis.call('HINCRBY', KEYS[1], 'completed', completed)
     redis.call('HINCRBY', KEYS[1], 'failed', failed)
@@ -311,7 +316,7 @@ class ResultWriter:
         for (job_id, model, tenant), indexes in groups.items():
             keys = [job_key(job_id), job_completed_stream_key(job_id), job_items_key(job_id), MODEL_INFLIGHT_KEY,
                     job_usage_key(job_id), job_inflight_since_key(job_id), usage_day_key(day),
-                    USAGE_TOTAL_KEY]  # fmt: skip
+                    USAGE_TOTAL_KEY, MODEL_LATENCY_KEY]  # fmt: skip
             group = [records[i] for i in indexes]
             stored = compress_results([record.payload for record in group]) if job_id else b""
             args: list[bytes | str | int] = [ttl_s, _RESULT_PREFIX, model, job_mode if job_id else "", tenant,

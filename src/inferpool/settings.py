@@ -109,6 +109,27 @@ class Settings(BaseSettings):
     cache_wait_s: float = Field(
         default=120.0, gt=0, description="How long a request waits for an identical one in flight to finish."
     )
+    gateway_request_timeout_s: float = Field(
+        default=600.0, gt=0,
+        description="Longest a gateway chat request waits for its answer (then 504, and the request is stopped).",
+    )  # fmt: skip
+    gateway_max_in_flight: int = Field(
+        default=2048, gt=0,
+        description="Chat requests one gateway process holds open at once; more are answered 429 with Retry-After.",
+    )  # fmt: skip
+    gateway_max_in_flight_per_tenant: int = Field(
+        default=256, gt=0,
+        description="Chat requests one tenant may hold open on one gateway process; more are answered 429.",
+    )  # fmt: skip
+    files_ttl_s: int = Field(
+        default=30 * 86400, gt=0,
+        description="How long an uploaded file is kept (then deleted, bytes and metadata); a batch reads its input "
+        "when it is created, so this only bounds how long a file may wait for its batch.",
+    )  # fmt: skip
+    files_max_bytes_per_tenant: int = Field(
+        default=20 * 1024**3, gt=0, description="Most bytes of uploaded files one tenant may keep at once."
+    )
+    files_max_per_tenant: int = Field(default=1000, gt=0, description="Most uploaded files one tenant may keep.")
     provider_batch_poll_s: float = Field(
         default=30.0, gt=0, description="First wait before a provider batch's status is polled (then doubling)."
     )

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from inferpool.constants import (
     MODEL_INFLIGHT_KEY,
-    USAGE_TOTAL_KEY,
+    MODEL_LATENCY_KEY,
     model_queues,
     usage_day_key,
 )
@@ -28,13 +28,16 @@ class ModelLoad(BaseModel):
 
 
 def read_latency_p50(client: redis.Redis) -> dict[str, float]:
-    """Each model's all-time p50 latency (s, a histogram bucket bound), over every tenant."""
-    decoded = {decode_text(k): decode_text(v) for k, v in client.hgetall(USAGE_TOTAL_KEY).items()}
+    """Each model's all-time p50 latency (s, a histogram bucket bound), over every tenant: one small hash
+    (models x buckets), never the tenants' usage."""
     histograms: dict[str, dict[float, int]] = {}
-    for row in usage_from_counters(decoded, by_tenant=True):
-        merged = histograms.setdefault(row.model, {})
-        for bound, count in row.latency_histogram.items():
-            merged[bound] = merged.get(bound, 0) + count
+    for field, count in client.hgetall(MODEL_LATENCY_KEY).items():
+        model, _, bucket = decode_text(field).rpartition("|")
+        try:
+            bound = float(bucket)
+        except ValueError:
+            continue
+        histograms.setdefault(model, {})[bound] = int(count)
     p50 = {model: histogram_percentile(histogram, 0.5) for model, histogram in histograms.items()}
     return {model: value for model, value in p50.items() if value is not None}
 

@@ -3,8 +3,13 @@
 A worker serving a request with ``stream: true`` appends to ``inferpool:stream:{request_id}``:
 
 - ``s=<model>``: the worker took the request (written before it runs);
-- ``o=<offset> t=<text>``: a piece of the first choice's text, ``offset`` characters into the answer (a
-  retried attempt starts again at 0, so a reader skips what it has already shown);
+- ``o=<offset> t=<text>``: a piece of the first choice's text, ``offset`` characters into the current
+  attempt at the answer;
+- ``r=<attempt>``: a new attempt begins (a provider call retried after some text was published): its text
+  starts again at offset 0. A reader checks that the new attempt repeats what it has shown and shows only
+  what comes after. If the new attempt differs, the text shown is not a prefix of the answer any more; since
+  shown text cannot be taken back, the stream ends with the error ``stream_restarted`` (the SSE relay sends
+  it as its error event) and the answer is the request's result, which stays correct;
 - ``d=1``: the result is written; the result-writing script adds it in the same step as the result.
 
 The stream is capped (``MAXLEN ~``) and expires with the result. It is a view of progress: the result key
@@ -27,6 +32,7 @@ import redis
 import redis.asyncio
 from pydantic import BaseModel, Field
 
+from inferpool._exceptions import STREAM_RESTARTED_CODE, RequestError
 from inferpool.constants import STREAM_MAX_ENTRIES, stream_cancel_key, stream_key
 from inferpool.wire import FinishReason, RequestResult, Usage
 
@@ -89,7 +95,9 @@ class DeltaSink:
         self._cancel_key = stream_cancel_key(request_id)
         self._ttl_s = ttl_s
         self._pending: list[str] = []
-        self._offset = 0  # where the next published piece starts in the answer
+        self._offset = 0  # where the next published piece starts in the current attempt
+        self._attempt = 0
+        self._restarted = False  # a restart marker is due before the next piece
         self._in_flight: asyncio.Future[bool] | None = None
         self._broken = False
         self.cancelled = False
@@ -100,7 +108,10 @@ class DeltaSink:
             self._publish_next()
 
     def restart(self) -> None:
-        """A new attempt at the answer begins (a provider call retried): its text starts at offset 0 again."""
+        """A new attempt at the answer begins (a provider call retried): its text starts at offset 0 again,
+        behind an ``r`` entry if the earlier attempt published anything."""
+        if self._offset or self._in_flight is not None:
+            self._restarted = True
         self._pending.clear()
         self._offset = 0
 
@@ -116,14 +127,20 @@ class DeltaSink:
         text, offset = "".join(self._pending), self._offset
         self._pending.clear()
         self._offset += len(text)
-        self._in_flight = asyncio.get_running_loop().run_in_executor(None, self._publish, offset, text)
+        restart = 0
+        if self._restarted:
+            self._attempt += 1
+            restart, self._restarted = self._attempt, False
+        self._in_flight = asyncio.get_running_loop().run_in_executor(None, self._publish, offset, text, restart)
         self._in_flight.add_done_callback(self._published)
 
-    def _publish(self, offset: int, text: str) -> bool:
+    def _publish(self, offset: int, text: str, restart: int) -> bool:
         pipe = self._client.pipeline(transaction=False)
+        if restart:
+            pipe.xadd(self._key, {"r": restart}, maxlen=STREAM_MAX_ENTRIES, approximate=True)
         pipe.xadd(self._key, {"o": offset, "t": text}, maxlen=STREAM_MAX_ENTRIES, approximate=True)
         pipe.exists(self._cancel_key)
-        return bool(pipe.execute()[1])
+        return bool(pipe.execute()[-1])
 
     def _published(self, future: asyncio.Future[bool]) -> None:
         self._in_flight = None
@@ -189,9 +206,10 @@ class StreamAssembler:
         self._id = "chatcmpl-" + request_id.removeprefix("req_")
         self._created = int(time.time())
         self._model = ""
-        self._shown: list[str] = []
-        self._shown_chars = 0
+        self._shown = ""
+        self._received = 0  # characters of the current attempt received so far
         self._gap = False
+        self._restarted = False
         self._opened = False
 
     def feed(self, entries: list[tuple[Any, dict[Any, Any]]]) -> Iterator[ChatCompletionChunk]:
@@ -204,6 +222,8 @@ class StreamAssembler:
                 yield from self._open()
             elif "t" in fields:
                 yield from self._delta(int(fields["o"]), fields["t"])
+            elif "r" in fields:
+                self._restarted, self._received = True, 0
             elif "d" in fields:
                 self.done = True
                 return
@@ -216,15 +236,26 @@ class StreamAssembler:
     def _delta(self, offset: int, text: str) -> Iterator[ChatCompletionChunk]:
         if self._gap:
             return
-        if offset > self._shown_chars:  # entries trimmed before this reader got them: the rest comes at the end
+        if offset != self._received:  # entries trimmed before this reader got them: the rest comes at the end
             self._gap = True
             return
-        new = text[self._shown_chars - offset :]  # a retried attempt repeats what was shown: skip that part
+        self._received += len(text)
+        overlap = self._shown[offset : offset + len(text)]  # a new attempt must repeat what was shown
+        if not text.startswith(overlap):
+            raise self._diverged()
+        new = text[len(overlap) :]
         if new:
             yield from self._open()
-            self._shown.append(new)
-            self._shown_chars += len(new)
+            self._shown += new
             yield self._chunk([ChunkChoice(index=0, delta=ChunkDelta(content=new))])
+
+    def _diverged(self) -> RequestError:
+        log.warning("stream of %s: a retried attempt answered differently from the text already shown",
+                    self.request_id)  # fmt: skip
+        return RequestError(
+            "the provider call was retried mid-stream and the new attempt's text differs from what this stream had "
+            f"already shown; the request's answer is its result (fetch request {self.request_id}), or retry "
+            "without streaming", code=STREAM_RESTARTED_CODE)  # fmt: skip
 
     def finish(self, result: RequestResult) -> Iterator[ChatCompletionChunk]:
         """The last chunks: the rest of the answer, the finish reasons, other choices, then usage. A result
@@ -237,13 +268,9 @@ class StreamAssembler:
         for choice in response.choices:
             text = choice.message.content or ""
             if choice.index == 0:
-                shown = "".join(self._shown)
-                if text.startswith(shown):
-                    rest = text[len(shown) :]
-                else:
-                    log.warning("stream of %s showed text the result does not start with (a re-run answered "
-                                "differently); the result is what is stored", self.request_id)  # fmt: skip
-                    rest = ""
+                if not text.startswith(self._shown):
+                    raise self._diverged()  # never let a reader take a spliced text for the answer
+                rest = text[len(self._shown) :]
                 delta = ChunkDelta(content=rest) if rest else ChunkDelta()
                 if choice.message.tool_calls:
                     delta.tool_calls = [{"index": index, **call.model_dump()}

@@ -21,6 +21,7 @@ from inferpool.client._base import (
     MessagesLike,
     RequestLike,
     build_chat_request,
+    build_request,
 )
 from inferpool.client.batches import AsyncBatches, Batches
 from inferpool.constants import Priority, result_key, result_notify_key, stream_key
@@ -34,7 +35,7 @@ from inferpool.settings import Settings
 from inferpool.stats import read_usage
 from inferpool.streams import READ_SLICE_S, ChatCompletionChunk, StreamAssembler, ask_to_stop, ask_to_stop_async
 from inferpool.usage import ModelUsage
-from inferpool.wire import ChatCompletion, RequestResult
+from inferpool.wire import AUTO_MODEL, ChatCompletion, ChatRequest, RequestResult
 
 #: Longest single blocking wait; waiters re-check the result key at least this often.
 _WAIT_SLICE_S = 1.0
@@ -331,6 +332,8 @@ class AsyncClient(ClientBase):
         route: Route | None = None,
     ) -> AsyncResultHandle:
         await self._ensure_connected()
+        if route is None:
+            route = await self.route_async(build_request(request))
         chunk = self.single_chunk(request, custom_id, priority, tenant, route)
         await asyncio.to_thread(self.publish, chunk)
         return AsyncResultHandle(self, chunk.items[0].request_id)
@@ -376,6 +379,13 @@ class AsyncClient(ClientBase):
 
     def handle(self, request_id: str) -> AsyncResultHandle:
         return AsyncResultHandle(self, request_id)
+
+    async def route_async(self, request: ChatRequest) -> Route:
+        """``route`` without blocking the event loop: ``model: "auto"`` reads the pool's live view from Redis
+        (in a thread); a named model is resolved from the registry in memory."""
+        if request.model == AUTO_MODEL:
+            return await asyncio.to_thread(self.router.route, request)
+        return self.router.route(request)
 
     async def wait_result(self, request_id: str, timeout: float | None = None) -> RequestResult:
         client = await self._ensure_connected()

@@ -217,14 +217,20 @@ class ProviderEmulator:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                **headers})  # fmt: skip
         await response.prepare(request)
-        for index, (name, data) in enumerate(events):
-            if index and self.config.token_latency_s:
-                await asyncio.sleep(self.config.token_latency_s)
-            prefix = f"event: {name}\n" if name else ""
-            await response.write(f"{prefix}data: {json.dumps(data)}\n\n".encode())
-        if done_marker:
-            await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        try:
+            for index, (name, data) in enumerate(events):
+                if index and self.config.token_latency_s:
+                    await asyncio.sleep(self.config.token_latency_s)
+                prefix = f"event: {name}\n" if name else ""
+                await response.write(f"{prefix}data: {json.dumps(data)}\n\n".encode())
+                self.counts["stream_events"] += 1
+            if done_marker:
+                await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            self.counts["streams_closed_by_client"] += 1  # the caller stopped reading: nothing more is made
+            raise
+        self.counts["streams_finished"] += 1
         return response
 
     async def _anthropic(self, request: web.Request) -> web.StreamResponse:

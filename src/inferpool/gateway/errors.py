@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 import redis
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -27,13 +28,15 @@ class HTTPError(InferpoolError):
     """A gateway request refused with an HTTP status and an OpenAI error body."""
 
     def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None) -> None:  # fmt: skip
+                 code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type_
         self.code = code
         self.param = param
+        self.headers = headers
 
 
 def not_found(what: str, object_id: str) -> HTTPError:
@@ -42,7 +45,8 @@ def not_found(what: str, object_id: str) -> HTTPError:
 
 
 #: Request error codes a worker or the router reports, as HTTP statuses.
-_STATUS_OF_CODE = {"model_not_found": 404, "rate_limited": 429, "provider_error": 502, "request_cancelled": 499}
+_STATUS_OF_CODE = {"model_not_found": 404, "rate_limited": 429, "provider_error": 502, "request_cancelled": 499,
+                   "stream_restarted": 502}  # fmt: skip
 
 
 def error_body(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, object]:
@@ -53,14 +57,23 @@ def request_error_status(exc: RequestError) -> int:
     return _STATUS_OF_CODE.get(exc.code, 500 if exc.code.startswith("batch_") else 400)
 
 
-def _response(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, type_, code, param), status_code=status)
+def _response(status: int, message: str, type_: str, code: str | None, param: str | None = None,
+              headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+    return JSONResponse(error_body(status, message, type_, code, param), status_code=status, headers=headers)
 
 
 async def handle_error(request: Request, exc: Exception) -> Response:
     """Every exception a route raises, as an OpenAI error response (never a traceback)."""
     if isinstance(exc, HTTPError):
-        return _response(exc.status, exc.message, exc.type, exc.code, exc.param)
+        return _response(exc.status, exc.message, exc.type, exc.code, exc.param, exc.headers)
+    if isinstance(exc, StarletteHTTPException):  # Starlette's own: no such route (404), or method (405)
+        if exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}; see the API reference for its methods."
+            return _response(405, message, "invalid_request_error", "method_not_allowed", None, dict(exc.headers or {}))
+        message = f"Unknown request URL: {request.method} {request.url.path}."
+        if exc.status_code != 404:
+            message = str(exc.detail)
+        return _response(exc.status_code, message, "invalid_request_error", "unknown_url")
     if isinstance(exc, RequestError):
         status = request_error_status(exc)
         type_ = "invalid_request_error" if status < 500 else "api_error"

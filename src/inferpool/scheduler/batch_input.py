@@ -62,9 +62,15 @@ def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
 
 
 def load_json(text: str | bytes) -> tuple[Any, str | None]:
-    """(value, None), or (None, what is wrong) for any input: never raises, whatever the bytes."""
+    """(value, None), or (None, what is wrong) for any input: never raises, whatever the bytes.
+
+    A lone UTF-16 surrogate (``"\\ud800"``) is refused: Python's parser accepts the escape, but no text holds
+    it, so the request could be neither stored nor sent on (pydantic's parser refuses it too)."""
     try:
-        return json.loads(text), None
+        value = json.loads(text)
+        if _has_lone_surrogate(value):
+            return None, "a string holds a lone UTF-16 surrogate escape (such as \\ud800), which is not text"
+        return value, None
     except json.JSONDecodeError as exc:
         return None, f"not valid JSON ({exc.msg} at column {exc.colno})"
     except UnicodeDecodeError:
@@ -73,6 +79,21 @@ def load_json(text: str | bytes) -> tuple[Any, str | None]:
         return None, f"not usable JSON ({exc})"
     except RecursionError:
         return None, "JSON nested too deeply to read"
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a parsed JSON value holds a surrogate code point in any string (key or value)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(item) for item in value)
+    return False
 
 
 class BatchLineParser:
@@ -95,7 +116,7 @@ class BatchLineParser:
                 yield self.parse_line(number, raw)
 
     def parse_line(self, number: int, raw: str | bytes) -> ParsedLine:
-        size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8"))
+        size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
         if size > self.max_line_bytes:
             return _reject(number, "line_too_large",
                            f"{size} bytes, over the limit of {self.max_line_bytes}; split the prompt")  # fmt: skip

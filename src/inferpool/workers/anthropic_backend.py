@@ -17,6 +17,7 @@ from inferpool.workers.api_backend import (
     StreamedToolCalls,
     classify_sdk_error,
     maybe_await,
+    stopped_generation,
     streamed_generation,
 )
 from inferpool.workers.backend import Generation
@@ -96,6 +97,9 @@ class AnthropicBackend(ApiBackend):
             raw = await self._client.messages.with_raw_response.create(**arguments, stream=True)
             stream = await maybe_await(raw.parse())
             async for event in stream:
+                if sink is not None and sink.cancelled:  # the reader hung up: stop paying for the rest
+                    await stream.close()
+                    return ProviderReply(stopped_generation(parts, first_token_at), dict(raw.headers))
                 if event.type == "message_start":
                     input_tokens = event.message.usage.input_tokens
                 elif event.type == "content_block_start":

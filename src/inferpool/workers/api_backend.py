@@ -24,10 +24,11 @@ from typing import Any
 import redis.asyncio
 from pydantic import BaseModel, ConfigDict, Field
 
-from inferpool._exceptions import ModelLoadError, ProviderError, RequestError
+from inferpool._exceptions import STREAM_CANCELLED_CODE, ModelLoadError, ProviderError, RequestError
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.redis_connection import async_redis_from_url
 from inferpool.settings import Settings
+from inferpool.streams import current_delta_sink
 from inferpool.wire import ChatRequest, FinishReason
 from inferpool.workers.backend import Generation, GenerationOutcome, gather_outcomes, parse_params, tool_call
 from inferpool.workers.ratelimit import RateLimitSpec, SharedRateLimiter, limit_group
@@ -186,9 +187,13 @@ class ApiBackend(ABC):
         estimate = sum(len(m.text()) // 4 for m in request.messages) + (
             request.output_limit() or self.spec.capabilities.default_max_tokens
         )
+        sink = current_delta_sink()
         async with semaphore:
             attempt = 0
             while True:
+                if sink is not None and sink.cancelled:  # its reader hung up while it waited: never sent again
+                    return RequestError("the client stopped reading the stream; generation was stopped",
+                                        code=STREAM_CANCELLED_CODE, attempts=max(1, attempt))  # fmt: skip
                 attempt += 1
                 if limiter is not None:
                     await limiter.acquire(estimate)
@@ -229,6 +234,13 @@ def streamed_generation(
     return Generation(text="".join(parts), finish_reason=finish_reason, prompt_tokens=prompt_tokens,
                       completion_tokens=completion_tokens, first_token_at=first_token_at,
                       tool_calls=tuple(tool_calls))  # fmt: skip
+
+
+def stopped_generation(parts: list[str], first_token_at: float | None) -> Generation:
+    """What a provider streamed before its reader hung up and the stream was closed (the worker turns it into
+    ``request_cancelled``); the provider reports no usage for a stream cut short."""
+    return Generation(text="".join(parts), finish_reason="stop", prompt_tokens=0, completion_tokens=0,
+                      first_token_at=first_token_at)  # fmt: skip
 
 
 class StreamedToolCalls:

@@ -16,6 +16,7 @@ from inferpool.workers.api_backend import (
     StreamedToolCalls,
     classify_sdk_error,
     maybe_await,
+    stopped_generation,
     streamed_generation,
 )
 from inferpool.workers.backend import Generation, tool_call
@@ -79,6 +80,9 @@ class OpenAIBackend(ApiBackend):
             )
             stream = await maybe_await(raw.parse())
             async for chunk in stream:
+                if sink is not None and sink.cancelled:  # the reader hung up: stop paying for the rest
+                    await stream.close()
+                    return ProviderReply(stopped_generation(parts, first_token_at), dict(raw.headers))
                 usage = chunk.usage or usage
                 for choice in chunk.choices:
                     if choice.index != 0:

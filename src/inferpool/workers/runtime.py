@@ -23,7 +23,7 @@ import redis
 from celery import Celery
 
 from inferpool._exceptions import STREAM_CANCELLED_CODE, InvalidRequest, ProviderError, RequestError
-from inferpool.constants import DEFAULT_TENANT, job_items_key, job_key
+from inferpool.constants import DEFAULT_TENANT, job_items_key, job_key, stream_cancel_key
 from inferpool.heartbeats import beat, withdraw
 from inferpool.inflight import held_by, inflight_item
 from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus
@@ -68,11 +68,12 @@ def default_worker_id(model_name: str) -> str:
 
 @dataclass
 class _Todo:
-    """A chunk's requests to answer; ``stopped`` ends them all (their job was cancelled or expired)."""
+    """A chunk's requests to answer; ``stopped`` ends them all (their job was cancelled or expired), ``ended``
+    some of them without running (a stored item this version cannot read, a request its client gave up on)."""
 
     items: list[TaskItem]
     stopped: RequestError | None = None
-    unreadable: dict[str, RequestError] = field(default_factory=dict)
+    ended: dict[str, RequestError] = field(default_factory=dict)
 
 
 def _stop_error(status: str) -> RequestError | None:
@@ -158,14 +159,15 @@ class WorkerRuntime:
             # result written now would count the requests a second time.
             log.warning("chunk %s outlived its results' retention; dropped unrun", chunk.describe())
             return ChunkReport(0, chunk.size, 0, 0)
-        todo, stopped, unreadable = found.items, found.stopped, found.unreadable
+        todo, stopped, ended = found.items, found.stopped, found.ended
         skipped = chunk.size - len(todo)
         outcomes: dict[str, GenerationOutcome] = {}
         hook_s: dict[str, float] = {}
         runnable: list[TaskItem] = []
+        arrived = {item.request_id: item for item in todo}  # before this model's hooks (a fallback runs its own)
         for index, item in enumerate(todo):
-            if stopped is not None or item.request_id in unreadable:
-                outcomes[item.request_id] = stopped or unreadable[item.request_id]
+            if stopped is not None or item.request_id in ended:
+                outcomes[item.request_id] = stopped or ended[item.request_id]
                 continue
             if self.hooks.hooks:
                 request, hook_s[item.request_id] = self.hooks.before(item.request)
@@ -179,14 +181,15 @@ class WorkerRuntime:
                 outcomes[item.request_id] = exc
             else:
                 runnable.append(item)
-        streamed = [item.request_id for item in todo if item.request.stream and item.request_id not in unreadable]
+        streamed = [item.request_id for item in todo if item.request.stream and item.request_id not in ended]
         open_streams(self._redis, streamed, self.spec.name, chunk.result_ttl_s)
         cached = self._answer(runnable, chunk.result_ttl_s, outcomes)
         if self.hooks.hooks:
             self._after_hooks(runnable, outcomes, hook_s)
-        moving = [(item, outcome, target) for item in runnable
+        moving = [(original, outcome, target) for item in runnable
                   if isinstance(outcome := outcomes[item.request_id], RequestError)
-                  and (target := self._failures.fallback_for(item, outcome)) is not None]  # fmt: skip
+                  and (target := self._failures.fallback_for(original := arrived[item.request_id], outcome))
+                  is not None]  # fmt: skip
         self._failures.forward(chunk, moving)
         moved = {item.request_id for item, _, _ in moving}
         todo = [item for item in todo if item.request_id not in moved]
@@ -241,7 +244,10 @@ class WorkerRuntime:
         """
         if not chunk.refs or chunk.job_id is None:
             already = self._writer.existing([item.request_id for item in chunk.items]) if maybe_answered else set()
-            return _Todo([item for item in chunk.items if item.request_id not in already])
+            todo = _Todo([item for item in chunk.items if item.request_id not in already])
+            if chunk.job_id is None:
+                todo.ended.update(self._abandoned(todo.items))
+            return todo
         pipe = self._redis.pipeline(transaction=False)
         pipe.hget(job_key(chunk.job_id), "status")
         pipe.hmget(job_items_key(chunk.job_id), chunk.refs)
@@ -255,10 +261,23 @@ class WorkerRuntime:
             try:
                 todo.items.append(inflight_item(request_id, record))
             except ValueError as exc:  # a stored item this version cannot read: its own error, not the chunk's
-                todo.unreadable[request_id] = InvalidRequest(f"the stored request cannot be read: {exc}")
+                todo.ended[request_id] = InvalidRequest(f"the stored request cannot be read: {exc}")
                 placeholder = ChatRequest.model_construct(model=self.spec.name, messages=[])
                 todo.items.append(TaskItem.model_construct(request_id=request_id, request=placeholder))
         return todo
+
+    def _abandoned(self, items: Sequence[TaskItem]) -> dict[str, RequestError]:
+        """Single requests whose client gave up before they ran (the gateway's hang-up or timeout, a handle's
+        ``stop``): they end as ``request_cancelled`` without running, so a backed-up queue never does work
+        nobody reads."""
+        if not items:
+            return {}
+        pipe = self._redis.pipeline(transaction=False)
+        for item in items:
+            pipe.exists(stream_cancel_key(item.request_id))
+        error = RequestError("the client stopped waiting before this request ran; it was not run",
+                             code=STREAM_CANCELLED_CODE)  # fmt: skip
+        return {item.request_id: error for item, gone in zip(items, pipe.execute(), strict=True) if gone}
 
     def _generate(self, items: Sequence[TaskItem], ttl_s: int) -> dict[str, GenerationOutcome]:
         """Each item's outcome. If the backend fails the whole call, each request is tried again on its
