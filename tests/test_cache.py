@@ -128,12 +128,12 @@ def test_the_cache_is_bounded(redis_url: str) -> None:
     answer = Generation(text="short", finish_reason="stop", prompt_tokens=1, completion_tokens=1)
     digests = [f"bounded-{i}" for i in range(5)]
     for digest in digests:
-        cache.put_many({digest: (answer, 60)})
+        cache.put_many({digest: (answer, 60)}, "test")
     assert client.zcard(CACHE_INDEX_KEY) == 3
     assert [client.exists(cache_entry_key(d)) for d in digests] == [0, 0, 1, 1, 1]  # the oldest went first
     assert cache.get_many(digests) == {d: answer for d in digests[2:]}
     huge = Generation(text="x" * 1000, finish_reason="stop", prompt_tokens=1, completion_tokens=1)
-    cache.put_many({"huge": (huge, 60)})
+    cache.put_many({"huge": (huge, 60)}, "test")
     assert not client.exists(cache_entry_key("huge"))  # over cache_max_entry_bytes: not stored
     assert 0 < client.pttl(cache_entry_key(digests[-1])) <= 60_000
     client.set(cache_entry_key("garbled"), b"\xff not json")
@@ -150,3 +150,46 @@ def test_the_key_covers_what_changes_the_answer() -> None:
     for change in ({"temperature": 0.5}, {"seed": 1}, {"max_tokens": 3}, {"model": "echo"},
                    {"messages": [{"role": "user", "content": "hi!"}]}, {"stop": ["x"]}):  # fmt: skip
         assert cache_key(build_request({**base, **change})) != key, json.dumps(change)
+
+
+@pytest.mark.usefixtures("cached_worker")
+def test_one_tenants_answers_are_not_another_tenants_hits(settings: Settings) -> None:
+    """Issue 25.14: an exact repeat of another tenant's request is computed again (no timing or zero-cost tell)."""
+    text = f"tenant scoped {secrets.token_hex(4)}"
+    with Client(settings=settings, tenant="cache-a") as a, Client(settings=settings, tenant="cache-b") as b:
+        first = a.submit(ask(text, temperature=0)).result(30)
+        other = b.submit(ask(text, temperature=0)).result(30)
+        again = a.submit(ask(text, temperature=0)).result(30)
+    assert not cached(first)
+    assert not cached(other)
+    assert cached(again)
+
+
+def test_a_shared_cache_and_a_tenant_scoped_one_key_differently(settings: Settings) -> None:
+    from inferpool.client._base import build_request
+    from inferpool.model_registry.registry import Registry
+    from inferpool.workers.cache import cache_scope
+
+    spec = Registry.from_settings(settings).get("echo-cached")
+    request = build_request(ask("hi", temperature=0))
+    assert cache_scope(spec, "a") == "a"
+    assert cache_scope(spec, None) == "default"
+    assert cache_key(request, "a") != cache_key(request, "b")
+    assert spec.cache is not None
+    shared = spec.model_copy(update={"cache": spec.cache.model_copy(update={"shared_across_tenants": True})})
+    assert cache_scope(shared, "a") is None
+    assert cache_key(request, cache_scope(shared, "a")) == cache_key(request, cache_scope(shared, "b"))
+
+
+def test_releasing_a_lock_leaves_another_owners_lock(redis_url: str) -> None:
+    from inferpool.constants import cache_lock_key
+
+    client = redis.Redis.from_url(redis_url)
+    cache = ResponseCache(client, Settings(redis_url=redis_url))
+    digest = f"lock-{secrets.token_hex(4)}"
+    assert cache.claim_many([digest], "worker-1") == {digest}
+    client.set(cache_lock_key(digest), "worker-2")  # worker-1's lock lapsed and worker-2 took it
+    cache.release([digest], "worker-1")
+    assert client.get(cache_lock_key(digest)) == b"worker-2"
+    cache.release([digest], "worker-2")
+    assert not client.exists(cache_lock_key(digest))

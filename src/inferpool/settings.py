@@ -138,8 +138,9 @@ class Settings(BaseSettings):
     )
     provider_batch_step_timeout_s: float = Field(
         default=600.0, gt=0,
-        description="A provider-batch step (upload, create, collect) not finished by then is run again by another "
-        "worker (the one running it died).",
+        description="How long a provider-batch step's lock lives unrenewed: the worker running a step (upload, "
+        "create, collect) renews it every third of this, so only a step whose worker died (or stalled this long) "
+        "is run again by another worker.",
     )  # fmt: skip
 
     @field_validator("registry", "models_dir", mode="before")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -76,10 +77,16 @@ def _owner(gateway: Gateway, job: BatchJob) -> str | None:
     return job.tenant if gateway.require_keys else job.tenant or gateway.settings.tenant or DEFAULT_TENANT
 
 
+#: What a batch id looks like; anything else (``batch_x:pending:echo`` names another Redis key) is not found.
+_JOB_ID = re.compile(r"^batch_[A-Za-z0-9_-]{1,160}$")
+
+
 async def owned_job(
     gateway: Gateway, tenant: str, job_id: str, *, what: str = "batch", object_id: str = ""
 ) -> BatchJob:
     """The job, if ``tenant`` owns it; 404 otherwise (another tenant's job does not exist for this one)."""
+    if not _JOB_ID.match(job_id):
+        raise not_found(what, object_id or job_id)
     job = await asyncio.to_thread(gateway.jobs.get, job_id)
     if job is None or _owner(gateway, job) != tenant:
         raise not_found(what, object_id or job_id)

@@ -27,7 +27,7 @@ from inferpool._exceptions import RequestError, ResultTimeout, request_error_fro
 from inferpool.client._base import build_request
 from inferpool.client.client import AsyncResultHandle
 from inferpool.gateway.app import gateway_of, off_loop_for, parse_json_object, read_body
-from inferpool.gateway.errors import error_body, request_error_status
+from inferpool.gateway.errors import HTTPError, error_body, request_error_status
 from inferpool.wire import ChatRequest, RequestResult
 
 #: The status logged for a request whose client hung up before its answer (nginx's convention; nobody reads it).
@@ -83,10 +83,9 @@ async def _answer_unless_abandoned(
             try:
                 result = waiter.result()
             except ResultTimeout:
-                raise ResultTimeout(
-                    f"no answer within {timeout_s:g} s (INFERPOOL_GATEWAY_REQUEST_TIMEOUT_S); "
-                    "the request was stopped. The pool may be backed up: retry later."
-                ) from None
+                raise HTTPError(504, f"No answer within {timeout_s:g} s (INFERPOOL_GATEWAY_REQUEST_TIMEOUT_S); the "
+                                "request was stopped. The pool may be backed up: retry later.", type_="api_error",
+                                code="timeout", headers={"x-request-id": handle.request_id}) from None  # fmt: skip
             finished = True
             return result
         return None

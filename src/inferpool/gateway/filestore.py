@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -207,6 +208,9 @@ if size then redis.call('DECRBY', KEYS[4], size) end
 return 1
 """
 
+#: What an uploaded file's id looks like.
+_FILE_ID = re.compile(r"^file-[0-9a-f]{32}$")
+
 #: Expired files forgotten per sweep (each upload and listing sweeps once).
 _SWEEP_BATCH = 100
 
@@ -326,6 +330,8 @@ class FileStore:
         return forgot
 
     async def get(self, tenant: str, file_id: str) -> FileObject | None:
+        if not _FILE_ID.match(file_id):
+            return None  # not an id this store makes (and maybe the name of another kind of Redis key)
         stored = await self._redis.hmget(file_key(file_id), ["tenant", "object"])
         if stored[0] is None or stored[1] is None or decode_text(stored[0]) != tenant:
             return None

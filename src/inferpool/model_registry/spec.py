@@ -74,6 +74,11 @@ class CacheSpec(BaseModel):
     any_temperature: bool = Field(
         default=False, description="Also cache requests that sample (no temperature 0, no seed)."
     )
+    shared_across_tenants: bool = Field(
+        default=False,
+        description="Reuse one tenant's answers for another's identical requests. Off by default: a shared "
+        "entry lets a tenant learn, by timing or a zero-cost hit, that another sent exactly that request.",
+    )
 
 
 class BatchApiSpec(BaseModel):

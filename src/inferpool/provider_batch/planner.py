@@ -81,7 +81,8 @@ class ProviderBatchPlanner:
 
     def drive(self) -> int:
         """Publish the step of every provider batch that is due; returns how many. A step not finished within
-        the step timeout (its worker died) is published again then."""
+        the step timeout is published again then, unless its lock is still held (its worker is alive and
+        renews it): only a step whose worker died is run again."""
         now = time.time()
         timeout = self.settings.provider_batch_step_timeout_s
         published = 0
@@ -91,6 +92,8 @@ class ProviderBatchPlanner:
                 self.store.forget(pbatch_id)
                 continue
             self.store.schedule(pbatch_id, now + timeout)
+            if self.store.step_running(pbatch_id):  # a live worker renews its lock: look again after the timeout
+                continue
             self.celery.send_task(TASK_PROVIDER_BATCH_STEP, args=[pbatch_id],
                                   queue=queue_name(batch.model, Priority.HIGH), argsrepr=pbatch_id, kwargsrepr="{}",
                                   expires=timeout)  # fmt: skip

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from inferpool.model_registry.capability import check_request_fits
 from inferpool.provider_batch.api import LineOutcome, ProviderBatchApi
 from inferpool.provider_batch.paths import batch_limits
 from inferpool.provider_batch.records import PBatchState, ProviderBatch
-from inferpool.provider_batch.store import ProviderBatchStore
+from inferpool.provider_batch.store import LockLost, ProviderBatchStore, StepLock
 from inferpool.redis_connection import decode_text
 from inferpool.results import ResultRecord
 from inferpool.settings import Settings
@@ -63,21 +64,41 @@ class ProviderBatchRunner:
         self.spec = runtime.spec
         self._dir = work_dir or Path(tempfile.gettempdir()) / "inferpool-provider-batches"
         self._fault = os.environ.get(FAULT_ENV, "")
+        self._step = _StepState()  # per thread: Celery runs steps of different batches at once
 
     # -- one step -----------------------------------------------------------------------------------------
 
     def step(self, pbatch_id: str) -> str:
         """Advance the batch as far as it goes now; returns what happened (for the task's result and logs)."""
         with self.store.lock(pbatch_id, self.settings.provider_batch_step_timeout_s) as held:
-            if not held:
+            if held is None:
                 return "busy: another worker is advancing it"
             batch = self.store.get(pbatch_id)
             if batch is None or batch.finished:
                 return "nothing to do"
+            self._step.fence = held
             try:
-                return self._advance(batch)
-            except Exception as exc:
-                return self._failed_step(batch, exc)
+                try:
+                    return self._advance(batch)
+                except LockLost:
+                    raise
+                except Exception as exc:
+                    return self._failed_step(batch, exc)
+            except LockLost:
+                log.warning("provider batch %s: this step lost its lock (its process stalled past %s s) and another "
+                            "worker holds the batch now; it recorded nothing more", pbatch_id,
+                            self.settings.provider_batch_step_timeout_s)  # fmt: skip
+                return "lost its lock: another worker advances it now"
+            finally:
+                self._step.fence = None
+
+    def _mark(self, pbatch_id: str, state: PBatchState | None = None, **fields: str | int | float) -> None:
+        self.store.mark(pbatch_id, state, fence=self._step.fence, **fields)
+
+    def _close(self, batch: ProviderBatch, outcome: str, *, back_to_realtime: list[str] | None = None,
+               reason: str = "") -> int:  # fmt: skip
+        return self.store.close(batch, outcome, back_to_realtime=back_to_realtime, reason=reason,
+                                fence=self._step.fence)  # fmt: skip
 
     def _failed_step(self, batch: ProviderBatch, exc: Exception) -> str:
         status = getattr(exc, "status_code", None)
@@ -85,7 +106,7 @@ class ProviderBatchRunner:
                 PBatchState.UPLOADING, PBatchState.CREATING):  # fmt: skip
             message = f"{self.api.provider} refused the batch: HTTP {status}: {getattr(exc, 'message', exc)}"
             self._settle_all(batch, ProviderError(message))
-            self.store.close(batch, f"refused: {message}")
+            self._close(batch, f"refused: {message}")
             return message
         faults = self.store.count_fault(batch.id)
         wait = self._backoff(faults)
@@ -101,7 +122,7 @@ class ProviderBatchRunner:
     def _advance(self, batch: ProviderBatch) -> str:
         job_status = self.redis.hget(job_key(batch.job_id), "status")
         if job_status is None:
-            self.store.close(batch, "its job is gone")
+            self._close(batch, "its job is gone")
             return "job gone"
         # Found in 'uploading' or 'creating': an earlier step may have made the object at the provider.
         resumed = batch.state
@@ -110,19 +131,19 @@ class ProviderBatchRunner:
             # Nothing of it runs at the provider before the create (an uploaded file is only input).
             if batch.cancel and state in (PBatchState.PREPARED, PBatchState.UPLOADED):
                 self._settle_all(batch, _not_run("cancelled", decode_text(job_status)))
-                self.store.close(batch, "cancelled before it was sent")
+                self._close(batch, "cancelled before it was sent")
                 return "cancelled before it was sent"
             if state == PBatchState.PREPARED:
                 sent = self._build(batch)
                 if sent == 0:
-                    self.store.close(batch, "no lines left to send")
+                    self._close(batch, "no lines left to send")
                     return "no lines left to send"
                 next_state = PBatchState.UPLOADING if self.api.uploads else PBatchState.CREATING
-                self.store.mark(batch.id, next_state, marked_at=time.time(), sent=sent)
+                self._mark(batch.id, next_state, marked_at=time.time(), sent=sent)
             elif state == PBatchState.UPLOADING:
                 self._upload(batch, look_first=resumed == PBatchState.UPLOADING)
             elif state == PBatchState.UPLOADED:
-                self.store.mark(batch.id, PBatchState.CREATING, marked_at=time.time())
+                self._mark(batch.id, PBatchState.CREATING, marked_at=time.time())
             elif state == PBatchState.CREATING:
                 return self._create(batch, look_first=resumed == PBatchState.CREATING)
             else:
@@ -200,7 +221,7 @@ class ProviderBatchRunner:
                 self._build(batch)
             file_id = self.runtime.run_on_backend_loop(self.api.upload(name, path))
             self._crash_point("after-upload")
-        self.store.mark(batch.id, PBatchState.UPLOADED, file_id=file_id)
+        self._mark(batch.id, PBatchState.UPLOADED, file_id=file_id)
 
     def _create(self, batch: ProviderBatch, *, look_first: bool) -> str:
         """Create the batch at the provider (or adopt the one an interrupted step created) and record it."""
@@ -214,7 +235,7 @@ class ProviderBatchRunner:
             since = batch.marked_at or batch.created_at
             if not look_first:  # the create's own time slot starts now (see AnthropicBatchApi)
                 since = time.time()
-                self.store.mark(batch.id, marked_at=since)
+                self._mark(batch.id, marked_at=since)
             self._create_now(batch, since, look_first=look_first)
         return "created"
 
@@ -233,7 +254,7 @@ class ProviderBatchRunner:
             log.warning("provider batch %s: adopted %s batch %s, created before a crash", batch.id,
                         self.api.provider, found)  # fmt: skip
         self.store.claim(found)
-        self.store.mark(batch.id, PBatchState.CREATED, batch_id=found)
+        self._mark(batch.id, PBatchState.CREATED, batch_id=found)
         self.store.schedule(batch.id, time.time() + self.settings.provider_batch_poll_s)
         self._lines_path(batch).unlink(missing_ok=True)
         log.info("provider batch %s: %s batch %s created (%d lines)", batch.id, self.api.provider, found, sent)
@@ -252,8 +273,8 @@ class ProviderBatchRunner:
             return self._collect(batch, progress.status, progress.failed, job_status)
         if batch.cancel and not batch.cancel_sent:
             self.runtime.run_on_backend_loop(self.api.cancel(batch.batch_id))
-            self.store.mark(batch.id, cancel_sent=1)
-        self.store.mark(batch.id, provider_status=f"{progress.status}: {progress.counts}", polls=batch.polls + 1)
+            self._mark(batch.id, cancel_sent=1)
+        self._mark(batch.id, provider_status=f"{progress.status}: {progress.counts}", polls=batch.polls + 1)
         self.store.schedule(batch.id, time.time() + self._backoff(batch.polls))
         return f"{progress.status}: {progress.counts}"
 
@@ -261,7 +282,7 @@ class ProviderBatchRunner:
         assert batch.batch_id is not None
         if refused is not None:
             self._settle_all(batch, ProviderError(f"{self.api.provider} failed the batch: {refused}"))
-            self.store.close(batch, f"failed: {refused}")
+            self._close(batch, f"failed: {refused}")
             return f"failed: {refused}"
         outcomes = self.runtime.run_on_backend_loop(_gather(self.api.results(batch.batch_id)))
         resend = (self.spec.batch_api is not None and self.spec.batch_api.on_expiry == "realtime"
@@ -279,7 +300,7 @@ class ProviderBatchRunner:
             written += sum(self.runtime.write_records(batch.job_id, records, self.settings.result_ttl_s))
         reason = (f"re-sent through the real-time API: provider batch {batch.batch_id} expired with {len(back)} "
                   "lines not run (batch_api.on_expiry: realtime)")  # fmt: skip
-        self.store.close(batch, f"{status}: {written} results written", back_to_realtime=back, reason=reason)
+        self._close(batch, f"{status}: {written} results written", back_to_realtime=back, reason=reason)
         log.info("provider batch %s (%s %s) %s: %d results written, %d lines back to real time", batch.id,
                  self.api.provider, batch.batch_id, status, written, len(back))  # fmt: skip
         return f"{status}: {written} results written"
@@ -302,6 +323,10 @@ class ProviderBatchRunner:
         if errors:
             records = [self._record(batch, item, error) for item, error in errors]
             self.runtime.write_records(batch.job_id, records, self.settings.result_ttl_s)
+
+
+class _StepState(threading.local):
+    fence: StepLock | None = None
 
 
 async def _gather(results: AsyncIterator[tuple[str, LineOutcome]]) -> dict[str, LineOutcome]:

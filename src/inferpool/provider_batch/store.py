@@ -16,11 +16,17 @@ looks the object up by the name or metadata it was made with before making it ag
 Lines move from the job's pending list into a provider batch in one script (like the scheduler's take of
 real-time lines), so none is lost between the two. A line's answer is written through the exactly-once
 result path (``inferpool.results``): collecting twice writes nothing twice.
+
+A step runs under the batch's lock (``StepLock``), renewed by a thread every third of its hold while the
+step lasts, so a slow upload or create is never taken over by a twin while its worker lives. Every record a
+step makes is fenced by the lock: a step that lost it (its process stalled past the hold, and another worker
+took over) records nothing more (``LockLost``). The scheduler republishes a step only once no lock is held.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -92,14 +98,46 @@ for _, k in ipairs({KEYS[3], KEYS[4], KEYS[6]}) do redis.call('EXPIRE', k, ARGV[
 return #rest
 """
 
+#: The error a fenced record answers when the step's lock is not its own any more.
+LOCK_LOST_ERROR = "inferpool: provider batch lock lost"
+
+# The fence of the scripts below: KEYS[n] is the batch's lock, ARGV[m] the step's token ('' = unfenced).
+_FENCE = (
+    """
+local function fence(lock, token)
+  if token ~= '' and redis.call('GET', lock) ~= token then
+    return redis.error_reply('"""
+    + LOCK_LOST_ERROR
+    + """')
+  end
+end
+"""
+)
+
+# Records fields of a provider batch (KEYS[1]) if the step's lock (KEYS[2]) is still its token (ARGV[1]).
+# ARGV[2..]: field, value pairs.
+_MARK = (
+    _FENCE
+    + """
+local lost = fence(KEYS[2], ARGV[1])
+if lost then return lost end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+)
+
 # Ends a provider batch (KEYS[1]) once: it becomes 'collected' with ARGV[1] as its outcome, is no longer due
-# (KEYS[2]), and the ids ARGV[5..] whose items (KEYS[3]) are still there go back to the job's pending list
+# (KEYS[2]), and the ids ARGV[6..] whose items (KEYS[3]) are still there go back to the job's pending list
 # (KEYS[4]) to run real-time, the job's path for the model (KEYS[5], field ARGV[3]) saying so (ARGV[4]).
-# Returns how many went back (-1: it was collected already).
-_CLOSE = """
+# Fenced by the lock KEYS[6] and token ARGV[5]. Returns how many went back (-1: it was collected already).
+_CLOSE = (
+    _FENCE
+    + """
+local lost = fence(KEYS[6], ARGV[5])
+if lost then return lost end
 if redis.call('HGET', KEYS[1], 'state') == 'collected' then return -1 end
 local back = 0
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   if redis.call('HEXISTS', KEYS[3], ARGV[i]) == 1 then
     redis.call('RPUSH', KEYS[4], ARGV[i])
     back = back + 1
@@ -110,11 +148,57 @@ redis.call('HSET', KEYS[1], 'state', 'collected', 'outcome', ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[2])
 return back
 """
+)
 
 _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+class LockLost(Exception):
+    """A step's lock lapsed and another worker holds the batch now: this step must record nothing more."""
+
+
+class StepLock:
+    """A lock held while a step runs, renewed every third of ``hold_s`` by a daemon thread (so it lapses
+    only if this process stops); ``token`` fences the step's records."""
+
+    def __init__(self, client: redis.Redis, key: str, hold_s: float, renew: Any) -> None:
+        self.key = key
+        self.token = uuid.uuid4().hex
+        self._client = client
+        self._hold_ms = max(1, int(hold_s * 1000))
+        self._renew = renew
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+
+    def acquire(self) -> bool:
+        if not self._client.set(self.key, self.token, nx=True, px=self._hold_ms):
+            return False
+        self._thread = threading.Thread(target=self._keep, name=f"renew {self.key}", daemon=True)
+        self._thread.start()
+        return True
+
+    def _keep(self) -> None:
+        while not self._stop.wait(self._hold_ms / 3000):
+            try:
+                if not int(self._renew(keys=[self.key], args=[self.token, self._hold_ms])):
+                    self.lost = True  # it lapsed (this process stalled) and may be another's now
+                    return
+            except redis.RedisError:
+                continue  # Redis briefly away: try again; the fence still guards every record
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
 
 def path_field(model: str) -> str:
@@ -131,7 +215,9 @@ class ProviderBatchStore:
         self._form = client.register_script(_FORM)
         self._split = client.register_script(_SPLIT)
         self._close = client.register_script(_CLOSE)
+        self._mark = client.register_script(_MARK)
         self._unlock = client.register_script(_UNLOCK)
+        self._renew = client.register_script(_RENEW)
 
     # -- the scheduler's side ---------------------------------------------------------------------------
 
@@ -183,12 +269,16 @@ class ProviderBatchStore:
             yield ids
             start += len(ids)
 
-    def mark(self, pbatch_id: str, state: PBatchState | None = None, **fields: str | int | float) -> None:
-        """Record a state (and fields such as the provider's ids) before or after a step."""
-        mapping: dict[Any, Any] = dict(fields)
+    def mark(self, pbatch_id: str, state: PBatchState | None = None, *, fence: StepLock | None = None,
+             **fields: str | int | float) -> None:  # fmt: skip
+        """Record a state (and fields such as the provider's ids) before or after a step; ``LockLost`` if the
+        step's lock (``fence``) is not its own any more."""
+        mapping: dict[str, str | int | float] = dict(fields)
         if state is not None:
             mapping["state"] = state.value
-        self.redis.hset(provider_batch_key(pbatch_id), mapping=mapping)
+        pairs = [part for item in mapping.items() for part in item]
+        _fenced(self._mark, [provider_batch_key(pbatch_id), provider_batch_lock_key(pbatch_id)],
+                [fence.token if fence else "", *pairs])  # fmt: skip
 
     def count_fault(self, pbatch_id: str) -> int:
         """One more failed step (a provider or network error); returns how many so far."""
@@ -214,31 +304,46 @@ class ProviderBatchStore:
         return new if int(moved) else None
 
     def close(self, batch: ProviderBatch, outcome: str, *, back_to_realtime: list[str] | None = None,
-              reason: str = "") -> int:  # fmt: skip
+              reason: str = "", fence: StepLock | None = None) -> int:  # fmt: skip
         """End the batch once (``collected``); ``back_to_realtime`` lines (unanswered ones) are queued again for
         the real-time path, the job's path for the model saying why. Returns how many went back (-1: it was
-        closed already)."""
+        closed already); ``LockLost`` if the step's lock (``fence``) is not its own any more."""
         keys = [provider_batch_key(batch.id), PROVIDER_BATCHES_DUE_KEY, job_items_key(batch.job_id),
-                job_pending_key(batch.job_id, batch.model), job_key(batch.job_id)]  # fmt: skip
+                job_pending_key(batch.job_id, batch.model), job_key(batch.job_id),
+                provider_batch_lock_key(batch.id)]  # fmt: skip
         path = json.dumps({"via": "realtime", "reason": reason})
-        back: Any = self._close(keys=keys, args=[outcome, batch.id, path_field(batch.model), path,
-                                                 *(back_to_realtime or [])])  # fmt: skip
+        back = _fenced(self._close, keys, [outcome, batch.id, path_field(batch.model), path,
+                                           fence.token if fence else "", *(back_to_realtime or [])])  # fmt: skip
         return int(back)
 
-    def lock(self, pbatch_id: str, hold_s: float) -> AbstractContextManager[bool]:
-        """Whether this process may advance the batch now (no other holds it); released on exit."""
+    def step_running(self, pbatch_id: str) -> bool:
+        """Whether a worker holds the batch's lock now (a step is under way: it must not be published again)."""
+        return bool(self.redis.exists(provider_batch_lock_key(pbatch_id)))
+
+    def lock(self, pbatch_id: str, hold_s: float) -> AbstractContextManager[StepLock | None]:
+        """The batch's lock while the block runs (None: another worker holds it), renewed meanwhile."""
         return self._lock(provider_batch_lock_key(pbatch_id), hold_s)
 
-    def create_lock(self, provider: str, hold_s: float) -> AbstractContextManager[bool]:
+    def create_lock(self, provider: str, hold_s: float) -> AbstractContextManager[StepLock | None]:
         """Whether this process may create a batch at ``provider`` now (see ``provider_batch_create_lock_key``)."""
         return self._lock(provider_batch_create_lock_key(provider), hold_s)
 
     @contextmanager
-    def _lock(self, key: str, hold_s: float) -> Iterator[bool]:
-        token = uuid.uuid4().hex
-        held = bool(self.redis.set(key, token, nx=True, px=int(hold_s * 1000)))
+    def _lock(self, key: str, hold_s: float) -> Iterator[StepLock | None]:
+        lock = StepLock(self.redis, key, hold_s, self._renew)
+        held = lock.acquire()
         try:
-            yield held
+            yield lock if held else None
         finally:
             if held:
-                self._unlock(keys=[key], args=[token])
+                lock.stop()
+                self._unlock(keys=[key], args=[lock.token])
+
+
+def _fenced(script: Any, keys: list[str], args: list[Any]) -> Any:
+    try:
+        return script(keys=keys, args=args)
+    except redis.ResponseError as exc:
+        if LOCK_LOST_ERROR in str(exc):
+            raise LockLost(str(exc)) from exc
+        raise

@@ -24,7 +24,7 @@ from typing import Any
 import pydantic_core
 import redis
 
-from inferpool.constants import CACHE_INDEX_KEY, cache_entry_key, cache_lock_key
+from inferpool.constants import CACHE_INDEX_KEY, DEFAULT_TENANT, cache_entry_key, cache_lock_key
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.settings import Settings
 from inferpool.wire import ChatRequest
@@ -64,6 +64,15 @@ return stored
 """
 
 
+# Deletes each lock (KEYS) still held by its owner ARGV[1].
+_RELEASE = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
+return 0
+"""
+
+
 def cache_ttl_s(spec: ModelSpec, request: ChatRequest, default_ttl_s: int) -> int | None:
     """How long ``request``'s answer may be reused, or None if it must not be cached.
 
@@ -79,10 +88,19 @@ def cache_ttl_s(spec: ModelSpec, request: ChatRequest, default_ttl_s: int) -> in
     return ttl if request.temperature == 0 or request.seed is not None else None
 
 
-def cache_key(request: ChatRequest) -> str:
-    """The digest of what changes ``request``'s answer (``request.model`` is the served model)."""
+def cache_scope(spec: ModelSpec, tenant: str | None) -> str | None:
+    """Whose answers a request may reuse: its tenant's only, unless the model's cache is shared (None)."""
+    if spec.cache is not None and spec.cache.shared_across_tenants:
+        return None
+    return tenant or DEFAULT_TENANT
+
+
+def cache_key(request: ChatRequest, scope: str | None = None) -> str:
+    """The digest of what changes ``request``'s answer (``request.model`` is the served model), within
+    ``scope`` (a tenant; None: shared by every tenant)."""
     covered = request.model_dump(include=set(ANSWER_FIELDS), exclude_none=True, mode="json")
-    canonical = json.dumps([CACHE_FORMAT, request.model, covered], sort_keys=True, separators=(",", ":"),
+    head: list[object] = [CACHE_FORMAT, request.model] if scope is None else [CACHE_FORMAT, request.model, scope]
+    canonical = json.dumps([*head, covered], sort_keys=True, separators=(",", ":"),
                            ensure_ascii=False)  # fmt: skip
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -112,6 +130,7 @@ class ResponseCache:
         self._redis = client
         self._settings = settings
         self._put = client.register_script(_PUT)
+        self._release = client.register_script(_RELEASE)
 
     def get_many(self, digests: Sequence[str]) -> dict[str, Generation]:
         if not digests:
@@ -131,8 +150,8 @@ class ResponseCache:
             pipe.set(cache_lock_key(digest), owner, nx=True, ex=LOCK_S)
         return {digest for digest, took in zip(ordered, pipe.execute(), strict=True) if took}
 
-    def put_many(self, answers: Mapping[str, tuple[Generation, int]]) -> None:
-        """Store answers (digest -> (answer, ttl)) and release their locks."""
+    def put_many(self, answers: Mapping[str, tuple[Generation, int]], owner: str) -> None:
+        """Store answers (digest -> (answer, ttl)) and release the locks ``owner`` holds on them."""
         if not answers:
             return
         args: list[str | bytes | int] = [self._settings.cache_max_entries, self._settings.cache_max_entry_bytes,
@@ -140,12 +159,13 @@ class ResponseCache:
         for digest, (generation, ttl_s) in answers.items():
             args += [cache_entry_key(digest), ttl_s * 1000, encode_generation(generation)]
         self._put(keys=[CACHE_INDEX_KEY], args=args)
-        self.release(answers)
+        self.release(answers, owner)
 
-    def release(self, digests: Iterable[str]) -> None:
+    def release(self, digests: Iterable[str], owner: str) -> None:
+        """Free the locks ``owner`` holds (one that lapsed and another worker took is left to that one)."""
         keys = [cache_lock_key(d) for d in digests]
         if keys:
-            self._redis.delete(*keys)
+            self._release(keys=keys, args=[owner])
 
     def wait_for(self, digests: Sequence[str]) -> dict[str, Generation]:
         """Answers to ``digests`` as the requests computing them store them; a digest whose computer gave up
@@ -179,6 +199,7 @@ class CachePlan:
 
     def __init__(self, cache: ResponseCache, keys: Mapping[str, tuple[str, int]], owner: str) -> None:
         self._cache = cache
+        self._owner = owner
         self.keys = dict(keys)
         self.hits: dict[str, Generation] = {}
         self.leader: dict[str, str] = {}
@@ -206,8 +227,8 @@ class CachePlan:
             outcome = outcomes.get(self.leader[digest])
             if isinstance(outcome, Generation):
                 answers[digest] = (outcome, self.ttl[digest])
-        self._cache.put_many(answers)
-        self._cache.release(digest for digest in digests if digest not in answers)
+        self._cache.put_many(answers, self._owner)
+        self._cache.release((digest for digest in digests if digest not in answers), self._owner)
 
     def wait(self) -> list[str]:
         """Wait for the answers computed elsewhere; returns the digests nobody finished (compute them here)."""

@@ -36,7 +36,7 @@ from inferpool.settings import Settings
 from inferpool.streams import DeltaSink, bind_delta_sink, open_streams, unbind_delta_sink
 from inferpool.wire import ChatRequest, TaskChunk, TaskItem, random_hex
 from inferpool.workers.backend import Backend, ExtraChoice, Generation, GenerationOutcome
-from inferpool.workers.cache import CachePlan, ResponseCache, cache_key, cache_ttl_s
+from inferpool.workers.cache import CachePlan, ResponseCache, cache_key, cache_scope, cache_ttl_s
 from inferpool.workers.failures import FailurePolicy
 from inferpool.workers.hooks import HookChain
 
@@ -212,7 +212,7 @@ class WorkerRuntime:
             for item in items:
                 cache_ttl = cache_ttl_s(self.spec, item.request, self.settings.result_ttl_s)
                 if cache_ttl is not None:
-                    keys[item.request_id] = (cache_key(item.request), cache_ttl)
+                    keys[item.request_id] = (cache_key(item.request, cache_scope(self.spec, item.tenant)), cache_ttl)
         if self.cache is None or not keys:
             outcomes.update(self._generate(items, ttl_s))
             return set()
