@@ -247,6 +247,24 @@ def test_expired_lines_are_resent_real_time_where_the_model_says_so(
     assert "expired" in path.reason
 
 
+def test_the_jobs_window_end_collects_what_the_provider_finished(
+    pool_client: Client, batch_emulator: ProviderEmulator
+) -> None:
+    """Issue 25.5: answers the provider finished before the job's window ended are paid for and kept; only the
+    lines it never ran expire."""
+    batch_emulator.config.batch_delay_s = 6.0  # the lines finish over 6 s; the job's window is 3 s
+    try:
+        job = pool_client.batches.create(_lines("emu-gpt-batch", 60, "w"), via="provider-batch",
+                                         completion_window="3s")  # fmt: skip
+        results = _results(pool_client, job.id)
+    finally:
+        batch_emulator.config.batch_delay_s = 0.5
+    codes = Counter(r.error.code if r.error else "answered" for r in results)
+    assert set(codes) == {"answered", "batch_expired"}, codes
+    assert all(r.stats is not None and r.stats.via == "provider-batch" for r in results if r.response is not None)
+    assert pool_client.batches.retrieve(job.id).status == JobStatus.EXPIRED
+
+
 def test_a_batch_the_provider_refuses_fails_only_its_lines(pool_client: Client) -> None:
     """OpenAI fails a batch whose input it does not accept (here: a model it has no Batch API for); its
     lines end with the provider's message, the job's other lines are answered."""

@@ -136,6 +136,11 @@ class Settings(BaseSettings):
     provider_batch_poll_max_s: float = Field(
         default=600.0, gt=0, description="Longest wait between two polls of a provider batch."
     )
+    provider_batch_expiry_grace_s: float = Field(
+        default=900.0, ge=0,
+        description="After a job's completion window ends, how long its provider batches may take to be collected "
+        "and cancelled (answers the provider finished are kept) before their remaining lines expire.",
+    )  # fmt: skip
     provider_batch_step_timeout_s: float = Field(
         default=600.0, gt=0,
         description="How long a provider-batch step's lock lives unrenewed: the worker running a step (upload, "

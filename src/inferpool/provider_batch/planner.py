@@ -107,9 +107,20 @@ class ProviderBatchPlanner:
             if not batch.finished and not batch.cancel:
                 self.store.request_cancel(batch.id)
 
+    def collect_at_window_end(self, job_id: str) -> int:
+        """The job's completion window is over: ask for each unfinished provider batch to be collected
+        (what the provider finished is kept) and cancelled (its unrun lines expire). Returns how many are
+        still unfinished; the scheduler settles what is left of them after the grace period."""
+        open_batches = [batch for batch in self.store.job_batches(job_id) if not batch.finished]
+        for batch in open_batches:
+            if not batch.window_ended:
+                self.store.request_cancel(batch.id, window_ended=True)
+        return len(open_batches)
+
     def settle_job(self, job_id: str, code: str, message: str) -> int:
-        """End the unanswered lines of the job's provider batches with this error now (the job's window is
-        over) and cancel the batches at the provider; returns how many lines."""
+        """End the unanswered lines of the job's provider batches with this error now and cancel the batches at
+        the provider; returns how many lines. At a window's end this runs only after
+        ``collect_at_window_end`` had its grace period (the provider's finished answers are paid for)."""
         settled = 0
         for batch in self.store.job_batches(job_id):
             if batch.finished:

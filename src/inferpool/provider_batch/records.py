@@ -39,6 +39,7 @@ class ProviderBatch(BaseModel):
     polls: int = 0
     cancel: bool = False
     cancel_sent: bool = False
+    window_ended: bool = False  # cancelled because its job's completion window ended: unrun lines expire
     outcome: str | None = None
 
     @classmethod
@@ -49,6 +50,7 @@ class ProviderBatch(BaseModel):
             return None
         raw["cancel"] = raw.get("cancel") == "1"
         raw["cancel_sent"] = raw.get("cancel_sent") == "1"
+        raw["window_ended"] = raw.get("window_ended") == "1"
         return cls.model_validate(raw)
 
     @property

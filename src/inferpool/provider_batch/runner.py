@@ -129,8 +129,8 @@ class ProviderBatchRunner:
         while True:
             state = batch.state
             # Nothing of it runs at the provider before the create (an uploaded file is only input).
-            if batch.cancel and state in (PBatchState.PREPARED, PBatchState.UPLOADED):
-                self._settle_all(batch, _not_run("cancelled", decode_text(job_status)))
+            if batch.cancel and state in (PBatchState.PREPARED, PBatchState.UPLOADING, PBatchState.UPLOADED):
+                self._settle_all(batch, _not_run(_why_not_run(batch), decode_text(job_status)))
                 self._close(batch, "cancelled before it was sent")
                 return "cancelled before it was sent"
             if state == PBatchState.PREPARED:
@@ -275,7 +275,9 @@ class ProviderBatchRunner:
             self.runtime.run_on_backend_loop(self.api.cancel(batch.batch_id))
             self._mark(batch.id, cancel_sent=1)
         self._mark(batch.id, provider_status=f"{progress.status}: {progress.counts}", polls=batch.polls + 1)
-        self.store.schedule(batch.id, time.time() + self._backoff(batch.polls))
+        # A cancelled batch ends soon: poll it at the first pace, not the backoff's, to collect it in time.
+        wait = self.settings.provider_batch_poll_s if batch.cancel else self._backoff(batch.polls)
+        self.store.schedule(batch.id, time.time() + wait)
         return f"{progress.status}: {progress.counts}"
 
     def _collect(self, batch: ProviderBatch, status: str, refused: str | None, job_status: str) -> str:
@@ -286,7 +288,8 @@ class ProviderBatchRunner:
             return f"failed: {refused}"
         outcomes = self.runtime.run_on_backend_loop(_gather(self.api.results(batch.batch_id)))
         resend = (self.spec.batch_api is not None and self.spec.batch_api.on_expiry == "realtime"
-                  and job_status in (JobStatus.VALIDATING, JobStatus.IN_PROGRESS))  # fmt: skip
+                  and job_status in (JobStatus.VALIDATING, JobStatus.IN_PROGRESS)
+                  and not batch.window_ended)  # fmt: skip
         back: list[str] = []
         written = 0
         for rids in self.store.request_ids(batch.id, _PAGE):
@@ -296,6 +299,8 @@ class ProviderBatchRunner:
                 if outcome == "expired" and resend:
                     back.append(item.request_id)
                     continue
+                if batch.window_ended and outcome == "cancelled":
+                    outcome = "expired"  # cancelled by us because the job's window ended: it expired unrun
                 records.append(self._record(batch, item, _settled_outcome(outcome, job_status)))
             written += sum(self.runtime.write_records(batch.job_id, records, self.settings.result_ttl_s))
         reason = (f"re-sent through the real-time API: provider batch {batch.batch_id} expired with {len(back)} "
@@ -331,6 +336,10 @@ class _StepState(threading.local):
 
 async def _gather(results: AsyncIterator[tuple[str, LineOutcome]]) -> dict[str, LineOutcome]:
     return {custom_id: outcome async for custom_id, outcome in results}
+
+
+def _why_not_run(batch: ProviderBatch) -> str:
+    return "expired" if batch.window_ended else "cancelled"
 
 
 def _not_run(how: str, job_status: str) -> RequestError:

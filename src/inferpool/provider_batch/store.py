@@ -246,10 +246,13 @@ class ProviderBatchStore:
         ids = [decode_text(i) for i in self.redis.zrange(job_provider_batches_key(job_id), 0, -1)]
         return [batch for batch in (self.get(i) for i in ids) if batch is not None]
 
-    def request_cancel(self, pbatch_id: str) -> None:
-        """Ask the workers to cancel it at the provider (and settle its lines); due now."""
+    def request_cancel(self, pbatch_id: str, *, window_ended: bool = False) -> None:
+        """Ask the workers to cancel it at the provider (and settle its lines); due now. ``window_ended``: its
+        job's completion window is over (what the provider finished is collected, unrun lines expire)."""
         pipe = self.redis.pipeline()
-        pipe.hset(provider_batch_key(pbatch_id), "cancel", "1")
+        pipe.hset(
+            provider_batch_key(pbatch_id), mapping={"cancel": "1", **({"window_ended": "1"} if window_ended else {})}
+        )
         pipe.zadd(PROVIDER_BATCHES_DUE_KEY, {pbatch_id: time.time()}, xx=True)
         pipe.execute()
 

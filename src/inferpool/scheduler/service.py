@@ -287,6 +287,11 @@ class Scheduler:
             message = "the batch's completion window ended before this request finished"
         self.store.drop_pending(job.job_id, code, message, models=job.models)
         self.store.settle_inflight(job.job_id, code, message)
+        # Answers the provider finished are paid for: collect them before anything is settled (the provider
+        # batch's own window started later than the job's), for at most the grace period.
+        unfinished = self.planner.collect_at_window_end(job.job_id)
+        if unfinished and time.time() < job.expires_at + self.settings.provider_batch_expiry_grace_s:
+            return _Phase.CANCELLING
         self.planner.settle_job(job.job_id, code, message)
         if not job.validated:
             self.store.fail(job.job_id, "its input was never fully uploaded within the completion window")
