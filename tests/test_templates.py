@@ -180,3 +180,36 @@ def test_the_batch_command_with_templates(settings: Settings, template_path: Pat
     rows = [json.loads(line) for line in joined.read_text().splitlines()]
     assert rows[1]["id"] == "de"
     assert "GERMANY" in rows[1]["answer"]
+
+
+def test_request_parameters_may_sit_at_the_top_level_as_in_a_request_body() -> None:
+    """Issue 25.17: a template mirroring an OpenAI body (temperature beside model) is accepted."""
+    top = load_template({"model": "echo", "temperature": 0, "max_tokens": 8, "params": {"seed": 3},
+                         "messages": [{"role": "user", "content": "{{ q }}"}]}).compiled()  # fmt: skip
+    (line,) = top.lines([{"q": "hi"}])
+    assert isinstance(line, str)
+    assert json.loads(line)["body"] == {"model": "echo", "messages": [{"role": "user", "content": "hi"}],
+                                        "temperature": 0, "max_tokens": 8, "seed": 3}  # fmt: skip
+    with pytest.raises(TemplateError, match="both at the top level and under params"):
+        load_template({"model": "echo", "temperature": 0, "params": {"temperature": 1},
+                       "messages": [{"role": "user", "content": "x"}]})  # fmt: skip
+    with pytest.raises(TemplateError, match="temprature: not a template field nor a chat request parameter"):
+        load_template({"model": "echo", "temprature": 0, "messages": [{"role": "user", "content": "x"}]})
+
+
+def test_a_csv_field_over_128_kib_is_fine_and_one_over_the_line_limit_fails_its_row_only(tmp_path: Path) -> None:
+    """Issue 25.10: Python's csv module stops at 128 KiB per field; lines up to the line limit are allowed."""
+    from inferpool.templates.rows import MAX_CSV_FIELD_CHARS
+
+    path = write_csv(tmp_path / "big.csv", [{"id": "a", "text": "x" * 200_000},
+                                            {"id": "b", "text": "y" * (MAX_CSV_FIELD_CHARS + 10)},
+                                            {"id": "c", "text": "short"}], ["id", "text"])  # fmt: skip
+    template = load_template({"model": "echo", "custom_id": "{{ id }}",
+                              "messages": [{"role": "user", "content": "{{ text }}"}]}).compiled()  # fmt: skip
+    lines = list(template.lines(read_rows(path)))
+    assert len(lines) == 3
+    assert isinstance(lines[0], str)
+    assert len(json.loads(lines[0])["body"]["messages"][0]["content"]) == 200_000
+    assert isinstance(lines[1], UnrenderedRow)
+    assert "field larger than field limit" in lines[1].message
+    assert isinstance(lines[2], str)

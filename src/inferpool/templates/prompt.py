@@ -3,7 +3,8 @@
 ::
 
     model: smollm2-135m
-    params: {temperature: 0, max_tokens: 64}
+    temperature: 0                         # request parameters as in an OpenAI body (or under params:)
+    max_tokens: 64
     custom_id: "{{ id }}"                  # optional; default "row-{{ row_number }}" (1-based)
     messages:
       - {role: system, content: "Answer in one word."}
@@ -25,10 +26,10 @@ from typing import Any
 import jinja2
 import yaml
 from jinja2.sandbox import SandboxedEnvironment
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from inferpool._exceptions import TemplateError
-from inferpool.wire import CHAT_COMPLETIONS_URL
+from inferpool.wire import CHAT_COMPLETIONS_URL, ChatRequest
 
 DEFAULT_CUSTOM_ID = "row-{{ row_number }}"
 #: Job metadata key holding the custom_id template of a job made from a template (to join results back).
@@ -48,9 +49,32 @@ class PromptTemplate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1)
-    params: dict[str, Any] = Field(default_factory=dict, description="Request fields besides model and messages.")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Request fields besides model and messages; they may also be given at the top level, as in "
+        "an OpenAI request body.",
+    )
     messages: list[TemplateMessage] = Field(min_length=1)
     custom_id: str = Field(default=DEFAULT_CUSTOM_ID, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _top_level_params(cls, data: Any) -> Any:
+        """Request parameters written beside ``model`` (mirroring an OpenAI body) go into ``params``."""
+        if not isinstance(data, dict):
+            return data
+        own = set(cls.model_fields)
+        body_fields = set(ChatRequest.model_fields) - {"model", "messages"}
+        moved = {key: value for key, value in data.items() if key not in own and key in body_fields}
+        if not moved:
+            return data
+        params = data.get("params") or {}
+        if not isinstance(params, dict):
+            return data  # the field's own validation says what is wrong
+        twice = sorted(set(moved) & set(params))
+        if twice:
+            raise ValueError(f"{', '.join(twice)} given both at the top level and under params; keep one")
+        return {**{k: v for k, v in data.items() if k not in moved}, "params": {**params, **moved}}
 
     def compiled(self) -> CompiledTemplate:
         """The template with every field compiled; ``TemplateError`` names the field with bad syntax."""
@@ -164,5 +188,12 @@ def load_template(source: str | Path | PromptTemplate | Mapping[str, Any]) -> Pr
     try:
         return PromptTemplate.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'template'}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'template'}: {_problem(e)}" for e in exc.errors())
         raise TemplateError(f"{where}: {problems}") from exc
+
+
+def _problem(error: Any) -> str:
+    if error["type"] == "extra_forbidden":
+        return ("not a template field nor a chat request parameter (a template has model, messages, custom_id "
+                "and the request's parameters, at the top level or under params)")  # fmt: skip
+    return str(error["msg"])

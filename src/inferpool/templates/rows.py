@@ -15,6 +15,10 @@ from inferpool._exceptions import TemplateError
 Row = dict[str, Any]
 ROW_FORMATS = (".csv", ".jsonl", ".ndjson", ".parquet")
 
+#: The largest CSV field read: the default limit on one batch line (Python's csv module stops at 128 KiB).
+#: A row with a larger field is that row's error; the line it would render to could not be sent anyway.
+MAX_CSV_FIELD_CHARS = 1_000_000
+
 
 def read_rows(path: str | Path) -> Iterator[Row | Exception]:
     """The rows of ``path`` in order, by its extension; ``TemplateError`` if it cannot be read at all."""
@@ -32,18 +36,30 @@ def read_rows(path: str | Path) -> Iterator[Row | Exception]:
 
 
 def _csv_rows(path: Path) -> Iterator[Row | Exception]:
+    if csv.field_size_limit() < MAX_CSV_FIELD_CHARS:
+        csv.field_size_limit(MAX_CSV_FIELD_CHARS)  # process-wide, and only ever raised
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
-            if not reader.fieldnames:
+            try:
+                header = reader.fieldnames
+            except csv.Error as exc:
+                raise TemplateError(f"{path}: the CSV header row cannot be read: {exc}") from exc
+            if not header:
                 raise TemplateError(f"{path}: the CSV file has no header row naming its columns")
-            for row in reader:
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:  # this row only (an oversized field, a NUL byte): the reader goes on
+                    yield ValueError(f"not a readable CSV row ({exc}; fields may be up to {MAX_CSV_FIELD_CHARS} "
+                                     "characters)")  # fmt: skip
+                    continue
                 # A short row leaves its last columns None: missing, so a template using them says so.
                 yield {k: v for k, v in row.items() if k is not None and v is not None}
     except UnicodeDecodeError as exc:
         raise TemplateError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except csv.Error as exc:
-        raise TemplateError(f"{path}: not a readable CSV file: {exc}") from exc
 
 
 def _jsonl_rows(path: Path) -> Iterator[Row | Exception]:
