@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +100,21 @@ class Hosts:
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30)
 
 
+def _allow_forwarding(bridge: str) -> Callable[[], object]:
+    """Let frames cross this test's bridge whatever the host's FORWARD policy: where br_netfilter is loaded
+    (Docker loads it and sets the policy to DROP), bridged frames pass iptables' FORWARD chain, and the
+    namespaces could not reach each other. The rule names only this bridge; the returned call removes it."""
+    iptables = shutil.which("iptables")
+    rule = ["FORWARD", "-i", bridge, "-o", bridge, "-j", "ACCEPT"]
+    if iptables is None:  # no iptables: no policy was set through it either (nft-only hosts are not handled)
+        return lambda: None
+    try:
+        _run(iptables, "-I", *rule)
+    except (subprocess.CalledProcessError, OSError):
+        return lambda: None
+    return lambda: subprocess.run([iptables, "-D", *rule], capture_output=True, timeout=30)
+
+
 @pytest.fixture
 def hosts() -> Iterator[Hosts]:
     if shutil.which("ip") is None:
@@ -109,6 +124,7 @@ def hosts() -> Iterator[Hosts]:
         _run("ip", "link", "add", made.bridge, "type", "bridge")
     except (subprocess.CalledProcessError, OSError) as exc:
         pytest.skip(f"cannot create network interfaces here (needs root or CAP_NET_ADMIN): {exc}")
+    disallow = _allow_forwarding(made.bridge)
     try:
         _run("ip", "addr", "add", f"{SUBNET.format(net=made.net, host=254)}/24", "dev", made.bridge)  # the test's
         _run("ip", "link", "set", made.bridge, "up")
@@ -117,6 +133,7 @@ def hosts() -> Iterator[Hosts]:
         yield made
     finally:
         made.remove()
+        disallow()
 
 
 def test_a_job_survives_losing_a_worker_host(hosts: Hosts, tmp_path: Path) -> None:
