@@ -27,6 +27,7 @@ def redacted_worker(redis_url: str, session_dir: Path) -> Iterator[WorkerProcess
 
 
 @pytest.mark.usefixtures("redacted_worker")
+@pytest.mark.usefixtures("echo_worker")
 def test_the_hook_rewrites_the_prompt_before_the_backend_sees_it(client: Client) -> None:
     prompt = "write to ada@example.org or call +44 20 7946 0958"
     result = client.submit({"model": "echo-redacted", "messages": [{"role": "user", "content": prompt}]}).result(30)
@@ -34,7 +35,10 @@ def test_the_hook_rewrites_the_prompt_before_the_backend_sees_it(client: Client)
     assert result.response.text == "echo: write to [email] or call <phone>"  # echo answers what it was sent
     assert result.stats is not None
     assert result.stats.hooks_s is not None
-    assert result.stats.hooks_s >= 0
+    assert result.stats.hooks_s > 0  # the hook's own time was measured (a regex pass over the prompt)
+    plain = client.submit({"model": "echo", "messages": [{"role": "user", "content": prompt}]}).result(30)
+    assert plain.stats is not None
+    assert plain.stats.hooks_s is None  # a model without hooks records none
 
 
 @pytest.mark.usefixtures("redacted_worker")

@@ -96,11 +96,15 @@ def test_clients_that_give_up_leave_no_waiter_behind(gateway: tuple[str, psutil.
                                                      keys: dict[str, str], redis_client: redis.Redis) -> None:  # fmt: skip
     url = gateway[0]
     headers = _auth(keys, "review-files")  # not the capped tenant: 3 at once are allowed anyway
+    stopped_before = len(list(redis_client.scan_iter("inferpool:stream:*:cancel", count=1000)))
     for _ in range(3):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v1/chat/completions", json=_chat("echo-trickle", "give up"), headers=headers,
                        timeout=0.3)  # fmt: skip
     wait_until(lambda: _blocked_result_waiters(redis_client) == 0, 5, "the abandoned requests' waiters to end")
+    # Each abandoned request was stopped: a worker that has not begun it will not run it.
+    stopped = len(list(redis_client.scan_iter("inferpool:stream:*:cancel", count=1000)))
+    assert stopped - stopped_before >= 3
 
 
 def test_a_request_past_the_gateway_timeout_is_a_504_and_is_stopped(gateway: tuple[str, psutil.Process, Path],

@@ -201,3 +201,24 @@ def test_a_fallback_receives_the_request_before_the_first_models_hooks(
         withdraw(redis_client, "hooked-second", fallback_worker)
         runtime.close()
         celery.close()
+
+
+def test_a_single_request_its_client_gave_up_on_is_not_run(settings: Settings, redis_client: redis.Redis) -> None:
+    """Issue 25.1: a request stopped while it waited in a backed-up queue ends without running."""
+    registry = Registry.from_settings(settings)
+    spec = registry.get("echo")
+    runtime = WorkerRuntime(spec, EchoBackend(spec, settings), redis_client, settings, registry=registry)
+    try:
+        with Client(settings=settings) as client:
+            request = ChatRequest.model_validate({"model": "echo", "messages": [{"role": "user", "content": "x"}]})
+            given_up, wanted = (TaskItem(request_id=new_id("req"), request=request) for _ in range(2))
+            client.handle(given_up.request_id).stop()
+            runtime.process_chunk(TaskChunk(model="echo", items=[given_up, wanted], result_ttl_s=60))
+            abandoned = client.handle(given_up.request_id).result(timeout=5)
+            answered = client.handle(wanted.request_id).result(timeout=5)
+    finally:
+        runtime.close()
+    assert abandoned.error is not None
+    assert abandoned.error.code == "request_cancelled"
+    assert "not run" in abandoned.error.message
+    assert answered.response is not None

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 import redis
 
-from inferpool import AsyncClient, Client, Settings
+from inferpool import AsyncClient, Client, Settings, streams
 from inferpool.constants import stream_key
 from inferpool.streams import ChatCompletionChunk
+from inferpool.wire import new_id
 
 pytestmark = pytest.mark.usefixtures("echo_worker", "echo_trickle_worker")
 
@@ -50,11 +52,24 @@ def test_a_late_reader_in_another_process_replays_the_whole_stream(client: Clien
     assert len([c for c in replayed if c.text]) > 1
 
 
-def test_the_stream_is_capped_and_expires(client: Client, redis_client: redis.Redis) -> None:
+def test_the_stream_is_capped_and_expires(client: Client, redis_client: redis.Redis,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     handle = client.submit({"model": "echo", "messages": ask("short"), "stream": True})
     handle.completion(timeout=30)
     ttl = redis_client.ttl(stream_key(handle.request_id))
     assert 0 < ttl <= client.settings.result_ttl_s
+    # The cap: a worker's sink trims its stream (approximately: Redis trims whole nodes of ~100 entries).
+    monkeypatch.setattr(streams, "STREAM_MAX_ENTRIES", 200)
+    request_id = new_id("req")
+
+    async def publish() -> None:
+        sink = streams.DeltaSink(redis_client, request_id, 60)
+        for n in range(2000):
+            sink.emit(f" w{n}")
+            await sink.drain()  # one entry per piece
+
+    asyncio.run(publish())
+    assert 200 <= redis_client.xlen(stream_key(request_id)) <= 400
 
 
 def test_a_request_without_stream_still_streams_its_whole_answer_at_the_end(client: Client) -> None:
