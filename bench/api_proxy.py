@@ -25,7 +25,7 @@ from pathlib import Path
 
 from inferpool import Client, JobStatus
 from inferpool.emulators import EmulatorConfig, ProviderEmulator, WindowLimit
-from inferpool.local_pool import LocalPool
+from inferpool.plumbing.local_pool import LocalPool
 
 BENCH = Path(__file__).resolve().parent
 CONCURRENCY = 64

@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 import redis
 
-from inferpool.local_pool import EmbeddedRedis, LocalPool, stop_process
+from inferpool.plumbing.local_pool import EmbeddedRedis, LocalPool, stop_process
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))

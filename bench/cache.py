@@ -23,7 +23,7 @@ from pathlib import Path
 
 from inferpool import Client, JobStatus
 from inferpool.emulators import EmulatorConfig, ProviderEmulator
-from inferpool.local_pool import LocalPool
+from inferpool.plumbing.local_pool import LocalPool
 
 BENCH = Path(__file__).resolve().parent
 

@@ -36,7 +36,7 @@ import psutil
 
 from inferpool import Client, JobStatus
 from inferpool.emulators import EmulatorConfig, ProviderEmulator
-from inferpool.local_pool import LocalPool, start_scheduler_process, start_worker_process
+from inferpool.plumbing.local_pool import LocalPool, start_scheduler_process, start_worker_process
 
 BENCH = Path(__file__).resolve().parent
 REGISTRY = BENCH / "chaos_registry.yaml"

@@ -200,7 +200,7 @@ def wait_http(url: str, proc: subprocess.Popen[Any], what: str, deadline_s: floa
 
 
 def start_litellm(binary: str, emulator_url: str, workdir: Path) -> tuple[subprocess.Popen[Any], str]:
-    from inferpool.local_pool import free_port
+    from inferpool.plumbing.local_pool import free_port
 
     port = free_port()
     config = workdir / "litellm.yaml"
@@ -235,7 +235,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
-    from inferpool.local_pool import (
+    from inferpool.plumbing.local_pool import (
         EmbeddedRedis,
         free_port,
         start_inferpool_process,

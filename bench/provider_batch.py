@@ -23,8 +23,8 @@ from pathlib import Path
 
 from inferpool import Client, JobStatus
 from inferpool.emulators import EmulatorConfig, ProviderEmulator
-from inferpool.local_pool import LocalPool
-from inferpool.provider_batch.paths import Via
+from inferpool.plumbing.local_pool import LocalPool
+from inferpool.wire import Via
 
 BENCH = Path(__file__).resolve().parent
 MODELS = ("bench-gpt-batch", "bench-claude-batch")

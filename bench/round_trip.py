@@ -37,7 +37,7 @@ def main() -> None:
     from _plain_worker import start_plain_celery_worker
 
     from inferpool import Client, Settings
-    from inferpool.local_pool import EmbeddedRedis, start_worker_process, stop_process, wait_for_workers
+    from inferpool.plumbing.local_pool import EmbeddedRedis, start_worker_process, stop_process, wait_for_workers
 
     with tempfile.TemporaryDirectory(prefix="inferpool-rt-") as tmp:
         workdir = Path(tmp)

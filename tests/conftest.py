@@ -19,7 +19,7 @@ import redis
 
 from inferpool import AsyncClient, BatchJob, Client, JobStatus, Settings
 from inferpool.emulators import EmulatorConfig, ProviderEmulator, WindowLimit
-from inferpool.local_pool import (
+from inferpool.plumbing.local_pool import (
     EmbeddedRedis,
     WorkerProcess,
     free_port,

@@ -12,7 +12,7 @@ import redis
 
 from inferpool import Client, InvalidRequest, JobStatus, ProviderError
 from inferpool.emulators import ProviderEmulator
-from inferpool.local_pool import WorkerProcess
+from inferpool.plumbing.local_pool import WorkerProcess
 
 from .conftest import ANTHROPIC_TEST_KEY, OPENAI_TEST_KEY
 

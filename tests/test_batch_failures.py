@@ -18,7 +18,7 @@ import pytest
 
 from inferpool import Client, JobStatus
 from inferpool.constants import MODEL_INFLIGHT_KEY, job_items_key, model_queues
-from inferpool.local_pool import LocalPool, start_scheduler_process, start_worker_process
+from inferpool.plumbing.local_pool import LocalPool, start_scheduler_process, start_worker_process
 
 N_LINES = 1500
 # A killed scheduler's lease lapses after 1 s, so its replacement leads (and recovers) soon after it starts.

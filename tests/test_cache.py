@@ -15,7 +15,7 @@ import redis
 
 from inferpool import Client, JobStatus, Settings
 from inferpool.constants import CACHE_INDEX_KEY, cache_entry_key
-from inferpool.local_pool import WorkerProcess
+from inferpool.plumbing.local_pool import WorkerProcess
 from inferpool.wire import RequestResult
 from inferpool.workers.backend import Generation
 from inferpool.workers.cache import ResponseCache, cache_key

@@ -13,7 +13,7 @@ import pytest
 
 from inferpool import CapabilityMismatch, Client, JobStatus
 from inferpool.client._base import build_request
-from inferpool.local_pool import WorkerProcess
+from inferpool.plumbing.local_pool import WorkerProcess
 
 from .conftest import _start_workers, _stop_workers
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from inferpool.local_pool import free_port
+from inferpool.plumbing.local_pool import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from inferpool import Client, Registry, RegistryError, Settings
-from inferpool.local_pool import LocalPool
 from inferpool.model_registry.checkpoints import ensure_hf_checkpoint, package_file
 from inferpool.model_registry.discovery import read_gguf_metadata
+from inferpool.plumbing.local_pool import LocalPool
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOOLS_TEMPLATE = "{% if tools %}{{ tools | tojson }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}"

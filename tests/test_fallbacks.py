@@ -18,10 +18,10 @@ import pytest
 import redis
 
 from inferpool import ChatRequest, Client, JobStatus, ProviderError, Registry, Settings
-from inferpool.celery_app import create_celery_app
 from inferpool.constants import MODEL_INFLIGHT_KEY, job_inflight_since_key, job_items_key, queue_name
-from inferpool.inflight import inflight_item, inflight_record
-from inferpool.local_pool import WorkerProcess
+from inferpool.plumbing.celery_app import create_celery_app
+from inferpool.plumbing.local_pool import WorkerProcess
+from inferpool.state.items import item_from_record, item_record
 from inferpool.wire import TaskChunk, TaskItem
 from inferpool.workers.failures import FailurePolicy
 
@@ -134,7 +134,7 @@ def test_a_redelivered_chunk_does_not_forward_a_request_twice(settings: Settings
     item = TaskItem(request_id=f"req_{job_id}", custom_id="r1",
                     request=ChatRequest(model="echo-flaky", messages=[{"role": "user", "content": "FAIL"}]))  # type: ignore[list-item]  # fmt: skip
     redis_client.hset(job_items_key(job_id), item.request_id,
-                      inflight_record("echo-flaky", item))  # fmt: skip
+                      item_record("echo-flaky", item))  # fmt: skip
     redis_client.zadd(job_inflight_since_key(job_id), {item.request_id: time.time()})
     # The fallback here is a model no worker of this session serves, so nothing answers the moved request
     # while the counts are read.
@@ -147,7 +147,7 @@ def test_a_redelivered_chunk_does_not_forward_a_request_twice(settings: Settings
     policy.forward(chunk, [(item, failure, target)])  # the redelivered run
     after = {k: int(redis_client.hget(MODEL_INFLIGHT_KEY, k) or 0) for k in counted}
     assert after == {"echo-flaky": before["echo-flaky"] - 1, target.name: before[target.name] + 1}
-    moved = inflight_item(item.request_id, redis_client.hget(job_items_key(job_id), item.request_id) or "")
+    moved = item_from_record(item.request_id, redis_client.hget(job_items_key(job_id), item.request_id) or "")
     assert (moved.request.model, moved.tried) == (target.name, ["echo-flaky"])
     assert redis_client.llen(queue_name(target.name)) == 1  # published once
     celery.close()

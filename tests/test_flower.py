@@ -25,9 +25,9 @@ import redis
 from celery.exceptions import Retry
 
 from inferpool import Client, Registry, Settings
-from inferpool.celery_app import create_celery_app
 from inferpool.constants import TASK_PROCESS_CHUNK, queue_name
-from inferpool.local_pool import free_port, stop_process
+from inferpool.plumbing.celery_app import create_celery_app
+from inferpool.plumbing.local_pool import free_port, stop_process
 from inferpool.wire import ChatRequest
 from inferpool.workers import WorkerRuntime, create_backend
 from inferpool.workers.tasks import install_tasks

@@ -18,7 +18,7 @@ import redis
 from inferpool import Client
 from inferpool.constants import stream_key
 from inferpool.gateway.keys import ApiKeys
-from inferpool.local_pool import WorkerProcess, free_port, start_inferpool_process, stop_process
+from inferpool.plumbing.local_pool import WorkerProcess, free_port, start_inferpool_process, stop_process
 
 pytestmark = pytest.mark.usefixtures("echo_worker", "echo_trickle_worker", "scheduler")
 

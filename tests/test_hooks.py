@@ -11,7 +11,7 @@ import pytest
 
 from inferpool import Client, HookError
 from inferpool.hooks import Generation, Hook, HookChain, Reject
-from inferpool.local_pool import WorkerProcess, start_worker_process
+from inferpool.plumbing.local_pool import WorkerProcess, start_worker_process
 from inferpool.wire import ChatRequest
 
 from .conftest import _start_workers, _stop_workers

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 from inferpool import Client, InvalidRequest, JobStatus, RegistryError, RequestError
 from inferpool.client._base import build_request
+from inferpool.client.batch_lines import AcceptedLine, BatchLineParser, RejectedLine
+from inferpool.client.routing import Router
 from inferpool.model_registry.registry import Registry, parse_registry_text
-from inferpool.scheduler.batch_input import AcceptedLine, BatchLineParser, RejectedLine
-from inferpool.scheduler.router import Router
 from inferpool.wire import BatchOutputLine, ChatRequest
 from inferpool.workers.anthropic_translate import tool_arguments
 

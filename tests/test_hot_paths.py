@@ -16,9 +16,9 @@ from redis.connection import PythonRespSerializer
 from inferpool import Registry, Settings
 from inferpool.client.batches import _count_lines
 from inferpool.constants import job_final_key
-from inferpool.jobstore import JobStatus, JobStore, NewJob
-from inferpool.redis_connection import CommandPacker
-from inferpool.wire import ChatRequest, new_id
+from inferpool.plumbing.redis_connection import CommandPacker
+from inferpool.state.jobs import JobStore, NewJob
+from inferpool.wire import ChatRequest, JobStatus, new_id
 from inferpool.workers.backend import Generation, create_backend
 from inferpool.workers.echo import count_words, echo_answer
 
@@ -88,7 +88,7 @@ def test_waiters_wake_on_the_final_status_signal(redis_client: redis.Redis) -> N
 
 
 def test_gc_tuning_freezes_startup_objects_and_raises_the_first_threshold() -> None:
-    code = ("import gc; from inferpool.process_tuning import GEN0_THRESHOLD, tune_gc_for_throughput; "
+    code = ("import gc; from inferpool.plumbing.process_tuning import GEN0_THRESHOLD, tune_gc_for_throughput; "
             "tune_gc_for_throughput(); print(gc.get_threshold()[0] == GEN0_THRESHOLD, gc.get_freeze_count() > 1000)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "True"]

@@ -13,8 +13,8 @@ import redis
 
 from inferpool import Registry, Settings
 from inferpool.constants import job_completed_stream_key, job_key, result_key
-from inferpool.jobstore import JobStore, NewJob
-from inferpool.results import ResultRecord, ResultWriter, parse_result
+from inferpool.state.jobs import JobStore, NewJob
+from inferpool.state.results import ResultRecord, ResultWriter, parse_result
 from inferpool.wire import ChatRequest, TaskChunk, TaskItem, new_id
 from inferpool.workers import WorkerRuntime, create_backend
 

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from inferpool import CapabilityMismatch, Client, JobStatus, Settings
-from inferpool.local_pool import LocalPool, start_worker_process, stop_process
 from inferpool.model_registry.checkpoints import ensure_hf_checkpoint, package_file
+from inferpool.plumbing.local_pool import LocalPool, start_worker_process, stop_process
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 TIMEOUT_S = 600

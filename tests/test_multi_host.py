@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from inferpool.constants import job_key, worker_heartbeats_key
-from inferpool.local_pool import find_redis_server, stop_process
+from inferpool.plumbing.local_pool import find_redis_server, stop_process
 
 from .conftest import wait_until
 

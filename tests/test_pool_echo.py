@@ -19,7 +19,7 @@ from inferpool import (
     ResultTimeout,
     Settings,
 )
-from inferpool.local_pool import WorkerProcess, free_port
+from inferpool.plumbing.local_pool import WorkerProcess, free_port
 from inferpool.wire import ChatRequest
 
 pytestmark = pytest.mark.usefixtures("echo_worker")

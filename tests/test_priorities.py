@@ -6,9 +6,9 @@ import pytest
 import redis
 
 from inferpool import Client, InvalidRequest, Priority
-from inferpool.celery_app import celery_config
 from inferpool.constants import model_queues, queue_name, result_key
-from inferpool.settings import Settings
+from inferpool.plumbing.celery_app import celery_config
+from inferpool.plumbing.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("echo_slow_worker")
 

@@ -20,13 +20,14 @@ from hypothesis import strategies as st
 
 from inferpool import Client, JobStatus, RequestResult
 from inferpool.cli import main
+from inferpool.constants import UNAVAILABLE_CODE
 from inferpool.emulators import EmulatorConfig, ProviderEmulator
-from inferpool.local_pool import LocalPool, start_worker_process, stop_process
 from inferpool.model_registry.registry import Registry
+from inferpool.plumbing.local_pool import LocalPool, start_worker_process, stop_process
+from inferpool.plumbing.settings import Settings as PoolSettings
 from inferpool.provider_batch.openai_batch import result_line
-from inferpool.provider_batch.paths import UNAVAILABLE_CODE, choose_path
 from inferpool.provider_batch.store import ProviderBatchStore
-from inferpool.settings import Settings as PoolSettings
+from inferpool.provider_batch.via import choose_via
 from tests.conftest import ANTHROPIC_TEST_KEY, OPENAI_TEST_KEY, wait_until
 
 MODELS = ["emu-gpt-batch", "emu-claude-batch", "emu-gpt-batch-resend", "emu-gpt-batch-refused"]
@@ -340,11 +341,11 @@ def test_a_worker_killed_mid_step_neither_loses_nor_doubles_the_provider_batch(
 def test_path_choice_reasons() -> None:
     registry = Registry.from_settings(PoolSettings())
     gpt, echo = registry.get("emu-gpt-batch"), registry.get("echo")
-    assert choose_path(gpt, "auto", 86400, 50).via == "provider-batch"
-    assert choose_path(gpt, "auto", 86400, 49).via == "realtime"
-    assert choose_path(gpt, "realtime", 86400, 10_000).reason == "asked for (--via realtime)"
-    assert choose_path(echo, "auto", 86400, 10_000).via == "realtime"
-    refused = choose_path(echo, "provider-batch", 86400, 10)
+    assert choose_via(gpt, "auto", 86400, 50).via == "provider-batch"
+    assert choose_via(gpt, "auto", 86400, 49).via == "realtime"
+    assert choose_via(gpt, "realtime", 86400, 10_000).reason == "asked for (--via realtime)"
+    assert choose_via(echo, "auto", 86400, 10_000).via == "realtime"
+    refused = choose_via(echo, "provider-batch", 86400, 10)
     assert refused.via == "unavailable"
     assert "no provider Batch API" in refused.reason
     assert json.loads(refused.model_dump_json())["via"] == "unavailable"

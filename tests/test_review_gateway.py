@@ -23,8 +23,8 @@ from inferpool.constants import MODEL_LATENCY_KEY, USAGE_TOTAL_KEY
 from inferpool.gateway.admission import Admission
 from inferpool.gateway.errors import HTTPError
 from inferpool.gateway.keys import ApiKeys
-from inferpool.local_pool import free_port, start_inferpool_process, stop_process
-from inferpool.stats import read_latency_p50
+from inferpool.plumbing.local_pool import free_port, start_inferpool_process, stop_process
+from inferpool.state.load import read_latency_p50
 
 from .conftest import wait_until
 

@@ -24,10 +24,10 @@ import pytest
 import redis
 
 from inferpool import Client, InvalidRequest, JobStatus, ProviderError, Registry, RegistryError, Settings
-from inferpool.deadletters import DeadLetters
-from inferpool.local_pool import EmbeddedRedis, free_port
-from inferpool.metrics import OTHER_TENANTS, PoolCollector
-from inferpool.redis_connection import redact_url
+from inferpool.plumbing.local_pool import EmbeddedRedis, free_port
+from inferpool.plumbing.metrics import OTHER_TENANTS, PoolCollector
+from inferpool.plumbing.redis_connection import redact_url
+from inferpool.state.dead_letters import DeadLetters
 from inferpool.wire import ChatRequest, TaskItem, new_id
 from inferpool.workers.api_backend import MAX_RETRY_AFTER_S, retry_after_seconds
 from inferpool.workers.backend import Generation, GenerationOutcome, gather_outcomes

@@ -17,12 +17,11 @@ import redis
 from inferpool import Settings
 from inferpool.constants import job_items_key, job_key, job_pending_key, provider_batch_lock_key
 from inferpool.emulators import ProviderEmulator
-from inferpool.inflight import inflight_record
 from inferpool.model_registry.registry import Registry
-from inferpool.provider_batch.records import PBatchState
 from inferpool.provider_batch.runner import ProviderBatchRunner
 from inferpool.provider_batch.store import LockLost, ProviderBatchStore
-from inferpool.wire import ChatRequest, TaskItem, new_id
+from inferpool.state.items import item_record
+from inferpool.wire import ChatRequest, PBatchState, TaskItem, new_id
 from inferpool.workers.openai_backend import OpenAIBackend
 from inferpool.workers.runtime import WorkerRuntime
 
@@ -73,7 +72,7 @@ def _provider_batch(client: redis.Redis, store: ProviderBatchStore, lines: int) 
     for n in range(lines):
         request = ChatRequest.model_validate({"model": MODEL, "messages": [{"role": "user", "content": f"l{n}"}]})
         item = TaskItem(request_id=new_id("req"), custom_id=f"c{n}", request=request)
-        client.hset(job_items_key(job_id), item.request_id, inflight_record(MODEL, item))
+        client.hset(job_items_key(job_id), item.request_id, item_record(MODEL, item))
         rids.append(item.request_id)
     client.rpush(job_pending_key(job_id, MODEL), *rids)
     pbatch_id, moved = store.form(job_id, MODEL, "openai", 100)

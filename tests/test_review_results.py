@@ -21,7 +21,6 @@ import pytest
 import redis
 
 from inferpool import BatchRefused, Client, JobStatus, ProviderError, Registry, Settings
-from inferpool.celery_app import create_celery_app, publish_chunk
 from inferpool.cli.batch import ResultFiles
 from inferpool.constants import (
     MODEL_INFLIGHT_KEY,
@@ -32,9 +31,10 @@ from inferpool.constants import (
     queue_name,
     result_key,
 )
-from inferpool.inflight import inflight_record
-from inferpool.jobstore import _ENTRIES_PER_READ, JobStore, NewJob
-from inferpool.results import ResultRecord, ResultWriter, stored_results
+from inferpool.plumbing.celery_app import create_celery_app, publish_chunk
+from inferpool.state.items import item_record
+from inferpool.state.jobs import _ENTRIES_PER_READ, JobStore, NewJob
+from inferpool.state.results import ResultRecord, ResultWriter, stored_results
 from inferpool.wire import ChatRequest, TaskChunk, TaskItem, new_id
 from inferpool.workers import WorkerRuntime, create_backend
 from inferpool.workers.failures import FailurePolicy
@@ -80,7 +80,7 @@ def test_a_result_frees_the_window_of_the_model_now_holding_the_request(
     job_id = _new_job(redis_client)
     item = _item("echo-flaky", "FAIL once")
     redis_client.hset(job_items_key(job_id), item.request_id,
-                      inflight_record("echo-flaky", item))  # fmt: skip
+                      item_record("echo-flaky", item))  # fmt: skip
     redis_client.zadd(job_inflight_since_key(job_id), {item.request_id: time.time()})
     redis_client.hincrby(MODEL_INFLIGHT_KEY, "echo-flaky", 1)
     target = registry.get("smollm2-135m-vllm")  # no worker of this session serves it

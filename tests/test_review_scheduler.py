@@ -21,7 +21,6 @@ import pytest
 import redis
 
 from inferpool import Client, JobStatus, Registry, Settings
-from inferpool.celery_app import create_celery_app
 from inferpool.constants import (
     JOBS_ACTIVE_KEY,
     MODEL_INFLIGHT_KEY,
@@ -30,8 +29,8 @@ from inferpool.constants import (
     job_key,
     model_queues,
 )
-from inferpool.jobstore import JobStore, NewJob
-from inferpool.local_pool import (
+from inferpool.plumbing.celery_app import create_celery_app
+from inferpool.plumbing.local_pool import (
     EmbeddedRedis,
     WorkerProcess,
     start_scheduler_process,
@@ -39,9 +38,10 @@ from inferpool.local_pool import (
     stop_process,
     wait_for_workers,
 )
-from inferpool.results import ResultRecord, ResultWriter
 from inferpool.scheduler.service import MAX_JOB_FAULTS, Scheduler
-from inferpool.stats import read_model_load
+from inferpool.state.jobs import JobStore, NewJob
+from inferpool.state.load import read_model_load
+from inferpool.state.results import ResultRecord, ResultWriter
 from inferpool.wire import ChatRequest, TaskItem, new_id
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,13 +15,13 @@ import pytest
 import redis
 
 from inferpool import Client, JobStatus, RequestError, Settings
-from inferpool.celery_app import create_celery_app
 from inferpool.constants import queue_name, stream_key
 from inferpool.emulators import EmulatorConfig, ProviderEmulator
-from inferpool.heartbeats import beat, withdraw
-from inferpool.local_pool import WorkerProcess
 from inferpool.model_registry.registry import Registry
-from inferpool.streams import DeltaSink, StreamAssembler
+from inferpool.plumbing.celery_app import create_celery_app
+from inferpool.plumbing.local_pool import WorkerProcess
+from inferpool.state.heartbeats import beat, withdraw
+from inferpool.state.streams import DeltaSink, StreamAssembler
 from inferpool.wire import ChatRequest, RequestResult, TaskChunk, TaskItem, new_id
 from inferpool.workers.echo import EchoBackend
 from inferpool.workers.hooks import Hook, HookChain

@@ -18,8 +18,8 @@ from inferpool import (
     RegistryError,
     RequestResult,
 )
-from inferpool.scheduler.batch_input import AcceptedLine, BatchLineParser
-from inferpool.scheduler.router import Router
+from inferpool.client.batch_lines import AcceptedLine, BatchLineParser
+from inferpool.client.routing import Router
 from inferpool.wire import ChatRequest, TaskItem
 
 REGISTRY = """

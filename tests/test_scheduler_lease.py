@@ -15,9 +15,10 @@ import redis
 
 from inferpool import Client, Settings
 from inferpool.constants import SCHEDULER_LEASE_KEY
-from inferpool.jobstore import JobStore, NotLeader
-from inferpool.local_pool import EmbeddedRedis, start_scheduler_process, start_worker_process, stop_process
+from inferpool.plumbing.local_pool import EmbeddedRedis, start_scheduler_process, start_worker_process, stop_process
 from inferpool.scheduler.lease import SchedulerLease, lease_holder
+from inferpool.state.jobs import JobStore
+from inferpool.state.leader_fence import NotLeader
 
 from .conftest import assert_answered_once, echo_slow_lines, wait_until
 

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from inferpool import Client, Settings
-from inferpool.local_pool import (
+from inferpool.plumbing.local_pool import (
     WorkerProcess,
     find_redis_server,
     free_port,
@@ -24,7 +24,7 @@ from inferpool.local_pool import (
     start_worker_process,
     stop_process,
 )
-from inferpool.redis_connection import kombu_broker, parse_sentinel_url, redis_from_url
+from inferpool.plumbing.redis_connection import kombu_broker, parse_sentinel_url, redis_from_url
 
 from .conftest import assert_answered_once, echo_slow_lines, wait_until
 

@@ -8,10 +8,10 @@ import time
 import pytest
 import redis
 
-from inferpool import AsyncClient, Client, Settings, streams
+from inferpool import AsyncClient, Client, Settings
 from inferpool.constants import stream_key
-from inferpool.streams import ChatCompletionChunk
-from inferpool.wire import new_id
+from inferpool.state import streams
+from inferpool.wire import ChatCompletionChunk, new_id
 
 pytestmark = pytest.mark.usefixtures("echo_worker", "echo_trickle_worker")
 

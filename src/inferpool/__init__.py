@@ -21,10 +21,18 @@ from inferpool._exceptions import (
 )
 from inferpool.client import AsyncClient, AsyncResultHandle, Batches, Client, ResultHandle
 from inferpool.constants import Priority
-from inferpool.jobstore import BatchJob, JobStatus
 from inferpool.model_registry import ModelSpec, Registry
-from inferpool.settings import Settings
-from inferpool.wire import BatchInputLine, BatchOutputLine, ChatCompletion, ChatMessage, ChatRequest, RequestResult
+from inferpool.plumbing.settings import Settings
+from inferpool.wire import (
+    BatchInputLine,
+    BatchJob,
+    BatchOutputLine,
+    ChatCompletion,
+    ChatMessage,
+    ChatRequest,
+    JobStatus,
+    RequestResult,
+)
 
 __version__ = "0.1.0"
 

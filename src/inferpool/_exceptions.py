@@ -119,11 +119,6 @@ class HookError(RequestError):
     code: ClassVar[str] = "hook_error"
 
 
-#: Error code of a streamed request whose reader hung up, and whose worker stopped generating.
-STREAM_CANCELLED_CODE = "request_cancelled"
-#: A stream whose provider call was retried with a different text than the one already shown.
-STREAM_RESTARTED_CODE = "stream_restarted"
-
 _REQUEST_ERRORS_BY_CODE: dict[str, type[RequestError]] = {
     cls.code: cls
     for cls in (InvalidRequest, ContextLengthExceeded, ModelNotFound, CapabilityMismatch, ProviderError, HookError)

@@ -247,3 +247,35 @@ PROVIDER_BATCHES_DUE_KEY = f"{KEY_PREFIX}pbatches:due"
 #: Sorted set: provider-side batch ids some provider batch has recorded, by time (recovery never adopts one
 #: of these for another).
 PROVIDER_BATCHES_CLAIMED_KEY = f"{KEY_PREFIX}pbatches:claimed"
+
+
+# -- error codes a request's result can carry (besides the RequestError subclasses' own) -----------------
+
+#: A batch line ended because its job was cancelled before it ran.
+CANCELLED_CODE = "batch_cancelled"
+#: A batch line ended because its job's completion window ran out before it ran.
+EXPIRED_CODE = "batch_expired"
+#: A batch line ended because its job failed before it ran (its upload broke off, say).
+FAILED_CODE = "batch_failed"
+#: A line sent ``--via provider-batch`` for a model that cannot use a provider's Batch API.
+UNAVAILABLE_CODE = "provider_batch_unavailable"
+#: A single request its client stopped reading or waiting for.
+STREAM_CANCELLED_CODE = "request_cancelled"
+#: A stream whose provider call was retried with a different text than the one already shown.
+STREAM_RESTARTED_CODE = "stream_restarted"
+
+
+# -- fields of stream entries ------------------------------------------------------------------------------
+
+#: A streamed request's output stream (``stream_key``): the worker took it (its model), a piece of text at
+#: an offset, a new attempt began, the result is written.
+STREAM_STARTED = "s"
+STREAM_OFFSET = "o"
+STREAM_TEXT = "t"
+STREAM_RESTART = "r"
+STREAM_DONE = "d"
+#: A job's completion stream (``job_completed_stream_key``): one write call's results compressed together,
+#: the positions of those not written, and one result per entry (the format before).
+COMPLETED_RESULTS = "z2"
+COMPLETED_SKIPPED = "s"
+COMPLETED_RESULT_V1 = "z1"

@@ -16,7 +16,7 @@ from inferpool.cli.probe import probe
 from inferpool.cli.scheduler import scheduler
 from inferpool.cli.stats import stats
 from inferpool.cli.worker import worker
-from inferpool.process_tuning import tune_gc_for_throughput
+from inferpool.plumbing.process_tuning import tune_gc_for_throughput
 
 
 @click.group(cls=InferpoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,7 +46,7 @@ main.add_command(worker)
 
 def run() -> None:
     """The ``inferpool`` console script: the command line, in a process tuned for throughput (its garbage
-    collector; see ``inferpool.process_tuning``). ``main`` alone leaves the calling process as it is."""
+    collector; see ``inferpool.plumbing.process_tuning``). ``main`` alone leaves the calling process as it is."""
     tune_gc_for_throughput()
     main()
 

@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 
 from inferpool._exceptions import InferpoolError
-from inferpool.settings import Settings
+from inferpool.plumbing.settings import Settings
 
 
 class InferpoolGroup(click.Group):

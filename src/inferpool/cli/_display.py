@@ -20,8 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from inferpool.client.batches import JobProgressCallback
-from inferpool.jobstore import BatchJob
-from inferpool.usage import ModelUsage
+from inferpool.wire import BatchJob, ModelUsage
 
 _ANSWER_PREVIEW_CHARS = 160
 

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import click
 
+from inferpool.client.batch_lines import AcceptedLine, BatchLineParser
 from inferpool.client.client import Client
-from inferpool.jobstore import BatchJob
+from inferpool.client.routing import Router
 from inferpool.model_registry.registry import Registry
-from inferpool.provider_batch.paths import VIA_CHOICES, Via
-from inferpool.scheduler.batch_input import AcceptedLine, BatchLineParser
-from inferpool.scheduler.router import Router
-from inferpool.settings import Settings
+from inferpool.plumbing.settings import Settings
 from inferpool.templates.prompt import UnrenderedRow, load_template
 from inferpool.templates.rows import read_rows
+from inferpool.wire import VIA_CHOICES, BatchJob, Via
 
 input_argument = click.argument(
     "input_path", metavar="[INPUT.jsonl]", required=False,

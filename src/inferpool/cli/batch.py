@@ -23,14 +23,12 @@ from inferpool.cli._job_input import (
     via_option,
 )
 from inferpool.client.client import Client
-from inferpool.jobstore import BatchJob
-from inferpool.local_pool import LocalPool
-from inferpool.provider_batch.paths import Via
-from inferpool.settings import Settings
+from inferpool.plumbing.local_pool import LocalPool
+from inferpool.plumbing.settings import Settings
 from inferpool.templates.join import join_results
 from inferpool.templates.prompt import CUSTOM_ID_METADATA, DEFAULT_CUSTOM_ID, UnrenderedRow, load_template
 from inferpool.templates.rows import read_rows
-from inferpool.wire import BatchOutputLine
+from inferpool.wire import BatchJob, BatchOutputLine, Via
 
 _SHOW_ANSWERS_UP_TO = 50
 

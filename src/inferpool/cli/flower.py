@@ -9,7 +9,7 @@ import click
 
 from inferpool._exceptions import ConfigurationError
 from inferpool.cli._common import load_settings
-from inferpool.settings import Settings
+from inferpool.plumbing.settings import Settings
 
 AUTH_ENV = "INFERPOOL_FLOWER_AUTH"
 #: Celery reads the broker URL from this variable before its configuration (celery.app.utils.Settings): it
@@ -19,7 +19,7 @@ BROKER_ENV = "CELERY_BROKER_URL"
 
 def _enable_task_events(settings: Settings) -> None:
     """Ask running workers for task events now (Flower repeats it every 5 s, for workers started later)."""
-    from inferpool.celery_app import create_celery_app
+    from inferpool.plumbing.celery_app import create_celery_app
 
     app = create_celery_app(settings)
     try:
@@ -44,7 +44,7 @@ def flower(ctx: click.Context, port: int, address: str, max_tasks: int, no_auth:
     """
     settings = load_settings(ctx)
     broker = settings.require_redis_url()
-    auth = os.environ.get(AUTH_ENV, "")
+    auth = settings.flower_auth
     # The Redis URL (with its password) goes through the environment: a command line is visible in `ps`.
     # Flower gets inferpool's own Celery app, configured from it (a sentinel:// URL needs its options).
     os.environ["REDIS_URL"] = broker

@@ -66,13 +66,13 @@ def gateway(ctx: click.Context, host: str, port: int, no_auth: bool, processes: 
 def app_from_environment() -> object:
     """The app for uvicorn's worker processes (settings from the environment)."""
     from inferpool.gateway import create_app
-    from inferpool.settings import Settings
+    from inferpool.plumbing.settings import Settings
 
     return create_app(Settings())
 
 
 def app_from_environment_no_auth() -> object:
     from inferpool.gateway import create_app
-    from inferpool.settings import Settings
+    from inferpool.plumbing.settings import Settings
 
     return create_app(Settings(), require_keys=False)

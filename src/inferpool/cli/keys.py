@@ -9,7 +9,7 @@ import click
 
 from inferpool._exceptions import InferpoolError
 from inferpool.cli._common import load_settings, make_console
-from inferpool.redis_connection import connect_redis
+from inferpool.plumbing.redis_connection import connect_redis
 
 if TYPE_CHECKING:
     from inferpool.gateway.keys import ApiKeys

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from inferpool.cli._common import load_settings, make_console
 from inferpool.model_registry.registry import Registry
-from inferpool.redis_connection import connect_redis
-from inferpool.stats import ModelLoad, read_model_load
+from inferpool.plumbing.redis_connection import connect_redis
+from inferpool.state.load import ModelLoad, read_model_load
 
 
 @click.command()

@@ -21,8 +21,8 @@ def probe() -> None:
 def probe_worker(ctx: click.Context, model: str) -> None:
     """Healthy while a worker of MODEL on this host has a live heartbeat in Redis (it beats every third of
     INFERPOOL_HEARTBEAT_TTL_S from its own thread, so a wedged or disconnected worker fails this)."""
-    from inferpool.heartbeats import live_worker_ids
-    from inferpool.redis_connection import connect_redis
+    from inferpool.plumbing.redis_connection import connect_redis
+    from inferpool.state.heartbeats import live_worker_ids
 
     settings = load_settings(ctx)
     client = connect_redis(settings.require_redis_url())

@@ -33,9 +33,9 @@ def scheduler(ctx: click.Context, metrics_port: int | None, metrics_addr: str) -
     job (it re-sends their in-flight lines; results are still written once). SIGTERM or Ctrl-C stops it
     after the current tick and hands the lease on.
     """
-    from inferpool.celery_app import create_celery_app
     from inferpool.model_registry.registry import Registry
-    from inferpool.redis_connection import connect_redis
+    from inferpool.plumbing.celery_app import create_celery_app
+    from inferpool.plumbing.redis_connection import connect_redis
     from inferpool.scheduler.lease import SchedulerLease
     from inferpool.scheduler.service import Scheduler
 
@@ -54,7 +54,7 @@ def scheduler(ctx: click.Context, metrics_port: int | None, metrics_addr: str) -
     lease = SchedulerLease(client, owner, settings.scheduler_lease_s)
     service = Scheduler(client, settings, registry, create_celery_app(settings), lease=lease)
     if metrics_port is not None:
-        from inferpool.metrics import serve_metrics
+        from inferpool.plumbing.metrics import serve_metrics
 
         serve_metrics(metrics_port, client, registry, addr=metrics_addr, max_tenants=settings.metrics_max_tenants)
         logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", metrics_addr, metrics_port)

@@ -11,14 +11,13 @@ import redis
 from pydantic import ValidationError
 
 from inferpool._exceptions import ConfigurationError, InvalidRequest
+from inferpool.client.routing import Route, Router
 from inferpool.constants import Priority
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
-from inferpool.scheduler.batch_input import describe_validation_error
-from inferpool.scheduler.router import Route, Router
-from inferpool.settings import Settings
-from inferpool.stats import read_latency_p50, read_model_load
-from inferpool.wire import ChatMessage, ChatRequest, TaskChunk, TaskItem, new_id
+from inferpool.plumbing.settings import Settings
+from inferpool.state.load import read_latency_p50, read_model_load
+from inferpool.wire import ChatMessage, ChatRequest, TaskChunk, TaskItem, describe_validation_error, new_id
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -86,13 +85,13 @@ class ClientBase:
     def celery(self) -> Celery:
         """The Celery app single requests are published through, made on first use: a client that only runs
         batch jobs (``inferpool batch run``) never imports Celery, ~40 ms of its start-up."""
-        from inferpool.celery_app import create_celery_app
+        from inferpool.plumbing.celery_app import create_celery_app
 
         return create_celery_app(self.settings)
 
     def publish(self, chunk: TaskChunk) -> None:
         """Send a single request's chunk to its model's queue."""
-        from inferpool.celery_app import publish_chunk
+        from inferpool.plumbing.celery_app import publish_chunk
 
         publish_chunk(self.celery, chunk)
 

@@ -1,6 +1,6 @@
 """Batch jobs from the client: ``client.batches.create/retrieve/list/cancel/wait/results``.
 
-A job's state lives in Redis (``inferpool.jobstore``); the scheduler service runs it. ``create`` streams
+A job's state lives in Redis (``inferpool.state.jobs``); the scheduler service runs it. ``create`` streams
 the input (a 100k-line file never sits in memory whole), validates every line, queues the good ones and
 settles the bad ones with their error at once, and returns the job. Any process can then follow it.
 """
@@ -22,16 +22,15 @@ from typing import Any, BinaryIO
 import redis
 
 from inferpool._exceptions import BatchRefused, JobNotFound, ResultTimeout
+from inferpool.client.batch_lines import AcceptedLine, BatchLineParser
+from inferpool.client.routing import Router
 from inferpool.constants import split_adapter
-from inferpool.inflight import PendingRecord, item_json
-from inferpool.jobstore import BatchJob, JobStore, NewJob
-from inferpool.provider_batch.paths import VIA_CHOICES, Via
-from inferpool.scheduler.batch_input import AcceptedLine, BatchLineParser, load_json
-from inferpool.scheduler.router import Router
-from inferpool.settings import Settings
+from inferpool.plumbing.settings import Settings
+from inferpool.state.items import PendingRecord, item_json
+from inferpool.state.jobs import JobStore, NewJob
 from inferpool.templates.prompt import CUSTOM_ID_METADATA, PromptTemplate, UnrenderedRow, load_template
 from inferpool.templates.rows import read_rows
-from inferpool.wire import BatchOutputLine, ChatRequest, RequestResult, new_id
+from inferpool.wire import VIA_CHOICES, BatchJob, BatchOutputLine, ChatRequest, RequestResult, Via, load_json, new_id
 
 #: Called with the job's latest state while ``wait`` polls.
 JobProgressCallback = Callable[[BatchJob], None]
@@ -143,7 +142,7 @@ class Batches:
         job and is counted its usage (a gateway serving many tenants); ``input_file_id`` is recorded for
         the OpenAI batch object. ``cache`` (true or false) is the response-cache choice of every line that
         makes none of its own. ``via`` is the path of the lines of models with a provider Batch API
-        (``auto``, ``realtime``, ``provider-batch``: see ``inferpool.provider_batch.paths``).
+        (``auto``, ``realtime``, ``provider-batch``: see ``inferpool.provider_batch.via``).
         """
         settings = self._settings
         options = self._options(priority, completion_window, metadata, tenant, input_file_id, cache, via)
@@ -251,7 +250,7 @@ class Batches:
         if pending:
             self._store.add_pending_records(job_id, pending, models)
         if rejected:
-            self._store.settle(rejected, new_lines=True)
+            self._store.end_lines(rejected, new_lines=True)
         pending.clear()
         rejected.clear()
 

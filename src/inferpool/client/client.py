@@ -24,18 +24,24 @@ from inferpool.client._base import (
     build_request,
 )
 from inferpool.client.batches import AsyncBatches, Batches
+from inferpool.client.routing import Route
 from inferpool.constants import Priority, result_key, result_notify_key, stream_key
-from inferpool.deadletters import DeadLetters, retry_lines
-from inferpool.jobstore import BatchJob
 from inferpool.model_registry.registry import Registry
-from inferpool.redis_connection import connect_redis, connect_redis_async, redis_from_url
-from inferpool.results import parse_result
-from inferpool.scheduler.router import Route
-from inferpool.settings import Settings
-from inferpool.stats import read_usage
-from inferpool.streams import READ_SLICE_S, ChatCompletionChunk, StreamAssembler, ask_to_stop, ask_to_stop_async
-from inferpool.usage import ModelUsage
-from inferpool.wire import AUTO_MODEL, ChatCompletion, ChatRequest, RequestResult
+from inferpool.plumbing.redis_connection import connect_redis, connect_redis_async, redis_from_url
+from inferpool.plumbing.settings import Settings
+from inferpool.state.dead_letters import DeadLetters, retry_lines
+from inferpool.state.results import parse_result
+from inferpool.state.streams import READ_SLICE_S, StreamAssembler, ask_to_stop, ask_to_stop_async
+from inferpool.state.usage import read_usage
+from inferpool.wire import (
+    AUTO_MODEL,
+    BatchJob,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatRequest,
+    ModelUsage,
+    RequestResult,
+)
 
 #: Longest single blocking wait; waiters re-check the result key at least this often.
 _WAIT_SLICE_S = 1.0

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from inferpool.emulators.answers import anthropic_answer, openai_answer
+
 if TYPE_CHECKING:
     from inferpool.emulators.server import ProviderEmulator
 
@@ -132,7 +134,6 @@ class BatchEndpoints:
 
     def _answer(self, batch: _Batch, index: int, body: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         """(ok, the answer or the error) for line ``index``, as the real-time endpoint would give it."""
-        from inferpool.emulators.server import anthropic_answer, openai_answer
 
         if batch.fails(index):
             return False, {"type": "api_error", "message": f"emulated failure of line {index}"}

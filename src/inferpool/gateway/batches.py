@@ -17,12 +17,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from inferpool.constants import DEFAULT_TENANT
-from inferpool.gateway.app import Gateway, gateway_of, list_limit, list_page, read_json_body
+from inferpool.gateway.common import Gateway, gateway_of, list_limit, list_page, read_json_body
 from inferpool.gateway.errors import HTTPError, not_found
-from inferpool.jobstore import BatchJob
-from inferpool.provider_batch.paths import VIA_CHOICES, as_via
-from inferpool.scheduler.batch_input import describe_validation_error
-from inferpool.wire import CHAT_COMPLETIONS_URL
+from inferpool.wire import CHAT_COMPLETIONS_URL, VIA_CHOICES, BatchJob, as_via, describe_validation_error
 
 _OUTPUT_PREFIX = "file-out-"
 _ERRORS_PREFIX = "file-err-"

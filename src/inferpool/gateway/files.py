@@ -15,10 +15,10 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from inferpool.client.batches import check_batch_file
-from inferpool.gateway.app import Gateway, gateway_of, list_limit, list_page
 from inferpool.gateway.batches import owned_job, result_file_job
+from inferpool.gateway.common import Gateway, gateway_of, list_limit, list_page
 from inferpool.gateway.errors import not_found
-from inferpool.jobstore import BatchJob
+from inferpool.wire import BatchJob
 
 MAX_LIST_LIMIT = 10_000
 

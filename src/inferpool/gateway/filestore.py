@@ -37,7 +37,7 @@ from inferpool.constants import (
     tenant_files_key,
 )
 from inferpool.gateway.errors import HTTPError
-from inferpool.redis_connection import decode_text
+from inferpool.plumbing.redis_connection import decode_text
 from inferpool.wire import random_hex
 
 

@@ -12,10 +12,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from inferpool.gateway.app import Gateway, gateway_of
+from inferpool.gateway.common import Gateway, gateway_of
 from inferpool.gateway.errors import not_found
-from inferpool.heartbeats import count_live_workers_async
 from inferpool.model_registry.spec import ModelSpec
+from inferpool.state.heartbeats import count_live_workers_async
 
 
 def model_object(spec: ModelSpec, live_workers: int) -> dict[str, Any]:

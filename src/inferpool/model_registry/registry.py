@@ -13,7 +13,7 @@ from inferpool._exceptions import ModelNotFound, RegistryError
 from inferpool.constants import split_adapter
 from inferpool.model_registry.discovery import discover_models
 from inferpool.model_registry.spec import DiscoverSpec, ModelSpec, ProviderSpec, RegistryFile
-from inferpool.settings import Settings
+from inferpool.plumbing.settings import Settings
 
 
 def _describe_validation_error(source: str, data: object, exc: ValidationError) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 from inferpool._exceptions import ProviderError
 from inferpool.provider_batch.api import BatchProgress, LineOutcome
 from inferpool.wire import ChatRequest
-from inferpool.workers.anthropic_backend import message_generation
+from inferpool.workers.anthropic_translate import message_generation
 
 #: Seconds the worker's clock may be ahead of Anthropic's when batches are matched by creation time.
 CLOCK_ALLOWANCE_S = 5.0

@@ -21,7 +21,7 @@ from inferpool._exceptions import ProviderError
 from inferpool.provider_batch.api import BatchProgress, LineOutcome
 from inferpool.wire import ChatRequest
 from inferpool.workers.api_backend import ApiFailure
-from inferpool.workers.openai_backend import completion_generation
+from inferpool.workers.openai_translate import completion_generation
 
 log = logging.getLogger(__name__)
 

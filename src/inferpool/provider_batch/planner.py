@@ -13,19 +13,21 @@ from typing import Any
 
 from celery import Celery
 
-from inferpool.constants import TASK_PROVIDER_BATCH_STEP, Priority, job_items_key, job_key, job_pending_key, queue_name
-from inferpool.jobstore import JobStore, settled_record
-from inferpool.model_registry.spec import ModelSpec
-from inferpool.provider_batch.paths import (
+from inferpool.constants import (
+    TASK_PROVIDER_BATCH_STEP,
     UNAVAILABLE_CODE,
-    PathChoice,
-    batch_limits,
-    batch_provider,
-    choose_path,
-    waits_for_upload,
+    Priority,
+    job_items_key,
+    job_key,
+    job_pending_key,
+    queue_name,
 )
-from inferpool.provider_batch.store import ProviderBatchStore, path_field
-from inferpool.settings import Settings
+from inferpool.model_registry.spec import ModelSpec
+from inferpool.plumbing.settings import Settings
+from inferpool.provider_batch.store import ProviderBatchStore, via_field
+from inferpool.provider_batch.via import batch_limits, batch_provider, choose_via, waits_for_upload
+from inferpool.state.jobs import JobStore, error_result_of_record
+from inferpool.wire import ViaChoice
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,8 @@ class ProviderBatchPlanner:
             if waits_for_upload(spec, via) and not validated:
                 return True
             lines = int(self.redis.llen(job_pending_key(job_id, spec.name)))
-            choice = choose_path(spec, via, window_s, lines)
-            self.redis.hset(job_key(job_id), path_field(spec.name), choice.model_dump_json())
+            choice = choose_via(spec, via, window_s, lines)
+            self.redis.hset(job_key(job_id), via_field(spec.name), choice.model_dump_json())
             log.info("job %s, model %s: %s (%s)", job_id, spec.name, choice.via, choice.reason)
         if choice.via == "realtime":
             return False
@@ -62,9 +64,9 @@ class ProviderBatchPlanner:
             self._form(job_id, spec)
         return True
 
-    def _choice(self, job_id: str, model: str) -> PathChoice | None:
-        raw = self.redis.hget(job_key(job_id), path_field(model))
-        return None if raw is None else PathChoice.model_validate_json(raw)
+    def _choice(self, job_id: str, model: str) -> ViaChoice | None:
+        raw = self.redis.hget(job_key(job_id), via_field(model))
+        return None if raw is None else ViaChoice.model_validate_json(raw)
 
     def _form(self, job_id: str, spec: ModelSpec) -> None:
         """Every pending line of the model into provider batches of at most the provider's size."""
@@ -127,9 +129,9 @@ class ProviderBatchPlanner:
                 continue
             for rids in self.store.request_ids(batch.id):
                 records: Any = self.redis.hmget(job_items_key(job_id), rids)
-                results = [settled_record(job_id, rid, record, code, message)
+                results = [error_result_of_record(job_id, rid, record, code, message)
                            for rid, record in zip(rids, records, strict=True) if record is not None]  # fmt: skip
-                self.jobs.settle(results)
+                self.jobs.end_lines(results)
                 settled += len(results)
             if not batch.cancel:
                 self.store.request_cancel(batch.id)

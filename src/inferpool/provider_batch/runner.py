@@ -24,18 +24,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inferpool._exceptions import ProviderError, RequestError
-from inferpool.constants import job_items_key, job_key
-from inferpool.inflight import inflight_item
-from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus
+from inferpool.constants import CANCELLED_CODE, EXPIRED_CODE, job_items_key, job_key
 from inferpool.model_registry.capability import check_request_fits
+from inferpool.plumbing.redis_connection import decode_text
+from inferpool.plumbing.settings import Settings
 from inferpool.provider_batch.api import LineOutcome, ProviderBatchApi
-from inferpool.provider_batch.paths import batch_limits
-from inferpool.provider_batch.records import PBatchState, ProviderBatch
 from inferpool.provider_batch.store import LockLost, ProviderBatchStore, StepLock
-from inferpool.redis_connection import decode_text
-from inferpool.results import ResultRecord
-from inferpool.settings import Settings
-from inferpool.wire import TaskItem
+from inferpool.provider_batch.via import batch_limits
+from inferpool.state.items import item_from_record
+from inferpool.state.results import ResultRecord
+from inferpool.wire import JobStatus, PBatchState, ProviderBatch, TaskItem
 from inferpool.workers.backend import Generation
 
 if TYPE_CHECKING:
@@ -43,8 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Test-only fault injection: ``after-upload`` or ``after-create`` ends the process right after that
-#: provider call, before its result is recorded (the crash-safety tests).
+#: Test-only fault injection (``Settings.fault_provider_batch``): ``after-upload`` or ``after-create`` ends the
+#: process right after that provider call, before its result is recorded (the crash-safety tests).
 FAULT_ENV = "INFERPOOL_FAULT_PROVIDER_BATCH"
 _PAGE = 1000
 #: HTTP statuses of a refused upload or create that no retry will change.
@@ -63,7 +61,7 @@ class ProviderBatchRunner:
         self.redis = store.redis
         self.spec = runtime.spec
         self._dir = work_dir or Path(tempfile.gettempdir()) / "inferpool-provider-batches"
-        self._fault = os.environ.get(FAULT_ENV, "")
+        self._fault = settings.fault_provider_batch
         self._step = _StepState()  # per thread: Celery runs steps of different batches at once
 
     # -- one step -----------------------------------------------------------------------------------------
@@ -210,7 +208,7 @@ class ProviderBatchRunner:
     def _items(self, job_id: str, rids: list[str]) -> list[TaskItem]:
         """The items of ``rids`` still unanswered (an answered or settled one has no item any more)."""
         records: Any = self.redis.hmget(job_items_key(job_id), rids)
-        return [inflight_item(rid, record) for rid, record in zip(rids, records, strict=True) if record is not None]
+        return [item_from_record(rid, record) for rid, record in zip(rids, records, strict=True) if record is not None]
 
     def _upload(self, batch: ProviderBatch, *, look_first: bool) -> None:
         name, since = self._file_name(batch), batch.marked_at or batch.created_at

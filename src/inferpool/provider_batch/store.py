@@ -15,7 +15,7 @@ looks the object up by the name or metadata it was made with before making it ag
 
 Lines move from the job's pending list into a provider batch in one script (like the scheduler's take of
 real-time lines), so none is lost between the two. A line's answer is written through the exactly-once
-result path (``inferpool.results``): collecting twice writes nothing twice.
+result path (``inferpool.state.results``): collecting twice writes nothing twice.
 
 A step runs under the batch's lock (``StepLock``), renewed by a thread every third of its hold while the
 step lasts, so a slow upload or create is never taken over by a twin while its worker lives. Every record a
@@ -48,10 +48,9 @@ from inferpool.constants import (
     provider_batch_lock_key,
     provider_batch_rids_key,
 )
-from inferpool.jobstore import fenced_call
-from inferpool.provider_batch.records import PBatchState, ProviderBatch
-from inferpool.redis_connection import decode_text
-from inferpool.wire import new_id
+from inferpool.plumbing.redis_connection import decode_text
+from inferpool.state.leader_fence import fenced_call, lua_fence
+from inferpool.wire import PBatchState, ProviderBatch, new_id
 
 #: How long the claimed provider ids are remembered (longer than any provider batch lives).
 _CLAIMED_RETENTION_S = 30 * 86400
@@ -60,10 +59,9 @@ _CLAIMED_RETENTION_S = 30 * 86400
 # Moves up to ARGV[1] ids from a job's pending list (KEYS[1]) into a new provider batch (KEYS[2] hash,
 # KEYS[3] ids), due now (KEYS[4]) and listed for its job (KEYS[5]). Fenced by the scheduler lease
 # (KEYS[6], ARGV[8]) like the real-time take. ARGV: limit, pbatch id, job, model, provider, now, ttl, fence.
-_FORM = """
-if ARGV[8] ~= '' and redis.call('GET', KEYS[6]) ~= ARGV[8] then
-  return redis.error_reply('inferpool: not the leader')
-end
+_FORM = (
+    lua_fence("KEYS[6]", "ARGV[8]")
+    + """
 local rids = redis.call('LPOP', KEYS[1], ARGV[1])
 if not rids then return 0 end
 redis.call('RPUSH', KEYS[3], unpack(rids))
@@ -76,6 +74,7 @@ for k = 2, 5 do
 end
 return #rids
 """
+)
 
 # Splits a prepared provider batch (KEYS[1] hash, KEYS[2] ids) after its first ARGV[1] lines: the rest go
 # into a new one (KEYS[3] hash, KEYS[4] ids), due now (KEYS[5]) and listed for the job (KEYS[6]). Only
@@ -201,8 +200,8 @@ class StepLock:
             self._thread.join(timeout=5)
 
 
-def path_field(model: str) -> str:
-    """The job hash field holding the path (``PathChoice`` JSON) chosen for ``model``."""
+def via_field(model: str) -> str:
+    """The job hash field holding the path (``ViaChoice`` JSON) chosen for ``model``."""
     return f"path:{model}"
 
 
@@ -315,7 +314,7 @@ class ProviderBatchStore:
                 job_pending_key(batch.job_id, batch.model), job_key(batch.job_id),
                 provider_batch_lock_key(batch.id)]  # fmt: skip
         path = json.dumps({"via": "realtime", "reason": reason})
-        back = _fenced(self._close, keys, [outcome, batch.id, path_field(batch.model), path,
+        back = _fenced(self._close, keys, [outcome, batch.id, via_field(batch.model), path,
                                            fence.token if fence else "", *(back_to_realtime or [])])  # fmt: skip
         return int(back)
 

@@ -1,6 +1,8 @@
-"""Turning requests into routed tasks: routing and batch-file parsing."""
+"""The scheduler service: runs batch jobs (dispatch with a window per model, cancel, expiry, recovery, the
+lease between several schedulers). Routing and batch-line parsing run in the client (``inferpool.client``);
+their names stay importable from here for code written before they moved."""
 
-from inferpool.scheduler.batch_input import AcceptedLine, BatchLineParser, ParsedLine, RejectedLine
-from inferpool.scheduler.router import Route, Router
+from inferpool.client.batch_lines import AcceptedLine, BatchLineParser, ParsedLine, RejectedLine
+from inferpool.client.routing import Route, Router
 
 __all__ = ["AcceptedLine", "BatchLineParser", "ParsedLine", "RejectedLine", "Route", "Router"]

@@ -17,7 +17,7 @@ import threading
 import redis
 
 from inferpool.constants import SCHEDULER_FENCE_KEY, SCHEDULER_LEASE_KEY
-from inferpool.redis_connection import decode_text
+from inferpool.plumbing.redis_connection import decode_text
 
 log = logging.getLogger(__name__)
 

@@ -31,16 +31,17 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from inferpool._exceptions import ModelNotFound
-from inferpool.celery_app import publish_chunk_json
-from inferpool.constants import JOBS_ACTIVE_KEY, Priority, job_key
-from inferpool.heartbeats import count_live_workers
-from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus, JobStore, NotLeader
+from inferpool.constants import CANCELLED_CODE, EXPIRED_CODE, JOBS_ACTIVE_KEY, Priority, job_key
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
+from inferpool.plumbing.celery_app import publish_chunk_json
+from inferpool.plumbing.settings import Settings
 from inferpool.provider_batch.planner import ProviderBatchPlanner
 from inferpool.scheduler.lease import SchedulerLease
-from inferpool.settings import Settings
-from inferpool.wire import chunk_json, describe_chunk
+from inferpool.state.heartbeats import count_live_workers
+from inferpool.state.jobs import JobStore
+from inferpool.state.leader_fence import NotLeader
+from inferpool.wire import JobStatus, chunk_json, describe_chunk
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class Scheduler:
         )
         code = ModelNotFound.code
         refused = self.store.drop_pending(job_id, code, message, models=[model])
-        refused += self.store.settle_inflight(job_id, code, message, model=model)
+        refused += self.store.end_dispatched(job_id, code, message, model=model)
         log.warning("job %s: %d request(s) for model %r refused: not in the scheduler's registry (%s)", job_id,
                     refused, model, self.registry.describe_sources())  # fmt: skip
         return refused
@@ -286,7 +287,7 @@ class Scheduler:
             code, status = EXPIRED_CODE, JobStatus.EXPIRED
             message = "the batch's completion window ended before this request finished"
         self.store.drop_pending(job.job_id, code, message, models=job.models)
-        self.store.settle_inflight(job.job_id, code, message)
+        self.store.end_dispatched(job.job_id, code, message)
         # Answers the provider finished are paid for: collect them before anything is settled (the provider
         # batch's own window started later than the job's), for at most the grace period.
         unfinished = self.planner.collect_at_window_end(job.job_id)

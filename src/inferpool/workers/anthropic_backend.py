@@ -7,10 +7,15 @@ from typing import TYPE_CHECKING, Any
 
 from inferpool._exceptions import InvalidRequest
 from inferpool.model_registry.spec import ModelSpec
-from inferpool.settings import Settings
-from inferpool.streams import current_delta_sink
-from inferpool.wire import ChatRequest, FinishReason
-from inferpool.workers.anthropic_translate import conversation, tool_arguments, tool_calls_of
+from inferpool.plumbing.settings import Settings
+from inferpool.state.streams import current_delta_sink
+from inferpool.wire import ChatRequest
+from inferpool.workers.anthropic_translate import (
+    FINISH_REASONS,
+    conversation,
+    message_generation,
+    tool_arguments,
+)
 from inferpool.workers.api_backend import (
     ApiBackend,
     ProviderReply,
@@ -20,15 +25,9 @@ from inferpool.workers.api_backend import (
     stopped_generation,
     streamed_generation,
 )
-from inferpool.workers.backend import Generation
 
 if TYPE_CHECKING:
     from inferpool.provider_batch.api import ProviderBatchApi
-
-_FINISH: dict[str, FinishReason] = {
-    "end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
-    "refusal": "content_filter", "pause_turn": "stop",
-}  # fmt: skip
 
 
 class AnthropicBackend(ApiBackend):
@@ -119,7 +118,7 @@ class AnthropicBackend(ApiBackend):
                     output_tokens = event.usage.output_tokens
         except Exception as exc:  # classify_sdk_error re-raises anything it does not recognise
             raise classify_sdk_error(exc, self._sdk) from exc
-        finish = None if stop_reason is None else _FINISH.get(stop_reason, "stop")
+        finish = None if stop_reason is None else FINISH_REASONS.get(stop_reason, "stop")
         generation = streamed_generation(
             parts,
             finish,
@@ -139,15 +138,3 @@ class AnthropicBackend(ApiBackend):
         from inferpool.provider_batch.anthropic_batch import AnthropicBatchApi
 
         return AnthropicBatchApi(self._client, self.translate)
-
-
-def message_generation(message: Any) -> Generation:
-    """An SDK ``Message`` as a ``Generation`` (the real-time answer, and a batch result's message)."""
-    text = "".join(getattr(block, "text", "") for block in message.content if block.type == "text")
-    return Generation(
-        text=text,
-        finish_reason=_FINISH.get(message.stop_reason or "end_turn", "stop"),
-        prompt_tokens=message.usage.input_tokens,
-        completion_tokens=message.usage.output_tokens,
-        tool_calls=tuple(tool_calls_of(message.content)),
-    )

@@ -13,8 +13,14 @@ import json
 from typing import Any
 
 from inferpool._exceptions import InvalidRequest
-from inferpool.wire import ChatMessage, ChatRequest
-from inferpool.workers.backend import tool_call
+from inferpool.wire import ChatMessage, ChatRequest, FinishReason
+from inferpool.workers.backend import Generation, tool_call
+
+FINISH_REASONS: dict[str, FinishReason] = {
+    "end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
+    "refusal": "content_filter", "pause_turn": "stop",
+}  # fmt: skip
+
 
 _TOOL_CHOICE = {"auto": "auto", "required": "any", "none": "none"}
 
@@ -95,3 +101,15 @@ def tool_arguments(request: ChatRequest) -> dict[str, Any]:
 def tool_calls_of(blocks: Any) -> list[dict[str, Any]]:
     """The ``tool_use`` blocks of an Anthropic answer as OpenAI tool calls."""
     return [tool_call(b.id, b.name, json.dumps(b.input)) for b in blocks if getattr(b, "type", "") == "tool_use"]
+
+
+def message_generation(message: Any) -> Generation:
+    """An SDK ``Message`` as a ``Generation`` (the real-time answer, and a batch result's message)."""
+    text = "".join(getattr(block, "text", "") for block in message.content if block.type == "text")
+    return Generation(
+        text=text,
+        finish_reason=FINISH_REASONS.get(message.stop_reason or "end_turn", "stop"),
+        prompt_tokens=message.usage.input_tokens,
+        completion_tokens=message.usage.output_tokens,
+        tool_calls=tuple(tool_calls_of(message.content)),
+    )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
-import os
 import random
 import re
 from abc import ABC, abstractmethod
@@ -24,11 +23,12 @@ from typing import Any
 import redis.asyncio
 from pydantic import BaseModel, ConfigDict, Field
 
-from inferpool._exceptions import STREAM_CANCELLED_CODE, ModelLoadError, ProviderError, RequestError
+from inferpool._exceptions import ModelLoadError, ProviderError, RequestError
+from inferpool.constants import STREAM_CANCELLED_CODE
 from inferpool.model_registry.spec import ModelSpec
-from inferpool.redis_connection import async_redis_from_url
-from inferpool.settings import Settings
-from inferpool.streams import current_delta_sink
+from inferpool.plumbing.redis_connection import async_redis_from_url
+from inferpool.plumbing.settings import Settings
+from inferpool.state.streams import current_delta_sink
 from inferpool.wire import ChatRequest, FinishReason
 from inferpool.workers.backend import Generation, GenerationOutcome, gather_outcomes, parse_params, tool_call
 from inferpool.workers.ratelimit import RateLimitSpec, SharedRateLimiter, limit_group
@@ -124,7 +124,7 @@ def read_api_key(params: ApiParams, default_env: str) -> str:
             raise ModelLoadError(f"the API key file {params.api_key_file} is empty")
         return key
     variable = params.api_key_env or default_env
-    key = os.environ.get(variable, "").strip()
+    key = Settings.environment_secret(variable).strip()
     if not key:
         raise ModelLoadError(
             f"no API key: set {variable} (or api_key_env / api_key_file in the model's registry params)"

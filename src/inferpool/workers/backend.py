@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from inferpool._exceptions import ConfigurationError, ModelLoadError, ProviderError, RequestError
 from inferpool.constants import BACKEND_ENTRY_POINT_GROUP
 from inferpool.model_registry.spec import ModelSpec
-from inferpool.settings import Settings
+from inferpool.plumbing.settings import Settings
 from inferpool.wire import ChatRequest, FinishReason
 
 

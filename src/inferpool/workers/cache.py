@@ -26,7 +26,7 @@ import redis
 
 from inferpool.constants import CACHE_INDEX_KEY, DEFAULT_TENANT, cache_entry_key, cache_lock_key
 from inferpool.model_registry.spec import ModelSpec
-from inferpool.settings import Settings
+from inferpool.plumbing.settings import Settings
 from inferpool.wire import ChatRequest
 from inferpool.workers.backend import ExtraChoice, Generation
 

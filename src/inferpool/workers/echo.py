@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from inferpool._exceptions import ContextLengthExceeded, ProviderError
 from inferpool.model_registry.spec import ModelSpec
-from inferpool.settings import Settings
-from inferpool.streams import DeltaSink, current_delta_sink
+from inferpool.plumbing.settings import Settings
+from inferpool.state.streams import DeltaSink, current_delta_sink
 from inferpool.wire import ChatRequest, FinishReason
 from inferpool.workers.backend import Generation, GenerationOutcome, parse_params
 

@@ -21,15 +21,15 @@ import redis
 from celery import Celery
 
 from inferpool._exceptions import ContextLengthExceeded, ProviderError, RequestError
-from inferpool.celery_app import publish_chunk
 from inferpool.constants import MODEL_INFLIGHT_KEY, job_items_key
-from inferpool.deadletters import DeadLetters
-from inferpool.heartbeats import count_live_workers
-from inferpool.inflight import LUA_INFLIGHT_MODEL, record_json
 from inferpool.model_registry.capability import check_request_fits
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
-from inferpool.redis_connection import decode_text
+from inferpool.plumbing.celery_app import publish_chunk
+from inferpool.plumbing.redis_connection import decode_text
+from inferpool.state.dead_letters import DeadLetters
+from inferpool.state.heartbeats import count_live_workers
+from inferpool.state.items import LUA_ITEM_HOLDER, record_json
 from inferpool.wire import TaskChunk, TaskItem
 from inferpool.workers.backend import GenerationOutcome
 
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 # request was answered meanwhile, moves nothing). KEYS: the job's items hash, the per-model in-flight
 # counts. ARGV: from model, to model, then request id / new item JSON pairs. Returns the request ids moved.
 _MOVE_INFLIGHT = (
-    LUA_INFLIGHT_MODEL
+    LUA_ITEM_HOLDER
     + """
 local moved = {}
 for i = 3, #ARGV, 2 do
@@ -134,7 +134,7 @@ class FailurePolicy:
             log.info("passing %d request(s) of %s to fallback %s", moving.size, chunk.describe(), model)
             publish_chunk(self.celery, moving)
 
-    def bury(self, chunk: TaskChunk, items: Sequence[TaskItem], outcomes: dict[str, GenerationOutcome],
+    def dead_letter(self, chunk: TaskChunk, items: Sequence[TaskItem], outcomes: dict[str, GenerationOutcome],
              written: Sequence[bool]) -> int:  # fmt: skip
         """Copy to the dead-letter stream each provider failure this call wrote the result of."""
         dead = [

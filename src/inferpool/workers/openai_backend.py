@@ -6,12 +6,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from inferpool.model_registry.spec import ModelSpec
-from inferpool.settings import Settings
-from inferpool.streams import current_delta_sink
-from inferpool.wire import ChatRequest, FinishReason
+from inferpool.plumbing.settings import Settings
+from inferpool.state.streams import current_delta_sink
+from inferpool.wire import ChatRequest
 from inferpool.workers.api_backend import (
     ApiBackend,
-    ApiFailure,
     ProviderReply,
     StreamedToolCalls,
     classify_sdk_error,
@@ -19,15 +18,10 @@ from inferpool.workers.api_backend import (
     stopped_generation,
     streamed_generation,
 )
-from inferpool.workers.backend import Generation, tool_call
+from inferpool.workers.openai_translate import _FINISH, completion_generation
 
 if TYPE_CHECKING:
     from inferpool.provider_batch.api import ProviderBatchApi
-
-_FINISH: dict[str, FinishReason] = {
-    "stop": "stop", "length": "length", "tool_calls": "tool_calls", "function_call": "tool_calls",
-    "content_filter": "content_filter",
-}  # fmt: skip
 
 
 class OpenAIBackend(ApiBackend):
@@ -112,25 +106,6 @@ class OpenAIBackend(ApiBackend):
         from inferpool.provider_batch.openai_batch import OpenAIBatchApi
 
         return OpenAIBatchApi(self._client, self.translate)
-
-
-def completion_generation(completion: Any) -> Generation:
-    """An SDK ``ChatCompletion`` as a ``Generation`` (the real-time answer, and a batch output line's body)."""
-    if not completion.choices:
-        raise ApiFailure("the response has no choices", retryable=True)
-    choice = completion.choices[0]
-    usage = completion.usage
-    return Generation(
-        text=choice.message.content or "",
-        finish_reason=_FINISH.get(choice.finish_reason or "stop", "stop"),
-        prompt_tokens=usage.prompt_tokens if usage else 0,
-        completion_tokens=usage.completion_tokens if usage else 0,
-        tool_calls=tuple(
-            tool_call(call.id, call.function.name, call.function.arguments)
-            for call in choice.message.tool_calls or ()
-            if call.type == "function"
-        ),
-    )
 
 
 def _add_call_pieces(calls: StreamedToolCalls, deltas: Any) -> None:

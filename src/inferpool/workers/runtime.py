@@ -22,19 +22,26 @@ import pydantic_core
 import redis
 from celery import Celery
 
-from inferpool._exceptions import STREAM_CANCELLED_CODE, InvalidRequest, ProviderError, RequestError
-from inferpool.constants import DEFAULT_TENANT, job_items_key, job_key, stream_cancel_key
-from inferpool.heartbeats import beat, withdraw
-from inferpool.inflight import held_by, inflight_item
-from inferpool.jobstore import CANCELLED_CODE, EXPIRED_CODE, JobStatus
+from inferpool._exceptions import InvalidRequest, ProviderError, RequestError
+from inferpool.constants import (
+    CANCELLED_CODE,
+    DEFAULT_TENANT,
+    EXPIRED_CODE,
+    STREAM_CANCELLED_CODE,
+    job_items_key,
+    job_key,
+    stream_cancel_key,
+)
 from inferpool.model_registry.capability import check_request_fits
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import BatchApiSpec, ModelSpec
-from inferpool.redis_connection import decode_text
-from inferpool.results import ResultRecord, ResultWriter
-from inferpool.settings import Settings
-from inferpool.streams import DeltaSink, bind_delta_sink, open_streams, unbind_delta_sink
-from inferpool.wire import ChatRequest, TaskChunk, TaskItem, random_hex
+from inferpool.plumbing.redis_connection import decode_text
+from inferpool.plumbing.settings import Settings
+from inferpool.state.heartbeats import beat, withdraw
+from inferpool.state.items import held_by, item_from_record
+from inferpool.state.results import ResultRecord, ResultWriter
+from inferpool.state.streams import DeltaSink, bind_delta_sink, open_streams, unbind_delta_sink
+from inferpool.wire import ChatRequest, JobStatus, TaskChunk, TaskItem, random_hex
 from inferpool.workers.backend import Backend, ExtraChoice, Generation, GenerationOutcome
 from inferpool.workers.cache import CachePlan, ResponseCache, cache_key, cache_scope, cache_ttl_s
 from inferpool.workers.failures import FailurePolicy
@@ -67,7 +74,7 @@ def default_worker_id(model_name: str) -> str:
 
 
 @dataclass
-class _Todo:
+class _Unanswered:
     """A chunk's requests to answer; ``stopped`` ends them all (their job was cancelled or expired), ``ended``
     some of them without running (a stored item this version cannot read, a request its client gave up on)."""
 
@@ -153,13 +160,15 @@ class WorkerRuntime:
 
     def _process(self, chunk: TaskChunk, maybe_answered: bool) -> ChunkReport:
         started = time.time()
-        found = None if started > chunk.enqueued_at + chunk.result_ttl_s else self._todo(chunk, maybe_answered)
-        if found is None:
+        unanswered = (
+            None if started > chunk.enqueued_at + chunk.result_ttl_s else self._unanswered(chunk, maybe_answered)
+        )
+        if unanswered is None:
             # Its results' retention (and maybe its job's) is over: whoever wanted the answers is gone, and a
             # result written now would count the requests a second time.
             log.warning("chunk %s outlived its results' retention; dropped unrun", chunk.describe())
             return ChunkReport(0, chunk.size, 0, 0)
-        todo, stopped, ended = found.items, found.stopped, found.ended
+        todo, stopped, ended = unanswered.items, unanswered.stopped, unanswered.ended
         skipped = chunk.size - len(todo)
         outcomes: dict[str, GenerationOutcome] = {}
         hook_s: dict[str, float] = {}
@@ -197,7 +206,7 @@ class WorkerRuntime:
                                       hook_s.get(item.request_id), cached=item.request_id in cached)
                    for item in todo]  # fmt: skip
         flags = self._writer.write_records(chunk.job_id, self.spec.name, records, chunk.result_ttl_s)
-        self._failures.bury(chunk, todo, outcomes, flags)
+        self._failures.dead_letter(chunk, todo, outcomes, flags)
         written = sum(flags)
         errors = sum(1 for record in records if not record.ok)
         report = ChunkReport(written, skipped, len(flags) - written, errors)
@@ -236,7 +245,7 @@ class WorkerRuntime:
                 outcomes[item.request_id], seconds = self.hooks.after(item.request, outcome)
                 hook_s[item.request_id] = hook_s.get(item.request_id, 0.0) + seconds
 
-    def _todo(self, chunk: TaskChunk, maybe_answered: bool) -> _Todo | None:
+    def _unanswered(self, chunk: TaskChunk, maybe_answered: bool) -> _Unanswered | None:
         """The chunk's requests still to answer; None if the chunk's job is gone.
 
         A chunk of refs reads its items from the job (one round trip, with the job's status): an item that
@@ -244,7 +253,7 @@ class WorkerRuntime:
         """
         if not chunk.refs or chunk.job_id is None:
             already = self._writer.existing([item.request_id for item in chunk.items]) if maybe_answered else set()
-            todo = _Todo([item for item in chunk.items if item.request_id not in already])
+            todo = _Unanswered([item for item in chunk.items if item.request_id not in already])
             if chunk.job_id is None:
                 todo.ended.update(self._abandoned(todo.items))
             return todo
@@ -254,12 +263,12 @@ class WorkerRuntime:
         status, records = pipe.execute()
         if status is None:
             return None
-        todo = _Todo([], _stop_error(decode_text(status)))
+        todo = _Unanswered([], _stop_error(decode_text(status)))
         for request_id, record in zip(chunk.refs, records, strict=True):
             if record is None or not held_by(record, self.spec.name):
                 continue
             try:
-                todo.items.append(inflight_item(request_id, record))
+                todo.items.append(item_from_record(request_id, record))
             except ValueError as exc:  # a stored item this version cannot read: its own error, not the chunk's
                 todo.ended[request_id] = InvalidRequest(f"the stored request cannot be read: {exc}")
                 placeholder = ChatRequest.model_construct(model=self.spec.name, messages=[])

@@ -9,14 +9,14 @@ import redis
 from celery import signals
 
 from inferpool._exceptions import ModelLoadError, RedisUnavailable
-from inferpool.celery_app import create_celery_app
 from inferpool.constants import model_queues
 from inferpool.model_registry.registry import Registry
-from inferpool.process_tuning import tune_gc_for_throughput
+from inferpool.plumbing.celery_app import create_celery_app
+from inferpool.plumbing.process_tuning import tune_gc_for_throughput
+from inferpool.plumbing.redis_connection import connect_redis
+from inferpool.plumbing.settings import Settings
 from inferpool.provider_batch.runner import ProviderBatchRunner
 from inferpool.provider_batch.store import ProviderBatchStore
-from inferpool.redis_connection import connect_redis
-from inferpool.settings import Settings
 from inferpool.workers.backend import create_backend
 from inferpool.workers.cache import ResponseCache
 from inferpool.workers.hooks import load_hooks

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from inferpool._exceptions import CapabilityMismatch, InvalidRequest, ModelLoadError, RequestError
 from inferpool.model_registry.spec import ModelSpec
-from inferpool.settings import Settings
+from inferpool.plumbing.settings import Settings
 from inferpool.wire import ChatRequest, FinishReason
 from inferpool.workers.backend import Generation, GenerationOutcome, gather_outcomes, parse_params
 from inferpool.workers.batcher import DynamicBatcher

@@ -25,8 +25,8 @@ from pydantic import Field
 
 from inferpool._exceptions import InvalidRequest, ModelLoadError, ProviderError, RequestError
 from inferpool.model_registry.spec import ModelSpec
-from inferpool.settings import Settings
-from inferpool.streams import current_delta_sink
+from inferpool.plumbing.settings import Settings
+from inferpool.state.streams import current_delta_sink
 from inferpool.wire import ChatRequest, FinishReason
 from inferpool.workers.backend import ExtraChoice, Generation, GenerationOutcome, gather_outcomes, parse_params
 from inferpool.workers.local_model import CheckpointParams, chat_prompt_ids, output_budget, requested_adapter

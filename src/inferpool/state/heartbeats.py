@@ -15,7 +15,7 @@ import redis
 import redis.asyncio
 
 from inferpool.constants import worker_heartbeat_key, worker_heartbeats_key
-from inferpool.redis_connection import decode_text
+from inferpool.plumbing.redis_connection import decode_text
 
 # KEYS: the worker's heartbeat key, the model's heartbeat set. ARGV: worker id, ttl (s), payload JSON.
 _BEAT = """

@@ -15,7 +15,7 @@ import redis
 from pydantic import BaseModel
 
 from inferpool.constants import DEAD_LETTERS_KEY, DEAD_LETTERS_MAX
-from inferpool.redis_connection import decode_text
+from inferpool.plumbing.redis_connection import decode_text
 from inferpool.wire import TaskItem
 
 

@@ -148,12 +148,29 @@ class Settings(BaseSettings):
         "is run again by another worker.",
     )  # fmt: skip
 
+    flower_auth: str = Field(
+        default="", repr=False,
+        description="Flower's `user:password` (INFERPOOL_FLOWER_AUTH); `inferpool flower` will not start without it.",
+    )  # fmt: skip
+    fault_provider_batch: str = Field(
+        default="",
+        description="Tests only: `after-upload` or `after-create` ends a worker right after that provider call.",
+    )
+
     @field_validator("registry", "models_dir", mode="before")
     @classmethod
     def _split_registry(cls, value: object) -> object:
         if isinstance(value, str):
             return [Path(p) for p in value.split(":") if p]
         return value
+
+    @staticmethod
+    def environment_secret(variable: str) -> str:
+        """The value of the environment variable ``variable`` (a provider's API key, named by the registry),
+        read when asked and never kept in a settings object, so it cannot end up in a log or a repr."""
+        import os
+
+        return os.environ.get(variable, "")
 
     def user_registry_file(self) -> Path:
         """``$XDG_CONFIG_HOME/inferpool/registry.yaml`` (default ``~/.config/...``): merged when it exists."""

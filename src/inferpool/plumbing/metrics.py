@@ -1,7 +1,7 @@
 """Prometheus metrics for the whole pool, read from Redis at each scrape.
 
 Served by one process (the scheduler, with ``--metrics-port``), never by Celery children: every number
-comes from Redis, where workers count each request once (``inferpool.results``), so any number of
+comes from Redis, where workers count each request once (``inferpool.state.results``), so any number of
 worker processes report through one endpoint without per-process registries. Tokens per second and
 cost per hour are ``rate()`` of the counters.
 """
@@ -21,9 +21,10 @@ from inferpool.constants import (
     USAGE_TOTAL_KEY,
 )
 from inferpool.model_registry.registry import Registry
-from inferpool.redis_connection import decode_text
-from inferpool.stats import read_model_load
-from inferpool.usage import ModelUsage, merge_usage, usage_from_counters
+from inferpool.plumbing.redis_connection import decode_text
+from inferpool.state.load import read_model_load
+from inferpool.state.usage import merge_usage, usage_from_counters
+from inferpool.wire import ModelUsage
 
 _COUNTERS = (
     ("requests", "inferpool_requests", "Requests answered or failed, counted once each."),

@@ -3,14 +3,14 @@
 A job's keys (all in ``inferpool.constants``):
 
 - ``job:{id}`` hash: status, timestamps, counters (``total``, ``completed``, ``failed``), priority, models.
-- ``job:{id}:items`` hash: request id -> ``<model>|<task item JSON>`` (``inferpool.inflight``) for every
+- ``job:{id}:items`` hash: request id -> ``<model>|<task item JSON>`` (``inferpool.state.items``) for every
   unanswered request: the one copy of each prompt in Redis. Deleted with the writing of its result.
 - ``job:{id}:pending:{model}`` lists: ids of the requests not yet dispatched.
 - ``job:{id}:inflight-since`` sorted set: ids of the dispatched, unanswered requests, by dispatch time. The
   scheduler moves ids here atomically as it dispatches them, and re-sends what is here when it starts, so
   a scheduler crash between taking ids and publishing them loses nothing (a re-send may run a request
   twice; its result is still written once). Chunks carry ids only: workers read the items.
-- ``job:{id}:completed`` stream and ``job:{id}:usage`` hash: written by ``inferpool.results``.
+- ``job:{id}:completed`` stream and ``job:{id}:usage`` hash: written by ``inferpool.state.results``.
 
 State lives entirely in Redis: a client can exit and come back, and a restarted scheduler resumes.
 """
@@ -22,13 +22,13 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import redis
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 
 from inferpool.constants import (
+    FAILED_CODE,
     JOBS_ACTIVE_KEY,
     JOBS_INDEX_KEY,
     MODEL_INFLIGHT_KEY,
@@ -44,38 +44,23 @@ from inferpool.constants import (
     provider_batch_key,
     tenant_jobs_key,
 )
-from inferpool.inflight import LUA_INFLIGHT_MODEL, PendingRecord, inflight_item, inflight_record, split_record
-from inferpool.provider_batch.paths import PathChoice
-from inferpool.provider_batch.records import ProviderBatch
-from inferpool.redis_connection import decode_text
-from inferpool.results import ResultWriter, parse_result, stored_results
-from inferpool.usage import ModelUsage, usage_from_counters
-from inferpool.wire import ErrorInfo, RequestResult, TaskItem
+from inferpool.plumbing.redis_connection import decode_text
+from inferpool.state.items import LUA_ITEM_HOLDER, PendingRecord, item_from_record, item_record, split_record
+from inferpool.state.leader_fence import fenced_call, lua_fence
+from inferpool.state.results import ResultWriter, parse_result, stored_results
+from inferpool.state.usage import usage_from_counters
+from inferpool.wire import (
+    BatchJob,
+    ErrorInfo,
+    JobStatus,
+    ProviderBatch,
+    RequestCounts,
+    RequestResult,
+    TaskItem,
+    ViaChoice,
+)
 
 log = logging.getLogger(__name__)
-
-
-class JobStatus(StrEnum):
-    """The OpenAI batch object's statuses."""
-
-    VALIDATING = "validating"
-    FAILED = "failed"
-    IN_PROGRESS = "in_progress"
-    FINALIZING = "finalizing"
-    COMPLETED = "completed"
-    EXPIRED = "expired"
-    CANCELLING = "cancelling"
-    CANCELLED = "cancelled"
-
-    @property
-    def is_final(self) -> bool:
-        return self in (JobStatus.FAILED, JobStatus.COMPLETED, JobStatus.EXPIRED, JobStatus.CANCELLED)
-
-
-#: Error codes for requests a job settles without running them.
-CANCELLED_CODE = "batch_cancelled"
-EXPIRED_CODE = "batch_expired"
-FAILED_CODE = "batch_failed"
 
 
 @dataclass(frozen=True)
@@ -89,71 +74,23 @@ class NewJob:
     tenant: str | None = None
     input_file_id: str | None = None
     cache: bool | None = None  # lines that set no ``cache`` of their own get this one (not stored)
-    via: str = "auto"  # realtime, provider-batch or auto (inferpool.provider_batch.paths)
+    via: str = "auto"  # realtime, provider-batch or auto (inferpool.provider_batch.via)
 
 
-class RequestCounts(BaseModel):
-    total: int = 0
-    completed: int = 0
-    failed: int = 0
-
-
-class BatchJob(BaseModel):
-    """A batch job as the OpenAI batch object shows it, plus priority and usage per model."""
-
-    id: str
-    object: str = "batch"
-    endpoint: str = "/v1/chat/completions"
-    status: JobStatus
-    created_at: int
-    in_progress_at: int | None = None
-    finalizing_at: int | None = None
-    completed_at: int | None = None
-    cancelling_at: int | None = None
-    cancelled_at: int | None = None
-    expires_at: int | None = None
-    expired_at: int | None = None
-    failed_at: int | None = None
-    completion_window: str = "24h"
-    request_counts: RequestCounts = Field(default_factory=RequestCounts)
-    priority: int = 0
-    models: list[str] = Field(default_factory=list)
-    metadata: dict[str, str] = Field(default_factory=dict)
-    errors: list[str] = Field(default_factory=list)
-    tenant: str | None = Field(default=None, description="Who owns the job, where a gateway created it for a key.")
-    input_file_id: str | None = None
-    usage: list[ModelUsage] = Field(default_factory=list)
-    via: str = Field(default="realtime", description="The path asked for: auto, realtime or provider-batch.")
-    paths: dict[str, PathChoice] = Field(
-        default_factory=dict, description="Per model: the path its lines take (real-time or the provider's Batch "
-        "API) and why.",
-    )  # fmt: skip
-    provider_batches: list[ProviderBatch] = Field(
-        default_factory=list, description="Its batches at the providers (lines sent through a Batch API)."
-    )
-
-    @property
-    def finished(self) -> int:
-        return self.request_counts.completed + self.request_counts.failed
-
-
-#: Completion-stream entries read per ``XRANGE``: an entry holds one chunk's results (up to its chunk size).
 _ENTRIES_PER_READ = 8
 _TIMESTAMPS = ("in_progress_at", "finalizing_at", "completed_at", "cancelling_at", "cancelled_at", "expired_at",
                "failed_at", "expires_at")  # fmt: skip
 
 #: The error a fenced script answers when the caller's lease (fencing value) is no longer the current one
 #: (written out in the scripts below).
-NOT_LEADER_ERROR = "inferpool: not the leader"
 
 # Moves up to ARGV[1] request ids from a pending list (KEYS[1]) into flight: stamped in the job's
 # in-flight set (KEYS[2]) and counted for the model (ARGV[2]) in KEYS[3] and the job (KEYS[4]). The items
 # stay where they are (the job's items hash): only ids move, whatever the prompts' size. Fenced: with a
 # lease value (ARGV[5]), nothing moves unless the scheduler lease (KEYS[5]) still holds it.
-_TAKE_PENDING = """
-if ARGV[5] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[5] then
-  return redis.error_reply('inferpool: not the leader')
-end
+_TAKE_PENDING = (
+    lua_fence("KEYS[5]", "ARGV[5]")
+    + """
 local rids = redis.call('LPOP', KEYS[1], ARGV[1])
 if not rids then
   return {}
@@ -166,17 +103,16 @@ redis.call('HINCRBY', KEYS[3], ARGV[2], #rids)
 redis.call('HINCRBY', KEYS[4], 'dispatched', #rids)
 return rids
 """
+)
 
 
 # In-flight requests dispatched before ARGV[1] (at most ARGV[3]), re-stamped ARGV[2], to be re-sent:
 # returns request id, holding model pairs (KEYS[1] the in-flight set, KEYS[2] the items hash). An id whose
 # item is gone (answered meanwhile) is dropped from the set. Fenced like _TAKE_PENDING (KEYS[3], ARGV[4]).
 _TAKE_STALE = (
-    LUA_INFLIGHT_MODEL
+    LUA_ITEM_HOLDER
+    + lua_fence("KEYS[3]", "ARGV[4]")
     + """
-if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[4] then
-  return redis.error_reply('inferpool: not the leader')
-end
 local rids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
 local out = {}
 for _, rid in ipairs(rids) do
@@ -198,7 +134,7 @@ return out
 # and the models their items name; ARGV: the key prefix and the two suffixes around a job id. One
 # script: no result written between reading and writing the counts can leave a count nothing frees.
 _RECOUNT = (
-    LUA_INFLIGHT_MODEL
+    LUA_ITEM_HOLDER
     + """
 local counts = {}
 for _, job_id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
@@ -240,19 +176,6 @@ end
 """
 
 
-class NotLeader(Exception):
-    """A fenced script refused: another scheduler holds the lease now."""
-
-
-def fenced_call(script: Any, keys: list[str], args: list[Any]) -> Any:
-    try:
-        return script(keys=keys, args=args)
-    except redis.ResponseError as exc:
-        if NOT_LEADER_ERROR in str(exc):
-            raise NotLeader(str(exc)) from exc
-        raise
-
-
 def _pairs(flat: Sequence[Any]) -> list[tuple[Any, Any]]:
     """A script's flat reply ``[a1, b1, a2, b2, ...]`` as pairs."""
     return list(zip(flat[::2], flat[1::2], strict=True))
@@ -262,11 +185,13 @@ def _decode(mapping: Any) -> dict[str, str]:
     return {decode_text(k): decode_text(v) for k, v in mapping.items()}
 
 
-def settled_record(job_id: str, request_id: str, record: bytes | None, code: str, message: str) -> RequestResult:
-    """``settled_result`` for an item record; one that is missing or unreadable is settled by request id."""
+def error_result_of_record(
+    job_id: str, request_id: str, record: bytes | None, code: str, message: str
+) -> RequestResult:
+    """``error_result`` for an item record; one that is missing or unreadable is settled by request id."""
     if record is not None:
         try:
-            return settled_result(job_id, inflight_item(request_id, record), code, message)
+            return error_result(job_id, item_from_record(request_id, record), code, message)
         except ValueError:  # pydantic's ValidationError, or no model prefix
             pass
     return RequestResult(request_id=request_id, job_id=job_id, error=ErrorInfo(code=code, message=message))
@@ -318,7 +243,7 @@ class JobStore:
         ``models`` is every model the job has queued so far (the scheduler reads it to know where to look).
         """
         self.add_pending_records(job_id, [PendingRecord(item.request_id, item.served_model,
-                                                        inflight_record(item.served_model, item))
+                                                        item_record(item.served_model, item))
                                           for item in items], models)  # fmt: skip
 
     def add_pending_records(self, job_id: str, pending: Sequence[PendingRecord], models: Iterable[str]) -> None:
@@ -338,17 +263,19 @@ class JobStore:
             pipe.expire(job_pending_key(job_id, model), self.result_ttl_s)
         pipe.execute()
 
-    def settle(self, results: Sequence[RequestResult], *, new_lines: bool = False) -> None:
+    def end_lines(self, results: Sequence[RequestResult], *, new_lines: bool = False) -> None:
         """Write results the job decides itself: lines refused while uploading (``new_lines``: they have no
         item), or requests cancelled, expired or failed before they ran."""
         self.writer.write_many([(r, None) for r in results], self.result_ttl_s, new_lines=new_lines)
 
-    def settle_inflight(self, job_id: str, code: str, message: str, *, model: str | None = None) -> int:
+    def end_dispatched(self, job_id: str, code: str, message: str, *, model: str | None = None) -> int:
         """End every dispatched, unanswered request of the job (or only those with ``model``) with this
         error, in one round trip; returns how many. Each frees the window of the model it is counted under.
         """
         inflight = [entry for entry in self._inflight_records(job_id) if model is None or entry[1] == model]
-        results = [(settled_record(job_id, rid, record, code, message), holder) for rid, holder, record in inflight]
+        results = [
+            (error_result_of_record(job_id, rid, record, code, message), holder) for rid, holder, record in inflight
+        ]
         return sum(self.writer.write_many(results, self.result_ttl_s))
 
     def _inflight_records(self, job_id: str) -> list[tuple[str, str, bytes | None]]:
@@ -404,7 +331,7 @@ class JobStore:
                                             failed=int(raw.get("failed", 0))),
             "usage": usage, "tenant": raw.get("tenant"), "input_file_id": raw.get("input_file_id"),
             "via": raw.get("via", "realtime"), "provider_batches": self._provider_batches(job_id),
-            "paths": {name.removeprefix("path:"): PathChoice.model_validate_json(value)
+            "paths": {name.removeprefix("path:"): ViaChoice.model_validate_json(value)
                       for name, value in raw.items() if name.startswith("path:")},
         }  # fmt: skip
         for name in _TIMESTAMPS:
@@ -533,7 +460,7 @@ class JobStore:
                 dropped += len(rids)
                 records: Any = self.redis.hmget(job_items_key(job_id), rids)
                 if code is not None:
-                    self.settle([settled_record(job_id, rid, record, code, message)
+                    self.end_lines([error_result_of_record(job_id, rid, record, code, message)
                                  for rid, record in zip(rids, records, strict=True)])  # fmt: skip
                 else:
                     self.redis.hdel(job_items_key(job_id), *rids)
@@ -564,7 +491,7 @@ class JobStore:
         return self.redis.brpoplpush(key, key, timeout=max(0.001, timeout_s)) is not None
 
 
-def settled_result(job_id: str, item: TaskItem, code: str, message: str) -> RequestResult:
+def error_result(job_id: str, item: TaskItem, code: str, message: str) -> RequestResult:
     """The error result of a request the job ends without running it (counted for the item's tenant)."""
     return RequestResult(request_id=item.request_id, custom_id=item.custom_id, job_id=job_id, tenant=item.tenant,
                          error=ErrorInfo(code=code, message=message))  # fmt: skip

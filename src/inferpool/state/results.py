@@ -25,9 +25,13 @@ from typing import Any
 import redis
 
 from inferpool.constants import (
+    COMPLETED_RESULT_V1,
+    COMPLETED_RESULTS,
+    COMPLETED_SKIPPED,
     DEFAULT_TENANT,
     MODEL_INFLIGHT_KEY,
     MODEL_LATENCY_KEY,
+    STREAM_DONE,
     STREAM_MAX_ENTRIES,
     USAGE_RETENTION_S,
     USAGE_TOTAL_KEY,
@@ -40,12 +44,12 @@ from inferpool.constants import (
     stream_key,
     usage_day_key,
 )
-from inferpool.inflight import LUA_INFLIGHT_MODEL
-from inferpool.usage import latency_bucket
+from inferpool.state.items import LUA_ITEM_HOLDER
+from inferpool.state.usage import latency_bucket
 from inferpool.wire import RequestResult
 
 _WRITE_ONCE = (
-    LUA_INFLIGHT_MODEL
+    LUA_ITEM_HOLDER
     + """
 -- KEYS: job hash, job completed stream, job items hash, per-model in-flight hash, job usage hash,
 --       job in-flight-since sorted set, the day's usage hash, the all-time usage hash (Prometheus counters),
@@ -141,7 +145,9 @@ for i, r in ipairs(records) do
       redis.call('RPUSH', prefix .. r.rid .. ':notify', '1')
       redis.call('EXPIRE', prefix .. r.rid .. ':notify', ttl)
       if redis.call('EXISTS', stream_prefix .. r.rid) == 1 then
-        redis.call('XADD', stream_prefix .. r.rid, 'MAXLEN', '~', stream_cap, '*', 'd', '1')
+        redis.call('XADD', stream_prefix .. r.rid, 'MAXLEN', '~', stream_cap, '*', '"""
+    + STREAM_DONE
+    + """', '1')
       end
     end
   else
@@ -173,9 +179,15 @@ end
 if completed + failed > 0 then
   if is_job then
     if #skipped == 0 then
-      redis.call('XADD', KEYS[2], '*', 'z2', job_results)
+      redis.call('XADD', KEYS[2], '*', '"""
+    + COMPLETED_RESULTS
+    + """', job_results)
     else
-      redis.call('XADD', KEYS[2], '*', 'z2', job_results, 's', table.concat(skipped, ','))
+      redis.call('XADD', KEYS[2], '*', '"""
+    + COMPLETED_RESULTS
+    + """', job_results, '"""
+    + COMPLETED_SKIPPED
+    + """', table.concat(skipped, ','))
     end
   end
   count_usage(KEYS[7], tenant .. '|' .. model .. '|')
@@ -357,10 +369,10 @@ _ZDICT_V1 = (
 )
 #: A completion-stream entry's results: one JSON per line (JSON text never holds a raw newline), compressed
 #: together with ``_ZDICT_V1``. Field ``s``: the positions of the lines not written, comma-separated.
-STORED_RESULTS_FIELD = b"z2"
-SKIPPED_FIELD = b"s"
+STORED_RESULTS_FIELD = COMPLETED_RESULTS.encode()
+SKIPPED_FIELD = COMPLETED_SKIPPED.encode()
 #: One result per entry, compressed alone with ``_ZDICT_V1`` (written by earlier versions; still read).
-STORED_RESULT_FIELD_V1 = b"z1"
+STORED_RESULT_FIELD_V1 = COMPLETED_RESULT_V1.encode()
 #: zlib level 1: on a 500-result echo chunk, 1.7 us and ~62 bytes a result; level 6, 3.1 us and ~53 bytes.
 _LEVEL = 1
 

@@ -5,7 +5,7 @@ already says it) and without defaults, which is a third of an echo job's Redis m
 model prefix says which model holds the request
 (whose per-model in-flight count it takes while dispatched), so whoever settles the request (its
 result, or a fallback moving it) frees the right model's window without parsing the item. Lua scripts
-that read records share ``LUA_INFLIGHT_MODEL``.
+that read records share ``LUA_ITEM_HOLDER``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pydantic_core import to_json
 from inferpool.wire import ChatRequest, TaskItem
 
 #: Lua: ``inflight_model(record)`` -> the served model a record is held by.
-LUA_INFLIGHT_MODEL = """
+LUA_ITEM_HOLDER = """
 local function inflight_model(record)
   return string.sub(record, 1, string.find(record, '|', 1, true) - 1)
 end
@@ -57,7 +57,7 @@ def record_json(item: TaskItem) -> bytes:
     return item_json(item.request, item.custom_id, item.tenant, item.warnings, item.tried)
 
 
-def inflight_record(model: str, item: TaskItem) -> bytes:
+def item_record(model: str, item: TaskItem) -> bytes:
     """The record of an item held by ``model`` (a registry name: never contains '|')."""
     return model.encode() + b"|" + record_json(item)
 
@@ -74,7 +74,7 @@ def split_record(record: bytes | str) -> tuple[str, str]:
     return model, item_json
 
 
-def inflight_item(request_id: str, record: bytes | str) -> TaskItem:
+def item_from_record(request_id: str, record: bytes | str) -> TaskItem:
     """The item of ``request_id`` from its record; ``ValueError`` (pydantic's ``ValidationError``) if the record
     is not one. Validated straight from the record's bytes with the id spliced in (one copy of the prompt:
     a worker reads 500 of them per chunk)."""

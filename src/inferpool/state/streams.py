@@ -26,56 +26,26 @@ import contextvars
 import logging
 import time
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import redis
 import redis.asyncio
-from pydantic import BaseModel, Field
 
-from inferpool._exceptions import STREAM_RESTARTED_CODE, RequestError
-from inferpool.constants import STREAM_MAX_ENTRIES, stream_cancel_key, stream_key
-from inferpool.wire import FinishReason, RequestResult, Usage
+from inferpool._exceptions import RequestError
+from inferpool.constants import (
+    STREAM_DONE,
+    STREAM_MAX_ENTRIES,
+    STREAM_OFFSET,
+    STREAM_RESTART,
+    STREAM_RESTARTED_CODE,
+    STREAM_STARTED,
+    STREAM_TEXT,
+    stream_cancel_key,
+    stream_key,
+)
+from inferpool.wire import ChatCompletionChunk, ChunkChoice, ChunkDelta, RequestResult, Usage
 
 log = logging.getLogger(__name__)
-
-# -- the chunk objects (OpenAI ``chat.completion.chunk``) -------------------------------------------------
-
-
-class ChunkDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    tool_calls: list[dict[str, Any]] | None = Field(
-        default=None, description="Tool calls, whole, in the choice's last delta (each with its ``index``)."
-    )
-
-
-class ChunkChoice(BaseModel):
-    index: int
-    delta: ChunkDelta
-    finish_reason: FinishReason | None = None
-    logprobs: dict[str, Any] | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    """One piece of a streamed answer, as OpenAI's API streams it. The last chunk of a stream has no
-    choices and carries ``usage``."""
-
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
-
-    @property
-    def text(self) -> str:
-        """The first choice's new text (empty when the chunk carries none)."""
-        for choice in self.choices:
-            if choice.index == 0:
-                return choice.delta.content or ""
-        return ""
-
 
 # -- the worker's side ------------------------------------------------------------------------------------
 
@@ -137,8 +107,8 @@ class DeltaSink:
     def _publish(self, offset: int, text: str, restart: int) -> bool:
         pipe = self._client.pipeline(transaction=False)
         if restart:
-            pipe.xadd(self._key, {"r": restart}, maxlen=STREAM_MAX_ENTRIES, approximate=True)
-        pipe.xadd(self._key, {"o": offset, "t": text}, maxlen=STREAM_MAX_ENTRIES, approximate=True)
+            pipe.xadd(self._key, {STREAM_RESTART: restart}, maxlen=STREAM_MAX_ENTRIES, approximate=True)
+        pipe.xadd(self._key, {STREAM_OFFSET: offset, STREAM_TEXT: text}, maxlen=STREAM_MAX_ENTRIES, approximate=True)
         pipe.exists(self._cancel_key)
         return bool(pipe.execute()[-1])
 
@@ -184,7 +154,7 @@ def open_streams(client: redis.Redis, request_ids: list[str], model: str, ttl_s:
         return
     pipe = client.pipeline(transaction=False)
     for request_id in request_ids:
-        pipe.xadd(stream_key(request_id), {"s": model}, maxlen=STREAM_MAX_ENTRIES, approximate=True)
+        pipe.xadd(stream_key(request_id), {STREAM_STARTED: model}, maxlen=STREAM_MAX_ENTRIES, approximate=True)
         pipe.expire(stream_key(request_id), ttl_s)
     pipe.execute()
 
@@ -217,14 +187,14 @@ class StreamAssembler:
         for entry_id, raw_fields in entries:
             self.position = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
             fields = {_text(k): _text(v) for k, v in raw_fields.items()}
-            if "s" in fields:
-                self._model = self._model or fields["s"]
+            if STREAM_STARTED in fields:
+                self._model = self._model or fields[STREAM_STARTED]
                 yield from self._open()
-            elif "t" in fields:
-                yield from self._delta(int(fields["o"]), fields["t"])
-            elif "r" in fields:
+            elif STREAM_TEXT in fields:
+                yield from self._delta(int(fields[STREAM_OFFSET]), fields[STREAM_TEXT])
+            elif STREAM_RESTART in fields:
                 self._restarted, self._received = True, 0
-            elif "d" in fields:
+            elif STREAM_DONE in fields:
                 self.done = True
                 return
 

@@ -9,24 +9,8 @@ reason are recorded on the job per model and shown by ``inferpool batch status``
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
-from pydantic import BaseModel
-
 from inferpool.model_registry.spec import ModelSpec
-
-Via = Literal["auto", "realtime", "provider-batch"]
-VIA_CHOICES: tuple[str, ...] = get_args(Via)
-_VIAS: dict[str, Via] = {"auto": "auto", "realtime": "realtime", "provider-batch": "provider-batch"}
-
-
-def as_via(value: str) -> Via | None:
-    """``value`` as a ``Via``, or None if it is not one."""
-    return _VIAS.get(value)
-
-
-#: The error code of lines sent ``--via provider-batch`` for a model that cannot use a Batch API.
-UNAVAILABLE_CODE = "provider_batch_unavailable"
+from inferpool.wire import ViaChoice
 
 #: The providers' own limits per batch: (requests, bytes of input).
 PROVIDER_LIMITS: dict[str, tuple[int, int]] = {
@@ -34,14 +18,6 @@ PROVIDER_LIMITS: dict[str, tuple[int, int]] = {
     "anthropic": (100_000, 256 * 1024 * 1024),
 }
 _DAY_S = 24 * 3600
-
-
-class PathChoice(BaseModel):
-    """The path of one model's lines in one job, and why (``unavailable``: they asked for a Batch API the
-    model does not have, and end with ``provider_batch_unavailable``)."""
-
-    via: Literal["realtime", "provider-batch", "unavailable"]
-    reason: str
 
 
 def batch_provider(spec: ModelSpec) -> str | None:
@@ -75,26 +51,26 @@ def waits_for_upload(spec: ModelSpec, via: str) -> bool:
     return via != "realtime" and unavailable_reason(spec) is None
 
 
-def choose_path(spec: ModelSpec, via: str, window_s: float, lines: int) -> PathChoice:
+def choose_via(spec: ModelSpec, via: str, window_s: float, lines: int) -> ViaChoice:
     """The path of ``lines`` lines of a job for ``spec``."""
     if via == "realtime":
-        return PathChoice(via="realtime", reason="asked for (--via realtime)")
+        return ViaChoice(via="realtime", reason="asked for (--via realtime)")
     why_not = unavailable_reason(spec)
     if via == "provider-batch":
         if why_not is not None:
-            return PathChoice(via="unavailable", reason=f"model {spec.name!r} cannot use its provider's Batch API: "
+            return ViaChoice(via="unavailable", reason=f"model {spec.name!r} cannot use its provider's Batch API: "
                               f"{why_not}; submit the job with --via auto or --via realtime")  # fmt: skip
-        return PathChoice(via="provider-batch", reason=f"asked for (--via provider-batch); {_prices(spec)}")
+        return ViaChoice(via="provider-batch", reason=f"asked for (--via provider-batch); {_prices(spec)}")
     if why_not is not None:
-        return PathChoice(via="realtime", reason=f"auto: {why_not}")
+        return ViaChoice(via="realtime", reason=f"auto: {why_not}")
     assert spec.batch_api is not None
     if window_s < _DAY_S:
-        return PathChoice(via="realtime", reason=f"auto: the job's completion window ({window_s / 3600:g} h) is "
+        return ViaChoice(via="realtime", reason=f"auto: the job's completion window ({window_s / 3600:g} h) is "
                           "shorter than the providers' 24 h batch window")  # fmt: skip
     if lines < spec.batch_api.min_lines:
-        return PathChoice(via="realtime", reason=f"auto: {lines} lines, fewer than the model's batch_api.min_lines "
+        return ViaChoice(via="realtime", reason=f"auto: {lines} lines, fewer than the model's batch_api.min_lines "
                           f"({spec.batch_api.min_lines})")  # fmt: skip
-    return PathChoice(via="provider-batch", reason=f"auto: {lines} lines, a 24 h window; {_prices(spec)}")
+    return ViaChoice(via="provider-batch", reason=f"auto: {lines} lines, a 24 h window; {_prices(spec)}")
 
 
 def _prices(spec: ModelSpec) -> str:

@@ -18,7 +18,7 @@ from inferpool.constants import queue_name, split_adapter
 from inferpool.model_registry.capability import check_request_fits
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
-from inferpool.stats import ModelLoad
+from inferpool.state.load import ModelLoad
 from inferpool.wire import AUTO_MODEL, ChatRequest, RoutingHints
 
 #: No tokenizer makes fewer tokens than characters / this, so a prompt over the window by this estimate

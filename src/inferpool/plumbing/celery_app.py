@@ -11,8 +11,8 @@ from typing import Any
 from celery import Celery
 
 from inferpool.constants import TASK_PROCESS_CHUNK, Priority, queue_name
-from inferpool.redis_connection import kombu_broker
-from inferpool.settings import Settings
+from inferpool.plumbing.redis_connection import kombu_broker
+from inferpool.plumbing.settings import Settings
 from inferpool.wire import TaskChunk
 
 
@@ -35,7 +35,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     return {
         "broker_url": broker_url,
-        # Results travel through inferpool's own keys (inferpool.results), not Celery's backend.
+        # Results travel through inferpool's own keys (inferpool.state.results), not Celery's backend.
         "result_backend": None,
         "task_ignore_result": True,
         "result_expires": 3600,

@@ -9,8 +9,6 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from inferpool.redis_connection import decode_text
-
 
 class PBatchState(StrEnum):
     PREPARED = "prepared"
@@ -56,3 +54,7 @@ class ProviderBatch(BaseModel):
     @property
     def finished(self) -> bool:
         return self.state == PBatchState.COLLECTED
+
+
+def decode_text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -8,9 +8,16 @@ TTFT is counted only for answers whose backend could observe it (see ``Generatio
 from __future__ import annotations
 
 import bisect
+import datetime as dt
 from collections.abc import Iterable, Mapping
 
-from pydantic import BaseModel
+import redis
+
+from inferpool.constants import (
+    usage_day_key,
+)
+from inferpool.plumbing.redis_connection import decode_text
+from inferpool.wire import ModelUsage
 
 #: Upper bounds, in seconds, of the latency histogram buckets ("inf" catches the rest).
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
@@ -20,36 +27,6 @@ def latency_bucket(seconds: float) -> str:
     """The histogram bucket (its upper bound, as text) that ``seconds`` falls in."""
     index = bisect.bisect_left(LATENCY_BUCKETS_S, seconds)
     return "inf" if index == len(LATENCY_BUCKETS_S) else repr(LATENCY_BUCKETS_S[index])
-
-
-class ModelUsage(BaseModel):
-    model: str
-    tenant: str | None = None
-    requests: int = 0
-    errors: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    latency_p50_s: float | None = None
-    latency_p95_s: float | None = None
-    retried: int = 0
-    cache_hits: int = 0
-    saved_usd: float = 0.0
-    latency_sum_s: float = 0.0
-    latency_histogram: dict[float, int] = {}
-    ttft_p50_s: float | None = None
-    ttft_p95_s: float | None = None
-    ttft_sum_s: float = 0.0
-    ttft_histogram: dict[float, int] = {}
-
-    @property
-    def ttft_count(self) -> int:
-        """Answers whose time to first token was measured."""
-        return sum(self.ttft_histogram.values())
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
 
 
 def histogram_percentile(histogram: Mapping[float, int], q: float) -> float | None:
@@ -70,7 +47,7 @@ _HISTOGRAMS = ("latency", "ttft")
 
 def usage_from_counters(counters: Mapping[str, str], *, by_tenant: bool = False) -> list[ModelUsage]:
     """Usage rows from a counters hash: ``<model>|<counter>`` (a job's), or with ``by_tenant``
-    ``<tenant>|<model>|<counter>`` (a day's); see ``inferpool.results``."""
+    ``<tenant>|<model>|<counter>`` (a day's); see ``inferpool.state.results``."""
     rows: dict[tuple[str | None, str], ModelUsage] = {}
     histograms: dict[tuple[str, str | None, str], dict[float, int]] = {}
     for field, value in counters.items():
@@ -125,3 +102,25 @@ def merge_usage(rows: Iterable[ModelUsage]) -> list[ModelUsage]:
                 values = [v for v in (getattr(total, name), getattr(row, name)) if v is not None]
                 setattr(total, name, max(values) if values else None)
     return sorted(merged.values(), key=lambda r: (r.tenant or "", r.model))
+
+
+def read_usage(
+    client: redis.Redis,
+    since: dt.date,
+    until: dt.date | None = None,
+    *,
+    model: str | None = None,
+    tenant: str | None = None,
+) -> list[ModelUsage]:
+    """Usage from ``since`` to ``until`` (UTC days, inclusive; default today), one row per tenant and model."""
+    until = until or dt.datetime.now(dt.UTC).date()
+    days = [since + dt.timedelta(days=n) for n in range((until - since).days + 1)]
+    pipe = client.pipeline(transaction=False)
+    for day in days:
+        pipe.hgetall(usage_day_key(day.isoformat()))
+    rows: list[ModelUsage] = []
+    for counters in pipe.execute():
+        decoded = {decode_text(k): decode_text(v) for k, v in counters.items()}
+        rows.extend(usage_from_counters(decoded, by_tenant=True))
+    rows = [r for r in rows if (model is None or r.model == model) and (tenant is None or r.tenant == tenant)]
+    return merge_usage(rows)

@@ -25,7 +25,7 @@ from typing import Self
 import redis
 
 from inferpool._exceptions import PoolStartError
-from inferpool.heartbeats import live_worker_ids
+from inferpool.state.heartbeats import live_worker_ids
 
 
 def free_port() -> int:

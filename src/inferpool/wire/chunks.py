@@ -1,0 +1,47 @@
+"""Streamed answers as OpenAI sends them: ``chat.completion.chunk`` objects."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from inferpool.wire.results import FinishReason, Usage
+
+# -- the chunk objects (OpenAI ``chat.completion.chunk``) -------------------------------------------------
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(
+        default=None, description="Tool calls, whole, in the choice's last delta (each with its ``index``)."
+    )
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    finish_reason: FinishReason | None = None
+    logprobs: dict[str, Any] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One piece of a streamed answer, as OpenAI's API streams it. The last chunk of a stream has no
+    choices and carries ``usage``."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The first choice's new text (empty when the chunk carries none)."""
+        for choice in self.choices:
+            if choice.index == 0:
+                return choice.delta.content or ""
+        return ""
