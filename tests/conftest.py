@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 import redis
@@ -23,6 +25,7 @@ from inferpool.plumbing.local_pool import (
     EmbeddedRedis,
     WorkerProcess,
     free_port,
+    start_inferpool_process,
     start_scheduler_process,
     start_worker_process,
     stop_process,
@@ -226,3 +229,30 @@ def assert_answered_once(job: BatchJob, output_ids: list[str | None], count: int
     assert job.request_counts.model_dump() == {"total": count, "completed": count, "failed": 0}
     assert sorted(i or "" for i in output_ids) == sorted(f"l{i}" for i in range(count))
     assert [row.requests for row in job.usage] == [count]
+
+
+def start_gateway(redis_url: str, log_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    """An ``inferpool gateway`` process on a free port, once it answers ``/ready``: (process, base URL)."""
+    port = free_port()
+    proc = start_inferpool_process(["gateway", "--port", str(port)], redis_url, log_path, env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, "the gateway did not become ready"
+        time.sleep(0.2)
+
+
+def stop_gateway(proc: subprocess.Popen[bytes], log_path: Path) -> str:
+    """Stop it, check it ended cleanly and logged no traceback; returns its log."""
+    stop_process(proc, grace_s=10)
+    log = log_path.read_text()
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal: -15 is its clean exit.
+    assert proc.returncode in (0, -15), log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    return log

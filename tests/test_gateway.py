@@ -18,7 +18,9 @@ import redis
 from inferpool import Client
 from inferpool.constants import stream_key
 from inferpool.gateway.keys import ApiKeys
-from inferpool.plumbing.local_pool import WorkerProcess, free_port, start_inferpool_process, stop_process
+from inferpool.plumbing.local_pool import WorkerProcess
+
+from .conftest import start_gateway, stop_gateway
 
 pytestmark = pytest.mark.usefixtures("echo_worker", "echo_trickle_worker", "scheduler")
 
@@ -31,26 +33,10 @@ def ask(text: str) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def gateway_url(redis_url: str, session_dir: Path) -> Iterator[str]:
-    port = free_port()
-    env = {"INFERPOOL_FILES_DIR": str(session_dir / "gateway-files")}
-    proc = start_inferpool_process(["gateway", "--port", str(port)], redis_url, session_dir / "gateway.log", env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, (session_dir / "gateway.log").read_text()
-        assert time.monotonic() < deadline, "the gateway did not become ready"
-        time.sleep(0.2)
+    log_path = session_dir / "gateway.log"
+    proc, url = start_gateway(redis_url, log_path, {"INFERPOOL_FILES_DIR": str(session_dir / "gateway-files")})
     yield f"{url}/v1"
-    stop_process(proc, grace_s=10)
-    log = (session_dir / "gateway.log").read_text()
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal: -15 is its clean exit.
-    assert proc.returncode in (0, -15), log[-3000:]
-    assert "Traceback" not in log, log[-3000:]
+    stop_gateway(proc, log_path)
 
 
 @pytest.fixture(scope="module")

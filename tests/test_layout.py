@@ -133,3 +133,31 @@ def test_the_environment_check_sees_reads() -> None:
         4,
     ]
     assert _environment_reads(ast.parse("import os\nos.environ['X'] = '1'\nos.environ.setdefault('Y', '1')\n")) == []
+
+
+#: What each room may import (besides itself): the wire knows only fixed names and errors; state builds on
+#: the wire and the plumbing; client and workers never import each other.
+ALLOWED = {
+    "inferpool.wire": {"inferpool.constants", "inferpool._exceptions"},
+    "inferpool.state": {"inferpool.constants", "inferpool._exceptions", "inferpool.wire", "inferpool.plumbing"},
+}
+FORBIDDEN = {"inferpool.client": {"inferpool.workers"}, "inferpool.workers": {"inferpool.client"}}
+
+
+def _room(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def test_rooms_import_only_what_they_may() -> None:
+    wrong = []
+    for module, targets in import_graph().items():
+        room = _room(module)
+        for target in targets:
+            other = _room(target)
+            if other == room:
+                continue
+            if room in ALLOWED and other not in ALLOWED[room]:
+                wrong.append(f"{module} -> {target}")
+            if other in FORBIDDEN.get(room, set()):
+                wrong.append(f"{module} -> {target}")
+    assert wrong == []

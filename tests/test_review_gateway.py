@@ -23,10 +23,9 @@ from inferpool.constants import MODEL_LATENCY_KEY, USAGE_TOTAL_KEY
 from inferpool.gateway.admission import Admission
 from inferpool.gateway.errors import HTTPError
 from inferpool.gateway.keys import ApiKeys
-from inferpool.plumbing.local_pool import free_port, start_inferpool_process, stop_process
 from inferpool.state.load import read_latency_p50
 
-from .conftest import wait_until
+from .conftest import start_gateway, stop_gateway, wait_until
 
 pytestmark = pytest.mark.usefixtures("echo_worker", "echo_trickle_worker", "scheduler")
 
@@ -36,28 +35,14 @@ BOUNDARY = "inferpoolboundary"
 
 @pytest.fixture(scope="module")
 def gateway(redis_url: str, session_dir: Path) -> Iterator[tuple[str, psutil.Process, Path]]:
-    port = free_port()
     files = session_dir / "review-gateway-files"
     env = {"INFERPOOL_FILES_DIR": str(files), "INFERPOOL_GATEWAY_REQUEST_TIMEOUT_S": "2",
            "INFERPOOL_GATEWAY_MAX_IN_FLIGHT_PER_TENANT": "3", "INFERPOOL_FILES_MAX_PER_TENANT": "3",
            "INFERPOOL_FILES_TTL_S": "4", "INFERPOOL_BATCH_MAX_BYTES": str(MAX_UPLOAD)}  # fmt: skip
     log_path = session_dir / "review-gateway.log"
-    proc = start_inferpool_process(["gateway", "--port", str(port)], redis_url, log_path, env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, log_path.read_text()
-        assert time.monotonic() < deadline, "the gateway did not become ready"
-        time.sleep(0.2)
+    proc, url = start_gateway(redis_url, log_path, env)
     yield url, psutil.Process(proc.pid), files
-    stop_process(proc, grace_s=10)
-    log = log_path.read_text()
-    assert "Traceback" not in log, log[-3000:]
+    log = stop_gateway(proc, log_path)
     # Client mistakes are answered, not logged above info (issue 25.11).
     assert not [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line], log[-3000:]
 

@@ -78,7 +78,7 @@ def job_key(job_id: str) -> str:
 
 
 def job_completed_stream_key(job_id: str) -> str:
-    """Stream of the request ids of a job, one entry per written result, in completion order."""
+    """Stream of a job's results in completion order, one entry per write call (a worker's chunk of results)."""
     return f"{KEY_PREFIX}job:{job_id}:completed"
 
 

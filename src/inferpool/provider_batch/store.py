@@ -343,9 +343,4 @@ class ProviderBatchStore:
 
 
 def _fenced(script: Any, keys: list[str], args: list[Any]) -> Any:
-    try:
-        return script(keys=keys, args=args)
-    except redis.ResponseError as exc:
-        if LOCK_LOST_ERROR in str(exc):
-            raise LockLost(str(exc)) from exc
-        raise
+    return fenced_call(script, keys, args, refusal=LOCK_LOST_ERROR, raises=LockLost)

@@ -10,7 +10,7 @@ is not stuck behind a 100k-line one.
 Nothing a client submits can stop it. Each job's work is contained: a model this scheduler's registry
 does not know fails that job's lines for it (``model_not_found``); any other error in one job is logged,
 and a job that keeps failing is marked failed with the reason. Only Redis or broker errors stop a tick;
-the loop waits and tries again. It keeps no state of its own: at start-up it recounts the per-model
+the loop waits and tries again. It keeps no state of its own: on each new leadership it recounts the per-model
 in-flight counts and re-sends each active job's in-flight requests (duplicates are harmless: results are
 written once); after that, never again, so a Redis hiccup does not pay for every in-flight request twice.
 """
@@ -118,11 +118,11 @@ class Scheduler:
         # Items taken into flight whose publishing failed (broker down): published first on the next tick.
         self._unsent: list[tuple[str, ModelSpec, list[str], bool]] = []
 
-    # -- start-up --------------------------------------------------------------------------------------
+    # -- on becoming the leader ----------------------------------------------------------------------
 
     def recover(self) -> int:
         """Recount requests in flight per model (one atomic script), then re-send the in-flight requests
-        of every active job (after a crash or restart). Runs once, at start-up."""
+        of every active job (after a crash or restart). Runs each time this scheduler becomes the leader."""
         counts = self.store.recount_inflight()
         resent = sum(self._guard(job_id, self._resend_inflight, job_id) or 0 for job_id in self.store.active_ids())
         log.info("recovered: %d in-flight requests re-sent; in flight per model: %s", resent, counts or "none")

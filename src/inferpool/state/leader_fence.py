@@ -21,10 +21,12 @@ class NotLeader(Exception):
     """A fenced script refused: another scheduler holds the lease now."""
 
 
-def fenced_call(script: Any, keys: list[str], args: list[Any]) -> Any:
+def fenced_call(script: Any, keys: list[str], args: list[Any], *, refusal: str = NOT_LEADER_ERROR,
+                raises: type[Exception] = NotLeader) -> Any:  # fmt: skip
+    """Run a fenced script; its ``refusal`` error (the fence did not hold) is raised as ``raises``."""
     try:
         return script(keys=keys, args=args)
     except redis.ResponseError as exc:
-        if NOT_LEADER_ERROR in str(exc):
-            raise NotLeader(str(exc)) from exc
+        if refusal in str(exc):
+            raise raises(str(exc)) from exc
         raise

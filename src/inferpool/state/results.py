@@ -1,17 +1,16 @@
 """Where results live in Redis and how they are written exactly once.
 
-Every result goes through one Lua script: ``SET NX`` on the result key and, only if that succeeded, a
-wake-up for waiters (single requests) or, for batch jobs, one count, the request's removal from the job's
-in-flight set (freeing the count of the model its item names), the deletion of its item and its usage. A
-chunk that runs twice after a crash or a redelivery therefore never yields two results or counts anything
-twice.
+Every result goes through one Lua script. A single request's result is its own key, written ``SET NX``,
+and only if that succeeded, a wake-up for its waiter. A batch request's result is written only while its
+item is still in the job's items hash, and the item is deleted in the same call (its presence is the "not
+yet answered" mark); with it go the job's counts, the request's removal from the in-flight set (freeing the
+count of the model its item names) and its usage. A chunk that runs twice after a crash or a redelivery
+therefore never yields two results or counts anything twice.
 
 A batch job's results live in its completion stream, one entry per script call (a worker's chunk): field
 ``z2`` holds the call's results, one JSON per line, compressed together (zlib with a preset dictionary), and
 field ``s`` the positions of the lines that were not written (their request already had a result), if any.
-Compressed together, an echo result takes ~60 bytes and ~2 us of the worker's CPU; compressed one by one
-(field ``z1``, one entry per result, as earlier versions wrote them; still read), ~220 bytes
-and ~7 us.
+Entries of the older format (``z1``: one result per entry) are still read.
 """
 
 from __future__ import annotations
