@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pydantic_core
@@ -30,9 +30,7 @@ from inferpool.constants import (
     STREAM_CANCELLED_CODE,
     job_items_key,
     job_key,
-    stream_cancel_key,
 )
-from inferpool.model_registry.capability import check_request_fits
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import BatchApiSpec, ModelSpec
 from inferpool.plumbing.redis_connection import decode_text
@@ -40,12 +38,13 @@ from inferpool.plumbing.settings import Settings
 from inferpool.state.heartbeats import beat, withdraw
 from inferpool.state.items import held_by, item_from_record
 from inferpool.state.results import ResultRecord, ResultWriter
-from inferpool.state.streams import DeltaSink, bind_delta_sink, open_streams, unbind_delta_sink
+from inferpool.state.streams import DeltaSink, bind_delta_sink, unbind_delta_sink
 from inferpool.wire import ChatRequest, JobStatus, TaskChunk, TaskItem, random_hex
 from inferpool.workers.backend import Backend, ExtraChoice, Generation, GenerationOutcome
-from inferpool.workers.cache import CachePlan, ResponseCache, cache_key, cache_scope, cache_ttl_s
+from inferpool.workers.cache import ResponseCache
 from inferpool.workers.failures import FailurePolicy
 from inferpool.workers.hooks import HookChain
+from inferpool.workers.pipeline import ChunkWork, Step, default_steps
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -71,16 +70,6 @@ class ChunkReport:
 
 def default_worker_id(model_name: str) -> str:
     return f"{model_name}@{socket.gethostname()}-{os.getpid()}"
-
-
-@dataclass
-class _Unanswered:
-    """A chunk's requests to answer; ``stopped`` ends them all (their job was cancelled or expired), ``ended``
-    some of them without running (a stored item this version cannot read, a request its client gave up on)."""
-
-    items: list[TaskItem]
-    stopped: RequestError | None = None
-    ended: dict[str, RequestError] = field(default_factory=dict)
 
 
 def _stop_error(status: str) -> RequestError | None:
@@ -123,16 +112,18 @@ class WorkerRuntime:
         celery: Celery | None = None,
         hooks: HookChain | None = None,
         cache: ResponseCache | None = None,
+        steps: Sequence[Step] | None = None,
     ) -> None:
         self.spec = spec
         self.backend = backend
         self.hooks = hooks or HookChain()
         self.cache = cache
+        self.steps = list(steps) if steps is not None else default_steps()
         self.settings = settings
         self.worker_id = worker_id or default_worker_id(spec.name)
-        self._redis = redis_client
+        self.redis = redis_client
         self._writer = ResultWriter(redis_client)
-        self._failures = FailurePolicy(spec, registry, redis_client, celery, dead_letter_ttl_s=settings.result_ttl_s)
+        self.failures = FailurePolicy(spec, registry, redis_client, celery, dead_letter_ttl_s=settings.result_ttl_s)
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="backend-loop", daemon=True)
         self._loop_thread.start()
@@ -159,93 +150,39 @@ class WorkerRuntime:
                 self._in_hand -= chunk.size
 
     def _process(self, chunk: TaskChunk, maybe_answered: bool) -> ChunkReport:
+        """The chunk through the steps (``inferpool.workers.pipeline``), the backend and the result write."""
         started = time.time()
-        unanswered = (
-            None if started > chunk.enqueued_at + chunk.result_ttl_s else self._unanswered(chunk, maybe_answered)
-        )
-        if unanswered is None:
+        work = None if started > chunk.enqueued_at + chunk.result_ttl_s else self._unanswered(chunk, maybe_answered)
+        if work is None:
             # Its results' retention (and maybe its job's) is over: whoever wanted the answers is gone, and a
             # result written now would count the requests a second time.
             log.warning("chunk %s outlived its results' retention; dropped unrun", chunk.describe())
             return ChunkReport(0, chunk.size, 0, 0)
-        todo, stopped, ended = unanswered.items, unanswered.stopped, unanswered.ended
-        skipped = chunk.size - len(todo)
-        outcomes: dict[str, GenerationOutcome] = {}
-        hook_s: dict[str, float] = {}
-        runnable: list[TaskItem] = []
-        arrived = {item.request_id: item for item in todo}  # before this model's hooks (a fallback runs its own)
-        for index, item in enumerate(todo):
-            if stopped is not None or item.request_id in ended:
-                outcomes[item.request_id] = stopped or ended[item.request_id]
-                continue
-            if self.hooks.hooks:
-                request, hook_s[item.request_id] = self.hooks.before(item.request)
-                if isinstance(request, RequestError):
-                    outcomes[item.request_id] = request
-                    continue
-                item = todo[index] = item.model_copy(update={"request": request})
-            try:
-                check_request_fits(self.spec, item.request)
-            except RequestError as exc:
-                outcomes[item.request_id] = exc
-            else:
-                runnable.append(item)
-        streamed = [item.request_id for item in todo if item.request.stream and item.request_id not in ended]
-        open_streams(self._redis, streamed, self.spec.name, chunk.result_ttl_s)
-        cached = self._answer(runnable, chunk.result_ttl_s, outcomes)
-        if self.hooks.hooks:
-            self._after_hooks(runnable, outcomes, hook_s)
-        moving = [(original, outcome, target) for item in runnable
-                  if isinstance(outcome := outcomes[item.request_id], RequestError)
-                  and (target := self._failures.fallback_for(original := arrived[item.request_id], outcome))
-                  is not None]  # fmt: skip
-        self._failures.forward(chunk, moving)
-        moved = {item.request_id for item, _, _ in moving}
-        todo = [item for item in todo if item.request_id not in moved]
-        records = [self.result_record(chunk.job_id, chunk.enqueued_at, item, outcomes[item.request_id], started,
-                                      hook_s.get(item.request_id), cached=item.request_id in cached)
-                   for item in todo]  # fmt: skip
+        skipped = chunk.size - len(work.items)
+        for step in self.steps:
+            step.before_generate(self, work)
+        work.ran = {item.request_id for item in work.undecided()}
+        work.outcomes.update(self._generate(work.to_generate(), chunk.result_ttl_s))
+
+        def generate(items: Sequence[TaskItem]) -> dict[str, GenerationOutcome]:
+            return self._generate(items, chunk.result_ttl_s)
+
+        for step in self.steps:
+            step.after_generate(self, work, generate)
+        to_write = work.to_write()
+        records = [self.result_record(chunk.job_id, chunk.enqueued_at, item, work.outcomes[item.request_id], started,
+                                      work.hooks_s.get(item.request_id), cached=item.request_id in work.cached)
+                   for item in to_write]  # fmt: skip
         flags = self._writer.write_records(chunk.job_id, self.spec.name, records, chunk.result_ttl_s)
-        self._failures.dead_letter(chunk, todo, outcomes, flags)
+        for step in self.steps:
+            step.after_write(self, work, flags)
         written = sum(flags)
         errors = sum(1 for record in records if not record.ok)
         report = ChunkReport(written, skipped, len(flags) - written, errors)
         log.info("chunk %s done: %s", chunk.describe(), report.as_dict())
         return report
 
-    def _answer(self, items: Sequence[TaskItem], ttl_s: int, outcomes: dict[str, GenerationOutcome]) -> set[str]:
-        """Put every item's outcome into ``outcomes``: from the response cache where the request may use it
-        (see ``inferpool.workers.cache``), else from the backend. Returns the ids answered from the cache."""
-        keys = {}
-        if self.cache is not None:
-            for item in items:
-                cache_ttl = cache_ttl_s(self.spec, item.request, self.settings.result_ttl_s)
-                if cache_ttl is not None:
-                    keys[item.request_id] = (cache_key(item.request, cache_scope(self.spec, item.tenant)), cache_ttl)
-        if self.cache is None or not keys:
-            outcomes.update(self._generate(items, ttl_s))
-            return set()
-        plan = CachePlan(self.cache, keys, self.worker_id)
-        now = plan.first_run()
-        outcomes.update(self._generate([i for i in items if i.request_id not in keys or i.request_id in now], ttl_s))
-        plan.store(outcomes, plan.mine)
-        abandoned = plan.wait()
-        if abandoned:
-            late = {plan.leader[digest] for digest in abandoned}
-            outcomes.update(self._generate([i for i in items if i.request_id in late], ttl_s))
-            plan.store(outcomes, abandoned)
-        return plan.fill(outcomes)
-
-    def _after_hooks(self, items: Sequence[TaskItem], outcomes: dict[str, GenerationOutcome],
-                     hook_s: dict[str, float]) -> None:  # fmt: skip
-        """Answers through the hooks' ``after_result`` (an error stays as it is)."""
-        for item in items:
-            outcome = outcomes[item.request_id]
-            if isinstance(outcome, Generation):
-                outcomes[item.request_id], seconds = self.hooks.after(item.request, outcome)
-                hook_s[item.request_id] = hook_s.get(item.request_id, 0.0) + seconds
-
-    def _unanswered(self, chunk: TaskChunk, maybe_answered: bool) -> _Unanswered | None:
+    def _unanswered(self, chunk: TaskChunk, maybe_answered: bool) -> ChunkWork | None:
         """The chunk's requests still to answer; None if the chunk's job is gone.
 
         A chunk of refs reads its items from the job (one round trip, with the job's status): an item that
@@ -253,40 +190,25 @@ class WorkerRuntime:
         """
         if not chunk.refs or chunk.job_id is None:
             already = self._writer.existing([item.request_id for item in chunk.items]) if maybe_answered else set()
-            todo = _Unanswered([item for item in chunk.items if item.request_id not in already])
-            if chunk.job_id is None:
-                todo.ended.update(self._abandoned(todo.items))
-            return todo
-        pipe = self._redis.pipeline(transaction=False)
+            return ChunkWork(chunk, [item for item in chunk.items if item.request_id not in already])
+        pipe = self.redis.pipeline(transaction=False)
         pipe.hget(job_key(chunk.job_id), "status")
         pipe.hmget(job_items_key(chunk.job_id), chunk.refs)
         status, records = pipe.execute()
         if status is None:
             return None
-        todo = _Unanswered([], _stop_error(decode_text(status)))
+        items: list[TaskItem] = []
+        ended: dict[str, RequestError] = {}
         for request_id, record in zip(chunk.refs, records, strict=True):
             if record is None or not held_by(record, self.spec.name):
                 continue
             try:
-                todo.items.append(item_from_record(request_id, record))
+                items.append(item_from_record(request_id, record))
             except ValueError as exc:  # a stored item this version cannot read: its own error, not the chunk's
-                todo.ended[request_id] = InvalidRequest(f"the stored request cannot be read: {exc}")
+                ended[request_id] = InvalidRequest(f"the stored request cannot be read: {exc}")
                 placeholder = ChatRequest.model_construct(model=self.spec.name, messages=[])
-                todo.items.append(TaskItem.model_construct(request_id=request_id, request=placeholder))
-        return todo
-
-    def _abandoned(self, items: Sequence[TaskItem]) -> dict[str, RequestError]:
-        """Single requests whose client gave up before they ran (the gateway's hang-up or timeout, a handle's
-        ``stop``): they end as ``request_cancelled`` without running, so a backed-up queue never does work
-        nobody reads."""
-        if not items:
-            return {}
-        pipe = self._redis.pipeline(transaction=False)
-        for item in items:
-            pipe.exists(stream_cancel_key(item.request_id))
-        error = RequestError("the client stopped waiting before this request ran; it was not run",
-                             code=STREAM_CANCELLED_CODE)  # fmt: skip
-        return {item.request_id: error for item, gone in zip(items, pipe.execute(), strict=True) if gone}
+                items.append(TaskItem.model_construct(request_id=request_id, request=placeholder))
+        return ChunkWork(chunk, items, _stop_error(decode_text(status)), ended)
 
     def _generate(self, items: Sequence[TaskItem], ttl_s: int) -> dict[str, GenerationOutcome]:
         """Each item's outcome. If the backend fails the whole call, each request is tried again on its
@@ -339,7 +261,7 @@ class WorkerRuntime:
         return [answers[item.request_id] for item in items]
 
     async def _generate_streamed(self, item: TaskItem, ttl_s: int) -> list[GenerationOutcome]:
-        sink = DeltaSink(self._redis, item.request_id, ttl_s)
+        sink = DeltaSink(self.redis, item.request_id, ttl_s)
         token = bind_delta_sink(sink)
         try:
             generated = await self.backend.generate([item.request])
@@ -459,7 +381,7 @@ class WorkerRuntime:
                 "at": time.time(),
             }
         )
-        beat(self._redis, self.spec.name, self.worker_id, self.settings.heartbeat_ttl_s, payload)
+        beat(self.redis, self.spec.name, self.worker_id, self.settings.heartbeat_ttl_s, payload)
 
     def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_ttl_s / 3
@@ -473,7 +395,7 @@ class WorkerRuntime:
         """Stop the heartbeat, remove it, and release the backend."""
         self._stop.set()
         with contextlib.suppress(redis.RedisError):
-            withdraw(self._redis, self.spec.name, self.worker_id)
+            withdraw(self.redis, self.spec.name, self.worker_id)
         asyncio.run_coroutine_threadsafe(self.backend.aclose(), self._loop).result(timeout=60)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=10)
