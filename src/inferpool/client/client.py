@@ -338,9 +338,10 @@ class AsyncClient(ClientBase):
         route: Route | None = None,
     ) -> AsyncResultHandle:
         await self._ensure_connected()
+        chat_request = build_request(request)  # validated once: single_chunk takes the model as it is
         if route is None:
-            route = await self.route_async(build_request(request))
-        chunk = self.single_chunk(request, custom_id, priority, tenant, route)
+            route = await self.route_async(chat_request)
+        chunk = self.single_chunk(chat_request, custom_id, priority, tenant, route)
         await asyncio.to_thread(self.publish, chunk)
         return AsyncResultHandle(self, chunk.items[0].request_id)
 

@@ -121,9 +121,6 @@ class _UploadParser:
     def flush(self) -> None:
         self._sink.flush()
 
-    def close(self) -> None:
-        self._sink.close()
-
     def _begin(self) -> None:
         self.parts += 1
         if self.parts > _MAX_PARTS:
