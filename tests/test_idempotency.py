@@ -35,7 +35,7 @@ def _chunk(redis_client: redis.Redis, job_id: str, n: int) -> TaskChunk:
     store = JobStore(redis_client, 600)
     store.create(job_id, NewJob(window_s=600, window_label="10m"))
     store.add_pending(job_id, _items(n), ["echo"])
-    refs = store.take_pending(job_id, "echo", n)
+    refs = [rid for rid, _ in store.take_pending(job_id, "echo", n)]
     return TaskChunk(job_id=job_id, model="echo", refs=refs, result_ttl_s=600)
 
 

@@ -139,6 +139,7 @@ def test_the_environment_check_sees_reads() -> None:
 #: the wire and the plumbing; client and workers never import each other.
 ALLOWED = {
     "inferpool.wire": {"inferpool.constants", "inferpool._exceptions"},
+    "inferpool.affinity": {"inferpool.constants", "inferpool._exceptions", "inferpool.wire"},
     "inferpool.state": {"inferpool.constants", "inferpool._exceptions", "inferpool.wire", "inferpool.plumbing"},
 }
 FORBIDDEN = {"inferpool.client": {"inferpool.workers"}, "inferpool.workers": {"inferpool.client"}}

@@ -74,7 +74,7 @@ def _provider_batch(client: redis.Redis, store: ProviderBatchStore, lines: int) 
         item = TaskItem(request_id=new_id("req"), custom_id=f"c{n}", request=request)
         client.hset(job_items_key(job_id), item.request_id, item_record(MODEL, item))
         rids.append(item.request_id)
-    client.rpush(job_pending_key(job_id, MODEL), *rids)
+    client.zadd(job_pending_key(job_id, MODEL), dict.fromkeys(rids, 0))
     pbatch_id, moved = store.form(job_id, MODEL, "openai", 100)
     assert moved == lines
     return job_id, pbatch_id

@@ -45,6 +45,18 @@ def model_queues(model_name: str) -> list[str]:
     return [queue_name(model_name, priority) for priority in Priority]
 
 
+def worker_queue_name(model_name: str, worker_id: str, priority: Priority = Priority.NORMAL) -> str:
+    """A worker's own queue of one priority (prefix affinity sends work there by name). It sorts just before
+    the model's shared queue of the same priority ('@' < any letter), so a worker takes its own work first
+    and never takes lower-priority work before higher."""
+    return f"inferpool.model.{model_name}.{_QUEUE_RANK[priority][0]}-@{worker_id}"
+
+
+def worker_queues(model_name: str, worker_id: str) -> list[str]:
+    """A worker's own queues, highest priority first."""
+    return [worker_queue_name(model_name, worker_id, priority) for priority in Priority]
+
+
 def result_key(request_id: str) -> str:
     """String key holding one request's result (JSON), written once (``SET NX``)."""
     return f"{KEY_PREFIX}result:{request_id}"

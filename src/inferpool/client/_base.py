@@ -11,10 +11,12 @@ import redis
 from pydantic import ValidationError
 
 from inferpool._exceptions import ConfigurationError, InvalidRequest
+from inferpool.client.affinity import SingleRequestAffinity
 from inferpool.client.routing import Route, Router
 from inferpool.constants import Priority
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
+from inferpool.plumbing.redis_connection import connect_redis
 from inferpool.plumbing.settings import Settings
 from inferpool.state.load import read_latency_p50, read_model_load
 from inferpool.wire import ChatMessage, ChatRequest, TaskChunk, TaskItem, describe_validation_error, new_id
@@ -89,11 +91,21 @@ class ClientBase:
 
         return create_celery_app(self.settings)
 
+    @functools.cached_property
+    def affinity(self) -> SingleRequestAffinity:
+        """Prefix affinity for single requests of prefix-routed models (its Redis client made on first use)."""
+        return SingleRequestAffinity(connect_redis(self.redis_url))
+
     def publish(self, chunk: TaskChunk) -> None:
-        """Send a single request's chunk to its model's queue."""
+        """Send a single request's chunk to its model's queue, or to the worker holding its prompt's prefix."""
         from inferpool.plumbing.celery_app import publish_chunk
 
-        publish_chunk(self.celery, chunk)
+        worker = None
+        if len(chunk.items) == 1:
+            spec = self.registry.get(chunk.model)
+            if spec.routing == "prefix":
+                worker = self.affinity.worker_for(spec, chunk.items[0].request)
+        publish_chunk(self.celery, chunk, worker)
 
     def close_celery(self) -> None:
         if "celery" in self.__dict__:

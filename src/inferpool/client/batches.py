@@ -17,14 +17,16 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, get_args
 
 import redis
 
 from inferpool._exceptions import BatchRefused, JobNotFound, ResultTimeout
+from inferpool.affinity.prefix import group_key
 from inferpool.client.batch_lines import AcceptedLine, BatchLineParser
 from inferpool.client.routing import Router
 from inferpool.constants import split_adapter
+from inferpool.model_registry.spec import Routing
 from inferpool.plumbing.settings import Settings
 from inferpool.state.items import PendingRecord, item_json
 from inferpool.state.jobs import JobStore, NewJob
@@ -134,6 +136,7 @@ class Batches:
         input_file_id: str | None = None,
         cache: bool | None = None,
         via: Via = "auto",
+        routing: Routing | None = None,
     ) -> BatchJob:
         """Validate and queue every line of ``source`` (a JSONL path, or lines / line dicts); return the job.
 
@@ -142,10 +145,11 @@ class Batches:
         job and is counted its usage (a gateway serving many tenants); ``input_file_id`` is recorded for
         the OpenAI batch object. ``cache`` (true or false) is the response-cache choice of every line that
         makes none of its own. ``via`` is the path of the lines of models with a provider Batch API
-        (``auto``, ``realtime``, ``provider-batch``: see ``inferpool.provider_batch.via``).
+        (``auto``, ``realtime``, ``provider-batch``: see ``inferpool.provider_batch.via``). ``routing``
+        (``load`` or ``prefix``) overrides each model's own policy for this job (``inferpool.affinity``).
         """
         settings = self._settings
-        options = self._options(priority, completion_window, metadata, tenant, input_file_id, cache, via)
+        options = self._options(priority, completion_window, metadata, tenant, input_file_id, cache, via, routing)
         if isinstance(source, str | os.PathLike):
             path = Path(source)
             _check_file(path, settings.batch_max_bytes, settings.batch_max_lines)
@@ -154,9 +158,12 @@ class Batches:
         return self._create(_source_lines(source), options)
 
     def _options(self, priority: int, completion_window: str, metadata: Mapping[str, str] | None,
-                 tenant: str | None, input_file_id: str | None, cache: bool | None, via: Via) -> NewJob:  # fmt: skip
+                 tenant: str | None, input_file_id: str | None, cache: bool | None, via: Via,
+                 routing: Routing | None = None) -> NewJob:  # fmt: skip
         if via not in VIA_CHOICES:
             raise BatchRefused(f"via {via!r} is not one of {', '.join(VIA_CHOICES)}")
+        if routing is not None and routing not in get_args(Routing):
+            raise BatchRefused(f"routing {routing!r} is not one of {', '.join(get_args(Routing))}")
         window_s = parse_window(completion_window)
         if window_s > self._settings.result_ttl_s:
             raise BatchRefused(
@@ -166,7 +173,7 @@ class Batches:
             )
         return NewJob(priority=priority, window_s=window_s, window_label=completion_window,
                       metadata=dict(metadata or {}), tenant=tenant, input_file_id=input_file_id,
-                      cache=cache, via=via)  # fmt: skip
+                      cache=cache, via=via, routing=routing)  # fmt: skip
 
     def create_from_template(
         self,
@@ -179,6 +186,7 @@ class Batches:
         tenant: str | None = None,
         cache: bool | None = None,
         via: Via = "auto",
+        routing: Routing | None = None,
     ) -> BatchJob:
         """One request per row: ``template`` (a YAML file or a ``PromptTemplate``) rendered with each row of
         ``rows`` (a CSV, JSONL or Parquet file, or mappings). A row that cannot be rendered is its line's
@@ -190,7 +198,7 @@ class Batches:
             read_rows(Path(rows)) if isinstance(rows, str | os.PathLike) else (dict(row) for row in rows)
         )
         job_metadata = {**(metadata or {}), CUSTOM_ID_METADATA: prompt.custom_id}
-        options = self._options(priority, completion_window, job_metadata, tenant, None, cache, via)
+        options = self._options(priority, completion_window, job_metadata, tenant, None, cache, via, routing)
         return self._create(lines, options)
 
     def _create(self, lines: Iterable[str | bytes | UnrenderedRow], options: NewJob) -> BatchJob:
@@ -233,7 +241,10 @@ class Batches:
                 model = split_adapter(request.model)[0]
                 record = item_json(request, parsed.custom_id, tenant or self._tenant_for(request),
                                    list(parsed.warnings) or None)  # fmt: skip
-                pending.append(PendingRecord(new_id("req"), model, model.encode() + b"|" + record))
+                # Under prefix routing a line waits grouped with the lines that share its prompt prefix.
+                prefix = (options.routing or parsed.spec.routing) == "prefix"
+                score = group_key(request) if prefix else total
+                pending.append(PendingRecord(new_id("req"), model, model.encode() + b"|" + record, score))
                 models.add(parsed.spec.name)
             else:
                 rejected.append(RequestResult(request_id=new_id("req"), custom_id=parsed.custom_id, job_id=job_id,

@@ -49,6 +49,12 @@ class Deprecation(BaseModel):
     note: str = Field(default="", description="Said in the warning, e.g. why or what to do.")
 
 
+#: A routing policy: by prompt prefix (engine cache affinity) or by load alone.
+Routing = Literal["load", "prefix"]
+#: Backends whose engine keeps a prefix cache across requests: prefix routing is their default.
+PREFIX_CACHING_BACKENDS = frozenset({"vllm"})
+
+
 class ServingSpec(BaseModel):
     """How workers for this model run and how requests are grouped for them."""
 
@@ -60,6 +66,14 @@ class ServingSpec(BaseModel):
         ge=1,
         description="Batch requests the scheduler keeps dispatched per live worker (default: 2 x chunk_size x "
         "concurrency). Bounds Redis and Flower whatever the job size.",
+    )
+
+    routing: Routing | None = Field(
+        default=None,
+        description="How batch lines and single requests pick a worker: 'prefix' sends requests that share a "
+        "prompt prefix to the worker whose engine holds it (inferpool.affinity), 'load' to whichever worker "
+        "is free. Default: prefix for vLLM models (automatic prefix caching), load for the rest (API providers "
+        "cache on their side). A batch job may override it (--routing).",
     )
 
     def window_per_worker(self) -> int:
@@ -196,6 +210,13 @@ class ModelSpec(BaseModel):
     description: str = ""
 
     _hooks_by_name = field_validator("hooks", mode="before")(_hook_specs)
+
+    @property
+    def routing(self) -> Routing:
+        """The model's routing policy (``serving.routing``, else its backend's default)."""
+        if self.serving.routing is not None:
+            return self.serving.routing
+        return "prefix" if self.backend in PREFIX_CACHING_BACKENDS else "load"
 
     @field_validator("lora_adapters")
     @classmethod

@@ -10,7 +10,7 @@ from typing import Any
 
 from celery import Celery
 
-from inferpool.constants import TASK_PROCESS_CHUNK, Priority, queue_name
+from inferpool.constants import TASK_PROCESS_CHUNK, Priority, queue_name, worker_queue_name
 from inferpool.plumbing.redis_connection import kombu_broker
 from inferpool.plumbing.settings import Settings
 from inferpool.wire import TaskChunk
@@ -71,20 +71,30 @@ def create_celery_app(settings: Settings, *, main: str = "inferpool") -> Celery:
     return app
 
 
-def publish_chunk(app: Celery, chunk: TaskChunk) -> None:
-    """Send one chunk to its model's queue for its priority. Flower shows ids and counts, never prompt text."""
+def publish_chunk(app: Celery, chunk: TaskChunk, worker: str | None = None) -> None:
+    """Send one chunk to its model's queue for its priority (or ``worker``'s own). Flower shows ids and counts,
+    never prompt text."""
     publish_chunk_json(app, chunk.model_dump_json(exclude_none=True), model=chunk.model, description=chunk.describe(),
-                       priority=chunk.priority, expires_s=chunk.result_ttl_s)  # fmt: skip
+                       priority=chunk.priority, expires_s=chunk.result_ttl_s, worker=worker)  # fmt: skip
 
 
 def publish_chunk_json(
-    app: Celery, payload: str, *, model: str, description: str, expires_s: int, priority: Priority = Priority.NORMAL
+    app: Celery,
+    payload: str,
+    *,
+    model: str,
+    description: str,
+    expires_s: int,
+    priority: Priority = Priority.NORMAL,
+    worker: str | None = None,
 ) -> None:
-    """Send a chunk already serialised as ``TaskChunk`` JSON (the task accepts both forms).
+    """Send a chunk already serialised as ``TaskChunk`` JSON (the task accepts both forms), to the model's
+    shared queue for its priority or, with ``worker``, that worker's own (prefix affinity).
 
     ``description`` is what Flower and task events show instead of the arguments (``argsrepr``). The task
     expires after ``expires_s`` (the result TTL): a worker discards it unrun rather than answer a request
     whose result, and maybe whose job, is gone.
     """
-    app.send_task(TASK_PROCESS_CHUNK, args=[payload], queue=queue_name(model, priority), argsrepr=description,
-                  kwargsrepr="{}", expires=expires_s)  # fmt: skip
+    queue = queue_name(model, priority) if worker is None else worker_queue_name(model, worker, priority)
+    app.send_task(TASK_PROCESS_CHUNK, args=[payload], queue=queue, argsrepr=description, kwargsrepr="{}",
+                  expires=expires_s)  # fmt: skip

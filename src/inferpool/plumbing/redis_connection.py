@@ -133,10 +133,10 @@ def redis_from_url(url: str, **options: Any) -> redis.Redis:
     target = parse_sentinel_url(url)
     if target is None:
         return redis.Redis.from_url(url, **options)
-    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(target, options)
     )
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
         target.service, db=target.db, username=target.username, password=target.password, **options
     )
     return client
@@ -147,7 +147,7 @@ def async_redis_from_url(url: str, **options: Any) -> redis.asyncio.Redis:
     target = parse_sentinel_url(url)
     if target is None:
         return redis.asyncio.Redis.from_url(url, **options)
-    sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(target, options)
     )
     client: redis.asyncio.Redis = sentinel.master_for(

@@ -52,7 +52,7 @@ class ProviderBatchPlanner:
         if choice is None:
             if waits_for_upload(spec, via) and not validated:
                 return True
-            lines = int(self.redis.llen(job_pending_key(job_id, spec.name)))
+            lines = int(self.redis.zcard(job_pending_key(job_id, spec.name)))
             choice = choose_via(spec, via, window_s, lines)
             self.redis.hset(job_key(job_id), via_field(spec.name), choice.model_dump_json())
             log.info("job %s, model %s: %s (%s)", job_id, spec.name, choice.via, choice.reason)

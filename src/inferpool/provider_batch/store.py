@@ -13,7 +13,7 @@ creates a second provider batch for the same lines nor loses one::
 looks the object up by the name or metadata it was made with before making it again
 (``inferpool.provider_batch.api``). Anthropic has no upload: its lines go to ``creating`` directly.
 
-Lines move from the job's pending list into a provider batch in one script (like the scheduler's take of
+Lines move from the job's pending set into a provider batch in one script (like the scheduler's take of
 real-time lines), so none is lost between the two. A line's answer is written through the exactly-once
 result path (``inferpool.state.results``): collecting twice writes nothing twice.
 
@@ -56,14 +56,16 @@ from inferpool.wire import PBatchState, ProviderBatch, new_id
 _CLAIMED_RETENTION_S = 30 * 86400
 
 
-# Moves up to ARGV[1] ids from a job's pending list (KEYS[1]) into a new provider batch (KEYS[2] hash,
+# Moves up to ARGV[1] ids from a job's pending set (KEYS[1]) into a new provider batch (KEYS[2] hash,
 # KEYS[3] ids), due now (KEYS[4]) and listed for its job (KEYS[5]). Fenced by the scheduler lease
 # (KEYS[6], ARGV[8]) like the real-time take. ARGV: limit, pbatch id, job, model, provider, now, ttl, fence.
 _FORM = (
     lua_fence("KEYS[6]", "ARGV[8]")
     + """
-local rids = redis.call('LPOP', KEYS[1], ARGV[1])
-if not rids then return 0 end
+local popped = redis.call('ZPOPMIN', KEYS[1], ARGV[1])
+if #popped == 0 then return 0 end
+local rids = {}
+for i = 1, #popped, 2 do rids[#rids + 1] = popped[i] end
 redis.call('RPUSH', KEYS[3], unpack(rids))
 redis.call('HSET', KEYS[2], 'id', ARGV[2], 'job_id', ARGV[3], 'model', ARGV[4], 'provider', ARGV[5],
            'state', 'prepared', 'count', #rids, 'created_at', ARGV[6])
@@ -126,8 +128,8 @@ return 1
 )
 
 # Ends a provider batch (KEYS[1]) once: it becomes 'collected' with ARGV[1] as its outcome, is no longer due
-# (KEYS[2]), and the ids ARGV[6..] whose items (KEYS[3]) are still there go back to the job's pending list
-# (KEYS[4]) to run real-time, the job's path for the model (KEYS[5], field ARGV[3]) saying so (ARGV[4]).
+# (KEYS[2]), and the ids ARGV[6..] whose items (KEYS[3]) are still there go back to the job's pending set
+# (KEYS[4], first in line) to run real-time, the job's path for the model (KEYS[5], field ARGV[3]) saying so (ARGV[4]).
 # Fenced by the lock KEYS[6] and token ARGV[5]. Returns how many went back (-1: it was collected already).
 _CLOSE = (
     _FENCE
@@ -138,7 +140,7 @@ if redis.call('HGET', KEYS[1], 'state') == 'collected' then return -1 end
 local back = 0
 for i = 6, #ARGV do
   if redis.call('HEXISTS', KEYS[3], ARGV[i]) == 1 then
-    redis.call('RPUSH', KEYS[4], ARGV[i])
+    redis.call('ZADD', KEYS[4], 0, ARGV[i])
     back = back + 1
   end
 end

@@ -38,6 +38,7 @@ from inferpool.plumbing.celery_app import publish_chunk_json
 from inferpool.plumbing.settings import Settings
 from inferpool.provider_batch.planner import ProviderBatchPlanner
 from inferpool.scheduler.lease import SchedulerLease
+from inferpool.scheduler.prefix_router import PrefixRouter
 from inferpool.state.heartbeats import count_live_workers
 from inferpool.state.jobs import JobStore
 from inferpool.state.leader_fence import NotLeader
@@ -76,14 +77,15 @@ class _JobView:
     validated: bool
     via: str = "realtime"
     window_s: float = 0.0
+    routing: str = ""  # load or prefix; '': each model's own
 
 
 _VIEW_FIELDS = ("status", "priority", "models", "expires_at", "total", "completed", "failed", "validated", "via",
-                "created_at")  # fmt: skip
+                "created_at", "routing")  # fmt: skip
 
 
 def _job_view(job_id: str, values: list[bytes | None]) -> _JobView:
-    status, priority, models, expires_at, total, completed, failed, validated, via, created_at = (
+    status, priority, models, expires_at, total, completed, failed, validated, via, created_at, routing = (
         v.decode() if v else "" for v in values
     )
     expires = float(expires_at or "inf")
@@ -98,6 +100,7 @@ def _job_view(job_id: str, values: list[bytes | None]) -> _JobView:
         validated=validated == "1",
         via=via or "realtime",  # jobs from before provider batches
         window_s=expires - float(created_at or 0),
+        routing=routing,
     )
 
 
@@ -115,8 +118,9 @@ class Scheduler:
         self._stale_checked = 0.0
         self._faults: dict[str, int] = defaultdict(int)
         self.planner = ProviderBatchPlanner(self.store, settings, celery, self._fence)
+        self.prefix = PrefixRouter(client)
         # Items taken into flight whose publishing failed (broker down): published first on the next tick.
-        self._unsent: list[tuple[str, ModelSpec, list[str], bool]] = []
+        self._unsent: list[tuple[str, ModelSpec, list[str], bool, str | None]] = []
 
     # -- on becoming the leader ----------------------------------------------------------------------
 
@@ -355,16 +359,22 @@ class Scheduler:
                 take = min(spec.serving.chunk_size, free - sent)
                 if take <= 0:
                     break
-                moved = self._guard(job.job_id, self._take_and_publish, job.job_id, spec, take)
+                moved = self._guard(job.job_id, self._take_and_publish, job, spec, take)
                 if not moved:
                     turn.remove(job)
                     continue
                 sent += moved
         return sent
 
-    def _take_and_publish(self, job_id: str, spec: ModelSpec, take: int) -> int:
-        request_ids = self.store.take_pending(job_id, spec.name, take, fence=self._fence())
-        return self._publish(job_id, spec, request_ids) if request_ids else 0
+    def _take_and_publish(self, job: _JobView, spec: ModelSpec, take: int) -> int:
+        taken = self.store.take_pending(job.job_id, spec.name, take, fence=self._fence())
+        if not taken:
+            return 0
+        if (job.routing or spec.routing) != "prefix":
+            return self._publish(job.job_id, spec, [rid for rid, _ in taken])
+        # Grouped by prefix: each group to the worker whose engine holds it (inferpool.scheduler.prefix_router).
+        return sum(self._publish(job.job_id, spec, rids, worker=worker)
+                   for worker, rids in self.prefix.split(spec, taken))  # fmt: skip
 
     def _publish_or_refuse(self, job_id: str, model: str, request_ids: list[str], *, resent: bool) -> int:
         spec = self._spec(model)
@@ -373,9 +383,11 @@ class Scheduler:
             return 0
         return self._publish(job_id, spec, request_ids, resent=resent)
 
-    def _publish(self, job_id: str, spec: ModelSpec, request_ids: list[str], *, resent: bool = False) -> int:
-        """Send requests (already in flight) as chunks of ids. If the broker fails, what was not sent is
-        kept and sent first on the next tick: nothing waits for the stale limit."""
+    def _publish(self, job_id: str, spec: ModelSpec, request_ids: list[str], *, resent: bool = False,
+                 worker: str | None = None) -> int:  # fmt: skip
+        """Send requests (already in flight) as chunks of ids, to ``worker``'s own queue or the model's shared
+        one. If the broker fails, what was not sent is kept and sent first on the next tick: nothing waits
+        for the stale limit."""
         chunk_size = spec.serving.chunk_size
         for start in range(0, len(request_ids), chunk_size):
             members = request_ids[start : start + chunk_size]
@@ -384,16 +396,16 @@ class Scheduler:
                 # Batch work goes on the low-priority queue: single requests overtake it at every worker.
                 publish_chunk_json(self.celery, payload, model=spec.name, priority=Priority.LOW,
                                    description=describe_chunk(chunk_id, job_id, spec.name, len(members)),
-                                   expires_s=self.settings.result_ttl_s)  # fmt: skip
+                                   expires_s=self.settings.result_ttl_s, worker=worker)  # fmt: skip
             except INFRASTRUCTURE_ERRORS:
-                self._unsent.append((job_id, spec, request_ids[start:], resent))
+                self._unsent.append((job_id, spec, request_ids[start:], resent, worker))
                 raise
         return len(request_ids)
 
     def _publish_unsent(self) -> None:
         while self._unsent:
-            job_id, spec, request_ids, resent = self._unsent.pop(0)
-            self._publish(job_id, spec, request_ids, resent=resent)
+            job_id, spec, request_ids, resent, worker = self._unsent.pop(0)
+            self._publish(job_id, spec, request_ids, resent=resent, worker=worker)
 
     # -- the loop --------------------------------------------------------------------------------------
 

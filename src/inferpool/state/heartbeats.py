@@ -3,11 +3,15 @@
 A worker announces itself in two places, in one script call: its own key (the heartbeat's JSON, which
 expires by itself) and the model's sorted set of workers scored by when that heartbeat expires. Counting
 a model's live workers is then one ``ZCOUNT`` from now, whatever the size of the keyspace. Times are
-Redis server time (``TIME``), so hosts with skewed clocks agree; expired members are pruned on each beat.
+Redis server time (``TIME``), so hosts with skewed clocks agree. An expired member stays in the set for a
+grace period (the broker's visibility timeout): the model's live workers hand the work left in a gone worker's own
+queues to the model's shared queues (``inferpool.state.worker_queues``) until nothing more can come back
+to them; members older than that are pruned on each beat.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,15 +21,16 @@ import redis.asyncio
 from inferpool.constants import worker_heartbeat_key, worker_heartbeats_key
 from inferpool.plumbing.redis_connection import decode_text
 
-# KEYS: the worker's heartbeat key, the model's heartbeat set. ARGV: worker id, ttl (s), payload JSON.
+# KEYS: the worker's heartbeat key, the model's heartbeat set. ARGV: worker id, ttl (s), payload JSON, grace (s).
 _BEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local ttl = tonumber(ARGV[2])
+local grace = tonumber(ARGV[4])
 redis.call('SET', KEYS[1], ARGV[3], 'EX', ttl)
 redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-redis.call('EXPIRE', KEYS[2], ttl * 4)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - grace)
+redis.call('EXPIRE', KEYS[2], math.ceil(ttl * 4 + grace))
 """
 
 # KEYS: heartbeat sets. Returns, for each, how many members have not expired.
@@ -46,19 +51,35 @@ local now = string.format('(%.6f', tonumber(t[1]) + tonumber(t[2]) / 1000000)
 return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
 """
 
+# KEYS: a heartbeat set. Returns the ids of the workers whose heartbeat has expired (kept for the grace).
+_GONE = """
+local t = redis.call('TIME')
+local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1000000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+"""
 
-def beat(client: redis.Redis, model: str, worker_id: str, ttl_s: int, payload: str) -> None:
-    """Announce ``worker_id`` as serving ``model`` for the next ``ttl_s`` seconds."""
+
+def beat(client: redis.Redis, model: str, worker_id: str, ttl_s: int, payload: str, grace_s: float = 0.0) -> None:
+    """Announce ``worker_id`` as serving ``model`` for the next ``ttl_s`` seconds; workers gone for longer
+    than ``grace_s`` are forgotten."""
     client.eval(_BEAT, 2, worker_heartbeat_key(model, worker_id), worker_heartbeats_key(model), worker_id, ttl_s,
-                payload)  # fmt: skip
+                payload, grace_s)  # fmt: skip
+
+
+# KEYS: the worker's heartbeat key, the model's heartbeat set. ARGV: worker id.
+_RETIRE = """
+local t = redis.call('TIME')
+redis.call('DEL', KEYS[1])
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+  redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(t[2]) / 1000000, ARGV[1])
+end
+"""
 
 
 def withdraw(client: redis.Redis, model: str, worker_id: str) -> None:
-    """Remove a worker's heartbeat at once (a clean shutdown)."""
-    pipe = client.pipeline()
-    pipe.delete(worker_heartbeat_key(model, worker_id))
-    pipe.zrem(worker_heartbeats_key(model), worker_id)
-    pipe.execute()
+    """End a worker's heartbeat at once (it drains or stops): nobody routes to it any more, and it counts as
+    gone, so what is left in its own queues is handed over (``inferpool.state.worker_queues``)."""
+    client.eval(_RETIRE, 2, worker_heartbeat_key(model, worker_id), worker_heartbeats_key(model), worker_id)
 
 
 def count_live_workers_many(client: redis.Redis, models: Sequence[str]) -> dict[str, int]:
@@ -78,6 +99,27 @@ def live_worker_ids(client: redis.Redis, model: str) -> list[str]:
     """Ids of the workers of ``model`` whose heartbeat has not expired."""
     ids: Any = client.eval(_LIVE, 1, worker_heartbeats_key(model))
     return [decode_text(worker_id) for worker_id in ids]
+
+
+def gone_worker_ids(client: redis.Redis, model: str) -> list[str]:
+    """Ids of the workers of ``model`` whose heartbeat expired within the grace period."""
+    ids: Any = client.eval(_GONE, 1, worker_heartbeats_key(model))
+    return [decode_text(worker_id) for worker_id in ids]
+
+
+def read_heartbeats(client: redis.Redis, model: str, worker_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The heartbeat payloads of ``worker_ids`` (those still there), in one round trip."""
+    if not worker_ids:
+        return {}
+    raw: Any = client.mget([worker_heartbeat_key(model, worker_id) for worker_id in worker_ids])
+    beats = {}
+    for worker_id, payload in zip(worker_ids, raw, strict=True):
+        if payload is not None:
+            try:
+                beats[worker_id] = json.loads(payload)
+            except ValueError:
+                continue
+    return beats
 
 
 async def count_live_workers_async(client: redis.asyncio.Redis, models: Sequence[str]) -> dict[str, int]:

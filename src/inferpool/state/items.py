@@ -25,11 +25,13 @@ end
 
 
 class PendingRecord(NamedTuple):
-    """A request ready to queue: its id, the model holding it, and its record."""
+    """A request ready to queue: its id, the model holding it, its record, and its place in the model's
+    pending set (its line number, or its prefix group key: ``inferpool.state.jobs``)."""
 
     request_id: str
     model: str
     record: bytes
+    score: float = 0.0
 
 
 _REQUEST_JSON = ChatRequest.__pydantic_serializer__.to_json

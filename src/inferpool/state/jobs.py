@@ -5,7 +5,10 @@ A job's keys (all in ``inferpool.constants``):
 - ``job:{id}`` hash: status, timestamps, counters (``total``, ``completed``, ``failed``), priority, models.
 - ``job:{id}:items`` hash: request id -> ``<model>|<task item JSON>`` (``inferpool.state.items``) for every
   unanswered request: the one copy of each prompt in Redis. Deleted with the writing of its result.
-- ``job:{id}:pending:{model}`` lists: ids of the requests not yet dispatched.
+- ``job:{id}:pending:{model}`` sorted sets: ids of the requests not yet dispatched, scored by their line's
+  place in the upload (load routing: first in, first out) or by their prefix group key (prefix routing:
+  ``inferpool.affinity.prefix``, so the scheduler takes a document's questions together, whatever the
+  file's order).
 - ``job:{id}:inflight-since`` sorted set: ids of the dispatched, unanswered requests, by dispatch time. The
   scheduler moves ids here atomically as it dispatches them, and re-sends what is here when it starts, so
   a scheduler crash between taking ids and publishing them loses nothing (a re-send may run a request
@@ -75,6 +78,7 @@ class NewJob:
     input_file_id: str | None = None
     cache: bool | None = None  # lines that set no ``cache`` of their own get this one (not stored)
     via: str = "auto"  # realtime, provider-batch or auto (inferpool.provider_batch.via)
+    routing: str | None = None  # load or prefix; None: each model's own (ModelSpec.routing)
 
 
 _ENTRIES_PER_READ = 8
@@ -84,24 +88,24 @@ _TIMESTAMPS = ("in_progress_at", "finalizing_at", "completed_at", "cancelling_at
 #: The error a fenced script answers when the caller's lease (fencing value) is no longer the current one
 #: (written out in the scripts below).
 
-# Moves up to ARGV[1] request ids from a pending list (KEYS[1]) into flight: stamped in the job's
+# Moves up to ARGV[1] request ids, lowest score first, from a pending set (KEYS[1]) into flight: stamped in the job's
 # in-flight set (KEYS[2]) and counted for the model (ARGV[2]) in KEYS[3] and the job (KEYS[4]). The items
 # stay where they are (the job's items hash): only ids move, whatever the prompts' size. Fenced: with a
 # lease value (ARGV[5]), nothing moves unless the scheduler lease (KEYS[5]) still holds it.
 _TAKE_PENDING = (
     lua_fence("KEYS[5]", "ARGV[5]")
     + """
-local rids = redis.call('LPOP', KEYS[1], ARGV[1])
-if not rids then
+local popped = redis.call('ZPOPMIN', KEYS[1], ARGV[1])
+if #popped == 0 then
   return {}
 end
-for _, rid in ipairs(rids) do
-  redis.call('ZADD', KEYS[2], ARGV[3], rid)
+for i = 1, #popped, 2 do
+  redis.call('ZADD', KEYS[2], ARGV[3], popped[i])
 end
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('HINCRBY', KEYS[3], ARGV[2], #rids)
-redis.call('HINCRBY', KEYS[4], 'dispatched', #rids)
-return rids
+redis.call('HINCRBY', KEYS[3], ARGV[2], #popped / 2)
+redis.call('HINCRBY', KEYS[4], 'dispatched', #popped / 2)
+return popped
 """
 )
 
@@ -224,6 +228,8 @@ class JobStore:
             record["tenant"] = options.tenant
         if options.input_file_id is not None:
             record["input_file_id"] = options.input_file_id
+        if options.routing is not None:
+            record["routing"] = options.routing
         pipe = self.redis.pipeline()
         pipe.hset(job_key(job_id), mapping=record)
         pipe.expire(job_key(job_id), self.result_ttl_s)
@@ -237,29 +243,30 @@ class JobStore:
         pipe.zadd(JOBS_ACTIVE_KEY, {job_id: now})
         pipe.execute()
 
-    def add_pending(self, job_id: str, items: Sequence[TaskItem], models: Iterable[str]) -> None:
-        """Queue ``items`` (whose ``request.model`` is canonical: a registry name, maybe with ``:adapter``).
+    def add_pending(self, job_id: str, items: Sequence[TaskItem], models: Iterable[str], first_line: int = 0) -> None:
+        """Queue ``items`` (whose ``request.model`` is canonical: a registry name, maybe with ``:adapter``), in
+        order from ``first_line`` (load routing).
 
         ``models`` is every model the job has queued so far (the scheduler reads it to know where to look).
         """
         self.add_pending_records(job_id, [PendingRecord(item.request_id, item.served_model,
-                                                        item_record(item.served_model, item))
-                                          for item in items], models)  # fmt: skip
+                                                        item_record(item.served_model, item), first_line + index)
+                                          for index, item in enumerate(items)], models)  # fmt: skip
 
     def add_pending_records(self, job_id: str, pending: Sequence[PendingRecord], models: Iterable[str]) -> None:
         """``add_pending`` for requests already made into records (the client's upload)."""
-        by_model: dict[str, list[str]] = {}
+        by_model: dict[str, dict[str, float]] = {}
         records: dict[str, bytes] = {}
-        for request_id, model, record in pending:
-            by_model.setdefault(model, []).append(request_id)
+        for request_id, model, record, score in pending:
+            by_model.setdefault(model, {})[request_id] = score
             records[request_id] = record
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(job_key(job_id), "models", ",".join(sorted(models)))
         if records:
             pipe.hset(job_items_key(job_id), mapping=records)  # type: ignore[arg-type]
             pipe.expire(job_items_key(job_id), self.result_ttl_s)
-        for model, request_ids in by_model.items():
-            pipe.rpush(job_pending_key(job_id, model), *request_ids)
+        for model, scores in by_model.items():
+            pipe.zadd(job_pending_key(job_id, model), scores)
             pipe.expire(job_pending_key(job_id, model), self.result_ttl_s)
         pipe.execute()
 
@@ -400,13 +407,14 @@ class JobStore:
 
     # -- scheduling ----------------------------------------------------------------------------------
 
-    def take_pending(self, job_id: str, model: str, limit: int, fence: str = "") -> list[str]:
-        """Atomically move up to ``limit`` pending requests of ``model`` into flight; returns their ids.
-        With ``fence`` (the scheduler lease's value), ``NotLeader`` if the lease is not that any more."""
+    def take_pending(self, job_id: str, model: str, limit: int, fence: str = "") -> list[tuple[str, int]]:
+        """Atomically move up to ``limit`` pending requests of ``model`` into flight, lowest score first;
+        returns (id, score) pairs (the score is the prefix group key under prefix routing). With ``fence``
+        (the scheduler lease's value), ``NotLeader`` if the lease is not that any more."""
         keys = [job_pending_key(job_id, model), job_inflight_since_key(job_id), MODEL_INFLIGHT_KEY, job_key(job_id),
                 SCHEDULER_LEASE_KEY]  # fmt: skip
-        rids: Any = fenced_call(self._take, keys, [limit, model, time.time(), self.result_ttl_s, fence])
-        return [decode_text(rid) for rid in rids]
+        flat: Any = fenced_call(self._take, keys, [limit, model, time.time(), self.result_ttl_s, fence])
+        return [(decode_text(rid), int(float(score))) for rid, score in _pairs(flat)]
 
     def take_stale_inflight(self, job_id: str, older_than_s: float, limit: int = 1000,
                             fence: str = "") -> list[tuple[str, str]]:  # fmt: skip
@@ -453,10 +461,10 @@ class JobStore:
         for model in self.job_models(job_id) if models is None else models:
             key = job_pending_key(job_id, model)
             while True:
-                popped: Any = self.redis.lpop(key, 500)
+                popped: Any = self.redis.zpopmin(key, 500)
                 if not popped:
                     break
-                rids = [decode_text(rid) for rid in popped]
+                rids = [decode_text(rid) for rid, _ in popped]
                 dropped += len(rids)
                 records: Any = self.redis.hmget(job_items_key(job_id), rids)
                 if code is not None:

@@ -99,6 +99,28 @@ class Backend(Protocol):
         ...
 
 
+class PrefixCacheStats(BaseModel):
+    """An engine's own prefix-cache counters since it started, in prompt tokens (vLLM's
+    ``prefix_cache_queries`` and ``prefix_cache_hits``): hits are prompt tokens whose prefill was skipped."""
+
+    queries: int = 0
+    hits: int = 0
+
+
+def prefix_cache_stats(backend: Backend) -> PrefixCacheStats | None:
+    """The backend's prefix-cache counters, if it keeps a prefix cache (an optional method,
+    ``prefix_cache_stats()``, beside the protocol's two); None otherwise or if reading them fails."""
+    read = getattr(backend, "prefix_cache_stats", None)
+    if not callable(read):
+        return None
+    try:
+        stats = read()
+    except Exception as exc:  # statistics never stop a heartbeat
+        log.debug("backend %s: prefix cache stats unavailable: %s", backend.name, exc)
+        return None
+    return stats if isinstance(stats, PrefixCacheStats) else None
+
+
 ParamsT = TypeVar("ParamsT", bound=BaseModel)
 
 

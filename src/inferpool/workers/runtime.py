@@ -35,12 +35,13 @@ from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import BatchApiSpec, ModelSpec
 from inferpool.plumbing.redis_connection import decode_text
 from inferpool.plumbing.settings import Settings
-from inferpool.state.heartbeats import beat, withdraw
+from inferpool.state.heartbeats import beat, gone_worker_ids, withdraw
 from inferpool.state.items import held_by, item_from_record
 from inferpool.state.results import ResultRecord, ResultWriter
 from inferpool.state.streams import DeltaSink, bind_delta_sink, unbind_delta_sink
+from inferpool.state.worker_queues import WorkerQueues
 from inferpool.wire import ChatRequest, JobStatus, TaskChunk, TaskItem, random_hex
-from inferpool.workers.backend import Backend, ExtraChoice, Generation, GenerationOutcome
+from inferpool.workers.backend import Backend, ExtraChoice, Generation, GenerationOutcome, prefix_cache_stats
 from inferpool.workers.cache import ResponseCache
 from inferpool.workers.failures import FailurePolicy
 from inferpool.workers.hooks import HookChain
@@ -370,32 +371,52 @@ class WorkerRuntime:
         self._heartbeat_thread.start()
 
     def _beat(self) -> None:
-        payload = json.dumps(
-            {
-                "worker_id": self.worker_id,
-                "model": self.spec.name,
-                "backend": self.backend.name,
-                "pid": os.getpid(),
-                "concurrency": self.spec.serving.concurrency,
-                "in_hand": self._in_hand,
-                "at": time.time(),
-            }
-        )
-        beat(self.redis, self.spec.name, self.worker_id, self.settings.heartbeat_ttl_s, payload)
+        beat_fields: dict[str, object] = {
+            "worker_id": self.worker_id,
+            "model": self.spec.name,
+            "backend": self.backend.name,
+            "pid": os.getpid(),
+            "concurrency": self.spec.serving.concurrency,
+            "in_hand": self._in_hand,
+            "at": time.time(),
+        }
+        stats = prefix_cache_stats(self.backend)
+        if stats is not None:
+            beat_fields["prefix_cache"] = stats.model_dump()
+        # Gone workers stay listed while kombu may still restore their unacknowledged messages to their own
+        # queues: the scheduler keeps handing those over (inferpool.state.worker_queues).
+        grace = self.settings.visibility_timeout_s + self.settings.heartbeat_ttl_s
+        beat(self.redis, self.spec.name, self.worker_id, self.settings.heartbeat_ttl_s, json.dumps(beat_fields), grace)
+
+    def drain(self) -> None:
+        """Stop being routed to (the worker is shutting down): the heartbeat ends now, while the chunks in
+        hand finish; what waits in its own queues is handed over by ``close`` (and by the scheduler)."""
+        self._stop.set()
+        with contextlib.suppress(redis.RedisError):
+            withdraw(self.redis, self.spec.name, self.worker_id)
 
     def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_ttl_s / 3
+        queues = WorkerQueues(self.redis)
         while not self._stop.wait(interval):
             try:
                 self._beat()
+                # Work left in the own queues of peers that died (SIGKILL, a lost host) is taken over here.
+                gone = gone_worker_ids(self.redis, self.spec.name)
+                if gone and (moved := queues.hand_over(self.spec.name, gone)):
+                    log.warning("handed %d chunk(s) waiting for gone workers %s to the shared queues", moved,
+                                ", ".join(gone))  # fmt: skip
             except redis.RedisError as exc:  # Redis restarting: keep trying, the key just lapses meanwhile
                 log.warning("heartbeat failed: %s", exc)
 
     def close(self) -> None:
-        """Stop the heartbeat, remove it, and release the backend."""
-        self._stop.set()
+        """Stop the heartbeat, end it, hand what waits in this worker's own queues to the shared ones, and
+        release the backend."""
+        self.drain()
         with contextlib.suppress(redis.RedisError):
-            withdraw(self.redis, self.spec.name, self.worker_id)
+            moved = WorkerQueues(self.redis).hand_over(self.spec.name, [self.worker_id])
+            if moved:
+                log.info("worker %s handed %d waiting chunk(s) to the shared queues", self.worker_id, moved)
         asyncio.run_coroutine_threadsafe(self.backend.aclose(), self._loop).result(timeout=60)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=10)

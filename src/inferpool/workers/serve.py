@@ -9,7 +9,7 @@ import redis
 from celery import signals
 
 from inferpool._exceptions import ModelLoadError, RedisUnavailable
-from inferpool.constants import model_queues
+from inferpool.constants import model_queues, worker_queues
 from inferpool.model_registry.registry import Registry
 from inferpool.plumbing.celery_app import create_celery_app
 from inferpool.plumbing.process_tuning import tune_gc_for_throughput
@@ -56,14 +56,22 @@ def serve_model(model: str, settings: Settings, *, concurrency: int | None = Non
         runner = ProviderBatchRunner(runtime, batch_api(), store, settings)
     install_tasks(app, runtime, runner)
 
+    # The model's shared queues and this worker's own (prefix affinity sends work there by name), in the
+    # order BRPOP looks at them: priority first, own before shared within a priority (constants).
+    queues = sorted([*model_queues(spec.name), *worker_queues(spec.name, runtime.worker_id)])
+
     def on_ready(**_: Any) -> None:
         tune_gc_for_throughput(collect_first=True)  # the model and Celery are loaded: what is held now stays
         runtime.start_heartbeat()
-        log.info("worker %s serving %s on queues %s", runtime.worker_id, spec.name, ", ".join(model_queues(spec.name)))
+        log.info("worker %s serving %s on queues %s", runtime.worker_id, spec.name, ", ".join(queues))
+
+    def on_shutting_down(**_: Any) -> None:
+        runtime.drain()  # routers stop sending here at once, while the chunks in hand finish
 
     signals.worker_ready.connect(on_ready, weak=False)
+    signals.worker_shutting_down.connect(on_shutting_down, weak=False)
     worker = app.Worker(
-        queues=model_queues(spec.name),
+        queues=queues,
         pool="threads",
         concurrency=concurrency or spec.serving.concurrency,
         hostname=runtime.worker_id,

