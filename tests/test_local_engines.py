@@ -23,6 +23,9 @@ import yaml
 from inferpool import CapabilityMismatch, Client, JobStatus, Settings
 from inferpool.model_registry.checkpoints import ensure_hf_checkpoint, package_file
 from inferpool.plumbing.local_pool import LocalPool, start_worker_process, stop_process
+from inferpool.state.heartbeats import read_heartbeats
+
+from .conftest import wait_until
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 TIMEOUT_S = 600
@@ -274,3 +277,31 @@ def test_tool_calls_where_the_engine_makes_them(engine: Engine, client: Client) 
     assert auto.error is not None
     assert auto.error.code == "capability_mismatch"
     assert "tool_choice 'required'" in auto.error.message
+
+
+def test_prefix_cache_hits_are_reported_where_the_engine_keeps_one(engine: Engine, client: Client) -> None:
+    """vLLM skips the prefill of a prefix it holds and says so: per result (OpenAI's
+    ``usage.prompt_tokens_details.cached_tokens``), in the usage counters and in the worker's heartbeat."""
+    system = {"role": "system", "content": "You answer questions about this text. " + "The sea is blue. " * 80}
+    answers = [
+        client.submit({"model": engine.model, "temperature": 0, "max_tokens": 4,
+                       "messages": [system, {"role": "user", "content": question}]}).result(timeout=TIMEOUT_S)
+        for question in ("What colour is the sea?", "Is the sea blue?")
+    ]  # fmt: skip
+    assert all(r.ok and r.response is not None for r in answers)
+    details = [r.response.usage.prompt_tokens_details if r.response else None for r in answers]
+    if not engine.model.startswith("smollm2-vllm"):
+        assert details == [None, None]  # transformers keeps no cache across requests: it claims none
+        return
+    second = details[1]
+    assert second is not None
+    assert second.cached_tokens >= 256  # the ~350-token system prompt, in whole KV blocks
+    [usage] = client.usage(model=engine.model)
+    assert usage.prefix_cached_tokens >= second.cached_tokens
+    worker = answers[1].stats.worker if answers[1].stats else ""
+
+    def heartbeat_hits() -> int:
+        beats = read_heartbeats(client.redis, engine.model, [worker])
+        return int(beats.get(worker, {}).get("prefix_cache", {}).get("hits", 0))
+
+    wait_until(lambda: heartbeat_hits() >= second.cached_tokens, 30, "the heartbeat to report prefix-cache hits")

@@ -67,8 +67,9 @@ def usage_table(title: str, rows: list[ModelUsage]) -> Table:
     table = Table(title=title)
     with_tenant = any(row.tenant is not None for row in rows)
     with_cache = any(row.cache_hits for row in rows)  # columns shown once the response cache answered something
+    with_prefix = any(row.prefix_cached_tokens for row in rows)  # once an engine reported prefix-cache hits
     columns = ("tenant",) * with_tenant + ("model", "requests", "errors", "prompt tok", "completion tok", "cost $",
-                                           *("cached", "saved $") * with_cache,
+                                           *("cached", "saved $") * with_cache, *("prefix hit",) * with_prefix,
                                            "p50 s", "p95 s", "ttft p50", "ttft p95")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column in ("model", "tenant") else "right")
@@ -76,6 +77,7 @@ def usage_table(title: str, rows: list[ModelUsage]) -> Table:
         cells = [
             row.model, str(row.requests), str(row.errors), str(row.prompt_tokens), str(row.completion_tokens),
             f"{row.cost_usd:.6f}", *(str(row.cache_hits), f"{row.saved_usd:.6f}") * with_cache,
+            *(f"{row.prefix_cache_hit_rate or 0.0:.0%}",) * with_prefix,
             *(_seconds(value) for value in (row.latency_p50_s, row.latency_p95_s, row.ttft_p50_s, row.ttft_p95_s)),
         ]  # fmt: skip
         table.add_row(*(escape(cell) for cell in ([row.tenant or ""] if with_tenant else []) + cells))

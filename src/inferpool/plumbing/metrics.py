@@ -35,6 +35,11 @@ _COUNTERS = (
     ("cost_usd", "inferpool_cost_usd", "Cost in USD, from the registry's prices."),
     ("cache_hits", "inferpool_cache_hits", "Requests answered from the response cache (or an identical request)."),
     ("saved_usd", "inferpool_cache_saved_usd", "Cost the response cache saved, in USD."),
+    (
+        "prefix_cached_tokens",
+        "inferpool_prompt_tokens_prefix_cached",
+        "Prompt tokens the engines found in their prefix caches (their prefill was skipped).",
+    ),
 )
 
 

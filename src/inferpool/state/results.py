@@ -58,7 +58,8 @@ _WRITE_ONCE = (
 --       then one record per
 --       result: request_id TAB completed|failed TAB prompt_tokens TAB completion_tokens TAB cost TAB
 --       latency bucket TAB latency seconds TAB attempts TAB ttft bucket TAB ttft seconds TAB
---       cached (1 or 0) TAB cost saved by the cache TAB json (an empty bucket: not measured; the json is
+--       cached (1 or 0) TAB cost saved by the cache TAB prompt tokens found in the engine's prefix cache TAB
+--       json (an empty bucket: not measured; the json is
 --       empty in the batch modes, where it is in the compressed results)
 -- mode: '' a single request's result: its own key (SET NX), a wake-up for its waiter and, if the request is
 --       streamed (its output stream exists), the stream's last entry ('d'). 'job' a batch
@@ -86,7 +87,7 @@ local records = {}
 for i = first, #ARGV do
   local record = ARGV[i]
   local fields, pos = {}, 1
-  for f = 1, 12 do
+  for f = 1, 13 do
     local tab = string.find(record, '\t', pos, true)
     if tab == nil then return error('inferpool: malformed result record at position ' .. (i - first)) end
     fields[f] = string.sub(record, pos, tab - 1)
@@ -100,6 +101,7 @@ for i = first, #ARGV do
   r.attempts = number(fields[8], r.rid)
   if fields[9] ~= '' then r.ttft_bucket, r.ttft = fields[9], number(fields[10], r.rid) end
   r.cached, r.saved = fields[11] == '1', number(fields[12], r.rid)
+  r.prefix_cached = number(fields[13], r.rid)
   records[#records + 1] = r
 end
 local skipped = {}
@@ -108,7 +110,7 @@ if is_job and redis.call('EXISTS', KEYS[1]) == 0 then
   return skipped
 end
 local completed, failed, prompt, completion, cost = 0, 0, 0, 0, 0
-local latency_sum, retried, ttft_sum, hits, saved = 0, 0, 0, 0, 0
+local latency_sum, retried, ttft_sum, hits, saved, prefix_cached = 0, 0, 0, 0, 0, 0
 local buckets, ttft_buckets, settled = {}, {}, {}
 local function fresh(r)
   if mode == 'new' then return true end
@@ -130,6 +132,7 @@ for i, r in ipairs(records) do
     prompt = prompt + r.prompt
     completion = completion + r.completion
     cost = cost + r.cost
+    prefix_cached = prefix_cached + r.prefix_cached
     if r.bucket then
       buckets[r.bucket] = (buckets[r.bucket] or 0) + 1
       latency_sum = latency_sum + r.latency
@@ -163,6 +166,9 @@ local function count_usage(hash, m)
   redis.call('HINCRBY', hash, m .. 'retried', retried)
   for bucket, n in pairs(buckets) do
     redis.call('HINCRBY', hash, m .. 'latency|' .. bucket, n)
+  end
+  if prefix_cached > 0 then
+    redis.call('HINCRBY', hash, m .. 'prefix_cached_tokens', prefix_cached)
   end
   if hits > 0 then
     redis.call('HINCRBY', hash, m .. 'cache_hits', hits)
@@ -242,6 +248,7 @@ class ResultRecord:
     ttft_s: float | None = None
     cached: bool = False
     saved_usd: float = 0.0
+    prefix_cached_tokens: int = 0
 
     @classmethod
     def of(cls, result: RequestResult) -> ResultRecord:
@@ -257,6 +264,9 @@ class ResultRecord:
             tenant=result.tenant or DEFAULT_TENANT,
             attempts=stats.attempts if stats else 1,
             ttft_s=stats.ttft_s if stats else None,
+            prefix_cached_tokens=usage.prompt_tokens_details.cached_tokens
+            if usage and usage.prompt_tokens_details
+            else 0,
         )
 
     def encode(self, *, with_payload: bool = True) -> bytes:
@@ -268,6 +278,7 @@ class ResultRecord:
             f"{self.request_id}\t{'completed' if self.ok else 'failed'}\t{self.prompt_tokens}\t"
             f"{self.completion_tokens}\t{self.cost_usd!r}\t{bucket}\t{self.latency_s or 0.0!r}\t{self.attempts}\t"
             f"{ttft_bucket}\t{self.ttft_s or 0.0!r}\t{1 if self.cached else 0}\t{self.saved_usd!r}\t"
+            f"{self.prefix_cached_tokens}\t"
         ).encode()
         return head + self.payload if with_payload else head
 

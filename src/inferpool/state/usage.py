@@ -64,7 +64,7 @@ def usage_from_counters(counters: Mapping[str, str], *, by_tenant: bool = False)
             setattr(row, counter, float(value))
         elif counter in ("latency_sum", "ttft_sum"):
             setattr(row, f"{counter}_s", float(value))
-        elif counter in ("retried", "cache_hits") or counter in (
+        elif counter in ("retried", "cache_hits", "prefix_cached_tokens") or counter in (
             "requests",
             "errors",
             "prompt_tokens",
@@ -92,7 +92,7 @@ def merge_usage(rows: Iterable[ModelUsage]) -> list[ModelUsage]:
             continue
         total = merged[key]
         for name in ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_usd", "retried",
-                     "cache_hits", "saved_usd", "latency_sum_s", "ttft_sum_s"):  # fmt: skip
+                     "cache_hits", "saved_usd", "latency_sum_s", "ttft_sum_s", "prefix_cached_tokens"):  # fmt: skip
             setattr(total, name, getattr(total, name) + getattr(row, name))
         for kind in _HISTOGRAMS:
             histogram: dict[float, int] = getattr(total, f"{kind}_histogram")

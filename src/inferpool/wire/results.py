@@ -23,10 +23,18 @@ class ErrorInfo(BaseModel):
         return cls(code=exc.code, message=exc.message)
 
 
+class PromptTokensDetails(BaseModel):
+    """OpenAI's ``usage.prompt_tokens_details``: ``cached_tokens`` are prompt tokens whose prefill the engine
+    skipped (vLLM's prefix cache)."""
+
+    cached_tokens: int = Field(default=0, ge=0)
+
+
 class Usage(BaseModel):
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
     total_tokens: int = Field(ge=0)
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class FunctionCall(BaseModel):

@@ -18,6 +18,7 @@ class ModelUsage(BaseModel):
     retried: int = 0
     cache_hits: int = 0
     saved_usd: float = 0.0
+    prefix_cached_tokens: int = 0  # prompt tokens the engines found in their prefix caches
     latency_sum_s: float = 0.0
     latency_histogram: dict[float, int] = {}
     ttft_p50_s: float | None = None
@@ -29,6 +30,11 @@ class ModelUsage(BaseModel):
     def ttft_count(self) -> int:
         """Answers whose time to first token was measured."""
         return sum(self.ttft_histogram.values())
+
+    @property
+    def prefix_cache_hit_rate(self) -> float | None:
+        """The share of prompt tokens whose prefill the engines skipped (None before any prompt token)."""
+        return self.prefix_cached_tokens / self.prompt_tokens if self.prompt_tokens else None
 
     @property
     def total_tokens(self) -> int:

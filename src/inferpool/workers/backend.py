@@ -60,6 +60,8 @@ class Generation:
     logprobs: dict[str, Any] | None = None
     extra_choices: tuple[ExtraChoice, ...] = ()
     tool_calls: tuple[dict[str, Any], ...] = ()
+    #: Prompt tokens the engine found in its prefix cache (None: it does not say).
+    cached_prompt_tokens: int | None = None
 
 
 #: A backend answers each request with a ``Generation`` or the ``RequestError`` that stopped it.

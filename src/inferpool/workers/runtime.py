@@ -327,7 +327,8 @@ class WorkerRuntime:
         data["response"] = self._completion(outcome, int(now))
         payload = pydantic_core.to_json(data)
         return ResultRecord(item.request_id, True, outcome.prompt_tokens, outcome.completion_tokens, cost, measured,
-                            payload, tenant, outcome.attempts, ttft, cached, saved)  # fmt: skip
+                            payload, tenant, outcome.attempts, ttft, cached, saved,
+                            outcome.cached_prompt_tokens or 0)  # fmt: skip
 
     def write_records(self, job_id: str, records: Sequence[ResultRecord], ttl_s: int) -> list[bool]:
         """Store results of this model's requests of ``job_id``, each once (see ``ResultWriter``)."""
@@ -353,12 +354,19 @@ class WorkerRuntime:
                 }
                 for index, choice in enumerate(choices)
             ],
-            "usage": {
-                "prompt_tokens": generation.prompt_tokens,
-                "completion_tokens": generation.completion_tokens,
-                "total_tokens": generation.prompt_tokens + generation.completion_tokens,
-            },
+            "usage": self._usage(generation),
         }
+
+    @staticmethod
+    def _usage(generation: Generation) -> dict[str, object]:
+        usage: dict[str, object] = {
+            "prompt_tokens": generation.prompt_tokens,
+            "completion_tokens": generation.completion_tokens,
+            "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+        }
+        if generation.cached_prompt_tokens is not None:  # OpenAI's field for prompt tokens served from cache
+            usage["prompt_tokens_details"] = {"cached_tokens": generation.cached_prompt_tokens}
+        return usage
 
     # -- heartbeat and shutdown ------------------------------------------------------------------------
 

@@ -97,6 +97,32 @@ class _Choice:
     finish_reason: str | None = None
 
 
+@dataclass
+class _Streamed:
+    """What a request's output stream has brought so far."""
+
+    choices: dict[int, _Choice] = field(default_factory=dict)
+    first_token_at: float | None = None
+    cached_tokens: int | None = None  # prompt tokens vLLM found in its prefix cache
+
+    def take(self, output: Any, sink: Any) -> None:
+        """One ``RequestOutput`` (deltas); text is streamed to ``sink`` (None: not streamed, or a tool call's
+        JSON, which is not text: the calls come at the end)."""
+        if output.num_cached_tokens is not None:
+            self.cached_tokens = output.num_cached_tokens
+        for delta in output.outputs:
+            if self.first_token_at is None and delta.token_ids:
+                self.first_token_at = time.time()
+            if sink is not None and delta.index == 0:
+                sink.emit(delta.text)
+            choice = self.choices.setdefault(delta.index, _Choice())
+            choice.text.append(delta.text)
+            choice.token_ids.extend(delta.token_ids)
+            if delta.logprobs:
+                choice.logprobs.extend(delta.logprobs)
+            choice.finish_reason = delta.finish_reason or choice.finish_reason
+
+
 def _prefix_cache_counter(totals: PrefixCacheStats) -> Any:
     """A vLLM stat-logger factory that adds each scheduler step's prefix-cache queries and hits (tokens) to
     ``totals`` (vLLM's ``SchedulerStats`` are not a stable interface: anything missing is ignored)."""
@@ -230,8 +256,7 @@ class VllmBackend:
             calls_tools = call_schema is not None
         except RequestError as exc:
             return exc
-        first_token_at: float | None = None
-        choices: dict[int, _Choice] = {}
+        streamed = _Streamed()
         sink = current_delta_sink()
         engine_request_id = f"inferpool-{uuid.uuid4().hex}"
         try:
@@ -242,22 +267,13 @@ class VllmBackend:
                 if sink is not None and sink.cancelled:  # the reader hung up: free the engine's slot
                     await self.engine.abort(engine_request_id)
                     break
-                for delta in output.outputs:
-                    if first_token_at is None and delta.token_ids:
-                        first_token_at = time.time()
-                    if sink is not None and delta.index == 0 and not calls_tools:
-                        sink.emit(delta.text)  # (a tool call's JSON is not text: the calls come at the end)
-                    choice = choices.setdefault(delta.index, _Choice())
-                    choice.text.append(delta.text)
-                    choice.token_ids.extend(delta.token_ids)
-                    if delta.logprobs:
-                        choice.logprobs.extend(delta.logprobs)
-                    choice.finish_reason = delta.finish_reason or choice.finish_reason
+                streamed.take(output, sink if not calls_tools else None)
         except ValueError as exc:  # vLLM's own validation of a request (e.g. an invalid schema)
             return InvalidRequest(f"vLLM refused the request: {exc}")
         except Exception as exc:  # an engine failure: every request in it fails, the worker keeps serving
             return ProviderError(f"vLLM engine error: {type(exc).__name__}: {exc}")
-        generation = self._generation(request, prompt_ids, choices, first_token_at)
+        generation = replace(self._generation(request, prompt_ids, streamed.choices, streamed.first_token_at),
+                             cached_prompt_tokens=streamed.cached_tokens)  # fmt: skip
         if not calls_tools:
             return generation
         try:
