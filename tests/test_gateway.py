@@ -139,9 +139,14 @@ def test_batch_flow_through_files_and_batches(acme: openai.OpenAI, globex: opena
     with pytest.raises(openai.BadRequestError, match="inferpool_via must be one of auto, realtime, provider-batch"):
         acme.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
                             metadata={"inferpool_via": "sometimes"})  # fmt: skip
+    with pytest.raises(openai.BadRequestError, match="inferpool_routing must be load or prefix"):
+        acme.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+                            metadata={"inferpool_routing": "random"})  # fmt: skip
+    metadata = {"run": "t1", "inferpool_via": "realtime", "inferpool_routing": "prefix"}
     batch = acme.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                completion_window="24h", metadata={"run": "t1", "inferpool_via": "realtime"})  # fmt: skip
+                                completion_window="24h", metadata=metadata)  # fmt: skip
     assert client.batches.retrieve(batch.id).via == "realtime"
+    assert client.batches.retrieve(batch.id).routing == "prefix"
     deadline = time.monotonic() + 60
     while batch.status not in ("completed", "failed", "cancelled", "expired"):
         assert time.monotonic() < deadline, batch
@@ -150,7 +155,7 @@ def test_batch_flow_through_files_and_batches(acme: openai.OpenAI, globex: opena
     assert batch.status == "completed"
     assert batch.request_counts is not None
     assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (21, 20, 1)
-    assert batch.metadata == {"run": "t1", "inferpool_via": "realtime"}
+    assert batch.metadata == metadata
     assert batch.input_file_id == uploaded.id
     assert batch.output_file_id is not None
     assert batch.error_file_id is not None

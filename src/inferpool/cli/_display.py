@@ -98,6 +98,13 @@ def print_job(console: Console, job: BatchJob) -> None:
         console.print(escape("errors: " + "; ".join(job.errors)), highlight=False)
     for model, path in sorted(job.paths.items()):
         console.print(escape(f"{model}: {path.via} ({path.reason})"), highlight=False)
+    if job.routing:
+        console.print(f"routing: {job.routing}", highlight=False)
+    cached = sum(row.prefix_cached_tokens for row in job.usage)
+    prompt = sum(row.prompt_tokens for row in job.usage)
+    if cached and prompt:  # the engines' own count of prompt tokens they did not prefill
+        console.print(f"prefix cache: {cached}/{prompt} prompt tokens ({cached / prompt:.0%}) not prefilled",
+                      highlight=False)  # fmt: skip
     if job.provider_batches:
         console.print(provider_batches_table(job))
     if job.usage:

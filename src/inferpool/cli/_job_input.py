@@ -12,6 +12,7 @@ from inferpool.client.batch_lines import AcceptedLine, BatchLineParser
 from inferpool.client.client import Client
 from inferpool.client.routing import Router
 from inferpool.model_registry.registry import Registry
+from inferpool.model_registry.spec import Routing
 from inferpool.plumbing.settings import Settings
 from inferpool.templates.prompt import UnrenderedRow, load_template
 from inferpool.templates.rows import read_rows
@@ -42,6 +43,14 @@ via_option = click.option(
          "API (answers within 24 h at its batch price, usually half), the real-time API, or auto: the Batch API "
          "where the registry enables it for the model (batch_api), the completion window is 24h and the job "
          "has at least the model's batch_api.min_lines lines. `batch status` shows the choice and why.",
+)  # fmt: skip
+
+routing_option = click.option(
+    "--routing", type=click.Choice(["load", "prefix"]), default=None,
+    help="How this job's lines pick a worker: prefix sends the lines that share a prompt prefix (a document's "
+         "questions, a template's instructions) to the worker whose engine holds it, so it is prefilled once; "
+         "load sends each chunk to whichever worker is free. Default: each model's own (prefix for vLLM "
+         "models, load for the rest).",
 )  # fmt: skip
 
 
@@ -76,12 +85,12 @@ class JobInput:
         return {line.spec.name for line in parser.parse(self.lines()) if isinstance(line, AcceptedLine)}
 
     def create(self, client: Client, priority: int, completion_window: str, cache: bool | None = None,
-               via: Via = "auto") -> BatchJob:  # fmt: skip
+               via: Via = "auto", routing: Routing | None = None) -> BatchJob:  # fmt: skip
         if self.input_path is not None:
             return client.batches.create(self.input_path, priority=priority, completion_window=completion_window,
-                                         cache=cache, via=via)  # fmt: skip
+                                         cache=cache, via=via, routing=routing)  # fmt: skip
         assert self.template_path is not None
         assert self.rows_path is not None
         return client.batches.create_from_template(self.template_path, self.rows_path, priority=priority,
                                                    completion_window=completion_window, cache=cache,
-                                                   via=via)  # fmt: skip
+                                                   via=via, routing=routing)  # fmt: skip

@@ -18,11 +18,13 @@ from inferpool.cli._job_input import (
     JobInput,
     cache_option,
     input_argument,
+    routing_option,
     rows_option,
     template_option,
     via_option,
 )
 from inferpool.client.client import Client
+from inferpool.model_registry.spec import Routing
 from inferpool.plumbing.local_pool import LocalPool
 from inferpool.plumbing.settings import Settings
 from inferpool.templates.join import join_results
@@ -65,14 +67,16 @@ def _client(ctx: click.Context) -> Client:
 @window_option
 @cache_option
 @via_option
+@routing_option
 @click.pass_context
 def submit(ctx: click.Context, input_path: Path | None, template_path: Path | None, rows_path: Path | None,
-           priority: int, completion_window: str, cache: bool | None, via: Via) -> None:  # fmt: skip
+           priority: int, completion_window: str, cache: bool | None, via: Via,
+           routing: Routing | None) -> None:  # fmt: skip
     """Validate and queue INPUT.jsonl (or --template over --rows) on the pool at REDIS_URL; print the job
     id at once."""
     source = JobInput.from_options(input_path, template_path, rows_path)
     with _client(ctx) as client:
-        job = source.create(client, priority, completion_window, cache, via)
+        job = source.create(client, priority, completion_window, cache, via, routing)
     click.echo(job.id)
     click.echo(f"follow it with: inferpool batch wait {job.id}", err=True)
 
@@ -206,11 +210,12 @@ def list_jobs(ctx: click.Context, limit: int) -> None:
 @window_option
 @cache_option
 @via_option
+@routing_option
 @click.pass_context
 def run(ctx: click.Context, input_path: Path | None, template_path: Path | None, rows_path: Path | None,
         output_path: Path, errors_path: Path | None, local: bool | None, timeout: float | None,
         show_answers: bool | None, priority: int, completion_window: str, cache: bool | None,
-        via: Via) -> None:  # fmt: skip
+        via: Via, routing: Routing | None) -> None:  # fmt: skip
     """Submit INPUT.jsonl (or --template over --rows), follow it, write OUTPUT and print a usage summary.
 
     A bad line (malformed JSON, missing or duplicate custom_id, unknown model, invalid body, prompt over
@@ -225,7 +230,7 @@ def run(ctx: click.Context, input_path: Path | None, template_path: Path | None,
     with _redis_url(settings, use_local, models, console) as redis_url, \
             Client(settings=settings.with_redis_url(redis_url)) as client:  # fmt: skip
         started = time.monotonic()
-        job = source.create(client, priority, completion_window, cache, via)
+        job = source.create(client, priority, completion_window, cache, via, routing)
         with ResultFiles(client, job.id, output_path, errors_path) as files:
             # Output lines are written while the job runs, not all at the end.
             job = _follow(client, job.id, timeout, local_pool=use_local, on_poll=files.drain)

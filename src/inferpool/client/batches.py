@@ -370,10 +370,12 @@ class AsyncBatches:
         input_file_id: str | None = None,
         cache: bool | None = None,
         via: Via = "auto",
+        routing: Routing | None = None,
     ) -> BatchJob:
         return await asyncio.to_thread(self._sync.create, source, priority=priority,
                                        completion_window=completion_window, metadata=metadata, tenant=tenant,
-                                       input_file_id=input_file_id, cache=cache, via=via)  # fmt: skip
+                                       input_file_id=input_file_id, cache=cache, via=via,
+                                       routing=routing)  # fmt: skip
 
     async def create_from_template(
         self,

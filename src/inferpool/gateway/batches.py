@@ -19,6 +19,7 @@ from starlette.routing import Route
 from inferpool.constants import DEFAULT_TENANT
 from inferpool.gateway.common import Gateway, gateway_of, list_limit, list_page, read_json_body
 from inferpool.gateway.errors import HTTPError, not_found
+from inferpool.model_registry.spec import Routing
 from inferpool.wire import CHAT_COMPLETIONS_URL, VIA_CHOICES, BatchJob, as_via, describe_validation_error
 
 _OUTPUT_PREFIX = "file-out-"
@@ -28,6 +29,9 @@ _JOB_PREFIX = "batch_"
 
 #: The batch's ``metadata`` entry that chooses ``--via`` (OpenAI's batch object has no field of its own for it).
 VIA_METADATA_KEY = "inferpool_via"
+#: The batch's ``metadata`` entry that chooses ``--routing`` (load or prefix; absent: each model's own).
+ROUTING_METADATA_KEY = "inferpool_routing"
+_ROUTINGS: dict[str, Routing] = {"load": "load", "prefix": "prefix"}
 
 
 class CreateBatch(BaseModel):
@@ -112,9 +116,14 @@ async def create_batch(request: Request) -> Response:
         raise HTTPError(400, f"metadata.{VIA_METADATA_KEY} must be one of {', '.join(VIA_CHOICES)} (the path of the "
                         f"lines of models with a provider Batch API), not {asked!r}.",
                         param=f"metadata.{VIA_METADATA_KEY}")  # fmt: skip
+    asked_routing = (body.metadata or {}).get(ROUTING_METADATA_KEY)
+    routing = _ROUTINGS.get(asked_routing) if asked_routing is not None else None
+    if asked_routing is not None and routing is None:
+        raise HTTPError(400, f"metadata.{ROUTING_METADATA_KEY} must be load or prefix (how lines pick a worker), "
+                        f"not {asked_routing!r}.", param=f"metadata.{ROUTING_METADATA_KEY}")  # fmt: skip
     job = await gateway.client.batches.create(gateway.files.path_of(info.id), completion_window=body.completion_window,
                                               metadata=body.metadata, tenant=tenant, input_file_id=info.id,
-                                              via=via)  # fmt: skip
+                                              via=via, routing=routing)  # fmt: skip
     return JSONResponse(batch_object(job))
 
 

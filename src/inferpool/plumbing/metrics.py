@@ -22,6 +22,7 @@ from inferpool.constants import (
 )
 from inferpool.model_registry.registry import Registry
 from inferpool.plumbing.redis_connection import decode_text
+from inferpool.state.heartbeats import live_worker_ids, read_heartbeats
 from inferpool.state.load import read_model_load
 from inferpool.state.usage import merge_usage, usage_from_counters
 from inferpool.wire import ModelUsage
@@ -121,8 +122,34 @@ class PoolCollector(Collector):
         yield queue
         yield flight
         yield workers
+        yield from self._engine_prefix_caches()
         yield GaugeMetricFamily("inferpool_batch_jobs_active", "Batch jobs not yet final.",
                                 value=float(self._redis.zcard(JOBS_ACTIVE_KEY)))  # fmt: skip
+
+    def _engine_prefix_caches(self) -> Iterator[Metric]:
+        """Each live worker's engine prefix-cache counters (prompt tokens looked up and found), from its heartbeat."""
+        labels = ["model", "worker"]
+        queries = CounterMetricFamily(
+            "inferpool_engine_prefix_cache_queries_tokens",
+            "Prompt tokens the worker's engine looked up in its prefix cache.",
+            labels=labels,
+        )
+        hits = CounterMetricFamily(
+            "inferpool_engine_prefix_cache_hits_tokens",
+            "Prompt tokens the worker's engine found in its prefix cache.",
+            labels=labels,
+        )
+        for spec in self._registry:
+            if spec.routing != "prefix":
+                continue
+            beats = read_heartbeats(self._redis, spec.name, live_worker_ids(self._redis, spec.name))
+            for worker, fields in beats.items():
+                stats = fields.get("prefix_cache")
+                if isinstance(stats, dict):
+                    queries.add_metric([spec.name, worker], float(stats.get("queries", 0)))
+                    hits.add_metric([spec.name, worker], float(stats.get("hits", 0)))
+        yield queries
+        yield hits
 
 
 def serve_metrics(

@@ -44,9 +44,13 @@ class PrefixRouter:
         self._tables: dict[str, OwnerTable] = {}
         self._refreshed: dict[str, float] = {}
 
-    def table(self, model: str) -> OwnerTable:
-        """The model's owner table, its live workers refreshed every couple of seconds."""
-        table = self._tables.setdefault(model, OwnerTable())
+    def table(self, spec: ModelSpec) -> OwnerTable:
+        """The model's owner table, its live workers refreshed every couple of seconds. An owner keeps its
+        groups up to a take (a chunk) past the bound: the scheduler sees a group's lines a take at a time."""
+        model = spec.name
+        table = self._tables.get(model)
+        if table is None:
+            table = self._tables[model] = OwnerTable(keep_slack=spec.serving.chunk_size)
         now = time.monotonic()
         if now - self._refreshed.get(model, 0.0) > _LIVE_REFRESH_S:
             self._refreshed[model] = now
@@ -56,7 +60,7 @@ class PrefixRouter:
     def split(self, spec: ModelSpec, taken: Sequence[tuple[str, int]]) -> list[tuple[str | None, list[str]]]:
         """(worker, request ids) buckets for ``taken`` (id, group key) pairs, in the order taken; worker None is
         the model's shared queue."""
-        table = self.table(spec.name)
+        table = self.table(spec)
         if len(table.workers) < 2:
             return [(None, [rid for rid, _ in taken])]
         backlog = self.queues.backlogs(spec.name, table.workers)

@@ -337,7 +337,8 @@ class JobStore:
             "request_counts": RequestCounts(total=int(raw.get("total", 0)), completed=int(raw.get("completed", 0)),
                                             failed=int(raw.get("failed", 0))),
             "usage": usage, "tenant": raw.get("tenant"), "input_file_id": raw.get("input_file_id"),
-            "via": raw.get("via", "realtime"), "provider_batches": self._provider_batches(job_id),
+            "via": raw.get("via", "realtime"), "routing": raw.get("routing"),
+            "provider_batches": self._provider_batches(job_id),
             "paths": {name.removeprefix("path:"): ViaChoice.model_validate_json(value)
                       for name, value in raw.items() if name.startswith("path:")},
         }  # fmt: skip

@@ -63,6 +63,8 @@ class BatchJob(BaseModel):
     input_file_id: str | None = None
     usage: list[ModelUsage] = Field(default_factory=list)
     via: str = Field(default="realtime", description="The path asked for: auto, realtime or provider-batch.")
+    routing: str | None = Field(default=None, description="load or prefix if the job chose one (--routing); "
+                                "else each model's own.")  # fmt: skip
     paths: dict[str, ViaChoice] = Field(
         default_factory=dict, description="Per model: the path its lines take (real-time or the provider's Batch "
         "API) and why.",
