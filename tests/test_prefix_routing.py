@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from inferpool.affinity.owners import OwnerTable
 from inferpool.affinity.prefix import BLOCK_CHARS, group_key, prefix_levels, request_keys
 from inferpool.constants import Priority, queue_name, worker_queue_name, worker_queues
 from inferpool.plumbing.celery_app import create_celery_app, publish_chunk_json
-from inferpool.plumbing.local_pool import LocalPool
+from inferpool.plumbing.local_pool import LocalPool, WorkerProcess
 from inferpool.plumbing.settings import Settings
 from inferpool.state.worker_queues import WorkerQueues
 from inferpool.wire import BatchOutputLine, ChatRequest
@@ -193,11 +194,19 @@ def _wait_for_some(client: Client, job_id: str, at_least: int) -> None:
         time.sleep(0.01)
 
 
+def _three_rounds() -> list[str]:
+    """The job's lines three times over (custom ids r0..., r1..., r2...): long enough to act mid-job."""
+    return [line.replace('"custom_id": "d', f'"custom_id": "r{n // (DOCS * QUESTIONS)}d', 1)
+            for n, line in enumerate(_job_lines() * 3)]  # fmt: skip
+
+
+def _worker_id(process: WorkerProcess) -> str:
+    return f"{MODEL}@{socket.gethostname()}-{process.proc.pid}"  # the worker's default id
+
+
 def test_a_killed_owner_loses_nothing_and_its_prefixes_move(pool: LocalPool) -> None:
     with Client(pool.redis_url) as client:
-        lines = [line.replace("question", "kill question") for line in _job_lines() * 3]
-        lines = [line.replace('"custom_id": "d', f'"custom_id": "r{n // (DOCS * QUESTIONS)}d', 1)
-                 for n, line in enumerate(lines)]  # fmt: skip
+        lines = _three_rounds()
         job = client.batches.create(lines, routing="prefix")
         _wait_for_some(client, job.id, 20)
         victim, survivor = pool.workers
@@ -211,15 +220,12 @@ def test_a_killed_owner_loses_nothing_and_its_prefixes_move(pool: LocalPool) -> 
         assert Counter(r.custom_id for r in results) == Counter(json.loads(line)["custom_id"] for line in lines)
         assert str(survivor.proc.pid) in " ".join(r.stats.worker for r in results if r.stats)
         # The dead worker's own queues were handed over: nothing waits where nobody will look.
-        dead_id = next(r.stats.worker for r in results if r.stats and str(victim.proc.pid) in r.stats.worker)
-        assert sum(client.redis.llen(q) for q in worker_queues(MODEL, dead_id)) == 0
+        assert sum(client.redis.llen(q) for q in worker_queues(MODEL, _worker_id(victim))) == 0
 
 
 def test_a_draining_owner_hands_its_prefixes_on(pool: LocalPool) -> None:
     with Client(pool.redis_url) as client:
-        lines = _job_lines() * 3
-        lines = [line.replace('"custom_id": "d', f'"custom_id": "r{n // (DOCS * QUESTIONS)}d', 1)
-                 for n, line in enumerate(lines)]  # fmt: skip
+        lines = _three_rounds()
         job = client.batches.create(lines, routing="prefix")
         _wait_for_some(client, job.id, 20)
         leaving, staying = pool.workers
@@ -231,6 +237,4 @@ def test_a_draining_owner_hands_its_prefixes_on(pool: LocalPool) -> None:
         assert len({r.request_id for r in results}) == len(lines)
         assert Counter(r.custom_id for r in results) == Counter(json.loads(line)["custom_id"] for line in lines)
         assert any(r.stats and str(staying.proc.pid) in r.stats.worker for r in results)
-        leaving_id = next((r.stats.worker for r in results if r.stats and str(leaving.proc.pid) in r.stats.worker), "")
-        if leaving_id:
-            assert sum(client.redis.llen(q) for q in worker_queues(MODEL, leaving_id)) == 0
+        assert sum(client.redis.llen(q) for q in worker_queues(MODEL, _worker_id(leaving))) == 0

@@ -34,7 +34,8 @@ class Usage(BaseModel):
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
     total_tokens: int = Field(ge=0)
-    prompt_tokens_details: PromptTokensDetails | None = None
+    # Left out when the engine does not say (API providers, transformers), so such usage reads as before.
+    prompt_tokens_details: PromptTokensDetails | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class FunctionCall(BaseModel):
