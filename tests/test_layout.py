@@ -142,7 +142,10 @@ ALLOWED = {
     "inferpool.affinity": {"inferpool.constants", "inferpool._exceptions", "inferpool.wire"},
     "inferpool.state": {"inferpool.constants", "inferpool._exceptions", "inferpool.wire", "inferpool.plumbing"},
 }
-FORBIDDEN = {"inferpool.client": {"inferpool.workers"}, "inferpool.workers": {"inferpool.client"}}
+FORBIDDEN = {
+    "inferpool.client": {"inferpool.workers", "inferpool.residency"},
+    "inferpool.workers": {"inferpool.client", "inferpool.residency"},
+}  # residency builds on workers
 
 
 def _room(module: str) -> str:

@@ -15,6 +15,7 @@
     │   ├── ProviderError           the backend failed while generating
     │   └── HookError               a request or result hook refused, rejected or failed
     ├── ModelLoadError              a worker cannot load its model
+    │   └── ModelNotResident        a budgeted worker could not make room for a model in time (its work waits)
     ├── ResultTimeout               waited for a result longer than asked
     ├── BatchRefused                a whole batch file refused up front (not JSONL, over the job limits)
     ├── JobNotFound                 no batch job with that id (never created, or its retention ended)
@@ -52,6 +53,11 @@ class TemplateError(ConfigurationError):
 
 class ModelLoadError(InferpoolError):
     """A worker could not load the model it was asked to serve."""
+
+
+class ModelNotResident(ModelLoadError):
+    """A worker holding several models within a memory budget could not make room for one in time: every
+    resident model was busy. The chunk goes back to wait (its lines stay in Redis) and is tried again."""
 
 
 class ResultTimeout(InferpoolError, TimeoutError):

@@ -160,6 +160,8 @@ USAGE_TOTAL_KEY = f"{KEY_PREFIX}usage:total"
 #: All-time latency histogram per model, over every tenant (fields ``model|bucket``): what routing by
 #: "fastest" reads, bounded by models x buckets however many tenants there are.
 MODEL_LATENCY_KEY = f"{KEY_PREFIX}usage:latency"
+#: Hash model -> bytes its loaded model took, as measured by the first worker that loaded it (residency).
+MODEL_FOOTPRINTS_KEY = f"{KEY_PREFIX}model-footprints"
 
 #: How long per-day usage counters are kept.
 USAGE_RETENTION_S = 400 * 86400

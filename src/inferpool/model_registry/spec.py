@@ -208,6 +208,11 @@ class ModelSpec(BaseModel):
         default=None, description="Use the provider's own Batch API for batch jobs (opt-in; default: the provider's)."
     )
     description: str = ""
+    memory_gb: float | None = Field(
+        default=None, gt=0,
+        description="Memory the loaded model takes (GiB of GPU memory, or of RAM on CPU), for workers that hold "
+        "several models within a budget (inferpool worker --models). Unset: measured at its first load.",
+    )  # fmt: skip
 
     _hooks_by_name = field_validator("hooks", mode="before")(_hook_specs)
 

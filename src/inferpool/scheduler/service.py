@@ -38,7 +38,7 @@ from inferpool.plumbing.celery_app import publish_chunk_json
 from inferpool.plumbing.settings import Settings
 from inferpool.provider_batch.planner import ProviderBatchPlanner
 from inferpool.scheduler.lease import SchedulerLease
-from inferpool.scheduler.prefix_router import PrefixRouter
+from inferpool.scheduler.placement import Placement
 from inferpool.state.heartbeats import count_live_workers
 from inferpool.state.jobs import JobStore
 from inferpool.state.leader_fence import NotLeader
@@ -118,7 +118,7 @@ class Scheduler:
         self._stale_checked = 0.0
         self._faults: dict[str, int] = defaultdict(int)
         self.planner = ProviderBatchPlanner(self.store, settings, celery, self._fence)
-        self.prefix = PrefixRouter(client)
+        self.placement = Placement(client)
         # Items taken into flight whose publishing failed (broker down): published first on the next tick.
         self._unsent: list[tuple[str, ModelSpec, list[str], bool, str | None]] = []
 
@@ -370,11 +370,10 @@ class Scheduler:
         taken = self.store.take_pending(job.job_id, spec.name, take, fence=self._fence())
         if not taken:
             return 0
-        if (job.routing or spec.routing) != "prefix":
-            return self._publish(job.job_id, spec, [rid for rid, _ in taken])
-        # Grouped by prefix: each group to the worker whose engine holds it (inferpool.scheduler.prefix_router).
+        # To the workers where the model is warm, each prefix group to its owner (inferpool.scheduler.placement).
+        prefix = (job.routing or spec.routing) == "prefix"
         return sum(self._publish(job.job_id, spec, rids, worker=worker)
-                   for worker, rids in self.prefix.split(spec, taken))  # fmt: skip
+                   for worker, rids in self.placement.split(spec, taken, prefix=prefix))  # fmt: skip
 
     def _publish_or_refuse(self, job_id: str, model: str, request_ids: list[str], *, resent: bool) -> int:
         spec = self._spec(model)

@@ -2,7 +2,8 @@
 
 It answers ``echo: <text of the last user message>``. A token is a whitespace-separated word, both for
 the prompt (all messages) and the answer, so usage is exact and predictable. Parameters (registry
-``params``): ``delay_ms`` sleeps that long per request, to emulate a slow model. A streamed request is
+``params``): ``delay_ms`` sleeps that long per request, to emulate a slow model; ``load_ms`` that long
+at load. A streamed request is
 answered word by word, ``delay_ms`` spread over its words.
 """
 
@@ -28,6 +29,7 @@ class EchoParams(BaseModel):
     fail_marker: str | None = Field(
         default=None, description="Fail (provider_error) every request whose last user message contains this."
     )
+    load_ms: float = Field(default=0.0, ge=0.0, description="Sleep this long when loading, like a real model.")
 
 
 def echo_answer(request: ChatRequest) -> str:
@@ -59,6 +61,8 @@ class EchoBackend:
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.spec = spec
         self.params = parse_params(EchoParams, spec, self.name)
+        if self.params.load_ms:
+            time.sleep(self.params.load_ms / 1000)
 
     async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
         sink = current_delta_sink()

@@ -425,6 +425,11 @@ class WorkerRuntime:
             moved = WorkerQueues(self.redis).hand_over(self.spec.name, [self.worker_id])
             if moved:
                 log.info("worker %s handed %d waiting chunk(s) to the shared queues", self.worker_id, moved)
+        self.release()
+
+    def release(self) -> None:
+        """Release the backend (its model's memory) and the loop that fed it; the heartbeat, if any, is the
+        caller's to end (a worker holding several models unloads one while it goes on serving the rest)."""
         asyncio.run_coroutine_threadsafe(self.backend.aclose(), self._loop).result(timeout=60)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=10)

@@ -1,0 +1,193 @@
+"""A worker process holding several models within a memory budget (``inferpool worker --models a,b,c``).
+
+It consumes every model's shared and own queues and announces itself for each model (state warm, loading
+or cold), so a model nobody holds warm still has a worker: its lines wait in Redis until this one loads
+it (scale to zero per model). Models load when their first chunk arrives (``inferpool.residency.manager``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from celery import signals
+
+from inferpool._exceptions import ConfigurationError, ModelLoadError, RedisUnavailable
+from inferpool.constants import model_queues, worker_queues
+from inferpool.model_registry.registry import Registry
+from inferpool.model_registry.spec import ModelSpec
+from inferpool.plumbing.celery_app import create_celery_app
+from inferpool.plumbing.redis_connection import connect_redis
+from inferpool.plumbing.settings import Settings
+from inferpool.provider_batch.runner import ProviderBatchRunner
+from inferpool.provider_batch.store import ProviderBatchStore
+from inferpool.residency.budget import describe_bytes, known_footprint, record_footprint
+from inferpool.residency.manager import Loaded, ResidentModels
+from inferpool.state.heartbeats import beat, gone_worker_ids, withdraw
+from inferpool.state.worker_queues import WorkerQueues
+from inferpool.wire import TaskChunk
+from inferpool.workers.backend import create_backend
+from inferpool.workers.cache import ResponseCache
+from inferpool.workers.hooks import HookChain, load_hooks
+from inferpool.workers.runtime import ChunkReport, WorkerRuntime
+from inferpool.workers.tasks import install_chunk_server
+
+log = logging.getLogger(__name__)
+
+
+class ResidentServer:
+    """The tasks' ``ChunkServer``: each chunk served while its model is held."""
+
+    def __init__(self, resident: ResidentModels, store: ProviderBatchStore) -> None:
+        self.resident = resident
+        self.store = store
+
+    def process_chunk(self, chunk: TaskChunk, *, maybe_answered: bool = True) -> ChunkReport:
+        with self.resident.hold(chunk.model) as loaded:
+            return loaded.runtime.process_chunk(chunk, maybe_answered=maybe_answered)
+
+    def provider_batch_step(self, pbatch_id: str) -> str:
+        batch = self.store.get(pbatch_id)
+        if batch is None or batch.model not in self.resident.specs:
+            return "not a provider batch of this worker's models"
+        with self.resident.hold(batch.model) as loaded:
+            if loaded.runner is None:
+                return "no provider Batch API here"
+            return loaded.runner.step(pbatch_id)
+
+
+def plan(specs: Sequence[ModelSpec], budget: int, client: redis.Redis) -> list[tuple[str, int | None]]:
+    """Each model with its footprint (None: measured at its first load); ``ConfigurationError`` for one that
+    can never fit the budget."""
+    footprints = [(spec.name, known_footprint(spec, client)) for spec in specs]
+    for name, footprint in footprints:
+        if footprint is not None and footprint > budget:
+            raise ConfigurationError(f"model {name!r} takes {describe_bytes(footprint)}, more than the worker's "
+                                     f"memory budget of {describe_bytes(budget)}: raise --memory-budget or leave "
+                                     "it out")  # fmt: skip
+    return footprints
+
+
+def _waiting(client: redis.Redis, model: str, worker_id: str) -> int:
+    """Chunks waiting for ``model`` in its shared queues and this worker's own."""
+    pipe = client.pipeline(transaction=False)
+    for queue in [*model_queues(model), *worker_queues(model, worker_id)]:
+        pipe.llen(queue)
+    return sum(int(n) for n in pipe.execute())
+
+
+class _Announcer:
+    """Heartbeats for every model of the worker (its state per model), the hand-over of gone peers' own
+    queues, and the unloading of models idle past their keep-alive."""
+
+    def __init__(self, client: redis.Redis, settings: Settings, worker_id: str, resident: ResidentModels) -> None:
+        self.redis, self.settings, self.worker_id, self.resident = client, settings, worker_id, resident
+        self.budget = resident.budget
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+        self._queues = WorkerQueues(client)
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+
+    def beat(self) -> None:
+        states, counts = self.resident.states(), self.resident.counts()
+        warm = sorted(name for name, state in states.items() if state == "warm")
+        grace = self.settings.visibility_timeout_s + self.settings.heartbeat_ttl_s
+        for name, spec in self.resident.specs.items():
+            payload = {"worker_id": self.worker_id, "model": name, "backend": spec.backend, "pid": os.getpid(),
+                       "state": states[name], "resident": warm, "budget_bytes": self.budget, "loads": counts.loads,
+                       "evictions": counts.evictions, "load_s": counts.load_s, "at": time.time()}  # fmt: skip
+            beat(self.redis, name, self.worker_id, self.settings.heartbeat_ttl_s, json.dumps(payload), grace)
+
+    def _loop(self) -> None:
+        interval = self.settings.heartbeat_ttl_s / 3
+        while not self._stop.wait(min(interval, max(0.5, self.resident.keep_alive_s / 2))):
+            try:
+                if self.resident.expire_idle():
+                    gc.collect()
+                self.beat()
+                for name in self.resident.specs:
+                    gone = gone_worker_ids(self.redis, name)
+                    if gone:
+                        self._queues.hand_over(name, gone)
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def stop(self) -> None:
+        """End every heartbeat now (the worker drains) and stop beating."""
+        self._stop.set()
+        for name in self.resident.specs:
+            with contextlib.suppress(redis.RedisError):
+                withdraw(self.redis, name, self.worker_id)
+
+
+def serve_models(models: Sequence[str], settings: Settings, *, budget: int, keep_alive_s: float = 300.0,
+                 concurrency: int | None = None, worker_id: str | None = None) -> int:  # fmt: skip
+    """Serve ``models`` from this process within ``budget`` bytes; returns the Celery worker's exit code."""
+    registry = Registry.from_settings(settings)
+    specs = list({spec.name: spec for spec in (registry.get(model) for model in models)}.values())
+    client = connect_redis(settings.require_redis_url())
+    for name, footprint in plan(specs, budget, client):
+        log.info("model %s: %s", name, describe_bytes(footprint) if footprint else "footprint measured at first load")
+    hooks: dict[str, HookChain] = {spec.name: load_hooks(spec.hooks) for spec in specs}  # fail fast
+    worker_id = worker_id or f"multi@{socket.gethostname()}-{os.getpid()}"
+    app = create_celery_app(settings)
+    cache = ResponseCache(connect_redis(settings.cache_redis_url) if settings.cache_redis_url else client, settings)
+    store = ProviderBatchStore(client, settings.result_ttl_s)
+
+    def load(spec: ModelSpec) -> Loaded:
+        try:
+            backend = create_backend(spec, settings)
+        except ImportError as exc:
+            raise ModelLoadError(f"backend {spec.backend!r} for model {spec.name!r} needs a package that is not "
+                                 f"installed: {exc}") from exc  # fmt: skip
+        runtime = WorkerRuntime(spec, backend, client, settings, worker_id, registry=registry, celery=app,
+                                hooks=hooks[spec.name], cache=cache)  # fmt: skip
+        batch_api = getattr(backend, "batch_api", None)
+        runner = ProviderBatchRunner(runtime, batch_api(), store, settings) if callable(batch_api) else None
+        return Loaded(runtime, runner)
+
+    resident = ResidentModels(
+        specs, budget, load=load, footprint_of=lambda spec: known_footprint(spec, client),
+        record_footprint=lambda model, footprint: record_footprint(client, model, footprint),
+        waiting=lambda model: _waiting(client, model, worker_id), keep_alive_s=keep_alive_s,
+        max_wait_s=max(10.0, settings.visibility_timeout_s / 10),
+    )  # fmt: skip
+    announcer = _Announcer(client, settings, worker_id, resident)
+    resident.on_change = announcer.beat
+    install_chunk_server(app, ResidentServer(resident, store))
+    queues = sorted(q for spec in specs for q in (*model_queues(spec.name), *worker_queues(spec.name, worker_id)))
+
+    def on_ready(**_: Any) -> None:
+        announcer.start()
+        log.info("worker %s holding up to %s of %s on queues %s", worker_id, describe_bytes(budget),
+                 ", ".join(spec.name for spec in specs), ", ".join(queues))  # fmt: skip
+
+    signals.worker_ready.connect(on_ready, weak=False)
+    signals.worker_shutting_down.connect(lambda **_: announcer.stop(), weak=False)
+    worker = app.Worker(queues=queues, pool="threads",
+                        concurrency=concurrency or max(spec.serving.concurrency for spec in specs),
+                        hostname=worker_id, loglevel=settings.log_level, without_gossip=True, without_mingle=True,
+                        optimization="fair")  # fmt: skip
+    try:
+        worker.start()
+    except redis.ConnectionError as exc:
+        raise RedisUnavailable(f"lost Redis while serving: {exc}") from exc
+    finally:
+        announcer.stop()
+        with contextlib.suppress(redis.RedisError):
+            for spec in specs:
+                WorkerQueues(client).hand_over(spec.name, [worker_id])
+        resident.close()
+    return int(worker.exitcode or 0)

@@ -1,0 +1,166 @@
+"""Model residency (issue 28, first part): one worker process holding several models within a memory budget.
+
+Real pools (private Redis, scheduler, ``inferpool worker --models ...`` processes) on echo models whose
+registry footprint is 1 GiB each and whose load takes 300 ms, under a 1 GiB budget: the worker holds one
+model at a time, loads each when its work arrives and swaps in long runs, not per line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from inferpool import Client, JobStatus
+from inferpool.plumbing.local_pool import (
+    EmbeddedRedis,
+    WorkerProcess,
+    start_inferpool_process,
+    start_scheduler_process,
+    stop_process,
+    wait_for_workers,
+)
+from inferpool.state.heartbeats import live_worker_ids, read_heartbeats
+
+from .conftest import wait_until
+
+MODELS = ["echo-res-a", "echo-res-b", "echo-res-c"]
+ENV = {"INFERPOOL_VISIBILITY_TIMEOUT_S": "4", "INFERPOOL_HEARTBEAT_TTL_S": "3", "INFERPOOL_SCHEDULER_LEASE_S": "1"}
+
+
+class Pool:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.redis = EmbeddedRedis(workdir / "redis")
+        self.redis.start()
+        self.scheduler = start_scheduler_process(self.redis.url, workdir / "scheduler.log", ENV)
+        self.workers: list[WorkerProcess] = []
+        self.client = redis.Redis.from_url(self.redis.url)
+
+    def start_worker(self, models: list[str], *extra: str, wait: bool = True) -> WorkerProcess:
+        log = self.workdir / f"worker-{len(self.workers)}.log"
+        args = ["worker", "--models", ",".join(models), "--memory-budget", "1GiB", *extra]
+        worker = WorkerProcess(models[0], start_inferpool_process(args, self.redis.url, log, ENV), log)
+        self.workers.append(worker)
+        if wait:
+            wait_for_workers(self.client, [worker], 60)
+        return worker
+
+    def beats(self, worker: WorkerProcess, models: list[str] = MODELS) -> dict[str, dict[str, object]]:
+        """The worker's heartbeat per model."""
+        out = {}
+        for model in models:
+            ids = [wid for wid in live_worker_ids(self.client, model) if wid.endswith(f"-{worker.proc.pid}")]
+            for beat in read_heartbeats(self.client, model, ids).values():
+                out[model] = beat
+        return out
+
+    def stop(self) -> None:
+        for process in [self.scheduler.proc, *(w.proc for w in self.workers)]:
+            stop_process(process, grace_s=20)
+        self.client.close()
+        self.redis.stop()
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[Pool]:
+    local = Pool(tmp_path)
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+def _interleaved(per_model: int, tag: str = "l") -> list[str]:
+    return [json.dumps({"custom_id": f"{tag}{i}-{model}", "method": "POST", "url": "/v1/chat/completions",
+                        "body": {"model": model, "max_tokens": 4, "messages": [
+                            {"role": "user", "content": f"line {i} for {model}"}]}})
+            for i in range(per_model) for model in MODELS]  # fmt: skip
+
+
+def _assert_once(client: Client, job_id: str, lines: list[str]) -> None:
+    done = client.batches.wait(job_id, timeout=180, poll_s=0.2)
+    assert done.status == JobStatus.COMPLETED
+    assert done.request_counts.model_dump() == {"total": len(lines), "completed": len(lines), "failed": 0}
+    results = list(client.batches.request_results(job_id))
+    assert len({r.request_id for r in results}) == len(lines)
+    assert Counter(r.custom_id for r in results) == Counter(json.loads(line)["custom_id"] for line in lines)
+    for result in results:  # each answered by the model it asked for
+        assert result.response is not None
+        assert result.custom_id is not None
+        assert result.response.model == result.custom_id.split("-", 1)[1]
+
+
+def test_one_worker_serves_an_interleaved_job_of_three_models_in_long_runs(pool: Pool) -> None:
+    worker = pool.start_worker(MODELS, "--keep-alive", "1")
+    assert {beat["state"] for beat in pool.beats(worker).values()} == {"cold"}  # announced, nothing loaded
+    lines = _interleaved(60)
+    with Client(pool.redis.url) as client:
+        job = client.batches.create(lines)
+        _assert_once(client, job.id, lines)
+    beats = pool.beats(worker)
+    loads = int(str(next(iter(beats.values()))["loads"]))
+    assert 3 <= loads <= 2 * len(MODELS), beats  # each model loaded, in runs: not once per chunk (18 chunks)
+    # Idle past the keep-alive, every model is unloaded again.
+    wait_until(lambda: {b["state"] for b in pool.beats(worker).values()} == {"cold"}, 30, "idle models to unload")
+
+
+def test_a_model_that_cannot_fit_is_refused_at_start(pool: Pool) -> None:
+    worker = pool.start_worker(["echo-res-a", "echo-res-big"], wait=False)
+    assert worker.proc.wait(timeout=60) != 0
+    log = worker.log_path.read_text()
+    assert "echo-res-big" in log
+    assert "more than the worker's memory budget of 1.00 GiB" in log
+
+
+def test_a_worker_killed_while_loading_loses_nothing(pool: Pool) -> None:
+    first = pool.start_worker(["echo-res-slow-load"])
+    lines = [json.dumps({"custom_id": f"s{i}", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": "echo-res-slow-load", "messages": [{"role": "user", "content": f"s {i}"}]}})
+             for i in range(20)]  # fmt: skip
+    with Client(pool.redis.url) as client:
+        job = client.batches.create(lines)
+        slow = ["echo-res-slow-load"]
+        wait_until(lambda: pool.beats(first, slow).get(slow[0], {}).get("state") == "loading", 30,
+                   "the model to start loading")  # fmt: skip
+        os.killpg(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(timeout=10)
+        pool.start_worker(["echo-res-slow-load"])
+        done = client.batches.wait(job.id, timeout=180, poll_s=0.2)
+        assert done.status == JobStatus.COMPLETED
+        results = list(client.batches.request_results(job.id))
+        assert Counter(r.custom_id for r in results) == Counter(f"s{i}" for i in range(20))
+        assert all(r.ok for r in results)
+
+
+def test_worker_help_explains_models_and_budget() -> None:
+    out = subprocess.run(["inferpool", "worker", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--models" in out
+    assert "--memory-budget" in out
+    assert "--keep-alive" in out
+    time.sleep(0)
+
+
+def test_two_budgeted_workers_keep_each_model_warm_on_one_of_them(pool: Pool) -> None:
+    two = MODELS[:2]
+    first, second = pool.start_worker(two), pool.start_worker(two)
+    lines = [line for line in _interleaved(300, "w") if '"model": "echo-res-c"' not in line]
+    with Client(pool.redis.url) as client:
+        job = client.batches.create(lines)
+        _assert_once(client, job.id, lines)
+        served: dict[str, Counter[str]] = {model: Counter() for model in two}
+        for result in client.batches.request_results(job.id):
+            assert result.stats is not None
+            served[result.stats.model][result.stats.worker] += 1
+    time.sleep(1.5)  # a heartbeat after the last chunk
+    loads = sum(int(str(next(iter(pool.beats(w, two).values()))["loads"])) for w in (first, second))
+    # Models are served in runs (60 chunks, at most one load per model per worker), never swapped per chunk.
+    assert 2 <= loads <= 2 * len(two), served
