@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from inferpool import Client, JobStatus
+from inferpool.constants import MODEL_FOOTPRINTS_KEY
 from inferpool.plumbing.local_pool import (
     EmbeddedRedis,
     WorkerProcess,
@@ -164,3 +165,27 @@ def test_two_budgeted_workers_keep_each_model_warm_on_one_of_them(pool: Pool) ->
     loads = sum(int(str(next(iter(pool.beats(w, two).values()))["loads"])) for w in (first, second))
     # Models are served in runs (60 chunks, at most one load per model per worker), never swapped per chunk.
     assert 2 <= loads <= 2 * len(two), served
+
+
+@pytest.mark.model
+def test_the_real_model_under_two_names_loads_measures_and_swaps(pool: Pool) -> None:
+    """SmolLM2 through transformers under two registry names with no memory_gb: the first load of each takes
+    the whole budget (its footprint unknown), so the worker swaps, measures each and records it."""
+    names = ["smollm2-135m", "smollm2-twin"]
+    pool.start_worker(names, "--memory-budget", "6GiB")
+    lines = [json.dumps({"custom_id": f"t{i}-{model}", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": model, "max_tokens": 4, "temperature": 0,
+                                  "messages": [{"role": "user", "content": "What is the capital of France?"}]}})
+             for i in range(4) for model in names]  # fmt: skip
+    with Client(pool.redis.url) as client:
+        job = client.batches.create(lines)
+        done = client.batches.wait(job.id, timeout=600, poll_s=0.5)
+        assert done.status == JobStatus.COMPLETED
+        results = list(client.batches.request_results(job.id))
+        assert Counter(r.custom_id for r in results) == Counter(json.loads(line)["custom_id"] for line in lines)
+        assert all(r.ok and r.stats is not None and r.custom_id.endswith(r.stats.model) for r in results if r.custom_id)
+    footprints = {k.decode(): int(v) for k, v in pool.client.hgetall(MODEL_FOOTPRINTS_KEY).items()}
+    assert set(footprints) == set(names)
+    # The transformers backend counts its weights: SmolLM2-135M in float32 is ~540 MB, the same under both names.
+    assert all(400 * 2**20 < footprint < 800 * 2**20 for footprint in footprints.values()), footprints
+    assert footprints["smollm2-135m"] == footprints["smollm2-twin"]

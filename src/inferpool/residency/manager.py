@@ -68,6 +68,7 @@ class ResidentModels:
         budget: int,
         *,
         load: Callable[[ModelSpec], Loaded],
+        measure: Callable[[Loaded], int | None] = lambda loaded: None,
         footprint_of: Callable[[ModelSpec], int | None],
         record_footprint: Callable[[str, int], None],
         waiting: Callable[[str], int],
@@ -80,6 +81,7 @@ class ResidentModels:
         self.keep_alive_s = keep_alive_s
         self.max_wait_s = max_wait_s
         self._load = load
+        self._measure = measure  # the backend's own account of its footprint, if it keeps one
         self._footprint_of = footprint_of
         self._record_footprint = record_footprint
         self._waiting = waiting
@@ -160,7 +162,9 @@ class ResidentModels:
                 self._cond.notify_all()
             raise
         took = time.monotonic() - started
-        measured = max(1, resident_bytes() - before)
+        # The backend's own count (weights, caches) where it keeps one; else what this process grew by, which
+        # misses memory another process holds and what an unloaded model's freed pages are reused for.
+        measured = self._measure(loaded) or max(1, resident_bytes() - before)
         if self._footprint_of(spec) is None:
             self._record_footprint(spec.name, measured)
         with self._cond:

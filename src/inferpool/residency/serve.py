@@ -35,7 +35,7 @@ from inferpool.residency.manager import Loaded, ResidentModels
 from inferpool.state.heartbeats import beat, gone_worker_ids, withdraw
 from inferpool.state.worker_queues import WorkerQueues
 from inferpool.wire import TaskChunk
-from inferpool.workers.backend import create_backend
+from inferpool.workers.backend import create_backend, memory_footprint
 from inferpool.workers.cache import ResponseCache
 from inferpool.workers.hooks import HookChain, load_hooks
 from inferpool.workers.runtime import ChunkReport, WorkerRuntime
@@ -159,7 +159,8 @@ def serve_models(models: Sequence[str], settings: Settings, *, budget: int, keep
         return Loaded(runtime, runner)
 
     resident = ResidentModels(
-        specs, budget, load=load, footprint_of=lambda spec: known_footprint(spec, client),
+        specs, budget, load=load, measure=lambda loaded: memory_footprint(loaded.runtime.backend),
+        footprint_of=lambda spec: known_footprint(spec, client),
         record_footprint=lambda model, footprint: record_footprint(client, model, footprint),
         waiting=lambda model: _waiting(client, model, worker_id), keep_alive_s=keep_alive_s,
         max_wait_s=max(10.0, settings.visibility_timeout_s / 10),

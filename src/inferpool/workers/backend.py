@@ -123,6 +123,20 @@ def prefix_cache_stats(backend: Backend) -> PrefixCacheStats | None:
     return stats if isinstance(stats, PrefixCacheStats) else None
 
 
+def memory_footprint(backend: Backend) -> int | None:
+    """Bytes the loaded model takes, if the backend can say (an optional method, ``memory_bytes()``): its weights
+    and caches, wherever they live (vLLM's engine runs in a process of its own); None otherwise."""
+    read = getattr(backend, "memory_bytes", None)
+    if not callable(read):
+        return None
+    try:
+        value = read()
+    except Exception as exc:
+        log.debug("backend %s: memory footprint unavailable: %s", backend.name, exc)
+        return None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 ParamsT = TypeVar("ParamsT", bound=BaseModel)
 
 

@@ -91,6 +91,10 @@ class TransformersBackend:
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"model {spec.name!r}: cannot load checkpoint {checkpoint}: {exc}") from exc
         self.model: Any = self._with_adapters(model.to(device)).eval()
+        # Weights and buffers (adapters included): what the model holds on its device.
+        self._memory_bytes = sum(
+            t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers())
+        )
         self.device = device
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -125,6 +129,10 @@ class TransformersBackend:
             else:
                 wrapped.load_adapter(str(path), adapter_name=name)
         return wrapped
+
+    def memory_bytes(self) -> int:
+        """The model's weights and buffers, in bytes (for workers holding several models in a budget)."""
+        return int(self._memory_bytes)
 
     async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
         return await gather_outcomes(self.name, (self._generate_one(request) for request in requests))

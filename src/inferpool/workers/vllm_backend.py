@@ -155,6 +155,7 @@ class VllmBackend:
             os.environ.setdefault(name, value)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         checkpoint = self.params.checkpoint_dir(settings.cache_dir)
+        self._checkpoint = checkpoint
         try:
             from transformers import AutoTokenizer
             from vllm.engine.arg_utils import AsyncEngineArgs
@@ -185,6 +186,17 @@ class VllmBackend:
         except Exception as exc:  # vLLM raises many kinds (RuntimeError, ValueError, OSError) on a bad setup
             raise ModelLoadError(f"model {spec.name!r}: vLLM could not start on {checkpoint}: {exc}") from exc
         self._lora_ids = {name: index + 1 for index, name in enumerate(sorted(spec.lora_adapters))}
+
+    def memory_bytes(self) -> int:
+        """What the engine takes: on a GPU its share of the GPU's memory (gpu_memory_utilization), on CPU its
+        weights (the checkpoint's size) and its KV cache (VLLM_CPU_KVCACHE_SPACE GiB, vLLM's default 4)."""
+        import torch
+
+        if torch.cuda.is_available():
+            return int(self.params.gpu_memory_utilization * torch.cuda.get_device_properties(0).total_memory)
+        weights = sum(path.stat().st_size for path in self._checkpoint.glob("*.safetensors"))
+        kv_gib = float(self.params.env.get("VLLM_CPU_KVCACHE_SPACE") or 4)
+        return int(weights + kv_gib * 1024**3)
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         """Prompt tokens looked up in vLLM's prefix cache, and found, since the engine started."""
