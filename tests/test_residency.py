@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from inferpool import Client, JobStatus
+from inferpool import Client, JobStatus, Registry, Settings
 from inferpool.constants import MODEL_FOOTPRINTS_KEY
 from inferpool.plumbing.local_pool import (
     EmbeddedRedis,
@@ -29,6 +29,7 @@ from inferpool.plumbing.local_pool import (
     stop_process,
     wait_for_workers,
 )
+from inferpool.plumbing.metrics import PoolCollector
 from inferpool.state.heartbeats import live_worker_ids, read_heartbeats
 
 from .conftest import wait_until
@@ -110,8 +111,19 @@ def test_one_worker_serves_an_interleaved_job_of_three_models_in_long_runs(pool:
     beats = pool.beats(worker)
     loads = int(str(next(iter(beats.values()))["loads"]))
     assert 3 <= loads <= 2 * len(MODELS), beats  # each model loaded, in runs: not once per chunk (18 chunks)
+    # What the operator sees: the worker's loads in Prometheus, and after the keep-alive nothing warm.
+    metrics = {(s.name, s.labels.get("worker") or s.labels.get("model")): s.value
+               for m in PoolCollector(pool.client, Registry.from_settings(Settings())).collect() for s in m.samples}  # fmt: skip
+    worker_id = str(next(iter(beats.values()))["worker_id"])
+    assert metrics[("inferpool_worker_model_loads_total", worker_id)] >= 3
     # Idle past the keep-alive, every model is unloaded again.
     wait_until(lambda: {b["state"] for b in pool.beats(worker).values()} == {"cold"}, 30, "idle models to unload")
+    listing = subprocess.run(["inferpool", "models"], capture_output=True, text=True, check=True,
+                             env={**os.environ, "REDIS_URL": pool.redis.url, "COLUMNS": "200"}).stdout  # fmt: skip
+    assert "1 (0 warm)" in listing
+    metrics = {(s.name, s.labels.get("model")): s.value
+               for m in PoolCollector(pool.client, Registry.from_settings(Settings())).collect() for s in m.samples}  # fmt: skip
+    assert metrics[("inferpool_warm_workers", MODELS[0])] == 0
 
 
 def test_a_model_that_cannot_fit_is_refused_at_start(pool: Pool) -> None:

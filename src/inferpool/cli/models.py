@@ -11,6 +11,7 @@ from rich.table import Table
 from inferpool.cli._common import load_settings, make_console
 from inferpool.model_registry.registry import Registry
 from inferpool.plumbing.redis_connection import connect_redis
+from inferpool.state.heartbeats import live_heartbeats, model_state
 from inferpool.state.load import ModelLoad, read_model_load
 
 
@@ -26,15 +27,21 @@ def models(ctx: click.Context, as_json: bool) -> None:
     settings = load_settings(ctx)
     registry = Registry.from_settings(settings)
     loads: dict[str, ModelLoad] = {}
+    warm: dict[str, int] = {}  # live workers holding the model loaded (workers with --models may not)
     if settings.redis_url:
         client = connect_redis(settings.redis_url)
         try:
             loads = {load.model: load for load in read_model_load(client, [spec.name for spec in registry])}
+            warm = {spec.name: sum(model_state(beat) == "warm" for beat in live_heartbeats(client, spec.name).values())
+                    for spec in registry}  # fmt: skip
         finally:
             client.close()
     if as_json:
         entries = [
-            {**spec.model_dump(mode="json"), **({"load": loads[spec.name].model_dump()} if loads else {})}
+            {
+                **spec.model_dump(mode="json"),
+                **({"load": {**loads[spec.name].model_dump(), "warm_workers": warm[spec.name]}} if loads else {}),
+            }
             for spec in registry
         ]
         click.echo(json.dumps(entries, indent=2))
@@ -51,6 +58,9 @@ def models(ctx: click.Context, as_json: bool) -> None:
                  str(caps.max_output_tokens), f"{price.input_per_mtok:g}", f"{price.output_per_mtok:g}"]  # fmt: skip
         if loads:
             load = loads[spec.name]
-            cells += [str(load.live_workers), str(load.queue_depth), str(load.in_flight)]
+            workers = str(load.live_workers)
+            if warm[spec.name] < load.live_workers:  # some hold it cold (budgeted workers load it on demand)
+                workers += f" ({warm[spec.name]} warm)"
+            cells += [workers, str(load.queue_depth), str(load.in_flight)]
         table.add_row(*(escape(cell) for cell in cells))
     make_console().print(table)

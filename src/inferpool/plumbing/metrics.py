@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, start_http_server
@@ -22,7 +23,7 @@ from inferpool.constants import (
 )
 from inferpool.model_registry.registry import Registry
 from inferpool.plumbing.redis_connection import decode_text
-from inferpool.state.heartbeats import live_worker_ids, read_heartbeats
+from inferpool.state.heartbeats import live_heartbeats, live_worker_ids, model_state, read_heartbeats
 from inferpool.state.load import read_model_load
 from inferpool.state.usage import merge_usage, usage_from_counters
 from inferpool.wire import ModelUsage
@@ -123,6 +124,7 @@ class PoolCollector(Collector):
         yield flight
         yield workers
         yield from self._engine_prefix_caches()
+        yield from self._residency()
         yield GaugeMetricFamily("inferpool_batch_jobs_active", "Batch jobs not yet final.",
                                 value=float(self._redis.zcard(JOBS_ACTIVE_KEY)))  # fmt: skip
 
@@ -150,6 +152,29 @@ class PoolCollector(Collector):
                     hits.add_metric([spec.name, worker], float(stats.get("hits", 0)))
         yield queries
         yield hits
+
+    def _residency(self) -> Iterator[Metric]:
+        """Where each model is warm, and what workers holding several models have loaded and unloaded."""
+        warm = GaugeMetricFamily("inferpool_warm_workers", "Live workers holding the model loaded (warm).",
+                                 labels=["model"])  # fmt: skip
+        worker_labels = ["worker"]
+        loads = CounterMetricFamily(
+            "inferpool_worker_model_loads", "Models a budgeted worker loaded.", labels=worker_labels
+        )
+        evictions = CounterMetricFamily("inferpool_worker_model_evictions", "Models a budgeted worker unloaded.",
+                                        labels=worker_labels)  # fmt: skip
+        load_s = CounterMetricFamily("inferpool_worker_model_load_seconds", "Seconds a budgeted worker spent loading.",
+                                     labels=worker_labels)  # fmt: skip
+        budgeted: dict[str, dict[str, Any]] = {}
+        for spec in self._registry:
+            beats = live_heartbeats(self._redis, spec.name)
+            warm.add_metric([spec.name], float(sum(model_state(b) == "warm" for b in beats.values())))
+            budgeted.update({worker: b for worker, b in beats.items() if "loads" in b})
+        for worker, beat in sorted(budgeted.items()):
+            loads.add_metric([worker], float(beat.get("loads", 0)))
+            evictions.add_metric([worker], float(beat.get("evictions", 0)))
+            load_s.add_metric([worker], float(beat.get("load_s", 0.0)))
+        yield from (warm, loads, evictions, load_s)
 
 
 def serve_metrics(

@@ -27,7 +27,7 @@ import redis
 
 from inferpool.affinity.owners import OwnerTable
 from inferpool.model_registry.spec import ModelSpec
-from inferpool.state.heartbeats import live_worker_ids, read_heartbeats
+from inferpool.state.heartbeats import live_worker_ids, model_state, read_heartbeats
 from inferpool.state.worker_queues import WorkerQueues
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class Placement:
             return cached[1]
         live = live_worker_ids(self.redis, model)
         beats = read_heartbeats(self.redis, model, live)
-        held = [w for w in live if str(beats.get(w, {}).get("state", "warm")) in _HELD]
+        held = [w for w in live if model_state(beats.get(w, {})) in _HELD]
         workers = _Workers(live, held)
         self._workers[model] = (now, workers)
         return workers

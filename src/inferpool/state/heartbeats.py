@@ -122,6 +122,17 @@ def read_heartbeats(client: redis.Redis, model: str, worker_ids: Sequence[str]) 
     return beats
 
 
+def live_heartbeats(client: redis.Redis, model: str) -> dict[str, dict[str, Any]]:
+    """The heartbeat payloads of ``model``'s live workers, by worker id."""
+    return read_heartbeats(client, model, live_worker_ids(client, model))
+
+
+def model_state(beat: dict[str, Any]) -> str:
+    """The model's state on the worker that sent ``beat``: warm, loading or cold (a worker holding several models,
+    ``inferpool.residency``); a single-model worker's model is always warm."""
+    return str(beat.get("state", "warm"))
+
+
 async def count_live_workers_async(client: redis.asyncio.Redis, models: Sequence[str]) -> dict[str, int]:
     """``count_live_workers_many`` on an asyncio client (the gateway)."""
     if not models:
