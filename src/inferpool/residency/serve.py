@@ -26,6 +26,7 @@ from inferpool.constants import model_queues, worker_queues
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.celery_app import create_celery_app
+from inferpool.plumbing.process_tuning import tune_gc_for_throughput
 from inferpool.plumbing.redis_connection import connect_redis
 from inferpool.plumbing.settings import Settings
 from inferpool.provider_batch.runner import ProviderBatchRunner
@@ -171,6 +172,9 @@ def serve_models(models: Sequence[str], settings: Settings, *, budget: int, keep
     queues = sorted(q for spec in specs for q in (*model_queues(spec.name), *worker_queues(spec.name, worker_id)))
 
     def on_ready(**_: Any) -> None:
+        # Collect young objects less often, as a single-model worker does; only Celery's objects are frozen, not
+        # the models (loaded later): an unloaded model must stay collectable.
+        tune_gc_for_throughput(collect_first=True)
         announcer.start()
         log.info("worker %s holding up to %s of %s on queues %s", worker_id, describe_bytes(budget),
                  ", ".join(spec.name for spec in specs), ", ".join(queues))  # fmt: skip
