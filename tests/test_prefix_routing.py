@@ -29,7 +29,7 @@ from inferpool.plumbing.celery_app import create_celery_app, publish_chunk_json
 from inferpool.plumbing.local_pool import LocalPool, WorkerProcess
 from inferpool.plumbing.settings import Settings
 from inferpool.state.worker_queues import WorkerQueues
-from inferpool.wire import BatchOutputLine, ChatRequest
+from inferpool.wire import BatchOutputLine, ChatRequest, RequestResult
 
 MODEL = "echo-prefix"
 # Short heartbeats and visibility timeout: a killed worker is seen gone, and its unacked chunks come back,
@@ -204,6 +204,17 @@ def _worker_id(process: WorkerProcess) -> str:
     return f"{MODEL}@{socket.gethostname()}-{process.proc.pid}"  # the worker's default id
 
 
+def _answered_once(client: Client, job_id: str, lines: list[str]) -> list[RequestResult]:
+    """The job's results, once it completed with every line answered exactly once."""
+    done = client.batches.wait(job_id, timeout=120, poll_s=0.2)
+    assert done.status == JobStatus.COMPLETED
+    assert done.request_counts.model_dump() == {"total": len(lines), "completed": len(lines), "failed": 0}
+    results = list(client.batches.request_results(job_id))
+    assert len({r.request_id for r in results}) == len(lines)
+    assert Counter(r.custom_id for r in results) == Counter(json.loads(line)["custom_id"] for line in lines)
+    return results
+
+
 def test_a_killed_owner_loses_nothing_and_its_prefixes_move(pool: LocalPool) -> None:
     with Client(pool.redis_url) as client:
         lines = _three_rounds()
@@ -212,12 +223,7 @@ def test_a_killed_owner_loses_nothing_and_its_prefixes_move(pool: LocalPool) -> 
         victim, survivor = pool.workers
         os.killpg(victim.proc.pid, signal.SIGKILL)
         victim.proc.wait(timeout=10)
-        done = client.batches.wait(job.id, timeout=120, poll_s=0.2)
-        assert done.status == JobStatus.COMPLETED
-        assert done.request_counts.model_dump() == {"total": len(lines), "completed": len(lines), "failed": 0}
-        results = list(client.batches.request_results(job.id))
-        assert len({r.request_id for r in results}) == len(lines)
-        assert Counter(r.custom_id for r in results) == Counter(json.loads(line)["custom_id"] for line in lines)
+        results = _answered_once(client, job.id, lines)
         assert str(survivor.proc.pid) in " ".join(r.stats.worker for r in results if r.stats)
         # The dead worker's own queues were handed over: nothing waits where nobody will look.
         assert sum(client.redis.llen(q) for q in worker_queues(MODEL, _worker_id(victim))) == 0
@@ -231,10 +237,6 @@ def test_a_draining_owner_hands_its_prefixes_on(pool: LocalPool) -> None:
         leaving, staying = pool.workers
         os.killpg(leaving.proc.pid, signal.SIGTERM)
         assert leaving.proc.wait(timeout=60) == 0  # a warm shutdown: chunks in hand finish
-        done = client.batches.wait(job.id, timeout=120, poll_s=0.2)
-        assert done.status == JobStatus.COMPLETED
-        results = list(client.batches.request_results(job.id))
-        assert len({r.request_id for r in results}) == len(lines)
-        assert Counter(r.custom_id for r in results) == Counter(json.loads(line)["custom_id"] for line in lines)
+        results = _answered_once(client, job.id, lines)
         assert any(r.stats and str(staying.proc.pid) in r.stats.worker for r in results)
         assert sum(client.redis.llen(q) for q in worker_queues(MODEL, _worker_id(leaving))) == 0

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 from celery import signals
 
-from inferpool._exceptions import ConfigurationError, ModelLoadError, RedisUnavailable
+from inferpool._exceptions import ConfigurationError, ModelLoadError
 from inferpool.constants import model_queues, worker_queues
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
@@ -40,6 +40,7 @@ from inferpool.workers.backend import create_backend, memory_footprint
 from inferpool.workers.cache import ResponseCache
 from inferpool.workers.hooks import HookChain, load_hooks
 from inferpool.workers.runtime import ChunkReport, WorkerRuntime
+from inferpool.workers.serve import run_celery_worker
 from inferpool.workers.tasks import install_chunk_server
 
 log = logging.getLogger(__name__)
@@ -181,18 +182,12 @@ def serve_models(models: Sequence[str], settings: Settings, *, budget: int, keep
 
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutting_down.connect(lambda **_: announcer.stop(), weak=False)
-    worker = app.Worker(queues=queues, pool="threads",
-                        concurrency=concurrency or max(spec.serving.concurrency for spec in specs),
-                        hostname=worker_id, loglevel=settings.log_level, without_gossip=True, without_mingle=True,
-                        optimization="fair")  # fmt: skip
     try:
-        worker.start()
-    except redis.ConnectionError as exc:
-        raise RedisUnavailable(f"lost Redis while serving: {exc}") from exc
+        return run_celery_worker(app, settings, queues, concurrency or max(s.serving.concurrency for s in specs),
+                                 worker_id)  # fmt: skip
     finally:
         announcer.stop()
         with contextlib.suppress(redis.RedisError):
             for spec in specs:
                 WorkerQueues(client).hand_over(spec.name, [worker_id])
         resident.close()
-    return int(worker.exitcode or 0)

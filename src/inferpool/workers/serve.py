@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 import redis
-from celery import signals
+from celery import Celery, signals
 
 from inferpool._exceptions import ModelLoadError, RedisUnavailable
 from inferpool.constants import model_queues, worker_queues
@@ -70,20 +70,19 @@ def serve_model(model: str, settings: Settings, *, concurrency: int | None = Non
 
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutting_down.connect(on_shutting_down, weak=False)
-    worker = app.Worker(
-        queues=queues,
-        pool="threads",
-        concurrency=concurrency or spec.serving.concurrency,
-        hostname=runtime.worker_id,
-        loglevel=settings.log_level,
-        without_gossip=True,
-        without_mingle=True,
-        optimization="fair",
-    )
+    try:
+        return run_celery_worker(app, settings, queues, concurrency or spec.serving.concurrency, runtime.worker_id)
+    finally:
+        runtime.close()
+
+
+def run_celery_worker(app: Celery, settings: Settings, queues: list[str], concurrency: int, worker_id: str) -> int:
+    """Consume ``queues`` on Celery's thread pool until stopped; returns the worker's exit code."""
+    worker = app.Worker(queues=queues, pool="threads", concurrency=concurrency, hostname=worker_id,
+                        loglevel=settings.log_level, without_gossip=True, without_mingle=True,
+                        optimization="fair")  # fmt: skip
     try:
         worker.start()
     except redis.ConnectionError as exc:
         raise RedisUnavailable(f"lost Redis while serving: {exc}") from exc
-    finally:
-        runtime.close()
     return int(worker.exitcode or 0)
