@@ -116,6 +116,13 @@ def test_one_worker_serves_an_interleaved_job_of_three_models_in_long_runs(pool:
                for m in PoolCollector(pool.client, Registry.from_settings(Settings())).collect() for s in m.samples}  # fmt: skip
     worker_id = str(next(iter(beats.values()))["worker_id"])
     assert metrics[("inferpool_worker_model_loads_total", worker_id)] >= 3
+    assert "holding up to 1.00 GiB" in worker.log_path.read_text()  # what it said it would hold, at start
+    assert "echo-res-a: 1.00 GiB" in worker.log_path.read_text()
+    listed = json.loads(subprocess.run(["inferpool", "workers", "--json"], capture_output=True, text=True, check=True,
+                                       env={**os.environ, "REDIS_URL": pool.redis.url}).stdout)  # fmt: skip
+    [entry] = [w for w in listed if w["worker_id"] == worker_id]
+    assert set(entry["models"]) == set(MODELS)
+    assert entry["loads"] == metrics[("inferpool_worker_model_loads_total", worker_id)]
     # Idle past the keep-alive, every model is unloaded again.
     wait_until(lambda: {b["state"] for b in pool.beats(worker).values()} == {"cold"}, 30, "idle models to unload")
     listing = subprocess.run(["inferpool", "models"], capture_output=True, text=True, check=True,

@@ -46,12 +46,16 @@ def worker(ctx: click.Context, model: str | None, models: str | None, memory_bud
         from inferpool.workers.serve import serve_model
 
         sys.exit(serve_model(model, settings, concurrency=concurrency, worker_id=worker_id))
-    from inferpool.residency.budget import parse_budget
-    from inferpool.residency.serve import serve_models
+    from inferpool.residency.budget import describe_bytes, parse_budget
+    from inferpool.residency.serve import plan_for, serve_models
 
     names = [name.strip() for name in (models or "").split(",") if name.strip()]
     if not names:
         raise click.UsageError("--models needs at least one model name (a,b,c)")
     budget = parse_budget(memory_budget or "0.8")
+    click.echo(f"holding up to {describe_bytes(budget)} of, loaded when their work arrives:", err=True)
+    for name, footprint in plan_for(names, settings, budget):
+        click.echo(f"  {name}: {describe_bytes(footprint) if footprint else 'footprint measured at first load'}",
+                   err=True)  # fmt: skip
     sys.exit(serve_models(names, settings, budget=budget, keep_alive_s=keep_alive, concurrency=concurrency,
                           worker_id=worker_id))  # fmt: skip

@@ -79,6 +79,17 @@ def plan(specs: Sequence[ModelSpec], budget: int, client: redis.Redis) -> list[t
     return footprints
 
 
+def plan_for(models: Sequence[str], settings: Settings, budget: int) -> list[tuple[str, int | None]]:
+    """``plan`` for model names (aliases resolved) on the Redis of ``settings``: what the worker will hold."""
+    registry = Registry.from_settings(settings)
+    specs = list({spec.name: spec for spec in (registry.get(model) for model in models)}.values())
+    client = connect_redis(settings.require_redis_url())
+    try:
+        return plan(specs, budget, client)
+    finally:
+        client.close()
+
+
 def _waiting(client: redis.Redis, model: str, worker_id: str) -> int:
     """Chunks waiting for ``model`` in its shared queues and this worker's own."""
     pipe = client.pipeline(transaction=False)
