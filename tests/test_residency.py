@@ -208,3 +208,22 @@ def test_the_real_model_under_two_names_loads_measures_and_swaps(pool: Pool) -> 
     # The transformers backend counts its weights: SmolLM2-135M in float32 is ~540 MB, the same under both names.
     assert all(400 * 2**20 < footprint < 800 * 2**20 for footprint in footprints.values()), footprints
     assert footprints["smollm2-135m"] == footprints["smollm2-twin"]
+
+
+def test_a_model_that_cannot_load_ends_its_requests_with_an_error(pool: Pool) -> None:
+    pool.start_worker(["echo-res-a", "echo-res-broken"])
+    ask = [{"role": "user", "content": "hello"}]
+    with Client(pool.redis.url) as client:
+        single = client.submit({"model": "echo-res-broken", "messages": ask}).result(timeout=60)
+        assert single.error is not None
+        assert single.error.code == "model_load_error"
+        assert "echo-res-broken" in single.error.message
+        assert "no_such_parameter" in single.error.message
+        lines = [json.dumps({"custom_id": f"{model}-{i}", "method": "POST", "url": "/v1/chat/completions",
+                             "body": {"model": model, "messages": ask}})
+                 for i in range(5) for model in ("echo-res-a", "echo-res-broken")]  # fmt: skip
+        done = client.batches.wait(client.batches.create(lines).id, timeout=120, poll_s=0.2)
+        assert done.status == JobStatus.COMPLETED
+        assert done.request_counts.model_dump() == {"total": 10, "completed": 5, "failed": 5}
+        errors = {r.custom_id: r.error.code for r in client.batches.request_results(done.id) if r.error}
+        assert errors == {f"echo-res-broken-{i}": "model_load_error" for i in range(5)}

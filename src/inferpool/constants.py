@@ -277,6 +277,8 @@ UNAVAILABLE_CODE = "provider_batch_unavailable"
 STREAM_CANCELLED_CODE = "request_cancelled"
 #: A stream whose provider call was retried with a different text than the one already shown.
 STREAM_RESTARTED_CODE = "stream_restarted"
+#: A request whose model a worker holding several models could not load (the message says why).
+MODEL_LOAD_ERROR_CODE = "model_load_error"
 
 
 # -- fields of stream entries ------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from typing import Any
 import redis
 from celery import signals
 
-from inferpool._exceptions import ConfigurationError, ModelLoadError
-from inferpool.constants import model_queues, worker_queues
+from inferpool._exceptions import ConfigurationError, ModelLoadError, ModelNotResident
+from inferpool.constants import MODEL_LOAD_ERROR_CODE, job_items_key, model_queues, worker_queues
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.celery_app import create_celery_app
@@ -34,8 +34,11 @@ from inferpool.provider_batch.store import ProviderBatchStore
 from inferpool.residency.budget import describe_bytes, known_footprint, record_footprint
 from inferpool.residency.manager import Loaded, ResidentModels
 from inferpool.state.heartbeats import beat, gone_worker_ids, withdraw
+from inferpool.state.items import held_by
+from inferpool.state.jobs import error_result_of_record
+from inferpool.state.results import ResultWriter
 from inferpool.state.worker_queues import WorkerQueues
-from inferpool.wire import TaskChunk
+from inferpool.wire import ErrorInfo, RequestResult, TaskChunk
 from inferpool.workers.backend import create_backend, memory_footprint
 from inferpool.workers.cache import ResponseCache
 from inferpool.workers.hooks import HookChain, load_hooks
@@ -52,10 +55,35 @@ class ResidentServer:
     def __init__(self, resident: ResidentModels, store: ProviderBatchStore) -> None:
         self.resident = resident
         self.store = store
+        self.writer = ResultWriter(store.redis)
 
     def process_chunk(self, chunk: TaskChunk, *, maybe_answered: bool = True) -> ChunkReport:
-        with self.resident.hold(chunk.model) as loaded:
-            return loaded.runtime.process_chunk(chunk, maybe_answered=maybe_answered)
+        try:
+            with self.resident.hold(chunk.model) as loaded:
+                return loaded.runtime.process_chunk(chunk, maybe_answered=maybe_answered)
+        except ModelNotResident:
+            raise  # no room yet: the chunk waits its turn (the task retries it)
+        except ModelLoadError as exc:
+            log.error("model %s could not load: %s; its chunk %s ends with that error", chunk.model, exc,
+                      chunk.describe())  # fmt: skip
+            return self._end_unloadable(chunk, str(exc))
+
+    def _end_unloadable(self, chunk: TaskChunk, reason: str) -> ChunkReport:
+        """End the chunk's unanswered requests with ``model_load_error``: a model that cannot load here must
+        not leave its requests waiting (a single request's client would wait for nothing)."""
+        message = f"model {chunk.model!r} could not be loaded by the worker: {reason}"
+        if chunk.refs and chunk.job_id is not None:
+            records: Any = self.store.redis.hmget(job_items_key(chunk.job_id), chunk.refs)
+            results = [error_result_of_record(chunk.job_id, rid, record, MODEL_LOAD_ERROR_CODE, message)
+                       for rid, record in zip(chunk.refs, records, strict=True)
+                       if record is not None and held_by(record, chunk.model)]  # fmt: skip
+        else:
+            results = [RequestResult(request_id=item.request_id, custom_id=item.custom_id, job_id=chunk.job_id,
+                                     tenant=item.tenant, error=ErrorInfo(code=MODEL_LOAD_ERROR_CODE, message=message))
+                       for item in chunk.items]  # fmt: skip
+        flags = self.writer.write_many([(result, chunk.model) for result in results], chunk.result_ttl_s)
+        written = sum(flags)
+        return ChunkReport(written, chunk.size - len(results), len(flags) - written, written)
 
     def provider_batch_step(self, pbatch_id: str) -> str:
         batch = self.store.get(pbatch_id)
@@ -162,9 +190,13 @@ def serve_models(models: Sequence[str], settings: Settings, *, budget: int, keep
     def load(spec: ModelSpec) -> Loaded:
         try:
             backend = create_backend(spec, settings)
+        except ModelLoadError:
+            raise
         except ImportError as exc:
             raise ModelLoadError(f"backend {spec.backend!r} for model {spec.name!r} needs a package that is not "
                                  f"installed: {exc}") from exc  # fmt: skip
+        except Exception as exc:  # a backend that fails to start in any other way: still this model's alone
+            raise ModelLoadError(f"model {spec.name!r} ({spec.backend}): {type(exc).__name__}: {exc}") from exc
         runtime = WorkerRuntime(spec, backend, client, settings, worker_id, registry=registry, celery=app,
                                 hooks=hooks[spec.name], cache=cache)  # fmt: skip
         batch_api = getattr(backend, "batch_api", None)
