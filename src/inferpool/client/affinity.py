@@ -36,9 +36,8 @@ class SingleRequestAffinity:
         self._lock = threading.Lock()
 
     def worker_for(self, spec: ModelSpec, request: ChatRequest) -> str | None:
-        """The worker whose own queue ``request`` goes to, or None for the model's shared queue."""
-        if spec.routing != "prefix":
-            return None
+        """The worker whose own queue ``request`` (of a prefix-routed model) goes to, or None for the model's
+        shared queue."""
         levels, group = request_keys(request)
         now = time.monotonic()
         with self._lock:

@@ -23,7 +23,7 @@ from inferpool.constants import (
 )
 from inferpool.model_registry.registry import Registry
 from inferpool.plumbing.redis_connection import decode_text
-from inferpool.state.heartbeats import live_heartbeats, live_worker_ids, model_state, read_heartbeats
+from inferpool.state.heartbeats import live_heartbeats, model_state
 from inferpool.state.load import read_model_load
 from inferpool.state.usage import merge_usage, usage_from_counters
 from inferpool.wire import ModelUsage
@@ -123,12 +123,13 @@ class PoolCollector(Collector):
         yield queue
         yield flight
         yield workers
-        yield from self._engine_prefix_caches()
-        yield from self._residency()
+        beats = {spec.name: live_heartbeats(self._redis, spec.name) for spec in self._registry}
+        yield from self._engine_prefix_caches(beats)
+        yield from self._residency(beats)
         yield GaugeMetricFamily("inferpool_batch_jobs_active", "Batch jobs not yet final.",
                                 value=float(self._redis.zcard(JOBS_ACTIVE_KEY)))  # fmt: skip
 
-    def _engine_prefix_caches(self) -> Iterator[Metric]:
+    def _engine_prefix_caches(self, beats_by_model: dict[str, dict[str, dict[str, Any]]]) -> Iterator[Metric]:
         """Each live worker's engine prefix-cache counters (prompt tokens looked up and found), from its heartbeat."""
         labels = ["model", "worker"]
         queries = CounterMetricFamily(
@@ -141,19 +142,16 @@ class PoolCollector(Collector):
             "Prompt tokens the worker's engine found in its prefix cache.",
             labels=labels,
         )
-        for spec in self._registry:
-            if spec.routing != "prefix":
-                continue
-            beats = read_heartbeats(self._redis, spec.name, live_worker_ids(self._redis, spec.name))
+        for model, beats in beats_by_model.items():
             for worker, fields in beats.items():
-                stats = fields.get("prefix_cache")
+                stats = fields.get("prefix_cache")  # only engines with a prefix cache report one
                 if isinstance(stats, dict):
-                    queries.add_metric([spec.name, worker], float(stats.get("queries", 0)))
-                    hits.add_metric([spec.name, worker], float(stats.get("hits", 0)))
+                    queries.add_metric([model, worker], float(stats.get("queries", 0)))
+                    hits.add_metric([model, worker], float(stats.get("hits", 0)))
         yield queries
         yield hits
 
-    def _residency(self) -> Iterator[Metric]:
+    def _residency(self, beats_by_model: dict[str, dict[str, dict[str, Any]]]) -> Iterator[Metric]:
         """Where each model is warm, and what workers holding several models have loaded and unloaded."""
         warm = GaugeMetricFamily("inferpool_warm_workers", "Live workers holding the model loaded (warm).",
                                  labels=["model"])  # fmt: skip
@@ -166,9 +164,8 @@ class PoolCollector(Collector):
         load_s = CounterMetricFamily("inferpool_worker_model_load_seconds", "Seconds a budgeted worker spent loading.",
                                      labels=worker_labels)  # fmt: skip
         budgeted: dict[str, dict[str, Any]] = {}
-        for spec in self._registry:
-            beats = live_heartbeats(self._redis, spec.name)
-            warm.add_metric([spec.name], float(sum(model_state(b) == "warm" for b in beats.values())))
+        for model, beats in beats_by_model.items():
+            warm.add_metric([model], float(sum(model_state(b) == "warm" for b in beats.values())))
             budgeted.update({worker: b for worker, b in beats.items() if "loads" in b})
         for worker, beat in sorted(budgeted.items()):
             loads.add_metric([worker], float(beat.get("loads", 0)))

@@ -186,6 +186,11 @@ class Settings(BaseSettings):
             return True
         return user in {name.strip() for name in policy.split(",") if name.strip()}
 
+    def gone_worker_grace_s(self) -> float:
+        """How long a gone worker stays listed in its model's heartbeats: while kombu may still restore its
+        unacknowledged messages to its own queues, for the live peers to hand them over."""
+        return float(self.visibility_timeout_s + self.heartbeat_ttl_s)
+
     def stale_after_s(self) -> float:
         return self.resend_stale_after_s or 1.5 * self.visibility_timeout_s
 

@@ -33,7 +33,7 @@ from inferpool.provider_batch.runner import ProviderBatchRunner
 from inferpool.provider_batch.store import ProviderBatchStore
 from inferpool.residency.budget import describe_bytes, known_footprint, record_footprint
 from inferpool.residency.manager import Loaded, ResidentModels
-from inferpool.state.heartbeats import beat, gone_worker_ids, withdraw
+from inferpool.state.heartbeats import beat, withdraw
 from inferpool.state.items import held_by
 from inferpool.state.jobs import error_result_of_record
 from inferpool.state.results import ResultWriter
@@ -144,7 +144,7 @@ class _Announcer:
     def beat(self) -> None:
         states, counts = self.resident.states(), self.resident.counts()
         warm = sorted(name for name, state in states.items() if state == "warm")
-        grace = self.settings.visibility_timeout_s + self.settings.heartbeat_ttl_s
+        grace = self.settings.gone_worker_grace_s()
         for name, spec in self.resident.specs.items():
             payload = {"worker_id": self.worker_id, "model": name, "backend": spec.backend, "pid": os.getpid(),
                        "state": states[name], "resident": warm, "budget_bytes": self.budget, "loads": counts.loads,
@@ -159,9 +159,7 @@ class _Announcer:
                     gc.collect()
                 self.beat()
                 for name in self.resident.specs:
-                    gone = gone_worker_ids(self.redis, name)
-                    if gone:
-                        self._queues.hand_over(name, gone)
+                    self._queues.hand_over_gone(name)
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
 
@@ -231,6 +229,7 @@ def serve_models(models: Sequence[str], settings: Settings, *, budget: int, keep
     finally:
         announcer.stop()
         with contextlib.suppress(redis.RedisError):
+            own_queues = WorkerQueues(client)
             for spec in specs:
-                WorkerQueues(client).hand_over(spec.name, [worker_id])
+                own_queues.hand_over(spec.name, [worker_id])
         resident.close()

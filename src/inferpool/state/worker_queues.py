@@ -11,12 +11,16 @@ whichever worker runs a message writes each result once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import redis
 
 from inferpool.constants import Priority, queue_name, worker_queue_name
+from inferpool.state.heartbeats import gone_worker_ids
+
+log = logging.getLogger(__name__)
 
 # KEYS: n own queues, then their n shared queues. ARGV: n, then the 2n quoted queue names (own, shared).
 # Messages keep their order: the oldest own message ends up next in line on the shared queue (kombu
@@ -69,6 +73,14 @@ class WorkerQueues:
         moved: Any = self._hand_over(keys=[*own, *shared],
                                      args=[len(own), *map(_quoted, own), *map(_quoted, shared)])  # fmt: skip
         return int(moved)
+
+    def hand_over_gone(self, model: str) -> int:
+        """``hand_over`` the own queues of ``model``'s gone workers (a live worker does this on each beat)."""
+        gone = gone_worker_ids(self.redis, model)
+        moved = self.hand_over(model, gone) if gone else 0
+        if moved:
+            log.warning("handed %d chunk(s) waiting for gone workers %s to the shared queues", moved, ", ".join(gone))
+        return moved
 
     def backlogs(self, model: str, worker_ids: Sequence[str], priority: Priority = Priority.LOW) -> dict[str, int]:
         """Messages (chunks) waiting in each worker's own queue of ``priority``, in one round trip."""

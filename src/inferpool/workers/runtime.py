@@ -35,7 +35,7 @@ from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import BatchApiSpec, ModelSpec
 from inferpool.plumbing.redis_connection import decode_text
 from inferpool.plumbing.settings import Settings
-from inferpool.state.heartbeats import beat, gone_worker_ids, withdraw
+from inferpool.state.heartbeats import beat, withdraw
 from inferpool.state.items import held_by, item_from_record
 from inferpool.state.results import ResultRecord, ResultWriter
 from inferpool.state.streams import DeltaSink, bind_delta_sink, unbind_delta_sink
@@ -391,9 +391,7 @@ class WorkerRuntime:
         stats = prefix_cache_stats(self.backend)
         if stats is not None:
             beat_fields["prefix_cache"] = stats.model_dump()
-        # Gone workers stay listed while kombu may still restore their unacknowledged messages to their own
-        # queues: the scheduler keeps handing those over (inferpool.state.worker_queues).
-        grace = self.settings.visibility_timeout_s + self.settings.heartbeat_ttl_s
+        grace = self.settings.gone_worker_grace_s()
         beat(self.redis, self.spec.name, self.worker_id, self.settings.heartbeat_ttl_s, json.dumps(beat_fields), grace)
 
     def drain(self) -> None:
@@ -410,10 +408,7 @@ class WorkerRuntime:
             try:
                 self._beat()
                 # Work left in the own queues of peers that died (SIGKILL, a lost host) is taken over here.
-                gone = gone_worker_ids(self.redis, self.spec.name)
-                if gone and (moved := queues.hand_over(self.spec.name, gone)):
-                    log.warning("handed %d chunk(s) waiting for gone workers %s to the shared queues", moved,
-                                ", ".join(gone))  # fmt: skip
+                queues.hand_over_gone(self.spec.name)
             except redis.RedisError as exc:  # Redis restarting: keep trying, the key just lapses meanwhile
                 log.warning("heartbeat failed: %s", exc)
 
