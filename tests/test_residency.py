@@ -166,7 +166,29 @@ def test_worker_help_explains_models_and_budget() -> None:
     assert "--models" in out
     assert "--memory-budget" in out
     assert "--keep-alive" in out
-    time.sleep(0)
+
+
+def test_a_cold_worker_is_recruited_when_waiting_outweighs_a_load(pool: Pool) -> None:
+    """One worker holds the model warm; a second, cold and empty, joins. A job with more waiting than the warm
+    worker drains in one load's time (0.1 s) makes the scheduler hand the second a run: it loads once, serves."""
+    busy = ["echo-res-busy"]
+    first = pool.start_worker(busy)
+    lines = [json.dumps({"custom_id": f"b{i}-echo-res-busy", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": busy[0], "messages": [{"role": "user", "content": f"b {i}"}]}})
+             for i in range(400)]  # fmt: skip
+    with Client(pool.redis.url) as client:
+        _assert_once(client, client.batches.create(lines[:1]).id, lines[:1])  # warm on the first worker only
+        assert pool.beats(first, busy)[busy[0]]["state"] == "warm"
+        second = pool.start_worker(busy)
+        assert pool.beats(second, busy)[busy[0]]["state"] == "cold"
+        time.sleep(2.5)  # the scheduler's view of the workers refreshes: the second is seen live and cold
+        job = client.batches.create(lines[1:])
+        _assert_once(client, job.id, lines[1:])
+        served = Counter(r.stats.worker for r in client.batches.request_results(job.id) if r.stats is not None)
+    assert len(served) == 2, served  # both served the job: the second was recruited
+    time.sleep(1.5)  # a heartbeat after the last chunk
+    assert [int(str(pool.beats(w, busy)[busy[0]]["loads"])) for w in (first, second)] == [1, 1]
+    assert "loads it, starting with" in pool.scheduler.log_path.read_text()
 
 
 def test_two_budgeted_workers_keep_each_model_warm_on_one_of_them(pool: Pool) -> None:

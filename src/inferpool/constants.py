@@ -162,6 +162,8 @@ USAGE_TOTAL_KEY = f"{KEY_PREFIX}usage:total"
 MODEL_LATENCY_KEY = f"{KEY_PREFIX}usage:latency"
 #: Hash model -> bytes its loaded model took, as measured by the first worker that loaded it (residency).
 MODEL_FOOTPRINTS_KEY = f"{KEY_PREFIX}model-footprints"
+#: Hash model -> seconds its last load took on a budgeted worker: the cost of a swap that placement weighs.
+MODEL_LOAD_SECONDS_KEY = f"{KEY_PREFIX}model-load-seconds"
 
 #: How long per-day usage counters are kept.
 USAGE_RETENTION_S = 400 * 86400

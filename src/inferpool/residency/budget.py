@@ -8,7 +8,7 @@ import re
 import redis
 
 from inferpool._exceptions import ConfigurationError
-from inferpool.constants import MODEL_FOOTPRINTS_KEY
+from inferpool.constants import MODEL_FOOTPRINTS_KEY, MODEL_LOAD_SECONDS_KEY
 from inferpool.model_registry.spec import ModelSpec
 
 GIB = 1024**3
@@ -54,6 +54,16 @@ def known_footprint(spec: ModelSpec, client: redis.Redis) -> int | None:
 
 def record_footprint(client: redis.Redis, model: str, footprint: int) -> None:
     client.hset(MODEL_FOOTPRINTS_KEY, model, footprint)
+
+
+def record_load_seconds(client: redis.Redis, model: str, seconds: float) -> None:
+    client.hset(MODEL_LOAD_SECONDS_KEY, model, f"{seconds:.3f}")
+
+
+def known_load_seconds(client: redis.Redis, model: str) -> float | None:
+    """How long the model's last load on a budgeted worker took, if one has loaded it."""
+    value = client.hget(MODEL_LOAD_SECONDS_KEY, model)
+    return float(value) if value else None
 
 
 def resident_bytes() -> int:

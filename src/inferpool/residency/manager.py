@@ -71,6 +71,7 @@ class ResidentModels:
         measure: Callable[[Loaded], int | None] = lambda loaded: None,
         footprint_of: Callable[[ModelSpec], int | None],
         record_footprint: Callable[[str, int], None],
+        record_load: Callable[[str, float], None] = lambda model, seconds: None,
         waiting: Callable[[str], int],
         on_change: Callable[[], None] = lambda: None,
         keep_alive_s: float = 300.0,
@@ -84,6 +85,7 @@ class ResidentModels:
         self._measure = measure  # the backend's own account of its footprint, if it keeps one
         self._footprint_of = footprint_of
         self._record_footprint = record_footprint
+        self._record_load = record_load  # what a swap to the model costs, for placement to weigh
         self._waiting = waiting
         self.on_change = on_change  # a model loaded or unloaded (the heartbeat says so at once)
         self._entries: dict[str, _Entry] = {}
@@ -175,6 +177,10 @@ class ResidentModels:
             self._load_s += took
             self._cond.notify_all()
         log.info("model %s loaded in %.1f s (%s)", spec.name, took, describe_bytes(entry.reserved))
+        try:
+            self._record_load(spec.name, took)
+        except Exception:  # a statistic never fails a load
+            log.warning("recording model %s's load time failed", spec.name, exc_info=True)
         self._changed()
         return entry
 
@@ -237,6 +243,11 @@ class ResidentModels:
         """Each model's state: warm, loading or cold."""
         with self._cond:
             return {name: self._entries[name].state if name in self._entries else "cold" for name in self.specs}
+
+    def held_bytes(self) -> int:
+        """Bytes of the budget taken now: loaded and loading models, and those still unloading."""
+        with self._cond:
+            return sum(entry.reserved for entry in self._entries.values()) + self._unloading
 
     def counts(self) -> ResidencyCounts:
         with self._cond:

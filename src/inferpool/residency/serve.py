@@ -31,7 +31,7 @@ from inferpool.plumbing.redis_connection import connect_redis
 from inferpool.plumbing.settings import Settings
 from inferpool.provider_batch.runner import ProviderBatchRunner
 from inferpool.provider_batch.store import ProviderBatchStore
-from inferpool.residency.budget import describe_bytes, known_footprint, record_footprint
+from inferpool.residency.budget import describe_bytes, known_footprint, record_footprint, record_load_seconds
 from inferpool.residency.manager import Loaded, ResidentModels
 from inferpool.state.heartbeats import beat, withdraw
 from inferpool.state.items import held_by
@@ -39,7 +39,7 @@ from inferpool.state.jobs import error_result_of_record
 from inferpool.state.results import ResultWriter
 from inferpool.state.worker_queues import WorkerQueues
 from inferpool.wire import ErrorInfo, RequestResult, TaskChunk
-from inferpool.workers.backend import create_backend, memory_footprint
+from inferpool.workers.backend import create_backend, memory_footprint, preload_backend
 from inferpool.workers.cache import ResponseCache
 from inferpool.workers.hooks import HookChain, load_hooks
 from inferpool.workers.runtime import ChunkReport, WorkerRuntime
@@ -142,13 +142,14 @@ class _Announcer:
         self._thread.start()
 
     def beat(self) -> None:
-        states, counts = self.resident.states(), self.resident.counts()
+        states, counts, held = self.resident.states(), self.resident.counts(), self.resident.held_bytes()
         warm = sorted(name for name, state in states.items() if state == "warm")
         grace = self.settings.gone_worker_grace_s()
         for name, spec in self.resident.specs.items():
             payload = {"worker_id": self.worker_id, "model": name, "backend": spec.backend, "pid": os.getpid(),
-                       "state": states[name], "resident": warm, "budget_bytes": self.budget, "loads": counts.loads,
-                       "evictions": counts.evictions, "load_s": counts.load_s, "at": time.time()}  # fmt: skip
+                       "state": states[name], "resident": warm, "budget_bytes": self.budget, "held_bytes": held,
+                       "loads": counts.loads, "evictions": counts.evictions, "load_s": counts.load_s,
+                       "at": time.time()}  # fmt: skip
             beat(self.redis, name, self.worker_id, self.settings.heartbeat_ttl_s, json.dumps(payload), grace)
 
     def _loop(self) -> None:
@@ -180,6 +181,8 @@ def serve_models(models: Sequence[str], settings: Settings, *, budget: int, keep
     for name, footprint in plan(specs, budget, client):
         log.info("model %s: %s", name, describe_bytes(footprint) if footprint else "footprint measured at first load")
     hooks: dict[str, HookChain] = {spec.name: load_hooks(spec.hooks) for spec in specs}  # fail fast
+    for backend_name in sorted({spec.backend for spec in specs}):
+        preload_backend(backend_name)  # the engines' imports now, not inside the first load of the job
     worker_id = worker_id or f"multi@{socket.gethostname()}-{os.getpid()}"
     app = create_celery_app(settings)
     cache = ResponseCache(connect_redis(settings.cache_redis_url) if settings.cache_redis_url else client, settings)
@@ -205,6 +208,7 @@ def serve_models(models: Sequence[str], settings: Settings, *, budget: int, keep
         specs, budget, load=load, measure=lambda loaded: memory_footprint(loaded.runtime.backend),
         footprint_of=lambda spec: known_footprint(spec, client),
         record_footprint=lambda model, footprint: record_footprint(client, model, footprint),
+        record_load=lambda model, seconds: record_load_seconds(client, model, seconds),
         waiting=lambda model: _waiting(client, model, worker_id), keep_alive_s=keep_alive_s,
         max_wait_s=max(10.0, settings.visibility_timeout_s / 10),
     )  # fmt: skip

@@ -1,10 +1,14 @@
 """Placement: which worker each chunk of a take goes to, knowing what the engines hold.
 
 - *Residency.* A worker holding several models within a budget (``inferpool.residency``) says in its heartbeat
-  whether each is warm, loading or cold. When some live workers hold the model warm and others do not, its
-  chunks go only to the warm ones (their own queues): a cold worker is not made to swap while a warm one
-  serves. When none holds it warm, chunks take the shared queue, and any worker that can load it does (the
-  scale-to-zero case: the lines waited in Redis). Single-model workers are always warm.
+  whether each is warm, loading or cold, and how much of its budget is taken. When some live workers hold the
+  model warm and others do not, its chunks go to the warm ones (their own queues): a cold worker is not made
+  to swap while a warm one serves. A cold worker is recruited only when the swap pays: it has room for the
+  model without evicting anything, and the lines already waiting at the warm workers would take longer to
+  drain at the model's measured service rate than its measured load takes. It then gets the whole take (a
+  long run), so it loads once and serves. When none holds it warm, chunks take the shared queue, and any
+  worker that can load it does (the scale-to-zero case: the lines waited in Redis). Single-model workers are
+  always warm.
 - *Prefix affinity.* Under prefix routing a job's pending lines wait scored by their prefix group key
   (``inferpool.affinity.prefix``), so a take brings a document's questions together. Each group goes to the
   worker that owns its key among the warm workers (``inferpool.affinity.owners``), in a chunk published to
@@ -26,8 +30,11 @@ from dataclasses import dataclass
 import redis
 
 from inferpool.affinity.owners import OwnerTable
+from inferpool.constants import model_queues
 from inferpool.model_registry.spec import ModelSpec
+from inferpool.residency.budget import known_footprint, known_load_seconds
 from inferpool.state.heartbeats import live_worker_ids, model_state, read_heartbeats
+from inferpool.state.load import read_answered
 from inferpool.state.worker_queues import WorkerQueues
 
 log = logging.getLogger(__name__)
@@ -39,6 +46,8 @@ _LIVE_REFRESH_S = 2.0
 _FULL_BACKLOG_SHARES = 2
 #: Heartbeat states of a model that count as held (a loading model is about to be warm).
 _HELD = ("warm", "loading")
+#: The swap cost assumed for a model no budgeted worker has loaded yet (a cautious guess: a real load).
+_UNKNOWN_LOAD_S = 30.0
 
 Buckets = list[tuple[str | None, list[str]]]
 
@@ -49,6 +58,37 @@ class _Workers:
 
     live: list[str]
     held: list[str]
+    loadable: list[str]  # cold budgeted workers with room for the model beside what they hold
+
+
+class ServiceRates:
+    """Each model's results per second, from its all-time result count sampled a few seconds apart."""
+
+    def __init__(self, client: redis.Redis, every_s: float = _LIVE_REFRESH_S) -> None:
+        self.redis, self.every_s = client, every_s
+        self._sample: tuple[float, dict[str, int]] | None = None
+        self._rates: dict[str, float] = {}
+
+    def of(self, model: str) -> float | None:
+        now = time.monotonic()
+        if self._sample is None or now - self._sample[0] >= self.every_s:
+            counts = read_answered(self.redis)
+            if self._sample is not None:
+                elapsed = now - self._sample[0]
+                for name, count in counts.items():
+                    rate = (count - self._sample[1].get(name, count)) / elapsed
+                    previous = self._rates.get(name)  # smoothed: one quiet sample does not erase the rate
+                    self._rates[name] = rate if previous is None else (rate + previous) / 2
+            self._sample = (now, counts)
+        return self._rates.get(model)
+
+
+def _has_room(beat: dict[str, object], footprint: int | None) -> bool:
+    """A budgeted worker's heartbeat says it can load a model of ``footprint`` bytes without evicting."""
+    budget, held = beat.get("budget_bytes"), beat.get("held_bytes")
+    if not isinstance(budget, int) or not isinstance(held, int):
+        return False  # a single-model worker, or one too old to say
+    return held == 0 or (footprint is not None and held + footprint <= budget)
 
 
 class Placement:
@@ -60,18 +100,36 @@ class Placement:
         self.queues = WorkerQueues(client)
         self._tables: dict[str, OwnerTable] = {}
         self._workers: dict[str, tuple[float, _Workers]] = {}
+        self.rates = ServiceRates(client)
 
-    def workers(self, model: str) -> _Workers:
+    def workers(self, spec: ModelSpec) -> _Workers:
         now = time.monotonic()
-        cached = self._workers.get(model)
+        cached = self._workers.get(spec.name)
         if cached is not None and now - cached[0] <= _LIVE_REFRESH_S:
             return cached[1]
-        live = live_worker_ids(self.redis, model)
-        beats = read_heartbeats(self.redis, model, live)
+        live = live_worker_ids(self.redis, spec.name)
+        beats = read_heartbeats(self.redis, spec.name, live)
         held = [w for w in live if model_state(beats.get(w, {})) in _HELD]
-        workers = _Workers(live, held)
-        self._workers[model] = (now, workers)
+        footprint = known_footprint(spec, self.redis)
+        loadable = [w for w in live if w not in held and _has_room(beats.get(w, {}), footprint)]
+        workers = _Workers(live, held, loadable)
+        self._workers[spec.name] = (now, workers)
         return workers
+
+    def _swap_pays(self, spec: ModelSpec, held: Sequence[str], take: int) -> bool:
+        """Whether the lines waiting at the model's warm workers (their own queues, the shared queues and this
+        take) would take longer to drain at the model's service rate than one more worker takes to load it."""
+        rate = self.rates.of(spec.name)
+        if not rate or rate <= 0:
+            return False  # no measured rate yet: keep to the warm workers
+        backlog = self.queues.backlogs(spec.name, held)
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in model_queues(spec.name):
+            pipe.llen(queue)
+        chunks = sum(backlog.values()) + sum(int(n) for n in pipe.execute())
+        drain_s = (chunks * spec.serving.chunk_size + take) / rate
+        load_s = known_load_seconds(self.redis, spec.name)
+        return drain_s > (_UNKNOWN_LOAD_S if load_s is None else load_s)
 
     def table(self, spec: ModelSpec, workers: Sequence[str]) -> OwnerTable:
         """The model's owner table over ``workers``. An owner keeps its groups up to a take (a chunk) past the
@@ -86,9 +144,15 @@ class Placement:
         """(worker, request ids) buckets for ``taken`` (id, group key) pairs, in the order taken; worker None is
         the model's shared queue."""
         rids = [rid for rid, _ in taken]
-        workers = self.workers(spec.name)
+        workers = self.workers(spec)
         if not workers.held:  # nobody holds it: whoever can load it takes it from the shared queue
             return [(None, rids)]
+        if workers.loadable and self._swap_pays(spec, workers.held, len(rids)):
+            recruit = workers.loadable[0]
+            log.info("model %s: its warm workers have more waiting than a load costs; %s loads it, starting with "
+                     "%d lines", spec.name, recruit, len(rids))  # fmt: skip
+            self._workers.pop(spec.name, None)  # see it loading (and no longer cold) at the next take
+            return [(recruit, rids)]
         everywhere = len(workers.held) == len(workers.live)
         if prefix and len(workers.held) >= 2:
             return self._by_prefix(spec, taken, workers.held)

@@ -24,9 +24,9 @@ class ModelLoad(BaseModel):
     live_workers: int = 0
 
 
-def read_latency_p50(client: redis.Redis) -> dict[str, float]:
-    """Each model's all-time p50 latency (s, a histogram bucket bound), over every tenant: one small hash
-    (models x buckets), never the tenants' usage."""
+def _latency_histograms(client: redis.Redis) -> dict[str, dict[float, int]]:
+    """Each model's all-time latency histogram over every tenant: one small hash (models x buckets), never the
+    tenants' usage."""
     histograms: dict[str, dict[float, int]] = {}
     for field, count in client.hgetall(MODEL_LATENCY_KEY).items():
         model, _, bucket = decode_text(field).rpartition("|")
@@ -35,6 +35,17 @@ def read_latency_p50(client: redis.Redis) -> dict[str, float]:
         except ValueError:
             continue
         histograms.setdefault(model, {})[bound] = int(count)
+    return histograms
+
+
+def read_answered(client: redis.Redis) -> dict[str, int]:
+    """Each model's all-time count of results (its latency histogram's total): sampled twice, a service rate."""
+    return {model: sum(histogram.values()) for model, histogram in _latency_histograms(client).items()}
+
+
+def read_latency_p50(client: redis.Redis) -> dict[str, float]:
+    """Each model's all-time p50 latency (s, a histogram bucket bound)."""
+    histograms = _latency_histograms(client)
     p50 = {model: histogram_percentile(histogram, 0.5) for model, histogram in histograms.items()}
     return {model: value for model, value in p50.items() if value is not None}
 

@@ -167,6 +167,18 @@ def load_backend_factory(name: str) -> BackendFactory:
     raise ConfigurationError(f"no backend named {name!r} is installed; installed backends: {installed}")
 
 
+def preload_backend(name: str) -> None:
+    """Import backend ``name``'s engine libraries now (an optional ``preload()`` on its factory), so that a worker
+    that loads models later, on demand, pays the import once at start and not inside its first load. A failure
+    is only logged: the model's load reports it."""
+    try:
+        preload = getattr(load_backend_factory(name), "preload", None)
+        if callable(preload):
+            preload()
+    except Exception as exc:
+        log.warning("backend %s: preloading its libraries failed (%s); its first load will say why", name, exc)
+
+
 def create_backend(spec: ModelSpec, settings: Settings) -> Backend:
     """Build the backend that serves ``spec`` (loading its model)."""
     return load_backend_factory(spec.backend)(spec, settings)

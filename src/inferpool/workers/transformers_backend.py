@@ -70,6 +70,12 @@ class _Prepared:
 class TransformersBackend:
     name = "transformers"
 
+    @staticmethod
+    def preload() -> None:
+        """Import torch and transformers' model classes (seconds on a CPU) before the first load needs them."""
+        import torch  # noqa: F401
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.spec = spec

@@ -148,6 +148,13 @@ def _prefix_cache_counter(totals: PrefixCacheStats) -> Any:
 class VllmBackend:
     name = "vllm"
 
+    @staticmethod
+    def preload() -> None:
+        """Import torch and transformers ahead of the first load; vLLM itself is imported by the load, after the
+        model's own ``env`` settings are in place (vLLM reads some of them when it is imported)."""
+        import torch  # noqa: F401
+        from transformers import AutoTokenizer  # noqa: F401
+
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.spec = spec
         self.params = parse_params(VllmParams, spec, self.name)
