@@ -191,6 +191,34 @@ def test_a_cold_worker_is_recruited_when_waiting_outweighs_a_load(pool: Pool) ->
     assert "loads it, starting with" in pool.scheduler.log_path.read_text()
 
 
+def test_sleep_capable_models_sleep_and_wake_instead_of_reloading(pool: Pool) -> None:
+    """Two sleep-capable 1 GiB models under a 1 GiB budget: each is loaded once, then put to sleep to make room
+    and woken for its next run (the echo backend fails any request it gets while asleep); past the keep-alive
+    a sleeping model is unloaded too."""
+    sleepy = ["echo-res-sleepy-a", "echo-res-sleepy-b"]
+    worker = pool.start_worker(sleepy, "--keep-alive", "3")
+    lines = [json.dumps({"custom_id": f"z{i}-{model}", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": model, "messages": [{"role": "user", "content": f"z {i}"}]}})
+             for i in range(60) for model in sleepy]  # fmt: skip
+    with Client(pool.redis.url) as client:
+        first = client.batches.create(lines[: len(lines) // 2])
+        _assert_once(client, first.id, lines[: len(lines) // 2])
+        states = {str(beat["state"]) for beat in pool.beats(worker, sleepy).values()}
+        assert states == {"warm", "asleep"}, states  # one serves, the other sleeps in host RAM
+        second = client.batches.create(lines[len(lines) // 2 :])
+        _assert_once(client, second.id, lines[len(lines) // 2 :])
+    beat = next(iter(pool.beats(worker, sleepy).values()))
+    assert beat["loads"] == 2, beat  # each loaded once: every later swap was a sleep and a wake
+    assert int(str(beat["wakes"])) >= 1, beat
+    assert int(str(beat["sleeps"])) >= 1, beat
+    assert int(str(beat["sleeps"])) <= int(str(beat["evictions"])), beat
+    metrics = {(s.name, s.labels.get("worker")): s.value
+               for m in PoolCollector(pool.client, Registry.from_settings(Settings())).collect() for s in m.samples}  # fmt: skip
+    assert metrics[("inferpool_worker_model_wakes_total", str(beat["worker_id"]))] == beat["wakes"]
+    wait_until(lambda: {b["state"] for b in pool.beats(worker, sleepy).values()} == {"cold"}, 30,
+               "the warm and the sleeping model to unload after the keep-alive")  # fmt: skip
+
+
 def test_two_budgeted_workers_keep_each_model_warm_on_one_of_them(pool: Pool) -> None:
     two = MODELS[:2]
     first, second = pool.start_worker(two), pool.start_worker(two)

@@ -23,7 +23,7 @@ def collect_workers(client: Any, registry: Registry) -> dict[str, dict[str, Any]
             entry = workers.setdefault(worker_id, {"worker_id": worker_id, "pid": beat.get("pid"), "models": {},
                                                    "prefix_cache": {"queries": 0, "hits": 0}})  # fmt: skip
             entry["models"][spec.name] = model_state(beat)
-            for field in ("loads", "evictions", "load_s", "budget_bytes"):
+            for field in ("loads", "evictions", "load_s", "sleeps", "wakes", "wake_s", "budget_bytes", "held_bytes"):
                 if field in beat:
                     entry[field] = beat[field]
             cache = beat.get("prefix_cache")
@@ -38,8 +38,8 @@ def collect_workers(client: Any, registry: Registry) -> dict[str, dict[str, Any]
 @click.pass_context
 def workers(ctx: click.Context, as_json: bool) -> None:
     """The live workers (heartbeats in Redis at REDIS_URL): the models each serves and whether each is loaded
-    (warm, loading or cold: workers started with --models load on demand), their loads and evictions, and
-    the share of prompt tokens their engines found in their prefix caches (vLLM)."""
+    (warm, loading, asleep or cold: workers started with --models load on demand), their loads, wakes and
+    evictions, and the share of prompt tokens their engines found in their prefix caches (vLLM)."""
     settings = load_settings(ctx)
     registry = Registry.from_settings(settings)
     client = connect_redis(settings.require_redis_url())
@@ -51,12 +51,12 @@ def workers(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(list(found.values()), indent=2))
         return
     table = Table(title=f"inferpool workers ({len(found)} live)")
-    for column in ("worker", "models (state)", "loads", "evictions", "load s", "prefix cache hit"):
+    for column in ("worker", "models (state)", "loads", "wakes", "evictions", "load s", "prefix cache hit"):
         table.add_column(column, justify="left" if column in ("worker", "models (state)") else "right")
     for entry in found.values():
         models = ", ".join(f"{name} ({state})" for name, state in entry["models"].items())
         cache = entry["prefix_cache"]
         hit = f"{cache['hits'] / cache['queries']:.0%}" if cache["queries"] else "-"
-        table.add_row(escape(entry["worker_id"]), escape(models), str(entry.get("loads", "-")),
-                      str(entry.get("evictions", "-")), str(entry.get("load_s", "-")), hit)  # fmt: skip
+        counts = [str(entry.get(field, "-")) for field in ("loads", "wakes", "evictions", "load_s")]
+        table.add_row(escape(entry["worker_id"]), escape(models), *counts, hit)
     make_console().print(table)

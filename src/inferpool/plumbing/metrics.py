@@ -155,23 +155,28 @@ class PoolCollector(Collector):
         """Where each model is warm, and what workers holding several models have loaded and unloaded."""
         warm = GaugeMetricFamily("inferpool_warm_workers", "Live workers holding the model loaded (warm).",
                                  labels=["model"])  # fmt: skip
-        worker_labels = ["worker"]
-        loads = CounterMetricFamily(
-            "inferpool_worker_model_loads", "Models a budgeted worker loaded.", labels=worker_labels
-        )
-        evictions = CounterMetricFamily("inferpool_worker_model_evictions", "Models a budgeted worker unloaded.",
-                                        labels=worker_labels)  # fmt: skip
-        load_s = CounterMetricFamily("inferpool_worker_model_load_seconds", "Seconds a budgeted worker spent loading.",
-                                     labels=worker_labels)  # fmt: skip
+        counters = {field: CounterMetricFamily(f"inferpool_worker_model_{name}", text, labels=["worker"])
+                    for field, name, text in _RESIDENCY_COUNTERS}  # fmt: skip
         budgeted: dict[str, dict[str, Any]] = {}
         for model, beats in beats_by_model.items():
             warm.add_metric([model], float(sum(model_state(b) == "warm" for b in beats.values())))
             budgeted.update({worker: b for worker, b in beats.items() if "loads" in b})
         for worker, beat in sorted(budgeted.items()):
-            loads.add_metric([worker], float(beat.get("loads", 0)))
-            evictions.add_metric([worker], float(beat.get("evictions", 0)))
-            load_s.add_metric([worker], float(beat.get("load_s", 0.0)))
-        yield from (warm, loads, evictions, load_s)
+            for field, family in counters.items():
+                family.add_metric([worker], float(beat.get(field, 0)))
+        yield warm
+        yield from counters.values()
+
+
+#: Heartbeat field, metric name (inferpool_worker_model_*), help: what budgeted workers count.
+_RESIDENCY_COUNTERS = [
+    ("loads", "loads", "Models a budgeted worker loaded."),
+    ("evictions", "evictions", "Models a budgeted worker let go to make room or after their keep-alive."),
+    ("load_s", "load_seconds", "Seconds a budgeted worker spent loading models."),
+    ("sleeps", "sleeps", "Models a budgeted worker put to sleep (host RAM) instead of unloading them."),
+    ("wakes", "wakes", "Sleeping models a budgeted worker woke instead of loading them."),
+    ("wake_s", "wake_seconds", "Seconds a budgeted worker spent waking models."),
+]
 
 
 def serve_metrics(

@@ -77,5 +77,23 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def host_available_bytes() -> int:
+    """RAM the host can still give (Linux's MemAvailable): where a sleeping model's weights go."""
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+#: The share of the host's available RAM that sleeping models may fill (the rest stays the host's).
+PARK_SHARE = 0.5
+
+
+def can_park(nbytes: int) -> bool:
+    """Whether a model of ``nbytes`` may sleep in host RAM rather than be unloaded."""
+    return nbytes <= PARK_SHARE * host_available_bytes()
+
+
 def describe_bytes(count: float) -> str:
     return f"{count / GIB:.2f} GiB"

@@ -1,7 +1,7 @@
 """A worker process holding several models within a memory budget (``inferpool worker --models a,b,c``).
 
-It consumes every model's shared and own queues and announces itself for each model (state warm, loading
-or cold), so a model nobody holds warm still has a worker: its lines wait in Redis until this one loads
+It consumes every model's shared and own queues and announces itself for each model (state warm, loading,
+asleep or cold), so a model nobody holds warm still has a worker: its lines wait in Redis until this one loads
 it (scale to zero per model). Models load when their first chunk arrives (``inferpool.residency.manager``).
 """
 
@@ -31,7 +31,13 @@ from inferpool.plumbing.redis_connection import connect_redis
 from inferpool.plumbing.settings import Settings
 from inferpool.provider_batch.runner import ProviderBatchRunner
 from inferpool.provider_batch.store import ProviderBatchStore
-from inferpool.residency.budget import describe_bytes, known_footprint, record_footprint, record_load_seconds
+from inferpool.residency.budget import (
+    can_park,
+    describe_bytes,
+    known_footprint,
+    record_footprint,
+    record_load_seconds,
+)
 from inferpool.residency.manager import Loaded, ResidentModels
 from inferpool.state.heartbeats import beat, withdraw
 from inferpool.state.items import held_by
@@ -149,6 +155,7 @@ class _Announcer:
             payload = {"worker_id": self.worker_id, "model": name, "backend": spec.backend, "pid": os.getpid(),
                        "state": states[name], "resident": warm, "budget_bytes": self.budget, "held_bytes": held,
                        "loads": counts.loads, "evictions": counts.evictions, "load_s": counts.load_s,
+                       "sleeps": counts.sleeps, "wakes": counts.wakes, "wake_s": counts.wake_s,
                        "at": time.time()}  # fmt: skip
             beat(self.redis, name, self.worker_id, self.settings.heartbeat_ttl_s, json.dumps(payload), grace)
 
@@ -209,6 +216,7 @@ def serve_models(models: Sequence[str], settings: Settings, *, budget: int, keep
         footprint_of=lambda spec: known_footprint(spec, client),
         record_footprint=lambda model, footprint: record_footprint(client, model, footprint),
         record_load=lambda model, seconds: record_load_seconds(client, model, seconds),
+        can_park=lambda loaded, nbytes: loaded.can_sleep() and can_park(nbytes),
         waiting=lambda model: _waiting(client, model, worker_id), keep_alive_s=keep_alive_s,
         max_wait_s=max(10.0, settings.visibility_timeout_s / 10),
     )  # fmt: skip

@@ -137,6 +137,28 @@ def memory_footprint(backend: Backend) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
+def backend_can_sleep(backend: Backend) -> bool:
+    """Whether the backend can put its model to sleep and wake it (optional methods ``can_sleep()``, ``async
+    sleep()`` and ``async wake()``; vLLM's sleep mode on a GPU): a budgeted worker then parks an idle model in
+    host RAM instead of unloading it."""
+    read = getattr(backend, "can_sleep", None)
+    try:
+        return bool(callable(read) and read())
+    except Exception as exc:
+        log.debug("backend %s: cannot tell whether it sleeps: %s", backend.name, exc)
+        return False
+
+
+async def sleep_backend(backend: Backend) -> None:
+    """Put the backend's model to sleep (its weights off the accelerator, its caches dropped)."""
+    await backend.sleep()  # type: ignore[attr-defined]
+
+
+async def wake_backend(backend: Backend) -> None:
+    """Wake the backend's model (after ``sleep_backend``): it serves again."""
+    await backend.wake()  # type: ignore[attr-defined]
+
+
 ParamsT = TypeVar("ParamsT", bound=BaseModel)
 
 

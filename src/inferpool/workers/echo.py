@@ -3,8 +3,9 @@
 It answers ``echo: <text of the last user message>``. A token is a whitespace-separated word, both for
 the prompt (all messages) and the answer, so usage is exact and predictable. Parameters (registry
 ``params``): ``delay_ms`` sleeps that long per request, to emulate a slow model; ``load_ms`` that long
-at load. A streamed request is
-answered word by word, ``delay_ms`` spread over its words.
+at load; ``wake_ms`` makes the model sleep-capable, as vLLM's sleep mode on a GPU is (a budgeted worker
+parks it instead of unloading it), waking taking that long; asked to generate while asleep it fails every
+request. A streamed request is answered word by word, ``delay_ms`` spread over its words.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class EchoParams(BaseModel):
         default=None, description="Fail (provider_error) every request whose last user message contains this."
     )
     load_ms: float = Field(default=0.0, ge=0.0, description="Sleep this long when loading, like a real model.")
+    wake_ms: float | None = Field(
+        default=None, ge=0.0, description="Sleep-capable (like vLLM's sleep mode): waking takes this long."
+    )
 
 
 def echo_answer(request: ChatRequest) -> str:
@@ -63,8 +67,21 @@ class EchoBackend:
         self.params = parse_params(EchoParams, spec, self.name)
         if self.params.load_ms:
             time.sleep(self.params.load_ms / 1000)
+        self.asleep = False
+
+    def can_sleep(self) -> bool:
+        return self.params.wake_ms is not None
+
+    async def sleep(self) -> None:
+        self.asleep = True
+
+    async def wake(self) -> None:
+        await asyncio.sleep((self.params.wake_ms or 0.0) / 1000)
+        self.asleep = False
 
     async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
+        if self.asleep:  # a worker that served a sleeping model would be a bug: make it visible
+            return [ProviderError(f"model {self.spec.name!r} is asleep") for _ in requests]
         sink = current_delta_sink()
         if sink is not None and len(requests) == 1:
             return [await self._stream(requests[0], sink)]

@@ -52,6 +52,11 @@ class VllmParams(CheckpointParams):
     max_lora_rank: int = Field(default=16, ge=1)
     max_loras: int = Field(default=2, ge=1, description="Adapters resident at once.")
     seed: int = 0
+    sleep_mode: bool = Field(
+        default=True,
+        description="Where vLLM supports sleep mode (CUDA, ROCm): a budgeted worker puts the idle model to sleep "
+        "(level 1: weights to host RAM, KV cache dropped) instead of unloading it, and wakes it for its next work.",
+    )
     env: dict[str, str] = Field(
         default_factory=dict,
         description="Environment variables set (if unset) before vLLM starts, e.g. VLLM_CPU_KVCACHE_SPACE.",
@@ -145,6 +150,13 @@ def _prefix_cache_counter(totals: PrefixCacheStats) -> Any:
     return PrefixCacheCounter
 
 
+def _sleep_mode_available() -> bool:
+    """vLLM's sleep mode needs its CUDA memory allocator: CUDA and ROCm GPUs, not its CPU build."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_sleep_mode_available())
+
+
 class VllmBackend:
     name = "vllm"
 
@@ -173,6 +185,7 @@ class VllmBackend:
             ) from exc
         self.context_window = min(spec.capabilities.context_window, self.params.max_model_len or 1 << 30)
         self._prefix = PrefixCacheStats()  # vLLM's own counters, summed by the stat logger below
+        self._sleeps = self.params.sleep_mode and _sleep_mode_available()
         args = AsyncEngineArgs(
             model=str(checkpoint),
             tokenizer=str(checkpoint),
@@ -185,6 +198,7 @@ class VllmBackend:
             enable_lora=bool(spec.lora_adapters),
             max_lora_rank=self.params.max_lora_rank,
             max_loras=self.params.max_loras,
+            enable_sleep_mode=self._sleeps,
             **({"max_num_seqs": self.params.max_num_seqs} if self.params.max_num_seqs else {}),
         )
         try:
@@ -204,6 +218,18 @@ class VllmBackend:
         weights = sum(path.stat().st_size for path in self._checkpoint.glob("*.safetensors"))
         kv_gib = float(self.params.env.get("VLLM_CPU_KVCACHE_SPACE") or 4)
         return int(weights + kv_gib * 1024**3)
+
+    def can_sleep(self) -> bool:
+        """Sleep mode is on (the platform supports it and ``params.sleep_mode``)."""
+        return self._sleeps
+
+    async def sleep(self) -> None:
+        """Level 1: the weights move to host RAM, the KV cache and prefix cache are dropped (the model is idle)."""
+        await self.engine.sleep(level=1)
+
+    async def wake(self) -> None:
+        if not await self.engine.wake_up():
+            raise ModelLoadError(f"model {self.spec.name!r}: vLLM woke only part of its memory")
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         """Prompt tokens looked up in vLLM's prefix cache, and found, since the engine started."""
