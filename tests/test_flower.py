@@ -6,6 +6,7 @@ Needs Debian's chromium (`.ci/run` installs it); skipped, with the reason, where
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -43,25 +44,34 @@ CHROMIUM = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disabl
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 
-@pytest.fixture
-def flower_port(redis_url: str, tmp_path: Path) -> Iterator[int]:
+@contextlib.contextmanager
+def running_flower(redis_url: str, log_path: Path) -> Iterator[int]:
+    """``inferpool flower`` on a free port, with credentials ops:flower-pass; yields the port."""
     port = free_port()
     env = {**os.environ, "REDIS_URL": redis_url, "INFERPOOL_FLOWER_AUTH": "ops:flower-pass"}
-    with (tmp_path / "flower.log").open("wb") as log:
+    with log_path.open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "inferpool", "flower", "--port", str(port)], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=2)
-            break
-        except urllib.error.HTTPError:
-            break  # answering (it wants credentials): up
-        except OSError:
-            assert time.monotonic() < deadline, (tmp_path / "flower.log").read_text()
-            time.sleep(0.2)
-    yield port
-    stop_process(proc, grace_s=10)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # answering (it wants credentials): up
+            except OSError:
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+        yield port
+    finally:
+        stop_process(proc, grace_s=10)
+
+
+@pytest.fixture
+def flower_port(redis_url: str, tmp_path: Path) -> Iterator[int]:
+    with running_flower(redis_url, tmp_path / "flower.log") as port:
+        yield port
 
 
 def browse(url: str, *extra: str) -> str:

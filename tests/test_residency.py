@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -22,6 +23,7 @@ import redis
 
 from inferpool import Client, JobStatus, Registry, Settings
 from inferpool.constants import MODEL_FOOTPRINTS_KEY
+from inferpool.plumbing.celery_app import create_celery_app
 from inferpool.plumbing.local_pool import (
     EmbeddedRedis,
     WorkerProcess,
@@ -34,6 +36,7 @@ from inferpool.plumbing.metrics import PoolCollector
 from inferpool.state.heartbeats import live_worker_ids, read_heartbeats
 
 from .conftest import wait_until
+from .test_flower import browse, running_flower
 
 MODELS = ["echo-res-a", "echo-res-b", "echo-res-c"]
 ENV = {"INFERPOOL_VISIBILITY_TIMEOUT_S": "4", "INFERPOOL_HEARTBEAT_TTL_S": "3", "INFERPOOL_SCHEDULER_LEASE_S": "1"}
@@ -124,6 +127,10 @@ def test_one_worker_serves_an_interleaved_job_of_three_models_in_long_runs(pool:
     [entry] = [w for w in listed if w["worker_id"] == worker_id]
     assert set(entry["models"]) == set(MODELS)
     assert entry["loads"] == metrics[("inferpool_worker_model_loads_total", worker_id)]
+    shown = subprocess.run(["inferpool", "stats"], capture_output=True, text=True, check=True,
+                           env={**os.environ, "REDIS_URL": pool.redis.url, "COLUMNS": "250"}).stdout  # fmt: skip
+    assert "workers holding several models (memory budget)" in shown
+    assert worker_id in shown
     # Idle past the keep-alive, every model is unloaded again.
     wait_until(lambda: {b["state"] for b in pool.beats(worker).values()} == {"cold"}, 30, "idle models to unload")
     listing = subprocess.run(["inferpool", "models"], capture_output=True, text=True, check=True,
@@ -218,6 +225,31 @@ def test_sleep_capable_models_sleep_and_wake_instead_of_reloading(pool: Pool) ->
     assert metrics[("inferpool_worker_model_wakes_total", str(beat["worker_id"]))] == beat["wakes"]
     wait_until(lambda: {b["state"] for b in pool.beats(worker, sleepy).values()} == {"cold"}, 30,
                "the warm and the sleeping model to unload after the keep-alive")  # fmt: skip
+
+
+def test_what_a_budgeted_worker_holds_shows_in_its_celery_stats_and_flower(pool: Pool, tmp_path: Path) -> None:
+    """Celery's ``inspect stats`` (what Flower's worker page shows under "Other") carries each model's state,
+    the budget and the worker's loads."""
+    worker = pool.start_worker(MODELS[:2])
+    with Client(pool.redis.url) as client:
+        ask = {"model": MODELS[0], "messages": [{"role": "user", "content": "hi"}]}
+        assert client.submit(ask).result(timeout=60).ok
+    worker_id = str(next(iter(pool.beats(worker, MODELS[:2]).values()))["worker_id"])
+    app = create_celery_app(Settings(redis_url=pool.redis.url))
+    try:
+        stats = app.control.inspect(destination=[worker_id], timeout=5).stats() or {}
+    finally:
+        app.close()
+    mine = stats[worker_id]
+    assert mine["inferpool_models"] == {MODELS[0]: "warm", MODELS[1]: "cold"}
+    assert mine["inferpool_memory_budget"] == "1.00 GiB"
+    assert mine["inferpool_loads"] == 1
+    if shutil.which("chromium") is None:
+        return  # (the page itself needs Debian's chromium; CI has it)
+    with running_flower(pool.redis.url, tmp_path / "flower.log") as port:
+        page = browse(f"http://ops:flower-pass@127.0.0.1:{port}/worker/{worker_id}", "--dump-dom")
+    assert "inferpool_models" in page
+    assert f"{MODELS[0]}" in page
 
 
 def test_two_budgeted_workers_keep_each_model_warm_on_one_of_them(pool: Pool) -> None:

@@ -9,7 +9,10 @@ import click
 
 from inferpool.cli._common import load_settings, make_console
 from inferpool.cli._display import usage_table
+from inferpool.cli.workers import collect_workers, workers_table
 from inferpool.client.client import Client
+from inferpool.model_registry.registry import Registry
+from inferpool.plumbing.redis_connection import connect_redis
 
 
 @click.command()
@@ -29,8 +32,12 @@ def stats(ctx: click.Context, since: dt.datetime | None, until: dt.datetime | No
     else 'default'. Percentiles are histogram bucket bounds. Latency and TTFT run from the moment a worker
     starts on a request; TTFT is '-' for models whose backend cannot see the first token (non-streaming
     provider calls).
+
+    Below the usage, workers that hold several models within a memory budget (inferpool worker --models) are
+    listed with what each holds now and its loads, wakes and evictions (all workers: inferpool workers).
     """
-    with Client(settings=load_settings(ctx)) as client:
+    settings = load_settings(ctx)
+    with Client(settings=settings) as client:
         if job_id is not None:
             rows = client.batches.retrieve(job_id).usage
             title = f"usage for {job_id}"
@@ -40,5 +47,15 @@ def stats(ctx: click.Context, since: dt.datetime | None, until: dt.datetime | No
             title = f"usage {first or 'today'} .. {until.date() if until else 'today'} (UTC)"
     if as_json:
         click.echo(json.dumps([row.model_dump() for row in rows], indent=2))
-    else:
-        make_console().print(usage_table(title, rows))
+        return
+    console = make_console()
+    console.print(usage_table(title, rows))
+    if job_id is None:
+        client_redis = connect_redis(settings.require_redis_url())
+        try:
+            budgeted = [w for w in collect_workers(client_redis, Registry.from_settings(settings)).values()
+                        if "budget_bytes" in w]  # fmt: skip
+        finally:
+            client_redis.close()
+        if budgeted:
+            console.print(workers_table("workers holding several models (memory budget)", budgeted))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import click
@@ -50,13 +51,19 @@ def workers(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(list(found.values()), indent=2))
         return
-    table = Table(title=f"inferpool workers ({len(found)} live)")
+    make_console().print(workers_table(f"inferpool workers ({len(found)} live)", found.values()))
+
+
+def workers_table(title: str, found: Iterable[dict[str, Any]]) -> Table:
+    """Workers (``collect_workers`` entries) as a table: models with their states, loads, wakes, evictions,
+    seconds loading, and their engines' prefix-cache hit share."""
+    table = Table(title=title)
     for column in ("worker", "models (state)", "loads", "wakes", "evictions", "load s", "prefix cache hit"):
         table.add_column(column, justify="left" if column in ("worker", "models (state)") else "right")
-    for entry in found.values():
+    for entry in found:
         models = ", ".join(f"{name} ({state})" for name, state in entry["models"].items())
         cache = entry["prefix_cache"]
         hit = f"{cache['hits'] / cache['queries']:.0%}" if cache["queries"] else "-"
         counts = [str(entry.get(field, "-")) for field in ("loads", "wakes", "evictions", "load_s")]
         table.add_row(escape(entry["worker_id"]), escape(models), *counts, hit)
-    make_console().print(table)
+    return table

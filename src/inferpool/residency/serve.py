@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
-from celery import signals
+from celery import Celery, bootsteps, signals
 
 from inferpool._exceptions import ConfigurationError, ModelLoadError, ModelNotResident
 from inferpool.constants import MODEL_LOAD_ERROR_CODE, job_items_key, model_queues, worker_queues
@@ -179,6 +179,26 @@ class _Announcer:
                 withdraw(self.redis, name, self.worker_id)
 
 
+def residency_stats(resident: ResidentModels) -> dict[str, Any]:
+    """What the worker holds, for Celery's ``inspect stats`` and so Flower's worker page ("Other" tab)."""
+    counts = resident.counts()
+    return {"inferpool_models": resident.states(), "inferpool_memory_budget": describe_bytes(resident.budget),
+            "inferpool_memory_held": describe_bytes(resident.held_bytes()), "inferpool_loads": counts.loads,
+            "inferpool_load_seconds": counts.load_s, "inferpool_sleeps": counts.sleeps,
+            "inferpool_wakes": counts.wakes, "inferpool_wake_seconds": counts.wake_s,
+            "inferpool_evictions": counts.evictions}  # fmt: skip
+
+
+def _install_stats(app: Celery, resident: ResidentModels) -> None:
+    """A worker bootstep whose ``info`` Celery merges into the worker's stats."""
+
+    class ResidencyInfo(bootsteps.StartStopStep):
+        def info(self, worker: Any) -> dict[str, Any]:  # type: ignore[override]  # (celery's stubs say None; celery merges it)
+            return residency_stats(resident)
+
+    app.steps["worker"].add(ResidencyInfo)
+
+
 def serve_models(models: Sequence[str], settings: Settings, *, budget: int, keep_alive_s: float = 300.0,
                  concurrency: int | None = None, worker_id: str | None = None) -> int:  # fmt: skip
     """Serve ``models`` from this process within ``budget`` bytes; returns the Celery worker's exit code."""
@@ -223,6 +243,7 @@ def serve_models(models: Sequence[str], settings: Settings, *, budget: int, keep
     announcer = _Announcer(client, settings, worker_id, resident)
     resident.on_change = announcer.beat
     install_chunk_server(app, ResidentServer(resident, store))
+    _install_stats(app, resident)
     queues = sorted(q for spec in specs for q in (*model_queues(spec.name), *worker_queues(spec.name, worker_id)))
 
     def on_ready(**_: Any) -> None:
