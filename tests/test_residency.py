@@ -196,7 +196,7 @@ def test_a_cold_worker_is_recruited_when_waiting_outweighs_a_load(pool: Pool) ->
     assert len(served) == 2, served  # both served the job: the second was recruited
     time.sleep(1.5)  # a heartbeat after the last chunk
     assert [int(str(pool.beats(w, busy)[busy[0]]["loads"])) for w in (first, second)] == [1, 1]
-    assert "loads it, starting with" in pool.scheduler.log_path.read_text()
+    assert "loads it, starting with" in pool.scheduler.log_path.read_text()  # (a cold worker: a load)
 
 
 def test_sleep_capable_models_sleep_and_wake_instead_of_reloading(pool: Pool) -> None:

@@ -164,6 +164,8 @@ MODEL_LATENCY_KEY = f"{KEY_PREFIX}usage:latency"
 MODEL_FOOTPRINTS_KEY = f"{KEY_PREFIX}model-footprints"
 #: Hash model -> seconds its last load took on a budgeted worker: the cost of a swap that placement weighs.
 MODEL_LOAD_SECONDS_KEY = f"{KEY_PREFIX}model-load-seconds"
+#: Hash model -> seconds its last wake from sleep took on a budgeted worker (a cheaper swap than a load).
+MODEL_WAKE_SECONDS_KEY = f"{KEY_PREFIX}model-wake-seconds"
 
 #: How long per-day usage counters are kept.
 USAGE_RETENTION_S = 400 * 86400

@@ -8,7 +8,7 @@ import re
 import redis
 
 from inferpool._exceptions import ConfigurationError
-from inferpool.constants import MODEL_FOOTPRINTS_KEY, MODEL_LOAD_SECONDS_KEY
+from inferpool.constants import MODEL_FOOTPRINTS_KEY, MODEL_LOAD_SECONDS_KEY, MODEL_WAKE_SECONDS_KEY
 from inferpool.model_registry.spec import ModelSpec
 
 GIB = 1024**3
@@ -56,13 +56,14 @@ def record_footprint(client: redis.Redis, model: str, footprint: int) -> None:
     client.hset(MODEL_FOOTPRINTS_KEY, model, footprint)
 
 
-def record_load_seconds(client: redis.Redis, model: str, seconds: float) -> None:
-    client.hset(MODEL_LOAD_SECONDS_KEY, model, f"{seconds:.3f}")
+def record_swap_seconds(client: redis.Redis, model: str, seconds: float, *, woke: bool) -> None:
+    """Record how long the model's load (or, ``woke``, its wake from sleep) took on a budgeted worker."""
+    client.hset(MODEL_WAKE_SECONDS_KEY if woke else MODEL_LOAD_SECONDS_KEY, model, f"{seconds:.3f}")
 
 
-def known_load_seconds(client: redis.Redis, model: str) -> float | None:
-    """How long the model's last load on a budgeted worker took, if one has loaded it."""
-    value = client.hget(MODEL_LOAD_SECONDS_KEY, model)
+def known_swap_seconds(client: redis.Redis, model: str, *, woke: bool) -> float | None:
+    """How long the model's last load (or, ``woke``, its last wake) took on a budgeted worker, if one did."""
+    value = client.hget(MODEL_WAKE_SECONDS_KEY if woke else MODEL_LOAD_SECONDS_KEY, model)
     return float(value) if value else None
 
 

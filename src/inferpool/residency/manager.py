@@ -89,7 +89,7 @@ class ResidentModels:
         measure: Callable[[Loaded], int | None] = lambda loaded: None,
         footprint_of: Callable[[ModelSpec], int | None],
         record_footprint: Callable[[str, int], None],
-        record_load: Callable[[str, float], None] = lambda model, seconds: None,
+        record_swap: Callable[[str, float, bool], None] = lambda model, seconds, woke: None,
         can_park: Callable[[Loaded, int], bool] = lambda loaded, nbytes: False,
         waiting: Callable[[str], int],
         on_change: Callable[[], None] = lambda: None,
@@ -104,7 +104,7 @@ class ResidentModels:
         self._measure = measure  # the backend's own account of its footprint, if it keeps one
         self._footprint_of = footprint_of
         self._record_footprint = record_footprint
-        self._record_load = record_load  # what a swap to the model costs, for placement to weigh
+        self._record_swap = record_swap  # what a swap to the model costs (load or wake), for placement to weigh
         self._can_park = can_park  # the backend can sleep and the host has the RAM to keep it asleep
         self._waiting = waiting
         self.on_change = on_change  # a model loaded or unloaded (the heartbeat says so at once)
@@ -204,12 +204,15 @@ class ResidentModels:
             self._load_s += took
             self._cond.notify_all()
         log.info("model %s loaded in %.1f s (%s)", spec.name, took, describe_bytes(entry.reserved))
-        try:
-            self._record_load(spec.name, took)
-        except Exception:  # a statistic never fails a load
-            log.warning("recording model %s's load time failed", spec.name, exc_info=True)
-        self._changed()
+        self._swapped(spec.name, took, woke=False)
         return entry
+
+    def _swapped(self, model: str, took: float, *, woke: bool) -> None:
+        try:
+            self._record_swap(model, took, woke)
+        except Exception:  # a statistic never fails a load
+            log.warning("recording model %s's swap time failed", model, exc_info=True)
+        self._changed()
 
     def _wake_entry(self, entry: _Entry) -> _Entry:
         """Wake ``entry`` (state "waking", its bytes counted again); if waking fails it is unloaded and the
@@ -238,7 +241,7 @@ class ResidentModels:
             self._wake_s += took
             self._cond.notify_all()
         log.info("model %s woke in %.2f s", entry.spec.name, took)
-        self._changed()
+        self._swapped(entry.spec.name, took, woke=True)
         return entry
 
     # -- letting models go ---------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from inferpool.residency.budget import (
     describe_bytes,
     known_footprint,
     record_footprint,
-    record_load_seconds,
+    record_swap_seconds,
 )
 from inferpool.residency.manager import Loaded, ResidentModels
 from inferpool.state.heartbeats import beat, withdraw
@@ -235,7 +235,7 @@ def serve_models(models: Sequence[str], settings: Settings, *, budget: int, keep
         specs, budget, load=load, measure=lambda loaded: memory_footprint(loaded.runtime.backend),
         footprint_of=lambda spec: known_footprint(spec, client),
         record_footprint=lambda model, footprint: record_footprint(client, model, footprint),
-        record_load=lambda model, seconds: record_load_seconds(client, model, seconds),
+        record_swap=lambda model, seconds, woke: record_swap_seconds(client, model, seconds, woke=woke),
         can_park=lambda loaded, nbytes: loaded.can_sleep() and can_park(nbytes),
         waiting=lambda model: _waiting(client, model, worker_id), keep_alive_s=keep_alive_s,
         max_wait_s=max(10.0, settings.visibility_timeout_s / 10),

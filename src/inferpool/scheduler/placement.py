@@ -1,14 +1,14 @@
 """Placement: which worker each chunk of a take goes to, knowing what the engines hold.
 
 - *Residency.* A worker holding several models within a budget (``inferpool.residency``) says in its heartbeat
-  whether each is warm, loading or cold, and how much of its budget is taken. When some live workers hold the
-  model warm and others do not, its chunks go to the warm ones (their own queues): a cold worker is not made
-  to swap while a warm one serves. A cold worker is recruited only when the swap pays: it has room for the
-  model without evicting anything, and the lines already waiting at the warm workers would take longer to
-  drain at the model's measured service rate than its measured load takes. It then gets the whole take (a
-  long run), so it loads once and serves. When none holds it warm, chunks take the shared queue, and any
-  worker that can load it does (the scale-to-zero case: the lines waited in Redis). Single-model workers are
-  always warm.
+  whether each is warm, loading, asleep or cold, and how much of its budget is taken. When some live workers
+  hold the model warm and others do not, its chunks go to the warm ones (their own queues): a cold worker is
+  not made to swap while a warm one serves. Another worker is recruited only when the swap pays: it has room
+  for the model without evicting anything, and the lines already waiting at the warm workers would take
+  longer to drain at the model's measured service rate than its measured load takes (its wake, where the
+  model sleeps there: such a worker is asked first). It then gets the whole take (a long run), so it swaps
+  once and serves. When none holds it warm, chunks take the shared queue, and any worker that can load it
+  does (the scale-to-zero case: the lines waited in Redis). Single-model workers are always warm.
 - *Prefix affinity.* Under prefix routing a job's pending lines wait scored by their prefix group key
   (``inferpool.affinity.prefix``), so a take brings a document's questions together. Each group goes to the
   worker that owns its key among the warm workers (``inferpool.affinity.owners``), in a chunk published to
@@ -32,7 +32,7 @@ import redis
 from inferpool.affinity.owners import OwnerTable
 from inferpool.constants import model_queues
 from inferpool.model_registry.spec import ModelSpec
-from inferpool.residency.budget import known_footprint, known_load_seconds
+from inferpool.residency.budget import known_footprint, known_swap_seconds
 from inferpool.state.heartbeats import live_worker_ids, model_state, read_heartbeats
 from inferpool.state.load import read_answered
 from inferpool.state.worker_queues import WorkerQueues
@@ -58,7 +58,8 @@ class _Workers:
 
     live: list[str]
     held: list[str]
-    loadable: list[str]  # cold budgeted workers with room for the model beside what they hold
+    loadable: list[str]  # budgeted workers with room for the model beside what they hold: asleep there first
+    asleep: frozenset[str] = frozenset()  # workers where the model sleeps (a wake, cheaper than a load)
 
 
 class ServiceRates:
@@ -111,14 +112,17 @@ class Placement:
         beats = read_heartbeats(self.redis, spec.name, live)
         held = [w for w in live if model_state(beats.get(w, {})) in _HELD]
         footprint = known_footprint(spec, self.redis)
-        loadable = [w for w in live if w not in held and _has_room(beats.get(w, {}), footprint)]
-        workers = _Workers(live, held, loadable)
+        asleep = frozenset(w for w in live if model_state(beats.get(w, {})) == "asleep")
+        loadable = sorted((w for w in live if w not in held and _has_room(beats.get(w, {}), footprint)),
+                          key=lambda w: w not in asleep)  # fmt: skip
+        workers = _Workers(live, held, loadable, asleep)
         self._workers[spec.name] = (now, workers)
         return workers
 
-    def _swap_pays(self, spec: ModelSpec, held: Sequence[str], take: int) -> bool:
+    def _swap_pays(self, spec: ModelSpec, held: Sequence[str], take: int, *, wake: bool) -> bool:
         """Whether the lines waiting at the model's warm workers (their own queues, the shared queues and this
-        take) would take longer to drain at the model's service rate than one more worker takes to load it."""
+        take) would take longer to drain at the model's service rate than one more worker takes to load it
+        (``wake``: to wake it from sleep)."""
         rate = self.rates.of(spec.name)
         if not rate or rate <= 0:
             return False  # no measured rate yet: keep to the warm workers
@@ -128,8 +132,10 @@ class Placement:
             pipe.llen(queue)
         chunks = sum(backlog.values()) + sum(int(n) for n in pipe.execute())
         drain_s = (chunks * spec.serving.chunk_size + take) / rate
-        load_s = known_load_seconds(self.redis, spec.name)
-        return drain_s > (_UNKNOWN_LOAD_S if load_s is None else load_s)
+        swap_s = known_swap_seconds(self.redis, spec.name, woke=wake)
+        if swap_s is None and wake:
+            swap_s = known_swap_seconds(self.redis, spec.name, woke=False)  # never woken yet: at most a load
+        return drain_s > (_UNKNOWN_LOAD_S if swap_s is None else swap_s)
 
     def table(self, spec: ModelSpec, workers: Sequence[str]) -> OwnerTable:
         """The model's owner table over ``workers``. An owner keeps its groups up to a take (a chunk) past the
@@ -147,10 +153,11 @@ class Placement:
         workers = self.workers(spec)
         if not workers.held:  # nobody holds it: whoever can load it takes it from the shared queue
             return [(None, rids)]
-        if workers.loadable and self._swap_pays(spec, workers.held, len(rids)):
-            recruit = workers.loadable[0]
-            log.info("model %s: its warm workers have more waiting than a load costs; %s loads it, starting with "
-                     "%d lines", spec.name, recruit, len(rids))  # fmt: skip
+        recruit = workers.loadable[0] if workers.loadable else None
+        if recruit is not None and self._swap_pays(spec, workers.held, len(rids), wake=recruit in workers.asleep):
+            how = "wakes" if recruit in workers.asleep else "loads"
+            log.info("model %s: its warm workers have more waiting than a swap costs; %s %s it, starting with "
+                     "%d lines", spec.name, recruit, how, len(rids))  # fmt: skip
             self._workers.pop(spec.name, None)  # see it loading (and no longer cold) at the next take
             return [(recruit, rids)]
         everywhere = len(workers.held) == len(workers.live)
