@@ -33,3 +33,11 @@ def tune_gc_for_throughput(*, collect_first: bool = False) -> None:
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GEN0_THRESHOLD, gen1, gen2)
+
+
+def refreeze_after_unload() -> None:
+    """Let go of what an unloaded model left (frozen objects are never collected), then freeze the rest again:
+    a worker that loads and unloads models keeps its long-lived objects out of collections all the same."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()

@@ -93,6 +93,8 @@ class ResidentModels:
         can_park: Callable[[Loaded, int], bool] = lambda loaded, nbytes: False,
         waiting: Callable[[str], int],
         on_change: Callable[[], None] = lambda: None,
+        after_load: Callable[[], None] = lambda: None,
+        after_unload: Callable[[], None] = lambda: None,
         keep_alive_s: float = 300.0,
         max_wait_s: float = 60.0,
     ) -> None:
@@ -108,6 +110,7 @@ class ResidentModels:
         self._can_park = can_park  # the backend can sleep and the host has the RAM to keep it asleep
         self._waiting = waiting
         self.on_change = on_change  # a model loaded or unloaded (the heartbeat says so at once)
+        self._after_load, self._after_unload = after_load, after_unload  # the process's GC tuning
         self._entries: dict[str, _Entry] = {}
         self._unloading = 0  # bytes of models being unloaded (still held until their release ends)
         self._cond = threading.Condition()
@@ -191,6 +194,7 @@ class ResidentModels:
                 self._cond.notify_all()
             raise
         took = time.monotonic() - started
+        self._after_load()
         # The backend's own count (weights, caches) where it keeps one; else what this process grew by, which
         # misses memory another process holds and what an unloaded model's freed pages are reused for.
         measured = self._measure(loaded) or max(1, resident_bytes() - before)
@@ -300,6 +304,7 @@ class ResidentModels:
         log.info("unloading model %s (idle %.0f s)", entry.spec.name, time.monotonic() - entry.last_used)
         if entry.loaded is not None:
             entry.loaded.runtime.release()
+            self._after_unload()
 
     def _changed(self) -> None:
         try:

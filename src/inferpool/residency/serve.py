@@ -26,7 +26,7 @@ from inferpool.constants import MODEL_LOAD_ERROR_CODE, job_items_key, model_queu
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.celery_app import create_celery_app
-from inferpool.plumbing.process_tuning import tune_gc_for_throughput
+from inferpool.plumbing.process_tuning import refreeze_after_unload, tune_gc_for_throughput
 from inferpool.plumbing.redis_connection import connect_redis
 from inferpool.plumbing.settings import Settings
 from inferpool.provider_batch.runner import ProviderBatchRunner
@@ -163,8 +163,7 @@ class _Announcer:
         interval = self.settings.heartbeat_ttl_s / 3
         while not self._stop.wait(min(interval, max(0.5, self.resident.keep_alive_s / 2))):
             try:
-                if self.resident.expire_idle():
-                    gc.collect()
+                self.resident.expire_idle()
                 self.beat()
                 for name in self.resident.specs:
                     self._queues.hand_over_gone(name)
@@ -238,6 +237,7 @@ def serve_models(models: Sequence[str], settings: Settings, *, budget: int, keep
         record_swap=lambda model, seconds, woke: record_swap_seconds(client, model, seconds, woke=woke),
         can_park=lambda loaded, nbytes: loaded.can_sleep() and can_park(nbytes),
         waiting=lambda model: _waiting(client, model, worker_id), keep_alive_s=keep_alive_s,
+        after_load=gc.freeze, after_unload=refreeze_after_unload,
         max_wait_s=max(10.0, settings.visibility_timeout_s / 10),
     )  # fmt: skip
     announcer = _Announcer(client, settings, worker_id, resident)
@@ -247,8 +247,8 @@ def serve_models(models: Sequence[str], settings: Settings, *, budget: int, keep
     queues = sorted(q for spec in specs for q in (*model_queues(spec.name), *worker_queues(spec.name, worker_id)))
 
     def on_ready(**_: Any) -> None:
-        # Collect young objects less often, as a single-model worker does; only Celery's objects are frozen, not
-        # the models (loaded later): an unloaded model must stay collectable.
+        # Collect young objects less often, as a single-model worker does. Celery's objects are frozen now, each
+        # model's after its load; an unload unfreezes, collects and freezes again, so its objects go.
         tune_gc_for_throughput(collect_first=True)
         announcer.start()
         log.info("worker %s holding up to %s of %s on queues %s", worker_id, describe_bytes(budget),
