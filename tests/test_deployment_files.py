@@ -1,9 +1,12 @@
-"""docker-compose.yml and ops/registry.yaml: what can be checked without a Docker engine (none runs here)."""
+"""docker-compose.yml and ops/registry.yaml: what can be checked without a Docker engine (tests/test_compose_stack.py
+brings the stack up for real where one can run)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import redis
 import yaml
 
 from inferpool import Registry
@@ -16,11 +19,21 @@ def test_compose_requires_passwords_and_keeps_secrets_out_of_the_file() -> None:
     compose = yaml.safe_load(text)
     services = compose["services"]
     assert {"redis", "scheduler", "flower", "api-worker", "local-worker"} <= set(services)
-    assert "--requirepass" in services["redis"]["command"]
-    assert "--appendonly yes" in services["redis"]["command"]
-    assert "${REDIS_PASSWORD:?" in services["redis"]["command"]  # compose refuses to start without it
-    assert services["flower"]["environment"]["INFERPOOL_FLOWER_AUTH"].startswith("${FLOWER_AUTH:?")
-    assert services["api-worker"]["environment"]["OPENAI_API_KEY"].startswith("${OPENAI_API_KEY:?")
+    redis_command = " ".join(services["redis"]["command"])
+    assert "requirepass" in redis_command
+    assert "--appendonly yes" in redis_command
+    assert "exit 1" in redis_command  # no password file, no Redis
+    # Secrets are files mounted at /run/secrets, never environment values (docker inspect shows those).
+    assert set(compose["secrets"]) == {"REDIS_PASSWORD", "INFERPOOL_FLOWER_AUTH", "OPENAI_API_KEY"}
+    assert all(set(secret) == {"file"} for secret in compose["secrets"].values())
+    assert "INFERPOOL_FLOWER_AUTH" in services["flower"]["secrets"]
+    assert "OPENAI_API_KEY" in services["api-worker"]["secrets"]
+    for name, service in services.items():
+        assert "REDIS_PASSWORD" in service["secrets"], name
+        environment = service.get("environment") or {}
+        assert not {"REDIS_PASSWORD", "OPENAI_API_KEY", "INFERPOOL_FLOWER_AUTH"} & set(environment), name
+        assert "@" not in str(environment.get("REDIS_URL", "")), name  # no password in the URL
+        assert "healthcheck" in service, name
     assert "--no-auth" not in text
     for name in ("scheduler", "flower", "gateway"):  # published on loopback only
         assert all(port.startswith("127.0.0.1:") for port in services[name]["ports"])
@@ -58,3 +71,29 @@ def test_compose_commands_are_inferpool_commands() -> None:
         assert result.exit_code == 0, (name, result.output)
         for option in (arg for arg in command[1:] if arg.startswith("--")):
             assert option in result.output, (name, option)
+
+
+def test_secret_files_stand_in_for_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the compose services rely on: secret files in INFERPOOL_SECRETS_DIR named after the variables."""
+    from inferpool.plumbing.settings import Settings
+
+    (tmp_path / "REDIS_PASSWORD").write_text("p@ss:w/rd\n")
+    (tmp_path / "INFERPOOL_FLOWER_AUTH").write_text("ops:flower-pw\n")
+    (tmp_path / "OPENAI_API_KEY").write_text("sk-from-file\n")
+    monkeypatch.setenv("INFERPOOL_SECRETS_DIR", str(tmp_path))
+    monkeypatch.setenv("REDIS_URL", "redis://redis:6379/0")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    settings = Settings()
+    url = redis.Redis.from_url(settings.require_redis_url()).connection_pool.connection_kwargs
+    assert (url["host"], url["password"]) == ("redis", "p@ss:w/rd")  # quoted into the URL, read back whole
+    assert settings.flower_auth == "ops:flower-pw"
+    assert Settings.environment_secret("OPENAI_API_KEY") == "sk-from-file"
+    assert "p@ss" not in repr(settings.model_dump(exclude={"redis_url"}))
+    # A variable of the same name wins; a URL that names its password keeps it.
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    monkeypatch.setenv("REDIS_URL", "redis://:own@redis:6379/0")
+    assert Settings.environment_secret("OPENAI_API_KEY") == "sk-from-env"
+    assert Settings().redis_url == "redis://:own@redis:6379/0"
+    assert Settings.environment_secret("../etc/passwd") == ""  # names only, no paths
+    monkeypatch.setenv("INFERPOOL_SECRETS_DIR", str(tmp_path / "none"))
+    assert Settings().flower_auth == ""

@@ -60,6 +60,7 @@ class ProviderEmulator:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self._host = "127.0.0.1"
         self.batch_endpoints = BatchEndpoints(self)
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -72,9 +73,9 @@ class ProviderEmulator:
     def openai_base_url(self) -> str:
         return f"{self.url}/v1"
 
-    def start(self, port: int = 0) -> ProviderEmulator:
-        """Serve on 127.0.0.1:``port`` (0: a free one) in a background thread."""
-        self.port = port
+    def start(self, port: int = 0, host: str = "127.0.0.1") -> ProviderEmulator:
+        """Serve on ``host``:``port`` (0: a free one) in a background thread."""
+        self.port, self._host = port, host
         ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(ready,), name="provider-emulator", daemon=True)
         self._thread.start()
@@ -93,7 +94,7 @@ class ProviderEmulator:
         self.batch_endpoints.add_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, self._host, self.port)
         self._loop.run_until_complete(site.start())
         server: Any = site._server  # aiohttp exposes the bound port only through the asyncio server
         self.port = server.sockets[0].getsockname()[1]

@@ -1,16 +1,47 @@
 """Settings, read once from the environment and passed explicitly to whatever needs them.
 
-Precedence: explicit arguments > environment variables > defaults. Standard variable names are used
-where users already have them (``REDIS_URL``); everything else takes the ``INFERPOOL_`` prefix.
+Precedence: explicit arguments > environment variables > secret files > defaults. Standard variable names
+are used where users already have them (``REDIS_URL``); everything else takes the ``INFERPOOL_`` prefix.
+
+Secret files: a file named after a variable in the secrets directory (``INFERPOOL_SECRETS_DIR``, default
+``/run/secrets``, where Docker and Compose mount secrets) stands in for that variable: ``REDIS_PASSWORD``,
+``INFERPOOL_FLOWER_AUTH``, and the providers' keys (``OPENAI_API_KEY``...), so they need not be in a
+container's environment, where ``docker inspect`` shows them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+)
+
+#: Where secret files are looked for unless INFERPOOL_SECRETS_DIR says otherwise (Docker's secrets mount).
+DEFAULT_SECRETS_DIR = "/run/secrets"
+
+
+def secrets_dir() -> Path | None:
+    """The secrets directory, if it exists."""
+    import os
+
+    directory = Path(os.environ.get("INFERPOOL_SECRETS_DIR") or DEFAULT_SECRETS_DIR)
+    return directory if directory.is_dir() else None
+
+
+def _with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` in it, unless it names one already (or is not a redis:// or rediss:// URL)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or parts.password is not None or "@" in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=f":{quote(password, safe='')}@{parts.netloc}"))
 
 
 def _default_files_dir() -> Path:
@@ -32,6 +63,13 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="INFERPOOL_", extra="ignore", frozen=True)
 
+    # (before redis_url: its validator reads this one)
+    redis_password: str = Field(
+        default="", repr=False, exclude=True,
+        validation_alias=AliasChoices("REDIS_PASSWORD", "INFERPOOL_REDIS_PASSWORD"),
+        description="Put into REDIS_URL when that URL names no password (a secret file REDIS_PASSWORD keeps it "
+        "out of the environment).",
+    )  # fmt: skip
     redis_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("REDIS_URL", "INFERPOOL_REDIS_URL"),
@@ -157,6 +195,25 @@ class Settings(BaseSettings):
         description="Tests only: `after-upload` or `after-create` ends a worker right after that provider call.",
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        directory = secrets_dir()  # only where it exists: pydantic-settings warns about a missing one
+        secrets = (SecretsSettingsSource(settings_cls, secrets_dir=directory),) if directory is not None else ()
+        return (init_settings, env_settings, *secrets)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _password_from_its_own_setting(cls, value: str | None, info: ValidationInfo) -> str | None:
+        password = info.data.get("redis_password") or ""
+        return _with_password(value, password) if value and password else value
+
     @field_validator("registry", "models_dir", mode="before")
     @classmethod
     def _split_registry(cls, value: object) -> object:
@@ -166,11 +223,18 @@ class Settings(BaseSettings):
 
     @staticmethod
     def environment_secret(variable: str) -> str:
-        """The value of the environment variable ``variable`` (a provider's API key, named by the registry),
-        read when asked and never kept in a settings object, so it cannot end up in a log or a repr."""
+        """The value of the environment variable ``variable`` (a provider's API key, named by the registry), else
+        of the secret file of that name (see the module docstring); read when asked and never kept in a settings
+        object, so it cannot end up in a log or a repr."""
         import os
 
-        return os.environ.get(variable, "")
+        value = os.environ.get(variable, "")
+        directory = secrets_dir()
+        if not value and directory is not None and "/" not in variable and variable not in ("", ".", ".."):
+            path = directory / variable
+            if path.is_file():
+                value = path.read_text(encoding="utf-8").strip()
+        return value
 
     def user_registry_file(self) -> Path:
         """``$XDG_CONFIG_HOME/inferpool/registry.yaml`` (default ``~/.config/...``): merged when it exists."""
