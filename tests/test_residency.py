@@ -204,7 +204,7 @@ def test_sleep_capable_models_sleep_and_wake_instead_of_reloading(pool: Pool) ->
     and woken for its next run (the echo backend fails any request it gets while asleep); past the keep-alive
     a sleeping model is unloaded too."""
     sleepy = ["echo-res-sleepy-a", "echo-res-sleepy-b"]
-    worker = pool.start_worker(sleepy, "--keep-alive", "3")
+    worker = pool.start_worker(sleepy, "--keep-alive", "10")  # (longer than either job: no unload between)
     lines = [json.dumps({"custom_id": f"z{i}-{model}", "method": "POST", "url": "/v1/chat/completions",
                          "body": {"model": model, "messages": [{"role": "user", "content": f"z {i}"}]}})
              for i in range(60) for model in sleepy]  # fmt: skip
@@ -267,6 +267,23 @@ def test_two_budgeted_workers_keep_each_model_warm_on_one_of_them(pool: Pool) ->
     loads = sum(int(str(next(iter(pool.beats(w, two).values()))["loads"])) for w in (first, second))
     # Models are served in runs (60 chunks, at most one load per model per worker), never swapped per chunk.
     assert 2 <= loads <= 2 * len(two), served
+
+
+def test_two_budgeted_workers_share_three_models_each_warm_somewhere(pool: Pool) -> None:
+    """Three 1 GiB models, two workers holding two each: every model ends warm on at least one worker, the
+    job is answered once, and the models were loaded in runs (not per chunk)."""
+    first = pool.start_worker(MODELS, "--memory-budget", "2GiB")
+    second = pool.start_worker(MODELS, "--memory-budget", "2GiB")
+    lines = _interleaved(120, "t")
+    with Client(pool.redis.url) as client:
+        job = client.batches.create(lines)
+        _assert_once(client, job.id, lines)
+    time.sleep(1.5)  # a heartbeat after the last chunk
+    beats = [pool.beats(worker) for worker in (first, second)]
+    states = [{m: (b[m]["state"], b[m]["loads"], b[m]["evictions"]) for m in MODELS} for b in beats]
+    assert all(any(b[model]["state"] == "warm" for b in beats) for model in MODELS), states
+    loads = sum(int(str(next(iter(b.values()))["loads"])) for b in beats)
+    assert 3 <= loads <= 2 * len(MODELS), beats  # 36 chunks, swapped in runs
 
 
 @pytest.mark.model

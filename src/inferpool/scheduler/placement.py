@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis
 
@@ -48,6 +48,9 @@ _FULL_BACKLOG_SHARES = 2
 _HELD = ("warm", "loading")
 #: The swap cost assumed for a model no budgeted worker has loaded yet (a cautious guess: a real load).
 _UNKNOWN_LOAD_S = 30.0
+#: How long a model sent to a worker to load counts against that worker's room here (its heartbeat says
+#: "loading" as soon as the chunk reaches it; a worker busy with other models may take longer).
+_CLAIM_S = 10.0
 
 Buckets = list[tuple[str | None, list[str]]]
 
@@ -58,8 +61,9 @@ class _Workers:
 
     live: list[str]
     held: list[str]
-    loadable: list[str]  # budgeted workers with room for the model beside what they hold: asleep there first
-    asleep: frozenset[str] = frozenset()  # workers where the model sleeps (a wake, cheaper than a load)
+    room: dict[str, tuple[int, int]]  # budgeted workers not holding the model: (bytes free, budget)
+    asleep: frozenset[str]  # workers where the model sleeps (a wake, cheaper than a load)
+    footprint: int | None  # the model's, if known
 
 
 class ServiceRates:
@@ -84,12 +88,12 @@ class ServiceRates:
         return self._rates.get(model)
 
 
-def _has_room(beat: dict[str, object], footprint: int | None) -> bool:
-    """A budgeted worker's heartbeat says it can load a model of ``footprint`` bytes without evicting."""
+def _room(beat: dict[str, object]) -> tuple[int, int] | None:
+    """(bytes free, budget) of a budgeted worker, from its heartbeat; None for a single-model worker."""
     budget, held = beat.get("budget_bytes"), beat.get("held_bytes")
     if not isinstance(budget, int) or not isinstance(held, int):
-        return False  # a single-model worker, or one too old to say
-    return held == 0 or (footprint is not None and held + footprint <= budget)
+        return None  # a single-model worker, or one too old to say
+    return budget - held, budget
 
 
 class Placement:
@@ -102,6 +106,12 @@ class Placement:
         self._tables: dict[str, OwnerTable] = {}
         self._workers: dict[str, tuple[float, _Workers]] = {}
         self.rates = ServiceRates(client)
+        # Models this scheduler just sent to a worker that must load them: the bytes they will take there,
+        # counted until its heartbeat can say so, so the next cold model goes elsewhere.
+        self._claims: dict[str, list[tuple[float, int]]] = {}
+        # model -> (when, worker) it was last sent to load: its later takes follow (one run, not a scatter)
+        # until the worker's heartbeat says it holds the model.
+        self._recruits: dict[str, tuple[float, str]] = {}
 
     def workers(self, spec: ModelSpec) -> _Workers:
         now = time.monotonic()
@@ -111,13 +121,31 @@ class Placement:
         live = live_worker_ids(self.redis, spec.name)
         beats = read_heartbeats(self.redis, spec.name, live)
         held = [w for w in live if model_state(beats.get(w, {})) in _HELD]
-        footprint = known_footprint(spec, self.redis)
         asleep = frozenset(w for w in live if model_state(beats.get(w, {})) == "asleep")
-        loadable = sorted((w for w in live if w not in held and _has_room(beats.get(w, {}), footprint)),
-                          key=lambda w: w not in asleep)  # fmt: skip
-        workers = _Workers(live, held, loadable, asleep)
+        rooms = {w: _room(beats.get(w, {})) for w in live if w not in held}
+        room = {w: free for w, free in rooms.items() if free is not None}
+        workers = _Workers(live, held, room, asleep, known_footprint(spec, self.redis))
         self._workers[spec.name] = (now, workers)
         return workers
+
+    def loadable(self, workers: _Workers) -> list[str]:
+        """Budgeted workers with room for the model without evicting (less what this scheduler has just sent
+        them to load): where it sleeps first, then the most room first. An unknown footprint needs an empty
+        worker (its first load reserves the whole budget)."""
+        now = time.monotonic()
+        for worker, claims in list(self._claims.items()):
+            kept = [claim for claim in claims if now - claim[0] < _CLAIM_S]
+            if kept:
+                self._claims[worker] = kept
+            else:
+                del self._claims[worker]
+        free = {w: room - sum(n for _, n in self._claims.get(w, [])) for w, (room, _) in workers.room.items()}
+        need = workers.footprint
+        fits = [w for w in free if (free[w] >= need if need is not None else free[w] == workers.room[w][1])]
+        return sorted(fits, key=lambda w: (w not in workers.asleep, -free[w]))
+
+    def _claim(self, worker: str, workers: _Workers) -> None:
+        self._claims.setdefault(worker, []).append((time.monotonic(), workers.footprint or 1 << 62))
 
     def _swap_pays(self, spec: ModelSpec, held: Sequence[str], take: int, *, wake: bool) -> bool:
         """Whether the lines waiting at the model's warm workers (their own queues, the shared queues and this
@@ -151,14 +179,26 @@ class Placement:
         the model's shared queue."""
         rids = [rid for rid, _ in taken]
         workers = self.workers(spec)
-        if not workers.held:  # nobody holds it: whoever can load it takes it from the shared queue
-            return [(None, rids)]
-        recruit = workers.loadable[0] if workers.loadable else None
-        if recruit is not None and self._swap_pays(spec, workers.held, len(rids), wake=recruit in workers.asleep):
+        recruited = self._recruits.get(spec.name)
+        if recruited is not None and time.monotonic() - recruited[0] < _CLAIM_S and recruited[1] in workers.room:
+            workers = replace(workers, held=[*workers.held, recruited[1]],
+                              room={w: r for w, r in workers.room.items() if w != recruited[1]})  # fmt: skip
+        loadable = self.loadable(workers) if workers.room else []
+        recruit = loadable[0] if loadable else None
+        if not workers.held:
+            if recruit is None:  # nobody holds it and none has room: whoever makes room takes it (shared queue)
+                return [(None, rids)]
+            log.info("model %s: held by no worker; %s has room and loads it", spec.name, recruit)
+        elif recruit is None or not self._swap_pays(spec, workers.held, len(rids), wake=recruit in workers.asleep):
+            recruit = None
+        else:
             how = "wakes" if recruit in workers.asleep else "loads"
             log.info("model %s: its warm workers have more waiting than a swap costs; %s %s it, starting with "
                      "%d lines", spec.name, recruit, how, len(rids))  # fmt: skip
-            self._workers.pop(spec.name, None)  # see it loading (and no longer cold) at the next take
+        if recruit is not None:
+            self._claim(recruit, workers)
+            self._recruits[spec.name] = (time.monotonic(), recruit)
+            self._workers.pop(spec.name, None)  # see it loading (and no longer cold) as soon as it says so
             return [(recruit, rids)]
         everywhere = len(workers.held) == len(workers.live)
         if prefix and len(workers.held) >= 2:
