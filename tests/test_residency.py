@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from inferpool import Client, JobStatus, Registry, Settings
+from inferpool import Client, JobStatus, Registry, RequestResult, Settings
 from inferpool.constants import MODEL_FOOTPRINTS_KEY
 from inferpool.plumbing.celery_app import create_celery_app
 from inferpool.plumbing.local_pool import (
@@ -286,25 +286,33 @@ def test_two_budgeted_workers_share_three_models_each_warm_somewhere(pool: Pool)
     assert 3 <= loads <= 2 * len(MODELS), beats  # 36 chunks, swapped in runs
 
 
+def _ask_both_names(pool: Pool, names: list[str], *, per_model: int, max_tokens: int
+                    ) -> tuple[list[RequestResult], dict[str, int]]:  # fmt: skip
+    """A job asking the same question under each of ``names`` in turn: its results (each answered once, by the
+    model it asked for) and the footprints recorded for the names."""
+    lines = [json.dumps({"custom_id": f"t{i}-{model}", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": model, "max_tokens": max_tokens, "temperature": 0,
+                                  "messages": [{"role": "user", "content": "What is the capital of France?"}]}})
+             for i in range(per_model) for model in names]  # fmt: skip
+    with Client(pool.redis.url) as client:
+        job = client.batches.create(lines)
+        done = client.batches.wait(job.id, timeout=600, poll_s=0.5)
+        assert done.status == JobStatus.COMPLETED
+        results = list(client.batches.request_results(job.id))
+    assert Counter(r.custom_id for r in results) == Counter(json.loads(line)["custom_id"] for line in lines)
+    assert all(r.ok and r.stats is not None and r.custom_id.endswith(r.stats.model) for r in results if r.custom_id)
+    footprints = {k.decode(): int(v) for k, v in pool.client.hgetall(MODEL_FOOTPRINTS_KEY).items()}
+    assert set(footprints) == set(names)
+    return results, footprints
+
+
 @pytest.mark.model
 def test_the_real_model_under_two_names_loads_measures_and_swaps(pool: Pool) -> None:
     """SmolLM2 through transformers under two registry names with no memory_gb: the first load of each takes
     the whole budget (its footprint unknown), so the worker swaps, measures each and records it."""
     names = ["smollm2-135m", "smollm2-twin"]
     pool.start_worker(names, "--memory-budget", "6GiB")
-    lines = [json.dumps({"custom_id": f"t{i}-{model}", "method": "POST", "url": "/v1/chat/completions",
-                         "body": {"model": model, "max_tokens": 4, "temperature": 0,
-                                  "messages": [{"role": "user", "content": "What is the capital of France?"}]}})
-             for i in range(4) for model in names]  # fmt: skip
-    with Client(pool.redis.url) as client:
-        job = client.batches.create(lines)
-        done = client.batches.wait(job.id, timeout=600, poll_s=0.5)
-        assert done.status == JobStatus.COMPLETED
-        results = list(client.batches.request_results(job.id))
-        assert Counter(r.custom_id for r in results) == Counter(json.loads(line)["custom_id"] for line in lines)
-        assert all(r.ok and r.stats is not None and r.custom_id.endswith(r.stats.model) for r in results if r.custom_id)
-    footprints = {k.decode(): int(v) for k, v in pool.client.hgetall(MODEL_FOOTPRINTS_KEY).items()}
-    assert set(footprints) == set(names)
+    _, footprints = _ask_both_names(pool, names, per_model=4, max_tokens=4)
     # The transformers backend counts its weights: SmolLM2-135M in float32 is ~540 MB, the same under both names.
     assert all(400 * 2**20 < footprint < 800 * 2**20 for footprint in footprints.values()), footprints
     assert footprints["smollm2-135m"] == footprints["smollm2-twin"]
@@ -319,20 +327,8 @@ def test_vllm_engines_swap_on_a_budgeted_worker(pool: Pool) -> None:
     other; every line is answered once by the model it asked for, the same greedy answer under both names."""
     names = ["smollm2-vllm-a", "smollm2-vllm-b"]
     worker = pool.start_worker(names, "--memory-budget", "2.5GiB")
-    lines = [json.dumps({"custom_id": f"v{i}-{model}", "method": "POST", "url": "/v1/chat/completions",
-                         "body": {"model": model, "max_tokens": 8, "temperature": 0,
-                                  "messages": [{"role": "user", "content": "What is the capital of France?"}]}})
-             for i in range(3) for model in names]  # fmt: skip
-    with Client(pool.redis.url) as client:
-        job = client.batches.create(lines)
-        done = client.batches.wait(job.id, timeout=600, poll_s=0.5)
-        assert done.status == JobStatus.COMPLETED
-        results = list(client.batches.request_results(job.id))
-    assert Counter(r.custom_id for r in results) == Counter(json.loads(line)["custom_id"] for line in lines)
-    assert all(r.ok and r.stats is not None and r.custom_id.endswith(r.stats.model) for r in results if r.custom_id)
+    results, footprints = _ask_both_names(pool, names, per_model=3, max_tokens=8)
     assert len({r.response.text for r in results if r.response is not None}) == 1  # one engine's answer, greedy
-    footprints = {k.decode(): int(v) for k, v in pool.client.hgetall(MODEL_FOOTPRINTS_KEY).items()}
-    assert set(footprints) == set(names)
     assert all(2**30 < footprint < 2 * 2**30 for footprint in footprints.values()), footprints  # weights + KV
     beat = next(iter(pool.beats(worker, names).values()))
     assert int(str(beat["loads"])) >= 2, beat

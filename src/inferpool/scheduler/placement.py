@@ -7,8 +7,10 @@
   for the model without evicting anything, and the lines already waiting at the warm workers would take
   longer to drain at the model's measured service rate than its measured load takes (its wake, where the
   model sleeps there: such a worker is asked first). It then gets the whole take (a long run), so it swaps
-  once and serves. When none holds it warm, chunks take the shared queue, and any worker that can load it
-  does (the scale-to-zero case: the lines waited in Redis). Single-model workers are always warm.
+  once and serves. When none holds it (scale to zero: the lines waited in Redis), the take goes to one
+  budgeted worker with room for it, the most room first, and the model's next takes follow it, so cold
+  models spread over the workers; where none has room, to the shared queue, and whichever worker makes room
+  by its own rules takes it. Single-model workers are always warm.
 - *Prefix affinity.* Under prefix routing a job's pending lines wait scored by their prefix group key
   (``inferpool.affinity.prefix``), so a take brings a document's questions together. Each group goes to the
   worker that owns its key among the warm workers (``inferpool.affinity.owners``), in a chunk published to
