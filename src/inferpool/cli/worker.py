@@ -13,13 +13,15 @@ from inferpool.cli._common import configure_logging, load_settings
 @click.option("--model", "-m", default=None, help="Registry name (or alias) of the one model to serve.")
 @click.option("--models", default=None,
               help="Several models, comma-separated (a,b,c): loaded when work for them arrives, within "
-                   "--memory-budget, the least recently used idle one unloaded to make room.")  # fmt: skip
+                   "--memory-budget, the least recently used idle one unloaded to make room (vLLM models on a "
+                   "GPU are put to sleep in host RAM instead, and woken for their next work).")  # fmt: skip
 @click.option("--memory-budget", default=None,
               help="With --models: memory the loaded models may take together: bytes with a unit (8GiB, 500MB) or "
                    "a fraction of the GPU's memory (of RAM on CPU), e.g. 0.8. Each model's footprint is its "
                    "registry memory_gb, else measured at its first load. Default: 0.8.")  # fmt: skip
 @click.option("--keep-alive", type=click.FloatRange(min=0), default=300.0, show_default=True,
-              help="With --models: seconds an idle model stays loaded when nothing needs its room.")  # fmt: skip
+              help="With --models: seconds an idle model stays loaded (or asleep) "
+                   "unless its room is needed.")  # fmt: skip
 @click.option(
     "--concurrency",
     "-c",
