@@ -144,5 +144,35 @@ def test_large_inputs_and_listings(emulator: ProviderEmulator) -> None:
     requests = [{"custom_id": f"r{i}", "params": {"model": "claude-emu", "max_tokens": 8,
                                                   "messages": [{"role": "user", "content": "x" * 200}]}}
                 for i in range(6_000)]  # fmt: skip
-    batch = anthropic_client(emulator).messages.batches.create(requests=requests)  # type: ignore[arg-type]
+    batch = anthropic_client(emulator).messages.batches.create(requests=requests)
     assert [b.id for b in anthropic_client(emulator).messages.batches.list(limit=1)] == [batch.id]
+
+
+def test_openai_batches_of_embeddings_and_completions(emulator: ProviderEmulator) -> None:
+    """OpenAI's Batch API takes /v1/embeddings and /v1/completions lines too: each answered as the real-time
+    endpoint would (the same vector), a bad line as its own error, an endpoint it does not serve refused."""
+    client = openai_client(emulator)
+    bodies = {"/v1/embeddings": [{"model": "emb", "input": ["a b", "c"], "encoding_format": "float"}, {"model": "emb", "input": []}],
+              "/v1/completions": [{"model": "inst", "prompt": "one two", "max_tokens": 2}, {"model": "inst", "prompt": 3}]}  # fmt: skip
+    for endpoint, lines in bodies.items():
+        data = "".join(json.dumps({"custom_id": f"e{i}", "method": "POST", "url": endpoint, "body": body}) + "\n"
+                       for i, body in enumerate(lines)).encode()  # fmt: skip
+        uploaded = client.files.create(file=("input.jsonl", data), purpose="batch")
+        done = wait_openai(client, client.batches.create(input_file_id=uploaded.id, endpoint=endpoint,
+                                                         completion_window="24h").id)  # fmt: skip
+        assert done.status == "completed"
+        assert done.output_file_id is not None
+        assert done.error_file_id is not None
+        [ok] = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
+        [bad] = [json.loads(line) for line in client.files.content(done.error_file_id).text.splitlines()]
+        assert (ok["custom_id"], bad["custom_id"]) == ("e0", "e1")
+        assert bad["response"]["body"]["error"]["type"] == "invalid_request_error"
+        answer = ok["response"]["body"]
+        if endpoint == "/v1/embeddings":
+            direct = client.embeddings.create(model="emb", input=["a b", "c"], encoding_format="float")
+            assert [d["embedding"] for d in answer["data"]] == [d.embedding for d in direct.data]
+        else:
+            assert answer["choices"][0]["text"] == "emulated: one"
+    uploaded = client.files.create(file=("input.jsonl", openai_lines(1)), purpose="batch")
+    with pytest.raises(openai.BadRequestError, match="unsupported endpoint"):
+        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/moderations", completion_window="24h")

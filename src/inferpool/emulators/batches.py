@@ -21,6 +21,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from inferpool.emulators.answers import anthropic_answer, openai_answer
+from inferpool.emulators.completions import completions_answer, embeddings_answer
+
+#: The endpoints OpenAI's Batch API takes lines for (and so this emulator).
+CHAT_URL, EMBEDDINGS_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/embeddings", "/v1/completions"
 
 if TYPE_CHECKING:
     from inferpool.emulators.server import ProviderEmulator
@@ -39,7 +43,7 @@ class _Batch:
     delay_s: float
     expire_s: float | None
     failure_rate: float
-    endpoint: str = "/v1/chat/completions"
+    endpoint: str = CHAT_URL
     input_file_id: str = ""
     completion_window: str = "24h"
     metadata: dict[str, Any] | None = None
@@ -138,9 +142,15 @@ class BatchEndpoints:
         if batch.fails(index):
             return False, {"type": "api_error", "message": f"emulated failure of line {index}"}
         if batch.provider == "openai":
-            answer = openai_answer(body, index)
-            return (False, {"type": "invalid_request_error", "message": answer}) if isinstance(answer, str) else (
-                True, answer.completion())  # fmt: skip
+            if batch.endpoint == EMBEDDINGS_URL:
+                other = embeddings_answer(body)
+            elif batch.endpoint == COMPLETIONS_URL:
+                other = completions_answer(body, index)
+            else:
+                answer = openai_answer(body, index)
+                other = answer if isinstance(answer, str) else answer.completion()
+            return (False, {"type": "invalid_request_error", "message": other}) if isinstance(other, str) else (
+                True, other)  # fmt: skip
         message = anthropic_answer(body, index)
         return (False, {"type": "invalid_request_error", "message": message}) if isinstance(message, str) else (
             True, message)  # fmt: skip
@@ -221,9 +231,14 @@ class BatchEndpoints:
         if data is None:
             return web.json_response({"error": {"type": "invalid_request_error", "message": "no such input file"}},
                                      status=400)  # fmt: skip
+        endpoint = body.get("endpoint", CHAT_URL)
+        if endpoint not in (CHAT_URL, EMBEDDINGS_URL, COMPLETIONS_URL):
+            message = f"unsupported endpoint {endpoint!r}"
+            error = {"type": "invalid_request_error", "param": "endpoint", "message": message}
+            return web.json_response({"error": error}, status=400)
         lines = [json.loads(line) for line in data.splitlines() if line.strip()]
         batch = self._new_batch("openai", lines)
-        batch.endpoint, batch.input_file_id = body.get("endpoint", batch.endpoint), body["input_file_id"]
+        batch.endpoint, batch.input_file_id = endpoint, body["input_file_id"]
         batch.completion_window, batch.metadata = body.get("completion_window", "24h"), body.get("metadata")
         batch.refused = _validation_errors(lines, batch.endpoint)
         return web.json_response(self._openai_object(batch))

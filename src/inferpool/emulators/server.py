@@ -9,6 +9,7 @@ import math
 import random
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from inferpool.emulators.answers import answer_pieces, anthropic_answer, openai_answer, openai_deltas
 from inferpool.emulators.batches import BatchEndpoints
+from inferpool.emulators.completions import completion_stream_events, completions_answer, embeddings_answer
 from inferpool.emulators.tools import (
     anthropic_tool_events,
 )
@@ -46,8 +48,8 @@ class EmulatorConfig(BaseModel):
 
 
 class ProviderEmulator:
-    """Serves ``/v1/chat/completions`` (OpenAI) and ``/v1/messages`` (Anthropic) on 127.0.0.1, and their
-    batch APIs (``inferpool.emulators.batches``)."""
+    """Serves ``/v1/chat/completions``, ``/v1/embeddings`` and ``/v1/completions`` (OpenAI) and ``/v1/messages``
+    (Anthropic), and their batch APIs (``inferpool.emulators.batches``)."""
 
     def __init__(self, config: EmulatorConfig | None = None) -> None:
         self.config = config or EmulatorConfig()
@@ -90,6 +92,8 @@ class ProviderEmulator:
         # refuses bodies over 1 MiB by default.
         app = web.Application(client_max_size=300 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._openai)
+        app.router.add_post("/v1/embeddings", self._openai_embeddings)
+        app.router.add_post("/v1/completions", self._openai_completions)
         app.router.add_post("/v1/messages", self._anthropic)
         self.batch_endpoints.add_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
@@ -205,6 +209,33 @@ class ProviderEmulator:
                 events.append({**answer.head, "object": "chat.completion.chunk", "choices": [], "usage": answer.usage})
             return await self._stream(request, [(None, e) for e in events], headers, done_marker=True)
         return web.json_response(answer.completion(), headers=headers)
+
+    async def _openai_embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._openai_other(request, "input", embeddings_answer)
+
+    async def _openai_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._openai_other(
+            request, "prompt", lambda body: completions_answer(body, self.counts["received"])
+        )
+
+    async def _openai_other(
+        self, request: web.Request, param: str, answer_of: Callable[[dict[str, Any]], dict[str, Any] | str]
+    ) -> web.StreamResponse:
+        """``/v1/embeddings`` and ``/v1/completions``: the same auth, limits, faults and latency as chat."""
+        body = await request.json()
+        auth = request.headers.get("Authorization", "")
+        early = await self._common(request, auth.removeprefix("Bearer ") or None, body)
+        if early is not None:
+            return early
+        answer = answer_of(body)
+        if isinstance(answer, str):
+            return web.json_response({"error": {"type": "invalid_request_error", "message": answer,
+                                                "param": param, "code": None}}, status=400)  # fmt: skip
+        headers = {"x-ratelimit-remaining-requests": "1000"}
+        if body.get("stream") and answer.get("object") == "text_completion":
+            events: list[tuple[str | None, dict[str, Any]]] = [(None, e) for e in completion_stream_events(answer)]
+            return await self._stream(request, events, headers, done_marker=True)
+        return web.json_response(answer, headers=headers)
 
     async def _stream(self, request: web.Request, events: list[tuple[str | None, dict[str, Any]]],
                       headers: dict[str, str], *, done_marker: bool = False) -> web.StreamResponse:  # fmt: skip
