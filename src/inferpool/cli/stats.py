@@ -11,8 +11,6 @@ from inferpool.cli._common import load_settings, make_console
 from inferpool.cli._display import usage_table
 from inferpool.cli.workers import collect_workers, workers_table
 from inferpool.client.client import Client
-from inferpool.model_registry.registry import Registry
-from inferpool.plumbing.redis_connection import connect_redis
 
 
 @click.command()
@@ -36,8 +34,7 @@ def stats(ctx: click.Context, since: dt.datetime | None, until: dt.datetime | No
     Below the usage, workers that hold several models within a memory budget (inferpool worker --models) are
     listed with what each holds now and its loads, wakes and evictions (all workers: inferpool workers).
     """
-    settings = load_settings(ctx)
-    with Client(settings=settings) as client:
+    with Client(settings=load_settings(ctx)) as client:
         if job_id is not None:
             rows = client.batches.retrieve(job_id).usage
             title = f"usage for {job_id}"
@@ -45,17 +42,13 @@ def stats(ctx: click.Context, since: dt.datetime | None, until: dt.datetime | No
             first = since.date() if since else None
             rows = client.usage(first, until.date() if until else None, model=model, tenant=tenant)
             title = f"usage {first or 'today'} .. {until.date() if until else 'today'} (UTC)"
+        budgeted = []
+        if not as_json and job_id is None:
+            budgeted = [w for w in collect_workers(client.redis, client.registry).values() if "budget_bytes" in w]
     if as_json:
         click.echo(json.dumps([row.model_dump() for row in rows], indent=2))
         return
     console = make_console()
     console.print(usage_table(title, rows))
-    if job_id is None:
-        client_redis = connect_redis(settings.require_redis_url())
-        try:
-            budgeted = [w for w in collect_workers(client_redis, Registry.from_settings(settings)).values()
-                        if "budget_bytes" in w]  # fmt: skip
-        finally:
-            client_redis.close()
-        if budgeted:
-            console.print(workers_table("workers holding several models (memory budget)", budgeted))
+    if budgeted:
+        console.print(workers_table("workers holding several models (memory budget)", budgeted))

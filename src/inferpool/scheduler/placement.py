@@ -149,14 +149,13 @@ class Placement:
     def _claim(self, worker: str, workers: _Workers) -> None:
         self._claims.setdefault(worker, []).append((time.monotonic(), workers.footprint or 1 << 62))
 
-    def _swap_pays(self, spec: ModelSpec, held: Sequence[str], take: int, *, wake: bool) -> bool:
-        """Whether the lines waiting at the model's warm workers (their own queues, the shared queues and this
-        take) would take longer to drain at the model's service rate than one more worker takes to load it
-        (``wake``: to wake it from sleep)."""
+    def _swap_pays(self, spec: ModelSpec, backlog: dict[str, int], take: int, *, wake: bool) -> bool:
+        """Whether the lines waiting at the model's warm workers (``backlog``: chunks in their own queues; the
+        shared queues; this take) would take longer to drain at the model's service rate than one more worker
+        takes to load it (``wake``: to wake it from sleep)."""
         rate = self.rates.of(spec.name)
         if not rate or rate <= 0:
             return False  # no measured rate yet: keep to the warm workers
-        backlog = self.queues.backlogs(spec.name, held)
         pipe = self.redis.pipeline(transaction=False)
         for queue in model_queues(spec.name):
             pipe.llen(queue)
@@ -187,16 +186,19 @@ class Placement:
                               room={w: r for w, r in workers.room.items() if w != recruited[1]})  # fmt: skip
         loadable = self.loadable(workers) if workers.room else []
         recruit = loadable[0] if loadable else None
+        backlog: dict[str, int] | None = None  # the warm workers' own queues, read once per take if needed
         if not workers.held:
             if recruit is None:  # nobody holds it and none has room: whoever makes room takes it (shared queue)
                 return [(None, rids)]
             log.info("model %s: held by no worker; %s has room and loads it", spec.name, recruit)
-        elif recruit is None or not self._swap_pays(spec, workers.held, len(rids), wake=recruit in workers.asleep):
-            recruit = None
-        else:
-            how = "wakes" if recruit in workers.asleep else "loads"
-            log.info("model %s: its warm workers have more waiting than a swap costs; %s %s it, starting with "
-                     "%d lines", spec.name, recruit, how, len(rids))  # fmt: skip
+        elif recruit is not None:
+            backlog = self.queues.backlogs(spec.name, workers.held)
+            if self._swap_pays(spec, backlog, len(rids), wake=recruit in workers.asleep):
+                how = "wakes" if recruit in workers.asleep else "loads"
+                log.info("model %s: its warm workers have more waiting than a swap costs; %s %s it, starting "
+                         "with %d lines", spec.name, recruit, how, len(rids))  # fmt: skip
+            else:
+                recruit = None
         if recruit is not None:
             self._claim(recruit, workers)
             self._recruits[spec.name] = (time.monotonic(), recruit)
@@ -207,8 +209,8 @@ class Placement:
             return self._by_prefix(spec, taken, workers.held)
         if everywhere:
             return [(None, rids)]
-        backlog = self.queues.backlogs(spec.name, workers.held)
-        return [(min(workers.held, key=lambda w: backlog[w]), rids)]  # the warm worker with least waiting
+        waiting = backlog if backlog is not None else self.queues.backlogs(spec.name, workers.held)
+        return [(min(workers.held, key=lambda w: waiting[w]), rids)]  # the warm worker with least waiting
 
     def _by_prefix(self, spec: ModelSpec, taken: Sequence[tuple[str, int]], held: Sequence[str]) -> Buckets:
         table = self.table(spec, held)
