@@ -109,7 +109,12 @@ def _full_answer(messages: list[dict[str, Any]]) -> str:
 
 def _answer(messages: list[dict[str, Any]], max_tokens: int | None, stop: Any) -> tuple[str, str]:
     """``emulated: <last user text>``, cut to ``max_tokens`` words and at the first stop sequence."""
-    words = _full_answer(messages).split()
+    return cut_answer(_full_answer(messages), max_tokens, stop)
+
+
+def cut_answer(answer: str, max_tokens: int | None, stop: Any) -> tuple[str, str]:
+    """``answer`` cut to ``max_tokens`` words and at the first stop sequence: (text, finish reason)."""
+    words = answer.split()
     finish = "stop"
     if max_tokens is not None and len(words) > max_tokens:
         words, finish = words[:max_tokens], "length"

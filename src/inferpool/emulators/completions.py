@@ -16,6 +16,8 @@ import struct
 import time
 from typing import Any
 
+from inferpool.emulators.answers import cut_answer
+
 #: The vector size when a request names no ``dimensions`` (OpenAI's text-embedding-3-small).
 DEFAULT_DIMENSIONS = 1536
 #: Most inputs one embeddings request may carry (OpenAI's limit).
@@ -88,14 +90,8 @@ def completion_texts(prompt: str, max_tokens: Any, stop: Any) -> tuple[str, str]
     """``emulated: <prompt>`` cut to ``max_tokens`` words (16 when unset, as OpenAI's default) and at the first
     stop sequence: (text, finish reason)."""
     limit = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 16
-    words = f"emulated: {prompt}".split()
-    finish = "length" if len(words) > limit else "stop"
-    text = " ".join(words[:limit])
-    for sequence in [stop] if isinstance(stop, str) else (stop or []):
-        cut = text.find(sequence) if isinstance(sequence, str) and sequence else -1
-        if cut != -1:
-            text, finish = text[:cut], "stop"
-    return text, finish
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    return cut_answer(f"emulated: {prompt}", limit, [s for s in stops if isinstance(s, str) and s])
 
 
 def completions_answer(body: dict[str, Any], sequence: int) -> dict[str, Any] | str:
