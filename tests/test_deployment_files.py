@@ -75,6 +75,7 @@ def test_compose_commands_are_inferpool_commands() -> None:
 
 def test_secret_files_stand_in_for_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What the compose services rely on: secret files in INFERPOOL_SECRETS_DIR named after the variables."""
+    from inferpool import ConfigurationError
     from inferpool.plumbing.settings import Settings
 
     (tmp_path / "REDIS_PASSWORD").write_text("p@ss:w/rd\n")
@@ -97,3 +98,14 @@ def test_secret_files_stand_in_for_variables(tmp_path: Path, monkeypatch: pytest
     assert Settings.environment_secret("../etc/passwd") == ""  # names only, no paths
     monkeypatch.setenv("INFERPOOL_SECRETS_DIR", str(tmp_path / "none"))
     assert Settings().flower_auth == ""
+    # Bytes that are not UTF-8 text are a clear error naming the file or directory, not a traceback.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "REDIS_PASSWORD").write_bytes(b"\xff\xfe\x00pw")
+    (bad / "ANTHROPIC_API_KEY").write_bytes(b"\xed\xa0\x80")  # an encoded lone surrogate
+    monkeypatch.setenv("INFERPOOL_SECRETS_DIR", str(bad))
+    with pytest.raises(ConfigurationError, match=f"secret file in {bad}.*UTF-8 text"):
+        Settings()
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    with pytest.raises(ConfigurationError, match="ANTHROPIC_API_KEY cannot be read"):
+        Settings.environment_secret("ANTHROPIC_API_KEY")

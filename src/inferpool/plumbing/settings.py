@@ -12,7 +12,7 @@ container's environment, where ``docker inspect`` shows them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, ValidationInfo, field_validator
@@ -22,6 +22,7 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SecretsSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 #: Where secret files are looked for unless INFERPOOL_SECRETS_DIR says otherwise (Docker's secrets mount).
@@ -34,6 +35,22 @@ def secrets_dir() -> Path | None:
 
     directory = Path(os.environ.get("INFERPOOL_SECRETS_DIR") or DEFAULT_SECRETS_DIR)
     return directory if directory.is_dir() else None
+
+
+def _unreadable_secret(where: object, exc: BaseException) -> Exception:
+    from inferpool._exceptions import ConfigurationError
+
+    return ConfigurationError(f"a secret file in {where} cannot be read ({exc}): it must hold UTF-8 text")
+
+
+class _SecretFiles(SecretsSettingsSource):
+    """pydantic-settings' secret files, with a file that is not UTF-8 text a clear ``ConfigurationError``."""
+
+    def __call__(self) -> dict[str, Any]:
+        try:
+            return super().__call__()
+        except SettingsError as exc:
+            raise _unreadable_secret(self.secrets_dir, exc.__cause__ or exc) from exc
 
 
 def _with_password(url: str, password: str) -> str:
@@ -205,7 +222,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         directory = secrets_dir()  # only where it exists: pydantic-settings warns about a missing one
-        secrets = (SecretsSettingsSource(settings_cls, secrets_dir=directory),) if directory is not None else ()
+        secrets = (_SecretFiles(settings_cls, secrets_dir=directory),) if directory is not None else ()
         return (init_settings, env_settings, *secrets)
 
     @field_validator("redis_url")
@@ -233,7 +250,10 @@ class Settings(BaseSettings):
         if not value and directory is not None and "/" not in variable and variable not in ("", ".", ".."):
             path = directory / variable
             if path.is_file():
-                value = path.read_text(encoding="utf-8").strip()
+                try:
+                    value = path.read_bytes().decode("utf-8").strip()
+                except UnicodeDecodeError as exc:
+                    raise _unreadable_secret(path, exc) from exc
         return value
 
     def user_registry_file(self) -> Path:
