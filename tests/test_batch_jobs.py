@@ -27,7 +27,7 @@ BAD_LINES = {
     json.dumps({"method": "POST", "url": "/v1/chat/completions", "body": {}}): "missing_custom_id",
     json.dumps({"custom_id": "ok-3", "method": "POST", "url": "/v1/chat/completions",
                 "body": {"model": "echo", "messages": USER_HI}}): "duplicate_custom_id",
-    json.dumps({"custom_id": "wrong-url", "method": "POST", "url": "/v1/embeddings", "body": {}}): "unsupported_url",
+    json.dumps({"custom_id": "wrong-url", "method": "POST", "url": "/v1/moderations", "body": {}}): "unsupported_url",
     json.dumps({"custom_id": "bad-model", "method": "POST", "url": "/v1/chat/completions",
                 "body": {"model": "gpt-unknown", "messages": USER_HI}}): "model_not_found",
     json.dumps({"custom_id": "no-msgs", "method": "POST", "url": "/v1/chat/completions",

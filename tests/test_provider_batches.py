@@ -28,9 +28,11 @@ from inferpool.plumbing.settings import Settings as PoolSettings
 from inferpool.provider_batch.openai_batch import result_line
 from inferpool.provider_batch.store import ProviderBatchStore
 from inferpool.provider_batch.via import choose_via
+from inferpool.wire import EmbeddingList
+from inferpool.workers.echo import echo_vector
 from tests.conftest import ANTHROPIC_TEST_KEY, OPENAI_TEST_KEY, wait_until
 
-MODELS = ["emu-gpt-batch", "emu-claude-batch", "emu-gpt-batch-resend", "emu-gpt-batch-refused"]
+MODELS = ["emu-gpt-batch", "emu-claude-batch", "emu-gpt-batch-resend", "emu-gpt-batch-refused", "emu-embed-batch"]
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +171,35 @@ def test_mixed_job_goes_through_both_batch_apis_at_batch_price(
     assert sum(row.requests for row in job.usage) == 2000
     expected_cost = sum(r.stats.cost_usd for r in results if r.stats and r.response)
     assert sum(row.cost_usd for row in by_model.values()) == pytest.approx(expected_cost)
+
+
+def test_embeddings_lines_go_through_the_openai_batch_api(pool_client: Client, batch_emulator: ProviderEmulator
+                                                           ) -> None:  # fmt: skip
+    """/v1/embeddings lines through OpenAI's Batch API (its endpoint /v1/embeddings): vectors as the provider made
+    them, at the batch price; chat lines of the same job keep to their own provider batch."""
+    before = _created(batch_emulator)
+    lines = [{"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": "emu-embed-batch", "input": [f"text {i}", "more"], "dimensions": 8}}
+             for i in range(20)]  # fmt: skip
+    lines += _lines("emu-gpt-batch-resend", 3, "g")
+    job = pool_client.batches.create(lines, via="provider-batch")
+    results = {r.custom_id: r for r in _results(pool_client, job.id)}
+    assert _created(batch_emulator)[0] - before[0] == 2
+    endpoints = {batch_emulator.batch_endpoints.batches[b.batch_id].endpoint for b in
+                 pool_client.batches.retrieve(job.id).provider_batches if b.batch_id}  # fmt: skip
+    assert endpoints == {"/v1/embeddings", "/v1/chat/completions"}
+    for i in range(20):
+        result = results[f"e{i}"]
+        assert isinstance(result.response, EmbeddingList), result.error
+        assert result.stats is not None
+        assert result.stats.via == "provider-batch"
+        assert result.response.vectors()[0] == pytest.approx(echo_vector(f"text {i}", 8), abs=1e-6)
+        assert result.stats.cost_usd == pytest.approx(result.response.usage.prompt_tokens * 0.01 / 1e6)
+    output = {line.custom_id: line for line in pool_client.batches.results(job.id)}
+    body = output["e0"].response.body if output["e0"].response else None
+    assert isinstance(body, EmbeddingList)
+    assert isinstance(body.data[0].embedding, list)  # floats, as the line asked
+    assert all(results[f"g{i}"].ok for i in range(3))
 
 
 def test_auto_keeps_small_jobs_and_short_windows_real_time(pool_client: Client, batch_emulator: ProviderEmulator

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from inferpool.wire import ChatMessage, ChatRequest
+from inferpool.wire import AnyRequest, ChatMessage, ChatRequest
 
 #: The shortest step; each next step is twice as long.
 BLOCK_CHARS = 256
@@ -49,9 +49,12 @@ def _content_text(message: ChatMessage) -> str:
     return text
 
 
-def prompt_layout(request: ChatRequest) -> tuple[str, int]:
-    """(the text the prefix keys are taken from, where its last message starts)."""
+def prompt_layout(request: AnyRequest) -> tuple[str, int]:
+    """(the text the prefix keys are taken from, where its last message starts). A completion's prompt (or an
+    embedding's inputs) is one message."""
     head = request.model + _SEPARATOR
+    if not isinstance(request, ChatRequest):
+        return head + request.kind + _SEPARATOR + request.prompt_text(), len(head)
     if request.tools:
         head += json.dumps(request.tools, sort_keys=True, separators=(",", ":")) + _SEPARATOR
     parts = [f"{m.role}:{_content_text(m)}{_SEPARATOR}" for m in request.messages]
@@ -74,7 +77,7 @@ def _key(digest: bytes) -> int:
     return int.from_bytes(digest[:8], "big") & _KEY_MASK
 
 
-def prefix_levels(request: ChatRequest) -> list[int]:
+def prefix_levels(request: AnyRequest) -> list[int]:
     """The prefix key at each step, shortest prefix first."""
     text, _ = prompt_layout(request)
     return _level_keys(text, _steps(len(text)))
@@ -96,14 +99,14 @@ def _group_cut(steps: list[int], last_start: int) -> int:
     return before_last[-1] if before_last else steps[-1]
 
 
-def group_key(request: ChatRequest) -> int:
+def group_key(request: AnyRequest) -> int:
     """The key a batch line is grouped and routed by (see the module's docstring)."""
     text, last_start = prompt_layout(request)
     cut = _group_cut(_steps(len(text)), last_start)
     return _key(hashlib.blake2b(text[:cut].encode("utf-8", "surrogatepass"), digest_size=8).digest())
 
 
-def request_keys(request: ChatRequest) -> tuple[list[int], int]:
+def request_keys(request: AnyRequest) -> tuple[list[int], int]:
     """(``prefix_levels``, ``group_key``) of a request, from one layout and one pass of the hash."""
     text, last_start = prompt_layout(request)
     steps = _steps(len(text))

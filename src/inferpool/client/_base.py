@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from inferpool._exceptions import ConfigurationError, InvalidRequest
 from inferpool.client.affinity import SingleRequestAffinity
@@ -19,14 +19,25 @@ from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.redis_connection import connect_redis
 from inferpool.plumbing.settings import Settings
 from inferpool.state.load import read_latency_p50, read_model_load
-from inferpool.wire import ChatMessage, ChatRequest, TaskChunk, TaskItem, describe_validation_error, new_id
+from inferpool.wire import (
+    AnyRequest,
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    InferenceRequest,
+    TaskChunk,
+    TaskItem,
+    describe_validation_error,
+    new_id,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
 
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 
-RequestLike = ChatRequest | Mapping[str, Any]
+RequestLike = AnyRequest | Mapping[str, Any]
 MessagesLike = Sequence[ChatMessage | Mapping[str, Any]]
 
 
@@ -46,25 +57,31 @@ def parse_priority(value: Priority | str) -> Priority:
         raise InvalidRequest(f"priority {value!r} is not one of {choices}") from None
 
 
-def build_request(request: RequestLike) -> ChatRequest:
-    """A validated ``ChatRequest`` from a model or an OpenAI-style dict; ``InvalidRequest`` says what is wrong."""
-    if isinstance(request, ChatRequest):
+_ANY_REQUEST: TypeAdapter[AnyRequest] = TypeAdapter(InferenceRequest)
+
+
+def build_request(request: RequestLike, kind: type[AnyRequest] | None = None) -> AnyRequest:
+    """A validated request from a model or an OpenAI-style dict (chat, completion or embeddings, as its fields
+    say, or ``kind``); ``InvalidRequest`` says what is wrong."""
+    if isinstance(request, ChatRequest | CompletionRequest | EmbeddingRequest):
         return request
     try:
-        return ChatRequest.model_validate(dict(request))
+        if kind is not None:
+            return kind.model_validate(dict(request))
+        return _ANY_REQUEST.validate_python(dict(request))
     except ValidationError as exc:
         raise InvalidRequest(describe_validation_error(exc)) from exc
     except RecursionError as exc:
         raise InvalidRequest("the request is nested too deeply to read") from exc
 
 
-def build_chat_request(model: str, messages: MessagesLike, params: Mapping[str, Any]) -> ChatRequest:
+def build_chat_request(model: str, messages: MessagesLike, params: Mapping[str, Any]) -> AnyRequest:
     body: dict[str, Any] = {
         "model": model,
         "messages": [m.model_dump(exclude_none=True) if isinstance(m, ChatMessage) else dict(m) for m in messages],
         **params,
     }
-    return build_request(body)
+    return build_request(body, ChatRequest)
 
 
 class ClientBase:
@@ -115,7 +132,7 @@ class ClientBase:
         """Route ``model: "auto"`` with the pool's live workers, load and latency, read through ``client``."""
         self.router.attach_live_view(lambda models: read_model_load(client, models), lambda: read_latency_p50(client))
 
-    def tenant_for(self, request: ChatRequest) -> str | None:
+    def tenant_for(self, request: AnyRequest) -> str | None:
         """The client's tenant; else the request's ``user`` where ``INFERPOOL_USER_TENANTS`` allows it (off by
         default: a line must not bill another tenant, nor grow the usage keys and metric labels at will)."""
         if self.settings.tenant:
@@ -123,7 +140,7 @@ class ClientBase:
         user = request.user
         return user if user and _TENANT_NAME.match(user) and self.settings.user_may_be_tenant(user) else None
 
-    def route(self, request: ChatRequest) -> Route:
+    def route(self, request: AnyRequest) -> Route:
         return self.router.route(request)
 
     def single_chunk(
@@ -145,7 +162,7 @@ class ClientBase:
     def make_chunk(
         self,
         spec: ModelSpec,
-        requests: Sequence[tuple[ChatRequest, str | None]],
+        requests: Sequence[tuple[AnyRequest, str | None]],
         *,
         job_id: str | None = None,
         warnings: Sequence[str] = (),

@@ -21,7 +21,7 @@ from inferpool.affinity.owners import OwnerTable
 from inferpool.affinity.prefix import request_keys
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.state.heartbeats import live_worker_ids
-from inferpool.wire import ChatRequest
+from inferpool.wire import AnyRequest
 
 _LIVE_REFRESH_S = 2.0
 
@@ -35,7 +35,7 @@ class SingleRequestAffinity:
         self._refreshed: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def worker_for(self, spec: ModelSpec, request: ChatRequest) -> str | None:
+    def worker_for(self, spec: ModelSpec, request: AnyRequest) -> str | None:
         """The worker whose own queue ``request`` (of a prefix-routed model) goes to, or None for the model's
         shared queue."""
         levels, group = request_keys(request)

@@ -17,28 +17,31 @@ from inferpool.model_registry.spec import ModelSpec
 from inferpool.templates.prompt import UnrenderedRow
 from inferpool.wire import (
     CHAT_COMPLETIONS_URL,
+    REQUEST_TYPES,
+    AnyRequest,
     BatchInputLine,
-    ChatRequest,
     ErrorInfo,
+    InferenceRequest,
     describe_validation_error,
     load_json,
+    supported_urls_text,
 )
 
 #: Default cap on one input line, in bytes.
 MAX_LINE_BYTES = 1_000_000
 
 
-class _ChatBatchLine(BatchInputLine):
-    """A batch line whose body is a chat request (the only endpoint served)."""
+class _AnyBatchLine(BatchInputLine):
+    """A batch line whose body is a request of any kind (its ``url`` must name that kind's endpoint)."""
 
-    body: ChatRequest  # type: ignore[assignment]  # narrows BatchInputLine.body from a plain dict
+    body: InferenceRequest  # type: ignore[assignment]  # narrows BatchInputLine.body from a plain dict
 
 
 @dataclass(frozen=True)
 class AcceptedLine:
     line_number: int
     custom_id: str
-    request: ChatRequest
+    request: AnyRequest
     spec: ModelSpec
     warnings: tuple[str, ...] = ()
 
@@ -78,9 +81,11 @@ class BatchLineParser:
             return _reject(number, "line_too_large",
                            f"{size} bytes, over the limit of {self.max_line_bytes}; split the prompt")  # fmt: skip
         try:  # the common case, a good line: parsed and validated in one pass (pydantic's Rust JSON parser)
-            line = _ChatBatchLine.model_validate_json(raw)
+            line = _AnyBatchLine.model_validate_json(raw)
         except ValidationError:
             return self._parse_bad_line(number, raw)  # the slow path, which says exactly what is wrong
+        if line.body.url != line.url and line.url in REQUEST_TYPES:
+            return self._parse_bad_line(number, raw)  # a body of another kind than its url: said exactly there
         refused = self._refuse_id_or_url(number, line.custom_id, line.url)
         return refused or self._route(number, line.custom_id, line.body)
 
@@ -101,11 +106,15 @@ class BatchLineParser:
         if refused is not None:
             return refused
         try:
-            request = _ChatBatchLine.model_validate(data).body  # one validation for the line and its body
+            line = BatchInputLine.model_validate(data)
         except ValidationError as exc:
             in_body = all(err["loc"][:1] == ("body",) for err in exc.errors())
             code = "invalid_request" if in_body else "invalid_line"
             return _reject(number, code, describe_validation_error(exc), custom_id)
+        try:
+            request = REQUEST_TYPES[line.url].model_validate(line.body)
+        except ValidationError as exc:
+            return _reject(number, "invalid_request", describe_validation_error(exc, prefix="body"), custom_id)
         return self._route(number, custom_id, request)
 
     def _refuse_id_or_url(self, number: int, custom_id: str, url: str) -> RejectedLine | None:
@@ -114,12 +123,12 @@ class BatchLineParser:
             return _reject(number, "duplicate_custom_id",
                            f"custom_id {custom_id!r} was already used on line {first}; make it unique",
                            custom_id)  # fmt: skip
-        if url != CHAT_COMPLETIONS_URL:
-            return _reject(number, "unsupported_url", f"url {url!r} is not supported; use {CHAT_COMPLETIONS_URL!r}",
-                           custom_id)  # fmt: skip
+        if url not in REQUEST_TYPES:
+            return _reject(number, "unsupported_url", f"url {url!r} is not supported; use one of "
+                           f"{supported_urls_text()}", custom_id)  # fmt: skip
         return None
 
-    def _route(self, number: int, custom_id: str, request: ChatRequest) -> ParsedLine:
+    def _route(self, number: int, custom_id: str, request: AnyRequest) -> ParsedLine:
         if request.stream:
             return _reject(number, "invalid_request",
                            "stream is not supported in batch jobs (their answers are read from the output file); "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from inferpool.state.items import PendingRecord, item_json
 from inferpool.state.jobs import JobStore, NewJob
 from inferpool.templates.prompt import CUSTOM_ID_METADATA, PromptTemplate, UnrenderedRow, load_template
 from inferpool.templates.rows import read_rows
-from inferpool.wire import VIA_CHOICES, BatchJob, BatchOutputLine, ChatRequest, RequestResult, Via, load_json, new_id
+from inferpool.wire import VIA_CHOICES, AnyRequest, BatchJob, BatchOutputLine, RequestResult, Via, load_json, new_id
 
 #: Called with the job's latest state while ``wait`` polls.
 JobProgressCallback = Callable[[BatchJob], None]
@@ -118,7 +119,7 @@ class Batches:
         redis_client: redis.Redis,
         settings: Settings,
         router: Router,
-        tenant_for: Callable[[ChatRequest], str | None] = lambda _: None,
+        tenant_for: Callable[[AnyRequest], str | None] = lambda _: None,
     ) -> None:
         self._settings = settings
         self._router = router
@@ -137,6 +138,7 @@ class Batches:
         cache: bool | None = None,
         via: Via = "auto",
         routing: Routing | None = None,
+        endpoint: str | None = None,
     ) -> BatchJob:
         """Validate and queue every line of ``source`` (a JSONL path, or lines / line dicts); return the job.
 
@@ -147,9 +149,11 @@ class Batches:
         makes none of its own. ``via`` is the path of the lines of models with a provider Batch API
         (``auto``, ``realtime``, ``provider-batch``: see ``inferpool.provider_batch.via``). ``routing``
         (``load`` or ``prefix``) overrides each model's own policy for this job (``inferpool.affinity``).
+        ``endpoint`` is what the OpenAI batch object says (lines may use any served endpoint whatever it is).
         """
         settings = self._settings
         options = self._options(priority, completion_window, metadata, tenant, input_file_id, cache, via, routing)
+        options = dataclasses.replace(options, endpoint=endpoint)
         if isinstance(source, str | os.PathLike):
             path = Path(source)
             _check_file(path, settings.batch_max_bytes, settings.batch_max_lines)
@@ -371,11 +375,12 @@ class AsyncBatches:
         cache: bool | None = None,
         via: Via = "auto",
         routing: Routing | None = None,
+        endpoint: str | None = None,
     ) -> BatchJob:
         return await asyncio.to_thread(self._sync.create, source, priority=priority,
                                        completion_window=completion_window, metadata=metadata, tenant=tenant,
                                        input_file_id=input_file_id, cache=cache, via=via,
-                                       routing=routing)  # fmt: skip
+                                       routing=routing, endpoint=endpoint)  # fmt: skip
 
     async def create_from_template(
         self,

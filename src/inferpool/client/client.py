@@ -10,12 +10,12 @@ import datetime as dt
 import time
 from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from types import TracebackType
-from typing import Any, Literal, Self, overload
+from typing import Any, Literal, Self, TypeVar, overload
 
 import redis
 import redis.asyncio
 
-from inferpool._exceptions import InvalidRequest, ResultTimeout, request_error_from_code
+from inferpool._exceptions import InvalidRequest, ProviderError, ResultTimeout, request_error_from_code
 from inferpool.client._base import (
     ClientBase,
     MessagesLike,
@@ -35,24 +35,54 @@ from inferpool.state.streams import READ_SLICE_S, StreamAssembler, ask_to_stop, 
 from inferpool.state.usage import read_usage
 from inferpool.wire import (
     AUTO_MODEL,
+    AnyRequest,
     BatchJob,
     ChatCompletion,
     ChatCompletionChunk,
-    ChatRequest,
+    Completion,
+    CompletionChunk,
+    CompletionRequest,
+    EmbeddingList,
+    EmbeddingRequest,
     ModelUsage,
     RequestResult,
+    Response,
+    as_completion_chunk,
 )
+
+_R = TypeVar("_R", ChatCompletion, Completion, EmbeddingList)
+PromptLike = str | list[str]
+EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 
 #: Longest single blocking wait; waiters re-check the result key at least this often.
 _WAIT_SLICE_S = 1.0
 
 
-def completion_or_raise(result: RequestResult) -> ChatCompletion:
-    """The result's completion, or the ``RequestError`` the worker reported."""
+def completion_or_raise(result: RequestResult) -> Response:
+    """The result's answer (embeddings in the format their request asked for), or the ``RequestError`` the worker
+    reported."""
+    if isinstance(result.response, EmbeddingList):
+        return result.response.as_requested()
     if result.response is not None:
         return result.response
     assert result.error is not None  # RequestResult guarantees exactly one of the two
     raise request_error_from_code(result.error.code, result.error.message)
+
+
+def expect(response: Response, kind: type[_R]) -> _R:
+    """``response`` as the object its request's kind answers with (a mismatch is a worker's bug, said so)."""
+    if not isinstance(response, kind):
+        raise ProviderError(f"expected a {kind.__name__} answer, got {type(response).__name__}")
+    return response
+
+
+def _completion_body(model: str, prompt: PromptLike, stream: bool, params: dict[str, Any]) -> AnyRequest:
+    return build_request({"model": model, "prompt": prompt, **params, **({"stream": True} if stream else {})},
+                         CompletionRequest)  # fmt: skip
+
+
+def _embedding_body(model: str, inputs: EmbeddingInput, params: dict[str, Any]) -> AnyRequest:
+    return build_request({"model": model, "input": inputs, **params}, EmbeddingRequest)
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -94,8 +124,9 @@ class ResultHandle:
     def result(self, timeout: float | None = None) -> RequestResult:
         return self._client.wait_result(self.request_id, timeout)
 
-    def completion(self, timeout: float | None = None) -> ChatCompletion:
-        """The answer, or the request's error raised as an ``InferpoolError``."""
+    def completion(self, timeout: float | None = None) -> Response:
+        """The answer (a ``ChatCompletion``, ``Completion`` or ``EmbeddingList``, as the request's kind), or the
+        request's error raised as an ``InferpoolError``."""
         return completion_or_raise(self.result(timeout))
 
     def stream(self, timeout: float | None = None) -> Iterator[ChatCompletionChunk]:
@@ -123,7 +154,7 @@ class AsyncResultHandle:
     async def result(self, timeout: float | None = None) -> RequestResult:
         return await self._client.wait_result(self.request_id, timeout)
 
-    async def completion(self, timeout: float | None = None) -> ChatCompletion:
+    async def completion(self, timeout: float | None = None) -> Response:
         return completion_or_raise(await self.result(timeout))
 
     def stream(self, timeout: float | None = None) -> AsyncIterator[ChatCompletionChunk]:
@@ -198,7 +229,8 @@ class Client(ClientBase):
         answer's chunks as they are generated (see ``stream``)."""
         if stream:
             return self.stream(model, messages, timeout=timeout, priority=priority, **params)
-        return self.submit(build_chat_request(model, messages, params), priority=priority).completion(timeout)
+        handle = self.submit(build_chat_request(model, messages, params), priority=priority)
+        return expect(handle.completion(timeout), ChatCompletion)
 
     def stream(
         self,
@@ -213,6 +245,49 @@ class Client(ClientBase):
         deltas as the worker makes them, the finish reason, and a last chunk with usage. Errors are raised."""
         request = build_chat_request(model, messages, {**params, "stream": True})
         return self.submit(request, priority=priority).stream(timeout)
+
+    @overload
+    def complete(self, model: str, prompt: PromptLike, *, stream: Literal[True], timeout: float | None = None,
+                 priority: Priority | str = Priority.NORMAL,
+                 **params: Any) -> Iterator[CompletionChunk]: ...  # fmt: skip
+
+    @overload
+    def complete(self, model: str, prompt: PromptLike, *, stream: Literal[False] = False,
+                 timeout: float | None = None, priority: Priority | str = Priority.NORMAL,
+                 **params: Any) -> Completion: ...  # fmt: skip
+
+    def complete(
+        self,
+        model: str,
+        prompt: PromptLike,
+        *,
+        stream: bool = False,
+        timeout: float | None = None,
+        priority: Priority | str = Priority.NORMAL,
+        **params: Any,
+    ) -> Completion | Iterator[CompletionChunk]:
+        """A text completion (``/v1/completions``: the prompt as it is, no chat template; ``max_tokens`` defaults
+        to 16, as OpenAI's): submitted, then awaited; with ``stream=True`` its ``text_completion`` chunks as they
+        are generated. Errors are raised."""
+        handle = self.submit(_completion_body(model, prompt, stream, params), priority=priority)
+        if stream:
+            return (as_completion_chunk(chunk) for chunk in handle.stream(timeout))
+        return expect(handle.completion(timeout), Completion)
+
+    def embed(
+        self,
+        model: str,
+        input: EmbeddingInput,  # OpenAI's name for it
+        *,
+        timeout: float | None = None,
+        priority: Priority | str = Priority.NORMAL,
+        **params: Any,
+    ) -> EmbeddingList:
+        """Embeddings (``/v1/embeddings``) of a text, texts, or token ids: submitted, then awaited. Each input's
+        vector is ``data[i].embedding`` (floats, or base64 with ``encoding_format="base64"``); ``vectors()`` gives
+        them all as floats. Errors are raised."""
+        handle = self.submit(_embedding_body(model, input, params), priority=priority)
+        return expect(handle.completion(timeout), EmbeddingList)
 
     def retry_dead_letters(self, ids: Sequence[str] | None = None, *, model: str | None = None) -> BatchJob:
         """Send dead letters again as a new batch job (all of them, or those with ``ids``), optionally to
@@ -368,7 +443,7 @@ class AsyncClient(ClientBase):
         if stream:
             return await self.stream(model, messages, timeout=timeout, priority=priority, **params)
         handle = await self.submit(build_chat_request(model, messages, params), priority=priority)
-        return await handle.completion(timeout)
+        return expect(await handle.completion(timeout), ChatCompletion)
 
     async def stream(
         self,
@@ -384,10 +459,49 @@ class AsyncClient(ClientBase):
         handle = await self.submit(request, priority=priority)
         return handle.stream(timeout)
 
+    @overload
+    async def complete(self, model: str, prompt: PromptLike, *, stream: Literal[True], timeout: float | None = None,
+                       priority: Priority | str = Priority.NORMAL,
+                       **params: Any) -> AsyncIterator[CompletionChunk]: ...  # fmt: skip
+
+    @overload
+    async def complete(self, model: str, prompt: PromptLike, *, stream: Literal[False] = False,
+                       timeout: float | None = None, priority: Priority | str = Priority.NORMAL,
+                       **params: Any) -> Completion: ...  # fmt: skip
+
+    async def complete(
+        self,
+        model: str,
+        prompt: PromptLike,
+        *,
+        stream: bool = False,
+        timeout: float | None = None,
+        priority: Priority | str = Priority.NORMAL,
+        **params: Any,
+    ) -> Completion | AsyncIterator[CompletionChunk]:
+        """``Client.complete``; streamed chunks come with ``async for``."""
+        handle = await self.submit(_completion_body(model, prompt, stream, params), priority=priority)
+        if stream:
+            return _completion_chunks(handle.stream(timeout))
+        return expect(await handle.completion(timeout), Completion)
+
+    async def embed(
+        self,
+        model: str,
+        input: EmbeddingInput,  # OpenAI's name for it
+        *,
+        timeout: float | None = None,
+        priority: Priority | str = Priority.NORMAL,
+        **params: Any,
+    ) -> EmbeddingList:
+        """``Client.embed``."""
+        handle = await self.submit(_embedding_body(model, input, params), priority=priority)
+        return expect(await handle.completion(timeout), EmbeddingList)
+
     def handle(self, request_id: str) -> AsyncResultHandle:
         return AsyncResultHandle(self, request_id)
 
-    async def route_async(self, request: ChatRequest) -> Route:
+    async def route_async(self, request: AnyRequest) -> Route:
         """``route`` without blocking the event loop: ``model: "auto"`` reads the pool's live view from Redis
         (in a thread); a named model is resolved from the registry in memory."""
         if request.model == AUTO_MODEL:
@@ -438,3 +552,8 @@ class AsyncClient(ClientBase):
 
     async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         await self.aclose()
+
+
+async def _completion_chunks(chunks: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[CompletionChunk]:
+    async for chunk in chunks:
+        yield as_completion_chunk(chunk)

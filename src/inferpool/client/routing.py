@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 from inferpool._exceptions import CapabilityMismatch, ContextLengthExceeded, RequestError
 from inferpool.constants import queue_name, split_adapter
-from inferpool.model_registry.capability import check_request_fits
+from inferpool.model_registry.capability import KIND_NAMES, check_request_fits, serves_kind
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.state.load import ModelLoad
-from inferpool.wire import AUTO_MODEL, ChatRequest, RoutingHints
+from inferpool.wire import AUTO_MODEL, AnyRequest, ChatRequest, CompletionRequest, RoutingHints
 
 #: No tokenizer makes fewer tokens than characters / this, so a prompt over the window by this estimate
 #: can be refused (or sent to a larger model) before it reaches a worker.
@@ -69,7 +69,7 @@ class Router:
         """Let ``model: "auto"`` see live workers, load and latency (a client does this once connected)."""
         self._load_reader, self._latency_reader = load_reader, latency_reader
 
-    def route(self, request: ChatRequest) -> Route:
+    def route(self, request: AnyRequest) -> Route:
         """The route for ``request``; raises ``ModelNotFound``, ``CapabilityMismatch``,
         ``ContextLengthExceeded`` or ``InvalidRequest`` before anything is queued."""
         if request.model == AUTO_MODEL:
@@ -77,6 +77,8 @@ class Router:
         route = self._named.get(request.model)
         if route is None:  # the registry never changes under a router: resolve each name once
             route = self._named[request.model] = self._resolve(request.model)
+        if not serves_kind(route.spec, request.kind):
+            self._wrong_kind(route.spec, request)
         check_request_fits(route.spec, request)
         if not _may_fit(route.spec, request):
             larger = self._larger_fallback(route.spec, request)
@@ -84,6 +86,14 @@ class Router:
             return Route(spec=larger, queue=queue_name(larger.name), model=larger.name,
                          warnings=(*route.warnings, note))  # fmt: skip
         return route
+
+    def _wrong_kind(self, spec: ModelSpec, request: AnyRequest) -> None:
+        """``CapabilityMismatch`` for a model asked for a kind it does not serve, naming models that do."""
+        able = [other.name for other in self.registry if serves_kind(other, request.kind) and other.deprecation is None]
+        where = f"models that do: {', '.join(able)}" if able else "no registered model does"
+        served = ", ".join(spec.capabilities.kinds()) or "nothing"
+        raise CapabilityMismatch(f"model {spec.name!r} does not serve {KIND_NAMES[request.kind]} (it serves {served}); "
+                                 f"{where}")  # fmt: skip
 
     def _resolve(self, name: str) -> Route:
         """A name's route: alias and deprecation resolved, adapter kept (``ModelNotFound`` if unknown)."""
@@ -103,7 +113,7 @@ class Router:
         model = f"{spec.name}:{adapter}" if adapter else spec.name
         return Route(spec=spec, queue=queue_name(spec.name), model=model, warnings=tuple(warnings))
 
-    def _larger_fallback(self, spec: ModelSpec, request: ChatRequest) -> ModelSpec:
+    def _larger_fallback(self, spec: ModelSpec, request: AnyRequest) -> ModelSpec:
         for name in spec.fallbacks:
             candidate = self.registry.get(name)
             if candidate.capabilities.context_window > spec.capabilities.context_window and _may_fit(
@@ -120,7 +130,7 @@ class Router:
 
     # -- model: "auto" ---------------------------------------------------------------------------------
 
-    def _route_auto(self, request: ChatRequest) -> Route:
+    def _route_auto(self, request: AnyRequest) -> Route:
         hints = request.routing or RoutingHints()
         candidates: list[ModelSpec] = []
         misses: list[str] = []
@@ -135,7 +145,7 @@ class Router:
         if not candidates:
             needs = ", ".join([*hints.require, *([f"context >= {hints.min_context}"] if hints.min_context else [])])
             raise CapabilityMismatch(
-                f"no registered model can serve this request (it needs: {needs or 'chat'}); "
+                f"no registered model can serve this request (it needs: {needs or KIND_NAMES[request.kind]}); "
                 f"what each lacks: {'; '.join(misses)}"
             )
         live = self._live_view([spec.name for spec in candidates])
@@ -163,17 +173,24 @@ class Router:
         return self._live
 
 
-def _min_prompt_tokens(request: ChatRequest) -> int:
-    return sum(len(message.text()) for message in request.messages) // CHARS_PER_TOKEN_MAX
+def _min_prompt_tokens(request: AnyRequest) -> int:
+    """The fewest tokens the longest prompt can be: a chat's messages, a completion's or embedding's longest input."""
+    if isinstance(request, ChatRequest):
+        chars = sum(len(message.text()) for message in request.messages)
+    elif isinstance(request, CompletionRequest):
+        chars = max(len(prompt) for prompt in request.prompts())
+    else:
+        chars = max((len(item) for item in request.inputs() if isinstance(item, str)), default=0)
+    return chars // CHARS_PER_TOKEN_MAX
 
 
-def _may_fit(spec: ModelSpec, request: ChatRequest) -> bool:
+def _may_fit(spec: ModelSpec, request: AnyRequest) -> bool:
     """False only when the prompt (at its fewest possible tokens) plus the max_tokens asked for cannot fit;
     the worker checks exactly, with the model's tokenizer."""
     return _min_prompt_tokens(request) + (request.output_limit() or 0) <= spec.capabilities.context_window
 
 
-def _missing(spec: ModelSpec, request: ChatRequest, hints: RoutingHints) -> list[str]:
+def _missing(spec: ModelSpec, request: AnyRequest, hints: RoutingHints) -> list[str]:
     """What ``spec`` lacks to serve ``request`` under ``hints`` (empty: it can)."""
     caps = spec.capabilities
     missing: list[str] = [capability for capability in hints.require if not getattr(caps, capability)]

@@ -9,28 +9,17 @@ API refuses gets the 400's message instead.
 from __future__ import annotations
 
 import base64
-import hashlib
-import math
-import random
 import struct
 import time
 from typing import Any
 
 from inferpool.emulators.answers import cut_answer
+from inferpool.workers.echo import echo_vector as embedding_vector
 
 #: The vector size when a request names no ``dimensions`` (OpenAI's text-embedding-3-small).
 DEFAULT_DIMENSIONS = 1536
 #: Most inputs one embeddings request may carry (OpenAI's limit).
 MAX_INPUTS = 2048
-
-
-def embedding_vector(item: str | list[int], dimensions: int) -> list[float]:
-    """The unit vector of ``dimensions`` floats for one input."""
-    seed = hashlib.blake2b(repr(item).encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    rng = random.Random(int.from_bytes(seed, "big"))
-    values = [rng.gauss(0.0, 1.0) for _ in range(dimensions)]
-    norm = math.sqrt(sum(v * v for v in values)) or 1.0
-    return [v / norm for v in values]
 
 
 def _token_ids(value: Any) -> bool:

@@ -1,9 +1,10 @@
 """The gateway application: an OpenAI-compatible HTTP API in front of the pool (``inferpool gateway``).
 
 Starlette on uvicorn. Each route module is one API area, like openai-python's resources: ``chat``,
-``models``, ``files``, ``batches``. The gateway keeps no state of its own: every request becomes a client
-call on the pool's Redis (keys, jobs, results, file metadata there; file bytes in the file store), so any
-number of gateways can stand behind one load balancer.
+``completions``, ``embeddings`` (all three served by ``serving``), ``models``, ``files``, ``batches``. The
+gateway keeps no state of its own: every request becomes a client call on the pool's Redis (keys, jobs,
+results, file metadata there; file bytes in the file store), so any number of gateways can stand behind one
+load balancer.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from starlette.routing import Route
 
 from inferpool._exceptions import InferpoolError
 from inferpool.client.client import AsyncClient
-from inferpool.gateway import batches, chat, files, models
+from inferpool.gateway import batches, chat, completions, embeddings, files, models
 from inferpool.gateway.admission import Admission
 from inferpool.gateway.common import Gateway, gateway_of
 from inferpool.gateway.errors import handle_error
@@ -67,6 +68,8 @@ def create_app(settings: Settings, *, require_keys: bool = True, registry: Regis
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         *chat.routes,
+        *completions.routes,
+        *embeddings.routes,
         *models.routes,
         *files.routes,
         *batches.routes,

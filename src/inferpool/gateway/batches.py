@@ -20,7 +20,7 @@ from inferpool.constants import DEFAULT_TENANT
 from inferpool.gateway.common import Gateway, gateway_of, list_limit, list_page, read_json_body
 from inferpool.gateway.errors import HTTPError, not_found
 from inferpool.model_registry.spec import Routing
-from inferpool.wire import CHAT_COMPLETIONS_URL, VIA_CHOICES, BatchJob, as_via, describe_validation_error
+from inferpool.wire import SUPPORTED_URLS, VIA_CHOICES, BatchJob, as_via, describe_validation_error, supported_urls_text
 
 _OUTPUT_PREFIX = "file-out-"
 _ERRORS_PREFIX = "file-err-"
@@ -101,8 +101,8 @@ async def create_batch(request: Request) -> Response:
         body = CreateBatch.model_validate(await read_json_body(request, 64 * 1024))
     except ValidationError as exc:
         raise HTTPError(400, describe_validation_error(exc), code="invalid_request") from None
-    if body.endpoint != CHAT_COMPLETIONS_URL:
-        raise HTTPError(400, f"endpoint {body.endpoint!r} is not supported; use {CHAT_COMPLETIONS_URL!r}.",
+    if body.endpoint not in SUPPORTED_URLS:
+        raise HTTPError(400, f"endpoint {body.endpoint!r} is not supported; use one of {supported_urls_text()}.",
                         param="endpoint")  # fmt: skip
     info = await gateway.files.get(tenant, body.input_file_id)
     if info is None:
@@ -123,7 +123,7 @@ async def create_batch(request: Request) -> Response:
                         f"not {asked_routing!r}.", param=f"metadata.{ROUTING_METADATA_KEY}")  # fmt: skip
     job = await gateway.client.batches.create(gateway.files.path_of(info.id), completion_window=body.completion_window,
                                               metadata=body.metadata, tenant=tenant, input_file_id=info.id,
-                                              via=via, routing=routing)  # fmt: skip
+                                              via=via, routing=routing, endpoint=body.endpoint)  # fmt: skip
     return JSONResponse(batch_object(job))
 
 

@@ -1,151 +1,17 @@
-"""``POST /v1/chat/completions``: one request through the pool, answered whole or as server-sent events.
-
-A streamed answer is OpenAI's SSE format: ``data: {chat.completion.chunk}`` lines, a blank line after each,
-and ``data: [DONE]`` at the end. The usage chunk (no choices) is sent only with
-``stream_options.include_usage``. An error after the stream began is one ``data: {"error": {...}}`` event
-(the SDKs raise it). A client that hangs up stops the relay and asks the worker to stop generating.
-
-A whole (non-streamed) answer is awaited until it comes, the client hangs up, or
-``INFERPOOL_GATEWAY_REQUEST_TIMEOUT_S`` passes (504); in the last two cases the request is stopped: a worker
-that has not started it answers ``request_cancelled`` without running it, and one that streams stops. Each
-open request holds one of the process's and its tenant's slots (``inferpool.gateway.admission``).
-"""
+"""``POST /v1/chat/completions``: a chat request through the pool (``serving`` does the work)."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import AsyncIterator, Callable
-
-import anyio
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
-from inferpool._exceptions import RequestError, ResultTimeout, request_error_from_code
-from inferpool.client._base import build_request
-from inferpool.client.client import AsyncResultHandle
-from inferpool.gateway.common import gateway_of, off_loop_for, parse_json_object, read_body
-from inferpool.gateway.errors import HTTPError, error_body, request_error_status
-from inferpool.wire import ChatRequest, RequestResult
-
-#: The status logged for a request whose client hung up before its answer (nginx's convention; nobody reads it).
-CLIENT_GONE_STATUS = 499
+from inferpool.gateway.serving import serve_one
+from inferpool.wire import ChatRequest
 
 
 async def create_chat_completion(request: Request) -> Response:
-    gateway = gateway_of(request)
-    tenant = await gateway.authenticate(request)
-    admission = gateway.admission
-    admission.acquire(tenant)
-    try:
-        body = await read_body(request, gateway.settings.batch_max_line_bytes)
-        chat_request = await off_loop_for(len(body), _chat_request, body)
-        route = await gateway.client.route_async(chat_request)
-        await gateway.require_live_worker(route.spec.name)
-        handle = await gateway.client.submit(chat_request, tenant=tenant, route=route)
-    except BaseException:
-        admission.release(tenant)
-        raise
-    headers = {"x-request-id": handle.request_id}
-    if chat_request.stream:
-        include_usage = bool(chat_request.stream_options and chat_request.stream_options.include_usage)
-        return _RelayResponse(server_sent_events(handle, include_usage), handle, lambda: admission.release(tenant),
-                              headers={**headers, "cache-control": "no-cache"})  # fmt: skip
-    try:
-        result = await _answer_unless_abandoned(request, handle, gateway.settings.gateway_request_timeout_s)
-    finally:
-        admission.release(tenant)
-    if result is None:
-        return Response(status_code=CLIENT_GONE_STATUS, headers=headers)
-    if result.response is None:
-        assert result.error is not None
-        raise request_error_from_code(result.error.code, result.error.message)
-    return Response(result.response.model_dump_json(), media_type="application/json", headers=headers)
-
-
-def _chat_request(body: bytes) -> ChatRequest:
-    return build_request(parse_json_object(body))
-
-
-async def _answer_unless_abandoned(
-    request: Request, handle: AsyncResultHandle, timeout_s: float
-) -> RequestResult | None:
-    """The request's result; None if the client hung up first. Either way, and on the timeout (504), a request
-    that will not be read is stopped, so it neither holds a waiter nor runs later for nobody."""
-    waiter = asyncio.ensure_future(handle.result(timeout_s))
-    watcher = asyncio.ensure_future(_disconnected(request))
-    finished = False
-    try:
-        await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if waiter.done():
-            try:
-                result = waiter.result()
-            except ResultTimeout:
-                raise HTTPError(504, f"No answer within {timeout_s:g} s (INFERPOOL_GATEWAY_REQUEST_TIMEOUT_S); the "
-                                "request was stopped. The pool may be backed up: retry later.", type_="api_error",
-                                code="timeout", headers={"x-request-id": handle.request_id}) from None  # fmt: skip
-            finished = True
-            return result
-        return None
-    finally:
-        for task in (waiter, watcher):
-            task.cancel()
-        if not finished:
-            with anyio.CancelScope(shield=True):
-                await handle.stop()
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client hangs up (the body has been read: the next ASGI message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-class _RelayResponse(StreamingResponse):
-    """A streamed answer that, however it ends (sent whole, cut off by a hang-up, or cancelled before its
-    first byte, when a generator's own ``finally`` would never run), frees its slot (``on_close``) and, unless
-    it was sent whole, asks the worker to stop generating: nobody reads the rest."""
-
-    def __init__(self, events: AsyncIterator[bytes], handle: AsyncResultHandle, on_close: Callable[[], None],
-                 headers: dict[str, str]) -> None:  # fmt: skip
-        self._events = events
-        self._handle = handle
-        self._on_close = on_close
-        self._sent_whole = False
-        super().__init__(self._relay(), media_type="text/event-stream", headers=headers)
-
-    async def _relay(self) -> AsyncIterator[bytes]:
-        async for event in self._events:
-            yield event
-        self._sent_whole = True
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()
-            with anyio.CancelScope(shield=True):
-                await self._events.aclose()  # type: ignore[attr-defined]
-                if not self._sent_whole:
-                    await self._handle.stop()
-
-
-async def server_sent_events(handle: AsyncResultHandle, include_usage: bool) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in handle.stream():
-            if chunk.usage is not None and not include_usage:
-                continue
-            yield b"data: " + chunk.model_dump_json().encode() + b"\n\n"
-    except RequestError as exc:
-        error = error_body(request_error_status(exc), exc.message, "api_error", exc.code)
-        yield b"data: " + _json(error) + b"\n\n"
-    yield b"data: [DONE]\n\n"
-
-
-def _json(value: object) -> bytes:
-    return json.dumps(value).encode()
+    return await serve_one(request, ChatRequest)
 
 
 routes = [Route("/v1/chat/completions", create_chat_completion, methods=["POST"])]

@@ -13,11 +13,28 @@ _STRICT = ConfigDict(extra="forbid")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+class EmbeddingCapability(BaseModel):
+    """What a model that makes embeddings (``/v1/embeddings``) makes, and takes."""
+
+    model_config = _STRICT
+    dimensions: int = Field(gt=0, description="Size of its vectors.")
+    max_input_tokens: int = Field(gt=0, description="Longest input, in tokens (longer: context_length_exceeded).")
+    max_inputs: int = Field(default=2048, ge=1, le=2048, description="Most inputs one request may carry.")
+    shorter_dimensions: bool = Field(
+        default=False,
+        description="Serves ``dimensions`` below its size (vectors cut and renormalised; models trained for it, "
+        "like OpenAI's text-embedding-3).",
+    )
+
+
 class Capabilities(BaseModel):
-    """What requests a model can serve."""
+    """What requests a model can serve: chat, text completions (``/v1/completions``), embeddings."""
 
     model_config = _STRICT
     chat: bool = True
+    completions: bool = Field(default=False, description="Serves /v1/completions (a raw prompt, no chat template).")
+    embeddings: EmbeddingCapability | None = Field(default=None, description="Serves /v1/embeddings.")
+    suffix: bool = Field(default=False, description="Serves a completion's suffix (insert mode).")
     vision: bool = False
     tools: bool = False
     json_mode: bool = False
@@ -27,6 +44,21 @@ class Capabilities(BaseModel):
     context_window: int = Field(gt=0, description="Prompt plus output tokens the model accepts.")
     max_output_tokens: int = Field(gt=0, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(default=256, gt=0, description="Used when a request sets none.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _embedding_models_need_no_window(cls, data: Any) -> Any:
+        """A model that only makes embeddings generates nothing: its window is its longest input."""
+        only_embeds = isinstance(data, dict) and data.get("chat") is False and not data.get("completions")
+        if only_embeds and isinstance(data.get("embeddings"), dict):
+            data = {"context_window": data["embeddings"].get("max_input_tokens"), "max_output_tokens": 1,
+                    "default_max_tokens": 1, **data}  # fmt: skip
+        return data
+
+    def kinds(self) -> list[str]:
+        """The request kinds it serves (``chat``, ``completions``, ``embeddings``)."""
+        served = {"chat": self.chat, "completions": self.completions, "embeddings": self.embeddings is not None}
+        return [kind for kind, ok in served.items() if ok]
 
 
 class Pricing(BaseModel):

@@ -21,9 +21,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from inferpool._exceptions import ProviderError
+from inferpool._exceptions import CapabilityMismatch, ProviderError
 from inferpool.provider_batch.api import BatchProgress, LineOutcome
-from inferpool.wire import ChatRequest
+from inferpool.wire import AnyRequest, ChatRequest
 from inferpool.workers.anthropic_translate import message_generation
 
 #: Seconds the worker's clock may be ahead of Anthropic's when batches are matched by creation time.
@@ -39,7 +39,9 @@ class AnthropicBatchApi:
         self._client = client
         self._translate = translate
 
-    def line(self, custom_id: str, request: ChatRequest) -> bytes:
+    def line(self, custom_id: str, request: AnyRequest) -> bytes:
+        if not isinstance(request, ChatRequest):
+            raise CapabilityMismatch(f"Anthropic's Message Batches serve chat only, not {request.kind}")
         params = self._translate(request)
         params.update(params.pop("extra_body", None) or {})  # sampling fields the SDK passes as extra body
         return json.dumps({"custom_id": custom_id, "params": params}, separators=(",", ":"),

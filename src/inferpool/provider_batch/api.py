@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from inferpool.wire import ChatRequest
-from inferpool.workers.backend import GenerationOutcome
+from inferpool.wire import AnyRequest
+from inferpool.workers.backend import Outcome
 
 #: A line the provider did not run: its batch expired or was cancelled first.
 NotRun = Literal["expired", "cancelled"]
-LineOutcome = GenerationOutcome | NotRun
+LineOutcome = Outcome | NotRun
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class ProviderBatchApi(Protocol):
     #: Whether creates must not overlap (where ``find_created`` tells batches apart by creation time).
     serial_creates: bool
 
-    def line(self, custom_id: str, request: ChatRequest) -> bytes:
+    def line(self, custom_id: str, request: AnyRequest) -> bytes:
         """One line of the provider's batch input (JSON, no newline); ``RequestError`` if it cannot be sent."""
         ...
 

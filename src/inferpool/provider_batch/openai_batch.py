@@ -1,6 +1,7 @@
 """OpenAI's Batch API (Files + Batches), through the official ``openai`` SDK.
 
-Lines are OpenAI batch JSONL (``custom_id``, ``method``, ``url``, ``body``), uploaded as a file named
+Lines are OpenAI batch JSONL (``custom_id``, ``method``, ``url``, ``body``: chat, completions or embeddings; one
+endpoint per batch, as OpenAI requires, ``ProviderBatchRunner`` sees to it), uploaded as a file named
 after the provider batch (so an interrupted upload is found again), and the batch is created with the
 provider batch's id in its ``metadata`` (so an interrupted create is found again). Results are the
 output and error files: answers, per-line errors (with the HTTP status and message), and lines the batch
@@ -19,13 +20,12 @@ from pydantic import ValidationError
 
 from inferpool._exceptions import ProviderError
 from inferpool.provider_batch.api import BatchProgress, LineOutcome
-from inferpool.wire import ChatRequest
+from inferpool.wire import CHAT_COMPLETIONS_URL, AnyRequest
 from inferpool.workers.api_backend import ApiFailure
-from inferpool.workers.openai_translate import completion_generation
+from inferpool.workers.openai_translate import completion_generation, embeddings_outcome, text_completion_generation
 
 log = logging.getLogger(__name__)
 
-_ENDPOINT = "/v1/chat/completions"
 _ENDED = frozenset({"completed", "expired", "cancelled", "failed"})
 #: How far back (seconds) a lookup reaches before the moment a step was recorded (clock skew, slow calls).
 LOOKUP_MARGIN_S = 300.0
@@ -37,13 +37,13 @@ class OpenAIBatchApi:
     serial_creates = False
     uploads = True
 
-    def __init__(self, client: Any, translate: Callable[[ChatRequest], dict[str, Any]]) -> None:
+    def __init__(self, client: Any, translate: Callable[[AnyRequest], dict[str, Any]]) -> None:
         self._client = client
         self._translate = translate
 
-    def line(self, custom_id: str, request: ChatRequest) -> bytes:
+    def line(self, custom_id: str, request: AnyRequest) -> bytes:
         body = self._translate(request)
-        return json.dumps({"custom_id": custom_id, "method": "POST", "url": _ENDPOINT, "body": body},
+        return json.dumps({"custom_id": custom_id, "method": "POST", "url": request.url, "body": body},
                           separators=(",", ":"), ensure_ascii=False).encode()  # fmt: skip
 
     async def find_upload(self, name: str, since: float) -> str | None:
@@ -72,7 +72,8 @@ class OpenAIBatchApi:
         if file_id is None:
             raise ValueError("an OpenAI batch is created from an uploaded file")
         metadata = {METADATA_KEY: pbatch_id, "inferpool_job": job_id}
-        batch = await self._client.batches.create(input_file_id=file_id, endpoint=_ENDPOINT, completion_window="24h",
+        batch = await self._client.batches.create(input_file_id=file_id, endpoint=_endpoint_of(path),
+                                                  completion_window="24h",
                                                   metadata=metadata)  # fmt: skip
         return str(batch.id)
 
@@ -105,6 +106,17 @@ class OpenAIBatchApi:
                 yield parsed
 
 
+def _endpoint_of(path: Path) -> str:
+    """The batch's endpoint: its first line's url (every line of a batch has the same)."""
+    with path.open("rb") as lines:
+        first = lines.readline()
+    try:
+        url = json.loads(first).get("url") if first.strip() else None
+    except ValueError:
+        url = None
+    return url if isinstance(url, str) else CHAT_COMPLETIONS_URL
+
+
 def result_line(raw: bytes) -> tuple[str, LineOutcome] | None:
     """(custom_id, outcome) of one output or error file line; None if it is not one."""
     try:
@@ -130,9 +142,15 @@ def result_line(raw: bytes) -> tuple[str, LineOutcome] | None:
         if isinstance(message, dict) or message is None:
             message = json.dumps(body)[:500]
         return custom_id, ProviderError(f"openai batch: HTTP {status}: {message}")
+    from openai.types import Completion, CreateEmbeddingResponse
     from openai.types.chat import ChatCompletion
 
+    kind = body.get("object") if isinstance(body, dict) else None
     try:
+        if kind == "list":
+            return custom_id, embeddings_outcome(CreateEmbeddingResponse.model_validate(body))
+        if kind == "text_completion":
+            return custom_id, text_completion_generation(Completion.model_validate(body))
         return custom_id, completion_generation(ChatCompletion.model_validate(body))
     except (ValidationError, ApiFailure) as exc:
         return custom_id, ProviderError(f"openai batch: malformed answer: {exc}")

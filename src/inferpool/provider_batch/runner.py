@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from inferpool._exceptions import ProviderError, RequestError
+from inferpool._exceptions import InvalidRequest, ProviderError, RequestError
 from inferpool.constants import CANCELLED_CODE, EXPIRED_CODE, job_items_key, job_key
 from inferpool.model_registry.capability import check_request_fits
 from inferpool.plumbing.redis_connection import decode_text
@@ -34,7 +34,7 @@ from inferpool.provider_batch.via import batch_limits
 from inferpool.state.items import item_from_record
 from inferpool.state.results import ResultRecord
 from inferpool.wire import JobStatus, PBatchState, ProviderBatch, TaskItem
-from inferpool.workers.backend import Generation
+from inferpool.workers.backend import Generation, Outcome
 
 if TYPE_CHECKING:
     from inferpool.workers.runtime import WorkerRuntime
@@ -167,11 +167,13 @@ class ProviderBatchRunner:
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self._lines_path(batch)
         size = sent = 0
+        kind: str | None = None  # a provider batch has one endpoint: the first line's
         with path.open("wb") as out:
             for rids in self.store.request_ids(batch.id, _PAGE):
                 errors: list[tuple[TaskItem, RequestError]] = []
                 for item in self._items(batch.job_id, rids):
-                    line = self._line(item)
+                    kind = kind or item.request.kind
+                    line = self._line(item) if item.request.kind == kind else _other_endpoint(kind, item)
                     if isinstance(line, RequestError):
                         errors.append((item, line))
                         continue
@@ -336,6 +338,12 @@ async def _gather(results: AsyncIterator[tuple[str, LineOutcome]]) -> dict[str, 
     return {custom_id: outcome async for custom_id, outcome in results}
 
 
+def _other_endpoint(kind: str, item: TaskItem) -> RequestError:
+    return InvalidRequest(f"this line is {item.request.kind}, and the provider batch its model's lines went to carries "
+                          f"{kind} (one endpoint per provider batch): send {item.request.kind} lines for this model "
+                          "in a job of their own, or with --via realtime")  # fmt: skip
+
+
 def _why_not_run(batch: ProviderBatch) -> str:
     return "expired" if batch.window_ended else "cancelled"
 
@@ -346,7 +354,7 @@ def _not_run(how: str, job_status: str) -> RequestError:
     return RequestError("the batch was cancelled before this request ran", code=CANCELLED_CODE)
 
 
-def _settled_outcome(outcome: LineOutcome | None, job_status: str) -> Generation | RequestError:
+def _settled_outcome(outcome: LineOutcome | None, job_status: str) -> Outcome:
     if outcome is None:
         return ProviderError("the provider's batch ended without a result for this request")
     if isinstance(outcome, str):

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from pydantic_core import to_json
 
-from inferpool.wire import ChatRequest, TaskItem
+from inferpool.wire import AnyRequest, TaskItem
 
 #: Lua: ``inflight_model(record)`` -> the served model a record is held by.
 LUA_ITEM_HOLDER = """
@@ -34,10 +34,7 @@ class PendingRecord(NamedTuple):
     score: float = 0.0
 
 
-_REQUEST_JSON = ChatRequest.__pydantic_serializer__.to_json
-
-
-def item_json(request: ChatRequest, custom_id: str | None = None, tenant: str | None = None,
+def item_json(request: AnyRequest, custom_id: str | None = None, tenant: str | None = None,
               warnings: list[str] | None = None, tried: list[str] | None = None) -> bytes:  # fmt: skip
     """A ``TaskItem``'s JSON as a record stores it (no request id, no defaults), from its parts: the upload of
     a big job makes one per line without building the ``TaskItem`` (``model_construct`` alone cost 10 us)."""
@@ -46,7 +43,8 @@ def item_json(request: ChatRequest, custom_id: str | None = None, tenant: str | 
         parts.append(b'"custom_id":' + to_json(custom_id))
     if tenant is not None:
         parts.append(b'"tenant":' + to_json(tenant))
-    parts.append(b'"request":' + _REQUEST_JSON(request, exclude_none=True, exclude_defaults=True))
+    serializer = type(request).__pydantic_serializer__
+    parts.append(b'"request":' + serializer.to_json(request, exclude_none=True, exclude_defaults=True))
     if warnings is not None:
         parts.append(b'"warnings":' + to_json(warnings))
     if tried is not None:

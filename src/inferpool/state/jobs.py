@@ -53,6 +53,7 @@ from inferpool.state.leader_fence import fenced_call, lua_fence
 from inferpool.state.results import ResultWriter, parse_result, stored_results
 from inferpool.state.usage import usage_from_counters
 from inferpool.wire import (
+    CHAT_COMPLETIONS_URL,
     BatchJob,
     ErrorInfo,
     JobStatus,
@@ -79,6 +80,7 @@ class NewJob:
     cache: bool | None = None  # lines that set no ``cache`` of their own get this one (not stored)
     via: str = "auto"  # realtime, provider-batch or auto (inferpool.provider_batch.via)
     routing: str | None = None  # load or prefix; None: each model's own (ModelSpec.routing)
+    endpoint: str | None = None  # the OpenAI batch object's endpoint (lines may use any served one)
 
 
 _ENTRIES_PER_READ = 8
@@ -230,6 +232,8 @@ class JobStore:
             record["input_file_id"] = options.input_file_id
         if options.routing is not None:
             record["routing"] = options.routing
+        if options.endpoint is not None:
+            record["endpoint"] = options.endpoint
         pipe = self.redis.pipeline()
         pipe.hset(job_key(job_id), mapping=record)
         pipe.expire(job_key(job_id), self.result_ttl_s)
@@ -338,6 +342,7 @@ class JobStore:
                                             failed=int(raw.get("failed", 0))),
             "usage": usage, "tenant": raw.get("tenant"), "input_file_id": raw.get("input_file_id"),
             "via": raw.get("via", "realtime"), "routing": raw.get("routing"),
+            "endpoint": raw.get("endpoint", CHAT_COMPLETIONS_URL),
             "provider_batches": self._provider_batches(job_id),
             "paths": {name.removeprefix("path:"): ViaChoice.model_validate_json(value)
                       for name, value in raw.items() if name.startswith("path:")},

@@ -43,7 +43,7 @@ from inferpool.constants import (
     stream_cancel_key,
     stream_key,
 )
-from inferpool.wire import ChatCompletionChunk, ChunkChoice, ChunkDelta, RequestResult, Usage
+from inferpool.wire import ChatCompletionChunk, Choice, ChunkChoice, ChunkDelta, EmbeddingList, RequestResult, Usage
 
 log = logging.getLogger(__name__)
 
@@ -231,20 +231,21 @@ class StreamAssembler:
         """The last chunks: the rest of the answer, the finish reasons, other choices, then usage. A result
         that is an error yields nothing: the caller raises it."""
         response = result.response
-        if response is None:
+        if response is None or isinstance(response, EmbeddingList):  # embeddings are never streamed
             return
         self._model = response.model or self._model
         yield from self._open()
         for choice in response.choices:
-            text = choice.message.content or ""
+            message = choice.message if isinstance(choice, Choice) else None
+            text = (message.content if message is not None else getattr(choice, "text", "")) or ""  # a completion
             if choice.index == 0:
                 if not text.startswith(self._shown):
                     raise self._diverged()  # never let a reader take a spliced text for the answer
                 rest = text[len(self._shown) :]
                 delta = ChunkDelta(content=rest) if rest else ChunkDelta()
-                if choice.message.tool_calls:
+                if message is not None and message.tool_calls:
                     delta.tool_calls = [{"index": index, **call.model_dump()}
-                                        for index, call in enumerate(choice.message.tool_calls)]  # fmt: skip
+                                        for index, call in enumerate(message.tool_calls)]  # fmt: skip
             else:
                 delta = ChunkDelta(role="assistant", content=text)
             yield self._chunk([ChunkChoice(index=choice.index, delta=delta, finish_reason=choice.finish_reason,

@@ -2,7 +2,9 @@
 files), and only those. ``client`` and ``workers`` never import each other: both speak these models.
 
 - ``requests``: the OpenAI chat-completions body as inferpool accepts it;
-- ``results``: ``chat.completion`` objects, serving stats, errors;
+- ``completions``, ``embeddings``: the ``/v1/completions`` and ``/v1/embeddings`` bodies and responses;
+- ``kinds``: the three request kinds by endpoint (``AnyRequest``, ``InferenceRequest``);
+- ``results``: ``chat.completion`` objects, serving stats, errors; ``tokens``: usage counts;
 - ``chunks``: streamed ``chat.completion.chunk`` objects;
 - ``tasks``: what Celery carries (chunks of items);
 - ``batch_lines``: OpenAI Batch JSONL input and output lines;
@@ -16,14 +18,35 @@ Everything is re-exported here: ``from inferpool.wire import ChatRequest``.
 
 from __future__ import annotations
 
-from inferpool.wire.batch_lines import CHAT_COMPLETIONS_URL, BatchInputLine, BatchOutputLine, BatchResponse
-from inferpool.wire.chunks import ChatCompletionChunk, ChunkChoice, ChunkDelta
+from inferpool.wire.batch_lines import BatchInputLine, BatchOutputLine, BatchResponse
+from inferpool.wire.chunks import ChatCompletionChunk, ChunkChoice, ChunkDelta, as_completion_chunk
+from inferpool.wire.completions import (
+    COMPLETIONS_URL,
+    DEFAULT_COMPLETION_TOKENS,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
+    CompletionRequest,
+)
+from inferpool.wire.embeddings import (
+    EMBEDDINGS_URL,
+    MAX_EMBEDDING_INPUTS,
+    Embedding,
+    EmbeddingList,
+    EmbeddingRequest,
+    EmbeddingUsage,
+    pack_vector,
+    unpack_vector,
+)
 from inferpool.wire.ids import new_id, random_hex
 from inferpool.wire.jobs import BatchJob, JobStatus, RequestCounts
+from inferpool.wire.kinds import REQUEST_TYPES, SUPPORTED_URLS, AnyRequest, InferenceRequest, supported_urls_text
 from inferpool.wire.parsing import describe_validation_error, load_json
 from inferpool.wire.provider_batches import PBatchState, ProviderBatch
 from inferpool.wire.requests import (
     AUTO_MODEL,
+    CHAT_COMPLETIONS_URL,
     MAX_JSON_DEPTH,
     Capability,
     ChatMessage,
@@ -41,22 +64,29 @@ from inferpool.wire.results import (
     ChatCompletion,
     Choice,
     ErrorInfo,
-    FinishReason,
     FunctionCall,
     RequestResult,
+    Response,
     ServingStats,
     ToolCall,
-    Usage,
 )
 from inferpool.wire.tasks import TaskChunk, TaskItem, chunk_json, describe_chunk
+from inferpool.wire.tokens import FinishReason, PromptTokensDetails, Usage
 from inferpool.wire.usage import ModelUsage
 from inferpool.wire.via import VIA_CHOICES, ServedVia, Via, ViaChoice, as_via
 
 __all__ = [
     "AUTO_MODEL",
     "CHAT_COMPLETIONS_URL",
+    "COMPLETIONS_URL",
+    "DEFAULT_COMPLETION_TOKENS",
+    "EMBEDDINGS_URL",
+    "MAX_EMBEDDING_INPUTS",
     "MAX_JSON_DEPTH",
+    "REQUEST_TYPES",
+    "SUPPORTED_URLS",
     "VIA_CHOICES",
+    "AnyRequest",
     "AssistantMessage",
     "BatchInputLine",
     "BatchJob",
@@ -70,18 +100,30 @@ __all__ = [
     "Choice",
     "ChunkChoice",
     "ChunkDelta",
+    "Completion",
+    "CompletionChoice",
+    "CompletionChunk",
+    "CompletionChunkChoice",
+    "CompletionRequest",
     "ContentPart",
+    "Embedding",
+    "EmbeddingList",
+    "EmbeddingRequest",
+    "EmbeddingUsage",
     "ErrorInfo",
     "FinishReason",
     "FunctionCall",
     "ImagePart",
     "ImageURL",
+    "InferenceRequest",
     "JobStatus",
     "ModelUsage",
     "PBatchState",
+    "PromptTokensDetails",
     "ProviderBatch",
     "RequestCounts",
     "RequestResult",
+    "Response",
     "RoutingHints",
     "ServedVia",
     "ServingStats",
@@ -93,6 +135,7 @@ __all__ = [
     "Usage",
     "Via",
     "ViaChoice",
+    "as_completion_chunk",
     "as_via",
     "check_json_depth",
     "chunk_json",
@@ -100,5 +143,8 @@ __all__ = [
     "describe_validation_error",
     "load_json",
     "new_id",
+    "pack_vector",
     "random_hex",
+    "supported_urls_text",
+    "unpack_vector",
 ]

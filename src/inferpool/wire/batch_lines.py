@@ -7,11 +7,10 @@ from typing import Any, Literal
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field
 
+from inferpool.wire.embeddings import openai_embedding_json
 from inferpool.wire.ids import new_id
-from inferpool.wire.results import ChatCompletion, ErrorInfo, RequestResult
+from inferpool.wire.results import ErrorInfo, RequestResult, Response
 from inferpool.wire.via import ServedVia
-
-CHAT_COMPLETIONS_URL = "/v1/chat/completions"
 
 
 class BatchInputLine(BaseModel):
@@ -27,7 +26,7 @@ class BatchInputLine(BaseModel):
 class BatchResponse(BaseModel):
     status_code: int
     request_id: str
-    body: ChatCompletion
+    body: Response
 
 
 class BatchOutputLine(BaseModel):
@@ -47,7 +46,10 @@ class BatchOutputLine(BaseModel):
     def from_result(cls, result: RequestResult) -> BatchOutputLine:
         via = result.stats.via if result.stats is not None else None
         if result.response is not None:
-            response = BatchResponse(status_code=200, request_id=result.request_id, body=result.response)
+            body = result.response
+            if body.object == "list":  # embeddings: in the format their request asked for
+                body = body.as_requested()
+            response = BatchResponse(status_code=200, request_id=result.request_id, body=body)
             return cls(id=new_id("batch_req"), custom_id=result.custom_id, response=response, error=None,
                        warnings=result.warnings, via=via)  # fmt: skip
         return cls(id=new_id("batch_req"), custom_id=result.custom_id, response=None, error=result.error,
@@ -76,11 +78,15 @@ class BatchOutputLine(BaseModel):
             raise TypeError("its response is not an object")
         line: dict[str, Any] = {"id": new_id("batch_req"), "custom_id": result.get("custom_id")}
         if response is not None:
-            choices = response["choices"]
-            for choice in choices:
-                choice.setdefault("logprobs", None)
-                choice["message"].setdefault("refusal", None)
-            response.setdefault("system_fingerprint", None)
+            kind = response.get("object")
+            if kind == "list":
+                openai_embedding_json(response)
+            else:
+                for choice in response["choices"]:
+                    choice.setdefault("logprobs", None)
+                    if kind == "chat.completion":
+                        choice["message"].setdefault("refusal", None)
+                response.setdefault("system_fingerprint", None)
             line["response"] = {"status_code": 200, "request_id": result["request_id"], "body": response}
             line["error"] = None
         else:

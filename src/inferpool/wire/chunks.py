@@ -1,4 +1,5 @@
-"""Streamed answers as OpenAI sends them: ``chat.completion.chunk`` objects."""
+"""Streamed answers as OpenAI sends them: ``chat.completion.chunk`` objects (and, for text completions,
+``text_completion`` ones made from them)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from inferpool.wire.results import FinishReason, Usage
+from inferpool.wire.completions import CompletionChunk, CompletionChunkChoice
+from inferpool.wire.tokens import FinishReason, Usage
 
 # -- the chunk objects (OpenAI ``chat.completion.chunk``) -------------------------------------------------
 
@@ -45,3 +47,13 @@ class ChatCompletionChunk(BaseModel):
             if choice.index == 0:
                 return choice.delta.content or ""
         return ""
+
+
+def as_completion_chunk(chunk: ChatCompletionChunk) -> CompletionChunk:
+    """The same piece of a streamed text completion, as OpenAI streams those (``text_completion`` objects with
+    ``text`` where chat has ``delta.content``)."""
+    choices = [CompletionChunkChoice(index=choice.index, text=choice.delta.content or "",
+                                     finish_reason=choice.finish_reason, logprobs=choice.logprobs)
+               for choice in chunk.choices]  # fmt: skip
+    return CompletionChunk(id="cmpl-" + chunk.id.removeprefix("chatcmpl-"), created=chunk.created, model=chunk.model,
+                           choices=choices, usage=chunk.usage)  # fmt: skip

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _STRICT = ConfigDict(extra="forbid")
+CHAT_COMPLETIONS_URL = "/v1/chat/completions"
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 #: Deepest nesting accepted in a request's free-form JSON (tools, response_format, tool calls). Real
@@ -121,6 +122,9 @@ class ChatRequest(BaseModel):
     """
 
     model_config = _STRICT
+    kind: ClassVar[str] = "chat"
+    url: ClassVar[str] = CHAT_COMPLETIONS_URL
+
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -224,6 +228,10 @@ class ChatRequest(BaseModel):
     def output_limit(self) -> int | None:
         """The requested cap on generated tokens, whichever name it was given under."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def prompt_text(self) -> str:
+        """The messages' text joined: for length estimates, never sent."""
+        return "\n".join(message.text() for message in self.messages)
 
     def stop_sequences(self) -> list[str]:
         if self.stop is None:

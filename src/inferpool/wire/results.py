@@ -1,15 +1,17 @@
-"""Results: OpenAI ``chat.completion`` objects, plus inferpool's serving stats and errors."""
+"""Results: OpenAI ``chat.completion`` objects (and, from their own modules, ``text_completion`` and embeddings
+``list`` objects), plus inferpool's serving stats and errors."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
 
 from inferpool._exceptions import RequestError
+from inferpool.wire.completions import Completion
+from inferpool.wire.embeddings import EmbeddingList, EmbeddingUsage
+from inferpool.wire.tokens import FinishReason, Usage
 from inferpool.wire.via import ServedVia
-
-FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
 
 class ErrorInfo(BaseModel):
@@ -21,21 +23,6 @@ class ErrorInfo(BaseModel):
     @classmethod
     def from_exception(cls, exc: RequestError) -> ErrorInfo:
         return cls(code=exc.code, message=exc.message)
-
-
-class PromptTokensDetails(BaseModel):
-    """OpenAI's ``usage.prompt_tokens_details``: ``cached_tokens`` are prompt tokens whose prefill the engine
-    skipped (vLLM's prefix cache)."""
-
-    cached_tokens: int = Field(default=0, ge=0)
-
-
-class Usage(BaseModel):
-    prompt_tokens: int = Field(ge=0)
-    completion_tokens: int = Field(ge=0)
-    total_tokens: int = Field(ge=0)
-    # Left out when the engine does not say (API providers, transformers), so such usage reads as before.
-    prompt_tokens_details: PromptTokensDetails | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class FunctionCall(BaseModel):
@@ -107,6 +94,20 @@ class ServingStats(BaseModel):
     )
 
 
+def _object_of(value: Any) -> str:
+    found = value.get("object") if isinstance(value, dict) else getattr(value, "object", None)
+    return found if isinstance(found, str) else "chat.completion"  # chat's was the only one, and optional
+
+
+#: Any request kind's answer, told apart by its ``object`` (chat's when it has none).
+Response = Annotated[
+    Annotated[ChatCompletion, Tag("chat.completion")]
+    | Annotated[Completion, Tag("text_completion")]
+    | Annotated[EmbeddingList, Tag("list")],
+    Discriminator(_object_of),
+]
+
+
 class RequestResult(BaseModel):
     """What a worker writes for one request: exactly one of ``response`` or ``error``."""
 
@@ -114,7 +115,7 @@ class RequestResult(BaseModel):
     custom_id: str | None = None
     job_id: str | None = None
     tenant: str | None = None
-    response: ChatCompletion | None = None
+    response: Response | None = None
     error: ErrorInfo | None = None
     stats: ServingStats | None = None
     warnings: list[str] | None = Field(default=None, description="E.g. the requested model is deprecated.")
@@ -131,4 +132,10 @@ class RequestResult(BaseModel):
 
     @property
     def usage(self) -> Usage | None:
-        return self.response.usage if self.response is not None else None
+        """Token counts, the same shape for every kind (an embedding's completion tokens are 0)."""
+        if self.response is None:
+            return None
+        usage = self.response.usage
+        if isinstance(usage, EmbeddingUsage):
+            return Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=0, total_tokens=usage.total_tokens)
+        return usage

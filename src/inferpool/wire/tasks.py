@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from inferpool.constants import Priority, split_adapter
 from inferpool.wire.ids import new_id
-from inferpool.wire.requests import ChatRequest
+from inferpool.wire.kinds import InferenceRequest
 
 
 class TaskItem(BaseModel):
@@ -18,7 +18,7 @@ class TaskItem(BaseModel):
     request_id: str
     custom_id: str | None = None
     tenant: str | None = None
-    request: ChatRequest
+    request: InferenceRequest
     warnings: list[str] | None = None
     tried: list[str] | None = Field(default=None, description="Models that failed it before (fallbacks).")
 

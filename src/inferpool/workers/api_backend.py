@@ -29,8 +29,16 @@ from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.redis_connection import async_redis_from_url
 from inferpool.plumbing.settings import Settings
 from inferpool.state.streams import current_delta_sink
-from inferpool.wire import ChatRequest, FinishReason
-from inferpool.workers.backend import Generation, GenerationOutcome, gather_outcomes, parse_params, tool_call
+from inferpool.wire import AnyRequest, ChatRequest, FinishReason
+from inferpool.workers.backend import (
+    Embeddings,
+    Generation,
+    GenerationOutcome,
+    Outcome,
+    gather_outcomes,
+    parse_params,
+    tool_call,
+)
 from inferpool.workers.ratelimit import RateLimitSpec, SharedRateLimiter, limit_group
 
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
@@ -68,7 +76,7 @@ class ApiFailure(Exception):
 
 @dataclass(frozen=True)
 class ProviderReply:
-    generation: Generation
+    generation: Generation | Embeddings
     headers: Mapping[str, str]
 
 
@@ -175,18 +183,31 @@ class ApiBackend(ABC):
                 self._limiter = SharedRateLimiter(self._redis, group, self.params.rate_limit)
         return self._semaphore, self._limiter
 
-    async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
-        return await gather_outcomes(self.name, (self._serve(request) for request in requests))
+    async def call_kind(self, kind: str, arguments: dict[str, Any]) -> ProviderReply:
+        """Send one request of ``kind`` (chat: ``call``); a provider serving more kinds overrides this."""
+        if kind != "chat":
+            raise ApiFailure(f"{self.provider} does not serve {kind}", retryable=False)
+        return await self.call(arguments)
 
-    async def _serve(self, request: ChatRequest) -> GenerationOutcome:
+    def translate_any(self, request: AnyRequest) -> dict[str, Any]:
+        """The SDK call's arguments for any kind (chat: ``translate``); a provider serving more kinds overrides it."""
+        if not isinstance(request, ChatRequest):
+            raise ProviderError(f"{self.provider} does not serve {request.kind}")
+        return self.translate(request)
+
+    async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
+        outcomes = await gather_outcomes(self.name, (self._serve(request) for request in requests))
+        return [outcome for outcome in outcomes if not isinstance(outcome, Embeddings)]
+
+    async def _serve(self, request: AnyRequest) -> Outcome:
         try:
-            arguments = self.translate(request)
+            arguments = self.translate_any(request)
         except RequestError as exc:
             return exc
         semaphore, limiter = self._ensure_loop_state()
-        estimate = sum(len(m.text()) // 4 for m in request.messages) + (
-            request.output_limit() or self.spec.capabilities.default_max_tokens
-        )
+        wanted = request.output_limit() if request.kind != "chat" else request.output_limit() or (
+            self.spec.capabilities.default_max_tokens)  # fmt: skip
+        estimate = len(request.prompt_text()) // 4 + (wanted or 0)
         sink = current_delta_sink()
         async with semaphore:
             attempt = 0
@@ -198,7 +219,7 @@ class ApiBackend(ABC):
                 if limiter is not None:
                     await limiter.acquire(estimate)
                 try:
-                    reply = await self.call(arguments)
+                    reply = await self.call_kind(request.kind, arguments)
                 except ApiFailure as failure:
                     if failure.retry_after_s and limiter is not None:
                         await limiter.pause(failure.retry_after_s)

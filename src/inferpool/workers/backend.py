@@ -1,5 +1,9 @@
 """The ``Backend`` protocol every model runner implements, and how backends are found.
 
+A backend answers chat with ``generate``; it may also answer text completions (``complete``, one prompt per
+request) and embeddings (``embed``): optional methods beside the protocol's, which ``inferpool.workers.kinds``
+calls (a backend without them refuses that kind with ``capability_mismatch``).
+
 Built-in backends (echo, transformers) register through the same entry-point group as third-party
 ones (``inferpool.backends``): a package adds a backend by declaring, in its pyproject.toml::
 
@@ -16,7 +20,7 @@ import logging
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
 from pydantic import BaseModel, ValidationError
 
@@ -64,20 +68,40 @@ class Generation:
     cached_prompt_tokens: int | None = None
 
 
+@dataclass(frozen=True)
+class Embeddings:
+    """One embeddings request's answer: a vector per input, in input order, each packed (``wire.pack_vector``:
+    base64 of little-endian float32, as stored). The other fields let every outcome be counted alike."""
+
+    vectors: tuple[str, ...]
+    prompt_tokens: int
+    attempts: int = 1
+    completion_tokens: int = 0
+    first_token_at: float | None = field(default=None, compare=False)
+    cached_prompt_tokens: int | None = None
+
+
 #: A backend answers each request with a ``Generation`` or the ``RequestError`` that stopped it.
 GenerationOutcome = Generation | RequestError
+#: ``embed``'s answer to each request.
+EmbeddingOutcome = Embeddings | RequestError
+#: Any request's outcome, whatever its kind.
+Outcome = Generation | Embeddings | RequestError
 
 
 log = logging.getLogger(__name__)
 
 
-async def gather_outcomes(backend: str, answers: Iterable[Awaitable[GenerationOutcome]]) -> list[GenerationOutcome]:
+_O = TypeVar("_O", bound=Generation | Embeddings | RequestError)
+
+
+async def gather_outcomes(backend: str, answers: Iterable[Awaitable[_O]]) -> list[_O | ProviderError]:
     """Await every request's answer; one that raises becomes that request's ``ProviderError`` alone,
     never its chunk-mates'."""
-    outcomes: list[GenerationOutcome] = []
+    outcomes: list[_O | ProviderError] = []
     for result in await asyncio.gather(*answers, return_exceptions=True):
-        if isinstance(result, Generation | RequestError):
-            outcomes.append(result)
+        if isinstance(result, Generation | Embeddings | RequestError):
+            outcomes.append(cast(_O, result))
         elif isinstance(result, Exception):
             log.error("backend %s failed on a request", backend, exc_info=result)
             outcomes.append(ProviderError(f"backend {backend!r} failed: {type(result).__name__}: {result}"))

@@ -27,8 +27,11 @@ import redis
 from inferpool.constants import CACHE_INDEX_KEY, DEFAULT_TENANT, cache_entry_key, cache_lock_key
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.settings import Settings
-from inferpool.wire import ChatRequest
-from inferpool.workers.backend import ExtraChoice, Generation
+from inferpool.wire import AnyRequest, ChatRequest, EmbeddingRequest
+from inferpool.workers.backend import Embeddings, ExtraChoice, Generation
+
+#: What the cache stores: a chat or completion answer, or an embeddings request's vectors.
+Answer = Generation | Embeddings
 
 #: Bumped when what a key covers, or how answers are stored, changes (old entries are then never read).
 CACHE_FORMAT = "1"
@@ -38,6 +41,9 @@ ANSWER_FIELDS = frozenset({
     "presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice", "parallel_tool_calls",
     "logprobs", "top_logprobs",
 })  # fmt: skip
+#: What a key leaves out of a completion or embeddings request (it does not change the answer; the vectors are
+#: stored packed whatever ``encoding_format`` asked).
+NOT_ANSWER_FIELDS = frozenset({"model", "user", "stream", "stream_options", "routing", "cache", "encoding_format"})
 #: A request computing an answer holds its lock this long at most (a crashed worker's lapses by itself).
 LOCK_S = 600
 _POLL_S = 0.05
@@ -73,7 +79,7 @@ return 0
 """
 
 
-def cache_ttl_s(spec: ModelSpec, request: ChatRequest, default_ttl_s: int) -> int | None:
+def cache_ttl_s(spec: ModelSpec, request: AnyRequest, default_ttl_s: int) -> int | None:
     """How long ``request``'s answer may be reused, or None if it must not be cached.
 
     ``cache: false`` never caches; ``cache: true`` caches on any model (the model's TTL, else the default);
@@ -85,6 +91,9 @@ def cache_ttl_s(spec: ModelSpec, request: ChatRequest, default_ttl_s: int) -> in
     ttl = spec.cache.ttl_s if spec.cache is not None else default_ttl_s
     if request.cache is True or (spec.cache is not None and spec.cache.any_temperature):
         return ttl
+    if request.kind == "embeddings":
+        return ttl  # an embedding never samples
+    assert not isinstance(request, EmbeddingRequest)
     return ttl if request.temperature == 0 or request.seed is not None else None
 
 
@@ -95,27 +104,34 @@ def cache_scope(spec: ModelSpec, tenant: str | None) -> str | None:
     return tenant or DEFAULT_TENANT
 
 
-def cache_key(request: ChatRequest, scope: str | None = None) -> str:
+def cache_key(request: AnyRequest, scope: str | None = None) -> str:
     """The digest of what changes ``request``'s answer (``request.model`` is the served model), within
     ``scope`` (a tenant; None: shared by every tenant)."""
-    covered = request.model_dump(include=set(ANSWER_FIELDS), exclude_none=True, mode="json")
+    if isinstance(request, ChatRequest):
+        covered = request.model_dump(include=set(ANSWER_FIELDS), exclude_none=True, mode="json")
+    else:
+        covered = request.model_dump(exclude=set(NOT_ANSWER_FIELDS), exclude_none=True, mode="json")
     head: list[object] = [CACHE_FORMAT, request.model] if scope is None else [CACHE_FORMAT, request.model, scope]
+    if not isinstance(request, ChatRequest):
+        head.append(request.kind)
     canonical = json.dumps([*head, covered], sort_keys=True, separators=(",", ":"),
                            ensure_ascii=False)  # fmt: skip
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def encode_generation(generation: Generation) -> bytes:
+def encode_generation(generation: Answer) -> bytes:
     fields = asdict(generation)
     fields.pop("first_token_at", None)
     fields.pop("attempts", None)
     return pydantic_core.to_json(fields)
 
 
-def decode_generation(raw: bytes | str) -> Generation | None:
+def decode_generation(raw: bytes | str) -> Answer | None:
     """The stored answer, or None if it cannot be read (treated as a miss)."""
     try:
         fields: dict[str, Any] = json.loads(raw)
+        if "vectors" in fields:
+            return Embeddings(**{**fields, "vectors": tuple(fields["vectors"])})
         extra = tuple(ExtraChoice(**choice) for choice in fields.pop("extra_choices", ()))
         calls = tuple(fields.pop("tool_calls", ()))
         return Generation(**fields, extra_choices=extra, tool_calls=calls)
@@ -132,10 +148,10 @@ class ResponseCache:
         self._put = client.register_script(_PUT)
         self._release = client.register_script(_RELEASE)
 
-    def get_many(self, digests: Sequence[str]) -> dict[str, Generation]:
+    def get_many(self, digests: Sequence[str]) -> dict[str, Answer]:
         if not digests:
             return {}
-        found: dict[str, Generation] = {}
+        found: dict[str, Answer] = {}
         for digest, raw in zip(digests, self._redis.mget([cache_entry_key(d) for d in digests]), strict=True):
             generation = decode_generation(raw) if raw is not None else None
             if generation is not None:
@@ -150,7 +166,7 @@ class ResponseCache:
             pipe.set(cache_lock_key(digest), owner, nx=True, ex=LOCK_S)
         return {digest for digest, took in zip(ordered, pipe.execute(), strict=True) if took}
 
-    def put_many(self, answers: Mapping[str, tuple[Generation, int]], owner: str) -> None:
+    def put_many(self, answers: Mapping[str, tuple[Answer, int]], owner: str) -> None:
         """Store answers (digest -> (answer, ttl)) and release the locks ``owner`` holds on them."""
         if not answers:
             return
@@ -167,11 +183,11 @@ class ResponseCache:
         if keys:
             self._release(keys=keys, args=[owner])
 
-    def wait_for(self, digests: Sequence[str]) -> dict[str, Generation]:
+    def wait_for(self, digests: Sequence[str]) -> dict[str, Answer]:
         """Answers to ``digests`` as the requests computing them store them; a digest whose computer gave up
         (its lock is gone, no answer) or that is still not there after ``cache_wait_s`` is left out."""
         pending = list(digests)
-        found: dict[str, Generation] = {}
+        found: dict[str, Answer] = {}
         deadline = time.monotonic() + self._settings.cache_wait_s
         while pending:
             found.update(self.get_many(pending))
@@ -201,7 +217,7 @@ class CachePlan:
         self._cache = cache
         self._owner = owner
         self.keys = dict(keys)
-        self.hits: dict[str, Generation] = {}
+        self.hits: dict[str, Answer] = {}
         self.leader: dict[str, str] = {}
         self.followers: dict[str, list[str]] = {}
         self.ttl: dict[str, int] = {}
@@ -222,10 +238,10 @@ class CachePlan:
 
     def store(self, outcomes: Mapping[str, Any], digests: Iterable[str]) -> None:
         """Cache the answers computed for ``digests`` (an error is not cached) and release their locks."""
-        answers: dict[str, tuple[Generation, int]] = {}
+        answers: dict[str, tuple[Answer, int]] = {}
         for digest in digests:
             outcome = outcomes.get(self.leader[digest])
-            if isinstance(outcome, Generation):
+            if isinstance(outcome, Generation | Embeddings):
                 answers[digest] = (outcome, self.ttl[digest])
         self._cache.put_many(answers, self._owner)
         self._cache.release((digest for digest in digests if digest not in answers), self._owner)
@@ -247,6 +263,6 @@ class CachePlan:
                 outcome = replace(outcome, first_token_at=None)
             for request_id in request_ids:
                 outcomes[request_id] = outcome
-                if isinstance(outcome, Generation):
+                if isinstance(outcome, Generation | Embeddings):
                     cached.add(request_id)
         return cached

@@ -1,7 +1,9 @@
 """The echo backend: deterministic answers with no model, for tests and benchmarks.
 
-It answers ``echo: <text of the last user message>``. A token is a whitespace-separated word, both for
-the prompt (all messages) and the answer, so usage is exact and predictable. Parameters (registry
+It answers ``echo: <text of the last user message>`` (a text completion: ``echo: <prompt>``). A token is a
+whitespace-separated word, both for the prompt (all messages) and the answer, so usage is exact and predictable.
+Embeddings are unit vectors drawn from a generator seeded by the input (equal inputs, equal vectors, in any
+process), of the registry's ``embeddings.dimensions``; a token-id input counts its ids as tokens. Parameters (registry
 ``params``): ``delay_ms`` sleeps that long per request, to emulate a slow model; ``load_ms`` that long
 at load; ``wake_ms`` makes the model sleep-capable, as vLLM's sleep mode on a GPU is (a budgeted worker
 parks it instead of unloading it), waking taking that long; asked to generate while asleep it fails every
@@ -11,6 +13,9 @@ request. A streamed request is answered word by word, ``delay_ms`` spread over i
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
+import random
 import time
 from collections.abc import Sequence
 
@@ -20,8 +25,8 @@ from inferpool._exceptions import ContextLengthExceeded, ProviderError
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.settings import Settings
 from inferpool.state.streams import DeltaSink, current_delta_sink
-from inferpool.wire import ChatRequest, FinishReason
-from inferpool.workers.backend import Generation, GenerationOutcome, parse_params
+from inferpool.wire import ChatRequest, CompletionRequest, EmbeddingRequest, FinishReason, pack_vector
+from inferpool.workers.backend import EmbeddingOutcome, Embeddings, Generation, GenerationOutcome, parse_params
 
 
 class EchoParams(BaseModel):
@@ -36,12 +41,23 @@ class EchoParams(BaseModel):
     )
 
 
-def echo_answer(request: ChatRequest) -> str:
+def echo_answer(request: ChatRequest | CompletionRequest) -> str:
     """The full answer the echo backend gives to ``request`` before ``max_tokens`` and stops apply."""
     return f"echo: {_last_user_text(request)}"
 
 
-def _last_user_text(request: ChatRequest) -> str:
+def echo_vector(item: str | list[int], dimensions: int) -> list[float]:
+    """The unit vector the echo backend gives an input."""
+    seed = hashlib.blake2b(repr(item).encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    rng = random.Random(int.from_bytes(seed, "big"))
+    values = [rng.gauss(0.0, 1.0) for _ in range(dimensions)]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]
+
+
+def _last_user_text(request: ChatRequest | CompletionRequest) -> str:
+    if isinstance(request, CompletionRequest):
+        return request.prompt_text()
     last_user = next((m for m in reversed(request.messages) if m.role == "user"), request.messages[-1])
     return last_user.text()
 
@@ -80,6 +96,9 @@ class EchoBackend:
         self.asleep = False
 
     async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
+        return await self._generate(requests)
+
+    async def _generate(self, requests: Sequence[ChatRequest | CompletionRequest]) -> list[GenerationOutcome]:
         if self.asleep:  # a worker that served a sleeping model would be a bug: make it visible
             return [ProviderError(f"model {self.spec.name!r} is asleep") for _ in requests]
         sink = current_delta_sink()
@@ -89,7 +108,7 @@ class EchoBackend:
             await asyncio.sleep(self.params.delay_ms / 1000 * len(requests))
         return [self._answer(request) for request in requests]
 
-    async def _stream(self, request: ChatRequest, sink: DeltaSink) -> GenerationOutcome:
+    async def _stream(self, request: ChatRequest | CompletionRequest, sink: DeltaSink) -> GenerationOutcome:
         """The same answer, word by word (``delay_ms`` spread over the words); stops if the reader hangs up."""
         answer = self._answer(request)
         if not isinstance(answer, Generation):
@@ -103,11 +122,41 @@ class EchoBackend:
             sink.emit(word if index == 0 else " " + word)
         return answer
 
-    def _answer(self, request: ChatRequest) -> GenerationOutcome:
+    async def complete(self, requests: Sequence[CompletionRequest]) -> list[GenerationOutcome]:
+        """A text completion answers ``echo: <prompt>`` (one prompt per request: ``workers.kinds`` splits lists)."""
+        return await self._generate(requests)
+
+    async def embed(self, requests: Sequence[EmbeddingRequest]) -> list[EmbeddingOutcome]:
+        if self.asleep:
+            return [ProviderError(f"model {self.spec.name!r} is asleep") for _ in requests]
+        if self.params.delay_ms:
+            await asyncio.sleep(self.params.delay_ms / 1000 * len(requests))
+        return [self._embed(request) for request in requests]
+
+    def _embed(self, request: EmbeddingRequest) -> EmbeddingOutcome:
+        caps = self.spec.capabilities.embeddings
+        dimensions = caps.dimensions if caps is not None else 8
+        limit = caps.max_input_tokens if caps is not None else self.spec.capabilities.context_window
+        vectors, tokens = [], 0
+        for index, item in enumerate(request.inputs()):
+            if isinstance(item, str) and self.params.fail_marker is not None and self.params.fail_marker in item:
+                return ProviderError(f"injected failure: input {index} contains {self.params.fail_marker!r}")
+            count = count_words(item) if isinstance(item, str) else len(item)
+            if count > limit:
+                return ContextLengthExceeded(f"input {index} is {count} tokens, more than model {self.spec.name!r} "
+                                             f"takes ({limit}); shorten or split it")  # fmt: skip
+            tokens += count
+            vectors.append(pack_vector(echo_vector(item, dimensions)))
+        return Embeddings(vectors=tuple(vectors), prompt_tokens=tokens)
+
+    def _answer(self, request: ChatRequest | CompletionRequest) -> GenerationOutcome:
         caps = self.spec.capabilities
         if self.params.fail_marker is not None and self.params.fail_marker in echo_answer(request):
             return ProviderError(f"injected failure: the prompt contains {self.params.fail_marker!r}")
-        prompt_tokens = sum(count_words(m.text()) for m in request.messages)
+        if isinstance(request, CompletionRequest):
+            prompt_tokens = count_words(request.prompt_text())
+        else:
+            prompt_tokens = sum(count_words(m.text()) for m in request.messages)
         limit = request.output_limit() or caps.default_max_tokens
         if prompt_tokens + limit > caps.context_window:
             return ContextLengthExceeded(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import redis
 from celery import Celery
@@ -31,7 +31,7 @@ from inferpool.state.dead_letters import DeadLetters
 from inferpool.state.heartbeats import count_live_workers
 from inferpool.state.items import LUA_ITEM_HOLDER, record_json
 from inferpool.wire import TaskChunk, TaskItem
-from inferpool.workers.backend import GenerationOutcome
+from inferpool.workers.backend import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class FailurePolicy:
         self.dead_letters = DeadLetters(client, dead_letter_ttl_s)
         self._move = client.register_script(_MOVE_INFLIGHT)
 
-    def fallback_for(self, item: TaskItem, outcome: GenerationOutcome) -> ModelSpec | None:
+    def fallback_for(self, item: TaskItem, outcome: Outcome) -> ModelSpec | None:
         """The model ``item`` should move to after ``outcome``, or None.
 
         The chain is the one of the model the request was first sent to; a candidate must not have tried
@@ -134,7 +134,7 @@ class FailurePolicy:
             log.info("passing %d request(s) of %s to fallback %s", moving.size, chunk.describe(), model)
             publish_chunk(self.celery, moving)
 
-    def dead_letter(self, chunk: TaskChunk, items: Sequence[TaskItem], outcomes: dict[str, GenerationOutcome],
+    def dead_letter(self, chunk: TaskChunk, items: Sequence[TaskItem], outcomes: Mapping[str, Outcome],
              written: Sequence[bool]) -> int:  # fmt: skip
         """Copy to the dead-letter stream each provider failure this call wrote the result of."""
         dead = [

@@ -3,11 +3,15 @@
 A hook subclasses ``Hook`` and overrides what it needs (both do nothing by default)::
 
     class RedactEmails(Hook):
-        def before_request(self, request: ChatRequest) -> ChatRequest:
+        def before_request(self, request: AnyRequest) -> AnyRequest:
             ...  # return the request to send (rewritten, or as it came); raise Reject("why") to refuse it
 
-        def after_result(self, request: ChatRequest, generation: Generation) -> Generation:
+        def after_result(self, request: AnyRequest, generation: Generation) -> Generation:
             ...  # return the answer to store (dataclasses.replace(generation, text=...)); Reject to fail it
+
+``request`` is any kind the model serves: a ``ChatRequest``, a ``CompletionRequest`` (its ``prompt``) or an
+``EmbeddingRequest`` (its ``input``); ``before_request`` returns one of the same kind. ``after_result`` sees
+chat and completion answers (text); embedding vectors are stored as the model made them.
 
 and registers its factory, which takes the registry's ``params`` for it, in the ``inferpool.hooks``
 entry-point group (the same mechanism as backends)::
@@ -33,7 +37,7 @@ from typing import Any, Protocol
 from inferpool._exceptions import ConfigurationError, HookError
 from inferpool.constants import HOOK_ENTRY_POINT_GROUP
 from inferpool.model_registry.spec import HookSpec
-from inferpool.wire import ChatRequest
+from inferpool.wire import AnyRequest
 from inferpool.workers.backend import Generation
 
 
@@ -44,10 +48,10 @@ class Reject(Exception):
 class Hook:
     """Base of hooks: both methods pass things through unchanged."""
 
-    def before_request(self, request: ChatRequest) -> ChatRequest:
+    def before_request(self, request: AnyRequest) -> AnyRequest:
         return request
 
-    def after_result(self, request: ChatRequest, generation: Generation) -> Generation:
+    def after_result(self, request: AnyRequest, generation: Generation) -> Generation:
         return generation
 
 
@@ -87,20 +91,21 @@ class HookChain:
     def rewrites_answers(self) -> bool:
         return any(type(hook).after_result is not Hook.after_result for _, hook in self.hooks)
 
-    def before(self, request: ChatRequest) -> tuple[ChatRequest | HookError, float]:
+    def before(self, request: AnyRequest) -> tuple[AnyRequest | HookError, float]:
         """The request after every hook, or the error of the first that refused; and the seconds spent."""
         started = time.perf_counter()
+        kind = type(request)
         for name, hook in self.hooks:
             try:
                 request = hook.before_request(request)
             except Exception as exc:
                 return _hook_error(name, exc, "refused the request"), time.perf_counter() - started
-            if not isinstance(request, ChatRequest):
+            if not isinstance(request, kind):
                 return HookError(f"hook {name!r} failed: before_request returned {type(request).__name__}, "
-                                 "not a ChatRequest"), time.perf_counter() - started  # fmt: skip
+                                 f"not a {kind.__name__}"), time.perf_counter() - started  # fmt: skip
         return request, time.perf_counter() - started
 
-    def after(self, request: ChatRequest, generation: Generation) -> tuple[Generation | HookError, float]:
+    def after(self, request: AnyRequest, generation: Generation) -> tuple[Generation | HookError, float]:
         """The answer after every hook (last first), or the error of the first that rejected it."""
         started = time.perf_counter()
         for name, hook in reversed(self.hooks):

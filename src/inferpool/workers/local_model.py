@@ -14,7 +14,7 @@ from inferpool._exceptions import ContextLengthExceeded, InvalidRequest, ModelLo
 from inferpool.constants import split_adapter
 from inferpool.model_registry.checkpoints import ensure_hf_checkpoint, package_file
 from inferpool.model_registry.spec import ModelSpec
-from inferpool.wire import ChatMessage, ChatRequest
+from inferpool.wire import AnyRequest, ChatMessage, ChatRequest, CompletionRequest
 from inferpool.workers.local_tools import tools_prompt
 
 
@@ -77,7 +77,8 @@ def _message_text(message: ChatMessage) -> str:
     return message.text()
 
 
-def output_budget(spec: ModelSpec, request: ChatRequest, prompt_tokens: int, context_window: int) -> int:
+def output_budget(spec: ModelSpec, request: ChatRequest | CompletionRequest, prompt_tokens: int,
+                  context_window: int) -> int:  # fmt: skip
     """The request's max new tokens, or ``ContextLengthExceeded`` if prompt plus output cannot fit."""
     max_new = request.output_limit() or spec.capabilities.default_max_tokens
     if prompt_tokens + max_new > context_window:
@@ -88,7 +89,7 @@ def output_budget(spec: ModelSpec, request: ChatRequest, prompt_tokens: int, con
     return max_new
 
 
-def requested_adapter(spec: ModelSpec, request: ChatRequest) -> tuple[str, Path] | None:
+def requested_adapter(spec: ModelSpec, request: AnyRequest) -> tuple[str, Path] | None:
     """The LoRA adapter (name, path) a request selects with ``model: "<model>:<adapter>"``, or None."""
     adapter = split_adapter(request.model)[1]
     if adapter is None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.settings import Settings
 from inferpool.state.streams import current_delta_sink
-from inferpool.wire import ChatRequest
+from inferpool.wire import AnyRequest, ChatRequest, CompletionRequest, EmbeddingRequest
 from inferpool.workers.api_backend import (
     ApiBackend,
     ProviderReply,
@@ -18,7 +18,13 @@ from inferpool.workers.api_backend import (
     stopped_generation,
     streamed_generation,
 )
-from inferpool.workers.openai_translate import _FINISH, completion_generation
+from inferpool.workers.backend import EmbeddingOutcome, Embeddings, Generation, GenerationOutcome, gather_outcomes
+from inferpool.workers.openai_translate import (
+    _FINISH,
+    completion_generation,
+    embeddings_outcome,
+    text_completion_generation,
+)
 
 if TYPE_CHECKING:
     from inferpool.provider_batch.api import ProviderBatchApi
@@ -39,13 +45,79 @@ class OpenAIBackend(ApiBackend):
         )
 
     def translate(self, request: ChatRequest) -> dict[str, Any]:
+        return self.translate_any(request)
+
+    def translate_any(self, request: AnyRequest) -> dict[str, Any]:
+        """The body as the SDK takes it: inferpool's own fields out; embeddings always asked as base64 (a quarter
+        of the bytes, and the form they are stored in)."""
         body = request.model_dump(exclude_none=True)
+        if isinstance(request, EmbeddingRequest):
+            body["encoding_format"] = "base64"
         body["model"] = self.provider_model
         body.pop("stream", None)  # the backend decides (params.stream, or a reader waiting for deltas)
         body.pop("stream_options", None)
         body.pop("routing", None)  # inferpool's own fields
         body.pop("cache", None)
         return body
+
+    async def complete(self, requests: list[CompletionRequest]) -> list[GenerationOutcome]:
+        outcomes = await gather_outcomes(self.name, (self._serve(request) for request in requests))
+        return [outcome for outcome in outcomes if not isinstance(outcome, Embeddings)]
+
+    async def embed(self, requests: list[EmbeddingRequest]) -> list[EmbeddingOutcome]:
+        outcomes = await gather_outcomes(self.name, (self._serve(request) for request in requests))
+        return [outcome for outcome in outcomes if not isinstance(outcome, Generation)]
+
+    async def call_kind(self, kind: str, arguments: dict[str, Any]) -> ProviderReply:
+        if kind == "chat":
+            return await self.call(arguments)
+        if kind == "completions" and (self.params.stream or current_delta_sink() is not None):
+            return await self._complete_streaming(arguments)
+        try:
+            if kind == "completions":
+                raw: Any = await self._client.completions.with_raw_response.create(**arguments)
+            else:
+                raw = await self._client.embeddings.with_raw_response.create(**arguments)
+            parsed = await maybe_await(raw.parse())
+        except Exception as exc:  # classify_sdk_error re-raises anything it does not recognise
+            raise classify_sdk_error(exc, self._sdk) from exc
+        answer = text_completion_generation(parsed) if kind == "completions" else embeddings_outcome(parsed)
+        return ProviderReply(answer, dict(raw.headers))
+
+    async def _complete_streaming(self, arguments: dict[str, Any]) -> ProviderReply:
+        """A streamed text completion: each chunk's text to the request's reader, usage from the last chunk."""
+        sink = current_delta_sink()
+        if sink is not None:
+            sink.restart()
+        first_token_at: float | None = None
+        parts: list[str] = []
+        finish: str | None = None
+        usage: Any = None
+        try:
+            raw = await self._client.completions.with_raw_response.create(
+                **arguments, stream=True, stream_options={"include_usage": True}
+            )
+            stream = await maybe_await(raw.parse())
+            async for chunk in stream:
+                if sink is not None and sink.cancelled:
+                    await stream.close()
+                    return ProviderReply(stopped_generation(parts, first_token_at), dict(raw.headers))
+                usage = chunk.usage or usage
+                for choice in chunk.choices:
+                    if choice.index == 0 and choice.text:
+                        first_token_at = first_token_at or time.time()
+                        parts.append(choice.text)
+                        if sink is not None:
+                            sink.emit(choice.text)
+                    if choice.index == 0:
+                        finish = choice.finish_reason or finish
+        except Exception as exc:
+            raise classify_sdk_error(exc, self._sdk) from exc
+        generation = streamed_generation(
+            parts, None if finish is None else _FINISH.get(finish, "stop"), usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0, first_token_at, missing="finish_reason",
+        )  # fmt: skip
+        return ProviderReply(generation, dict(raw.headers))
 
     async def call(self, arguments: dict[str, Any]) -> ProviderReply:
         if self.params.stream or current_delta_sink() is not None:
@@ -105,7 +177,7 @@ class OpenAIBackend(ApiBackend):
         """OpenAI's Batch API on this backend's client and translation."""
         from inferpool.provider_batch.openai_batch import OpenAIBatchApi
 
-        return OpenAIBatchApi(self._client, self.translate)
+        return OpenAIBatchApi(self._client, self.translate_any)
 
 
 def _add_call_pieces(calls: StreamedToolCalls, deltas: Any) -> None:

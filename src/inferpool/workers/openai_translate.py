@@ -1,14 +1,15 @@
-"""OpenAI's answers as inferpool's ``Generation`` (the real-time backend and the Batch API's output lines share it)."""
+"""OpenAI's answers as inferpool's ``Generation`` and ``Embeddings`` (the real-time backend and the Batch API's
+output lines share it)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from inferpool.wire import FinishReason
+from inferpool.wire import FinishReason, pack_vector
 from inferpool.workers.api_backend import (
     ApiFailure,
 )
-from inferpool.workers.backend import Generation, tool_call
+from inferpool.workers.backend import Embeddings, ExtraChoice, Generation, tool_call
 
 _FINISH: dict[str, FinishReason] = {
     "stop": "stop", "length": "length", "tool_calls": "tool_calls", "function_call": "tool_calls",
@@ -33,3 +34,40 @@ def completion_generation(completion: Any) -> Generation:
             if call.type == "function"
         ),
     )
+
+
+def text_completion_generation(completion: Any) -> Generation:
+    """An SDK ``Completion`` (``/v1/completions``) as a ``Generation``: choice 0, the others as extra choices."""
+    choices = sorted(completion.choices or (), key=lambda choice: choice.index)
+    if not choices:
+        raise ApiFailure("the response has no choices", retryable=True)
+    usage = completion.usage
+    first, rest = choices[0], choices[1:]
+    extra = tuple(ExtraChoice(c.text or "", _FINISH.get(c.finish_reason or "stop", "stop"), _plain(c.logprobs))
+                  for c in rest)  # fmt: skip
+    return Generation(
+        text=first.text or "",
+        finish_reason=_FINISH.get(first.finish_reason or "stop", "stop"),
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        completion_tokens=usage.completion_tokens if usage else 0,
+        logprobs=_plain(first.logprobs),
+        extra_choices=extra,
+    )
+
+
+def embeddings_outcome(response: Any) -> Embeddings:
+    """An SDK ``CreateEmbeddingResponse`` (asked with ``encoding_format: base64``, or floats) as ``Embeddings``."""
+    data = sorted(response.data or (), key=lambda item: item.index)
+    if not data:
+        raise ApiFailure("the response has no embeddings", retryable=True)
+    vectors = tuple(item.embedding if isinstance(item.embedding, str) else pack_vector(item.embedding)
+                    for item in data)  # fmt: skip
+    usage = response.usage
+    return Embeddings(vectors=vectors, prompt_tokens=usage.prompt_tokens if usage else 0)
+
+
+def _plain(logprobs: Any) -> dict[str, Any] | None:
+    if logprobs is None:
+        return None
+    dumped = logprobs.model_dump() if hasattr(logprobs, "model_dump") else logprobs
+    return dumped if isinstance(dumped, dict) else None

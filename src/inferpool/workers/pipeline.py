@@ -25,14 +25,14 @@ from inferpool.constants import STREAM_CANCELLED_CODE, stream_cancel_key
 from inferpool.model_registry.capability import check_request_fits
 from inferpool.state.streams import open_streams
 from inferpool.wire import TaskChunk, TaskItem
-from inferpool.workers.backend import Generation, GenerationOutcome
+from inferpool.workers.backend import Generation, Outcome
 from inferpool.workers.cache import CachePlan, cache_key, cache_scope, cache_ttl_s
 
 if TYPE_CHECKING:
     from inferpool.workers.runtime import WorkerRuntime
 
 #: Runs the backend for some requests and returns their outcomes (for a step that holds requests back).
-Generate = Callable[[Sequence[TaskItem]], dict[str, GenerationOutcome]]
+Generate = Callable[[Sequence[TaskItem]], dict[str, Outcome]]
 
 
 @dataclass
@@ -43,7 +43,7 @@ class ChunkWork:
     items: list[TaskItem]  # as this model sends them (its request hooks applied)
     stopped: RequestError | None = None  # every request ends with this: its job was cancelled or expired
     ended: dict[str, RequestError] = field(default_factory=dict)  # these end so, without running
-    outcomes: dict[str, GenerationOutcome] = field(default_factory=dict)
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
     held: set[str] = field(default_factory=set)  # answered by a step later (the cache), not the backend now
     ran: set[str] = field(default_factory=set)  # reached the backend or the cache (set once, before it runs)
     hooks_s: dict[str, float] = field(default_factory=dict)

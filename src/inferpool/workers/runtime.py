@@ -40,8 +40,9 @@ from inferpool.state.items import held_by, item_from_record
 from inferpool.state.results import ResultRecord, ResultWriter
 from inferpool.state.streams import DeltaSink, bind_delta_sink, unbind_delta_sink
 from inferpool.state.worker_queues import WorkerQueues
-from inferpool.wire import ChatRequest, JobStatus, TaskChunk, TaskItem, random_hex
-from inferpool.workers.backend import Backend, ExtraChoice, Generation, GenerationOutcome, prefix_cache_stats
+from inferpool.wire import ChatRequest, CompletionRequest, EmbeddingRequest, JobStatus, TaskChunk, TaskItem, random_hex
+from inferpool.workers import kinds
+from inferpool.workers.backend import Backend, Embeddings, ExtraChoice, Generation, Outcome, prefix_cache_stats
 from inferpool.workers.cache import ResponseCache
 from inferpool.workers.failures import FailurePolicy
 from inferpool.workers.hooks import HookChain
@@ -93,7 +94,7 @@ def _is_token_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _valid_usage(generation: Generation) -> bool:
+def _valid_usage(generation: Generation | Embeddings) -> bool:
     """Token counts a provider reported are non-negative integers (a compatible server may send anything)."""
     return _is_token_count(generation.prompt_tokens) and _is_token_count(generation.completion_tokens)
 
@@ -165,7 +166,7 @@ class WorkerRuntime:
         work.ran = {item.request_id for item in work.undecided()}
         work.outcomes.update(self._generate(work.to_generate(), chunk.result_ttl_s))
 
-        def generate(items: Sequence[TaskItem]) -> dict[str, GenerationOutcome]:
+        def generate(items: Sequence[TaskItem]) -> dict[str, Outcome]:
             return self._generate(items, chunk.result_ttl_s)
 
         for step in self.steps:
@@ -211,7 +212,7 @@ class WorkerRuntime:
                 items.append(TaskItem.model_construct(request_id=request_id, request=placeholder))
         return ChunkWork(chunk, items, _stop_error(decode_text(status)), ended)
 
-    def _generate(self, items: Sequence[TaskItem], ttl_s: int) -> dict[str, GenerationOutcome]:
+    def _generate(self, items: Sequence[TaskItem], ttl_s: int) -> dict[str, Outcome]:
         """Each item's outcome. If the backend fails the whole call, each request is tried again on its
         own, so one request's failure never fails its chunk-mates."""
         if not items:
@@ -226,7 +227,7 @@ class WorkerRuntime:
             return {item.request_id: self._generate_alone(item, ttl_s) for item in items}
         return {item.request_id: outcome for item, outcome in zip(items, generated, strict=True)}
 
-    def _generate_alone(self, item: TaskItem, ttl_s: int) -> GenerationOutcome:
+    def _generate_alone(self, item: TaskItem, ttl_s: int) -> Outcome:
         try:
             return self._call_backend([item], ttl_s)[0]
         except Exception as exc:
@@ -237,17 +238,17 @@ class WorkerRuntime:
         log.error("backend %s failed on request %s", self.backend.name, item.request_id, exc_info=exc)
         return ProviderError(f"backend {self.backend.name!r} failed: {type(exc).__name__}: {exc}")
 
-    def _call_backend(self, items: Sequence[TaskItem], ttl_s: int) -> list[GenerationOutcome]:
+    def _call_backend(self, items: Sequence[TaskItem], ttl_s: int) -> list[Outcome]:
         """One backend call for the requests nobody streams, and one per streamed request (with its sink)."""
         # A model whose hooks rewrite answers shows only the stored answer: no deltas before it.
         may_stream = not self.hooks.rewrites_answers
         plain = [item for item in items if not (item.request.stream and may_stream)]
         streamed = [item for item in items if item.request.stream and may_stream]
 
-        async def run() -> list[list[GenerationOutcome]]:
+        async def run() -> list[list[Outcome]]:
             calls = [self._generate_streamed(item, ttl_s) for item in streamed]
             if plain:
-                calls.append(self.backend.generate([item.request for item in plain]))
+                calls.append(kinds.answer(self.backend, [item.request for item in plain]))
             return await asyncio.gather(*calls)
 
         replies = asyncio.run_coroutine_threadsafe(run(), self._loop).result()
@@ -261,11 +262,11 @@ class WorkerRuntime:
             answers.update((item.request_id, outcome) for item, outcome in zip(plain, replies[-1], strict=True))
         return [answers[item.request_id] for item in items]
 
-    async def _generate_streamed(self, item: TaskItem, ttl_s: int) -> list[GenerationOutcome]:
+    async def _generate_streamed(self, item: TaskItem, ttl_s: int) -> list[Outcome]:
         sink = DeltaSink(self.redis, item.request_id, ttl_s)
         token = bind_delta_sink(sink)
         try:
-            generated = await self.backend.generate([item.request])
+            generated = await kinds.answer(self.backend, [item.request])
         finally:
             unbind_delta_sink(token)
             await sink.drain()
@@ -278,7 +279,7 @@ class WorkerRuntime:
     # 500-request echo chunk, validating results cost as much as everything else together. The client
     # validates every result it reads (``RequestResult``), and the tests read them all.
 
-    def result_record(self, job_id: str | None, enqueued_at: float, item: TaskItem, outcome: GenerationOutcome,
+    def result_record(self, job_id: str | None, enqueued_at: float, item: TaskItem, outcome: Outcome,
                       started: float, hooks_s: float | None = None, *, cached: bool = False,
                       provider_batch: bool = False) -> ResultRecord:  # fmt: skip
         """The stored result of ``item``. ``provider_batch``: answered through the provider's Batch API (its
@@ -324,7 +325,7 @@ class WorkerRuntime:
         ttft = None if outcome.first_token_at is None else min(latency, max(0.0, outcome.first_token_at - started))
         if ttft is not None:
             stats["ttft_s"] = ttft
-        data["response"] = self._completion(outcome, int(now))
+        data["response"] = self._response(item, outcome, int(now))
         payload = pydantic_core.to_json(data)
         return ResultRecord(item.request_id, True, outcome.prompt_tokens, outcome.completion_tokens, cost, measured,
                             payload, tenant, outcome.attempts, ttft, cached, saved,
@@ -337,6 +338,18 @@ class WorkerRuntime:
     def run_on_backend_loop(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         """Run ``coroutine`` on the backend's event loop (where its SDK clients live) and wait for it."""
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def _response(self, item: TaskItem, outcome: Generation | Embeddings, created: int) -> dict[str, object]:
+        """The OpenAI response object of the request's kind."""
+        request = item.request
+        if isinstance(outcome, Embeddings):
+            fmt = request.encoding_format if isinstance(request, EmbeddingRequest) else "float"
+            return kinds.embeddings_response(outcome, self.spec.name, fmt)
+        if isinstance(request, CompletionRequest):
+            response = kinds.completion_response(outcome, self.spec.name, created, f"cmpl-{random_hex()}")
+            response["usage"] = self._usage(outcome)
+            return response
+        return self._completion(outcome, created)
 
     def _completion(self, generation: Generation, created: int) -> dict[str, object]:
         choices: tuple[Generation | ExtraChoice, ...] = (generation, *generation.extra_choices)
@@ -358,7 +371,7 @@ class WorkerRuntime:
         }
 
     @staticmethod
-    def _usage(generation: Generation) -> dict[str, object]:
+    def _usage(generation: Generation | Embeddings) -> dict[str, object]:
         usage: dict[str, object] = {
             "prompt_tokens": generation.prompt_tokens,
             "completion_tokens": generation.completion_tokens,

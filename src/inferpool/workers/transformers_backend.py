@@ -1,6 +1,7 @@
 """The Hugging Face transformers backend, with a dynamic batcher.
 
-The model is loaded once, in the process that serves it. Every request, whichever chunk or thread it
+The model is loaded once, in the process that serves it. It serves chat (the prompt through the model's chat
+template) and text completions (the prompt's tokens as they are). Every request, whichever chunk or thread it
 came from, goes through one ``DynamicBatcher``: requests that arrive together (each within ``gap_ms`` of
 the last, for at most ``max_wait_ms``, up to ``max_batch_size``) and share sampling settings and LoRA
 adapter are left-padded and generated in one ``generate`` call. Inside a batch each row stops on its own
@@ -25,7 +26,7 @@ from pydantic import Field
 from inferpool._exceptions import CapabilityMismatch, InvalidRequest, ModelLoadError, RequestError
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.settings import Settings
-from inferpool.wire import ChatRequest, FinishReason
+from inferpool.wire import ChatRequest, CompletionRequest, FinishReason
 from inferpool.workers.backend import Generation, GenerationOutcome, gather_outcomes, parse_params
 from inferpool.workers.batcher import DynamicBatcher
 from inferpool.workers.local_model import CheckpointParams, chat_prompt_ids, output_budget, requested_adapter
@@ -143,7 +144,11 @@ class TransformersBackend:
     async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
         return await gather_outcomes(self.name, (self._generate_one(request) for request in requests))
 
-    async def _generate_one(self, request: ChatRequest) -> GenerationOutcome:
+    async def complete(self, requests: Sequence[CompletionRequest]) -> list[GenerationOutcome]:
+        """Text completions: one prompt each (``workers.kinds`` splits lists), tokenized as it is."""
+        return await gather_outcomes(self.name, (self._generate_one(request) for request in requests))
+
+    async def _generate_one(self, request: ChatRequest | CompletionRequest) -> GenerationOutcome:
         try:
             prepared = self._prepare(request)
         except RequestError as exc:
@@ -153,17 +158,21 @@ class TransformersBackend:
     async def aclose(self) -> None:
         self.batcher.close()
 
-    def _prepare(self, request: ChatRequest) -> _Prepared:
+    def _prepare(self, request: ChatRequest | CompletionRequest) -> _Prepared:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(request, name):
                 raise InvalidRequest(f"{name} is not supported by the transformers backend; leave it out or set 0")
+        if isinstance(request, CompletionRequest):
+            return self._prepared(request, self.tokenizer(request.prompt_text())["input_ids"])
         if request.response_format and request.response_format.get("type", "text") != "text":
             raise InvalidRequest("response_format is not supported by the transformers backend; leave it out")
         if request.tools and request.tool_choice != "none":
             raise CapabilityMismatch("tool calls are not supported by the transformers backend; serve the model "
                                      "with vLLM, or send the request without tools")  # fmt: skip
+        return self._prepared(request, chat_prompt_ids(self.tokenizer, request))
+
+    def _prepared(self, request: ChatRequest | CompletionRequest, prompt_ids: list[int]) -> _Prepared:
         adapter = requested_adapter(self.spec, request)
-        prompt_ids = chat_prompt_ids(self.tokenizer, request)
         max_new = output_budget(self.spec, request, len(prompt_ids), self.context_window)
         temperature = 1.0 if request.temperature is None else request.temperature
         sampling = _Sampling(temperature=temperature, top_p=request.top_p or 1.0, seed=request.seed)

@@ -27,7 +27,7 @@ from inferpool._exceptions import InvalidRequest, ModelLoadError, ProviderError,
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.settings import Settings
 from inferpool.state.streams import current_delta_sink
-from inferpool.wire import ChatRequest, FinishReason
+from inferpool.wire import AnyRequest, ChatRequest, CompletionRequest, FinishReason
 from inferpool.workers.backend import (
     ExtraChoice,
     Generation,
@@ -238,19 +238,27 @@ class VllmBackend:
     async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
         return await gather_outcomes(self.name, (self._generate_one(request) for request in requests))
 
+    async def complete(self, requests: Sequence[CompletionRequest]) -> list[GenerationOutcome]:
+        """Text completions on the raw prompt (one per request: ``workers.kinds`` splits lists)."""
+        return await gather_outcomes(self.name, (self._complete_one(request) for request in requests))
+
     async def aclose(self) -> None:
         # Shut the engine down now and drop it: AsyncLLM.__del__ at interpreter exit raises otherwise.
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.shutdown()
 
-    def _sampling_params(self, request: ChatRequest, max_tokens: int, call_schema: dict[str, Any] | None) -> Any:
+    def _sampling_params(self, request: ChatRequest | CompletionRequest, max_tokens: int,
+                         call_schema: dict[str, Any] | None) -> Any:  # fmt: skip
         """``call_schema``: the JSON schema a tool-calling answer must follow (``tool_call_schema``), if any."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         structured = None
-        if call_schema is not None:
+        logprobs = None
+        if isinstance(request, CompletionRequest):
+            pass
+        elif call_schema is not None:
             if request.response_format:
                 raise InvalidRequest("give tools or response_format, not both")
             structured = StructuredOutputsParams(json=call_schema)
@@ -265,8 +273,7 @@ class VllmBackend:
                 structured = StructuredOutputsParams(json=schema)
             elif kind != "text":
                 raise InvalidRequest(f"response_format type {kind!r} is not supported; use json_object or json_schema")
-        logprobs = None
-        if request.logprobs:
+        if isinstance(request, ChatRequest) and request.logprobs:
             logprobs = request.top_logprobs or 0
         return SamplingParams(
             n=request.n,
@@ -282,7 +289,7 @@ class VllmBackend:
             output_kind=RequestOutputKind.DELTA,
         )
 
-    def _lora_request(self, request: ChatRequest) -> Any:
+    def _lora_request(self, request: AnyRequest) -> Any:
         adapter = requested_adapter(self.spec, request)
         if adapter is None:
             return None
@@ -290,6 +297,18 @@ class VllmBackend:
 
         name, path = adapter
         return LoRARequest(lora_name=name, lora_int_id=self._lora_ids[name], lora_path=str(path))
+
+    async def _complete_one(self, request: CompletionRequest) -> GenerationOutcome:
+        try:
+            if request.logprobs is not None:
+                raise InvalidRequest("logprobs on text completions is not served by the vllm backend yet; leave it out")
+            prompt_ids: list[int] = self.tokenizer(request.prompt_text())["input_ids"]
+            max_tokens = output_budget(self.spec, request, len(prompt_ids), self.context_window)
+            params = self._sampling_params(request, max_tokens, None)
+            lora = self._lora_request(request)
+        except RequestError as exc:
+            return exc
+        return await self._run(request, prompt_ids, params, lora, calls_tools=False)
 
     async def _generate_one(self, request: ChatRequest) -> GenerationOutcome:
         try:
@@ -301,6 +320,18 @@ class VllmBackend:
             calls_tools = call_schema is not None
         except RequestError as exc:
             return exc
+        generation = await self._run(request, prompt_ids, params, lora, calls_tools=calls_tools)
+        if not calls_tools or not isinstance(generation, Generation):
+            return generation
+        try:
+            calls = tool_calls_from_output(request, generation.text)
+        except RequestError as exc:
+            return exc
+        return replace(generation, text="", finish_reason="tool_calls", tool_calls=calls)
+
+    async def _run(self, request: ChatRequest | CompletionRequest, prompt_ids: list[int], params: Any, lora: Any, *,
+                   calls_tools: bool) -> GenerationOutcome:  # fmt: skip
+        """The prompt through the engine, streamed to the request's reader (unless it calls tools)."""
         streamed = _Streamed()
         sink = current_delta_sink()
         engine_request_id = f"inferpool-{uuid.uuid4().hex}"
@@ -317,30 +348,23 @@ class VllmBackend:
             return InvalidRequest(f"vLLM refused the request: {exc}")
         except Exception as exc:  # an engine failure: every request in it fails, the worker keeps serving
             return ProviderError(f"vLLM engine error: {type(exc).__name__}: {exc}")
-        generation = replace(self._generation(request, prompt_ids, streamed.choices, streamed.first_token_at),
-                             cached_prompt_tokens=streamed.cached_tokens)  # fmt: skip
-        if not calls_tools:
-            return generation
-        try:
-            calls = tool_calls_from_output(request, generation.text)
-        except RequestError as exc:
-            return exc
-        return replace(generation, text="", finish_reason="tool_calls", tool_calls=calls)
+        return replace(self._generation(request, prompt_ids, streamed.choices, streamed.first_token_at),
+                       cached_prompt_tokens=streamed.cached_tokens)  # fmt: skip
 
-    def _generation(
-        self, request: ChatRequest, prompt_ids: list[int], choices: dict[int, _Choice], first_token_at: float | None
-    ) -> Generation:
-        top = request.top_logprobs or 0
+    def _generation(self, request: ChatRequest | CompletionRequest, prompt_ids: list[int], choices: dict[int, _Choice],
+                    first_token_at: float | None) -> Generation:  # fmt: skip
+        wants_logprobs = isinstance(request, ChatRequest) and bool(request.logprobs)
+        top = (request.top_logprobs or 0) if isinstance(request, ChatRequest) else 0
         made = [
             ExtraChoice(
                 text="".join(choice.text),
                 finish_reason=_finish_reason(choice.finish_reason),
-                logprobs=openai_logprobs(choice.logprobs, choice.token_ids, top) if request.logprobs else None,
+                logprobs=openai_logprobs(choice.logprobs, choice.token_ids, top) if wants_logprobs else None,
             )
             for _, choice in sorted(choices.items())
         ]
         if not made:
-            made = [ExtraChoice(text="", finish_reason="stop", logprobs={"content": []} if request.logprobs else None)]
+            made = [ExtraChoice(text="", finish_reason="stop", logprobs={"content": []} if wants_logprobs else None)]
         first = made[0]
         return Generation(
             text=first.text,

