@@ -152,6 +152,29 @@ def test_the_key_covers_what_changes_the_answer() -> None:
         assert cache_key(build_request({**base, **change})) != key, json.dumps(change)
 
 
+def test_embeddings_and_completions_are_cached_by_what_changes_them(redis_url: str) -> None:
+    """An embedding never samples (always cacheable on a caching model), its vectors round-trip through the cache,
+    and ``encoding_format`` (stored packed either way) does not split the key."""
+    from inferpool.client._base import build_request
+    from inferpool.model_registry.registry import Registry
+    from inferpool.workers.backend import Embeddings
+    from inferpool.workers.cache import cache_ttl_s
+
+    spec = Registry.from_settings(Settings()).get("echo-cached")
+    embed = build_request({"model": "echo-cached", "input": ["a", "b"]})
+    assert cache_ttl_s(spec, embed, 60) is not None
+    key = cache_key(embed)
+    assert cache_key(build_request({"model": "echo-cached", "input": ["a", "b"], "encoding_format": "base64"})) == key
+    assert cache_key(build_request({"model": "echo-cached", "input": ["a", "b"], "dimensions": 8})) != key
+    prompt = build_request({"model": "echo-cached", "prompt": ["a", "b"]})
+    assert cache_key(prompt) != key  # same texts, another kind
+    assert cache_key(build_request({"model": "echo-cached", "prompt": ["a", "b"], "echo": True})) != cache_key(prompt)
+    cache = ResponseCache(redis.Redis.from_url(redis_url), Settings(redis_url=redis_url))
+    vectors = Embeddings(vectors=("AACAPw==", "AAAAQA=="), prompt_tokens=2)
+    cache.put_many({key: (vectors, 60)}, "test")
+    assert cache.get_many([key]) == {key: vectors}
+
+
 @pytest.mark.usefixtures("cached_worker")
 def test_one_tenants_answers_are_not_another_tenants_hits(settings: Settings) -> None:
     """Issue 25.14: an exact repeat of another tenant's request is computed again (no timing or zero-cost tell)."""

@@ -13,6 +13,7 @@ from inferpool import Client, HookError
 from inferpool.hooks import Generation, Hook, HookChain, Reject
 from inferpool.plumbing.local_pool import WorkerProcess, start_worker_process
 from inferpool.wire import ChatRequest
+from inferpool.workers.echo import echo_vector
 
 from .conftest import _start_workers, _stop_workers
 
@@ -39,6 +40,16 @@ def test_the_hook_rewrites_the_prompt_before_the_backend_sees_it(client: Client)
     plain = client.submit({"model": "echo", "messages": [{"role": "user", "content": prompt}]}).result(30)
     assert plain.stats is not None
     assert plain.stats.hooks_s is None  # a model without hooks records none
+
+
+@pytest.mark.usefixtures("redacted_worker")
+def test_hooks_see_completion_prompts_and_embedding_inputs(client: Client) -> None:
+    completion = client.complete("echo-redacted", "mail ada@example.org", max_tokens=10, timeout=30)
+    assert completion.text == "echo: mail [email]"
+    embedded = client.embed("echo-redacted", ["call +44 20 7946 0958", "plain"], timeout=30)
+    assert embedded.vectors()[0] == pytest.approx(echo_vector("call <phone>", 16), abs=1e-6)  # the redacted text's
+    with pytest.raises(HookError, match="launch code"):
+        client.embed("echo-redacted", "the launch code", timeout=30)
 
 
 @pytest.mark.usefixtures("redacted_worker")

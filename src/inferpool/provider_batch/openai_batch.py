@@ -142,13 +142,13 @@ def result_line(raw: bytes) -> tuple[str, LineOutcome] | None:
         if isinstance(message, dict) or message is None:
             message = json.dumps(body)[:500]
         return custom_id, ProviderError(f"openai batch: HTTP {status}: {message}")
-    from openai.types import Completion, CreateEmbeddingResponse
+    from openai.types import Completion
     from openai.types.chat import ChatCompletion
 
     kind = body.get("object") if isinstance(body, dict) else None
     try:
         if kind == "list":
-            return custom_id, embeddings_outcome(CreateEmbeddingResponse.model_validate(body))
+            return custom_id, embeddings_outcome(body)
         if kind == "text_completion":
             return custom_id, text_completion_generation(Completion.model_validate(body))
         return custom_id, completion_generation(ChatCompletion.model_validate(body))

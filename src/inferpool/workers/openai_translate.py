@@ -56,14 +56,23 @@ def text_completion_generation(completion: Any) -> Generation:
 
 
 def embeddings_outcome(response: Any) -> Embeddings:
-    """An SDK ``CreateEmbeddingResponse`` (asked with ``encoding_format: base64``, or floats) as ``Embeddings``."""
-    data = sorted(response.data or (), key=lambda item: item.index)
+    """An SDK ``CreateEmbeddingResponse``, or its JSON (a Batch API output line's body, where vectors asked as
+    base64 are strings, which the SDK's model does not take), as ``Embeddings``."""
+
+    def field(obj: Any, name: str) -> Any:
+        return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+    data = sorted(field(response, "data") or (), key=lambda item: field(item, "index") or 0)
     if not data:
         raise ApiFailure("the response has no embeddings", retryable=True)
-    vectors = tuple(item.embedding if isinstance(item.embedding, str) else pack_vector(item.embedding)
-                    for item in data)  # fmt: skip
-    usage = response.usage
-    return Embeddings(vectors=vectors, prompt_tokens=usage.prompt_tokens if usage else 0)
+    vectors = []
+    for item in data:
+        vector = field(item, "embedding")
+        if not (isinstance(vector, str) or (isinstance(vector, list) and vector)):
+            raise ApiFailure("an embedding is neither base64 text nor a list of floats", retryable=False)
+        vectors.append(vector if isinstance(vector, str) else pack_vector(vector))
+    tokens = field(field(response, "usage") or {}, "prompt_tokens")
+    return Embeddings(vectors=tuple(vectors), prompt_tokens=tokens if isinstance(tokens, int) else 0)
 
 
 def _plain(logprobs: Any) -> dict[str, Any] | None:

@@ -1,6 +1,6 @@
 """``redact-pii``: an inferpool hook that replaces email addresses and phone numbers in prompts before
 the backend sees them (so they never reach a cloud provider), optionally in answers too, and refuses
-prompts containing phrases a team has blocked.
+prompts containing phrases a team has blocked. Chat messages, completion prompts and embedding inputs alike.
 
 Registry::
 
@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from inferpool.hooks import Generation, Hook, Reject
-from inferpool.wire import ChatMessage, ChatRequest, TextPart
+from inferpool.wire import AnyRequest, ChatMessage, CompletionRequest, EmbeddingRequest, TextPart
 
 EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 # International or national numbers: optional +country code and (area code), then groups of digits with
@@ -57,15 +57,24 @@ class RedactPII(Hook):
         self.params = RedactParams.model_validate(dict(params))
         self._blocked = [phrase.lower() for phrase in self.params.block]
 
-    def before_request(self, request: ChatRequest) -> ChatRequest:
-        for message in request.messages:
-            lowered = message.text().lower()
-            for phrase in self._blocked:
-                if phrase in lowered:
-                    raise Reject(f"the prompt contains the blocked phrase {phrase!r}")
+    def before_request(self, request: AnyRequest) -> AnyRequest:
+        lowered = request.prompt_text().lower()
+        for phrase in self._blocked:
+            if phrase in lowered:
+                raise Reject(f"the prompt contains the blocked phrase {phrase!r}")
+        if isinstance(request, CompletionRequest):
+            prompt = request.prompt
+            texts = redact(prompt, self.params) if isinstance(prompt, str) else [redact(p, self.params) for p in prompt]
+            return request.model_copy(update={"prompt": texts})
+        if isinstance(request, EmbeddingRequest):
+            value = request.input
+            if isinstance(value, str):
+                return request.model_copy(update={"input": redact(value, self.params)})
+            inputs = [redact(item, self.params) if isinstance(item, str) else item for item in value]
+            return request.model_copy(update={"input": inputs})
         return request.model_copy(update={"messages": [self._redacted(m) for m in request.messages]})
 
-    def after_result(self, request: ChatRequest, generation: Generation) -> Generation:
+    def after_result(self, request: AnyRequest, generation: Generation) -> Generation:
         if not self.params.redact_answers:
             return generation
         return dataclasses.replace(generation, text=redact(generation.text, self.params))
