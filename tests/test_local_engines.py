@@ -91,7 +91,7 @@ def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         "params": {"path": str(_checkpoint()), "dtype": "float32", **ENGINES[backend]},
         "capabilities": {"context_window": 2048, "max_output_tokens": 512, "default_max_tokens": 64,
                          "json_mode": backend == "vllm", "logprobs": backend == "vllm", "tools": backend == "vllm",
-                         "max_n": 4},
+                         "max_n": 4, "completions": True},
         "serving": {"concurrency": 4, "chunk_size": 8},
         "lora_adapters": {"tiny": str(adapter)},
     }  # fmt: skip
@@ -277,6 +277,21 @@ def test_tool_calls_where_the_engine_makes_them(engine: Engine, client: Client) 
     assert auto.error is not None
     assert auto.error.code == "capability_mismatch"
     assert "tool_choice 'required'" in auto.error.message
+
+
+def test_text_completions_take_the_raw_prompt(engine: Engine, client: Client) -> None:
+    """/v1/completions: the prompt's own tokens (no chat template), greedy, several prompts in one request."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(_checkpoint())
+    prompts = ["The capital of France is", "1, 2, 3, 4,"]
+    completion = client.complete(engine.model, prompts, max_tokens=6, temperature=0, timeout=TIMEOUT_S)
+    assert [choice.index for choice in completion.choices] == [0, 1]
+    assert completion.usage.prompt_tokens == sum(len(tokenizer(p)["input_ids"]) for p in prompts)
+    assert all(choice.text for choice in completion.choices)
+    assert all(choice.finish_reason in ("length", "stop") for choice in completion.choices)
+    echoed = client.complete(engine.model, prompts[0], max_tokens=6, temperature=0, echo=True, timeout=TIMEOUT_S)
+    assert echoed.text == prompts[0] + completion.choices[0].text
 
 
 def test_prefix_cache_hits_are_reported_where_the_engine_keeps_one(engine: Engine, client: Client) -> None:

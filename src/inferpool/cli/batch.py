@@ -49,7 +49,8 @@ errors_option = click.option("--errors", "errors_path", type=click.Path(dir_okay
 def batch() -> None:
     """OpenAI Batch JSONL jobs: one request per line, one output line per request.
 
-    Each input line is {"custom_id", "method": "POST", "url": "/v1/chat/completions", "body": {...}}.
+    Each input line is {"custom_id", "method": "POST", "url": "/v1/chat/completions", "body": {...}}; the
+    url may also be /v1/completions (a "prompt") or /v1/embeddings (an "input"), mixed in one file.
     A job's state lives in Redis: submit, exit, and come back with `status`, `wait` or `results`.
     """
 

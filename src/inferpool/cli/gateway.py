@@ -33,7 +33,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--log-level", default="warning", show_default=True, help="uvicorn's log level.")
 @click.pass_context
 def gateway(ctx: click.Context, host: str, port: int, no_auth: bool, processes: int, log_level: str) -> None:
-    """Serve the OpenAI API (chat completions with streaming, models, files, batches) in front of the pool.
+    """Serve the OpenAI API (chat and text completions with streaming, embeddings, models, files, batches).
 
     Point any OpenAI SDK at it: base_url="http://HOST:PORT/v1", api_key=a key from `inferpool keys create`.
     Usage is counted for the key's tenant; a tenant never sees another's files or batches.

@@ -47,14 +47,16 @@ def models(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(entries, indent=2))
         return
     table = Table(title="inferpool models" + ("" if loads else " (set REDIS_URL to see live workers and queues)"))
-    columns = ["model", "aliases", "backend", "context", "max output", "$/M in", "$/M out"]
+    columns = ["model", "aliases", "backend", "serves", "context", "max output", "$/M in", "$/M out"]
     if loads:
         columns += ["workers", "queued", "in flight"]
     for column in columns:
         table.add_column(column)
     for spec in registry:
         caps, price = spec.capabilities, spec.pricing
-        cells = [spec.name, ", ".join(spec.aliases), spec.backend, str(caps.context_window),
+        serves = ", ".join(kind if kind != "embeddings" or caps.embeddings is None
+                           else f"embeddings ({caps.embeddings.dimensions}-dim)" for kind in caps.kinds())  # fmt: skip
+        cells = [spec.name, ", ".join(spec.aliases), spec.backend, serves, str(caps.context_window),
                  str(caps.max_output_tokens), f"{price.input_per_mtok:g}", f"{price.output_per_mtok:g}"]  # fmt: skip
         if loads:
             load = loads[spec.name]

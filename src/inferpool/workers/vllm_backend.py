@@ -14,6 +14,7 @@ which vLLM loads on first use. Engine settings come from the registry entry's ``
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -23,12 +24,14 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from inferpool._exceptions import InvalidRequest, ModelLoadError, ProviderError, RequestError
+from inferpool._exceptions import CapabilityMismatch, InvalidRequest, ModelLoadError, ProviderError, RequestError
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.settings import Settings
 from inferpool.state.streams import current_delta_sink
-from inferpool.wire import AnyRequest, ChatRequest, CompletionRequest, FinishReason
+from inferpool.wire import AnyRequest, ChatRequest, CompletionRequest, EmbeddingRequest, FinishReason, pack_vector
 from inferpool.workers.backend import (
+    EmbeddingOutcome,
+    Embeddings,
     ExtraChoice,
     Generation,
     GenerationOutcome,
@@ -36,6 +39,7 @@ from inferpool.workers.backend import (
     gather_outcomes,
     parse_params,
 )
+from inferpool.workers.embedding_backend import input_problem
 from inferpool.workers.local_model import CheckpointParams, chat_prompt_ids, output_budget, requested_adapter
 from inferpool.workers.local_tools import tool_call_schema, tool_calls_from_output
 
@@ -52,6 +56,11 @@ class VllmParams(CheckpointParams):
     max_lora_rank: int = Field(default=16, ge=1)
     max_loras: int = Field(default=2, ge=1, description="Adapters resident at once.")
     seed: int = 0
+    runner: Literal["auto", "generate", "pooling"] = Field(
+        default="auto",
+        description="vLLM's runner: pooling serves embeddings (/v1/embeddings), generate the rest; auto: pooling "
+        "for a model whose registry entry serves embeddings only.",
+    )
     sleep_mode: bool = Field(
         default=True,
         description="Where vLLM supports sleep mode (CUDA, ROCm): a budgeted worker puts the idle model to sleep "
@@ -186,7 +195,13 @@ class VllmBackend:
         self.context_window = min(spec.capabilities.context_window, self.params.max_model_len or 1 << 30)
         self._prefix = PrefixCacheStats()  # vLLM's own counters, summed by the stat logger below
         self._sleeps = self.params.sleep_mode and _sleep_mode_available()
+        caps = spec.capabilities
+        runner = self.params.runner
+        if runner == "auto":
+            runner = "pooling" if caps.embeddings is not None and not (caps.chat or caps.completions) else "generate"
+        self.runner = runner
         args = AsyncEngineArgs(
+            runner=runner,
             model=str(checkpoint),
             tokenizer=str(checkpoint),
             dtype=self.params.dtype,
@@ -237,6 +252,43 @@ class VllmBackend:
 
     async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
         return await gather_outcomes(self.name, (self._generate_one(request) for request in requests))
+
+    async def embed(self, requests: Sequence[EmbeddingRequest]) -> list[EmbeddingOutcome]:
+        """Embeddings on vLLM's pooling runner (``params.runner``): pooling and normalisation as the checkpoint's
+        sentence-transformers files say, every input of every request one engine request."""
+        if self.runner != "pooling":
+            return [CapabilityMismatch(f"model {self.spec.name!r} runs vLLM's generate runner; embeddings need "
+                                       "params.runner: pooling") for _ in requests]  # fmt: skip
+        return await gather_outcomes(self.name, (self._embed_one(request) for request in requests))
+
+    async def _embed_one(self, request: EmbeddingRequest) -> EmbeddingOutcome:
+        caps = self.spec.capabilities.embeddings
+        limit = min(caps.max_input_tokens, self.context_window) if caps is not None else self.context_window
+        rows: list[list[int]] = []
+        for index, item in enumerate(request.inputs()):
+            row = list(item) if isinstance(item, list) else list(self.tokenizer(item)["input_ids"])
+            problem = input_problem(self.tokenizer, row, isinstance(item, list), limit, self.spec.name)
+            if problem is not None:
+                return type(problem)(f"input {index}: {problem.message}")
+            rows.append(row)
+        try:
+            vectors = await asyncio.gather(*(self._pool(row) for row in rows))
+        except ValueError as exc:
+            return InvalidRequest(f"vLLM refused the request: {exc}")
+        except Exception as exc:
+            return ProviderError(f"vLLM engine error: {type(exc).__name__}: {exc}")
+        return Embeddings(vectors=tuple(vectors), prompt_tokens=sum(len(row) for row in rows))
+
+    async def _pool(self, row: list[int]) -> str:
+        from vllm import PoolingParams
+
+        final: Any = None
+        async for output in self.engine.encode({"prompt_token_ids": row}, PoolingParams(task="embed"),
+                                               f"inferpool-{uuid.uuid4().hex}"):  # fmt: skip
+            final = output
+        if final is None:
+            raise RuntimeError("the engine returned no embedding")
+        return pack_vector(final.outputs.data.float().cpu().numpy())
 
     async def complete(self, requests: Sequence[CompletionRequest]) -> list[GenerationOutcome]:
         """Text completions on the raw prompt (one per request: ``workers.kinds`` splits lists)."""
