@@ -161,6 +161,11 @@ def test_client_embed_and_complete(client: Client, embed_workers: list[WorkerPro
         client.complete("emu-claude", "x")
     with pytest.raises(InvalidRequest, match="non-negative"):
         client.embed("echo-embed", [[1, -2]])
+    # model "auto" picks among the live models that serve the kind (chat-only models never).
+    picked = client.embed("auto", "routed by capability", timeout=30)
+    assert picked.model in ("echo-embed", "emu-embed")
+    chosen = client.complete("auto", "x", routing={"prefer": "cheapest"}, timeout=30).model
+    assert client.registry.get(chosen).capabilities.completions
 
 
 async def test_async_client_embed_and_complete(async_client: AsyncClient,
