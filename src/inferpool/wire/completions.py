@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from inferpool.wire.requests import RoutingHints, StreamOptions, check_json_depth
+from inferpool.wire.requests import RoutingHints, StreamOptions, check_json_depth, check_stops
 from inferpool.wire.tokens import FinishReason, Usage
 
 COMPLETIONS_URL = "/v1/completions"
@@ -58,12 +58,7 @@ class CompletionRequest(BaseModel):
                 raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(value)}; split them")
         return value
 
-    @field_validator("stop")
-    @classmethod
-    def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
-        return value
+    _at_most_four_stops = field_validator("stop")(check_stops)
 
     @field_validator("logit_bias")
     @classmethod

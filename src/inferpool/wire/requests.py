@@ -16,6 +16,13 @@ _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_JSON_DEPTH = 64
 
 
+def check_stops(value: str | list[str] | None) -> str | list[str] | None:
+    """OpenAI's rule for ``stop``: a string, or at most four of them."""
+    if isinstance(value, list) and len(value) > 4:
+        raise ValueError("at most 4 stop sequences are allowed")
+    return value
+
+
 def check_json_depth(value: object, limit: int = MAX_JSON_DEPTH) -> None:
     """Raise ``ValueError`` if ``value`` (JSON-like: dicts and lists) nests deeper than ``limit`` (iteratively:
     no recursion to exhaust)."""
@@ -205,12 +212,7 @@ class ChatRequest(BaseModel):
                                  "assistant message called")  # fmt: skip
         return self
 
-    @field_validator("stop")
-    @classmethod
-    def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
-        return value
+    _at_most_four_stops = field_validator("stop")(check_stops)
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> ChatRequest:

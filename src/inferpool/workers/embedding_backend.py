@@ -28,7 +28,7 @@ from inferpool.plumbing.settings import Settings
 from inferpool.wire import EmbeddingRequest, pack_vector
 from inferpool.workers.backend import EmbeddingOutcome, Embeddings, gather_outcomes, parse_params
 from inferpool.workers.batcher import DynamicBatcher
-from inferpool.workers.local_model import CheckpointParams
+from inferpool.workers.local_model import CheckpointParams, module_bytes, torch_device
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,7 @@ class TransformersEmbeddingBackend:
         from transformers import AutoModel, AutoTokenizer
 
         self._torch = torch
-        device = self.params.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch_device(self.params.device, torch)
         try:
             self.tokenizer: Any = AutoTokenizer.from_pretrained(directory)
             model: Any = AutoModel.from_pretrained(directory, dtype=getattr(torch, self.params.dtype))
@@ -124,8 +122,7 @@ class TransformersEmbeddingBackend:
         self.max_tokens = min(positions, caps.max_input_tokens if caps is not None else positions)
         self.vocab_size = int(self.tokenizer.vocab_size)
         self.tokenizer.model_max_length = 1 << 30  # lengths are checked here, per input (no tokenizer warning)
-        self._memory_bytes = sum(t.numel() * t.element_size() for t in (*self.model.parameters(),
-                                                                         *self.model.buffers()))  # fmt: skip
+        self._memory_bytes = module_bytes(self.model)
         self.batcher: DynamicBatcher[str | list[int], _Vector] = DynamicBatcher(
             self._run_batch, key=lambda _: None, max_batch_size=self.params.max_batch_size,
             max_wait_s=self.params.max_wait_ms / 1000, gap_s=self.params.gap_ms / 1000, name=f"embed-{spec.name}",

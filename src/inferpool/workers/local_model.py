@@ -57,6 +57,18 @@ class CheckpointParams(BaseModel):
         return ensure_hf_checkpoint(gguf, cache_dir)
 
 
+def torch_device(requested: str, torch: Any) -> str:
+    """The device a model loads on: ``auto`` is CUDA where there is one, else the CPU."""
+    if requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def module_bytes(model: Any) -> int:
+    """What a loaded torch module holds on its device: its weights and buffers (adapters included)."""
+    return int(sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())))
+
+
 def chat_prompt_ids(tokenizer: Any, request: ChatRequest) -> list[int]:
     """The request's messages through the model's chat template, ending with the assistant's turn. An
     assistant's tool calls are shown as their JSON; tools go to templates that render them, else into a

@@ -29,7 +29,14 @@ from inferpool.plumbing.settings import Settings
 from inferpool.wire import ChatRequest, CompletionRequest, FinishReason
 from inferpool.workers.backend import Generation, GenerationOutcome, gather_outcomes, parse_params
 from inferpool.workers.batcher import DynamicBatcher
-from inferpool.workers.local_model import CheckpointParams, chat_prompt_ids, output_budget, requested_adapter
+from inferpool.workers.local_model import (
+    CheckpointParams,
+    chat_prompt_ids,
+    module_bytes,
+    output_budget,
+    requested_adapter,
+    torch_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +93,7 @@ class TransformersBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self._torch = torch
-        device = self.params.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch_device(self.params.device, torch)
         dtype_name = self.params.dtype
         if dtype_name == "auto":
             dtype_name = "bfloat16" if device.startswith("cuda") else "float32"
@@ -98,10 +103,7 @@ class TransformersBackend:
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"model {spec.name!r}: cannot load checkpoint {checkpoint}: {exc}") from exc
         self.model: Any = self._with_adapters(model.to(device)).eval()
-        # Weights and buffers (adapters included): what the model holds on its device.
-        self._memory_bytes = sum(
-            t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers())
-        )
+        self._memory_bytes = module_bytes(self.model)
         self.device = device
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
