@@ -61,6 +61,10 @@ def texts(count: int, seed: int = 7) -> list[str]:
 
 
 def _rss_mb() -> float:
+    """This process's peak RSS: ``VmHWM`` (ru_maxrss would carry over the forking parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
