@@ -8,12 +8,11 @@ API refuses gets the 400's message instead.
 
 from __future__ import annotations
 
-import base64
-import struct
 import time
 from typing import Any
 
 from inferpool.emulators.answers import cut_answer
+from inferpool.wire import pack_vector
 from inferpool.workers.echo import echo_vector as embedding_vector
 
 #: The vector size when a request names no ``dimensions`` (OpenAI's text-embedding-3-small).
@@ -56,11 +55,7 @@ def embeddings_answer(body: dict[str, Any]) -> dict[str, Any] | str:
     data = []
     for index, item in enumerate(items):
         vector = embedding_vector(item, dimensions)
-        embedding: list[float] | str = (
-            base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode("ascii")
-            if encoding == "base64"
-            else vector
-        )
+        embedding: list[float] | str = pack_vector(vector) if encoding == "base64" else vector
         data.append({"object": "embedding", "index": index, "embedding": embedding})
     tokens = sum(len(item.split()) if isinstance(item, str) else len(item) for item in items)
     return {"object": "list", "data": data, "model": body.get("model"),

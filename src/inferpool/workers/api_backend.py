@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio
 from pydantic import BaseModel, ConfigDict, Field
@@ -196,8 +196,12 @@ class ApiBackend(ABC):
         return self.translate(request)
 
     async def generate(self, requests: Sequence[ChatRequest]) -> list[GenerationOutcome]:
-        outcomes = await gather_outcomes(self.name, (self._serve(request) for request in requests))
-        return [outcome for outcome in outcomes if not isinstance(outcome, Embeddings)]
+        return cast(list[GenerationOutcome], await self.serve_all(requests))
+
+    async def serve_all(self, requests: Sequence[AnyRequest]) -> list[Outcome]:
+        """Every request through ``_serve``, together (a request's kind decides its answer's type: a chat or
+        completion request gets a ``Generation``, an embeddings request ``Embeddings``)."""
+        return await gather_outcomes(self.name, (self._serve(request) for request in requests))
 
     async def _serve(self, request: AnyRequest) -> Outcome:
         try:
@@ -205,9 +209,8 @@ class ApiBackend(ABC):
         except RequestError as exc:
             return exc
         semaphore, limiter = self._ensure_loop_state()
-        wanted = request.output_limit() if request.kind != "chat" else request.output_limit() or (
-            self.spec.capabilities.default_max_tokens)  # fmt: skip
-        estimate = len(request.prompt_text()) // 4 + (wanted or 0)
+        default = self.spec.capabilities.default_max_tokens if isinstance(request, ChatRequest) else 0
+        estimate = len(request.prompt_text()) // 4 + (request.output_limit() or default)
         sink = current_delta_sink()
         async with semaphore:
             attempt = 0

@@ -11,15 +11,13 @@ embeddings (``embed``), and what every backend would otherwise do again for the 
 from __future__ import annotations
 
 import asyncio
-import base64
 import math
-from array import array
 from collections.abc import Sequence
 from typing import Any
 
 from inferpool._exceptions import CapabilityMismatch, ProviderError, RequestError
 from inferpool.state.streams import current_delta_sink
-from inferpool.wire import AnyRequest, ChatRequest, CompletionRequest, EmbeddingRequest, pack_vector
+from inferpool.wire import AnyRequest, ChatRequest, CompletionRequest, EmbeddingRequest, pack_vector, unpack_vector
 from inferpool.workers.backend import Backend, Embeddings, ExtraChoice, Generation, GenerationOutcome, Outcome
 
 
@@ -120,7 +118,7 @@ def _shortened(request: EmbeddingRequest, embeddings: Embeddings) -> Outcome:
         return embeddings
     vectors = []
     for packed in embeddings.vectors:
-        values = array("f", base64.b64decode(packed))
+        values = unpack_vector(packed)
         if len(values) <= wanted:
             vectors.append(packed)
             continue

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.settings import Settings
@@ -18,7 +18,7 @@ from inferpool.workers.api_backend import (
     stopped_generation,
     streamed_generation,
 )
-from inferpool.workers.backend import EmbeddingOutcome, Embeddings, Generation, GenerationOutcome, gather_outcomes
+from inferpool.workers.backend import EmbeddingOutcome, GenerationOutcome
 from inferpool.workers.openai_translate import (
     _FINISH,
     completion_generation,
@@ -61,18 +61,16 @@ class OpenAIBackend(ApiBackend):
         return body
 
     async def complete(self, requests: list[CompletionRequest]) -> list[GenerationOutcome]:
-        outcomes = await gather_outcomes(self.name, (self._serve(request) for request in requests))
-        return [outcome for outcome in outcomes if not isinstance(outcome, Embeddings)]
+        return cast(list[GenerationOutcome], await self.serve_all(requests))
 
     async def embed(self, requests: list[EmbeddingRequest]) -> list[EmbeddingOutcome]:
-        outcomes = await gather_outcomes(self.name, (self._serve(request) for request in requests))
-        return [outcome for outcome in outcomes if not isinstance(outcome, Generation)]
+        return cast(list[EmbeddingOutcome], await self.serve_all(requests))
 
     async def call_kind(self, kind: str, arguments: dict[str, Any]) -> ProviderReply:
         if kind == "chat":
             return await self.call(arguments)
         if kind == "completions" and (self.params.stream or current_delta_sink() is not None):
-            return await self._complete_streaming(arguments)
+            return await self._call_streaming(arguments, completions=True)
         try:
             if kind == "completions":
                 raw: Any = await self._client.completions.with_raw_response.create(**arguments)
@@ -84,41 +82,6 @@ class OpenAIBackend(ApiBackend):
         answer = text_completion_generation(parsed) if kind == "completions" else embeddings_outcome(parsed)
         return ProviderReply(answer, dict(raw.headers))
 
-    async def _complete_streaming(self, arguments: dict[str, Any]) -> ProviderReply:
-        """A streamed text completion: each chunk's text to the request's reader, usage from the last chunk."""
-        sink = current_delta_sink()
-        if sink is not None:
-            sink.restart()
-        first_token_at: float | None = None
-        parts: list[str] = []
-        finish: str | None = None
-        usage: Any = None
-        try:
-            raw = await self._client.completions.with_raw_response.create(
-                **arguments, stream=True, stream_options={"include_usage": True}
-            )
-            stream = await maybe_await(raw.parse())
-            async for chunk in stream:
-                if sink is not None and sink.cancelled:
-                    await stream.close()
-                    return ProviderReply(stopped_generation(parts, first_token_at), dict(raw.headers))
-                usage = chunk.usage or usage
-                for choice in chunk.choices:
-                    if choice.index == 0 and choice.text:
-                        first_token_at = first_token_at or time.time()
-                        parts.append(choice.text)
-                        if sink is not None:
-                            sink.emit(choice.text)
-                    if choice.index == 0:
-                        finish = choice.finish_reason or finish
-        except Exception as exc:
-            raise classify_sdk_error(exc, self._sdk) from exc
-        generation = streamed_generation(
-            parts, None if finish is None else _FINISH.get(finish, "stop"), usage.prompt_tokens if usage else 0,
-            usage.completion_tokens if usage else 0, first_token_at, missing="finish_reason",
-        )  # fmt: skip
-        return ProviderReply(generation, dict(raw.headers))
-
     async def call(self, arguments: dict[str, Any]) -> ProviderReply:
         if self.params.stream or current_delta_sink() is not None:
             return await self._call_streaming(arguments)
@@ -129,9 +92,10 @@ class OpenAIBackend(ApiBackend):
             raise classify_sdk_error(exc, self._sdk) from exc
         return ProviderReply(completion_generation(completion), dict(raw.headers))
 
-    async def _call_streaming(self, arguments: dict[str, Any]) -> ProviderReply:
+    async def _call_streaming(self, arguments: dict[str, Any], *, completions: bool = False) -> ProviderReply:
         """The same call as a server-sent-event stream: the first content delta is the first token; a reader
-        of the request's own stream (``current_delta_sink``) gets each delta as it comes."""
+        of the request's own stream (``current_delta_sink``) gets each delta as it comes. A text completion
+        (``completions``) streams ``choices[].text`` where chat streams ``choices[].delta``."""
         sink = current_delta_sink()
         if sink is not None:
             sink.restart()  # a retried call streams the answer from its start again
@@ -141,7 +105,8 @@ class OpenAIBackend(ApiBackend):
         finish: str | None = None
         usage: Any = None
         try:
-            raw = await self._client.chat.completions.with_raw_response.create(
+            endpoint = self._client.completions if completions else self._client.chat.completions
+            raw = await endpoint.with_raw_response.create(
                 **arguments, stream=True, stream_options={"include_usage": True}
             )
             stream = await maybe_await(raw.parse())
@@ -153,13 +118,15 @@ class OpenAIBackend(ApiBackend):
                 for choice in chunk.choices:
                     if choice.index != 0:
                         continue
-                    if choice.delta is not None and choice.delta.content:
+                    delta = None if completions else choice.delta
+                    text = choice.text if completions else (delta.content if delta is not None else None)
+                    if text:
                         first_token_at = first_token_at or time.time()
-                        parts.append(choice.delta.content)
+                        parts.append(text)
                         if sink is not None:
-                            sink.emit(choice.delta.content)
-                    if choice.delta is not None:
-                        _add_call_pieces(calls, choice.delta.tool_calls)
+                            sink.emit(text)
+                    if delta is not None:
+                        _add_call_pieces(calls, delta.tool_calls)
                     finish = choice.finish_reason or finish
         except Exception as exc:  # classify_sdk_error re-raises anything it does not recognise
             raise classify_sdk_error(exc, self._sdk) from exc
