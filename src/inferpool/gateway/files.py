@@ -31,8 +31,10 @@ async def upload_file(request: Request) -> Response:
     def check(path: Path) -> None:
         check_batch_file(path, settings)
 
+    declared = request.headers.get("content-length", "")
+    length = int(declared) if declared.isascii() and declared.isdigit() and len(declared) <= 18 else None
     info = await gateway.files.upload(tenant, request.headers.get("content-type", ""), request.stream(),
-                                      settings.batch_max_bytes, check)  # fmt: skip
+                                      settings.batch_max_bytes, check, length)  # fmt: skip
     return JSONResponse(info.model_dump())
 
 

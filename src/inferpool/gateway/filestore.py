@@ -74,6 +74,11 @@ _MAX_PARTS = 16
 _FEED_BYTES = 1024 * 1024
 
 
+def _too_large(max_bytes: int) -> HTTPError:
+    return HTTPError(413, f"The upload is over the limit of {max_bytes} bytes (INFERPOOL_BATCH_MAX_BYTES, plus room "
+                     "for its form fields); split the file.", code="file_too_large")  # fmt: skip
+
+
 class _UploadParser:
     """``multipart/form-data`` with one ``file`` part (written to ``sink``) and small text fields."""
 
@@ -107,8 +112,7 @@ class _UploadParser:
         """Parse the next bytes of the body (writing the file's bytes to the sink); 400/413 for a bad body."""
         self.body_bytes += len(data)
         if self.body_bytes > self._max_bytes + _BODY_OVERHEAD:
-            raise HTTPError(413, f"The upload is over the limit of {self._max_bytes} bytes (INFERPOOL_BATCH_MAX_BYTES, "
-                            "plus room for its form fields); split the file.", code="file_too_large")  # fmt: skip
+            raise _too_large(self._max_bytes)
         try:
             self._parser.write(data)
         except FormParserError as exc:
@@ -239,9 +243,19 @@ class FileStore:
         return self.root / f"{file_id}.jsonl"
 
     async def upload(
-        self, tenant: str, content_type: str, body: AsyncIterator[bytes], max_bytes: int, check: Callable[[Path], None]
+        self,
+        tenant: str,
+        content_type: str,
+        body: AsyncIterator[bytes],
+        max_bytes: int,
+        check: Callable[[Path], None],
+        declared_bytes: int | None = None,
     ) -> FileObject:
-        """Store an upload streamed in as ``body``; ``check(path)`` may refuse the finished file (raising)."""
+        """Store an upload streamed in as ``body``; ``check(path)`` may refuse the finished file (raising). A body
+        whose declared length (``Content-Length``) is over the limit is a 413 before a byte of it is parsed, so the
+        answer does not depend on how its first bytes happen to be chunked."""
+        if declared_bytes is not None and declared_bytes > max_bytes + _BODY_OVERHEAD:
+            raise _too_large(max_bytes)
         boundary = multipart_boundary(content_type)
         await self.sweep()
         await self._check_quota(tenant, 0)
