@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from inferpool import AsyncClient, BatchJob, Client, JobStatus, Settings
-from inferpool.emulators import EmulatorConfig, ProviderEmulator, WindowLimit
+from inferpool.emulators import EmulatedModel, EmulatorConfig, ProviderEmulator, WindowLimit, default_models
 from inferpool.plumbing.local_pool import (
     EmbeddedRedis,
     WorkerProcess,
@@ -150,6 +150,7 @@ def emulator() -> Iterator[ProviderEmulator]:
         api_keys=[OPENAI_TEST_KEY, ANTHROPIC_TEST_KEY],
         timeout_sleep_s=3.0,
         limits={"gpt-limited": WindowLimit(requests=10, per_s=2)},
+        models=[*default_models(), EmulatedModel(id="smol-vllm", max_model_len=2048)],
     )
     server = ProviderEmulator(config).start()
     yield server

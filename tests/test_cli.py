@@ -198,7 +198,7 @@ def test_models_shows_live_workers_and_queues_with_a_redis_url(redis_url: str) -
     assert proc.returncode == 0, proc.stderr
     loads = {entry["name"]: entry["load"] for entry in json.loads(proc.stdout)}
     assert loads["echo"]["live_workers"] >= 1
-    assert set(loads["echo"]) == {"model", "queue_depth", "in_flight", "live_workers", "warm_workers"}
+    assert set(loads["echo"]) == {"model", "queue_depth", "in_flight", "live_workers", "context_window", "warm_workers"}
     assert loads["echo"]["warm_workers"] == loads["echo"]["live_workers"]  # a single-model worker is always warm
     table = run_cli("models", env={"REDIS_URL": redis_url, "COLUMNS": "200"})
     assert table.returncode == 0, table.stderr

@@ -145,6 +145,17 @@ ALLOWED = {
 FORBIDDEN = {
     "inferpool.client": {"inferpool.workers", "inferpool.residency"},
     "inferpool.workers": {"inferpool.client", "inferpool.residency"},
+    # Detection reads sources and the registry; workers, clients and commands build on it, never the reverse.
+    "inferpool.detection": {
+        "inferpool.workers",
+        "inferpool.client",
+        "inferpool.residency",
+        "inferpool.scheduler",
+        "inferpool.gateway",
+        "inferpool.cli",
+        "inferpool.state",
+    },
+    "inferpool.model_registry": {"inferpool.detection"},
 }  # residency builds on workers
 
 

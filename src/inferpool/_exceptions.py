@@ -14,6 +14,8 @@
     │   ├── CapabilityMismatch      the model cannot do what the request asks (images, tools...)
     │   ├── ProviderError           the backend failed while generating
     │   └── HookError               a request or result hook refused, rejected or failed
+    ├── DetectionError              a capability source (provider, engine, checkpoint) could not be read or
+    │                               answered something unusable (a clear message, never a crash)
     ├── ModelLoadError              a worker cannot load its model
     │   └── ModelNotResident        a budgeted worker could not make room for a model in time (its work waits)
     ├── ResultTimeout               waited for a result longer than asked
@@ -49,6 +51,11 @@ class RedisUnavailable(InferpoolError):
 class TemplateError(ConfigurationError):
     """A prompt template (or its rows file) that cannot be used at all: bad YAML or Jinja syntax, an
     unreadable file. A single row that cannot be rendered is that line's error instead."""
+
+
+class DetectionError(InferpoolError):
+    """A capability detector could not read its source (unreachable, refused, not JSON, too large) or the
+    source reported something unusable (a context window of 10^30); the message names source and field."""
 
 
 class ModelLoadError(InferpoolError):

@@ -14,6 +14,7 @@ TASK_PROVIDER_BATCH_STEP = "inferpool.provider_batch_step"
 #: Entry-point group through which backends (built-in and third-party alike) register.
 BACKEND_ENTRY_POINT_GROUP = "inferpool.backends"
 HOOK_ENTRY_POINT_GROUP = "inferpool.hooks"
+DETECTOR_ENTRY_POINT_GROUP = "inferpool.detectors"
 
 
 class Priority(StrEnum):
@@ -109,6 +110,17 @@ def worker_heartbeats_key(model_name: str) -> str:
     """Sorted set worker id -> when its heartbeat expires (Redis server time): live workers are counted
     with one ``ZCOUNT``, never by scanning the keyspace."""
     return f"{KEY_PREFIX}heartbeats:{model_name}"
+
+
+def detected_windows_key(model_name: str) -> str:
+    """Hash worker id -> the context window that worker's engine accepts (detected at its start); routing takes
+    the smallest among live workers."""
+    return f"{KEY_PREFIX}detected-window:{model_name}"
+
+
+def model_availability_key(model_name: str) -> str:
+    """JSON of the latest detection that found the model unavailable at its provider (expires unless renewed)."""
+    return f"{KEY_PREFIX}unavailable:{model_name}"
 
 
 #: Sorted set of every batch job id, scored by creation time (``batch list``).

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from redis.exceptions import RedisError
+
 from inferpool._exceptions import CapabilityMismatch, ContextLengthExceeded, RequestError
 from inferpool.constants import queue_name, split_adapter
 from inferpool.model_registry.capability import KIND_NAMES, check_request_fits, serves_kind
@@ -64,6 +66,7 @@ class Router:
         self._live: _Live | None = None
         self._live_at = 0.0
         self._named: dict[str, Route] = {}  # requested name -> route before the per-request checks
+        self._served: dict[tuple[str, int], ModelSpec] = {}  # (model, detected window) -> its spec as served
 
     def attach_live_view(self, load_reader: LoadReader, latency_reader: Callable[[], Mapping[str, float]]) -> None:
         """Let ``model: "auto"`` see live workers, load and latency (a client does this once connected)."""
@@ -79,6 +82,9 @@ class Router:
             route = self._named[request.model] = self._resolve(request.model)
         if not serves_kind(route.spec, request.kind):
             self._wrong_kind(route.spec, request)
+        serving = self._as_served(route.spec)
+        if serving is not route.spec:
+            route = Route(spec=serving, queue=route.queue, model=route.model, warnings=route.warnings)
         check_request_fits(route.spec, request)
         if not _may_fit(route.spec, request):
             larger = self._larger_fallback(route.spec, request)
@@ -113,9 +119,32 @@ class Router:
         model = f"{spec.name}:{adapter}" if adapter else spec.name
         return Route(spec=spec, queue=queue_name(spec.name), model=model, warnings=tuple(warnings))
 
+    def _as_served(self, spec: ModelSpec) -> ModelSpec:
+        """``spec`` with the window its live workers' engines accept, when they detected a smaller one than the
+        registry's (a vLLM started with a shorter ``max_model_len``, a provider's real limit)."""
+        if self._load_reader is None:
+            return spec
+        try:
+            live = self._live_view([spec.name])
+        except RedisError:  # routing by the registry alone beats refusing to route
+            return spec
+        load = live.loads.get(spec.name) if live is not None else None
+        window = load.context_window if load is not None else None
+        if window is None or window >= spec.capabilities.context_window:
+            return spec
+        key = (spec.name, window)
+        served = self._served.get(key)
+        if served is None:
+            caps = spec.capabilities
+            output = min(caps.max_output_tokens, window)
+            narrowed = caps.model_copy(update={"context_window": window, "max_output_tokens": output,
+                                               "default_max_tokens": min(caps.default_max_tokens, output)})  # fmt: skip
+            served = self._served[key] = spec.model_copy(update={"capabilities": narrowed})
+        return served
+
     def _larger_fallback(self, spec: ModelSpec, request: AnyRequest) -> ModelSpec:
         for name in spec.fallbacks:
-            candidate = self.registry.get(name)
+            candidate = self._as_served(self.registry.get(name))
             if candidate.capabilities.context_window > spec.capabilities.context_window and _may_fit(
                 candidate, request
             ):
@@ -124,8 +153,9 @@ class Router:
         asked = request.output_limit() or 0
         raise ContextLengthExceeded(
             f"the prompt is at least {_min_prompt_tokens(request)} tokens and max_tokens is {asked}, "
-            f"more than model {spec.name!r}'s context window of {spec.capabilities.context_window}, and it has no "
-            "larger fallback; shorten the prompt or lower max_tokens"
+            f"more than model {spec.name!r}'s context window of {spec.capabilities.context_window}"
+            f"{_detected_note(self.registry, spec)}, and it has no larger fallback; shorten the prompt or lower "
+            "max_tokens"
         )
 
     # -- model: "auto" ---------------------------------------------------------------------------------
@@ -134,9 +164,10 @@ class Router:
         hints = request.routing or RoutingHints()
         candidates: list[ModelSpec] = []
         misses: list[str] = []
-        for spec in self.registry:
-            if spec.deprecation is not None:
+        for registered in self.registry:
+            if registered.deprecation is not None:
                 continue
+            spec = self._as_served(registered)
             missing = _missing(spec, request, hints)
             if missing:
                 misses.append(f"{spec.name} ({', '.join(missing)})")
@@ -171,6 +202,14 @@ class Router:
             latencies = self._latency_reader() if self._latency_reader is not None else {}
             self._live, self._live_at = _Live(loads, latencies), now
         return self._live
+
+
+def _detected_note(registry: Registry, spec: ModelSpec) -> str:
+    """`` (its engines accept 2048; the registry says 8192)`` when the window was narrowed by detection."""
+    registered = registry.get(spec.name).capabilities.context_window
+    if registered == spec.capabilities.context_window:
+        return ""
+    return f" (what its serving engines accept, as they detected it; the registry says {registered})"
 
 
 def _min_prompt_tokens(request: AnyRequest) -> int:

@@ -5,6 +5,7 @@ limits (429 + Retry-After), server errors, timeouts and malformed bodies on dema
 they receive, so a test can prove a limit was never exceeded.
 """
 
+from inferpool.emulators.models import EmulatedModel, default_models
 from inferpool.emulators.server import EmulatorConfig, ProviderEmulator, WindowLimit
 
-__all__ = ["EmulatorConfig", "ProviderEmulator", "WindowLimit"]
+__all__ = ["EmulatedModel", "EmulatorConfig", "ProviderEmulator", "WindowLimit", "default_models"]

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from inferpool.emulators.answers import answer_pieces, anthropic_answer, openai_answer, openai_deltas
 from inferpool.emulators.batches import BatchEndpoints
 from inferpool.emulators.completions import completion_stream_events, completions_answer, embeddings_answer
+from inferpool.emulators.models import EmulatedModel, ModelEndpoints, default_models
 from inferpool.emulators.tools import (
     anthropic_tool_events,
 )
@@ -45,11 +46,14 @@ class EmulatorConfig(BaseModel):
         default=None, gt=0, description="A batch older than this expires (if it has not finished by then)."
     )
     seed: int = 0
+    models: list[EmulatedModel] = Field(default_factory=default_models, description="What the models endpoints list.")
+    models_body: bytes | None = Field(default=None, description="Answer every models endpoint with these bytes.")
 
 
 class ProviderEmulator:
     """Serves ``/v1/chat/completions``, ``/v1/embeddings`` and ``/v1/completions`` (OpenAI) and ``/v1/messages``
-    (Anthropic), and their batch APIs (``inferpool.emulators.batches``)."""
+    (Anthropic), their batch APIs (``inferpool.emulators.batches``) and their models endpoints, Ollama's too
+    (``inferpool.emulators.models``)."""
 
     def __init__(self, config: EmulatorConfig | None = None) -> None:
         self.config = config or EmulatorConfig()
@@ -64,6 +68,7 @@ class ProviderEmulator:
         self.port = 0
         self._host = "127.0.0.1"
         self.batch_endpoints = BatchEndpoints(self)
+        self.model_endpoints = ModelEndpoints(self)
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -96,6 +101,7 @@ class ProviderEmulator:
         app.router.add_post("/v1/completions", self._openai_completions)
         app.router.add_post("/v1/messages", self._anthropic)
         self.batch_endpoints.add_routes(app)
+        self.model_endpoints.add_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         self._loop.run_until_complete(self._runner.setup())
         site = web.TCPSite(self._runner, self._host, self.port)

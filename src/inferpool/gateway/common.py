@@ -4,6 +4,7 @@ stores, admission), authentication, bodies read within limits and parsed off the
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -12,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from inferpool.client.client import AsyncClient
-from inferpool.constants import DEFAULT_TENANT
+from inferpool.constants import DEFAULT_TENANT, model_availability_key
 from inferpool.gateway.admission import Admission
 from inferpool.gateway.errors import HTTPError
 from inferpool.gateway.filestore import FileStore
@@ -54,9 +55,23 @@ class Gateway:
     async def require_live_worker(self, model: str) -> None:
         """503 if no worker serves ``model`` now: the request would only wait in its queue."""
         if (await count_live_workers_async(self.client.redis, [model]))[model] == 0:
+            gone = await self.client.redis.get(model_availability_key(model))
+            if gone is not None:  # its workers left routing: the provider says there is no such model
+                note = _unavailable_note(gone)
+                raise HTTPError(503, f"Model '{model}' is not available at its provider right now ({note}); "
+                                "operators: `inferpool models` says why.", type_="api_error",
+                                code="model_unavailable")  # fmt: skip
             raise HTTPError(503, f"No live worker serves model '{model}' right now; retry later (operators: start one "
                             f"with `inferpool worker {model}`).", type_="api_error",
                             code="no_live_worker")  # fmt: skip
+
+
+def _unavailable_note(raw: bytes | str) -> str:
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return ""
+    return str(record.get("note", "")) if isinstance(record, dict) else ""
 
 
 def list_page(data: list[dict[str, Any]], has_more: bool) -> JSONResponse:

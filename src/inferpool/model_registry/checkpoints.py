@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from inferpool._exceptions import ModelLoadError
 
 #: Name of the marker file written last, so a half-written conversion is never mistaken for a done one.
@@ -101,3 +103,42 @@ def ensure_hf_checkpoint(gguf_path: Path, cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+class CheckpointParams(BaseModel):
+    """Registry ``params`` naming a local model: a checkpoint directory (or one a Python package ships), or a
+    GGUF file to convert once."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: Path | None = Field(default=None, description="A Hugging Face checkpoint directory.")
+    package: str | None = Field(default=None, description="A Python package that ships a checkpoint directory.")
+    package_dir: str = Field(default="model", description="The checkpoint's directory inside ``package``.")
+    gguf_path: Path | None = Field(default=None, description="A GGUF file, converted once into the cache.")
+    gguf_package: str | None = Field(default=None, description="Python package that ships the GGUF file.")
+    gguf_file: str | None = Field(default=None, description="GGUF file name inside gguf_package.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CheckpointParams:
+        sources = [self.path, self.package, self.gguf_path, self.gguf_package]
+        if sum(source is not None for source in sources) != 1:
+            raise ValueError("give exactly one of path, package (+ package_dir), gguf_path or gguf_package "
+                             "(+ gguf_file)")  # fmt: skip
+        if self.gguf_package is not None and not self.gguf_file:
+            raise ValueError("gguf_package needs gguf_file")
+        return self
+
+    def checkpoint_dir(self, cache_dir: Path) -> Path:
+        if self.package is not None:
+            return package_dir(self.package, self.package_dir)
+        if self.path is not None:
+            if not self.path.is_dir():
+                raise ModelLoadError(f"checkpoint directory {self.path} does not exist")
+            return self.path
+        gguf = self.gguf_path
+        if gguf is None:
+            assert self.gguf_package is not None
+            assert self.gguf_file is not None
+            gguf = package_file(self.gguf_package, self.gguf_file)
+        elif not gguf.is_file():
+            raise ModelLoadError(f"GGUF file {gguf} does not exist")
+        return ensure_hf_checkpoint(gguf, cache_dir)

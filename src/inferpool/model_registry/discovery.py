@@ -9,6 +9,7 @@ vision architecture). GGUF metadata is read from the file's header only (a few K
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -54,22 +55,48 @@ def _model(spec: DiscoverSpec, stem: str, params: dict[str, Any], window: int, t
                      serving=spec.serving, description=f"discovered: {source}")  # fmt: skip
 
 
-def _from_checkpoint(directory: Path, spec: DiscoverSpec) -> ModelSpec:
+def read_checkpoint_config(directory: Path) -> dict[str, Any]:
+    """A checkpoint's ``config.json``, or a ``RegistryError`` saying why it cannot be read."""
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RegistryError(f"discover: {directory / 'config.json'}: not readable JSON: {exc}") from exc
-    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    window = next((int(c[key]) for c in (config, text_config)
-                   for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
-                   if isinstance(c.get(key), int)), _DEFAULT_CONTEXT)  # fmt: skip
-    architectures = " ".join(config.get("architectures") or []).lower() + " " + str(config.get("model_type", ""))
-    vision = "vision_config" in config or any(hint in architectures for hint in _VISION_HINTS)
-    return _model(spec, directory.name, {"path": str(directory)}, window, _checkpoint_template(directory), vision,
-                  directory)  # fmt: skip
+    except (OSError, ValueError, RecursionError) as exc:
+        raise RegistryError(f"{directory / 'config.json'}: not readable JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise RegistryError(f"{directory / 'config.json'}: not a JSON object")
+    return config
 
 
-def _checkpoint_template(directory: Path) -> str | None:
+def checkpoint_window(config: dict[str, Any]) -> int | None:
+    """The context window a checkpoint's config gives (its own or its text model's), if any."""
+    raw_text_config = config.get("text_config")
+    text_config: dict[str, Any] = raw_text_config if isinstance(raw_text_config, dict) else {}
+    return next((int(c[key]) for c in (config, text_config)
+                 for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+                 if isinstance(c.get(key), int) and not isinstance(c.get(key), bool)), None)  # fmt: skip
+
+
+def checkpoint_vision(config: dict[str, Any], directory: Path | None = None) -> bool:
+    """Whether a checkpoint takes images: a vision tower in its config, a vision architecture, or an image
+    processor shipped beside it."""
+    raw_architectures = config.get("architectures")
+    architectures: list[Any] = raw_architectures if isinstance(raw_architectures, list) else []
+    names = " ".join(str(a) for a in architectures).lower() + " " + str(config.get("model_type", ""))
+    processor = directory is not None and any((directory / f).is_file() for f in ("preprocessor_config.json",
+                                                                                  "processor_config.json"))  # fmt: skip
+    return "vision_config" in config or any(hint in names for hint in _VISION_HINTS) or processor
+
+
+def _from_checkpoint(directory: Path, spec: DiscoverSpec) -> ModelSpec:
+    try:
+        config = read_checkpoint_config(directory)
+    except RegistryError as exc:
+        raise RegistryError(f"discover: {exc}") from exc
+    window = checkpoint_window(config) or _DEFAULT_CONTEXT
+    return _model(spec, directory.name, {"path": str(directory)}, window, checkpoint_template(directory),
+                  checkpoint_vision(config), directory)  # fmt: skip
+
+
+def checkpoint_template(directory: Path) -> str | None:
     jinja = directory / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
@@ -160,6 +187,11 @@ class _HeaderReader:
 
 def read_gguf_metadata(path: Path) -> dict[str, Any]:
     """The key/value metadata of a GGUF file (version 2 or 3), read from its header."""
+    return read_gguf_header(path)[0]
+
+
+def read_gguf_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A GGUF file's metadata and its parameter count (the tensor shapes that follow the metadata)."""
     with path.open("rb") as handle:
         reader = _HeaderReader(handle, path.stat().st_size)
         if reader.take(4) != b"GGUF":
@@ -167,7 +199,7 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
         (version,) = reader.unpack("<I")
         if version not in (2, 3):
             raise ValueError(f"unsupported GGUF version {version}")
-        _tensors, count = reader.unpack("<QQ")
+        tensors, count = reader.unpack("<QQ")
         if count > reader.size - handle.tell():
             raise ValueError(f"{count} metadata entries cannot fit in the file")
         metadata: dict[str, Any] = {}
@@ -175,4 +207,15 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
             key = reader.string()
             (value_type,) = reader.unpack("<I")
             metadata[key] = reader.value(value_type)
-        return metadata
+        if tensors > reader.size - handle.tell():
+            raise ValueError(f"{tensors} tensors cannot fit in the file")
+        parameters = 0
+        for _ in range(tensors):
+            reader.string(keep=False)
+            (dims,) = reader.unpack("<I")
+            if dims > 8:
+                raise ValueError(f"a tensor of {dims} dimensions")
+            shape = reader.unpack(f"<{dims}Q")
+            reader.skip(12)  # type (u32) and offset (u64)
+            parameters += math.prod(shape)
+        return metadata, parameters

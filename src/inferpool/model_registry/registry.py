@@ -9,10 +9,11 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from inferpool._exceptions import ModelNotFound, RegistryError
-from inferpool.constants import split_adapter
+from inferpool._exceptions import ConfigurationError, ModelNotFound, RegistryError
+from inferpool.constants import DETECTOR_ENTRY_POINT_GROUP, split_adapter
 from inferpool.model_registry.discovery import discover_models
 from inferpool.model_registry.spec import DiscoverSpec, ModelSpec, ProviderSpec, RegistryFile
+from inferpool.plumbing.plugins import load_plugin
 from inferpool.plumbing.settings import Settings
 
 
@@ -64,6 +65,16 @@ def _with_provider(spec: ModelSpec, providers: dict[str, ProviderSpec]) -> Model
     return spec.model_copy(update={"backend": backend, "params": {**provider.default_params(), **spec.params},
                                    "hooks": [*provider.hooks, *spec.hooks],
                                    "batch_api": spec.batch_api or provider.batch_api})  # fmt: skip
+
+
+def _check_detector(spec: ModelSpec) -> None:
+    """A detector named by a registry entry must resolve now, not when a worker first detects."""
+    if spec.detector is None:
+        return
+    try:
+        load_plugin(DETECTOR_ENTRY_POINT_GROUP, spec.detector, "detector", allow_path=True)
+    except ConfigurationError as exc:
+        raise RegistryError(f"model {spec.name!r}: {exc}") from None
 
 
 class Registry:
@@ -133,6 +144,8 @@ class Registry:
                 specs += discover_models(located)
             specs += document.models
             providers.update(document.providers)
+        for spec in specs:
+            _check_detector(spec)
         sources = ["built-in registry", *(f"models dir {d}" for d in models_dirs), *(str(p) for p in extra_files)]
         return cls((_with_provider(spec, providers) for spec in specs), sources)
 

@@ -210,6 +210,17 @@ class ProviderSpec(BaseModel):
         return defaults
 
 
+class DetectedFrom(BaseModel):
+    """Where a registry entry's detected fields came from (written by ``inferpool models detect --write``): the
+    fields named here are the detector's, the rest the registry's own."""
+
+    model_config = _STRICT
+    detector: str
+    source: str = Field(description="The URL or path asked (never a key).")
+    at: dt.datetime
+    fields: list[str] = Field(default_factory=list, description="Capabilities whose value was detected.")
+
+
 class ModelSpec(BaseModel):
     """One servable model."""
 
@@ -240,6 +251,13 @@ class ModelSpec(BaseModel):
         default=None, description="Use the provider's own Batch API for batch jobs (opt-in; default: the provider's)."
     )
     description: str = ""
+    detector: str | None = Field(
+        default=None,
+        description="What finds its real capabilities (inferpool models detect, and its workers at start): an "
+        "inferpool.detectors entry point (openai, anthropic, ollama, checkpoint) or an import path "
+        "'package.module:Class'. Default: its backend's (openai, anthropic, checkpoint for local engines).",
+    )
+    detected: DetectedFrom | None = Field(default=None, description="Which fields were detected, by what, when.")
     memory_gb: float | None = Field(
         default=None, gt=0,
         description="Memory the loaded model takes (GiB of GPU memory, or of RAM on CPU), for workers that hold "

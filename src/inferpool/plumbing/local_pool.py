@@ -25,6 +25,7 @@ from typing import Self
 import redis
 
 from inferpool._exceptions import PoolStartError
+from inferpool.state.availability import read_unavailable
 from inferpool.state.heartbeats import live_worker_ids
 
 
@@ -189,6 +190,10 @@ def wait_for_workers(client: redis.Redis, workers: Iterable[WorkerProcess], time
             # Default worker ids end in "-<pid>", so each worker's own heartbeat is found.
             if any(wid.endswith(f"-{worker.proc.pid}") for wid in live_worker_ids(client, worker.model)):
                 pending.remove(worker)
+                continue
+            gone = read_unavailable(client, [worker.model]).get(worker.model)
+            if gone is not None:  # its provider says there is no such model: waiting would never end
+                raise PoolStartError(f"model {worker.model!r} is not available: {gone.get('note', '')}")
         if pending and time.monotonic() > deadline:
             names = ", ".join(w.model for w in pending)
             raise PoolStartError(

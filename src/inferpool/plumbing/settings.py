@@ -12,7 +12,7 @@ container's environment, where ``docker inspect`` shows them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, ValidationInfo, field_validator
@@ -24,6 +24,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     SettingsError,
 )
+
+from inferpool._exceptions import ModelLoadError
 
 #: Where secret files are looked for unless INFERPOOL_SECRETS_DIR says otherwise (Docker's secrets mount).
 DEFAULT_SECRETS_DIR = "/run/secrets"
@@ -124,6 +126,11 @@ class Settings(BaseSettings):
         "the visibility timeout, after which Celery itself would have redelivered it).",
     )
     heartbeat_ttl_s: int = Field(default=15, gt=1, description="Seconds a worker heartbeat lives.")
+    detect_interval_s: float = Field(
+        default=600.0, ge=0,
+        description="A worker detects its model's real capabilities (its provider's models API, its engine, its "
+        "files) at start and again this often; 0: never (the registry's values stand).",
+    )  # fmt: skip
     scheduler_lease_s: float = Field(
         default=6.0, ge=1.0,
         description="Life of the leading scheduler's lease (renewed every third of it): another scheduler takes "
@@ -292,3 +299,32 @@ class Settings(BaseSettings):
                 "or use `inferpool batch run --local` to start a local pool."
             )
         return self.redis_url
+
+
+class ApiKeySource(Protocol):
+    """Where a model's registry params say its API key is (``ApiParams``, a detector's target)."""
+
+    no_api_key: bool
+    api_key_file: Path | None
+    api_key_env: str | None
+
+
+def read_api_key(params: ApiKeySource, default_env: str) -> str:
+    """The key from the secrets file or the environment; never logged, never sent anywhere but the provider."""
+    if params.no_api_key:
+        return "not-needed"
+    if params.api_key_file is not None:
+        try:
+            key = params.api_key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read the API key file {params.api_key_file}: {exc.strerror}") from exc
+        if not key:
+            raise ModelLoadError(f"the API key file {params.api_key_file} is empty")
+        return key
+    variable = params.api_key_env or default_env
+    key = Settings.environment_secret(variable).strip()
+    if not key:
+        raise ModelLoadError(
+            f"no API key: set {variable} (or api_key_env / api_key_file in the model's registry params)"
+        )
+    return key

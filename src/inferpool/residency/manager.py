@@ -32,7 +32,7 @@ from inferpool._exceptions import ModelNotResident
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.provider_batch.runner import ProviderBatchRunner
 from inferpool.residency.budget import describe_bytes, resident_bytes
-from inferpool.workers.backend import backend_can_sleep, sleep_backend, wake_backend
+from inferpool.workers.backend import Backend, backend_can_sleep, sleep_backend, wake_backend
 from inferpool.workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -305,6 +305,14 @@ class ResidentModels:
         if entry.loaded is not None:
             entry.loaded.runtime.release()
             self._after_unload()
+
+    def backend_of(self, model: str) -> Backend | None:
+        """The backend of ``model`` while it is loaded and warm (what its engine accepts is read from it)."""
+        with self._cond:
+            entry = self._entries.get(model)
+            if entry is None or entry.loaded is None or entry.state != "warm":
+                return None
+            return entry.loaded.runtime.backend
 
     def _changed(self) -> None:
         try:

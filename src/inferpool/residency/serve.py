@@ -8,6 +8,7 @@ it (scale to zero per model). Models load when their first chunk arrives (``infe
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -39,6 +40,7 @@ from inferpool.residency.budget import (
     record_swap_seconds,
 )
 from inferpool.residency.manager import Loaded, ResidentModels
+from inferpool.state.availability import mark_available, mark_unavailable
 from inferpool.state.heartbeats import beat, withdraw
 from inferpool.state.items import held_by
 from inferpool.state.jobs import error_result_of_record
@@ -47,6 +49,7 @@ from inferpool.state.worker_queues import WorkerQueues
 from inferpool.wire import ErrorInfo, RequestResult, TaskChunk
 from inferpool.workers.backend import create_backend, memory_footprint, preload_backend
 from inferpool.workers.cache import ResponseCache
+from inferpool.workers.detection import OwnDetection
 from inferpool.workers.hooks import HookChain, load_hooks
 from inferpool.workers.runtime import ChunkReport, WorkerRuntime
 from inferpool.workers.serve import run_celery_worker
@@ -142,22 +145,46 @@ class _Announcer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
         self._queues = WorkerQueues(client)
+        # Each model's real window and availability, from its detector and, while it is loaded, its engine (a
+        # model loaded again is asked again: the heartbeat that announces the load reads it).
+        self.detections = {name: OwnDetection(spec, settings, functools.partial(resident.backend_of, name),
+                                              on_change=functools.partial(self._availability_changed, name))
+                           for name, spec in resident.specs.items()}  # fmt: skip
 
     def start(self) -> None:
         self.beat()
         self._thread.start()
+        for detection in self.detections.values():
+            detection.start()
+
+    def _availability_changed(self, name: str, available: bool) -> None:
+        if self._stop.is_set():
+            return
+        try:
+            if available:
+                mark_available(self.redis, name)
+            else:
+                withdraw(self.redis, name, self.worker_id)
+            self.beat()
+        except redis.RedisError as exc:
+            log.warning("could not publish model %s's availability: %s", name, exc)
 
     def beat(self) -> None:
         states, counts, held = self.resident.states(), self.resident.counts(), self.resident.held_bytes()
         warm = sorted(name for name, state in states.items() if state == "warm")
         grace = self.settings.gone_worker_grace_s()
         for name, spec in self.resident.specs.items():
+            detection = self.detections[name]
+            if not detection.available:  # out of routing: only the record of why is renewed
+                mark_unavailable(self.redis, name, detection.unavailable_record(), self.settings.heartbeat_ttl_s * 3)
+                continue
             payload = {"worker_id": self.worker_id, "model": name, "backend": spec.backend, "pid": os.getpid(),
                        "state": states[name], "resident": warm, "budget_bytes": self.budget, "held_bytes": held,
                        "loads": counts.loads, "evictions": counts.evictions, "load_s": counts.load_s,
                        "sleeps": counts.sleeps, "wakes": counts.wakes, "wake_s": counts.wake_s,
-                       "at": time.time()}  # fmt: skip
-            beat(self.redis, name, self.worker_id, self.settings.heartbeat_ttl_s, json.dumps(payload), grace)
+                       "at": time.time(), **detection.beat_fields()}  # fmt: skip
+            beat(self.redis, name, self.worker_id, self.settings.heartbeat_ttl_s, json.dumps(payload), grace,
+                 detection.window())  # fmt: skip
 
     def _loop(self) -> None:
         interval = self.settings.heartbeat_ttl_s / 3
@@ -166,13 +193,16 @@ class _Announcer:
                 self.resident.expire_idle()
                 self.beat()
                 for name in self.resident.specs:
-                    self._queues.hand_over_gone(name)
+                    if self.detections[name].available:
+                        self._queues.hand_over_gone(name)
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
 
     def stop(self) -> None:
         """End every heartbeat now (the worker drains) and stop beating."""
         self._stop.set()
+        for detection in self.detections.values():
+            detection.stop()
         for name in self.resident.specs:
             with contextlib.suppress(redis.RedisError):
                 withdraw(self.redis, name, self.worker_id)

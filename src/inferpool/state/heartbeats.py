@@ -18,10 +18,11 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from inferpool.constants import worker_heartbeat_key, worker_heartbeats_key
+from inferpool.constants import detected_windows_key, worker_heartbeat_key, worker_heartbeats_key
 from inferpool.plumbing.redis_connection import decode_text
 
-# KEYS: the worker's heartbeat key, the model's heartbeat set. ARGV: worker id, ttl (s), payload JSON, grace (s).
+# KEYS: the worker's heartbeat key, the model's heartbeat set, its detected windows. ARGV: worker id, ttl (s),
+# payload JSON, grace (s), the window its engine accepts ('' when not detected).
 _BEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -29,8 +30,36 @@ local ttl = tonumber(ARGV[2])
 local grace = tonumber(ARGV[4])
 redis.call('SET', KEYS[1], ARGV[3], 'EX', ttl)
 redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
+local forgotten = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - grace)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - grace)
+for _, id in ipairs(forgotten) do redis.call('HDEL', KEYS[3], id) end
 redis.call('EXPIRE', KEYS[2], math.ceil(ttl * 4 + grace))
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[3], math.ceil(ttl * 4 + grace))
+else
+  redis.call('HDEL', KEYS[3], ARGV[1])
+end
+"""
+
+# KEYS: pairs of (heartbeat set, detected windows). Returns, per pair, the smallest window a live worker
+# reported, or -1 when none did.
+_WINDOWS = """
+local t = redis.call('TIME')
+local now = string.format('(%.6f', tonumber(t[1]) + tonumber(t[2]) / 1000000)
+local out = {}
+for i = 1, #KEYS, 2 do
+  local smallest = -1
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[i], now, '+inf')
+  if #ids > 0 then
+    for _, value in ipairs(redis.call('HMGET', KEYS[i + 1], unpack(ids))) do
+      local n = tonumber(value)
+      if n and (smallest < 0 or n < smallest) then smallest = n end
+    end
+  end
+  out[#out + 1] = smallest
+end
+return out
 """
 
 # KEYS: heartbeat sets. Returns, for each, how many members have not expired.
@@ -59,11 +88,22 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
 """
 
 
-def beat(client: redis.Redis, model: str, worker_id: str, ttl_s: int, payload: str, grace_s: float = 0.0) -> None:
-    """Announce ``worker_id`` as serving ``model`` for the next ``ttl_s`` seconds; workers gone for longer
-    than ``grace_s`` are forgotten."""
-    client.eval(_BEAT, 2, worker_heartbeat_key(model, worker_id), worker_heartbeats_key(model), worker_id, ttl_s,
-                payload, grace_s)  # fmt: skip
+def beat(client: redis.Redis, model: str, worker_id: str, ttl_s: int, payload: str, grace_s: float = 0.0,
+         window: int | None = None) -> None:  # fmt: skip
+    """Announce ``worker_id`` as serving ``model`` for the next ``ttl_s`` seconds, with the context window its
+    engine accepts if it detected one; workers gone for longer than ``grace_s`` are forgotten."""
+    client.eval(_BEAT, 3, worker_heartbeat_key(model, worker_id), worker_heartbeats_key(model),
+                detected_windows_key(model), worker_id, ttl_s, payload, grace_s,
+                "" if window is None else str(window))  # fmt: skip
+
+
+def detected_windows(client: redis.Redis, models: Sequence[str]) -> dict[str, int | None]:
+    """Per model, the smallest context window its live workers detected (None: none reported one), in one call."""
+    if not models:
+        return {}
+    keys = [key for model in models for key in (worker_heartbeats_key(model), detected_windows_key(model))]
+    smallest: Any = client.eval(_WINDOWS, len(keys), *keys)
+    return {model: (int(value) if int(value) > 0 else None) for model, value in zip(models, smallest, strict=True)}
 
 
 # KEYS: the worker's heartbeat key, the model's heartbeat set. ARGV: worker id.

@@ -11,7 +11,7 @@ from inferpool.constants import (
     model_queues,
 )
 from inferpool.plumbing.redis_connection import decode_text
-from inferpool.state.heartbeats import count_live_workers_many
+from inferpool.state.heartbeats import count_live_workers_many, detected_windows
 from inferpool.state.usage import histogram_percentile
 
 
@@ -22,6 +22,7 @@ class ModelLoad(BaseModel):
     queue_depth: int = 0
     in_flight: int = 0
     live_workers: int = 0
+    context_window: int | None = None  # the smallest window the live workers' engines accept, as they detected
 
 
 def _latency_histograms(client: redis.Redis) -> dict[str, dict[float, int]]:
@@ -52,7 +53,7 @@ def read_latency_p50(client: redis.Redis) -> dict[str, float]:
 
 def read_model_load(client: redis.Redis, models: list[str]) -> list[ModelLoad]:
     """Per model: chunk tasks waiting in its queues (all priorities), batch requests dispatched and not
-    yet answered, and workers whose heartbeat has not expired."""
+    yet answered, workers whose heartbeat has not expired, and the smallest window their engines accept."""
     pipe = client.pipeline(transaction=False)
     for model in models:
         for queue in model_queues(model):
@@ -61,12 +62,14 @@ def read_model_load(client: redis.Redis, models: list[str]) -> list[ModelLoad]:
     per_model = len(lengths) // len(models) if models else 0
     inflight = {decode_text(k): int(v) for k, v in client.hgetall(MODEL_INFLIGHT_KEY).items()}
     live = count_live_workers_many(client, models)
+    windows = detected_windows(client, models)
     return [
         ModelLoad(
             model=model,
             queue_depth=sum(lengths[index * per_model : (index + 1) * per_model]),
             in_flight=inflight.get(model, 0),
             live_workers=live[model],
+            context_window=windows[model],
         )
         for index, model in enumerate(models)
     ]

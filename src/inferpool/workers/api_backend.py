@@ -23,11 +23,11 @@ from typing import Any, cast
 import redis.asyncio
 from pydantic import BaseModel, ConfigDict, Field
 
-from inferpool._exceptions import ModelLoadError, ProviderError, RequestError
+from inferpool._exceptions import ProviderError, RequestError
 from inferpool.constants import STREAM_CANCELLED_CODE
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.redis_connection import async_redis_from_url
-from inferpool.plumbing.settings import Settings
+from inferpool.plumbing.settings import Settings, read_api_key
 from inferpool.state.streams import current_delta_sink
 from inferpool.wire import AnyRequest, ChatRequest, FinishReason
 from inferpool.workers.backend import (
@@ -117,27 +117,6 @@ def exhausted_limit_seconds(headers: Mapping[str, str]) -> float | None:
         except ValueError:
             continue
     return min(MAX_RETRY_AFTER_S, seconds) if math.isfinite(seconds) and seconds > 0 else 1.0
-
-
-def read_api_key(params: ApiParams, default_env: str) -> str:
-    """The key from the secrets file or the environment; never logged, never sent anywhere but the provider."""
-    if params.no_api_key:
-        return "not-needed"
-    if params.api_key_file is not None:
-        try:
-            key = params.api_key_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ModelLoadError(f"cannot read the API key file {params.api_key_file}: {exc.strerror}") from exc
-        if not key:
-            raise ModelLoadError(f"the API key file {params.api_key_file} is empty")
-        return key
-    variable = params.api_key_env or default_env
-    key = Settings.environment_secret(variable).strip()
-    if not key:
-        raise ModelLoadError(
-            f"no API key: set {variable} (or api_key_env / api_key_file in the model's registry params)"
-        )
-    return key
 
 
 class ApiBackend(ABC):

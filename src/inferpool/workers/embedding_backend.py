@@ -23,12 +23,13 @@ from typing import Any, Literal
 from pydantic import Field
 
 from inferpool._exceptions import ContextLengthExceeded, InvalidRequest, ModelLoadError, RequestError
+from inferpool.model_registry.checkpoints import CheckpointParams
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.settings import Settings
 from inferpool.wire import EmbeddingRequest, pack_vector
 from inferpool.workers.backend import EmbeddingOutcome, Embeddings, gather_outcomes, parse_params
 from inferpool.workers.batcher import DynamicBatcher
-from inferpool.workers.local_model import CheckpointParams, module_bytes, torch_device
+from inferpool.workers.local_model import module_bytes, torch_device
 
 log = logging.getLogger(__name__)
 

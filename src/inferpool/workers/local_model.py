@@ -8,53 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from inferpool._exceptions import ContextLengthExceeded, InvalidRequest, ModelLoadError
+from inferpool._exceptions import ContextLengthExceeded, InvalidRequest
 from inferpool.constants import split_adapter
-from inferpool.model_registry.checkpoints import ensure_hf_checkpoint, package_dir, package_file
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.wire import AnyRequest, ChatMessage, ChatRequest, CompletionRequest
 from inferpool.workers.local_tools import tools_prompt
-
-
-class CheckpointParams(BaseModel):
-    """Registry ``params`` naming a local model: a checkpoint directory (or one a Python package ships), or a
-    GGUF file to convert once."""
-
-    model_config = ConfigDict(extra="forbid")
-    path: Path | None = Field(default=None, description="A Hugging Face checkpoint directory.")
-    package: str | None = Field(default=None, description="A Python package that ships a checkpoint directory.")
-    package_dir: str = Field(default="model", description="The checkpoint's directory inside ``package``.")
-    gguf_path: Path | None = Field(default=None, description="A GGUF file, converted once into the cache.")
-    gguf_package: str | None = Field(default=None, description="Python package that ships the GGUF file.")
-    gguf_file: str | None = Field(default=None, description="GGUF file name inside gguf_package.")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> CheckpointParams:
-        sources = [self.path, self.package, self.gguf_path, self.gguf_package]
-        if sum(source is not None for source in sources) != 1:
-            raise ValueError("give exactly one of path, package (+ package_dir), gguf_path or gguf_package "
-                             "(+ gguf_file)")  # fmt: skip
-        if self.gguf_package is not None and not self.gguf_file:
-            raise ValueError("gguf_package needs gguf_file")
-        return self
-
-    def checkpoint_dir(self, cache_dir: Path) -> Path:
-        if self.package is not None:
-            return package_dir(self.package, self.package_dir)
-        if self.path is not None:
-            if not self.path.is_dir():
-                raise ModelLoadError(f"checkpoint directory {self.path} does not exist")
-            return self.path
-        gguf = self.gguf_path
-        if gguf is None:
-            assert self.gguf_package is not None
-            assert self.gguf_file is not None
-            gguf = package_file(self.gguf_package, self.gguf_file)
-        elif not gguf.is_file():
-            raise ModelLoadError(f"GGUF file {gguf} does not exist")
-        return ensure_hf_checkpoint(gguf, cache_dir)
 
 
 def torch_device(requested: str, torch: Any) -> str:

@@ -35,6 +35,7 @@ from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import BatchApiSpec, ModelSpec
 from inferpool.plumbing.redis_connection import decode_text
 from inferpool.plumbing.settings import Settings
+from inferpool.state.availability import mark_available, mark_unavailable
 from inferpool.state.heartbeats import beat, withdraw
 from inferpool.state.items import held_by, item_from_record
 from inferpool.state.results import ResultRecord, ResultWriter
@@ -44,6 +45,7 @@ from inferpool.wire import ChatRequest, CompletionRequest, EmbeddingRequest, Job
 from inferpool.workers import kinds
 from inferpool.workers.backend import Backend, Embeddings, ExtraChoice, Generation, Outcome, prefix_cache_stats
 from inferpool.workers.cache import ResponseCache
+from inferpool.workers.detection import OwnDetection
 from inferpool.workers.failures import FailurePolicy
 from inferpool.workers.hooks import HookChain
 from inferpool.workers.pipeline import ChunkWork, Step, default_steps
@@ -133,6 +135,7 @@ class WorkerRuntime:
         self._in_hand = 0  # requests being processed now (announced in the heartbeat)
         self._in_hand_lock = threading.Lock()
         self._heartbeat_thread: threading.Thread | None = None
+        self.detection = OwnDetection(spec, settings, lambda: self.backend, on_change=self._availability_changed)
 
     # -- processing ------------------------------------------------------------------------------------
 
@@ -390,8 +393,27 @@ class WorkerRuntime:
         self._beat()
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._heartbeat_thread.start()
+        self.detection.start()
+
+    def _availability_changed(self, available: bool) -> None:
+        """The provider says the model exists again, or no longer: join routing again, or leave it now."""
+        if self._stop.is_set():
+            return
+        try:
+            if available:
+                mark_available(self.redis, self.spec.name)
+                self._beat()
+            else:
+                withdraw(self.redis, self.spec.name, self.worker_id)
+                self._beat()
+        except redis.RedisError as exc:
+            log.warning("could not publish model %s's availability: %s", self.spec.name, exc)
 
     def _beat(self) -> None:
+        if not self.detection.available:  # out of routing: only the record of why is renewed
+            record = self.detection.unavailable_record()
+            mark_unavailable(self.redis, self.spec.name, record, self.settings.heartbeat_ttl_s * 3)
+            return
         beat_fields: dict[str, object] = {
             "worker_id": self.worker_id,
             "model": self.spec.name,
@@ -404,13 +426,16 @@ class WorkerRuntime:
         stats = prefix_cache_stats(self.backend)
         if stats is not None:
             beat_fields["prefix_cache"] = stats.model_dump()
+        beat_fields.update(self.detection.beat_fields())
         grace = self.settings.gone_worker_grace_s()
-        beat(self.redis, self.spec.name, self.worker_id, self.settings.heartbeat_ttl_s, json.dumps(beat_fields), grace)
+        beat(self.redis, self.spec.name, self.worker_id, self.settings.heartbeat_ttl_s, json.dumps(beat_fields), grace,
+             self.detection.window())  # fmt: skip
 
     def drain(self) -> None:
         """Stop being routed to (the worker is shutting down): the heartbeat ends now, while the chunks in
         hand finish; what waits in its own queues is handed over by ``close`` (and by the scheduler)."""
         self._stop.set()
+        self.detection.stop()
         with contextlib.suppress(redis.RedisError):
             withdraw(self.redis, self.spec.name, self.worker_id)
 
@@ -421,7 +446,8 @@ class WorkerRuntime:
             try:
                 self._beat()
                 # Work left in the own queues of peers that died (SIGKILL, a lost host) is taken over here.
-                queues.hand_over_gone(self.spec.name)
+                if self.detection.available:
+                    queues.hand_over_gone(self.spec.name)
             except redis.RedisError as exc:  # Redis restarting: keep trying, the key just lapses meanwhile
                 log.warning("heartbeat failed: %s", exc)
 

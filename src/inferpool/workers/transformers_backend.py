@@ -24,13 +24,13 @@ from typing import Any, Literal
 from pydantic import Field
 
 from inferpool._exceptions import CapabilityMismatch, InvalidRequest, ModelLoadError, RequestError
+from inferpool.model_registry.checkpoints import CheckpointParams
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.settings import Settings
 from inferpool.wire import ChatRequest, CompletionRequest, FinishReason
 from inferpool.workers.backend import Generation, GenerationOutcome, gather_outcomes, parse_params
 from inferpool.workers.batcher import DynamicBatcher
 from inferpool.workers.local_model import (
-    CheckpointParams,
     chat_prompt_ids,
     module_bytes,
     output_budget,

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from inferpool._exceptions import CapabilityMismatch, InvalidRequest, ModelLoadError, ProviderError, RequestError
+from inferpool.model_registry.checkpoints import CheckpointParams
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.settings import Settings
 from inferpool.state.streams import current_delta_sink
@@ -40,7 +41,7 @@ from inferpool.workers.backend import (
     parse_params,
 )
 from inferpool.workers.embedding_backend import input_problem
-from inferpool.workers.local_model import CheckpointParams, chat_prompt_ids, output_budget, requested_adapter
+from inferpool.workers.local_model import chat_prompt_ids, output_budget, requested_adapter
 from inferpool.workers.local_tools import tool_call_schema, tool_calls_from_output
 
 
