@@ -18,7 +18,7 @@ from rich.table import Table
 
 from inferpool._exceptions import ConfigurationError, DetectionError
 from inferpool.cli._common import load_settings, make_console
-from inferpool.detection.base import INFO_FIELDS, Detection, Target
+from inferpool.detection.base import CAPABILITY_FIELDS, INFO_FIELDS, Detection, Target
 from inferpool.detection.compare import FieldComparison, compare, with_detection
 from inferpool.detection.plugins import load_detector
 from inferpool.detection.registry_file import update_registry_file
@@ -160,7 +160,9 @@ def _from_server(registry: Registry, settings: Settings, base_url: str, detector
 
 
 def _as_json(row: _Row) -> dict[str, Any]:
-    return {"model": row.model, "status": row.status, "error": row.error,
+    told = {comparison.field for comparison in row.fields}
+    sources = {name: "detected" if name in told else "registry" for name in CAPABILITY_FIELDS} if row.spec else {}
+    return {"model": row.model, "status": row.status, "error": row.error, "sources": sources,
             "detection": row.found.model_dump(mode="json") if row.found else None,
             "fields": [{"field": c.field, "registry": c.registry, "detected": c.detected, "differs": c.differs}
                        for c in row.fields]}  # fmt: skip

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 import redis
@@ -76,13 +78,47 @@ def serve_model(model: str, settings: Settings, *, concurrency: int | None = Non
         runtime.close()
 
 
+#: Times in a row an unrecoverable error may stop the consumer before the worker gives up (exit code 1).
+MAX_CONSUMER_RESTARTS = 5
+#: A consumer that ran this long before stopping starts a fresh count of restarts.
+_STABLE_RUN_S = 300.0
+
+
 def run_celery_worker(app: Celery, settings: Settings, queues: list[str], concurrency: int, worker_id: str) -> int:
-    """Consume ``queues`` on Celery's thread pool until stopped; returns the worker's exit code."""
-    worker = app.Worker(queues=queues, pool="threads", concurrency=concurrency, hostname=worker_id,
-                        loglevel=settings.log_level, without_gossip=True, without_mingle=True,
-                        optimization="fair")  # fmt: skip
-    try:
-        worker.start()
-    except redis.ConnectionError as exc:
-        raise RedisUnavailable(f"lost Redis while serving: {exc}") from exc
-    return int(worker.exitcode or 0)
+    """Consume ``queues`` on Celery's thread pool until stopped; returns the worker's exit code.
+
+    Celery ends its consumer on any error it does not know as a connection error ("Unrecoverable error"),
+    and some are transient: during a Sentinel failover kombu's transport was seen raising ``AttributeError``
+    from a connection whose client was already gone. A worker that was not asked to stop therefore starts its
+    consumer again, after a growing pause, up to ``MAX_CONSUMER_RESTARTS`` times in a row; the model stays
+    loaded, its heartbeat goes on, and the tasks the failed consumer held are redelivered as after any crash.
+    """
+    stopping = threading.Event()
+
+    def on_shutting_down(**_: Any) -> None:
+        stopping.set()
+
+    signals.worker_shutting_down.connect(on_shutting_down, weak=False)
+    restarts = 0
+    while True:
+        worker = app.Worker(queues=queues, pool="threads", concurrency=concurrency, hostname=worker_id,
+                            loglevel=settings.log_level, without_gossip=True, without_mingle=True,
+                            optimization="fair")  # fmt: skip
+        started = time.monotonic()
+        try:
+            worker.start()
+        except redis.ConnectionError as exc:
+            raise RedisUnavailable(f"lost Redis while serving: {exc}") from exc
+        code = int(worker.exitcode or 0)
+        if code == 0 or stopping.is_set():
+            return code
+        restarts = 1 if time.monotonic() - started > _STABLE_RUN_S else restarts + 1
+        if restarts > MAX_CONSUMER_RESTARTS:
+            log.critical("worker %s: the consumer stopped on an unrecoverable error %d times in a row; giving up",
+                         worker_id, restarts - 1)  # fmt: skip
+            return code
+        pause = min(30.0, 2.0**restarts)
+        log.error("worker %s: the consumer stopped on an unrecoverable error (exit code %d); starting it again in "
+                  "%.0f s (%d of %d)", worker_id, code, pause, restarts, MAX_CONSUMER_RESTARTS)  # fmt: skip
+        if stopping.wait(pause):
+            return code
