@@ -118,6 +118,13 @@ def detected_windows_key(model_name: str) -> str:
     return f"{KEY_PREFIX}detected-window:{model_name}"
 
 
+def key_limit_keys(key_id: str) -> tuple[str, str, str]:
+    """A gateway key's sliding minute of requests, of tokens (sorted sets by Redis time), and its requests in
+    flight (sorted set scored by when a slot lapses if its gateway died holding it)."""
+    base = f"{KEY_PREFIX}keylimit:{key_id}"
+    return f"{base}:requests", f"{base}:tokens", f"{base}:inflight"
+
+
 def model_availability_key(model_name: str) -> str:
     """JSON of the latest detection that found the model unavailable at its provider (expires unless renewed)."""
     return f"{KEY_PREFIX}unavailable:{model_name}"

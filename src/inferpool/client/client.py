@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import AsyncIterator, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Generator, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar, overload
 
@@ -501,11 +501,12 @@ class AsyncClient(ClientBase):
     def handle(self, request_id: str) -> AsyncResultHandle:
         return AsyncResultHandle(self, request_id)
 
-    async def route_async(self, request: AnyRequest) -> Route:
+    async def route_async(self, request: AnyRequest, allowed: Collection[str] | None = None) -> Route:
         """``route`` without blocking the event loop: ``model: "auto"`` reads the pool's live view from Redis
-        (in a thread); a named model is resolved from the registry in memory."""
+        (in a thread); a named model is resolved from the registry in memory. ``allowed``: the models "auto"
+        may choose."""
         if request.model == AUTO_MODEL:
-            return await asyncio.to_thread(self.router.route, request)
+            return await asyncio.to_thread(self.router.route, request, allowed)
         return self.router.route(request)
 
     async def wait_result(self, request_id: str, timeout: float | None = None) -> RequestResult:

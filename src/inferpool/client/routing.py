@@ -10,7 +10,7 @@ before any tokenizer runs) goes to a larger-window fallback of that model, or is
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -72,11 +72,12 @@ class Router:
         """Let ``model: "auto"`` see live workers, load and latency (a client does this once connected)."""
         self._load_reader, self._latency_reader = load_reader, latency_reader
 
-    def route(self, request: AnyRequest) -> Route:
+    def route(self, request: AnyRequest, allowed: Collection[str] | None = None) -> Route:
         """The route for ``request``; raises ``ModelNotFound``, ``CapabilityMismatch``,
-        ``ContextLengthExceeded`` or ``InvalidRequest`` before anything is queued."""
+        ``ContextLengthExceeded`` or ``InvalidRequest`` before anything is queued. ``allowed``: the only
+        models ``model: "auto"`` may choose (a gateway key's), None: any."""
         if request.model == AUTO_MODEL:
-            return self._route_auto(request)
+            return self._route_auto(request, allowed)
         route = self._named.get(request.model)
         if route is None:  # the registry never changes under a router: resolve each name once
             route = self._named[request.model] = self._resolve(request.model)
@@ -160,12 +161,12 @@ class Router:
 
     # -- model: "auto" ---------------------------------------------------------------------------------
 
-    def _route_auto(self, request: AnyRequest) -> Route:
+    def _route_auto(self, request: AnyRequest, allowed: Collection[str] | None = None) -> Route:
         hints = request.routing or RoutingHints()
         candidates: list[ModelSpec] = []
         misses: list[str] = []
         for registered in self.registry:
-            if registered.deprecation is not None:
+            if registered.deprecation is not None or (allowed is not None and registered.name not in allowed):
                 continue
             spec = self._as_served(registered)
             missing = _missing(spec, request, hints)

@@ -27,10 +27,12 @@ from inferpool.gateway.admission import Admission
 from inferpool.gateway.common import Gateway, gateway_of
 from inferpool.gateway.errors import handle_error
 from inferpool.gateway.filestore import FileLimits, FileStore
+from inferpool.gateway.key_limits import KeyLimiter
 from inferpool.model_registry.registry import Registry
 from inferpool.plumbing.redis_connection import redis_from_url
 from inferpool.plumbing.settings import Settings
 from inferpool.state.jobs import JobStore
+from inferpool.state.key_limits import KeyLimitStore
 
 
 async def health(request: Request) -> Response:
@@ -57,7 +59,8 @@ def create_app(settings: Settings, *, require_keys: bool = True, registry: Regis
         limits = FileLimits(settings.files_ttl_s, settings.files_max_bytes_per_tenant, settings.files_max_per_tenant)
         files = FileStore(settings.files_dir, client.redis, limits)
         admission = Admission(settings.gateway_max_in_flight, settings.gateway_max_in_flight_per_tenant)
-        app.state.gateway = Gateway(settings, client, jobs, files, require_keys, admission)
+        limiter = KeyLimiter(KeyLimitStore(client.redis), client.registry, settings.gateway_request_timeout_s + 60)
+        app.state.gateway = Gateway(settings, client, jobs, files, require_keys, admission, limiter)
         try:
             yield
         finally:

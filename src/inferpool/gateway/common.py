@@ -17,7 +17,8 @@ from inferpool.constants import DEFAULT_TENANT, model_availability_key
 from inferpool.gateway.admission import Admission
 from inferpool.gateway.errors import HTTPError
 from inferpool.gateway.filestore import FileStore
-from inferpool.gateway.keys import tenant_of_key
+from inferpool.gateway.key_limits import Caller, KeyLimiter
+from inferpool.gateway.keys import key_info
 from inferpool.plumbing.settings import Settings
 from inferpool.state.heartbeats import count_live_workers_async
 from inferpool.state.jobs import JobStore
@@ -37,20 +38,25 @@ class Gateway:
     files: FileStore
     require_keys: bool
     admission: Admission
+    key_limits: KeyLimiter
 
     async def authenticate(self, request: Request) -> str:
         """The tenant of the request's API key; 401 without a valid one (unless started with ``--no-auth``)."""
+        return (await self.identify(request)).tenant
+
+    async def identify(self, request: Request) -> Caller:
+        """The request's tenant and key (with its limits); 401 without a valid key (unless ``--no-auth``)."""
         if not self.require_keys:
-            return self.settings.tenant or DEFAULT_TENANT
+            return Caller(self.settings.tenant or DEFAULT_TENANT)
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise HTTPError(401, "You didn't provide an API key: send 'Authorization: Bearer <key>' (an operator "
                             "creates keys with `inferpool keys create --tenant NAME`).",
                             code="missing_api_key")  # fmt: skip
-        tenant = await tenant_of_key(self.client.redis, key.strip())
-        if tenant is None:
+        info = await key_info(self.client.redis, key.strip())
+        if info is None:
             raise HTTPError(401, "Incorrect API key provided (unknown or revoked).", code="invalid_api_key")
-        return tenant
+        return Caller(info.tenant, info)
 
     async def require_live_worker(self, model: str) -> None:
         """503 if no worker serves ``model`` now: the request would only wait in its queue."""

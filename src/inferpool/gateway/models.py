@@ -14,6 +14,7 @@ from starlette.routing import Route
 
 from inferpool.gateway.common import Gateway, gateway_of
 from inferpool.gateway.errors import not_found
+from inferpool.gateway.key_limits import model_not_found
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.state.heartbeats import count_live_workers_async
 
@@ -42,18 +43,22 @@ async def _objects(gateway: Gateway, specs: list[ModelSpec]) -> list[dict[str, A
 
 
 async def list_models(request: Request) -> Response:
+    """The models the key may use (every model for a key with no model list)."""
     gateway = gateway_of(request)
-    await gateway.authenticate(request)
-    data = await _objects(gateway, sorted(gateway.client.registry, key=lambda spec: spec.name))
+    allowed = gateway.key_limits.allowed(await gateway.identify(request))
+    specs = [spec for spec in gateway.client.registry if allowed is None or spec.name in allowed]
+    data = await _objects(gateway, sorted(specs, key=lambda spec: spec.name))
     return JSONResponse({"object": "list", "data": data})
 
 
 async def retrieve_model(request: Request) -> Response:
     gateway = gateway_of(request)
-    await gateway.authenticate(request)
+    allowed = gateway.key_limits.allowed(await gateway.identify(request))
     name = request.path_params["model"]
     if name not in gateway.client.registry:
         raise not_found("model", name)
+    if allowed is not None and gateway.client.registry.get(name).name not in allowed:
+        raise model_not_found(name)
     [data] = await _objects(gateway, [gateway.client.registry.get(name)])
     return JSONResponse(data)
 

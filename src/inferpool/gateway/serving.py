@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -30,6 +30,7 @@ from inferpool.client._base import build_request
 from inferpool.client.client import AsyncResultHandle
 from inferpool.gateway.common import gateway_of, off_loop_for, parse_json_object, read_body
 from inferpool.gateway.errors import HTTPError, error_body, request_error_status
+from inferpool.gateway.key_limits import Ticket
 from inferpool.wire import AnyRequest, ChatCompletionChunk, EmbeddingList, RequestResult, as_completion_chunk
 
 #: The status logged for a request whose client hung up before its answer (nginx's convention; nobody reads it).
@@ -39,28 +40,39 @@ CLIENT_GONE_STATUS = 499
 async def serve_one(request: Request, kind: type[AnyRequest]) -> Response:
     """The body as a request of ``kind``, through the pool; its answer whole, or streamed."""
     gateway = gateway_of(request)
-    tenant = await gateway.authenticate(request)
-    admission = gateway.admission
+    caller = await gateway.identify(request)
+    tenant = caller.tenant
+    admission, limiter = gateway.admission, gateway.key_limits
     admission.acquire(tenant)
+    ticket: Ticket | None = None
     try:
         body = await read_body(request, gateway.settings.batch_max_line_bytes)
         chat_request = await off_loop_for(len(body), _parser(kind), body)
-        route = await gateway.client.route_async(chat_request)
+        route = await gateway.client.route_async(chat_request, limiter.allowed(caller))
+        limiter.check_model(caller, chat_request.model, route.spec.name)
         await gateway.require_live_worker(route.spec.name)
+        ticket = await limiter.admit(caller, chat_request, route.spec)
         handle = await gateway.client.submit(chat_request, tenant=tenant, route=route)
     except BaseException:
         admission.release(tenant)
+        with anyio.CancelScope(shield=True):
+            await limiter.release(ticket)
         raise
+
+    async def release() -> None:
+        admission.release(tenant)
+        await limiter.release(ticket)
+
     headers = {"x-request-id": handle.request_id}
     if chat_request.stream:
         include_usage = bool(chat_request.stream_options and chat_request.stream_options.include_usage)
         events = server_sent_events(handle, include_usage, completion=chat_request.kind == "completions")
-        return _RelayResponse(events, handle, lambda: admission.release(tenant),
-                              headers={**headers, "cache-control": "no-cache"})  # fmt: skip
+        return _RelayResponse(events, handle, release, headers={**headers, "cache-control": "no-cache"})
     try:
         result = await _answer_unless_abandoned(request, handle, gateway.settings.gateway_request_timeout_s)
     finally:
-        admission.release(tenant)
+        with anyio.CancelScope(shield=True):
+            await release()
     if result is None:
         return Response(status_code=CLIENT_GONE_STATUS, headers=headers)
     if result.response is None:
@@ -118,8 +130,8 @@ class _RelayResponse(StreamingResponse):
     first byte, when a generator's own ``finally`` would never run), frees its slot (``on_close``) and, unless
     it was sent whole, asks the worker to stop generating: nobody reads the rest."""
 
-    def __init__(self, events: AsyncIterator[bytes], handle: AsyncResultHandle, on_close: Callable[[], None],
-                 headers: dict[str, str]) -> None:  # fmt: skip
+    def __init__(self, events: AsyncIterator[bytes], handle: AsyncResultHandle,
+                 on_close: Callable[[], Awaitable[None]], headers: dict[str, str]) -> None:  # fmt: skip
         self._events = events
         self._handle = handle
         self._on_close = on_close
@@ -135,8 +147,8 @@ class _RelayResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._on_close()
             with anyio.CancelScope(shield=True):
+                await self._on_close()
                 await self._events.aclose()  # type: ignore[attr-defined]
                 if not self._sent_whole:
                     await self._handle.stop()

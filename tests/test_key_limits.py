@@ -1,0 +1,114 @@
+"""Per-key limits at the gateway (issue 30): the models a key may use, requests and tokens per minute and
+requests in flight, shared by every gateway process through Redis; the official openai SDK sees OpenAI's own
+errors (404 ``model_not_found``, 429 ``rate_limit_exceeded`` with ``Retry-After``)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import redis
+
+from inferpool.gateway.keys import ApiKeys, KeyLimits
+
+from .conftest import start_gateway, stop_gateway
+
+pytestmark = pytest.mark.usefixtures("echo_worker", "echo_trickle_worker")
+
+
+def ask(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def gateways(redis_url: str, session_dir: Path) -> Iterator[list[str]]:
+    """Two gateway processes on the same pool, as behind a load balancer."""
+    started = [start_gateway(redis_url, session_dir / f"gateway-limits-{i}.log", {}) for i in range(2)]
+    yield [url for _, url in started]
+    for i, (proc, _) in enumerate(started):
+        stop_gateway(proc, session_dir / f"gateway-limits-{i}.log")
+
+
+def _key(redis_url: str, **limits: object) -> str:
+    return ApiKeys(redis.Redis.from_url(redis_url)).create("limited", KeyLimits.model_validate(limits))[0]
+
+
+def test_a_key_uses_only_its_models(gateways: list[str], redis_url: str) -> None:
+    sdk = openai.OpenAI(base_url=f"{gateways[0]}/v1", api_key=_key(redis_url, models=["echo"]), max_retries=0)
+    assert sdk.chat.completions.create(model="echo", messages=ask("hi")).choices[0].message.content == "echo: hi"  # type: ignore[arg-type]
+    with pytest.raises(openai.NotFoundError) as refused:
+        sdk.chat.completions.create(model="echo-trickle", messages=ask("hi"))  # type: ignore[arg-type]
+    assert refused.value.code == "model_not_found"
+    assert "The model `echo-trickle` does not exist or you do not have access to it." in refused.value.message
+    assert [model.id for model in sdk.models.list()] == ["echo"]
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("echo-trickle")
+    # "auto" chooses only among the key's models.
+    chosen = httpx.post(f"{gateways[0]}/v1/chat/completions", headers={"authorization": f"Bearer {sdk.api_key}"},
+                        json={"model": "auto", "messages": ask("x")}, timeout=30)  # fmt: skip
+    assert chosen.status_code == 200, chosen.text
+    assert chosen.json()["model"] == "echo"
+
+
+def test_requests_per_minute_hold_across_gateways_and_concurrent_clients(gateways: list[str], redis_url: str) -> None:
+    key, rpm = _key(redis_url, rpm=10), 10
+    headers = {"authorization": f"Bearer {key}"}
+
+    def send(i: int) -> httpx.Response:
+        url = gateways[i % 2]
+        return httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=60,
+                          json={"model": "echo", "messages": ask(f"r{i}")})  # fmt: skip
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
+        answers = list(pool.map(send, range(64)))
+    statuses = sorted(answer.status_code for answer in answers)
+    assert statuses == [200] * rpm + [429] * (64 - rpm)  # exactly the limit, however the 64 raced
+    refused = [answer for answer in answers if answer.status_code == 429]
+    assert {answer.json()["error"]["code"] for answer in refused} == {"rate_limit_exceeded"}
+    assert all(1 <= int(answer.headers["retry-after"]) <= 60 for answer in refused)
+    assert "requests per minute on this key: limit 10" in refused[0].json()["error"]["message"]
+
+
+def test_tokens_per_minute_and_requests_in_flight(gateways: list[str], redis_url: str) -> None:
+    sdk = openai.OpenAI(base_url=f"{gateways[0]}/v1", api_key=_key(redis_url, tpm=300), max_retries=0)
+    with pytest.raises(openai.RateLimitError, match="Request too large"):
+        sdk.chat.completions.create(model="echo", messages=ask("hi"), max_tokens=400)  # type: ignore[arg-type]
+    sdk.chat.completions.create(model="echo", messages=ask("hi"), max_tokens=200)  # type: ignore[arg-type]
+    with pytest.raises(openai.RateLimitError, match="tokens per minute on this key: limit 300"):
+        sdk.chat.completions.create(model="echo", messages=ask("hi"), max_tokens=200)  # type: ignore[arg-type]
+
+    # Two streams open at once; a third request waits for one of them to end.
+    key = _key(redis_url, max_in_flight=2)
+    headers = {"authorization": f"Bearer {key}"}
+    body = {"model": "echo-trickle", "messages": ask("one two three"), "stream": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{gateways[0]}/v1/chat/completions", headers=headers, json=body) as first, \
+                http.stream("POST", f"{gateways[1]}/v1/chat/completions", headers=headers, json=body) as second:  # fmt: skip
+            assert (first.status_code, second.status_code) == (200, 200)
+            third = http.post(f"{gateways[0]}/v1/chat/completions", headers=headers,
+                              json={"model": "echo", "messages": ask("x")})  # fmt: skip
+            assert third.status_code == 429
+            assert "has 2 requests open, its limit" in third.json()["error"]["message"]
+            assert "[DONE]" in "".join(first.iter_text())
+            assert "[DONE]" in "".join(second.iter_text())
+        deadline = time.monotonic() + 10
+        while (after := http.post(f"{gateways[0]}/v1/chat/completions", headers=headers,
+                                  json={"model": "echo", "messages": ask("x")})).status_code == 429:  # fmt: skip
+            assert time.monotonic() < deadline, "the streams' slots were not given back"
+            time.sleep(0.1)
+        assert after.status_code == 200
+
+
+def test_changed_limits_apply_at_once(gateways: list[str], redis_url: str) -> None:
+    store = ApiKeys(redis.Redis.from_url(redis_url))
+    key, info = store.create("limited")
+    sdk = openai.OpenAI(base_url=f"{gateways[0]}/v1", api_key=key, max_retries=0)
+    sdk.chat.completions.create(model="echo-trickle", messages=ask("a"))  # type: ignore[arg-type]
+    store.set_limits(info.key_id, KeyLimits(models=["echo"]))
+    with pytest.raises(openai.NotFoundError):
+        sdk.chat.completions.create(model="echo-trickle", messages=ask("a"))  # type: ignore[arg-type]
