@@ -5,6 +5,7 @@ errors (404 ``model_not_found``, 429 ``rate_limit_exceeded`` with ``Retry-After`
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,31 @@ def test_a_key_uses_only_its_models(gateways: list[str], redis_url: str) -> None
                         json={"model": "auto", "messages": ask("x")}, timeout=30)  # fmt: skip
     assert chosen.status_code == 200, chosen.text
     assert chosen.json()["model"] == "echo"
+
+
+@pytest.mark.usefixtures("scheduler")
+def test_a_keys_batch_lines_use_only_its_models(gateways: list[str], redis_url: str, tmp_path: Path) -> None:
+    sdk = openai.OpenAI(base_url=f"{gateways[0]}/v1", api_key=_key(redis_url, models=["echo"]), max_retries=0)
+    lines = [{"custom_id": name, "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": model, "messages": ask("x")}}
+             for name, model in (("ok", "echo"), ("other", "echo-trickle"), ("auto", "auto"))]  # fmt: skip
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    batch = sdk.batches.create(input_file_id=sdk.files.create(file=path.open("rb"), purpose="batch").id,
+                               endpoint="/v1/chat/completions", completion_window="24h")  # fmt: skip
+    deadline = time.monotonic() + 60
+    while batch.status not in ("completed", "failed", "cancelled", "expired"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.3)
+        batch = sdk.batches.retrieve(batch.id)
+    assert batch.output_file_id is not None
+    assert batch.error_file_id is not None  # failed lines go to the error file, as OpenAI's do
+    outputs = [json.loads(line) for file_id in (batch.output_file_id, batch.error_file_id)
+               for line in sdk.files.content(file_id).text.splitlines()]  # fmt: skip
+    errors = {out["custom_id"]: (out["error"] or {}).get("code") for out in outputs}
+    assert errors == {"ok": None, "other": "model_not_found", "auto": None}
+    assert {out["custom_id"]: out["response"]["body"]["model"] for out in outputs if out["response"]} == {
+        "ok": "echo", "auto": "echo"}  # fmt: skip
 
 
 def test_requests_per_minute_hold_across_gateways_and_concurrent_clients(gateways: list[str], redis_url: str) -> None:

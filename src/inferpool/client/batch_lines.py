@@ -6,7 +6,7 @@ says what to fix, and ends up as an error line in the output.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -59,8 +59,10 @@ ParsedLine = AcceptedLine | RejectedLine
 class BatchLineParser:
     """Turns raw lines into accepted requests (routed) or rejected lines, tracking duplicate ids."""
 
-    def __init__(self, router: Router, *, max_line_bytes: int = MAX_LINE_BYTES) -> None:
+    def __init__(self, router: Router, *, max_line_bytes: int = MAX_LINE_BYTES,
+                 allowed: Collection[str] | None = None) -> None:  # fmt: skip
         self.router = router
+        self.allowed = allowed  # the only models lines may use (a gateway key's); None: any
         self.max_line_bytes = max_line_bytes
         self._seen: dict[str, int] = {}
 
@@ -134,9 +136,12 @@ class BatchLineParser:
                            "stream is not supported in batch jobs (their answers are read from the output file); "
                            "remove it", custom_id)  # fmt: skip
         try:
-            route = self.router.route(request)
+            route = self.router.route(request, self.allowed)
         except RequestError as exc:
             return _reject(number, exc.code, exc.message, custom_id)
+        if self.allowed is not None and route.spec.name not in self.allowed:
+            return _reject(number, "model_not_found", f"The model `{request.model}` does not exist or you do not have "
+                           "access to it.", custom_id)  # fmt: skip
         if request.model != route.model:  # an alias or a deprecated model: carry the canonical name
             request = request.model_copy(update={"model": route.model})
         return AcceptedLine(number, custom_id, request, route.spec, route.warnings)

@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, get_args
 
@@ -139,6 +139,7 @@ class Batches:
         via: Via = "auto",
         routing: Routing | None = None,
         endpoint: str | None = None,
+        allowed_models: Collection[str] | None = None,
     ) -> BatchJob:
         """Validate and queue every line of ``source`` (a JSONL path, or lines / line dicts); return the job.
 
@@ -150,10 +151,12 @@ class Batches:
         (``auto``, ``realtime``, ``provider-batch``: see ``inferpool.provider_batch.via``). ``routing``
         (``load`` or ``prefix``) overrides each model's own policy for this job (``inferpool.affinity``).
         ``endpoint`` is what the OpenAI batch object says (lines may use any served endpoint whatever it is).
+        ``allowed_models``: the only models its lines may use (a gateway key's); other lines are ``model_not_found``.
         """
         settings = self._settings
         options = self._options(priority, completion_window, metadata, tenant, input_file_id, cache, via, routing)
-        options = dataclasses.replace(options, endpoint=endpoint)
+        allowed = frozenset(allowed_models) if allowed_models is not None else None
+        options = dataclasses.replace(options, endpoint=endpoint, allowed_models=allowed)
         if isinstance(source, str | os.PathLike):
             path = Path(source)
             _check_file(path, settings.batch_max_bytes, settings.batch_max_lines)
@@ -228,7 +231,8 @@ class Batches:
                 options: NewJob) -> tuple[int, set[str]]:  # fmt: skip
         """Validate and queue every line; returns how many there were and the models they need."""
         settings, tenant = self._settings, options.tenant
-        parser = BatchLineParser(self._router, max_line_bytes=settings.batch_max_line_bytes)
+        parser = BatchLineParser(self._router, max_line_bytes=settings.batch_max_line_bytes,
+                                 allowed=options.allowed_models)  # fmt: skip
         pending: list[PendingRecord] = []
         rejected: list[RequestResult] = []
         models: set[str] = set()
@@ -376,11 +380,12 @@ class AsyncBatches:
         via: Via = "auto",
         routing: Routing | None = None,
         endpoint: str | None = None,
+        allowed_models: Collection[str] | None = None,
     ) -> BatchJob:
         return await asyncio.to_thread(self._sync.create, source, priority=priority,
                                        completion_window=completion_window, metadata=metadata, tenant=tenant,
                                        input_file_id=input_file_id, cache=cache, via=via,
-                                       routing=routing, endpoint=endpoint)  # fmt: skip
+                                       routing=routing, endpoint=endpoint, allowed_models=allowed_models)  # fmt: skip
 
     async def create_from_template(
         self,

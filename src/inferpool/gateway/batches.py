@@ -96,7 +96,8 @@ async def owned_job(
 
 async def create_batch(request: Request) -> Response:
     gateway = gateway_of(request)
-    tenant = await gateway.authenticate(request)
+    caller = await gateway.identify(request)
+    tenant = caller.tenant
     try:
         body = CreateBatch.model_validate(await read_json_body(request, 64 * 1024))
     except ValidationError as exc:
@@ -123,7 +124,8 @@ async def create_batch(request: Request) -> Response:
                         f"not {asked_routing!r}.", param=f"metadata.{ROUTING_METADATA_KEY}")  # fmt: skip
     job = await gateway.client.batches.create(gateway.files.path_of(info.id), completion_window=body.completion_window,
                                               metadata=body.metadata, tenant=tenant, input_file_id=info.id,
-                                              via=via, routing=routing, endpoint=body.endpoint)  # fmt: skip
+                                              via=via, routing=routing, endpoint=body.endpoint,
+                                              allowed_models=gateway.key_limits.allowed(caller))  # fmt: skip
     return JSONResponse(batch_object(job))
 
 

@@ -81,6 +81,7 @@ class NewJob:
     via: str = "auto"  # realtime, provider-batch or auto (inferpool.provider_batch.via)
     routing: str | None = None  # load or prefix; None: each model's own (ModelSpec.routing)
     endpoint: str | None = None  # the OpenAI batch object's endpoint (lines may use any served one)
+    allowed_models: frozenset[str] | None = None  # a gateway key's models: other lines are model_not_found
 
 
 _ENTRIES_PER_READ = 8
