@@ -2,6 +2,7 @@
 
 from inferpool._exceptions import (
     BatchRefused,
+    BudgetExceeded,
     CapabilityMismatch,
     ConfigurationError,
     ContextLengthExceeded,
@@ -45,6 +46,7 @@ __all__ = [
     "BatchOutputLine",
     "BatchRefused",
     "Batches",
+    "BudgetExceeded",
     "CapabilityMismatch",
     "ChatCompletion",
     "ChatMessage",

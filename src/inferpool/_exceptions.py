@@ -13,7 +13,8 @@
     │   ├── ModelNotFound           no model or alias of that name in the registry
     │   ├── CapabilityMismatch      the model cannot do what the request asks (images, tools...)
     │   ├── ProviderError           the backend failed while generating
-    │   └── HookError               a request or result hook refused, rejected or failed
+    │   ├── HookError               a request or result hook refused, rejected or failed
+    │   └── BudgetExceeded          the most it could cost does not fit a tenant's or key's spend budget
     ├── DetectionError              a capability source (provider, engine, checkpoint) could not be read or
     │                               answered something unusable (a clear message, never a crash)
     ├── ModelLoadError              a worker cannot load its model
@@ -132,9 +133,25 @@ class HookError(RequestError):
     code: ClassVar[str] = "hook_error"
 
 
+class BudgetExceeded(RequestError):
+    """What the request could cost does not fit what its tenant or gateway key has left of its spend budget this
+    window (``inferpool tenants``); refused before it reached a worker (the gateway answers OpenAI's 429
+    ``insufficient_quota``)."""
+
+    code: ClassVar[str] = "budget_exceeded"
+
+
 _REQUEST_ERRORS_BY_CODE: dict[str, type[RequestError]] = {
     cls.code: cls
-    for cls in (InvalidRequest, ContextLengthExceeded, ModelNotFound, CapabilityMismatch, ProviderError, HookError)
+    for cls in (
+        InvalidRequest,
+        ContextLengthExceeded,
+        ModelNotFound,
+        CapabilityMismatch,
+        ProviderError,
+        HookError,
+        BudgetExceeded,
+    )
 }
 
 

@@ -118,6 +118,21 @@ def detected_windows_key(model_name: str) -> str:
     return f"{KEY_PREFIX}detected-window:{model_name}"
 
 
+def hold_key(request_id: str) -> str:
+    """What a single request's budget reservation holds (``nanos|spend key...``), settled with its result."""
+    return f"{KEY_PREFIX}hold:{request_id}"
+
+
+def job_holds_key(job_id: str) -> str:
+    """Hash request id -> what its budget reservation holds (``nanos|spend key...``), settled with its result."""
+    return f"{KEY_PREFIX}job:{job_id}:holds"
+
+
+def job_costs_key(job_id: str) -> str:
+    """Hash request id -> the most the line can cost (nano-USD), for jobs whose tenant or key has a budget."""
+    return f"{KEY_PREFIX}job:{job_id}:costs"
+
+
 def key_limit_keys(key_id: str) -> tuple[str, str, str]:
     """A gateway key's sliding minute of requests, of tokens (sorted sets by Redis time), and its requests in
     flight (sorted set scored by when a slot lapses if its gateway died holding it)."""
@@ -205,6 +220,8 @@ def usage_day_key(day: str) -> str:
 #: Hash SHA-256(API key) hex -> JSON ``{key_id, tenant, created_at}``: the gateway's keys. The keys themselves
 #: are never stored.
 API_KEYS_KEY = f"{KEY_PREFIX}apikeys"
+#: Hash scope (``tenant:NAME``, ``key:KEY_ID``) -> its spend budget's JSON (``inferpool.state.budgets``).
+BUDGETS_KEY = f"{KEY_PREFIX}budgets"
 
 
 def file_key(file_id: str) -> str:
@@ -296,6 +313,8 @@ EXPIRED_CODE = "batch_expired"
 FAILED_CODE = "batch_failed"
 #: A line sent ``--via provider-batch`` for a model that cannot use a provider's Batch API.
 UNAVAILABLE_CODE = "provider_batch_unavailable"
+#: A request (or batch line) whose most possible cost does not fit its tenant's or key's spend budget.
+BUDGET_EXCEEDED_CODE = "budget_exceeded"
 #: A single request its client stopped reading or waiting for.
 STREAM_CANCELLED_CODE = "request_cancelled"
 #: A stream whose provider call was retried with a different text than the one already shown.

@@ -15,6 +15,7 @@ from inferpool.cli.models import models
 from inferpool.cli.probe import probe
 from inferpool.cli.scheduler import scheduler
 from inferpool.cli.stats import stats
+from inferpool.cli.tenants import tenants
 from inferpool.cli.worker import worker
 from inferpool.cli.workers import workers
 from inferpool.plumbing.process_tuning import tune_gc_for_throughput
@@ -42,6 +43,7 @@ main.add_command(models)
 main.add_command(probe)
 main.add_command(scheduler)
 main.add_command(stats)
+main.add_command(tenants)
 main.add_command(worker)
 main.add_command(workers)
 

@@ -59,22 +59,29 @@ def _limits(base: KeyLimits | None, models: str | None, rpm: int | None, tpm: in
 
 @keys.command("create")
 @click.option("--tenant", required=True, help="Whose key: usage is counted for it, and it sees only its own objects.")
+@click.option("--budget", help="The key's own spend budget, USD per window (50/day, 2000/month), beside its tenant's.")
 @_limit_options
 @click.pass_context
-def create(ctx: click.Context, tenant: str, models: str | None, rpm: int | None, tpm: int | None,
-           max_in_flight: int | None) -> None:  # fmt: skip
+def create(ctx: click.Context, tenant: str, budget: str | None, models: str | None, rpm: int | None,
+           tpm: int | None, max_in_flight: int | None) -> None:  # fmt: skip
     """Make a key and print it once (only its SHA-256 is kept: store it now).
 
     \b
     inferpool keys create --tenant acme
     inferpool keys create --tenant acme --models gpt-4o-mini,smollm2 --rpm 600 --tpm 200000 --max-in-flight 32
     """
+    from inferpool.state.budgets import Budget, Budgets
+
     limits = _limits(None, models, rpm, tpm, max_in_flight)
     _check_models(ctx, limits)
+    spend = Budget.parse(budget) if budget else None
     key, info = _keys(ctx).create(tenant, limits)
+    if spend is not None:
+        Budgets(connect_redis(load_settings(ctx).require_redis_url())).set(f"key:{info.key_id}", spend)
     click.echo(key)
-    click.echo(f"key id {info.key_id} for tenant {info.tenant}, limits: {info.limits.describe()} (revoke with "
-               f"`inferpool keys revoke {info.key_id}`)", err=True)  # fmt: skip
+    click.echo(f"key id {info.key_id} for tenant {info.tenant}, limits: {info.limits.describe()}"
+               f"{f', budget {spend.describe()}' if spend else ''} (revoke with `inferpool keys revoke {info.key_id}`)",
+               err=True)  # fmt: skip
 
 
 @keys.command("set")

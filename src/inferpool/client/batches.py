@@ -26,9 +26,11 @@ from inferpool._exceptions import BatchRefused, JobNotFound, ResultTimeout
 from inferpool.affinity.prefix import group_key
 from inferpool.client.batch_lines import AcceptedLine, BatchLineParser
 from inferpool.client.routing import Router
-from inferpool.constants import split_adapter
+from inferpool.constants import DEFAULT_TENANT, split_adapter
+from inferpool.model_registry.costs import max_cost_nanos
 from inferpool.model_registry.spec import Routing
 from inferpool.plumbing.settings import Settings
+from inferpool.state.budgets import Budgets, scopes_of
 from inferpool.state.items import PendingRecord, item_json
 from inferpool.state.jobs import JobStore, NewJob
 from inferpool.templates.prompt import CUSTOM_ID_METADATA, PromptTemplate, UnrenderedRow, load_template
@@ -125,6 +127,7 @@ class Batches:
         self._router = router
         self._tenant_for = tenant_for
         self._store = JobStore(redis_client, settings.result_ttl_s)
+        self._budgets = Budgets(redis_client)
 
     def create(
         self,
@@ -140,6 +143,7 @@ class Batches:
         routing: Routing | None = None,
         endpoint: str | None = None,
         allowed_models: Collection[str] | None = None,
+        key_id: str | None = None,
     ) -> BatchJob:
         """Validate and queue every line of ``source`` (a JSONL path, or lines / line dicts); return the job.
 
@@ -152,11 +156,15 @@ class Batches:
         (``load`` or ``prefix``) overrides each model's own policy for this job (``inferpool.affinity``).
         ``endpoint`` is what the OpenAI batch object says (lines may use any served endpoint whatever it is).
         ``allowed_models``: the only models its lines may use (a gateway key's); other lines are ``model_not_found``.
+        ``key_id``: the gateway key whose spend budget holds beside its tenant's.
         """
         settings = self._settings
         options = self._options(priority, completion_window, metadata, tenant, input_file_id, cache, via, routing)
         allowed = frozenset(allowed_models) if allowed_models is not None else None
-        options = dataclasses.replace(options, endpoint=endpoint, allowed_models=allowed)
+        budgeted = self._budgets.all()  # the scopes with a budget now: the job's lines reserve against these
+        scopes = tuple(scope for scope in scopes_of(tenant or settings.tenant or DEFAULT_TENANT, key_id)
+                       if scope in budgeted)  # fmt: skip
+        options = dataclasses.replace(options, endpoint=endpoint, allowed_models=allowed, budget_scopes=scopes)
         if isinstance(source, str | os.PathLike):
             path = Path(source)
             _check_file(path, settings.batch_max_bytes, settings.batch_max_lines)
@@ -252,7 +260,8 @@ class Batches:
                 # Under prefix routing a line waits grouped with the lines that share its prompt prefix.
                 prefix = (options.routing or parsed.spec.routing) == "prefix"
                 score = group_key(request) if prefix else total
-                pending.append(PendingRecord(new_id("req"), model, model.encode() + b"|" + record, score))
+                cost = max_cost_nanos(parsed.spec, request) if options.budget_scopes else 0
+                pending.append(PendingRecord(new_id("req"), model, model.encode() + b"|" + record, score, cost))
                 models.add(parsed.spec.name)
             else:
                 rejected.append(RequestResult(request_id=new_id("req"), custom_id=parsed.custom_id, job_id=job_id,
@@ -381,11 +390,12 @@ class AsyncBatches:
         routing: Routing | None = None,
         endpoint: str | None = None,
         allowed_models: Collection[str] | None = None,
+        key_id: str | None = None,
     ) -> BatchJob:
         return await asyncio.to_thread(self._sync.create, source, priority=priority,
                                        completion_window=completion_window, metadata=metadata, tenant=tenant,
-                                       input_file_id=input_file_id, cache=cache, via=via,
-                                       routing=routing, endpoint=endpoint, allowed_models=allowed_models)  # fmt: skip
+                                       input_file_id=input_file_id, cache=cache, via=via, routing=routing,
+                                       endpoint=endpoint, allowed_models=allowed_models, key_id=key_id)  # fmt: skip
 
     async def create_from_template(
         self,

@@ -24,6 +24,7 @@ from inferpool.client._base import (
     build_request,
 )
 from inferpool.client.batches import AsyncBatches, Batches
+from inferpool.client.budget import BudgetGate
 from inferpool.client.routing import Route
 from inferpool.constants import Priority, result_key, result_notify_key, stream_key
 from inferpool.model_registry.registry import Registry
@@ -185,6 +186,7 @@ class Client(ClientBase):
         self.attach_live_view(self.redis)
         self.batches = Batches(self.redis, self.settings, self.router, self.tenant_for)
         self.dead_letters = DeadLetters(self.redis, self.settings.result_ttl_s)
+        self.budget_gate = BudgetGate(self.registry, self.redis, self.settings.result_ttl_s)
 
     def submit(
         self,
@@ -194,15 +196,22 @@ class Client(ClientBase):
         priority: Priority | str = Priority.NORMAL,
         tenant: str | None = None,
         route: Route | None = None,
+        key_id: str | None = None,
     ) -> ResultHandle:
-        """Queue one request and return at once. Raises ``InvalidRequest``/``ModelNotFound`` before queueing.
+        """Queue one request and return at once. Raises ``InvalidRequest``/``ModelNotFound`` before queueing,
+        and ``BudgetExceeded`` when the most it can cost does not fit its tenant's (or ``key_id``'s) budget.
 
         ``priority`` (high, normal, low) picks the model's queue; workers always take high first, and
         batch jobs run at low. ``tenant`` counts this request's usage for another tenant than the client's.
         ``route`` is ``client.route(request)`` when the caller has already routed it.
         """
         chunk = self.single_chunk(request, custom_id, priority, tenant, route)
-        self.publish(chunk)
+        self.budget_gate.reserve(chunk, key_id)
+        try:
+            self.publish(chunk)
+        except BaseException:
+            self.budget_gate.release(chunk)
+            raise
         return ResultHandle(self, chunk.items[0].request_id)
 
     @overload
@@ -378,6 +387,7 @@ class AsyncClient(ClientBase):
         self._sync_redis = redis_from_url(self.redis_url, socket_connect_timeout=5)
         self.batches = AsyncBatches(Batches(self._sync_redis, self.settings, self.router, self.tenant_for))
         self.attach_live_view(self._sync_redis)
+        self.budget_gate = BudgetGate(self.registry, self._sync_redis, self.settings.result_ttl_s)
 
     @classmethod
     async def connect(
@@ -411,13 +421,19 @@ class AsyncClient(ClientBase):
         priority: Priority | str = Priority.NORMAL,
         tenant: str | None = None,
         route: Route | None = None,
+        key_id: str | None = None,
     ) -> AsyncResultHandle:
         await self._ensure_connected()
         chat_request = build_request(request)  # validated once: single_chunk takes the model as it is
         if route is None:
             route = await self.route_async(chat_request)
         chunk = self.single_chunk(chat_request, custom_id, priority, tenant, route)
-        await asyncio.to_thread(self.publish, chunk)
+        await self.budget_gate.reserve_async(chunk, key_id, self.redis)
+        try:
+            await asyncio.to_thread(self.publish, chunk)
+        except BaseException:
+            await asyncio.to_thread(self.budget_gate.release, chunk)
+            raise
         return AsyncResultHandle(self, chunk.items[0].request_id)
 
     @overload

@@ -125,7 +125,8 @@ async def create_batch(request: Request) -> Response:
     job = await gateway.client.batches.create(gateway.files.path_of(info.id), completion_window=body.completion_window,
                                               metadata=body.metadata, tenant=tenant, input_file_id=info.id,
                                               via=via, routing=routing, endpoint=body.endpoint,
-                                              allowed_models=gateway.key_limits.allowed(caller))  # fmt: skip
+                                              allowed_models=gateway.key_limits.allowed(caller),
+                                              key_id=caller.key_id)  # fmt: skip
     return JSONResponse(batch_object(job))
 
 

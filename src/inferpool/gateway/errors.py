@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 
 from inferpool._exceptions import (
     BatchRefused,
+    BudgetExceeded,
     InferpoolError,
     JobNotFound,
     RedisUnavailable,
@@ -74,6 +75,8 @@ async def handle_error(request: Request, exc: Exception) -> Response:
         if exc.status_code != 404:
             message = str(exc.detail)
         return _response(exc.status_code, message, "invalid_request_error", "unknown_url")
+    if isinstance(exc, BudgetExceeded):  # OpenAI's answer to an account out of credit
+        return _response(429, exc.message, "insufficient_quota", "insufficient_quota")
     if isinstance(exc, RequestError):
         status = request_error_status(exc)
         type_ = "invalid_request_error" if status < 500 else "api_error"

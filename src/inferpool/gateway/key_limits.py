@@ -35,6 +35,10 @@ class Caller:
     def limits(self) -> KeyLimits | None:
         return self.key.limits if self.key is not None else None
 
+    @property
+    def key_id(self) -> str | None:
+        return self.key.key_id if self.key is not None else None
+
 
 @dataclass(frozen=True)
 class Ticket:

@@ -52,7 +52,7 @@ async def serve_one(request: Request, kind: type[AnyRequest]) -> Response:
         limiter.check_model(caller, chat_request.model, route.spec.name)
         await gateway.require_live_worker(route.spec.name)
         ticket = await limiter.admit(caller, chat_request, route.spec)
-        handle = await gateway.client.submit(chat_request, tenant=tenant, route=route)
+        handle = await gateway.client.submit(chat_request, tenant=tenant, route=route, key_id=caller.key_id)
     except BaseException:
         admission.release(tenant)
         with anyio.CancelScope(shield=True):

@@ -31,7 +31,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from inferpool._exceptions import ModelNotFound
-from inferpool.constants import CANCELLED_CODE, EXPIRED_CODE, JOBS_ACTIVE_KEY, Priority, job_key
+from inferpool.constants import BUDGET_EXCEEDED_CODE, CANCELLED_CODE, EXPIRED_CODE, JOBS_ACTIVE_KEY, Priority, job_key
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.celery_app import publish_chunk_json
@@ -39,6 +39,7 @@ from inferpool.plumbing.settings import Settings
 from inferpool.provider_batch.planner import ProviderBatchPlanner
 from inferpool.scheduler.lease import SchedulerLease
 from inferpool.scheduler.placement import Placement
+from inferpool.state.budgets import Budgets
 from inferpool.state.heartbeats import count_live_workers
 from inferpool.state.jobs import JobStore
 from inferpool.state.leader_fence import NotLeader
@@ -78,14 +79,15 @@ class _JobView:
     via: str = "realtime"
     window_s: float = 0.0
     routing: str = ""  # load or prefix; '': each model's own
+    budget_scopes: tuple[str, ...] = ()  # its lines reserve against these budgets when dispatched
 
 
 _VIEW_FIELDS = ("status", "priority", "models", "expires_at", "total", "completed", "failed", "validated", "via",
-                "created_at", "routing")  # fmt: skip
+                "created_at", "routing", "budget_scopes")  # fmt: skip
 
 
 def _job_view(job_id: str, values: list[bytes | None]) -> _JobView:
-    status, priority, models, expires_at, total, completed, failed, validated, via, created_at, routing = (
+    status, priority, models, expires_at, total, completed, failed, validated, via, created_at, routing, budget = (
         v.decode() if v else "" for v in values
     )
     expires = float(expires_at or "inf")
@@ -101,6 +103,7 @@ def _job_view(job_id: str, values: list[bytes | None]) -> _JobView:
         via=via or "realtime",  # jobs from before provider batches
         window_s=expires - float(created_at or 0),
         routing=routing,
+        budget_scopes=tuple(scope for scope in budget.split(",") if scope),
     )
 
 
@@ -119,6 +122,7 @@ class Scheduler:
         self._faults: dict[str, int] = defaultdict(int)
         self.planner = ProviderBatchPlanner(self.store, settings, celery, self._fence)
         self.placement = Placement(client)
+        self.budgets = Budgets(client)
         # Items taken into flight whose publishing failed (broker down): published first on the next tick.
         self._unsent: list[tuple[str, ModelSpec, list[str], bool, str | None]] = []
 
@@ -370,6 +374,17 @@ class Scheduler:
         taken = self.store.take_pending(job.job_id, spec.name, take, fence=self._fence())
         if not taken:
             return 0
+        if job.budget_scopes:  # each line reserves the most it can cost; those that do not fit end here
+            refused = self.budgets.reserve_lines(job.job_id, job.budget_scopes, [rid for rid, _ in taken],
+                                                 self.settings.result_ttl_s)  # fmt: skip
+            if refused:
+                self.store.end_requests(job.job_id, {rid: (BUDGET_EXCEEDED_CODE, why.message())
+                                                     for rid, why in refused.items()})  # fmt: skip
+                log.warning("job %s: %d line(s) refused by a spend budget (%s)", job.job_id, len(refused),
+                            next(iter(refused.values())).scope)  # fmt: skip
+                taken = [(rid, score) for rid, score in taken if rid not in refused]
+                if not taken:
+                    return len(refused)
         # To the workers where the model is warm, each prefix group to its owner (inferpool.scheduler.placement).
         prefix = (job.routing or spec.routing) == "prefix"
         return sum(self._publish(job.job_id, spec, rids, worker=worker)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ from inferpool.constants import (
     MODEL_INFLIGHT_KEY,
     SCHEDULER_LEASE_KEY,
     job_completed_stream_key,
+    job_costs_key,
     job_final_key,
     job_inflight_since_key,
     job_items_key,
@@ -82,6 +83,7 @@ class NewJob:
     routing: str | None = None  # load or prefix; None: each model's own (ModelSpec.routing)
     endpoint: str | None = None  # the OpenAI batch object's endpoint (lines may use any served one)
     allowed_models: frozenset[str] | None = None  # a gateway key's models: other lines are model_not_found
+    budget_scopes: tuple[str, ...] = ()  # scopes with a spend budget: lines reserve against them when dispatched
 
 
 _ENTRIES_PER_READ = 8
@@ -235,6 +237,8 @@ class JobStore:
             record["routing"] = options.routing
         if options.endpoint is not None:
             record["endpoint"] = options.endpoint
+        if options.budget_scopes:
+            record["budget_scopes"] = ",".join(options.budget_scopes)
         pipe = self.redis.pipeline()
         pipe.hset(job_key(job_id), mapping=record)
         pipe.expire(job_key(job_id), self.result_ttl_s)
@@ -262,14 +266,20 @@ class JobStore:
         """``add_pending`` for requests already made into records (the client's upload)."""
         by_model: dict[str, dict[str, float]] = {}
         records: dict[str, bytes] = {}
-        for request_id, model, record, score in pending:
+        costs: dict[str, int] = {}
+        for request_id, model, record, score, cost in pending:
             by_model.setdefault(model, {})[request_id] = score
             records[request_id] = record
+            if cost:
+                costs[request_id] = cost
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(job_key(job_id), "models", ",".join(sorted(models)))
         if records:
             pipe.hset(job_items_key(job_id), mapping=records)  # type: ignore[arg-type]
             pipe.expire(job_items_key(job_id), self.result_ttl_s)
+        if costs:  # the most each line can cost, reserved against the job's budgets when it is dispatched
+            pipe.hset(job_costs_key(job_id), mapping=costs)  # type: ignore[arg-type]
+            pipe.expire(job_costs_key(job_id), self.result_ttl_s)
         for model, scores in by_model.items():
             pipe.zadd(job_pending_key(job_id, model), scores)
             pipe.expire(job_pending_key(job_id, model), self.result_ttl_s)
@@ -288,6 +298,16 @@ class JobStore:
         results = [
             (error_result_of_record(job_id, rid, record, code, message), holder) for rid, holder, record in inflight
         ]
+        return sum(self.writer.write_many(results, self.result_ttl_s))
+
+    def end_requests(self, job_id: str, errors: Mapping[str, tuple[str, str]]) -> int:
+        """End the job's requests ``errors`` names (request id -> (code, message)) with those errors."""
+        if not errors:
+            return 0
+        rids = list(errors)
+        records: Any = self.redis.hmget(job_items_key(job_id), rids)
+        results = [(error_result_of_record(job_id, rid, record, *errors[rid]), split_record(record)[0] if record
+                    else None) for rid, record in zip(rids, records, strict=True)]  # fmt: skip
         return sum(self.writer.write_many(results, self.result_ttl_s))
 
     def _inflight_records(self, job_id: str) -> list[tuple[str, str, bytes | None]]:

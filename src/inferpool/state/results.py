@@ -34,7 +34,9 @@ from inferpool.constants import (
     STREAM_MAX_ENTRIES,
     USAGE_RETENTION_S,
     USAGE_TOTAL_KEY,
+    hold_key,
     job_completed_stream_key,
+    job_holds_key,
     job_inflight_since_key,
     job_items_key,
     job_key,
@@ -43,16 +45,18 @@ from inferpool.constants import (
     stream_key,
     usage_day_key,
 )
+from inferpool.state.budgets import LUA_SETTLE
 from inferpool.state.items import LUA_ITEM_HOLDER
 from inferpool.state.usage import latency_bucket
 from inferpool.wire import RequestResult
 
 _WRITE_ONCE = (
     LUA_ITEM_HOLDER
+    + LUA_SETTLE
     + """
 -- KEYS: job hash, job completed stream, job items hash, per-model in-flight hash, job usage hash,
 --       job in-flight-since sorted set, the day's usage hash, the all-time usage hash (Prometheus counters),
---       the per-model latency histogram
+--       the per-model latency histogram, the job's budget holds hash
 -- ARGV: ttl, result key prefix, model, mode, tenant, usage ttl, output stream key prefix, stream cap, the
 --       job's results (batch modes: every record's JSON, one per line, compressed together; '' otherwise),
 --       then one record per
@@ -68,12 +72,17 @@ _WRITE_ONCE = (
 --       make one entry of the job's completion stream: the compressed results ('z2') and, if some were
 --       not written, their positions ('s', comma-separated). 'new' a batch line settled before it had an
 --       item (refused while uploading): written to the stream unconditionally.
+-- A result written settles its request's budget hold, if it has one (inferpool.state.budgets): a single request's
+-- own hold key, a batch line's entry in its job's holds hash; the real cost joins the spend, the hold leaves.
 -- Every record is checked before anything is written: a malformed number fails the whole call with an
 -- error and writes nothing. A batch result whose job is gone (its retention ended) is not written: its
 -- request was answered, counted and forgotten long ago. Returns the 0-based positions of the records not
 -- written (their request already had a result, or their job is gone).
 local ttl, prefix, model, mode, tenant, usage_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local stream_prefix, stream_cap, job_results = ARGV[7], ARGV[8], ARGV[9]
+local hold_prefix = '"""
+    + hold_key("")
+    + """'
 local is_job = mode ~= ''
 local first = 10
 local function number(text, rid)
@@ -112,6 +121,19 @@ end
 local completed, failed, prompt, completion, cost = 0, 0, 0, 0, 0
 local latency_sum, retried, ttft_sum, hits, saved, prefix_cached = 0, 0, 0, 0, 0, 0
 local buckets, ttft_buckets, settled = {}, {}, {}
+local job_holds = is_job and mode ~= 'new' and redis.call('EXISTS', KEYS[10]) == 1
+local function settle(r)
+  local hold
+  if is_job then
+    if not job_holds then return end
+    hold = redis.call('HGET', KEYS[10], r.rid)
+    if hold then redis.call('HDEL', KEYS[10], r.rid) end
+  else
+    hold = redis.call('GET', hold_prefix .. r.rid)
+    if hold then redis.call('DEL', hold_prefix .. r.rid) end
+  end
+  if hold then settle_hold(hold, math.floor(r.cost * 1000000000 + 0.5)) end
+end
 local function fresh(r)
   if mode == 'new' then return true end
   if not is_job then return redis.call('SET', prefix .. r.rid, r.payload, 'NX', 'EX', ttl) end
@@ -128,6 +150,7 @@ local function fresh(r)
 end
 for i, r in ipairs(records) do
   if fresh(r) then
+    settle(r)
     if r.ok then completed = completed + 1 else failed = failed + 1 end
     prompt = prompt + r.prompt
     completion = completion + r.completion
@@ -338,7 +361,7 @@ class ResultWriter:
         for (job_id, model, tenant), indexes in groups.items():
             keys = [job_key(job_id), job_completed_stream_key(job_id), job_items_key(job_id), MODEL_INFLIGHT_KEY,
                     job_usage_key(job_id), job_inflight_since_key(job_id), usage_day_key(day),
-                    USAGE_TOTAL_KEY, MODEL_LATENCY_KEY]  # fmt: skip
+                    USAGE_TOTAL_KEY, MODEL_LATENCY_KEY, job_holds_key(job_id)]  # fmt: skip
             group = [records[i] for i in indexes]
             stored = compress_results([record.payload for record in group]) if job_id else b""
             args: list[bytes | str | int] = [ttl_s, _RESULT_PREFIX, model, job_mode if job_id else "", tenant,

@@ -1,0 +1,60 @@
+"""``inferpool tenants``: spend budgets of tenants (and gateway keys), and where each stands this window."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.table import Table
+
+from inferpool._exceptions import InferpoolError
+from inferpool.cli._common import load_settings, make_console
+from inferpool.client._base import check_tenant
+from inferpool.plumbing.redis_connection import connect_redis
+from inferpool.state.budgets import NANOS, Budget, Budgets
+
+
+def _budgets(ctx: click.Context) -> Budgets:
+    return Budgets(connect_redis(load_settings(ctx).require_redis_url()))
+
+
+@click.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print budgets and spend as JSON.")
+@click.pass_context
+def tenants(ctx: click.Context, as_json: bool) -> None:
+    """Spend budgets: each tenant's and key's budget, spent and held (reserved by requests in flight) this window.
+
+    \b
+    inferpool tenants
+    inferpool tenants set acme --budget 2000/month
+    inferpool keys create --tenant acme --budget 50/day     (a key's own budget, beside its tenant's)
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    store = _budgets(ctx)
+    rows = []
+    for scope, budget in sorted(store.all().items()):
+        spent, held = store.spend(scope, budget)
+        rows.append({"scope": scope, "budget_usd": budget.usd, "window": budget.window, "spent_usd": spent / NANOS,
+                     "held_usd": held / NANOS, "left_usd": max(0, budget.nanos - spent - held) / NANOS})  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("scope", "budget", "spent", "held", "left", title="inferpool tenants (this window, UTC)")
+    for row in rows:
+        table.add_row(str(row["scope"]), f"${row['budget_usd']:g}/{row['window']}", f"${row['spent_usd']:.6f}",
+                      f"${row['held_usd']:.6f}", f"${row['left_usd']:.6f}")  # fmt: skip
+    make_console().print(table)
+
+
+@tenants.command("set")
+@click.argument("tenant")
+@click.option("--budget", required=True, help="USD per window: 2000/month, 50/day, 100/none; 'none' removes it.")
+@click.pass_context
+def set_budget(ctx: click.Context, tenant: str, budget: str) -> None:
+    """Set a tenant's spend budget (live: admissions use it within seconds)."""
+    if check_tenant(tenant) is None:
+        raise InferpoolError("give a tenant name")
+    value = None if budget.strip().lower() == "none" else Budget.parse(budget)
+    _budgets(ctx).set(f"tenant:{tenant}", value)
+    click.echo(f"tenant {tenant}: budget {value.describe() if value else 'none'}")

@@ -1,0 +1,74 @@
+"""A single request's spend budget, reserved by the client before the request is published.
+
+Only scopes that have a budget cost a round trip: which scopes have one is read at most every
+``REFRESH_S`` (a budget set just now applies within that). The reservation's hold is settled by the
+result's own write (``inferpool.state.budgets``); a request that cannot be published gives it back at once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+import redis.asyncio
+
+from inferpool._exceptions import BudgetExceeded
+from inferpool.constants import BUDGETS_KEY, DEFAULT_TENANT
+from inferpool.model_registry.costs import max_cost_nanos
+from inferpool.model_registry.registry import Registry
+from inferpool.plumbing.redis_connection import decode_text
+from inferpool.state.budgets import AsyncBudgets, Budgets, Refused, release_single, scopes_of, single_hold
+from inferpool.wire import TaskChunk
+
+#: Seconds the set of budgeted scopes is trusted before it is read again.
+REFRESH_S = 2.0
+
+Wanted = tuple[list[str], int, str]
+
+
+class BudgetGate:
+    """Reserves single requests against their tenant's (and gateway key's) budgets."""
+
+    def __init__(self, registry: Registry, client: redis.Redis, hold_ttl_s: int) -> None:
+        self._registry = registry
+        self._redis = client
+        self._budgets = Budgets(client)
+        self._async: AsyncBudgets | None = None
+        self._hold_ttl_s = hold_ttl_s
+        self._scopes: set[str] = set()
+        self._read_at = float("-inf")
+
+    def _budgeted(self) -> set[str]:
+        if time.monotonic() - self._read_at > REFRESH_S:
+            self._scopes = {decode_text(scope) for scope in self._redis.hkeys(BUDGETS_KEY)}
+            self._read_at = time.monotonic()
+        return self._scopes
+
+    def wanted(self, chunk: TaskChunk, key_id: str | None) -> Wanted | None:
+        """What the chunk's request reserves (None: none of its scopes has a budget)."""
+        item = chunk.items[0]
+        budgeted = self._budgeted()
+        scopes = [scope for scope in scopes_of(item.tenant or DEFAULT_TENANT, key_id) if scope in budgeted]
+        if not scopes:
+            return None
+        return scopes, max_cost_nanos(self._registry.get(chunk.model), item.request), single_hold(item.request_id)
+
+    def reserve(self, chunk: TaskChunk, key_id: str | None) -> None:
+        wanted = self.wanted(chunk, key_id)
+        if wanted is not None:
+            _check(self._budgets.reserve([wanted], self._hold_ttl_s)[0])
+
+    async def reserve_async(self, chunk: TaskChunk, key_id: str | None, client: redis.asyncio.Redis) -> None:
+        wanted = self.wanted(chunk, key_id)
+        if wanted is not None:
+            self._async = self._async or AsyncBudgets(client)
+            _check((await self._async.reserve([wanted], self._hold_ttl_s))[0])
+
+    def release(self, chunk: TaskChunk) -> None:
+        """Give back what the chunk's request holds (it was never published)."""
+        release_single(self._redis, chunk.items[0].request_id)
+
+
+def _check(answer: str | Refused) -> None:
+    if isinstance(answer, Refused):
+        raise BudgetExceeded(answer.message())
