@@ -165,6 +165,11 @@ class Batches:
         scopes = tuple(scope for scope in scopes_of(tenant or settings.tenant or DEFAULT_TENANT, key_id)
                        if scope in budgeted)  # fmt: skip
         options = dataclasses.replace(options, endpoint=endpoint, allowed_models=allowed, budget_scopes=scopes)
+        if scopes and options.via != "realtime":  # provider Batch API lines are not reserved yet: real time only
+            if options.via == "provider-batch":
+                raise BatchRefused(f"{scopes[0]} has a spend budget, and lines sent to a provider's Batch API cannot "
+                                   "be held to it yet; use via realtime (or auto)")  # fmt: skip
+            options = dataclasses.replace(options, via="realtime")
         if isinstance(source, str | os.PathLike):
             path = Path(source)
             _check_file(path, settings.batch_max_bytes, settings.batch_max_lines)
