@@ -222,6 +222,8 @@ def usage_day_key(day: str) -> str:
 API_KEYS_KEY = f"{KEY_PREFIX}apikeys"
 #: Hash scope (``tenant:NAME``, ``key:KEY_ID``) -> its spend budget's JSON (``inferpool.state.budgets``).
 BUDGETS_KEY = f"{KEY_PREFIX}budgets"
+#: Hash tenant -> its weight in the fair share of each model's window (``inferpool tenants set --weight``).
+TENANT_WEIGHTS_KEY = f"{KEY_PREFIX}tenant-weights"
 
 
 def file_key(file_id: str) -> str:

@@ -11,7 +11,7 @@ from inferpool._exceptions import InferpoolError
 from inferpool.cli._common import load_settings, make_console
 from inferpool.client._base import check_tenant
 from inferpool.plumbing.redis_connection import connect_redis
-from inferpool.state.budgets import NANOS, Budget, Budgets
+from inferpool.state.budgets import NANOS, Budget, Budgets, TenantWeights
 
 
 def _budgets(ctx: click.Context) -> Budgets:
@@ -32,29 +32,45 @@ def tenants(ctx: click.Context, as_json: bool) -> None:
     if ctx.invoked_subcommand is not None:
         return
     store = _budgets(ctx)
-    rows = []
+    weights = TenantWeights(connect_redis(load_settings(ctx).require_redis_url())).all()
+    rows: list[dict[str, object]] = []
     for scope, budget in sorted(store.all().items()):
         spent, held = store.spend(scope, budget)
         rows.append({"scope": scope, "budget_usd": budget.usd, "window": budget.window, "spent_usd": spent / NANOS,
-                     "held_usd": held / NANOS, "left_usd": max(0, budget.nanos - spent - held) / NANOS})  # fmt: skip
+                     "held_usd": held / NANOS, "left_usd": max(0, budget.nanos - spent - held) / NANOS,
+                     "weight": weights.get(scope.removeprefix("tenant:"), 1.0) if scope.startswith("tenant:")
+                     else None})  # fmt: skip
+    budgeted = {row["scope"] for row in rows}
+    rows += [{"scope": f"tenant:{tenant}", "weight": weight} for tenant, weight in sorted(weights.items())
+             if f"tenant:{tenant}" not in budgeted]  # fmt: skip
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table("scope", "budget", "spent", "held", "left", title="inferpool tenants (this window, UTC)")
+    table = Table("scope", "budget", "spent", "held", "left", "weight", title="inferpool tenants (this window, UTC)")
     for row in rows:
-        table.add_row(str(row["scope"]), f"${row['budget_usd']:g}/{row['window']}", f"${row['spent_usd']:.6f}",
-                      f"${row['held_usd']:.6f}", f"${row['left_usd']:.6f}")  # fmt: skip
+        money = [f"${row['budget_usd']:g}/{row['window']}", *(f"${row[k]:.6f}" for k in ("spent_usd", "held_usd",
+                 "left_usd"))] if "budget_usd" in row else ["-", "-", "-", "-"]  # fmt: skip
+        table.add_row(str(row["scope"]), *money, "-" if row["weight"] is None else f"{row['weight']:g}")
     make_console().print(table)
 
 
 @tenants.command("set")
 @click.argument("tenant")
-@click.option("--budget", required=True, help="USD per window: 2000/month, 50/day, 100/none; 'none' removes it.")
+@click.option("--budget", help="USD per window: 2000/month, 50/day, 100/none; 'none' removes it.")
+@click.option("--weight", type=click.FloatRange(min=0.01, max=1000), help="Its share of each model's window against "
+              "other tenants with work waiting (default 1: equal shares).")  # fmt: skip
 @click.pass_context
-def set_budget(ctx: click.Context, tenant: str, budget: str) -> None:
-    """Set a tenant's spend budget (live: admissions use it within seconds)."""
+def set_tenant(ctx: click.Context, tenant: str, budget: str | None, weight: float | None) -> None:
+    """Set a tenant's spend budget and/or its fair-share weight (live: used within seconds)."""
     if check_tenant(tenant) is None:
         raise InferpoolError("give a tenant name")
-    value = None if budget.strip().lower() == "none" else Budget.parse(budget)
-    _budgets(ctx).set(f"tenant:{tenant}", value)
-    click.echo(f"tenant {tenant}: budget {value.describe() if value else 'none'}")
+    if budget is None and weight is None:
+        raise InferpoolError("give --budget and/or --weight")
+    client = connect_redis(load_settings(ctx).require_redis_url())
+    if budget is not None:
+        value = None if budget.strip().lower() == "none" else Budget.parse(budget)
+        Budgets(client).set(f"tenant:{tenant}", value)
+        click.echo(f"tenant {tenant}: budget {value.describe() if value else 'none'}")
+    if weight is not None:
+        TenantWeights(client).set(tenant, weight)
+        click.echo(f"tenant {tenant}: weight {weight:g}")

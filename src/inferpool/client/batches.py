@@ -182,6 +182,7 @@ class Batches:
                  routing: Routing | None = None) -> NewJob:  # fmt: skip
         if via not in VIA_CHOICES:
             raise BatchRefused(f"via {via!r} is not one of {', '.join(VIA_CHOICES)}")
+        tenant = tenant or self._settings.tenant  # the job is its client's tenant's (fair share, budgets, listing)
         if routing is not None and routing not in get_args(Routing):
             raise BatchRefused(f"routing {routing!r} is not one of {', '.join(get_args(Routing))}")
         window_s = parse_window(completion_window)

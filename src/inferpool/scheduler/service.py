@@ -17,6 +17,7 @@ written once); after that, never again, so a Redis hiccup does not pay for every
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -37,9 +38,10 @@ from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.celery_app import publish_chunk_json
 from inferpool.plumbing.settings import Settings
 from inferpool.provider_batch.planner import ProviderBatchPlanner
+from inferpool.scheduler.fair_share import FairShare
 from inferpool.scheduler.lease import SchedulerLease
 from inferpool.scheduler.placement import Placement
-from inferpool.state.budgets import Budgets
+from inferpool.state.budgets import Budgets, TenantWeights
 from inferpool.state.heartbeats import count_live_workers
 from inferpool.state.jobs import JobStore
 from inferpool.state.leader_fence import NotLeader
@@ -80,16 +82,16 @@ class _JobView:
     window_s: float = 0.0
     routing: str = ""  # load or prefix; '': each model's own
     budget_scopes: tuple[str, ...] = ()  # its lines reserve against these budgets when dispatched
+    tenant: str = ""  # whose job: tenants share each model's window fairly (inferpool.scheduler.fair_share)
 
 
 _VIEW_FIELDS = ("status", "priority", "models", "expires_at", "total", "completed", "failed", "validated", "via",
-                "created_at", "routing", "budget_scopes")  # fmt: skip
+                "created_at", "routing", "budget_scopes", "tenant")  # fmt: skip
 
 
 def _job_view(job_id: str, values: list[bytes | None]) -> _JobView:
-    status, priority, models, expires_at, total, completed, failed, validated, via, created_at, routing, budget = (
-        v.decode() if v else "" for v in values
-    )
+    (status, priority, models, expires_at, total, completed, failed, validated, via, created_at, routing, budget,
+     tenant) = (v.decode() if v else "" for v in values)  # fmt: skip
     expires = float(expires_at or "inf")
     return _JobView(
         job_id=job_id,
@@ -104,6 +106,7 @@ def _job_view(job_id: str, values: list[bytes | None]) -> _JobView:
         window_s=expires - float(created_at or 0),
         routing=routing,
         budget_scopes=tuple(scope for scope in budget.split(",") if scope),
+        tenant=tenant,
     )
 
 
@@ -123,6 +126,8 @@ class Scheduler:
         self.planner = ProviderBatchPlanner(self.store, settings, celery, self._fence)
         self.placement = Placement(client)
         self.budgets = Budgets(client)
+        self.weights = TenantWeights(client)
+        self.fair_share = FairShare(self.weights.read)
         # Items taken into flight whose publishing failed (broker down): published first on the next tick.
         self._unsent: list[tuple[str, ModelSpec, list[str], bool, str | None]] = []
 
@@ -349,26 +354,14 @@ class Scheduler:
             for priority in sorted(levels, reverse=True):
                 if free <= 0:
                     break
-                sent = self._round_robin(spec, levels[priority], free)
+                sent = self.fair_share.dispatch(spec.name, priority, levels[priority], free, spec.serving.chunk_size,
+                                                functools.partial(self._take_guarded, spec))  # fmt: skip
                 free -= sent
                 dispatched += sent
         return dispatched
 
-    def _round_robin(self, spec: ModelSpec, jobs: list[_JobView], free: int) -> int:
-        """Jobs of one priority take turns, a chunk each, until the window is full or they run dry."""
-        turn = sorted(jobs, key=lambda j: j.job_id)
-        sent = 0
-        while turn and free - sent > 0:
-            for job in list(turn):
-                take = min(spec.serving.chunk_size, free - sent)
-                if take <= 0:
-                    break
-                moved = self._guard(job.job_id, self._take_and_publish, job, spec, take)
-                if not moved:
-                    turn.remove(job)
-                    continue
-                sent += moved
-        return sent
+    def _take_guarded(self, spec: ModelSpec, job: _JobView, take: int) -> int:
+        return self._guard(job.job_id, self._take_and_publish, job, spec, take) or 0
 
     def _take_and_publish(self, job: _JobView, spec: ModelSpec, take: int) -> int:
         taken = self.store.take_pending(job.job_id, spec.name, take, fence=self._fence())

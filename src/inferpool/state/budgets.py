@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import math
 import re
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -29,7 +30,7 @@ import redis.asyncio
 from pydantic import BaseModel, ConfigDict, Field
 
 from inferpool._exceptions import ConfigurationError
-from inferpool.constants import BUDGETS_KEY, KEY_PREFIX, hold_key, job_costs_key, job_holds_key
+from inferpool.constants import BUDGETS_KEY, KEY_PREFIX, TENANT_WEIGHTS_KEY, hold_key, job_costs_key, job_holds_key
 
 #: Nano-USD per USD: spend is counted in integers, so sums are exact whatever the order.
 NANOS = 1_000_000_000
@@ -288,6 +289,32 @@ end
 def release_single(client: redis.Redis, request_id: str) -> None:
     """Give back a single request's hold at no cost (it was never sent)."""
     client.eval(_RELEASE, 1, hold_key(request_id))
+
+
+class TenantWeights:
+    """Tenants' weights in the fair share of each model's window (default 1), read at most every 2 s."""
+
+    def __init__(self, client: redis.Redis, refresh_s: float = 2.0) -> None:
+        self._redis = client
+        self._refresh_s = refresh_s
+        self._cached: dict[str, float] = {}
+        self._read_at = float("-inf")
+
+    def set(self, tenant: str, weight: float | None) -> None:
+        if weight is None:
+            self._redis.hdel(TENANT_WEIGHTS_KEY, tenant)
+        else:
+            self._redis.hset(TENANT_WEIGHTS_KEY, tenant, repr(float(weight)))
+
+    def all(self) -> dict[str, float]:
+        return {(k.decode() if isinstance(k, bytes) else str(k)): float(v)
+                for k, v in self._redis.hgetall(TENANT_WEIGHTS_KEY).items()}  # fmt: skip
+
+    def read(self) -> dict[str, float]:
+        now = time.monotonic()
+        if now - self._read_at > self._refresh_s:
+            self._cached, self._read_at = self.all(), now
+        return self._cached
 
 
 def scopes_of(tenant: str | None, key_id: str | None = None) -> list[str]:
