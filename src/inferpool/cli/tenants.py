@@ -10,8 +10,11 @@ from rich.table import Table
 from inferpool._exceptions import InferpoolError
 from inferpool.cli._common import load_settings, make_console
 from inferpool.client._base import check_tenant
+from inferpool.model_registry.registry import Registry
 from inferpool.plumbing.redis_connection import connect_redis
 from inferpool.state.budgets import NANOS, Budget, Budgets, TenantWeights
+from inferpool.state.heartbeats import count_live_workers_many
+from inferpool.state.jobs import JobStore
 
 
 def _budgets(ctx: click.Context) -> Budgets:
@@ -43,8 +46,9 @@ def tenants(ctx: click.Context, as_json: bool) -> None:
     budgeted = {row["scope"] for row in rows}
     rows += [{"scope": f"tenant:{tenant}", "weight": weight} for tenant, weight in sorted(weights.items())
              if f"tenant:{tenant}" not in budgeted]  # fmt: skip
+    shares = _shares(ctx)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(rows + shares, indent=2))
         return
     table = Table("scope", "budget", "spent", "held", "left", "weight", title="inferpool tenants (this window, UTC)")
     for row in rows:
@@ -52,6 +56,28 @@ def tenants(ctx: click.Context, as_json: bool) -> None:
                  "left_usd"))] if "budget_usd" in row else ["-", "-", "-", "-"]  # fmt: skip
         table.add_row(str(row["scope"]), *money, "-" if row["weight"] is None else f"{row['weight']:g}")
     make_console().print(table)
+    if shares:
+        flight = Table("tenant", "model", "batch lines in flight", "share of the model's window",
+                       title="fair share now")  # fmt: skip
+        for share in shares:
+            flight.add_row(str(share["tenant"]), str(share["model"]), str(share["in_flight"]),
+                           f"{share['window_share']:.0%}")  # fmt: skip
+        make_console().print(flight)
+
+
+def _shares(ctx: click.Context) -> list[dict[str, object]]:
+    """Each tenant's batch lines in flight per model, and its share of the model's window now."""
+    settings = load_settings(ctx)
+    client = connect_redis(settings.require_redis_url())
+    counts = JobStore(client, settings.result_ttl_s).inflight_by_tenant()
+    if not counts:
+        return []
+    registry = Registry.from_settings(settings)
+    models = sorted({model for _, model in counts if model in registry})
+    live = count_live_workers_many(client, models)
+    windows = {model: registry.get(model).serving.window_per_worker() * max(1, live[model]) for model in models}
+    return [{"tenant": tenant, "model": model, "in_flight": n, "window_share": n / windows[model]}
+            for (tenant, model), n in sorted(counts.items()) if model in windows]  # fmt: skip
 
 
 @tenants.command("set")

@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from inferpool._exceptions import InferpoolError
 from inferpool.client.client import AsyncClient
-from inferpool.gateway import batches, chat, completions, embeddings, files, models
+from inferpool.gateway import batches, chat, completions, embeddings, files, models, usage
 from inferpool.gateway.admission import Admission
 from inferpool.gateway.common import Gateway, gateway_of
 from inferpool.gateway.errors import handle_error
@@ -76,6 +76,7 @@ def create_app(settings: Settings, *, require_keys: bool = True, registry: Regis
         *models.routes,
         *files.routes,
         *batches.routes,
+        *usage.routes,
     ]
     # InferpoolError and Redis errors are answered by Starlette's ExceptionMiddleware; anything else (a bug) by
     # its ServerErrorMiddleware, which also logs the traceback.

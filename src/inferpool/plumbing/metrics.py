@@ -23,6 +23,7 @@ from inferpool.constants import (
 )
 from inferpool.model_registry.registry import Registry
 from inferpool.plumbing.redis_connection import decode_text
+from inferpool.state.budgets import NANOS, Budgets
 from inferpool.state.heartbeats import live_heartbeats, model_state
 from inferpool.state.load import read_model_load
 from inferpool.state.usage import merge_usage, usage_from_counters
@@ -128,6 +129,20 @@ class PoolCollector(Collector):
         yield from self._residency(beats)
         yield GaugeMetricFamily("inferpool_batch_jobs_active", "Batch jobs not yet final.",
                                 value=float(self._redis.zcard(JOBS_ACTIVE_KEY)))  # fmt: skip
+        yield from self._budgets()
+
+    def _budgets(self) -> Iterator[Metric]:
+        """Each spend budget (operators set them: a bounded label set) and its current window's spend."""
+        store = Budgets(self._redis)
+        families = [GaugeMetricFamily(name, doc, labels=["scope"]) for name, doc in (
+            ("inferpool_budget_usd", "A tenant's or key's spend budget for its window (USD)."),
+            ("inferpool_budget_spent_usd", "Spent in the budget's current window (USD, settled results)."),
+            ("inferpool_budget_held_usd", "Reserved by requests not yet answered (USD)."))]  # fmt: skip
+        for scope, budget in sorted(store.all().items()):
+            spent, held = store.spend(scope, budget)
+            for family, value in zip(families, (budget.usd, spent / NANOS, held / NANOS), strict=True):
+                family.add_metric([scope], value)
+        yield from families
 
     def _engine_prefix_caches(self, beats_by_model: dict[str, dict[str, dict[str, Any]]]) -> Iterator[Metric]:
         """Each live worker's engine prefix-cache counters (prompt tokens looked up and found), from its heartbeat."""

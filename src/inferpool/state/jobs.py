@@ -31,6 +31,7 @@ import redis
 from pydantic import ValidationError
 
 from inferpool.constants import (
+    DEFAULT_TENANT,
     FAILED_CODE,
     JOBS_ACTIVE_KEY,
     JOBS_INDEX_KEY,
@@ -309,6 +310,18 @@ class JobStore:
         results = [(error_result_of_record(job_id, rid, record, *errors[rid]), split_record(record)[0] if record
                     else None) for rid, record in zip(rids, records, strict=True)]  # fmt: skip
         return sum(self.writer.write_many(results, self.result_ttl_s))
+
+    def inflight_by_tenant(self) -> dict[tuple[str, str], int]:
+        """Batch lines dispatched and not yet answered, per (tenant, model), over the active jobs (bounded by the
+        models' windows, so cheap)."""
+        counts: dict[tuple[str, str], int] = {}
+        for raw_id in self.redis.zrange(JOBS_ACTIVE_KEY, 0, -1):
+            job_id = decode_text(raw_id)
+            tenant = decode_text(self.redis.hget(job_key(job_id), "tenant") or DEFAULT_TENANT)
+            for _rid, model, _record in self._inflight_records(job_id):
+                if model:
+                    counts[(tenant, model)] = counts.get((tenant, model), 0) + 1
+        return counts
 
     def _inflight_records(self, job_id: str) -> list[tuple[str, str, bytes | None]]:
         """(request id, holding model, record) of each request in flight (model '' if its item is gone)."""

@@ -1,0 +1,127 @@
+"""A key's own tenant's usage and spend, in the shape of OpenAI's Usage and Costs APIs.
+
+``GET /v1/organization/usage/completions`` and ``GET /v1/organization/costs`` answer as OpenAI's do (pages of
+daily buckets; ``group_by=model``), so scripts and dashboards written for OpenAI's admin API read them
+unchanged; unlike OpenAI's, any key may call them, and each sees only its own tenant (OpenAI needs an admin key
+because its answer covers the whole organization). The costs answer adds an ``inferpool`` field: the tenant's
+and the key's spend budgets, with what is spent, held and left this window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from inferpool.gateway.common import Gateway, gateway_of, list_limit
+from inferpool.gateway.errors import HTTPError
+from inferpool.gateway.key_limits import Caller
+from inferpool.state.budgets import NANOS, Budgets, scopes_of
+from inferpool.state.usage import read_usage
+from inferpool.wire import ModelUsage
+
+#: Days one answer may cover (OpenAI's limit for daily buckets).
+MAX_DAYS = 31
+_DAY = 86400
+
+
+def _days(request: Request) -> list[dt.date]:
+    params = request.query_params
+    try:
+        start = int(params["start_time"])
+        end = int(params.get("end_time", str(int(dt.datetime.now(dt.UTC).timestamp()) + 1)))
+    except KeyError:
+        raise HTTPError(400, "start_time is required (Unix seconds, inclusive).", param="start_time") from None
+    except ValueError:
+        raise HTTPError(400, "start_time and end_time are Unix seconds (integers).", param="start_time") from None
+    if params.get("bucket_width", "1d") != "1d":
+        raise HTTPError(400, "bucket_width must be 1d (daily buckets).", param="bucket_width")
+    if not 0 <= start < end:
+        raise HTTPError(400, "end_time must be after start_time.", param="end_time")
+    first = dt.datetime.fromtimestamp(start, dt.UTC).date()
+    last = dt.datetime.fromtimestamp(end - 1, dt.UTC).date()
+    count = min((last - first).days + 1, list_limit(request, 7, MAX_DAYS))
+    return [first + dt.timedelta(days=n) for n in range(count)]
+
+
+def _grouped(request: Request) -> bool:
+    groups = [group for value in request.query_params.getlist("group_by") for group in value.split(",") if group]
+    unknown = [group for group in groups if group != "model"]
+    if unknown:
+        raise HTTPError(400, f"group_by {unknown[0]!r} is not supported; use model.", param="group_by")
+    return bool(groups)
+
+
+async def _buckets(gateway: Gateway, caller: Caller, days: list[dt.date]) -> list[tuple[dt.date, list[ModelUsage]]]:
+    def read() -> list[tuple[dt.date, list[ModelUsage]]]:
+        return [(day, read_usage(gateway.jobs.redis, day, day, tenant=caller.tenant)) for day in days]
+
+    return await asyncio.to_thread(read)
+
+
+def _bucket(day: dt.date, results: list[dict[str, Any]]) -> dict[str, Any]:
+    start = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp())
+    return {"object": "bucket", "start_time": start, "end_time": start + _DAY, "results": results}
+
+
+def _page(data: list[dict[str, Any]]) -> JSONResponse:
+    return JSONResponse({"object": "page", "data": data, "has_more": False, "next_page": None})
+
+
+async def completions_usage(request: Request) -> Response:
+    gateway = gateway_of(request)
+    caller = await gateway.identify(request)
+    days, grouped = _days(request), _grouped(request)
+    data = []
+    for day, rows in await _buckets(gateway, caller, days):
+        groups = [[row] for row in rows] if grouped else ([rows] if rows else [])
+        data.append(_bucket(day, [{
+            "object": "organization.usage.completions.result",
+            "input_tokens": sum(r.prompt_tokens for r in group),
+            "output_tokens": sum(r.completion_tokens for r in group),
+            "input_cached_tokens": sum(r.prefix_cached_tokens for r in group), "input_audio_tokens": 0,
+            "output_audio_tokens": 0, "num_model_requests": sum(r.requests for r in group),
+            "project_id": None, "user_id": None, "api_key_id": None, "batch": None,
+            "model": group[0].model if grouped else None} for group in groups]))  # fmt: skip
+    return _page(data)
+
+
+async def costs(request: Request) -> Response:
+    gateway = gateway_of(request)
+    caller = await gateway.identify(request)
+    days, grouped = _days(request), _grouped(request)
+    data = []
+    for day, rows in await _buckets(gateway, caller, days):
+        groups = [[row] for row in rows] if grouped else ([rows] if rows else [])
+        data.append(_bucket(day, [{
+            "object": "organization.costs.result",
+            "amount": {"value": sum(r.cost_usd for r in group), "currency": "usd"},
+            "line_item": group[0].model if grouped else None, "project_id": None} for group in groups]))  # fmt: skip
+    budgets = await asyncio.to_thread(_budgets, gateway, caller)
+    response = {"object": "page", "data": data, "has_more": False, "next_page": None,
+                "inferpool": {"tenant": caller.tenant, "budgets": budgets}}  # fmt: skip
+    return JSONResponse(response)
+
+
+def _budgets(gateway: Gateway, caller: Caller) -> list[dict[str, Any]]:
+    store = Budgets(gateway.jobs.redis)
+    configured = store.all()
+    out = []
+    for scope in scopes_of(caller.tenant, caller.key_id):
+        budget = configured.get(scope)
+        if budget is None:
+            continue
+        spent, held = store.spend(scope, budget)
+        out.append({"scope": scope, "budget_usd": budget.usd, "window": budget.window, "spent_usd": spent / NANOS,
+                    "held_usd": held / NANOS, "left_usd": max(0, budget.nanos - spent - held) / NANOS})  # fmt: skip
+    return out
+
+
+routes = [
+    Route("/v1/organization/usage/completions", completions_usage, methods=["GET"]),
+    Route("/v1/organization/costs", costs, methods=["GET"]),
+]
