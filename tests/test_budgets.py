@@ -21,7 +21,7 @@ from inferpool import AsyncClient, BudgetExceeded, Client, ConfigurationError, J
 from inferpool.gateway.keys import ApiKeys
 from inferpool.model_registry.costs import max_cost_nanos
 from inferpool.model_registry.registry import Registry
-from inferpool.plumbing.local_pool import start_worker_process, stop_process, wait_for_workers
+from inferpool.plumbing.local_pool import LocalPool, start_worker_process, stop_process, wait_for_workers
 from inferpool.state.budgets import NANOS, Budget, Budgets, to_nanos
 from inferpool.wire import ChatRequest
 
@@ -130,3 +130,32 @@ def test_spend_never_passes_the_budget_under_concurrency_and_a_killed_worker(
         for worker in workers:
             stop_process(worker.proc, grace_s=30)
         budgets.set(f"tenant:{tenant}", None)
+
+
+def test_a_redis_restart_mid_window_loses_no_spend() -> None:
+    """Redis (with AOF, as deployed) stops and comes back mid-job: spend and holds come back with it, and the
+    job's lines settle exactly once against the budget."""
+    env = {**FAST_REDELIVERY, "INFERPOOL_SCHEDULER_LEASE_S": "1", "INFERPOOL_RESEND_STALE_AFTER_S": "10"}
+    with LocalPool(["echo-priced"], env=env, redis_appendonly=True) as pool, \
+            Client(pool.redis_url, tenant="aof-team") as client:  # fmt: skip
+        budgets, budget = Budgets(client.redis), Budget(usd=2.0, window="month")
+        budgets.set("tenant:aof-team", budget)
+        job = client.batches.create([{"custom_id": f"l{i}", "method": "POST", "url": "/v1/chat/completions",
+                                      "body": {"model": "echo-priced", "messages": ask(f"line {i}"), "max_tokens": 8}}
+                                     for i in range(120)])  # fmt: skip
+        deadline = time.monotonic() + 120
+        while client.batches.retrieve(job.id).request_counts.completed < 20:
+            assert time.monotonic() < deadline, "the job did not start"
+            time.sleep(0.05)
+        before, _ = budgets.spend("tenant:aof-team", budget)
+        pool.redis.restart()
+        after_restart, _ = budgets.spend("tenant:aof-team", budget)
+        assert after_restart >= before > 0  # nothing settled before the restart was lost
+        assert client.batches.wait(job.id, timeout=300).status is JobStatus.COMPLETED
+        results = list(client.batches.request_results(job.id))
+        assert len(results) == 120
+        spent, held = budgets.spend("tenant:aof-team", budget)
+        assert spent == sum(to_nanos(r.stats.cost_usd) for r in results if r.stats is not None and r.error is None)
+        assert held == 0
+        assert spent <= budget.nanos
+        assert {r.error.code for r in results if r.error} <= {"budget_exceeded"}
