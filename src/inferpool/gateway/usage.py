@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -56,55 +57,54 @@ def _grouped(request: Request) -> bool:
     return bool(groups)
 
 
-async def _buckets(gateway: Gateway, caller: Caller, days: list[dt.date]) -> list[tuple[dt.date, list[ModelUsage]]]:
-    def read() -> list[tuple[dt.date, list[ModelUsage]]]:
-        return [(day, read_usage(gateway.jobs.redis, day, day, tenant=caller.tenant)) for day in days]
-
-    return await asyncio.to_thread(read)
-
-
-def _bucket(day: dt.date, results: list[dict[str, Any]]) -> dict[str, Any]:
-    start = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp())
-    return {"object": "bucket", "start_time": start, "end_time": start + _DAY, "results": results}
-
-
-def _page(data: list[dict[str, Any]]) -> JSONResponse:
-    return JSONResponse({"object": "page", "data": data, "has_more": False, "next_page": None})
-
-
-async def completions_usage(request: Request) -> Response:
+async def _report(request: Request, result: Callable[[list[ModelUsage], bool], dict[str, Any]]) -> tuple[
+        Caller, list[dict[str, Any]]]:  # fmt: skip
+    """The caller and its tenant's daily buckets, each with one ``result`` per model (``group_by=model``) or one for
+    all its models."""
     gateway = gateway_of(request)
     caller = await gateway.identify(request)
     days, grouped = _days(request), _grouped(request)
+
+    def read() -> list[tuple[dt.date, list[ModelUsage]]]:
+        return [(day, read_usage(gateway.jobs.redis, day, day, tenant=caller.tenant)) for day in days]
+
     data = []
-    for day, rows in await _buckets(gateway, caller, days):
+    for day, rows in await asyncio.to_thread(read):
         groups = [[row] for row in rows] if grouped else ([rows] if rows else [])
-        data.append(_bucket(day, [{
-            "object": "organization.usage.completions.result",
+        start = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp())
+        data.append({"object": "bucket", "start_time": start, "end_time": start + _DAY,
+                     "results": [result(group, grouped) for group in groups]})  # fmt: skip
+    return caller, data
+
+
+def _page(data: list[dict[str, Any]], **extra: Any) -> JSONResponse:
+    return JSONResponse({"object": "page", "data": data, "has_more": False, "next_page": None, **extra})
+
+
+def _usage_result(group: list[ModelUsage], grouped: bool) -> dict[str, Any]:
+    return {"object": "organization.usage.completions.result",
             "input_tokens": sum(r.prompt_tokens for r in group),
             "output_tokens": sum(r.completion_tokens for r in group),
             "input_cached_tokens": sum(r.prefix_cached_tokens for r in group), "input_audio_tokens": 0,
             "output_audio_tokens": 0, "num_model_requests": sum(r.requests for r in group),
             "project_id": None, "user_id": None, "api_key_id": None, "batch": None,
-            "model": group[0].model if grouped else None} for group in groups]))  # fmt: skip
+            "model": group[0].model if grouped else None}  # fmt: skip
+
+
+def _cost_result(group: list[ModelUsage], grouped: bool) -> dict[str, Any]:
+    return {"object": "organization.costs.result", "amount": {"value": sum(r.cost_usd for r in group),
+            "currency": "usd"}, "line_item": group[0].model if grouped else None, "project_id": None}  # fmt: skip
+
+
+async def completions_usage(request: Request) -> Response:
+    _caller, data = await _report(request, _usage_result)
     return _page(data)
 
 
 async def costs(request: Request) -> Response:
-    gateway = gateway_of(request)
-    caller = await gateway.identify(request)
-    days, grouped = _days(request), _grouped(request)
-    data = []
-    for day, rows in await _buckets(gateway, caller, days):
-        groups = [[row] for row in rows] if grouped else ([rows] if rows else [])
-        data.append(_bucket(day, [{
-            "object": "organization.costs.result",
-            "amount": {"value": sum(r.cost_usd for r in group), "currency": "usd"},
-            "line_item": group[0].model if grouped else None, "project_id": None} for group in groups]))  # fmt: skip
-    budgets = await asyncio.to_thread(_budgets, gateway, caller)
-    response = {"object": "page", "data": data, "has_more": False, "next_page": None,
-                "inferpool": {"tenant": caller.tenant, "budgets": budgets}}  # fmt: skip
-    return JSONResponse(response)
+    caller, data = await _report(request, _cost_result)
+    budgets = await asyncio.to_thread(_budgets, gateway_of(request), caller)
+    return _page(data, inferpool={"tenant": caller.tenant, "budgets": budgets})
 
 
 def _budgets(gateway: Gateway, caller: Caller) -> list[dict[str, Any]]:
