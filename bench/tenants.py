@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -66,10 +67,21 @@ def budgets(clients: int, lines: int, budget_usd: float) -> dict[str, Any]:
                     return list(await asyncio.gather(*(one(i) for i in range(clients))))
 
             started = time.perf_counter()
+            peak = [0, 0]  # the most held, and the most spent + held, seen while it ran
+            done = threading.Event()
+
+            def sample() -> None:
+                with Client(settings=settings) as watcher:
+                    watch = Budgets(watcher.redis)
+                    while not done.wait(0.01):
+                        spent_now, held_now = watch.spend("tenant:bench-team", budget)
+                        peak[0], peak[1] = max(peak[0], held_now), max(peak[1], spent_now + held_now)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
             while client.batches.retrieve(job.id).request_counts.completed < 50:
                 time.sleep(0.01)
             os.killpg(pool.workers[0].proc.pid, signal.SIGKILL)
-            peak_held = store.spend("tenant:bench-team", budget)[1]
             submitted = asyncio.run(singles())
             client.batches.wait(job.id, timeout=600)
             single_ids = [rid for rid in submitted if isinstance(rid, str)]
@@ -77,11 +89,14 @@ def budgets(clients: int, lines: int, budget_usd: float) -> dict[str, Any]:
             results = list(client.batches.request_results(job.id))
             costs += [r.stats.cost_usd for r in results if r.stats is not None and r.error is None]
             elapsed = time.perf_counter() - started
+            done.set()
+            sampler.join()
             spent, held = store.spend("tenant:bench-team", budget)
             return {"clients": clients, "lines": lines, "budget_usd": budget_usd, "spent_usd": spent / NANOS,
                     "over_spend_usd": max(0, spent - budget.nanos) / NANOS,
                     "spend_minus_sum_of_costs_nanousd": spent - sum(to_nanos(c) for c in costs),
-                    "held_at_end_usd": held / NANOS, "held_when_killed_usd": peak_held / NANOS,
+                    "held_at_end_usd": held / NANOS, "peak_held_usd": peak[0] / NANOS,
+                    "peak_spent_plus_held_usd": peak[1] / NANOS,
                     "singles_admitted": len(single_ids), "singles_refused": clients - len(single_ids),
                     "lines_answered": sum(r.error is None for r in results),
                     "lines_refused": sum(r.error is not None and r.error.code == "budget_exceeded" for r in results),
