@@ -28,6 +28,7 @@ from inferpool.plumbing.settings import Settings as PoolSettings
 from inferpool.provider_batch.openai_batch import result_line
 from inferpool.provider_batch.store import ProviderBatchStore
 from inferpool.provider_batch.via import choose_via
+from inferpool.state.budgets import Budget, Budgets, to_nanos
 from inferpool.wire import EmbeddingList
 from inferpool.workers.echo import echo_vector
 from tests.conftest import ANTHROPIC_TEST_KEY, OPENAI_TEST_KEY, wait_until
@@ -380,3 +381,26 @@ def test_path_choice_reasons() -> None:
     assert refused.via == "unavailable"
     assert "no provider Batch API" in refused.reason
     assert json.loads(refused.model_dump_json())["via"] == "unavailable"
+
+
+def test_a_budgeted_tenants_lines_reserve_at_the_batch_price(pool: LocalPool) -> None:
+    """Lines going to a provider's Batch API reserve the most they can cost at the batch price before they are
+    sent; those that do not fit end as budget_exceeded; spend is settled to the batch price, exactly."""
+    with Client(settings=PoolSettings(redis_url=pool.redis_url, tenant="pb-team")) as client:
+        budgets, budget = Budgets(client.redis), Budget(usd=0.001, window="day")
+        budgets.set("tenant:pb-team", budget)
+        try:
+            job = client.batches.create(_lines("emu-gpt-batch", 200, "b", max_tokens=16), via="provider-batch")
+            results = _results(client, job.id)
+            spent, held = budgets.spend("tenant:pb-team", budget)
+        finally:
+            budgets.set("tenant:pb-team", None)
+    answered = [r for r in results if r.error is None]
+    refused = [r for r in results if r.error is not None]
+    assert answered
+    assert refused
+    assert {r.error.code for r in refused if r.error} == {"budget_exceeded"}
+    assert all(r.stats is not None and r.stats.via == "provider-batch" for r in answered)
+    assert spent == sum(to_nanos(r.stats.cost_usd) for r in answered if r.stats is not None)
+    assert spent <= budget.nanos
+    assert held == 0

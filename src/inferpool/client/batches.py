@@ -27,7 +27,7 @@ from inferpool.affinity.prefix import group_key
 from inferpool.client.batch_lines import AcceptedLine, BatchLineParser
 from inferpool.client.routing import Router
 from inferpool.constants import DEFAULT_TENANT, split_adapter
-from inferpool.model_registry.costs import max_cost_nanos
+from inferpool.model_registry.costs import line_costs
 from inferpool.model_registry.spec import Routing
 from inferpool.plumbing.settings import Settings
 from inferpool.state.budgets import Budgets, scopes_of
@@ -165,11 +165,6 @@ class Batches:
         scopes = tuple(scope for scope in scopes_of(tenant or settings.tenant or DEFAULT_TENANT, key_id)
                        if scope in budgeted)  # fmt: skip
         options = dataclasses.replace(options, endpoint=endpoint, allowed_models=allowed, budget_scopes=scopes)
-        if scopes and options.via != "realtime":  # provider Batch API lines are not reserved yet: real time only
-            if options.via == "provider-batch":
-                raise BatchRefused(f"{scopes[0]} has a spend budget, and lines sent to a provider's Batch API cannot "
-                                   "be held to it yet; use via realtime (or auto)")  # fmt: skip
-            options = dataclasses.replace(options, via="realtime")
         if isinstance(source, str | os.PathLike):
             path = Path(source)
             _check_file(path, settings.batch_max_bytes, settings.batch_max_lines)
@@ -266,7 +261,7 @@ class Batches:
                 # Under prefix routing a line waits grouped with the lines that share its prompt prefix.
                 prefix = (options.routing or parsed.spec.routing) == "prefix"
                 score = group_key(request) if prefix else total
-                cost = max_cost_nanos(parsed.spec, request) if options.budget_scopes else 0
+                cost = line_costs(parsed.spec, request) if options.budget_scopes else ""
                 pending.append(PendingRecord(new_id("req"), model, model.encode() + b"|" + record, score, cost))
                 models.add(parsed.spec.name)
             else:

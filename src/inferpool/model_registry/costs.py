@@ -41,6 +41,15 @@ def max_cost_nanos(spec: ModelSpec, request: AnyRequest, pricing: Pricing | None
     return math.ceil((prompt * price.input_per_mtok + output * price.output_per_mtok) * 1000)  # $/Mtok -> nano-USD
 
 
+def line_costs(spec: ModelSpec, request: AnyRequest) -> str:
+    """What a batch line stores for its budget: the most it can cost at the real-time price, and at the batch price
+    when the model may use its provider's Batch API (``REALTIME,BATCH``), in nano-USD."""
+    realtime = max_cost_nanos(spec, request)
+    if spec.batch_api is None or not spec.batch_api.enabled:
+        return str(realtime)
+    return f"{realtime},{max_cost_nanos(spec, request, spec.batch_api.price(spec.pricing))}"
+
+
 def _images(message: object) -> int:
     content = getattr(message, "content", None)
     if not isinstance(content, list):

@@ -14,6 +14,7 @@ from typing import Any
 from celery import Celery
 
 from inferpool.constants import (
+    BUDGET_EXCEEDED_CODE,
     TASK_PROVIDER_BATCH_STEP,
     UNAVAILABLE_CODE,
     Priority,
@@ -23,11 +24,16 @@ from inferpool.constants import (
     queue_name,
 )
 from inferpool.model_registry.spec import ModelSpec
+from inferpool.plumbing.redis_connection import decode_text
 from inferpool.plumbing.settings import Settings
 from inferpool.provider_batch.store import ProviderBatchStore, via_field
 from inferpool.provider_batch.via import batch_limits, batch_provider, choose_via, waits_for_upload
+from inferpool.state.budgets import Budgets
 from inferpool.state.jobs import JobStore, error_result_of_record
 from inferpool.wire import ViaChoice
+
+#: Lines reserved per script call when a budgeted job's lines go into provider batches.
+_RESERVE_PAGE = 1000
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,7 @@ class ProviderBatchPlanner:
         self.settings = settings
         self.celery = celery
         self.store = ProviderBatchStore(jobs.redis, settings.result_ttl_s)
+        self.budgets = Budgets(jobs.redis)
         self._fence = fence
 
     # -- paths ------------------------------------------------------------------------------------------
@@ -70,6 +77,7 @@ class ProviderBatchPlanner:
 
     def _form(self, job_id: str, spec: ModelSpec) -> None:
         """Every pending line of the model into provider batches of at most the provider's size."""
+        self._reserve(job_id, spec)
         max_requests, _ = batch_limits(spec)
         provider = batch_provider(spec) or "openai"
         while True:
@@ -78,6 +86,24 @@ class ProviderBatchPlanner:
                 log.info("job %s: provider batch %s formed (%s, %d lines)", job_id, pbatch_id, spec.name, moved)
             if moved < max_requests:
                 return
+
+    def _reserve(self, job_id: str, spec: ModelSpec) -> None:
+        """A job with a spend budget: each pending line reserves the most it can cost at the batch price before it
+        goes into a provider batch (idempotent: lines that already hold are skipped); those that do not fit leave
+        the pending set and end as ``budget_exceeded``."""
+        raw = self.redis.hget(job_key(job_id), "budget_scopes")
+        scopes = [scope for scope in decode_text(raw).split(",") if scope] if raw else []
+        if not scopes:
+            return
+        pending = job_pending_key(job_id, spec.name)
+        rids = [decode_text(rid) for rid in self.redis.zrange(pending, 0, -1)]
+        for start in range(0, len(rids), _RESERVE_PAGE):
+            refused = self.budgets.reserve_lines(job_id, scopes, rids[start : start + _RESERVE_PAGE],
+                                                 self.settings.result_ttl_s, batch_price=True)  # fmt: skip
+            if refused:
+                self.redis.zrem(pending, *refused)
+                self.jobs.end_requests(job_id, {rid: (BUDGET_EXCEEDED_CODE, why.message())
+                                                for rid, why in refused.items()})  # fmt: skip
 
     # -- driving -----------------------------------------------------------------------------------------
 

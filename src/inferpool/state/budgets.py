@@ -241,14 +241,24 @@ class Budgets:
         raw = self._reserve(keys=[BUDGETS_KEY, holds_key or BUDGETS_KEY], args=_reserve_args(requests, hold_ttl_s))
         return _answers(raw, requests)
 
-    def reserve_lines(self, job_id: str, scopes: Sequence[str], request_ids: Sequence[str],
-                      hold_ttl_s: int) -> dict[str, Refused]:  # fmt: skip
-        """Reserve a job's lines as they are dispatched (the most each can cost was stored at upload); returns
-        the refused ones. Lines that already hold (re-sent) are not reserved again."""
+    def reserve_lines(self, job_id: str, scopes: Sequence[str], request_ids: Sequence[str], hold_ttl_s: int,
+                      *, batch_price: bool = False) -> dict[str, Refused]:  # fmt: skip
+        """Reserve a job's lines as they are dispatched (the most each can cost was stored at upload; at the batch
+        price for lines going to a provider's Batch API); returns the refused ones. Lines that already hold
+        (re-sent) are not reserved again."""
         costs: Any = self._redis.hmget(job_costs_key(job_id), list(request_ids))
-        wanted = [(scopes, int(cost or 0), job_hold(rid)) for rid, cost in zip(request_ids, costs, strict=True)]
+        wanted = [(scopes, _line_cost(cost, batch_price), job_hold(rid))
+                  for rid, cost in zip(request_ids, costs, strict=True)]  # fmt: skip
         answers = self.reserve(wanted, hold_ttl_s, job_holds_key(job_id))
         return {rid: answer for rid, answer in zip(request_ids, answers, strict=True) if isinstance(answer, Refused)}
+
+
+def _line_cost(stored: bytes | str | None, batch_price: bool) -> int:
+    """A line's stored most-possible cost ('REALTIME' or 'REALTIME,BATCH'); the real-time one when no batch one."""
+    if not stored:
+        return 0
+    parts = (stored.decode() if isinstance(stored, bytes) else stored).split(",")
+    return int(parts[1] if batch_price and len(parts) > 1 else parts[0])
 
 
 class AsyncBudgets:

@@ -32,7 +32,7 @@ class PendingRecord(NamedTuple):
     model: str
     record: bytes
     score: float = 0.0
-    cost: int = 0  # the most it can cost (nano-USD), when the job has a spend budget
+    cost: str = ""  # the most it can cost, nano-USD ('REALTIME' or 'REALTIME,BATCH'), when the job has a budget
 
 
 def item_json(request: AnyRequest, custom_id: str | None = None, tenant: str | None = None,

@@ -267,7 +267,7 @@ class JobStore:
         """``add_pending`` for requests already made into records (the client's upload)."""
         by_model: dict[str, dict[str, float]] = {}
         records: dict[str, bytes] = {}
-        costs: dict[str, int] = {}
+        costs: dict[str, str] = {}
         for request_id, model, record, score, cost in pending:
             by_model.setdefault(model, {})[request_id] = score
             records[request_id] = record
