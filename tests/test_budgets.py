@@ -18,10 +18,10 @@ import pytest
 import redis
 
 from inferpool import AsyncClient, BudgetExceeded, Client, ConfigurationError, JobStatus, Settings
-from inferpool.gateway.keys import ApiKeys
 from inferpool.model_registry.costs import max_cost_nanos
 from inferpool.model_registry.registry import Registry
 from inferpool.plumbing.local_pool import LocalPool, start_worker_process, stop_process, wait_for_workers
+from inferpool.state.api_keys import ApiKeys
 from inferpool.state.budgets import NANOS, Budget, Budgets, to_nanos
 from inferpool.wire import ChatRequest
 

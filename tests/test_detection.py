@@ -22,11 +22,11 @@ from inferpool import Client, ContextLengthExceeded, DetectionError, RegistryErr
 from inferpool.detection import Target, load_detector
 from inferpool.detection.targets import plan_for
 from inferpool.emulators import EmulatedModel, EmulatorConfig, ProviderEmulator, default_models
-from inferpool.gateway.keys import ApiKeys
 from inferpool.model_registry.checkpoints import package_dir, package_file
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.plumbing.local_pool import start_worker_process, stop_process
+from inferpool.state.api_keys import ApiKeys
 from inferpool.state.availability import read_unavailable
 from inferpool.state.heartbeats import count_live_workers
 from inferpool.state.load import read_model_load

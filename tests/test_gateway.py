@@ -17,8 +17,8 @@ import redis
 
 from inferpool import Client
 from inferpool.constants import stream_key
-from inferpool.gateway.keys import ApiKeys
 from inferpool.plumbing.local_pool import WorkerProcess
+from inferpool.state.api_keys import ApiKeys
 
 from .conftest import start_gateway, stop_gateway
 

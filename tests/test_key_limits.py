@@ -15,7 +15,8 @@ import openai
 import pytest
 import redis
 
-from inferpool.gateway.keys import ApiKeys, KeyLimits
+from inferpool import AsyncClient, Client, ConfigurationError, ModelNotFound, RateLimited
+from inferpool.state.api_keys import ApiKeys, KeyLimits
 
 from .conftest import start_gateway, stop_gateway
 
@@ -138,3 +139,28 @@ def test_changed_limits_apply_at_once(gateways: list[str], redis_url: str) -> No
     store.set_limits(info.key_id, KeyLimits(models=["echo"]))
     with pytest.raises(openai.NotFoundError):
         sdk.chat.completions.create(model="echo-trickle", messages=ask("a"))  # type: ignore[arg-type]
+
+
+async def test_the_client_library_holds_to_its_key(redis_url: str) -> None:
+    key = _key(redis_url, models=["echo"], rpm=3)
+    with Client(redis_url, api_key=key) as client:
+        assert client.settings.tenant == "limited"  # the key's tenant
+        assert client.chat("echo", ask("a")).choices[0].message.content == "echo: a"
+        with pytest.raises(ModelNotFound, match="The model `echo-trickle` does not exist or you do not have access"):
+            client.chat("echo-trickle", ask("a"))
+        client.chat("echo", ask("b"))
+        async with AsyncClient(redis_url, api_key=key) as aclient:
+            await aclient.chat("echo", ask("c"))
+            with pytest.raises(RateLimited, match="requests per minute on this key: limit 3") as refused:
+                await aclient.chat("echo", ask("d"))
+        assert 1 <= refused.value.retry_after_s <= 60
+        job = client.batches.create([{"custom_id": "x", "method": "POST", "url": "/v1/chat/completions",
+                                      "body": {"model": "echo-trickle", "messages": ask("x")}}])  # fmt: skip
+        assert client.batches.retrieve(job.id).tenant == "limited"
+        [line] = list(client.batches.request_results(job.id))
+        assert line.error is not None
+        assert line.error.code == "model_not_found"
+    with pytest.raises(ConfigurationError, match="unknown or revoked"):
+        Client(redis_url, api_key="ipk-not-a-key")
+    with pytest.raises(ConfigurationError, match="belongs to tenant 'limited'"):
+        Client(redis_url, api_key=key, tenant="someone-else")

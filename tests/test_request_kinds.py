@@ -21,10 +21,10 @@ from inferpool import AsyncClient, CapabilityMismatch, Client, InvalidRequest
 from inferpool.client.batch_lines import AcceptedLine, BatchLineParser, RejectedLine
 from inferpool.client.routing import Router
 from inferpool.constants import result_key
-from inferpool.gateway.keys import ApiKeys
 from inferpool.model_registry.registry import Registry
 from inferpool.plumbing.local_pool import WorkerProcess
 from inferpool.plumbing.settings import Settings
+from inferpool.state.api_keys import ApiKeys
 from inferpool.wire import Completion, EmbeddingList, JobStatus, unpack_vector
 from inferpool.workers.echo import echo_vector
 

@@ -22,7 +22,7 @@ from inferpool import Client, Settings
 from inferpool.constants import MODEL_LATENCY_KEY, USAGE_TOTAL_KEY
 from inferpool.gateway.admission import Admission
 from inferpool.gateway.errors import HTTPError
-from inferpool.gateway.keys import ApiKeys
+from inferpool.state.api_keys import ApiKeys
 from inferpool.state.load import read_latency_p50
 
 from .conftest import start_gateway, stop_gateway, wait_until

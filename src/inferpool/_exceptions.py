@@ -14,7 +14,8 @@
     │   ├── CapabilityMismatch      the model cannot do what the request asks (images, tools...)
     │   ├── ProviderError           the backend failed while generating
     │   ├── HookError               a request or result hook refused, rejected or failed
-    │   └── BudgetExceeded          the most it could cost does not fit a tenant's or key's spend budget
+    │   ├── BudgetExceeded          the most it could cost does not fit a tenant's or key's spend budget
+    │   └── RateLimited             over its API key's requests or tokens per minute (retry after ``retry_after_s``)
     ├── DetectionError              a capability source (provider, engine, checkpoint) could not be read or
     │                               answered something unusable (a clear message, never a crash)
     ├── ModelLoadError              a worker cannot load its model
@@ -139,6 +140,18 @@ class BudgetExceeded(RequestError):
     ``insufficient_quota``)."""
 
     code: ClassVar[str] = "budget_exceeded"
+
+
+class RateLimited(RequestError):
+    """Over its API key's requests or tokens per minute (``inferpool keys``): ``retry_after_s`` says when a slot
+    frees (the gateway's 429 ``rate_limit_exceeded`` with ``Retry-After``)."""
+
+    code: ClassVar[str] = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, limit: str = "requests") -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.limit = limit  # requests or tokens (OpenAI's error type)
 
 
 _REQUEST_ERRORS_BY_CODE: dict[str, type[RequestError]] = {

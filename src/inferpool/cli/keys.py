@@ -1,18 +1,19 @@
-"""``inferpool keys``: the gateway's API keys (one tenant each; only their hashes are stored)."""
+"""``inferpool keys``: API keys for the gateway and the client library (one tenant each; only their hashes are
+stored)."""
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from inferpool._exceptions import InferpoolError
 from inferpool.cli._common import load_settings, make_console
+from inferpool.model_registry.registry import Registry
 from inferpool.plumbing.redis_connection import connect_redis
-
-if TYPE_CHECKING:
-    from inferpool.gateway.keys import ApiKeys, KeyLimits
+from inferpool.state.api_keys import ApiKeys, KeyLimits
+from inferpool.state.budgets import Budget, Budgets
 
 
 @click.group()
@@ -21,8 +22,6 @@ def keys() -> None:
 
 
 def _keys(ctx: click.Context) -> ApiKeys:
-    from inferpool.gateway.keys import ApiKeys  # the gateway's imports only when a keys command runs
-
     return ApiKeys(connect_redis(load_settings(ctx).require_redis_url()))
 
 
@@ -44,8 +43,6 @@ def _limit_options(command: Any) -> Any:
 def _limits(base: KeyLimits | None, models: str | None, rpm: int | None, tpm: int | None,
             max_in_flight: int | None) -> KeyLimits:  # fmt: skip
     """``base`` (None: no limits) with the options given applied (0 or 'all' removes a limit)."""
-    from inferpool.gateway.keys import KeyLimits  # the gateway's imports only when a keys command runs
-
     base = base or KeyLimits()
     update: dict[str, Any] = {}
     if models is not None:
@@ -70,8 +67,6 @@ def create(ctx: click.Context, tenant: str, budget: str | None, models: str | No
     inferpool keys create --tenant acme
     inferpool keys create --tenant acme --models gpt-4o-mini,smollm2 --rpm 600 --tpm 200000 --max-in-flight 32
     """
-    from inferpool.state.budgets import Budget, Budgets
-
     limits = _limits(None, models, rpm, tpm, max_in_flight)
     _check_models(ctx, limits)
     spend = Budget.parse(budget) if budget else None
@@ -103,8 +98,6 @@ def set_limits(ctx: click.Context, key_id: str, models: str | None, rpm: int | N
 
 def _check_models(ctx: click.Context, limits: KeyLimits) -> None:
     """A model list naming no registry model is a typo, not a restriction."""
-    from inferpool.model_registry.registry import Registry
-
     registry = Registry.from_settings(load_settings(ctx))
     unknown = [name for name in limits.models or [] if name not in registry]
     if unknown:

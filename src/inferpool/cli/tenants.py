@@ -9,12 +9,12 @@ from rich.table import Table
 
 from inferpool._exceptions import InferpoolError
 from inferpool.cli._common import load_settings, make_console
-from inferpool.client._base import check_tenant
 from inferpool.model_registry.registry import Registry
 from inferpool.plumbing.redis_connection import connect_redis
 from inferpool.state.budgets import NANOS, Budget, Budgets, TenantWeights
 from inferpool.state.heartbeats import count_live_workers_many
 from inferpool.state.jobs import JobStore
+from inferpool.wire import check_tenant
 
 
 def _budgets(ctx: click.Context) -> Budgets:

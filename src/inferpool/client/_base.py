@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +11,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from inferpool._exceptions import ConfigurationError, InvalidRequest
 from inferpool.client.affinity import SingleRequestAffinity
+from inferpool.client.keys import KeyGate
 from inferpool.client.routing import Route, Router
 from inferpool.constants import Priority
 from inferpool.model_registry.registry import Registry
@@ -20,6 +20,7 @@ from inferpool.plumbing.redis_connection import connect_redis
 from inferpool.plumbing.settings import Settings
 from inferpool.state.load import read_latency_p50, read_model_load
 from inferpool.wire import (
+    TENANT_NAME,
     AnyRequest,
     ChatMessage,
     ChatRequest,
@@ -28,6 +29,7 @@ from inferpool.wire import (
     InferenceRequest,
     TaskChunk,
     TaskItem,
+    check_tenant,
     describe_validation_error,
     new_id,
 )
@@ -35,17 +37,9 @@ from inferpool.wire import (
 if TYPE_CHECKING:
     from celery import Celery
 
-_TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 
 RequestLike = AnyRequest | Mapping[str, Any]
 MessagesLike = Sequence[ChatMessage | Mapping[str, Any]]
-
-
-def check_tenant(tenant: str | None) -> str | None:
-    """``tenant`` if it is a usable tenant name (or None); ``ConfigurationError`` otherwise."""
-    if tenant is not None and not _TENANT_NAME.match(tenant):
-        raise ConfigurationError(f"tenant {tenant!r}: use letters, digits, '.', '_', '@', '-' (max 128)")
-    return tenant
 
 
 def parse_priority(value: Priority | str) -> Priority:
@@ -99,6 +93,24 @@ class ClientBase:
         self.redis_url = settings.require_redis_url()
         self.registry = registry or Registry.from_settings(settings)
         self.router = Router(self.registry)
+        self.key_gate: KeyGate | None = None
+
+    def use_key(self, client: redis.Redis, api_key: str | None) -> KeyGate | None:
+        """Apply an API key (``inferpool keys create``): its tenant becomes the client's, and its models, rates and
+        budget hold for every request (``inferpool.client.keys``)."""
+        if api_key is None:
+            return None
+        gate = KeyGate(self.registry, client, api_key)
+        tenant = gate.info.tenant
+        if self.settings.tenant and self.settings.tenant != tenant:
+            raise ConfigurationError(f"the API key belongs to tenant {tenant!r}, not {self.settings.tenant!r}; give "
+                                     "one or the other")  # fmt: skip
+        self.settings = self.settings.model_copy(update={"tenant": tenant})
+        self.key_gate = gate
+        return gate
+
+    def key_id(self) -> str | None:
+        return self.key_gate.info.key_id if self.key_gate is not None else None
 
     @functools.cached_property
     def celery(self) -> Celery:
@@ -138,7 +150,7 @@ class ClientBase:
         if self.settings.tenant:
             return self.settings.tenant
         user = request.user
-        return user if user and _TENANT_NAME.match(user) and self.settings.user_may_be_tenant(user) else None
+        return user if user and TENANT_NAME.match(user) and self.settings.user_may_be_tenant(user) else None
 
     def route(self, request: AnyRequest) -> Route:
         return self.router.route(request)
@@ -154,7 +166,7 @@ class ClientBase:
         """The one-request task ``submit`` publishes; ``route`` is the caller's own routing of the same
         request (the gateway routes first to check for a live worker), else it is routed here."""
         chat_request = build_request(request)
-        route = route or self.route(chat_request)
+        route = route or self.router.route(chat_request, self.key_gate.allowed() if self.key_gate else None)
         chat_request = chat_request.model_copy(update={"model": route.model})
         return self.make_chunk(route.spec, [(chat_request, custom_id)], warnings=route.warnings,
                                priority=parse_priority(priority), tenant=check_tenant(tenant))  # fmt: skip

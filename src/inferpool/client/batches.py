@@ -25,6 +25,7 @@ import redis
 from inferpool._exceptions import BatchRefused, JobNotFound, ResultTimeout
 from inferpool.affinity.prefix import group_key
 from inferpool.client.batch_lines import AcceptedLine, BatchLineParser
+from inferpool.client.keys import KeyGate
 from inferpool.client.routing import Router
 from inferpool.constants import DEFAULT_TENANT, split_adapter
 from inferpool.model_registry.costs import line_costs
@@ -122,8 +123,10 @@ class Batches:
         settings: Settings,
         router: Router,
         tenant_for: Callable[[AnyRequest], str | None] = lambda _: None,
+        key_gate: KeyGate | None = None,
     ) -> None:
         self._settings = settings
+        self._key_gate = key_gate  # the client's API key: its models and budget hold for its jobs
         self._router = router
         self._tenant_for = tenant_for
         self._store = JobStore(redis_client, settings.result_ttl_s)
@@ -160,6 +163,9 @@ class Batches:
         """
         settings = self._settings
         options = self._options(priority, completion_window, metadata, tenant, input_file_id, cache, via, routing)
+        if self._key_gate is not None:
+            allowed_models = allowed_models if allowed_models is not None else self._key_gate.allowed()
+            key_id = key_id or self._key_gate.info.key_id
         allowed = frozenset(allowed_models) if allowed_models is not None else None
         budgeted = self._budgets.all()  # the scopes with a budget now: the job's lines reserve against these
         scopes = tuple(scope for scope in scopes_of(tenant or settings.tenant or DEFAULT_TENANT, key_id)

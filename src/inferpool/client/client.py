@@ -180,11 +180,13 @@ class Client(ClientBase):
         settings: Settings | None = None,
         registry: Registry | None = None,
         tenant: str | None = None,
+        api_key: str | None = None,
     ) -> None:
         super().__init__(redis_url, settings, registry, tenant)
         self.redis: redis.Redis = connect_redis(self.redis_url)
+        self.use_key(self.redis, api_key)
         self.attach_live_view(self.redis)
-        self.batches = Batches(self.redis, self.settings, self.router, self.tenant_for)
+        self.batches = Batches(self.redis, self.settings, self.router, self.tenant_for, self.key_gate)
         self.dead_letters = DeadLetters(self.redis, self.settings.result_ttl_s)
         self.budget_gate = BudgetGate(self.registry, self.redis, self.settings.result_ttl_s)
 
@@ -206,7 +208,9 @@ class Client(ClientBase):
         ``route`` is ``client.route(request)`` when the caller has already routed it.
         """
         chunk = self.single_chunk(request, custom_id, priority, tenant, route)
-        self.budget_gate.reserve(chunk, key_id)
+        if self.key_gate is not None:
+            self.key_gate.admit(chunk.items[0].request, self.registry.get(chunk.model))
+        self.budget_gate.reserve(chunk, key_id or self.key_id())
         try:
             self.publish(chunk)
         except BaseException:
@@ -380,12 +384,15 @@ class AsyncClient(ClientBase):
         settings: Settings | None = None,
         registry: Registry | None = None,
         tenant: str | None = None,
+        api_key: str | None = None,
     ) -> None:
         super().__init__(redis_url, settings, registry, tenant)
         self._redis: redis.asyncio.Redis | None = None
         # Batch job calls run the sync implementation in threads, on a sync connection pool of their own.
         self._sync_redis = redis_from_url(self.redis_url, socket_connect_timeout=5)
-        self.batches = AsyncBatches(Batches(self._sync_redis, self.settings, self.router, self.tenant_for))
+        self.use_key(self._sync_redis, api_key)
+        self.batches = AsyncBatches(Batches(self._sync_redis, self.settings, self.router, self.tenant_for,
+                                            self.key_gate))  # fmt: skip
         self.attach_live_view(self._sync_redis)
         self.budget_gate = BudgetGate(self.registry, self._sync_redis, self.settings.result_ttl_s)
 
@@ -397,8 +404,9 @@ class AsyncClient(ClientBase):
         settings: Settings | None = None,
         registry: Registry | None = None,
         tenant: str | None = None,
+        api_key: str | None = None,
     ) -> AsyncClient:
-        client = cls(redis_url, settings=settings, registry=registry, tenant=tenant)
+        client = cls(redis_url, settings=settings, registry=registry, tenant=tenant, api_key=api_key)
         await client._ensure_connected()
         return client
 
@@ -428,7 +436,9 @@ class AsyncClient(ClientBase):
         if route is None:
             route = await self.route_async(chat_request)
         chunk = self.single_chunk(chat_request, custom_id, priority, tenant, route)
-        await self.budget_gate.reserve_async(chunk, key_id, self.redis)
+        if self.key_gate is not None:
+            await asyncio.to_thread(self.key_gate.admit, chunk.items[0].request, self.registry.get(chunk.model))
+        await self.budget_gate.reserve_async(chunk, key_id or self.key_id(), self.redis)
         try:
             await asyncio.to_thread(self.publish, chunk)
         except BaseException:

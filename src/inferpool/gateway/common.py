@@ -18,8 +18,8 @@ from inferpool.gateway.admission import Admission
 from inferpool.gateway.errors import HTTPError
 from inferpool.gateway.filestore import FileStore
 from inferpool.gateway.key_limits import Caller, KeyLimiter
-from inferpool.gateway.keys import key_info
 from inferpool.plumbing.settings import Settings
+from inferpool.state.api_keys import key_info
 from inferpool.state.heartbeats import count_live_workers_async
 from inferpool.state.jobs import JobStore
 from inferpool.wire import load_json

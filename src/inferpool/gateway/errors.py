@@ -6,6 +6,7 @@ codes the official SDKs turn into their own exceptions (400 ``BadRequestError``,
 from __future__ import annotations
 
 import logging
+import math
 
 import redis
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -17,6 +18,7 @@ from inferpool._exceptions import (
     BudgetExceeded,
     InferpoolError,
     JobNotFound,
+    RateLimited,
     RedisUnavailable,
     RequestError,
     ResultTimeout,
@@ -63,6 +65,16 @@ def _response(status: int, message: str, type_: str, code: str | None, param: st
     return JSONResponse(error_body(status, message, type_, code, param), status_code=status, headers=headers)
 
 
+def _request_error_response(exc: RequestError) -> Response:
+    if isinstance(exc, RateLimited):  # a key's requests or tokens per minute: when to retry, as OpenAI says it
+        headers = {"retry-after": str(max(1, math.ceil(exc.retry_after_s)))} if exc.retry_after_s > 0 else None
+        return _response(429, exc.message, exc.limit, exc.code, None, headers)
+    if isinstance(exc, BudgetExceeded):  # OpenAI's answer to an account out of credit
+        return _response(429, exc.message, "insufficient_quota", "insufficient_quota")
+    status = request_error_status(exc)
+    return _response(status, exc.message, "invalid_request_error" if status < 500 else "api_error", exc.code)
+
+
 async def handle_error(request: Request, exc: Exception) -> Response:
     """Every exception a route raises, as an OpenAI error response (never a traceback)."""
     if isinstance(exc, HTTPError):
@@ -75,12 +87,8 @@ async def handle_error(request: Request, exc: Exception) -> Response:
         if exc.status_code != 404:
             message = str(exc.detail)
         return _response(exc.status_code, message, "invalid_request_error", "unknown_url")
-    if isinstance(exc, BudgetExceeded):  # OpenAI's answer to an account out of credit
-        return _response(429, exc.message, "insufficient_quota", "insufficient_quota")
     if isinstance(exc, RequestError):
-        status = request_error_status(exc)
-        type_ = "invalid_request_error" if status < 500 else "api_error"
-        return _response(status, exc.message, type_, exc.code)
+        return _request_error_response(exc)
     if isinstance(exc, JobNotFound):
         return _response(404, str(exc), "invalid_request_error", "batch_not_found")
     if isinstance(exc, BatchRefused):

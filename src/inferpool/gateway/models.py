@@ -14,7 +14,6 @@ from starlette.routing import Route
 
 from inferpool.gateway.common import Gateway, gateway_of
 from inferpool.gateway.errors import not_found
-from inferpool.gateway.key_limits import model_not_found
 from inferpool.model_registry.spec import ModelSpec
 from inferpool.state.heartbeats import count_live_workers_async
 
@@ -53,12 +52,11 @@ async def list_models(request: Request) -> Response:
 
 async def retrieve_model(request: Request) -> Response:
     gateway = gateway_of(request)
-    allowed = gateway.key_limits.allowed(await gateway.identify(request))
+    caller = await gateway.identify(request)
     name = request.path_params["model"]
     if name not in gateway.client.registry:
         raise not_found("model", name)
-    if allowed is not None and gateway.client.registry.get(name).name not in allowed:
-        raise model_not_found(name)
+    gateway.key_limits.check_model(caller, name, gateway.client.registry.get(name).name)
     [data] = await _objects(gateway, [gateway.client.registry.get(name)])
     return JSONResponse(data)
 

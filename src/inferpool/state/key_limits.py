@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 import redis.asyncio
 
 from inferpool.constants import key_limit_keys
@@ -80,8 +81,20 @@ class Refusal:
     retry_after_ms: int
 
 
+def _args(rpm: int | None, tpm: int | None, max_in_flight: int | None, tokens: int, member: str,
+          slot_s: float) -> list[int | str]:  # fmt: skip
+    return [rpm or 0, tpm or 0, max_in_flight or 0, max(1, tokens), member, int(slot_s * 1000)]
+
+
+def _refusal(answer: Any) -> Refusal | None:
+    admitted, which, wait_ms = answer
+    if int(admitted):
+        return None
+    return Refusal(which.decode() if isinstance(which, bytes) else str(which), int(wait_ms))
+
+
 class KeyLimitStore:
-    """Admits requests under a key's limits, and frees their in-flight slots."""
+    """Admits requests under a key's limits, and frees their in-flight slots (the gateway's asyncio client)."""
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self._client = client
@@ -90,15 +103,19 @@ class KeyLimitStore:
     async def admit(self, key_id: str, *, rpm: int | None, tpm: int | None, max_in_flight: int | None, tokens: int,
                     member: str, slot_s: float) -> Refusal | None:  # fmt: skip
         """None if admitted (and recorded), else the ``Refusal``."""
-        answer: Any = await self._admit(keys=list(key_limit_keys(key_id)),
-                                        args=[rpm or 0, tpm or 0, max_in_flight or 0, max(1, tokens), member,
-                                              int(slot_s * 1000)])  # fmt: skip
-        admitted, which, wait_ms = answer
-        if int(admitted):
-            return None
-        limit = which.decode() if isinstance(which, bytes) else str(which)
-        return Refusal(limit, int(wait_ms))
+        keys = list(key_limit_keys(key_id))
+        return _refusal(await self._admit(keys=keys, args=_args(rpm, tpm, max_in_flight, tokens, member, slot_s)))
 
     async def release(self, key_id: str, member: str) -> None:
         """Free the in-flight slot ``member`` held (no-op if the key has no such limit)."""
         await self._client.zrem(key_limit_keys(key_id)[2], member)
+
+
+class SyncKeyLimitStore:
+    """``KeyLimitStore.admit`` on a sync client (the client library given a key: rates only, no in-flight cap)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._admit = client.register_script(_ADMIT)
+
+    def admit(self, key_id: str, *, rpm: int | None, tpm: int | None, tokens: int, member: str) -> Refusal | None:
+        return _refusal(self._admit(keys=list(key_limit_keys(key_id)), args=_args(rpm, tpm, None, tokens, member, 1)))

@@ -39,7 +39,7 @@ from inferpool.wire.embeddings import (
     pack_vector,
     unpack_vector,
 )
-from inferpool.wire.ids import new_id, random_hex
+from inferpool.wire.ids import TENANT_NAME, check_tenant, new_id, random_hex
 from inferpool.wire.jobs import BatchJob, JobStatus, RequestCounts
 from inferpool.wire.kinds import REQUEST_TYPES, SUPPORTED_URLS, AnyRequest, InferenceRequest, supported_urls_text
 from inferpool.wire.parsing import describe_validation_error, load_json
@@ -85,6 +85,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "REQUEST_TYPES",
     "SUPPORTED_URLS",
+    "TENANT_NAME",
     "VIA_CHOICES",
     "AnyRequest",
     "AssistantMessage",
@@ -138,6 +139,7 @@ __all__ = [
     "as_completion_chunk",
     "as_via",
     "check_json_depth",
+    "check_tenant",
     "chunk_json",
     "describe_chunk",
     "describe_validation_error",

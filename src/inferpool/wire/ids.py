@@ -1,9 +1,23 @@
-"""Random ids: 128 bits from the OS's CSPRNG with a readable prefix (``req_...``, ``batch_...``)."""
+"""Random ids: 128 bits from the OS's CSPRNG with a readable prefix (``req_...``, ``batch_...``); and the names
+tenants may have."""
 
 from __future__ import annotations
 
 import os
+import re
 import threading
+
+from inferpool._exceptions import ConfigurationError
+
+#: What a tenant may be called (it names usage keys and metric labels).
+TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+
+
+def check_tenant(tenant: str | None) -> str | None:
+    """``tenant`` if it is a usable tenant name (or None); ``ConfigurationError`` otherwise."""
+    if tenant is not None and not TENANT_NAME.match(tenant):
+        raise ConfigurationError(f"tenant {tenant!r}: use letters, digits, '.', '_', '@', '-' (max 128)")
+    return tenant
 
 
 class _RandomIds:

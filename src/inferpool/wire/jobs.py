@@ -59,7 +59,7 @@ class BatchJob(BaseModel):
     models: list[str] = Field(default_factory=list)
     metadata: dict[str, str] = Field(default_factory=dict)
     errors: list[str] = Field(default_factory=list)
-    tenant: str | None = Field(default=None, description="Who owns the job, where a gateway created it for a key.")
+    tenant: str | None = Field(default=None, description="Who owns the job: its client's tenant, or its gateway key's.")
     input_file_id: str | None = None
     usage: list[ModelUsage] = Field(default_factory=list)
     via: str = Field(default="realtime", description="The path asked for: auto, realtime or provider-batch.")

@@ -1,10 +1,11 @@
-"""API keys for the gateway: one tenant per key, only the key's SHA-256 stored (``inferpool keys``).
+"""API keys: one tenant per key, only the key's SHA-256 stored (``inferpool keys``).
 
 A key is ``ipk-`` and 43 URL-safe characters (256 random bits). It is shown once, when created; Redis
 keeps ``sha256(key) -> {key_id, tenant, created_at, limits}``, so a leaked Redis dump holds no usable key.
 Keys are revoked, and their limits changed, by their ``key_id`` (shown by ``keys list``), which is not secret.
-A key's limits (the models it may use, requests and tokens per minute, requests in flight) are enforced by
-the gateway (``inferpool.gateway.key_limits``) and read with the key on every request, so a change applies at once.
+A key's limits (the models it may use, requests and tokens per minute, requests in flight) are read with the key
+on every request, so a change applies at once; the gateway enforces them all (``inferpool.gateway.key_limits``),
+the client library, given a key, all but requests in flight (``inferpool.client.keys``).
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import redis
 import redis.asyncio
 from pydantic import BaseModel, ConfigDict, Field
 
-from inferpool.client._base import check_tenant
 from inferpool.constants import API_KEYS_KEY
-from inferpool.wire import new_id
+from inferpool.wire import check_tenant, new_id
 
 KEY_PREFIX = "ipk-"
 
@@ -98,6 +98,12 @@ async def key_info(client: redis.asyncio.Redis, key: str) -> ApiKeyInfo | None:
     if not key.startswith(KEY_PREFIX) or len(key) > 200:
         return None
     raw = await client.hget(API_KEYS_KEY, key_hash(key))
-    if raw is None:
+    return None if raw is None else ApiKeyInfo.model_validate_json(raw)
+
+
+def key_info_sync(client: redis.Redis, key: str) -> ApiKeyInfo | None:
+    """``key_info`` on a sync client (the client library given a key)."""
+    if not key.startswith(KEY_PREFIX) or len(key) > 200:
         return None
-    return ApiKeyInfo.model_validate_json(raw)
+    raw: bytes | None = client.hget(API_KEYS_KEY, key_hash(key))  # type: ignore[assignment]
+    return None if raw is None else ApiKeyInfo.model_validate_json(raw)
