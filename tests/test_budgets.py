@@ -41,6 +41,8 @@ def test_budgets_parse_and_the_reservation_bounds_the_cost() -> None:
     for text in ("fifty", "50/week", "-5/day", ""):
         with pytest.raises(ConfigurationError, match="USD per window"):
             Budget.parse(text)
+    with pytest.raises(ConfigurationError, match=r"at most \$1,000,000,000 per window"):
+        Budget.parse("99999999999/day")
     spec = Registry.load([Path(__file__).parent / "registry.yaml"]).get("echo-priced")
     request = ChatRequest.model_validate(
         {"model": "echo-priced", "messages": ask("héllo wörld " * 50), "max_tokens": 8}

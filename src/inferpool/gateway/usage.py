@@ -28,6 +28,7 @@ from inferpool.wire import ModelUsage
 #: Days one answer may cover (OpenAI's limit for daily buckets).
 MAX_DAYS = 31
 _DAY = 86400
+_LAST_TIME = 253_402_300_799  # 9999-12-31T23:59:59Z: the last second a date can hold
 
 
 def _days(request: Request) -> list[dt.date]:
@@ -41,8 +42,9 @@ def _days(request: Request) -> list[dt.date]:
         raise HTTPError(400, "start_time and end_time are Unix seconds (integers).", param="start_time") from None
     if params.get("bucket_width", "1d") != "1d":
         raise HTTPError(400, "bucket_width must be 1d (daily buckets).", param="bucket_width")
-    if not 0 <= start < end:
-        raise HTTPError(400, "end_time must be after start_time.", param="end_time")
+    if not 0 <= start < end or end > _LAST_TIME:
+        raise HTTPError(400, "start_time and end_time are Unix seconds, end_time after start_time (and before the year "
+                        "9999).", param="end_time")  # fmt: skip
     first = dt.datetime.fromtimestamp(start, dt.UTC).date()
     last = dt.datetime.fromtimestamp(end - 1, dt.UTC).date()
     count = min((last - first).days + 1, list_limit(request, 7, MAX_DAYS))

@@ -31,9 +31,27 @@ def _describe_validation_error(source: str, data: object, exc: ValidationError) 
     return "\n".join(lines)
 
 
+#: No registry nests deeper than this; deeper input is refused before PyYAML's recursive composer sees it.
+MAX_YAML_DEPTH = 64
+
+
+def _check_depth(text: str, source: str) -> None:
+    """Refuse YAML nested past ``MAX_YAML_DEPTH`` from its parse events (PyYAML's parser keeps an explicit stack;
+    only building the document recurses, and a RecursionError deep in it is slow and leaves noise behind)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise RegistryError(f"{source}: not usable YAML: nested more than {MAX_YAML_DEPTH} deep")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 def parse_registry_text(text: str, source: str) -> RegistryFile:
     """Parse one registry document; errors name the source, the model entry and the field."""
     try:
+        _check_depth(text, source)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RegistryError(f"{source}: not valid YAML: {exc}") from exc

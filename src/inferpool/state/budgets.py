@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import redis
 import redis.asyncio
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from inferpool._exceptions import ConfigurationError
 from inferpool.constants import BUDGETS_KEY, KEY_PREFIX, TENANT_WEIGHTS_KEY, hold_key, job_costs_key, job_holds_key
@@ -45,7 +45,7 @@ class Budget(BaseModel):
     """USD a scope may spend per window."""
 
     model_config = ConfigDict(extra="forbid")
-    usd: float = Field(ge=0, le=1e9)
+    usd: float = Field(ge=0, le=1e9)  # exact to the nano-dollar up to $9,007,199 (Lua counts in doubles)
     window: BudgetWindow = "month"
 
     @classmethod
@@ -54,7 +54,10 @@ class Budget(BaseModel):
         match = _BUDGET_TEXT.match(text)
         if match is None:
             raise ConfigurationError(f"budget {text!r} is not USD per window: write e.g. 50/day, 2000/month, 100/none")
-        return cls(usd=float(match.group(1)), window=match.group(2) or "month")
+        try:
+            return cls(usd=float(match.group(1)), window=match.group(2) or "month")
+        except ValidationError:
+            raise ConfigurationError(f"budget {text!r}: at most $1,000,000,000 per window") from None
 
     @property
     def nanos(self) -> int:
