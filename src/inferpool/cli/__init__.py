@@ -12,6 +12,7 @@ from inferpool.cli.flower import flower
 from inferpool.cli.gateway import gateway
 from inferpool.cli.keys import keys
 from inferpool.cli.models import models
+from inferpool.cli.pipeline import pipeline
 from inferpool.cli.probe import probe
 from inferpool.cli.scheduler import scheduler
 from inferpool.cli.stats import stats
@@ -40,6 +41,7 @@ main.add_command(flower)
 main.add_command(gateway)
 main.add_command(keys)
 main.add_command(models)
+main.add_command(pipeline)
 main.add_command(probe)
 main.add_command(scheduler)
 main.add_command(stats)
