@@ -276,3 +276,10 @@ def test_a_worker_keeps_serving_by_the_registry_when_its_source_answers_nonsense
         open_emulator.configure(models_body=None)
     detection.run_once()  # the source answers again: its window is published
     assert (detection.error, detection.window(), flips) == (None, 2048, [True])
+
+
+def test_detection_can_be_turned_off_per_model(tmp_path: Path) -> None:
+    registry = tmp_path / "registry.yaml"
+    registry.write_text("models:\n  - {name: box, backend: openai, detector: none, params: {model: x},\n"
+                        "     capabilities: {context_window: 8, max_output_tokens: 4}}\n")  # fmt: skip
+    assert plan_for(Registry.load([registry]).get("box")) is None  # its worker never asks, never leaves routing

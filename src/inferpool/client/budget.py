@@ -44,22 +44,27 @@ class BudgetGate:
             self._read_at = time.monotonic()
         return self._scopes
 
-    def wanted(self, chunk: TaskChunk, key_id: str | None) -> Wanted | None:
+    async def _budgeted_async(self, client: redis.asyncio.Redis) -> set[str]:
+        if time.monotonic() - self._read_at > REFRESH_S:
+            self._scopes = {decode_text(scope) for scope in await client.hkeys(BUDGETS_KEY)}
+            self._read_at = time.monotonic()
+        return self._scopes
+
+    def wanted(self, chunk: TaskChunk, key_id: str | None, budgeted: set[str]) -> Wanted | None:
         """What the chunk's request reserves (None: none of its scopes has a budget)."""
         item = chunk.items[0]
-        budgeted = self._budgeted()
         scopes = [scope for scope in scopes_of(item.tenant or DEFAULT_TENANT, key_id) if scope in budgeted]
         if not scopes:
             return None
         return scopes, max_cost_nanos(self._registry.get(chunk.model), item.request), single_hold(item.request_id)
 
     def reserve(self, chunk: TaskChunk, key_id: str | None) -> None:
-        wanted = self.wanted(chunk, key_id)
+        wanted = self.wanted(chunk, key_id, self._budgeted())
         if wanted is not None:
             _check(self._budgets.reserve([wanted], self._hold_ttl_s)[0])
 
     async def reserve_async(self, chunk: TaskChunk, key_id: str | None, client: redis.asyncio.Redis) -> None:
-        wanted = self.wanted(chunk, key_id)
+        wanted = self.wanted(chunk, key_id, await self._budgeted_async(client))
         if wanted is not None:
             self._async = self._async or AsyncBudgets(client)
             _check((await self._async.reserve([wanted], self._hold_ttl_s))[0])

@@ -528,10 +528,10 @@ class AsyncClient(ClientBase):
         return AsyncResultHandle(self, request_id)
 
     async def route_async(self, request: AnyRequest, allowed: Collection[str] | None = None) -> Route:
-        """``route`` without blocking the event loop: ``model: "auto"`` reads the pool's live view from Redis
-        (in a thread); a named model is resolved from the registry in memory. ``allowed``: the models "auto"
-        may choose."""
-        if request.model == AUTO_MODEL:
+        """``route`` without blocking the event loop: when it reads the pool's live view from Redis (``model:
+        "auto"``, or the live view is due for a refresh: the windows the engines accept), in a thread; else from
+        memory. ``allowed``: the models "auto" may choose."""
+        if request.model == AUTO_MODEL or self.router.needs_live_read():  # Redis is read: not on the loop
             return await asyncio.to_thread(self.router.route, request, allowed)
         return self.router.route(request)
 

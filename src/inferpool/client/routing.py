@@ -68,6 +68,12 @@ class Router:
         self._named: dict[str, Route] = {}  # requested name -> route before the per-request checks
         self._served: dict[tuple[str, int], ModelSpec] = {}  # (model, detected window) -> its spec as served
 
+    def needs_live_read(self) -> bool:
+        """Whether the next ``route`` reads the pool's live view from Redis (it is older than ``cache_s``): an
+        asyncio caller then routes in a thread, so its event loop never waits on Redis."""
+        return self._load_reader is not None and (self._live is None or
+                                                  time.monotonic() - self._live_at > self._cache_s)  # fmt: skip
+
     def attach_live_view(self, load_reader: LoadReader, latency_reader: Callable[[], Mapping[str, float]]) -> None:
         """Let ``model: "auto"`` see live workers, load and latency (a client does this once connected)."""
         self._load_reader, self._latency_reader = load_reader, latency_reader

@@ -33,6 +33,13 @@ def load_detector(ref: str) -> Detector:
     return result
 
 
+#: A registry entry's ``detector: none``: never detect this model (its registry values stand, it never leaves routing
+#: for a models list that does not name it, e.g. a server that lists aliases differently).
+NO_DETECTOR = "none"
+
+
 def detector_name(backend: str, named: str | None) -> str | None:
     """The detector of a model (its own ``detector``, else its backend's default; None: nothing to detect)."""
+    if named == NO_DETECTOR:
+        return None
     return named or DEFAULT_DETECTORS.get(backend)

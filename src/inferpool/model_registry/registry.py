@@ -87,7 +87,7 @@ def _with_provider(spec: ModelSpec, providers: dict[str, ProviderSpec]) -> Model
 
 def _check_detector(spec: ModelSpec) -> None:
     """A detector named by a registry entry must resolve now, not when a worker first detects."""
-    if spec.detector is None:
+    if spec.detector is None or spec.detector == "none":  # detection.plugins.NO_DETECTOR
         return
     try:
         load_plugin(DETECTOR_ENTRY_POINT_GROUP, spec.detector, "detector", allow_path=True)

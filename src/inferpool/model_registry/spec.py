@@ -255,7 +255,8 @@ class ModelSpec(BaseModel):
         default=None,
         description="What finds its real capabilities (inferpool models detect, and its workers at start): an "
         "inferpool.detectors entry point (openai, anthropic, ollama, checkpoint) or an import path "
-        "'package.module:Class'. Default: its backend's (openai, anthropic, checkpoint for local engines).",
+        "'package.module:Class'; none: never. Default: its backend's (openai, anthropic, checkpoint for local "
+        "engines).",
     )
     detected: DetectedFrom | None = Field(default=None, description="Which fields were detected, by what, when.")
     memory_gb: float | None = Field(

@@ -24,6 +24,7 @@ from celery import Celery
 
 from inferpool._exceptions import InvalidRequest, ProviderError, RequestError
 from inferpool.constants import (
+    BUDGET_EXCEEDED_CODE,
     CANCELLED_CODE,
     DEFAULT_TENANT,
     EXPIRED_CODE,
@@ -99,6 +100,10 @@ def _is_token_count(value: object) -> bool:
 def _valid_usage(generation: Generation | Embeddings) -> bool:
     """Token counts a provider reported are non-negative integers (a compatible server may send anything)."""
     return _is_token_count(generation.prompt_tokens) and _is_token_count(generation.completion_tokens)
+
+
+#: Errors of requests stopped before an answer: their time is not a latency ("fastest" routing, the histograms).
+_NOT_ANSWERED_CODES = frozenset({STREAM_CANCELLED_CODE, CANCELLED_CODE, EXPIRED_CODE, BUDGET_EXCEEDED_CODE})
 
 
 class WorkerRuntime:
@@ -314,6 +319,8 @@ class WorkerRuntime:
                                     attempts=outcome.attempts)  # fmt: skip
         if isinstance(outcome, RequestError):
             data["error"] = {"code": outcome.code, "message": outcome.message}
+            if outcome.code in _NOT_ANSWERED_CODES:  # no answer was timed: it must not make the model look fast
+                measured = None
             payload = pydantic_core.to_json(data)
             return ResultRecord(item.request_id, False, 0, 0, 0.0, measured, payload, tenant, outcome.attempts)
         pricing = self.spec.pricing
