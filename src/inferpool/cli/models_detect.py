@@ -21,7 +21,6 @@ from inferpool.cli._common import load_settings, make_console
 from inferpool.detection.base import CAPABILITY_FIELDS, INFO_FIELDS, Detection, Target
 from inferpool.detection.compare import FieldComparison, compare, with_detection
 from inferpool.detection.plugins import load_detector
-from inferpool.detection.registry_file import update_registry_file
 from inferpool.detection.targets import plan_for
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import Capabilities, ModelSpec
@@ -213,6 +212,8 @@ def _write(path: Path, rows: list[_Row], base_url: str | None) -> None:
             skipped.append(f"{row.model} (its source does not say its context window; add it by hand)")
         else:
             specs.append(with_detection(_new_spec(row.found, base_url), row.found))
+    from inferpool.detection.registry_file import update_registry_file  # ruamel.yaml: only when writing
+
     done = update_registry_file(path, specs) if specs else []
     for line in done:
         click.echo(f"wrote {path}: {line}", err=True)

@@ -11,7 +11,7 @@ from inferpool._exceptions import InferpoolError
 from inferpool.cli._common import load_settings, make_console
 from inferpool.model_registry.registry import Registry
 from inferpool.plumbing.redis_connection import connect_redis
-from inferpool.state.budgets import NANOS, Budget, Budgets, TenantWeights
+from inferpool.state.budgets import Budget, Budgets, TenantWeights
 from inferpool.state.heartbeats import count_live_workers_many
 from inferpool.state.jobs import JobStore
 from inferpool.wire import check_tenant
@@ -36,13 +36,9 @@ def tenants(ctx: click.Context, as_json: bool) -> None:
         return
     store = _budgets(ctx)
     weights = TenantWeights(connect_redis(load_settings(ctx).require_redis_url())).all()
-    rows: list[dict[str, object]] = []
-    for scope, budget in sorted(store.all().items()):
-        spent, held = store.spend(scope, budget)
-        rows.append({"scope": scope, "budget_usd": budget.usd, "window": budget.window, "spent_usd": spent / NANOS,
-                     "held_usd": held / NANOS, "left_usd": max(0, budget.nanos - spent - held) / NANOS,
-                     "weight": weights.get(scope.removeprefix("tenant:"), 1.0) if scope.startswith("tenant:")
-                     else None})  # fmt: skip
+    rows: list[dict[str, object]] = [
+        {**row, "weight": weights.get(row["scope"].removeprefix("tenant:"), 1.0)
+         if row["scope"].startswith("tenant:") else None} for row in store.standing()]  # fmt: skip
     budgeted = {row["scope"] for row in rows}
     rows += [{"scope": f"tenant:{tenant}", "weight": weight} for tenant, weight in sorted(weights.items())
              if f"tenant:{tenant}" not in budgeted]  # fmt: skip

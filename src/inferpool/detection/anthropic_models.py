@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from inferpool.detection.base import Detection, Target, detection, missing, require_url
+from inferpool.detection.base import Detection, Target, detection, missing, server_root
 from inferpool.detection.http import expect, optional_int, request_json
 
 API_VERSION = "2023-06-01"
@@ -30,7 +30,7 @@ class AnthropicModelsDetector:
         return headers
 
     def list_models(self, target: Target) -> list[Detection]:
-        base = _api_root(require_url(target, self.name))
+        base = server_root(target, self.name)
         found: dict[str, Detection] = {}
         after = ""
         for _ in range(_MAX_PAGES):
@@ -48,7 +48,7 @@ class AnthropicModelsDetector:
         return list(found.values())
 
     def detect(self, target: Target, model: str) -> Detection:
-        base = _api_root(require_url(target, self.name))
+        base = server_root(target, self.name)
         url = f"{base}/v1/models/{quote(model, safe='')}"
         entry = request_json(url, headers=self._headers(target), timeout_s=target.timeout_s, missing_ok=True)
         if entry is None:
@@ -69,8 +69,3 @@ class AnthropicModelsDetector:
                 if isinstance(flag, dict) and isinstance(flag.get("supported"), bool):
                     fields[ours] = flag["supported"]
         return detection(self.name, base, model_id, **fields)
-
-
-def _api_root(base_url: str) -> str:
-    """Anthropic's SDK takes ``https://api.anthropic.com`` (no ``/v1``); accept both."""
-    return base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url

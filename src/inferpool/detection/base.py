@@ -124,3 +124,10 @@ def require_url(target: Target, detector: str) -> str:
     if not target.base_url:
         raise DetectionError(f"detector {detector!r} needs a base URL (the model's params.base_url or --base-url)")
     return target.base_url.rstrip("/")
+
+
+def server_root(target: Target, detector: str) -> str:
+    """The server's root for APIs that do not live under ``/v1`` (Anthropic's SDK, Ollama): the base URL given
+    with or without its OpenAI-style ``/v1``."""
+    url = require_url(target, detector)
+    return url.removesuffix("/v1")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from inferpool.detection.base import Detection, Target, detection, missing, require_url
+from inferpool.detection.base import Detection, Target, detection, missing, server_root
 from inferpool.detection.http import expect, optional_int, request_json
 
 _NUM_CTX = re.compile(r"^\s*num_ctx\s+(\d{1,12})\s*$", re.MULTILINE)
@@ -25,7 +25,7 @@ class OllamaDetector:
     name = "ollama"
 
     def list_models(self, target: Target) -> list[Detection]:
-        root = _root(require_url(target, self.name))
+        root = server_root(target, self.name)
         url = f"{root}/api/tags"
         body = expect(request_json(url, timeout_s=target.timeout_s), dict, f"{url}'s answer")
         entries = expect(body.get("models"), list, f"{url}'s 'models'")
@@ -33,7 +33,7 @@ class OllamaDetector:
         return [self.detect(target, name) for name in names[:_MAX_MODELS] if isinstance(name, str) and name]
 
     def detect(self, target: Target, model: str) -> Detection:
-        root = _root(require_url(target, self.name))
+        root = server_root(target, self.name)
         url = f"{root}/api/show"
         body = request_json(url, body={"model": model}, timeout_s=target.timeout_s, missing_ok=True)
         if body is None:
@@ -63,7 +63,3 @@ def _fields(body: dict[str, Any]) -> dict[str, Any]:
         if "embedding" not in served:
             fields["embedding_dimensions"] = None
     return {name: value for name, value in fields.items() if value is not None}
-
-
-def _root(base_url: str) -> str:
-    return base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url

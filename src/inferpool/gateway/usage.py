@@ -21,7 +21,7 @@ from starlette.routing import Route
 from inferpool.gateway.common import Gateway, gateway_of, list_limit
 from inferpool.gateway.errors import HTTPError
 from inferpool.gateway.key_limits import Caller
-from inferpool.state.budgets import NANOS, Budgets, scopes_of
+from inferpool.state.budgets import Budgets, scopes_of
 from inferpool.state.usage import read_usage
 from inferpool.wire import ModelUsage
 
@@ -110,17 +110,7 @@ async def costs(request: Request) -> Response:
 
 
 def _budgets(gateway: Gateway, caller: Caller) -> list[dict[str, Any]]:
-    store = Budgets(gateway.jobs.redis)
-    configured = store.all()
-    out = []
-    for scope in scopes_of(caller.tenant, caller.key_id):
-        budget = configured.get(scope)
-        if budget is None:
-            continue
-        spent, held = store.spend(scope, budget)
-        out.append({"scope": scope, "budget_usd": budget.usd, "window": budget.window, "spent_usd": spent / NANOS,
-                    "held_usd": held / NANOS, "left_usd": max(0, budget.nanos - spent - held) / NANOS})  # fmt: skip
-    return out
+    return Budgets(gateway.jobs.redis).standing(scopes_of(caller.tenant, caller.key_id))
 
 
 routes = [

@@ -40,7 +40,7 @@ from inferpool.residency.budget import (
     record_swap_seconds,
 )
 from inferpool.residency.manager import Loaded, ResidentModels
-from inferpool.state.availability import mark_available, mark_unavailable
+from inferpool.state.availability import mark_unavailable, publish_availability
 from inferpool.state.heartbeats import beat, withdraw
 from inferpool.state.items import held_by
 from inferpool.state.jobs import error_result_of_record
@@ -161,10 +161,7 @@ class _Announcer:
         if self._stop.is_set():
             return
         try:
-            if available:
-                mark_available(self.redis, name)
-            else:
-                withdraw(self.redis, name, self.worker_id)
+            publish_availability(self.redis, name, self.worker_id, available)
             self.beat()
         except redis.RedisError as exc:
             log.warning("could not publish model %s's availability: %s", name, exc)

@@ -10,6 +10,7 @@ from typing import Any
 import redis
 
 from inferpool.constants import model_availability_key
+from inferpool.state.heartbeats import withdraw
 
 
 def mark_unavailable(client: redis.Redis, model: str, record: dict[str, Any], ttl_s: int) -> None:
@@ -19,6 +20,15 @@ def mark_unavailable(client: redis.Redis, model: str, record: dict[str, Any], tt
 
 def mark_available(client: redis.Redis, model: str) -> None:
     client.delete(model_availability_key(model))
+
+
+def publish_availability(client: redis.Redis, model: str, worker_id: str, available: bool) -> None:
+    """A worker's detection flipped: available again clears the record (its next beat rejoins routing);
+    unavailable ends its heartbeat at once (its beats then renew only the record of why)."""
+    if available:
+        mark_available(client, model)
+    else:
+        withdraw(client, model, worker_id)
 
 
 def read_unavailable(client: redis.Redis, models: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -18,7 +18,6 @@ too much is held only until the request's answer is written.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import re
 import time
@@ -31,14 +30,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from inferpool._exceptions import ConfigurationError
 from inferpool.constants import BUDGETS_KEY, KEY_PREFIX, TENANT_WEIGHTS_KEY, hold_key, job_costs_key, job_holds_key
+from inferpool.plumbing.redis_connection import decode_text
 
 #: Nano-USD per USD: spend is counted in integers, so sums are exact whatever the order.
 NANOS = 1_000_000_000
 SPEND_PREFIX = f"{KEY_PREFIX}spend:"
 BudgetWindow = Literal["day", "month", "none"]
 _BUDGET_TEXT = re.compile(r"^\s*\$?(\d+(?:\.\d+)?)\s*(?:/\s*(day|month|none))?\s*$")
-#: How long a window's spend is kept after it ends (for ``inferpool tenants`` and audits).
-_KEEP_S = {"day": 3 * 86400, "month": 70 * 86400, "none": 0}
+#: How long a window's spend key lives after a reservation: the window, then days more for audits.
+_DAY_KEY_TTL_S = 4 * 86400
+_MONTH_KEY_TTL_S = 101 * 86400
 
 
 class Budget(BaseModel):
@@ -148,10 +149,10 @@ for i = 5, #ARGV, 3 do
       for _, k in ipairs(keys) do
         redis.call('HINCRBY', k[1], 'held', hold)
         if k[2] == 'day' then redis.call('EXPIRE', k[1], """
-    + str(_KEEP_S["day"] + 86400)
+    + str(_DAY_KEY_TTL_S)
     + """)
         elseif k[2] == 'month' then redis.call('EXPIRE', k[1], """
-    + str(_KEEP_S["month"] + 31 * 86400)
+    + str(_MONTH_KEY_TTL_S)
     + """) end
         hold = hold .. '|' .. k[1]
       end
@@ -202,7 +203,7 @@ def _answers(raw: Any, requests: Sequence[tuple[Sequence[str], int, str]]) -> li
     """Per request: its hold ('' if nothing was reserved) or the ``Refused``."""
     out: list[str | Refused] = []
     for answer, (_scopes, amount, _rid) in zip(raw, requests, strict=True):
-        text = answer.decode() if isinstance(answer, bytes) else str(answer)
+        text = decode_text(answer)
         if text.startswith("!"):
             scope, budget, spent, held = text[1:].rsplit("|", 3)
             out.append(Refused(scope=scope, budget_nanos=int(budget), spent_nanos=int(spent), held_nanos=int(held),
@@ -227,8 +228,20 @@ class Budgets:
             self._redis.hset(BUDGETS_KEY, scope, budget.model_dump_json())
 
     def all(self) -> dict[str, Budget]:
-        return {(k.decode() if isinstance(k, bytes) else str(k)): Budget.model_validate_json(v)
-                for k, v in self._redis.hgetall(BUDGETS_KEY).items()}  # fmt: skip
+        return {decode_text(k): Budget.model_validate_json(v) for k, v in self._redis.hgetall(BUDGETS_KEY).items()}
+
+    def standing(self, scopes: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Where each budget stands this window (of ``scopes``, or all), in USD: what ``inferpool tenants``, the
+        gateway's costs answer and audits show."""
+        configured = self.all()
+        rows = []
+        for scope in sorted(configured) if scopes is None else [s for s in scopes if s in configured]:
+            budget = configured[scope]
+            spent, held = self.spend(scope, budget)
+            left = max(0, budget.nanos - spent - held)
+            rows.append({"scope": scope, "budget_usd": budget.usd, "window": budget.window, "spent_usd": spent / NANOS,
+                         "held_usd": held / NANOS, "left_usd": left / NANOS})  # fmt: skip
+        return rows
 
     def spend(self, scope: str, budget: Budget) -> tuple[int, int]:
         """(spent, held) of ``scope`` in its current window, in nano-USD."""
@@ -260,7 +273,7 @@ def _line_cost(stored: bytes | str | None, batch_price: bool) -> int:
     """A line's stored most-possible cost ('REALTIME' or 'REALTIME,BATCH'); the real-time one when no batch one."""
     if not stored:
         return 0
-    parts = (stored.decode() if isinstance(stored, bytes) else stored).split(",")
+    parts = decode_text(stored).split(",")
     return int(parts[1] if batch_price and len(parts) > 1 else parts[0])
 
 
@@ -320,8 +333,7 @@ class TenantWeights:
             self._redis.hset(TENANT_WEIGHTS_KEY, tenant, repr(float(weight)))
 
     def all(self) -> dict[str, float]:
-        return {(k.decode() if isinstance(k, bytes) else str(k)): float(v)
-                for k, v in self._redis.hgetall(TENANT_WEIGHTS_KEY).items()}  # fmt: skip
+        return {decode_text(k): float(v) for k, v in self._redis.hgetall(TENANT_WEIGHTS_KEY).items()}
 
     def read(self) -> dict[str, float]:
         now = time.monotonic()
@@ -334,8 +346,3 @@ def scopes_of(tenant: str | None, key_id: str | None = None) -> list[str]:
     """The scopes a request's spend counts against."""
     scopes = [f"tenant:{tenant}"] if tenant else []
     return scopes + ([f"key:{key_id}"] if key_id else [])
-
-
-def budget_config(raw: bytes | str) -> dict[str, Any]:
-    value: dict[str, Any] = json.loads(raw)
-    return value

@@ -16,6 +16,7 @@ import redis
 import redis.asyncio
 
 from inferpool.constants import key_limit_keys
+from inferpool.plumbing.redis_connection import decode_text
 
 WINDOW_MS = 60_000
 
@@ -90,7 +91,7 @@ def _refusal(answer: Any) -> Refusal | None:
     admitted, which, wait_ms = answer
     if int(admitted):
         return None
-    return Refusal(which.decode() if isinstance(which, bytes) else str(which), int(wait_ms))
+    return Refusal(decode_text(which), int(wait_ms))
 
 
 class KeyLimitStore:

@@ -36,7 +36,7 @@ from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import BatchApiSpec, ModelSpec
 from inferpool.plumbing.redis_connection import decode_text
 from inferpool.plumbing.settings import Settings
-from inferpool.state.availability import mark_available, mark_unavailable
+from inferpool.state.availability import mark_unavailable, publish_availability
 from inferpool.state.heartbeats import beat, withdraw
 from inferpool.state.items import held_by, item_from_record
 from inferpool.state.results import ResultRecord, ResultWriter
@@ -407,12 +407,8 @@ class WorkerRuntime:
         if self._stop.is_set():
             return
         try:
-            if available:
-                mark_available(self.redis, self.spec.name)
-                self._beat()
-            else:
-                withdraw(self.redis, self.spec.name, self.worker_id)
-                self._beat()
+            publish_availability(self.redis, self.spec.name, self.worker_id, available)
+            self._beat()
         except redis.RedisError as exc:
             log.warning("could not publish model %s's availability: %s", self.spec.name, exc)
 
