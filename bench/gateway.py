@@ -266,7 +266,6 @@ def main() -> None:
                                           workdir / "gateway.log", env)  # fmt: skip
         try:
             import redis
-
             from inferpool.gateway.keys import ApiKeys
 
             key, _ = ApiKeys(redis.Redis.from_url(server.url)).create("bench")

@@ -157,6 +157,39 @@ def tenant_jobs_key(tenant: str) -> str:
 #: Sorted set of the jobs the scheduler still has to drive (not yet in a final state).
 JOBS_ACTIVE_KEY = f"{KEY_PREFIX}jobs:active"
 
+#: Sorted set of the pipelines the scheduler still drives (inferpool.pipelines), scored by creation time.
+PIPELINES_ACTIVE_KEY = f"{KEY_PREFIX}pipelines:active"
+#: Sorted set of every pipeline id, scored by creation time (``pipeline list``).
+PIPELINES_INDEX_KEY = f"{KEY_PREFIX}pipelines"
+
+
+def pipeline_key(pipeline_id: str) -> str:
+    """Hash of a pipeline: status, its file (JSON), rows loaded, and per step its job, the stream position its
+    driver has read to, and counters (``lines:``, ``decided:``, ``skipped:``, ``blocked:`` + step name)."""
+    return f"{KEY_PREFIX}pipeline:{pipeline_id}"
+
+
+def pipeline_rows_key(pipeline_id: str) -> str:
+    """Hash row number -> the row's columns (JSON): what later steps are rendered with."""
+    return f"{KEY_PREFIX}pipeline:{pipeline_id}:rows"
+
+
+def pipeline_marks_key(pipeline_id: str) -> str:
+    """Hash ``<row>:<step>`` -> what was decided for that row's step (its request id, or how it ended without
+    running), set once (``HSETNX``) in the script that queues the line: where "exactly once per step" lives."""
+    return f"{KEY_PREFIX}pipeline:{pipeline_id}:marks"
+
+
+def pipeline_outcomes_key(pipeline_id: str) -> str:
+    """Hash ``<row>:<step>`` -> the step's outcome for the row (answer, usage, finish reason, error; JSON)."""
+    return f"{KEY_PREFIX}pipeline:{pipeline_id}:outcomes"
+
+
+def pipeline_final_key(pipeline_id: str) -> str:
+    """List holding the pipeline's final status once it has one (waiters block on it, as on a job's)."""
+    return f"{KEY_PREFIX}pipeline:{pipeline_id}:final"
+
+
 #: Hash model -> requests of batch jobs dispatched to that model and not yet answered.
 MODEL_INFLIGHT_KEY = f"{KEY_PREFIX}inflight"
 
@@ -317,6 +350,10 @@ FAILED_CODE = "batch_failed"
 UNAVAILABLE_CODE = "provider_batch_unavailable"
 #: A request (or batch line) whose most possible cost does not fit its tenant's or key's spend budget.
 BUDGET_EXCEEDED_CODE = "budget_exceeded"
+#: A pipeline step not run for a row because a step it uses failed for that row.
+UPSTREAM_FAILED_CODE = "upstream_failed"
+#: A pipeline step not run for a row because its ``when`` could not be evaluated, or its template rendered.
+TEMPLATE_ERROR_CODE = "template_error"
 #: A single request its client stopped reading or waiting for.
 STREAM_CANCELLED_CODE = "request_cancelled"
 #: A stream whose provider call was retried with a different text than the one already shown.

@@ -228,7 +228,7 @@ def run(ctx: click.Context, input_path: Path | None, template_path: Path | None,
     console = make_console(stderr=True)
     use_local = not settings.redis_url if local is None else local
     models = source.models(settings) if use_local else set()
-    with _redis_url(settings, use_local, models, console) as redis_url, \
+    with redis_url_for(settings, use_local, models, console) as redis_url, \
             Client(settings=settings.with_redis_url(redis_url)) as client:  # fmt: skip
         started = time.monotonic()
         job = source.create(client, priority, completion_window, cache, via, routing)
@@ -250,7 +250,7 @@ def run(ctx: click.Context, input_path: Path | None, template_path: Path | None,
 
 
 @contextlib.contextmanager
-def _redis_url(settings: Settings, local: bool, models: set[str], console: Console) -> Iterator[str]:
+def redis_url_for(settings: Settings, local: bool, models: set[str], console: Console) -> Iterator[str]:
     """The Redis URL to use: a fresh local pool's (stopped on exit), or the configured one."""
     if not local:
         yield settings.require_redis_url()

@@ -6,24 +6,31 @@ says what to fix, and ends up as an error line in the output.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 
 from inferpool._exceptions import RequestError
+from inferpool.affinity.prefix import group_key
 from inferpool.client.routing import Router
+from inferpool.constants import TEMPLATE_ERROR_CODE, split_adapter
+from inferpool.model_registry.costs import line_costs
 from inferpool.model_registry.spec import ModelSpec
+from inferpool.state.items import PendingRecord, item_json
 from inferpool.templates.prompt import UnrenderedRow
 from inferpool.wire import (
     CHAT_COMPLETIONS_URL,
     REQUEST_TYPES,
     AnyRequest,
     BatchInputLine,
+    ChatRequest,
     ErrorInfo,
     InferenceRequest,
     describe_validation_error,
     load_json,
+    new_id,
     supported_urls_text,
 )
 
@@ -73,7 +80,7 @@ class BatchLineParser:
             if isinstance(raw, UnrenderedRow):
                 if raw.custom_id is not None:
                     self._seen.setdefault(raw.custom_id, number)
-                yield RejectedLine(number, raw.custom_id, ErrorInfo(code="template_error", message=raw.message))
+                yield RejectedLine(number, raw.custom_id, ErrorInfo(code=TEMPLATE_ERROR_CODE, message=raw.message))
             elif raw and not raw.isspace():  # not ``raw.strip()``: that copies every line to test for blanks
                 yield self.parse_line(number, raw)
 
@@ -90,6 +97,20 @@ class BatchLineParser:
             return self._parse_bad_line(number, raw)  # a body of another kind than its url: said exactly there
         refused = self._refuse_id_or_url(number, line.custom_id, line.url)
         return refused or self._route(number, line.custom_id, line.body)
+
+    def parse_body(self, number: int, custom_id: str, body: Mapping[str, Any]) -> ParsedLine:
+        """A chat body made by a template (a pipeline step's), validated and routed. No custom_id bookkeeping (a
+        resumed pipeline renders a row again) and no ``line N:`` in messages: the caller says where it is."""
+        try:
+            request = ChatRequest.model_validate(body)
+        except ValidationError as exc:
+            return RejectedLine(number, custom_id, ErrorInfo(code="invalid_request",
+                                                             message=describe_validation_error(exc)))  # fmt: skip
+        parsed = self._route(number, custom_id, request)
+        if isinstance(parsed, RejectedLine):
+            message = parsed.error.message.removeprefix(f"line {number}: ")
+            return RejectedLine(number, custom_id, ErrorInfo(code=parsed.error.code, message=message))
+        return parsed
 
     def _parse_bad_line(self, number: int, raw: str | bytes) -> ParsedLine:
         data, problem = load_json(raw)
@@ -147,5 +168,44 @@ class BatchLineParser:
         return AcceptedLine(number, custom_id, request, route.spec, route.warnings)
 
 
+def pending_record(
+    parsed: AcceptedLine,
+    *,
+    number: float,
+    tenant: str | None,
+    routing: str | None = None,
+    cache: bool | None = None,
+    costed: bool = False,
+) -> PendingRecord:
+    """An accepted line as a request ready to queue: a new request id, the item its worker reads, its place in the
+    model's pending set (``number``, or its prefix group key under prefix routing: a document's questions wait
+    together), and the most it can cost when its job has a budget."""
+    request = parsed.request
+    if cache is not None and request.cache is None:
+        request = request.model_copy(update={"cache": cache})
+    model = split_adapter(request.model)[0]
+    record = item_json(request, parsed.custom_id, tenant, list(parsed.warnings) or None)
+    score = group_key(request) if (routing or parsed.spec.routing) == "prefix" else number
+    cost = line_costs(parsed.spec, request) if costed else ""
+    return PendingRecord(new_id("req"), model, model.encode() + b"|" + record, score, cost)
+
+
 def _reject(number: int, code: str, message: str, custom_id: str | None = None) -> RejectedLine:
     return RejectedLine(number, custom_id, ErrorInfo(code=code, message=f"line {number}: {message}"))
+
+
+class BodyLines:
+    """Request bodies a template made (a pipeline step's, for a row) as lines ready to queue, or the error that
+    stops each: what ``inferpool.pipelines.plan.RowPlanner`` is given to make lines (it never imports the client)."""
+
+    def __init__(self, router: Router, *, tenant: str | None, costed: bool,
+                 allowed: Collection[str] | None = None) -> None:  # fmt: skip
+        self._parser = BatchLineParser(router, allowed=allowed)
+        self._tenant = tenant
+        self._costed = costed
+
+    def __call__(self, row: int, body: Mapping[str, Any]) -> PendingRecord | ErrorInfo:
+        parsed = self._parser.parse_body(row, str(row), body)
+        if isinstance(parsed, RejectedLine):
+            return parsed.error
+        return pending_record(parsed, number=row, tenant=self._tenant, costed=self._costed)

@@ -23,16 +23,14 @@ from typing import Any, BinaryIO, get_args
 import redis
 
 from inferpool._exceptions import BatchRefused, JobNotFound, ResultTimeout
-from inferpool.affinity.prefix import group_key
-from inferpool.client.batch_lines import AcceptedLine, BatchLineParser
+from inferpool.client.batch_lines import AcceptedLine, BatchLineParser, pending_record
 from inferpool.client.keys import KeyGate
 from inferpool.client.routing import Router
-from inferpool.constants import DEFAULT_TENANT, split_adapter
-from inferpool.model_registry.costs import line_costs
+from inferpool.constants import DEFAULT_TENANT
 from inferpool.model_registry.spec import Routing
 from inferpool.plumbing.settings import Settings
 from inferpool.state.budgets import Budgets, scopes_of
-from inferpool.state.items import PendingRecord, item_json
+from inferpool.state.items import PendingRecord
 from inferpool.state.jobs import JobStore, NewJob
 from inferpool.templates.prompt import CUSTOM_ID_METADATA, PromptTemplate, UnrenderedRow, load_template
 from inferpool.templates.rows import read_rows
@@ -163,20 +161,31 @@ class Batches:
         """
         settings = self._settings
         options = self._options(priority, completion_window, metadata, tenant, input_file_id, cache, via, routing)
-        if self._key_gate is not None:
-            allowed_models = allowed_models if allowed_models is not None else self._key_gate.allowed()
-            key_id = key_id or self._key_gate.info.key_id
-        allowed = frozenset(allowed_models) if allowed_models is not None else None
-        budgeted = self._budgets.all()  # the scopes with a budget now: the job's lines reserve against these
-        scopes = tuple(scope for scope in scopes_of(tenant or settings.tenant or DEFAULT_TENANT, key_id)
-                       if scope in budgeted)  # fmt: skip
-        options = dataclasses.replace(options, endpoint=endpoint, allowed_models=allowed, budget_scopes=scopes)
+        options = self._with_key(options, endpoint, allowed_models, key_id)
         if isinstance(source, str | os.PathLike):
             path = Path(source)
             _check_file(path, settings.batch_max_bytes, settings.batch_max_lines)
             with path.open("rb") as handle:
                 return self._create(handle, options)
         return self._create(_source_lines(source), options)
+
+    def job_options(self, *, priority: int = 0, completion_window: str = "24h", metadata: Mapping[str, str] | None
+                    = None, tenant: str | None = None, via: Via = "auto") -> NewJob:  # fmt: skip
+        """What a new job of this client is created with (its key's models and the budgets its lines reserve
+        against included): ``BatchRefused`` for a bad window or path. Pipelines create their steps' jobs so."""
+        options = self._options(priority, completion_window, metadata, tenant, None, None, via)
+        return self._with_key(options, None, None, None)
+
+    def _with_key(self, options: NewJob, endpoint: str | None, allowed_models: Collection[str] | None,
+                  key_id: str | None) -> NewJob:  # fmt: skip
+        if self._key_gate is not None:
+            allowed_models = allowed_models if allowed_models is not None else self._key_gate.allowed()
+            key_id = key_id or self._key_gate.info.key_id
+        allowed = frozenset(allowed_models) if allowed_models is not None else None
+        budgeted = self._budgets.all()  # the scopes with a budget now: the job's lines reserve against these
+        scopes = tuple(scope for scope in scopes_of(options.tenant or self._settings.tenant or DEFAULT_TENANT, key_id)
+                       if scope in budgeted)  # fmt: skip
+        return dataclasses.replace(options, endpoint=endpoint, allowed_models=allowed, budget_scopes=scopes)
 
     def _options(self, priority: int, completion_window: str, metadata: Mapping[str, str] | None,
                  tenant: str | None, input_file_id: str | None, cache: bool | None, via: Via,
@@ -258,17 +267,9 @@ class Batches:
                 raise BatchRefused(f"batch {job_id} refused: more than {settings.batch_max_lines} lines; split the "
                                    "input into several jobs")  # fmt: skip
             if isinstance(parsed, AcceptedLine):
-                request = parsed.request
-                if options.cache is not None and request.cache is None:
-                    request = request.model_copy(update={"cache": options.cache})
-                model = split_adapter(request.model)[0]
-                record = item_json(request, parsed.custom_id, tenant or self._tenant_for(request),
-                                   list(parsed.warnings) or None)  # fmt: skip
-                # Under prefix routing a line waits grouped with the lines that share its prompt prefix.
-                prefix = (options.routing or parsed.spec.routing) == "prefix"
-                score = group_key(request) if prefix else total
-                cost = line_costs(parsed.spec, request) if options.budget_scopes else ""
-                pending.append(PendingRecord(new_id("req"), model, model.encode() + b"|" + record, score, cost))
+                pending.append(pending_record(parsed, number=total, tenant=tenant or self._tenant_for(parsed.request),
+                                              routing=options.routing, cache=options.cache,
+                                              costed=bool(options.budget_scopes)))  # fmt: skip
                 models.add(parsed.spec.name)
             else:
                 rejected.append(RequestResult(request_id=new_id("req"), custom_id=parsed.custom_id, job_id=job_id,

@@ -25,6 +25,7 @@ from inferpool.client._base import (
 )
 from inferpool.client.batches import AsyncBatches, Batches
 from inferpool.client.budget import BudgetGate
+from inferpool.client.pipelines import AsyncPipelines, Pipelines
 from inferpool.client.routing import Route
 from inferpool.constants import Priority, result_key, result_notify_key, stream_key
 from inferpool.model_registry.registry import Registry
@@ -187,6 +188,7 @@ class Client(ClientBase):
         self.use_key(self.redis, api_key)
         self.attach_live_view(self.redis)
         self.batches = Batches(self.redis, self.settings, self.router, self.tenant_for, self.key_gate)
+        self.pipelines = Pipelines(self.redis, self.batches, self.router, self.settings.result_ttl_s)
         self.dead_letters = DeadLetters(self.redis, self.settings.result_ttl_s)
         self.budget_gate = BudgetGate(self.registry, self.redis, self.settings.result_ttl_s)
 
@@ -391,8 +393,9 @@ class AsyncClient(ClientBase):
         # Batch job calls run the sync implementation in threads, on a sync connection pool of their own.
         self._sync_redis = redis_from_url(self.redis_url, socket_connect_timeout=5)
         self.use_key(self._sync_redis, api_key)
-        self.batches = AsyncBatches(Batches(self._sync_redis, self.settings, self.router, self.tenant_for,
-                                            self.key_gate))  # fmt: skip
+        batches = Batches(self._sync_redis, self.settings, self.router, self.tenant_for, self.key_gate)
+        self.batches = AsyncBatches(batches)
+        self.pipelines = AsyncPipelines(Pipelines(self._sync_redis, batches, self.router, self.settings.result_ttl_s))
         self.attach_live_view(self._sync_redis)
         self.budget_gate = BudgetGate(self.registry, self._sync_redis, self.settings.result_ttl_s)
 

@@ -32,9 +32,12 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from inferpool._exceptions import ModelNotFound
+from inferpool.client.batch_lines import BodyLines
+from inferpool.client.routing import Router
 from inferpool.constants import BUDGET_EXCEEDED_CODE, CANCELLED_CODE, EXPIRED_CODE, JOBS_ACTIVE_KEY, Priority, job_key
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
+from inferpool.pipelines.driver import PipelineDriver
 from inferpool.plumbing.celery_app import publish_chunk_json
 from inferpool.plumbing.settings import Settings
 from inferpool.provider_batch.planner import ProviderBatchPlanner
@@ -128,6 +131,10 @@ class Scheduler:
         self.budgets = Budgets(client)
         self.weights = TenantWeights(client)
         self.fair_share = FairShare(self.weights.read)
+        router = Router(registry)  # pipelines' later steps are routed here, as an upload's lines are in the client
+        self.pipelines = PipelineDriver(
+            client, settings.result_ttl_s, lambda tenant, costed: BodyLines(router, tenant=tenant, costed=costed)
+        )
         # Items taken into flight whose publishing failed (broker down): published first on the next tick.
         self._unsent: list[tuple[str, ModelSpec, list[str], bool, str | None]] = []
 
@@ -232,6 +239,8 @@ class Scheduler:
             raise
         except Exception:
             log.exception("scheduler: publishing provider batch steps failed; trying again next tick")
+        # Pipelines' answers decide their rows' next lines, dispatched from the next tick (which comes at once).
+        dispatched += self.pipelines.drive()
         return dispatched
 
     def _resend_stale(self, job: _JobView) -> int:

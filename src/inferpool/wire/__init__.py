@@ -9,6 +9,7 @@ files), and only those. ``client`` and ``workers`` never import each other: both
 - ``tasks``: what Celery carries (chunks of items);
 - ``batch_lines``: OpenAI Batch JSONL input and output lines;
 - ``jobs``: a batch job as clients see it (status, counts, the path chosen per model);
+- ``pipelines``: a pipeline's status, its steps' progress, a row's outcome per step;
 - ``usage``: usage rows; ``provider_batches``: a provider batch's record (``batch status`` shows it);
 - ``via``: the path a request takes (real time or a provider's Batch API);
 - ``ids``: the random ids everything carries; ``parsing``: JSON and validation errors from any input.
@@ -43,6 +44,7 @@ from inferpool.wire.ids import TENANT_NAME, check_tenant, new_id, random_hex
 from inferpool.wire.jobs import BatchJob, JobStatus, RequestCounts
 from inferpool.wire.kinds import REQUEST_TYPES, SUPPORTED_URLS, AnyRequest, InferenceRequest, supported_urls_text
 from inferpool.wire.parsing import describe_validation_error, load_json
+from inferpool.wire.pipelines import PipelineRow, PipelineRun, PipelineStatus, StepOutcome, StepProgress
 from inferpool.wire.provider_batches import PBatchState, ProviderBatch
 from inferpool.wire.requests import (
     AUTO_MODEL,
@@ -120,6 +122,9 @@ __all__ = [
     "JobStatus",
     "ModelUsage",
     "PBatchState",
+    "PipelineRow",
+    "PipelineRun",
+    "PipelineStatus",
     "PromptTokensDetails",
     "ProviderBatch",
     "RequestCounts",
@@ -128,6 +133,8 @@ __all__ = [
     "RoutingHints",
     "ServedVia",
     "ServingStats",
+    "StepOutcome",
+    "StepProgress",
     "StreamOptions",
     "TaskChunk",
     "TaskItem",

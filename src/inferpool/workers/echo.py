@@ -1,6 +1,7 @@
 """The echo backend: deterministic answers with no model, for tests and benchmarks.
 
-It answers ``echo: <text of the last user message>`` (a text completion: ``echo: <prompt>``). A token is a
+It answers ``echo: <text of the last user message>`` (a text completion: ``echo: <prompt>``; asked for JSON,
+``{"echo": <text>}``). A token is a
 whitespace-separated word, both for the prompt (all messages) and the answer, so usage is exact and predictable.
 Embeddings are unit vectors drawn from a generator seeded by the input (equal inputs, equal vectors, in any
 process), of the registry's ``embeddings.dimensions``; a token-id input counts its ids as tokens. Parameters (registry
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 import random
 import time
@@ -42,8 +44,15 @@ class EchoParams(BaseModel):
 
 
 def echo_answer(request: ChatRequest | CompletionRequest) -> str:
-    """The full answer the echo backend gives to ``request`` before ``max_tokens`` and stops apply."""
-    return f"echo: {_last_user_text(request)}"
+    """The full answer the echo backend gives to ``request`` before ``max_tokens`` and stops apply: a chat
+    request that asks for JSON (``response_format`` ``json_object`` or ``json_schema``) gets ``{"echo": text}``."""
+    text = _last_user_text(request)
+    return json.dumps({"echo": text}, ensure_ascii=False) if _asks_json(request) else f"echo: {text}"
+
+
+def _asks_json(request: ChatRequest | CompletionRequest) -> bool:
+    response_format = (request.response_format if isinstance(request, ChatRequest) else None) or {}
+    return response_format.get("type") in ("json_object", "json_schema")
 
 
 def echo_vector(item: str | list[int], dimensions: int) -> list[float]:
@@ -171,6 +180,8 @@ class EchoBackend:
         if len(words) > limit:
             words, finish = words[:limit], "length"
         text = " ".join(words)
+        if _asks_json(request) and finish == "stop":  # a JSON answer whole, or the words cut as any answer
+            text = echo_answer(request)
         for stop in request.stop_sequences():
             cut = text.find(stop)
             if cut != -1:
