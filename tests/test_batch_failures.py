@@ -149,3 +149,39 @@ def test_lost_chunks_are_resent_after_the_stale_limit() -> None:
         assert client.redis.hlen(job_items_key(job.id)) > 0
         pool.workers[0] = start_worker_process("echo-slow", pool.redis_url, pool.workdir / "worker-2.log", env=env)
         _assert_exactly_once(client, job.id)
+
+
+def test_a_pipeline_through_killed_schedulers_and_a_killed_worker(pool: LocalPool) -> None:
+    """The pipeline driver lives in the scheduler: killed while rows flow between steps (and a worker with it),
+    every row's every step still runs once and the pipeline completes."""
+    assert pool.scheduler is not None
+    rows = 300
+    steps = [{"name": f"s{n}", "model": "echo-slow", "params": {"max_tokens": 64},
+              "messages": [{"role": "user", "content": f"s{n} {{{{ {source} }}}}"}]}
+             for n, source in enumerate(["text", "steps.s0.answer", "steps.s1.answer"])]  # fmt: skip
+    with Client(pool.redis_url) as client:
+        run = client.pipelines.create({"steps": steps}, [{"text": f"r{i}"} for i in range(rows)])
+        deadline = time.monotonic() + 120
+        while client.pipelines.retrieve(run.id).steps[1].settled < 30:
+            assert time.monotonic() < deadline, "the pipeline made no progress"
+            time.sleep(0.02)
+        assert client.pipelines.retrieve(run.id).steps[2].settled < rows
+        for _ in range(3):  # the driver dies between reading results and deciding rows, at some point
+            os.killpg(pool.scheduler.proc.pid, signal.SIGKILL)
+            pool.scheduler.proc.wait(timeout=10)
+            pool.scheduler = start_scheduler_process(pool.redis_url, pool.workdir / "scheduler-p.log", POOL_ENV)
+            time.sleep(1.5)
+        os.killpg(pool.workers[0].proc.pid, signal.SIGKILL)
+        pool.workers[0].proc.wait(timeout=10)
+        pool.workers[0] = start_worker_process("echo-slow", pool.redis_url, pool.workdir / "worker-p.log", env=POOL_ENV)
+        final = client.pipelines.wait(run.id, timeout=240, poll_s=0.2)
+        assert final.status.value == "completed"
+        for step in final.steps:
+            job = client.batches.retrieve(step.job_id)
+            assert job.request_counts.model_dump() == {"total": rows, "completed": rows, "failed": 0}
+            ids = [r.custom_id for r in client.batches.request_results(step.job_id)]
+            assert Counter(ids) == Counter(str(n) for n in range(1, rows + 1))  # each row's step answered once
+        for row in client.pipelines.results(run.id):
+            last = row.steps["s2"]
+            assert last is not None
+            assert last.answer == f"echo: s2 echo: s1 echo: s0 r{row.row_number - 1}"

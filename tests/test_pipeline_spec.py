@@ -12,7 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from inferpool import TemplateError
+from inferpool.client.batch_lines import BodyLines
+from inferpool.client.routing import Router
+from inferpool.model_registry import Registry
+from inferpool.pipelines.plan import RowPlanner
 from inferpool.pipelines.spec import load_pipeline
+from inferpool.wire import StepOutcome
 
 TRANSLATE = {"name": "translate", "model": "smollm2-135m", "params": {"temperature": 0, "max_tokens": 64},
              "messages": [{"role": "user", "content": "Translate to French: {{ text }}"}]}  # fmt: skip
@@ -88,3 +93,31 @@ def test_pipeline_validate_prints_the_order_or_the_place_of_the_error(tmp_path: 
                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert bad.returncode == 1
     assert "step 'translate' uses text, which the rows do not have (columns: title)" in bad.stderr
+
+
+_ANY_TEXT = st.text(alphabet=st.characters(codec=None, categories=None), max_size=40)  # surrogates, controls
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=_ANY_TEXT, answer=st.one_of(st.none(), _ANY_TEXT), model=_ANY_TEXT)
+def test_any_row_and_answer_text_is_a_line_or_an_error_for_that_row(text: str, answer: str | None,
+                                                                    model: str) -> None:  # fmt: skip
+    """Rows and earlier answers are data: whatever text they hold, a step is queued or ends with a clear error."""
+    pipeline, order = load_pipeline({"steps": [
+        {"name": "a", "model": "echo", "messages": [{"role": "user", "content": "{{ text }}"}]},
+        {"name": "b", "model": "{{ model }}", "when": "steps.a.answer != 'x'",
+         "messages": [{"role": "user", "content": "{{ steps.a.answer }} / {{ text | upper }}"}]},
+    ]}, ["text", "model"])  # fmt: skip
+    planner = RowPlanner(pipeline, order, {"a": "job-a", "b": "job-b"},
+                         BodyLines(Router(Registry.load()), tenant=None, costed=True))  # fmt: skip
+    columns = {"text": text, "model": model}
+    first = planner.plan(1, columns, {}, set())
+    assert [d.step for d in first] == ["a"]
+    second = planner.plan(1, columns, {"a": StepOutcome(answer=answer)}, {"a"})
+    assert [d.step for d in second] == ["b"]
+    decision = second[0]
+    if decision.line is None:
+        ended = StepOutcome.model_validate_json(decision.outcome)
+        assert ended.skipped or (ended.error is not None and ended.error.message)
+    else:
+        assert decision.line.record.startswith(decision.line.model.encode() + b"|")

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from inferpool import Client, Settings
-from inferpool._exceptions import BatchRefused
+from inferpool import AsyncClient, Client, Settings
+from inferpool._exceptions import BatchRefused, RequestError, TemplateError
 from inferpool.cli import main
+from inferpool.client.chains import ChainResult
 from inferpool.plumbing.local_pool import WorkerProcess
 from inferpool.wire import PipelineStatus, StepOutcome
 from tests.conftest import _start_workers, _stop_workers, wait_until
@@ -183,3 +184,41 @@ def test_the_pipeline_commands(settings: Settings, tmp_path: Path) -> None:
     first = json.loads(jsonl.read_text().splitlines()[0])
     assert first["row"] == {"text": "hello"}
     assert first["steps"]["extract"]["json"] == {"echo": "Extract: echo: Translate: hello"}
+
+
+def test_a_chain_for_one_input_whole_and_streamed(client: Client) -> None:
+    steps = _three_steps()["steps"]
+    result = client.chain(steps, {"text": "bonjour"})
+    assert isinstance(result, ChainResult)
+    assert result.answer == "echo: Judge Extract: echo: Translate: bonjour against bonjour (3 tokens)"
+    extract = result.steps["extract"]
+    assert extract is not None
+    assert extract.json_value == {"echo": "Extract: echo: Translate: bonjour"}
+    skipped = client.chain(steps, {"text": "skip this"})
+    assert isinstance(skipped, ChainResult)
+    assert skipped.answer is None
+    assert skipped.steps["judge"] == StepOutcome(skipped=True)
+    chunks = list(client.chain(steps, {"text": "bonjour"}, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == result.answer
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # it came in pieces
+    with pytest.raises(RequestError, match="was skipped"):
+        list(client.chain(steps, {"text": "skip this"}, stream=True))
+    with pytest.raises(TemplateError, match="uses text, which the rows do not have"):
+        client.chain(steps, {"nope": "no text column"})
+
+
+async def test_the_async_chain(async_client: AsyncClient) -> None:
+    steps = _three_steps()["steps"]
+    result = await async_client.chain(steps, {"text": "hallo"})
+    assert result.answer == "echo: Judge Extract: echo: Translate: hallo against hallo (3 tokens)"
+    chunks = [chunk async for chunk in async_client.chain_stream(steps, {"text": "hallo"})]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == result.answer
+    run = await async_client.pipelines.create({"steps": steps[:1]}, [{"text": "a"}, {"text": "b"}])
+    final = await async_client.pipelines.wait(run.id, timeout=TIMEOUT_S)
+    assert final.status is PipelineStatus.COMPLETED
+    rows = await async_client.pipelines.results(run.id)
+    assert [r.steps["translate"].answer for r in rows if r.steps["translate"]] == [
+        "echo: Translate: a",
+        "echo: Translate: b",
+    ]

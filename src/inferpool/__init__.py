@@ -22,7 +22,8 @@ from inferpool._exceptions import (
     ResultTimeout,
     TemplateError,
 )
-from inferpool.client import AsyncClient, AsyncResultHandle, Batches, Client, ResultHandle
+from inferpool.client import AsyncClient, AsyncResultHandle, Batches, Client, Pipelines, ResultHandle
+from inferpool.client.chains import ChainResult
 from inferpool.constants import Priority
 from inferpool.model_registry import ModelSpec, Registry
 from inferpool.plumbing.settings import Settings
@@ -34,7 +35,11 @@ from inferpool.wire import (
     ChatMessage,
     ChatRequest,
     JobStatus,
+    PipelineRow,
+    PipelineRun,
+    PipelineStatus,
     RequestResult,
+    StepOutcome,
 )
 
 __version__ = "0.1.0"
@@ -49,6 +54,7 @@ __all__ = [
     "Batches",
     "BudgetExceeded",
     "CapabilityMismatch",
+    "ChainResult",
     "ChatCompletion",
     "ChatMessage",
     "ChatRequest",
@@ -64,6 +70,10 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFound",
     "ModelSpec",
+    "PipelineRow",
+    "PipelineRun",
+    "PipelineStatus",
+    "Pipelines",
     "PoolStartError",
     "Priority",
     "ProviderError",
@@ -76,6 +86,7 @@ __all__ = [
     "ResultHandle",
     "ResultTimeout",
     "Settings",
+    "StepOutcome",
     "TemplateError",
     "__version__",
 ]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 from inferpool._exceptions import RequestError
 from inferpool.affinity.prefix import group_key
@@ -208,4 +209,8 @@ class BodyLines:
         parsed = self._parser.parse_body(row, str(row), body)
         if isinstance(parsed, RejectedLine):
             return parsed.error
-        return pending_record(parsed, number=row, tenant=self._tenant, costed=self._costed)
+        try:
+            return pending_record(parsed, number=row, tenant=self._tenant, costed=self._costed)
+        except PydanticSerializationError:  # text no JSON can carry: a lone surrogate from a row or an answer
+            return ErrorInfo(code="invalid_request", message="the rendered request holds text that is not valid "
+                             "Unicode (a lone surrogate); clean that row's data")  # fmt: skip

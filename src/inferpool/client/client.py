@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import AsyncIterator, Collection, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar, overload
+from typing import Any, Literal, Self, overload
 
 import redis
 import redis.asyncio
 
-from inferpool._exceptions import InvalidRequest, ProviderError, ResultTimeout, request_error_from_code
+from inferpool._exceptions import InvalidRequest, ResultTimeout
 from inferpool.client._base import (
     ClientBase,
     MessagesLike,
@@ -25,6 +25,15 @@ from inferpool.client._base import (
 )
 from inferpool.client.batches import AsyncBatches, Batches
 from inferpool.client.budget import BudgetGate
+from inferpool.client.chains import (
+    ChainResult,
+    ChainSteps,
+    run_chain,
+    run_chain_async,
+    stream_chain,
+    stream_chain_async,
+)
+from inferpool.client.handles import AsyncResultHandle, ResultHandle, completion_or_raise, expect
 from inferpool.client.pipelines import AsyncPipelines, Pipelines
 from inferpool.client.routing import Route
 from inferpool.constants import Priority, result_key, result_notify_key, stream_key
@@ -33,7 +42,7 @@ from inferpool.plumbing.redis_connection import connect_redis, connect_redis_asy
 from inferpool.plumbing.settings import Settings
 from inferpool.state.dead_letters import DeadLetters, retry_lines
 from inferpool.state.results import parse_result
-from inferpool.state.streams import READ_SLICE_S, StreamAssembler, ask_to_stop, ask_to_stop_async
+from inferpool.state.streams import READ_SLICE_S, StreamAssembler
 from inferpool.state.usage import read_usage
 from inferpool.wire import (
     AUTO_MODEL,
@@ -48,34 +57,14 @@ from inferpool.wire import (
     EmbeddingRequest,
     ModelUsage,
     RequestResult,
-    Response,
     as_completion_chunk,
 )
 
-_R = TypeVar("_R", ChatCompletion, Completion, EmbeddingList)
 PromptLike = str | list[str]
 EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 
 #: Longest single blocking wait; waiters re-check the result key at least this often.
 _WAIT_SLICE_S = 1.0
-
-
-def completion_or_raise(result: RequestResult) -> Response:
-    """The result's answer (embeddings in the format their request asked for), or the ``RequestError`` the worker
-    reported."""
-    if isinstance(result.response, EmbeddingList):
-        return result.response.as_requested()
-    if result.response is not None:
-        return result.response
-    assert result.error is not None  # RequestResult guarantees exactly one of the two
-    raise request_error_from_code(result.error.code, result.error.message)
-
-
-def expect(response: Response, kind: type[_R]) -> _R:
-    """``response`` as the object its request's kind answers with (a mismatch is a worker's bug, said so)."""
-    if not isinstance(response, kind):
-        raise ProviderError(f"expected a {kind.__name__} answer, got {type(response).__name__}")
-    return response
 
 
 def _completion_body(model: str, prompt: PromptLike, stream: bool, params: dict[str, Any]) -> AnyRequest:
@@ -111,64 +100,6 @@ def _streamed_result(request_id: str, raw: bytes | str | None) -> RequestResult:
     if raw is None:  # its stream ended, so it was written: the retention must have run out meanwhile
         raise ResultTimeout(f"the result of request {request_id} is gone (its retention ended)")
     return parse_result(raw)
-
-
-class ResultHandle:
-    """A submitted request. ``result()`` waits for it; the handle can be recreated from ``request_id``."""
-
-    def __init__(self, client: Client, request_id: str) -> None:
-        self._client = client
-        self.request_id = request_id
-
-    def done(self) -> bool:
-        return bool(self._client.redis.exists(result_key(self.request_id)))
-
-    def result(self, timeout: float | None = None) -> RequestResult:
-        return self._client.wait_result(self.request_id, timeout)
-
-    def completion(self, timeout: float | None = None) -> Response:
-        """The answer (a ``ChatCompletion``, ``Completion`` or ``EmbeddingList``, as the request's kind), or the
-        request's error raised as an ``InferpoolError``."""
-        return completion_or_raise(self.result(timeout))
-
-    def stream(self, timeout: float | None = None) -> Iterator[ChatCompletionChunk]:
-        """The answer as ``chat.completion.chunk`` objects while it is generated (a request submitted with
-        ``stream: true``), from the start, from any process; the last chunk carries usage. The request's
-        error is raised after the chunks shown. Without ``stream: true`` the whole answer comes at the end."""
-        return self._client.read_stream(self.request_id, timeout)
-
-    def stop(self) -> None:
-        """Ask the worker to stop generating a streamed request nobody reads any more (where its backend can:
-        echo, vLLM, the API providers). The request still ends with one result: ``request_cancelled``."""
-        ask_to_stop(self._client.redis, self.request_id, self._client.settings.result_ttl_s)
-
-
-class AsyncResultHandle:
-    """The asyncio twin of ``ResultHandle``; ``await handle`` waits with no time limit."""
-
-    def __init__(self, client: AsyncClient, request_id: str) -> None:
-        self._client = client
-        self.request_id = request_id
-
-    async def done(self) -> bool:
-        return bool(await self._client.redis.exists(result_key(self.request_id)))
-
-    async def result(self, timeout: float | None = None) -> RequestResult:
-        return await self._client.wait_result(self.request_id, timeout)
-
-    async def completion(self, timeout: float | None = None) -> Response:
-        return completion_or_raise(await self.result(timeout))
-
-    def stream(self, timeout: float | None = None) -> AsyncIterator[ChatCompletionChunk]:
-        """``ResultHandle.stream``, as an async iterator."""
-        return self._client.read_stream(self.request_id, timeout)
-
-    async def stop(self) -> None:
-        """``ResultHandle.stop``."""
-        await ask_to_stop_async(self._client.redis, self.request_id, self._client.settings.result_ttl_s)
-
-    def __await__(self) -> Generator[Any, None, RequestResult]:
-        return self.result().__await__()
 
 
 class Client(ClientBase):
@@ -303,6 +234,22 @@ class Client(ClientBase):
         them all as floats. Errors are raised."""
         handle = self.submit(_embedding_body(model, input, params), priority=priority)
         return expect(handle.completion(timeout), EmbeddingList)
+
+    @overload
+    def chain(self, steps: ChainSteps, inputs: Mapping[str, Any], *, stream: Literal[True],
+              timeout: float | None = None) -> Iterator[ChatCompletionChunk]: ...  # fmt: skip
+
+    @overload
+    def chain(self, steps: ChainSteps, inputs: Mapping[str, Any], *, stream: Literal[False] = False,
+              timeout: float | None = None) -> ChainResult: ...  # fmt: skip
+
+    def chain(self, steps: ChainSteps, inputs: Mapping[str, Any], *, stream: bool = False,
+              timeout: float | None = None) -> ChainResult | Iterator[ChatCompletionChunk]:  # fmt: skip
+        """Run ``steps`` (a pipeline's: ``inferpool.client.chains``) for one input, as single requests; with
+        ``stream=True``, the last step's chunks once the steps before it are answered."""
+        if stream:
+            return stream_chain(self, steps, inputs, timeout=timeout)
+        return run_chain(self, steps, inputs, timeout=timeout)
 
     def retry_dead_letters(self, ids: Sequence[str] | None = None, *, model: str | None = None) -> BatchJob:
         """Send dead letters again as a new batch job (all of them, or those with ``ids``), optionally to
@@ -526,6 +473,15 @@ class AsyncClient(ClientBase):
         """``Client.embed``."""
         handle = await self.submit(_embedding_body(model, input, params), priority=priority)
         return expect(await handle.completion(timeout), EmbeddingList)
+
+    async def chain(self, steps: ChainSteps, inputs: Mapping[str, Any], *,
+                    timeout: float | None = None) -> ChainResult:  # fmt: skip
+        """``Client.chain`` (``stream_chain`` for the last step's chunks: ``chain_stream``)."""
+        return await run_chain_async(self, steps, inputs, timeout=timeout)
+
+    def chain_stream(self, steps: ChainSteps, inputs: Mapping[str, Any], *,
+                     timeout: float | None = None) -> AsyncIterator[ChatCompletionChunk]:  # fmt: skip
+        return stream_chain_async(self, steps, inputs, timeout=timeout)
 
     def handle(self, request_id: str) -> AsyncResultHandle:
         return AsyncResultHandle(self, request_id)

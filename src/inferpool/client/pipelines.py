@@ -50,6 +50,17 @@ def _rows(rows: RowSource) -> Iterator[Mapping[str, Any] | Exception]:
         yield from (dict(row) for row in rows)
 
 
+def _row_json(columns: Mapping[str, Any]) -> str:
+    """A row's columns as JSON (values JSON cannot hold, such as dates, as text); escaped where its text is not
+    valid Unicode (a lone surrogate), so Redis can store it."""
+    text = json.dumps(columns, ensure_ascii=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(columns, default=str)
+    return text
+
+
 class Pipelines:
     """Pipelines through one client's Redis. Reached as ``client.pipelines``."""
 
@@ -116,8 +127,7 @@ class Pipelines:
         for row in rows:
             count += 1
             columns = row if isinstance(row, Exception) else dict(row)
-            page[count] = json.dumps({} if isinstance(columns, Exception) else columns, ensure_ascii=False,
-                                     default=str)  # fmt: skip
+            page[count] = _row_json({} if isinstance(columns, Exception) else columns)
             decisions += planner.plan(count, columns, {}, set())
             if len(page) >= _FLUSH_ROWS:
                 self._flush(pipeline_id, page, decisions)

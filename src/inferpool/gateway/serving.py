@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from inferpool._exceptions import RequestError, ResultTimeout, request_error_from_code
 from inferpool.client._base import build_request
-from inferpool.client.client import AsyncResultHandle
+from inferpool.client.handles import AsyncResultHandle
 from inferpool.gateway.common import gateway_of, off_loop_for, parse_json_object, read_body
 from inferpool.gateway.errors import HTTPError, error_body, request_error_status
 from inferpool.gateway.key_limits import Ticket
