@@ -161,3 +161,42 @@ def test_a_redis_restart_mid_window_loses_no_spend() -> None:
         assert held == 0
         assert spent <= budget.nanos
         assert {r.error.code for r in results if r.error} <= {"budget_exceeded"}
+
+
+def test_a_pipeline_spends_within_its_tenants_budget(
+    redis_url: str, session_dir: Path, scheduler: object, redis_client: redis.Redis, settings: Settings
+) -> None:
+    """Each (row, step) line reserves against the tenant's budget when dispatched, as any batch line: spend stays
+    within it and equals the outcomes' costs; a row refused at its first step does not run its second."""
+    tenant, budget = "pipeline-team", Budget(usd=0.6, window="day")
+    budgets = Budgets(redis_client)
+    budgets.set(f"tenant:{tenant}", budget)
+    worker = start_worker_process("echo-priced", redis_url, session_dir / "worker-priced-pipeline.log")
+    try:
+        wait_for_workers(redis_client, [worker], 120)
+        steps = [{"name": "first", "model": "echo-priced", "max_tokens": 8, "messages": ask("first {{ text }}")},
+                 {"name": "second", "model": "echo-priced", "max_tokens": 8,
+                  "messages": ask("second {{ steps.first.answer }}")}]  # fmt: skip
+        with Client(settings=settings.model_copy(update={"tenant": tenant})) as client:
+            run = client.pipelines.create({"steps": steps}, [{"text": f"r{i}"} for i in range(40)])
+            final = client.pipelines.wait(run.id, timeout=180)
+            assert final.status.value == "completed"
+            rows = list(client.pipelines.results(run.id))
+        outcomes = [o for row in rows for o in row.steps.values() if o is not None]
+        spent, held = budgets.spend(f"tenant:{tenant}", budget)
+        assert spent <= to_nanos(0.6)
+        assert held == 0
+        assert spent == sum(to_nanos(o.cost_usd) for o in outcomes if o.error is None)
+        refused_first = [row for row in rows if row.steps["first"] and row.steps["first"].error]
+        assert refused_first, "the budget should bite"
+        for row in refused_first:
+            first, second = row.steps["first"], row.steps["second"]
+            assert first is not None
+            assert first.error is not None
+            assert first.error.code == "budget_exceeded"
+            assert second is not None
+            assert second.error is not None
+            assert second.error.code == "upstream_failed"
+    finally:
+        stop_process(worker.proc, grace_s=30)
+        budgets.set(f"tenant:{tenant}", None)

@@ -404,3 +404,41 @@ def test_a_budgeted_tenants_lines_reserve_at_the_batch_price(pool: LocalPool) ->
     assert spent == sum(to_nanos(r.stats.cost_usd) for r in answered if r.stats is not None)
     assert spent <= budget.nanos
     assert held == 0
+
+
+def test_a_pipeline_step_through_a_batch_api_and_the_next_in_real_time(
+    pool_client: Client, batch_emulator: ProviderEmulator
+) -> None:
+    """A step with ``via: provider-batch`` goes to the provider's Batch API at its price (once every row reached
+    it: batches are formed whole); the step after it runs in real time as the answers come back."""
+    before = _created(batch_emulator)
+    steps = [
+        {"name": "draft", "model": "emu-gpt-batch", "via": "provider-batch",
+         "messages": [{"role": "user", "content": "question {{ text }}"}]},
+        {"name": "check", "model": "emu-claude-batch",
+         "messages": [{"role": "user", "content": "check {{ steps.draft.answer }}"}]},
+    ]  # fmt: skip
+    run = pool_client.pipelines.create({"steps": steps}, [{"text": f"p{i}"} for i in range(30)])
+    final = pool_client.pipelines.wait(run.id, timeout=180, poll_s=0.2)
+    assert final.status.value == "completed"
+    assert [(s.completed, s.failed) for s in final.steps] == [(30, 0), (30, 0)]
+    after = _created(batch_emulator)
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 0)  # the check step never went to a batch
+    jobs = pool_client.pipelines.jobs(run.id)
+    assert jobs["draft"].paths["emu-gpt-batch"].via == "provider-batch"
+    assert jobs["check"].via == "realtime"
+    registry = Registry.from_settings(PoolSettings())
+    spec = registry.get("emu-gpt-batch")
+    assert spec.batch_api is not None
+    for row in pool_client.pipelines.results(run.id):
+        draft, check = row.steps["draft"], row.steps["check"]
+        assert draft is not None
+        assert check is not None
+        assert draft.answer is not None
+        assert f"question {row.row['text']}" in draft.answer
+        assert draft.usage is not None
+        batch_price = spec.batch_api.price(spec.pricing)
+        assert draft.cost_usd == pytest.approx(batch_price.cost(draft.usage.prompt_tokens,
+                                                                draft.usage.completion_tokens))  # fmt: skip
+        assert check.answer is not None
+        assert draft.answer in check.answer

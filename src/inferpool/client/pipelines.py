@@ -110,7 +110,7 @@ class Pipelines:
         for name in order:
             job_id = new_id("batch")
             metadata = {**job_options.metadata, PIPELINE_METADATA: pipeline_id, STEP_METADATA: name}
-            via = spec.step(name).via or "auto"
+            via = spec.step(name).via or "realtime"  # rows flow unless a step asks for a provider's Batch API
             self._jobs.create(job_id, dataclasses.replace(job_options, metadata=metadata, via=via))
             jobs[name] = job_id
         costed = bool(job_options.budget_scopes)

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from inferpool._exceptions import TemplateError
 from inferpool.templates.prompt import PromptTemplate
+from inferpool.wire import VIA_CHOICES
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 #: What a step's templates may read of an earlier step.
@@ -52,13 +53,22 @@ class PipelineStep(PromptTemplate):
     name: str = Field(description="How later steps refer to it: steps.<name>.answer.")
     when: str | None = Field(default=None, description="A Jinja expression; false (or an error) skips the row.")
     after: list[str] = Field(default_factory=list, description="Steps to wait for besides those its templates name.")
-    via: str | None = Field(default=None, description="auto, realtime or provider-batch, as for batch jobs.")
+    via: str | None = Field(default=None, description="realtime (the default: rows flow) or provider-batch (the "
+                            "provider's Batch API at its price: the step's lines go once every row reached it), or "
+                            "auto, as for batch jobs.")  # fmt: skip
 
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
         if not _NAME.match(value):
             raise ValueError(f"{value!r} is not a step name (letters, digits and '_', not starting with a digit)")
+        return value
+
+    @field_validator("via")
+    @classmethod
+    def _valid_via(cls, value: str | None) -> str | None:
+        if value is not None and value not in VIA_CHOICES:
+            raise ValueError(f"via {value!r} is not one of {', '.join(VIA_CHOICES)}")
         return value
 
     def asks_json(self) -> bool:
