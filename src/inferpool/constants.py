@@ -118,6 +118,16 @@ def detected_windows_key(model_name: str) -> str:
     return f"{KEY_PREFIX}detected-window:{model_name}"
 
 
+def reply_list_key(client_id: str) -> str:
+    """List the results of a client's single requests are pushed onto (their JSON), as they are written: the
+    client's one listener pops them (``inferpool.client.replies``). Expires when no client drains it."""
+    return f"{KEY_PREFIX}replies:{client_id}"
+
+
+#: Seconds a reply list outlives its last push (a client that died leaves nothing behind for long).
+REPLY_LIST_TTL_S = 300
+
+
 def hold_key(request_id: str) -> str:
     """What a single request's budget reservation holds (``nanos|spend key...``), settled with its result."""
     return f"{KEY_PREFIX}hold:{request_id}"

@@ -7,6 +7,7 @@ result's own write (``inferpool.state.budgets``); a request that cannot be publi
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import redis
@@ -37,6 +38,7 @@ class BudgetGate:
         self._hold_ttl_s = hold_ttl_s
         self._scopes: set[str] = set()
         self._read_at = float("-inf")
+        self._reading: asyncio.Future[None] | None = None
 
     def _budgeted(self) -> set[str]:
         if time.monotonic() - self._read_at > REFRESH_S:
@@ -45,10 +47,21 @@ class BudgetGate:
         return self._scopes
 
     async def _budgeted_async(self, client: redis.asyncio.Redis) -> set[str]:
+        """One read at a time, however many requests come while it is under way: before the first read they all
+        wait for it; after it, they use the scopes known (at most ``REFRESH_S`` and a read old)."""
         if time.monotonic() - self._read_at > REFRESH_S:
-            self._scopes = {decode_text(scope) for scope in await client.hkeys(BUDGETS_KEY)}
-            self._read_at = time.monotonic()
+            reading = self._reading
+            if reading is None or reading.done() or reading.get_loop() is not asyncio.get_running_loop():
+                reading = self._reading = asyncio.ensure_future(self._read_async(client))
+                # A refresh nobody awaits may fail (Redis down): the next request tries again; no stray warning.
+                reading.add_done_callback(lambda done: done.cancelled() or done.exception())
+            if self._read_at == float("-inf"):
+                await asyncio.shield(reading)
         return self._scopes
+
+    async def _read_async(self, client: redis.asyncio.Redis) -> None:
+        self._scopes = {decode_text(scope) for scope in await client.hkeys(BUDGETS_KEY)}
+        self._read_at = time.monotonic()
 
     def wanted(self, chunk: TaskChunk, key_id: str | None, budgeted: set[str]) -> Wanted | None:
         """What the chunk's request reserves (None: none of its scopes has a budget)."""

@@ -33,8 +33,10 @@ from inferpool.client.chains import (
     stream_chain,
     stream_chain_async,
 )
+from inferpool.client.coalesce import Coalescer
 from inferpool.client.handles import AsyncResultHandle, ResultHandle, completion_or_raise, expect
 from inferpool.client.pipelines import AsyncPipelines, Pipelines
+from inferpool.client.replies import Replies
 from inferpool.client.routing import Route
 from inferpool.constants import Priority, result_key, result_notify_key, stream_key
 from inferpool.model_registry.registry import Registry
@@ -45,7 +47,6 @@ from inferpool.state.results import parse_result
 from inferpool.state.streams import READ_SLICE_S, StreamAssembler
 from inferpool.state.usage import read_usage
 from inferpool.wire import (
-    AUTO_MODEL,
     AnyRequest,
     BatchJob,
     ChatCompletion,
@@ -345,6 +346,10 @@ class AsyncClient(ClientBase):
         self.pipelines = AsyncPipelines(Pipelines(self._sync_redis, batches, self.router, self.settings.result_ttl_s))
         self.attach_live_view(self._sync_redis)
         self.budget_gate = BudgetGate(self.registry, self._sync_redis, self.settings.result_ttl_s)
+        # Requests published together while one publish is under way; their results come back on one list.
+        self.coalescer = Coalescer(self.publish, lambda model: self.registry.get(model).serving.chunk_size)
+        self.replies = Replies(self._ensure_connected)
+        self._live_refresh: asyncio.Future[None] | None = None
 
     @classmethod
     async def connect(
@@ -389,12 +394,20 @@ class AsyncClient(ClientBase):
         if self.key_gate is not None:
             await asyncio.to_thread(self.key_gate.admit, chunk.items[0].request, self.registry.get(chunk.model))
         await self.budget_gate.reserve_async(chunk, key_id or self.key_id(), self.redis)
+        item = chunk.items[0]
+        if not getattr(item.request, "stream", False):  # a stream is read from its output stream instead
+            item.reply_to = self.replies.client_id
+            self.replies.expect(item.request_id)
         try:
-            await asyncio.to_thread(self.publish, chunk)
+            if self.registry.get(chunk.model).routing == "prefix":
+                await asyncio.to_thread(self.publish, chunk)  # to the worker holding its prefix: alone
+            else:
+                await self.coalescer.publish(chunk)
         except BaseException:
+            self.replies.forget(item.request_id)
             await asyncio.to_thread(self.budget_gate.release, chunk)
             raise
-        return AsyncResultHandle(self, chunk.items[0].request_id)
+        return AsyncResultHandle(self, item.request_id)
 
     @overload
     async def chat(self, model: str, messages: MessagesLike, *, stream: Literal[True], timeout: float | None = None,
@@ -490,12 +503,20 @@ class AsyncClient(ClientBase):
         """``route`` without blocking the event loop: when it reads the pool's live view from Redis (``model:
         "auto"``, or the live view is due for a refresh: the windows the engines accept), in a thread; else from
         memory. ``allowed``: the models "auto" may choose."""
-        if request.model == AUTO_MODEL or self.router.needs_live_read():  # Redis is read: not on the loop
-            return await asyncio.to_thread(self.router.route, request, allowed)
-        return self.router.route(request)
+        if self.router.needs_live_read():  # Redis is read: not on the loop, and once for all who need it now
+            refresh = self._live_refresh
+            if refresh is None or refresh.done() or refresh.get_loop() is not asyncio.get_running_loop():
+                refresh = self._live_refresh = asyncio.ensure_future(asyncio.to_thread(self.router.refresh_live_view))
+            await asyncio.shield(refresh)
+        return self.router.route(request, allowed)
 
     async def wait_result(self, request_id: str, timeout: float | None = None) -> RequestResult:
         client = await self._ensure_connected()
+        if self.replies.expects(request_id):  # submitted here: its result comes on the client's reply list
+            try:
+                return await self.replies.wait(request_id, timeout)
+            except TimeoutError:
+                raise _timeout_error(request_id, timeout) from None
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             raw = await client.get(result_key(request_id))
@@ -527,6 +548,7 @@ class AsyncClient(ClientBase):
         completion_or_raise(result)
 
     async def aclose(self) -> None:
+        await self.replies.close()
         if self._redis is not None:
             await self._redis.aclose()
         self._sync_redis.close()

@@ -199,11 +199,16 @@ class Router:
         chosen = min(candidates, key=lambda spec: _preference(spec, hints, live))
         return Route(spec=chosen, queue=queue_name(chosen.name), model=chosen.name)
 
-    def _live_view(self, models: list[str]) -> _Live | None:
+    def refresh_live_view(self) -> None:
+        """Read the pool's live view now (blocking: an asyncio caller runs it in a thread, one at a time)."""
+        self._live_view([], force=True)
+
+    def _live_view(self, models: list[str], *, force: bool = False) -> _Live | None:
         if self._load_reader is None:
             return None
         now = time.monotonic()
-        if self._live is None or now - self._live_at > self._cache_s or any(m not in self._live.loads for m in models):
+        if force or self._live is None or now - self._live_at > self._cache_s or any(
+                m not in self._live.loads for m in models):  # fmt: skip
             names = [spec.name for spec in self.registry]
             loads = {load.model: load for load in self._load_reader(names)}
             latencies = self._latency_reader() if self._latency_reader is not None else {}

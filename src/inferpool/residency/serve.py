@@ -90,7 +90,9 @@ class ResidentServer:
             results = [RequestResult(request_id=item.request_id, custom_id=item.custom_id, job_id=chunk.job_id,
                                      tenant=item.tenant, error=ErrorInfo(code=MODEL_LOAD_ERROR_CODE, message=message))
                        for item in chunk.items]  # fmt: skip
-        flags = self.writer.write_many([(result, chunk.model) for result in results], chunk.result_ttl_s)
+        replies = {item.request_id: item.reply_to for item in chunk.items if item.reply_to}
+        flags = self.writer.write_many([(result, chunk.model) for result in results], chunk.result_ttl_s,
+                                       reply_to=replies)  # fmt: skip
         written = sum(flags)
         return ChunkReport(written, chunk.size - len(results), len(flags) - written, written)
 

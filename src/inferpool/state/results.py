@@ -15,6 +15,7 @@ Entries of the older format (``z1``: one result per entry) are still read.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,7 @@ from inferpool.constants import (
     DEFAULT_TENANT,
     MODEL_INFLIGHT_KEY,
     MODEL_LATENCY_KEY,
+    REPLY_LIST_TTL_S,
     STREAM_DONE,
     STREAM_MAX_ENTRIES,
     USAGE_RETENTION_S,
@@ -41,6 +43,7 @@ from inferpool.constants import (
     job_items_key,
     job_key,
     job_usage_key,
+    reply_list_key,
     result_key,
     stream_key,
     usage_day_key,
@@ -63,9 +66,11 @@ _WRITE_ONCE = (
 --       result: request_id TAB completed|failed TAB prompt_tokens TAB completion_tokens TAB cost TAB
 --       latency bucket TAB latency seconds TAB attempts TAB ttft bucket TAB ttft seconds TAB
 --       cached (1 or 0) TAB cost saved by the cache TAB prompt tokens found in the engine's prefix cache TAB
+--       the submitting client's reply list id ('' for none) TAB
 --       json (an empty bucket: not measured; the json is
 --       empty in the batch modes, where it is in the compressed results)
--- mode: '' a single request's result: its own key (SET NX), a wake-up for its waiter and, if the request is
+-- mode: '' a single request's result: its own key (SET NX), a wake-up for its waiter (the result pushed onto
+--       its client's reply list, or a mark on its own notify list) and, if the request is
 --       streamed (its output stream exists), the stream's last entry ('d'). 'job' a batch
 --       request's result: written only if the request's item is still in the job's items hash (it goes
 --       with the answer: that is what makes the write happen once); the call's results that were written
@@ -83,6 +88,11 @@ local stream_prefix, stream_cap, job_results = ARGV[7], ARGV[8], ARGV[9]
 local hold_prefix = '"""
     + hold_key("")
     + """'
+local reply_prefix, reply_ttl = '"""
+    + reply_list_key("")
+    + "', "
+    + str(REPLY_LIST_TTL_S)
+    + """
 local is_job = mode ~= ''
 local first = 10
 local function number(text, rid)
@@ -96,7 +106,7 @@ local records = {}
 for i = first, #ARGV do
   local record = ARGV[i]
   local fields, pos = {}, 1
-  for f = 1, 13 do
+  for f = 1, 14 do
     local tab = string.find(record, '\t', pos, true)
     if tab == nil then return error('inferpool: malformed result record at position ' .. (i - first)) end
     fields[f] = string.sub(record, pos, tab - 1)
@@ -111,6 +121,7 @@ for i = first, #ARGV do
   if fields[9] ~= '' then r.ttft_bucket, r.ttft = fields[9], number(fields[10], r.rid) end
   r.cached, r.saved = fields[11] == '1', number(fields[12], r.rid)
   r.prefix_cached = number(fields[13], r.rid)
+  r.reply = fields[14]
   records[#records + 1] = r
 end
 local skipped = {}
@@ -167,8 +178,13 @@ for i, r in ipairs(records) do
       ttft_sum = ttft_sum + r.ttft
     end
     if not is_job then
-      redis.call('RPUSH', prefix .. r.rid .. ':notify', '1')
-      redis.call('EXPIRE', prefix .. r.rid .. ':notify', ttl)
+      if r.reply ~= '' then
+        redis.call('RPUSH', reply_prefix .. r.reply, r.payload)
+        redis.call('EXPIRE', reply_prefix .. r.reply, reply_ttl)
+      else
+        redis.call('RPUSH', prefix .. r.rid .. ':notify', '1')
+        redis.call('EXPIRE', prefix .. r.rid .. ':notify', ttl)
+      end
       if redis.call('EXISTS', stream_prefix .. r.rid) == 1 then
         redis.call('XADD', stream_prefix .. r.rid, 'MAXLEN', '~', stream_cap, '*', '"""
     + STREAM_DONE
@@ -272,6 +288,7 @@ class ResultRecord:
     cached: bool = False
     saved_usd: float = 0.0
     prefix_cached_tokens: int = 0
+    reply_to: str = ""  # the submitting client's reply list id (a single request): its result is pushed there
 
     @classmethod
     def of(cls, result: RequestResult) -> ResultRecord:
@@ -301,7 +318,7 @@ class ResultRecord:
             f"{self.request_id}\t{'completed' if self.ok else 'failed'}\t{self.prompt_tokens}\t"
             f"{self.completion_tokens}\t{self.cost_usd!r}\t{bucket}\t{self.latency_s or 0.0!r}\t{self.attempts}\t"
             f"{ttft_bucket}\t{self.ttft_s or 0.0!r}\t{1 if self.cached else 0}\t{self.saved_usd!r}\t"
-            f"{self.prefix_cached_tokens}\t"
+            f"{self.prefix_cached_tokens}\t{self.reply_to}\t"
         ).encode()
         return head + self.payload if with_payload else head
 
@@ -326,14 +343,22 @@ class ResultWriter:
         return self.write_many([(result, model)], ttl_s)[0]
 
     def write_many(
-        self, results: Sequence[tuple[RequestResult, str | None]], ttl_s: int, *, new_lines: bool = False
+        self,
+        results: Sequence[tuple[RequestResult, str | None]],
+        ttl_s: int,
+        *,
+        new_lines: bool = False,
+        reply_to: Mapping[str, str] | None = None,
     ) -> list[bool]:
         """``write`` for many (result, model) pairs, in one round trip.
 
         ``new_lines``: batch lines settled before they were ever queued (refused while uploading): they
-        have no item, and are written as they are.
+        have no item, and are written as they are. ``reply_to``: request id -> its client's reply list id.
         """
-        records = [ResultRecord.of(result) for result, _ in results]
+        replies = reply_to or {}
+        records = [dataclasses.replace(record, reply_to=replies.get(record.request_id, ""))
+                   if record.request_id in replies else record
+                   for record in (ResultRecord.of(result) for result, _ in results)]  # fmt: skip
         keys = [
             (result.job_id or "", model or (result.stats.model if result.stats else NO_MODEL))
             for result, model in results

@@ -21,6 +21,9 @@ class TaskItem(BaseModel):
     request: InferenceRequest
     warnings: list[str] | None = None
     tried: list[str] | None = Field(default=None, description="Models that failed it before (fallbacks).")
+    reply_to: str | None = Field(default=None, description="The submitting client's reply list (a single request "
+                                 "it waits for): the result is pushed there, waking that client's one listener "
+                                 "instead of a waiter per request (inferpool.client.replies).")  # fmt: skip
 
     @property
     def served_model(self) -> str:

@@ -322,7 +322,8 @@ class WorkerRuntime:
             if outcome.code in _NOT_ANSWERED_CODES:  # no answer was timed: it must not make the model look fast
                 measured = None
             payload = pydantic_core.to_json(data)
-            return ResultRecord(item.request_id, False, 0, 0, 0.0, measured, payload, tenant, outcome.attempts)
+            return ResultRecord(item.request_id, False, 0, 0, 0.0, measured, payload, tenant, outcome.attempts,
+                                reply_to=item.reply_to or "")  # fmt: skip
         pricing = self.spec.pricing
         if provider_batch:
             pricing = (self.spec.batch_api or BatchApiSpec()).price(pricing)
@@ -339,7 +340,7 @@ class WorkerRuntime:
         payload = pydantic_core.to_json(data)
         return ResultRecord(item.request_id, True, outcome.prompt_tokens, outcome.completion_tokens, cost, measured,
                             payload, tenant, outcome.attempts, ttft, cached, saved,
-                            outcome.cached_prompt_tokens or 0)  # fmt: skip
+                            outcome.cached_prompt_tokens or 0, item.reply_to or "")  # fmt: skip
 
     def write_records(self, job_id: str, records: Sequence[ResultRecord], ttl_s: int) -> list[bool]:
         """Store results of this model's requests of ``job_id``, each once (see ``ResultWriter``)."""
