@@ -2,12 +2,16 @@
 
     python bench/gateway.py --requests 400 --json bench/results/gateway.json
     python bench/gateway.py --litellm-bin /tmp/litellm-venv/bin/litellm   # also a LiteLLM proxy
+    python bench/gateway.py --gateway-workers 2                           # uvicorn worker processes
 
-One private Redis, one echo worker, one gateway process (``inferpool gateway``, with an API key). At each
-concurrency (1, 16, 128) the same number of non-streaming chats go through ``AsyncClient.chat`` (direct)
-and through the gateway with the official ``openai`` SDK (``AsyncOpenAI``), alternating rounds so drift on
-a shared machine hits both. Prints requests/s, p50/p99 latency, the gateway's added p50 and the ratio of
-throughputs; then time to first streamed token (client sends -> first content delta) both ways.
+One private Redis, one echo worker, one gateway process (``inferpool gateway``, with an API key). First table
+(with ``wrk`` on PATH: Debian's ``wrk``): at 1, 16, 128 and 1,024 connections ``wrk`` (one thread, a Lua script
+for the POST body and key) sends non-streaming chats to the gateway for ``--seconds``, against ``AsyncClient.chat``
+directly at the same number in flight; ``wrk`` costs little, so the gateway, not the load generator, is what is
+measured. Second table: the same chats at 1, 16 and 128 through the official ``openai`` SDK (``AsyncOpenAI``)
+against the direct client, alternating rounds so drift on a shared machine hits both. Prints requests/s,
+p50/p99 latency, the gateway's added p50 and the ratio of throughputs; then time to first streamed token
+(client sends -> first content delta) both ways.
 
 ``--litellm-bin`` (the ``litellm`` command of a separate environment: ``pip install 'litellm[proxy]'``)
 adds a second table in front of the OpenAI emulator (its own process): direct client -> API-proxy worker
@@ -22,6 +26,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -101,6 +106,58 @@ async def measure_ttft(direct: Any, sdk: Any) -> dict[str, float]:
             "gateway_ms": await first_token_s(gateway_ttft, 20) * 1000}  # fmt: skip
 
 
+_WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("WRK_KEY")
+wrk.body = os.getenv("WRK_BODY")
+"""
+_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _wrk_ms(text: str) -> float:
+    number = text.rstrip("usm")
+    return float(number) * _WRK_UNITS[text[len(number) :]]
+
+
+def wrk_run(url: str, key: str, model: str, connections: int, seconds: float, workdir: Path) -> dict[str, float]:
+    """``wrk`` at ``connections`` for ``seconds`` (after a 2 s warm-up at the same load): requests/s, p50, p99."""
+    script = workdir / "chat.lua"
+    script.write_text(_WRK_SCRIPT)
+    env = {**os.environ, "WRK_KEY": key, "WRK_BODY": json.dumps({"model": model, "messages": MESSAGES})}
+    command = ["wrk", "-t1", f"-c{connections}", "--latency", "-s", str(script), f"{url}/chat/completions"]
+    subprocess.run([*command[:4], "-d2s", *command[4:]], env=env, capture_output=True, check=True)
+    out = subprocess.run([*command[:4], f"-d{seconds:g}s", *command[4:]], env=env, capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    figures = {"rps": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "errors": 0.0}
+    for line in out.splitlines():
+        words = line.split()
+        if line.startswith("Requests/sec:"):
+            figures["rps"] = float(words[1])
+        elif words[:1] == ["50%"]:
+            figures["p50_ms"] = _wrk_ms(words[1])
+        elif words[:1] == ["99%"]:
+            figures["p99_ms"] = _wrk_ms(words[1])
+        elif line.strip().startswith(("Non-2xx", "Socket errors")):
+            figures["errors"] += sum(int(w.strip(",")) for w in words if w.strip(",").isdigit())
+    return figures
+
+
+async def wrk_table(direct_call: Callable[[], Awaitable[None]], gateway_url: str, key: str, seconds: float,
+                    workdir: Path, litellm: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """The gateway under ``wrk`` against the direct client at the same number in flight."""
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    for concurrency in (1, 16, 128, 1024):
+        print(f"  wrk: {concurrency} connections ...", file=sys.stderr, flush=True)
+        direct = await run_load(direct_call, max(400, int(concurrency * 4)), concurrency)
+        gateway = await asyncio.to_thread(wrk_run, gateway_url, key, "echo", concurrency, seconds, workdir)
+        rows[str(concurrency)] = {"direct": direct, "gateway": gateway}
+        if litellm is not None:
+            rows[str(concurrency)]["litellm"] = await asyncio.to_thread(wrk_run, litellm, LITELLM_KEY, EMULATED,
+                                                                        concurrency, seconds, workdir)  # fmt: skip
+    return rows
+
+
 def openai_sdk(base_url: str, api_key: str) -> Any:
     import openai
 
@@ -144,7 +201,10 @@ async def bench(
 
         return {"direct": via_direct, "gateway": via_gateway}
 
-    figures: dict[str, object] = {"requests": args.requests, "load": await load_table(targets("echo"), args.requests)}
+    figures: dict[str, object] = {"requests": args.requests}
+    if shutil.which("wrk"):
+        figures["wrk"] = await wrk_table(targets("echo")["direct"], gateway, key, args.seconds, args.workdir)
+    figures["load"] = await load_table(targets("echo"), args.requests)
     if litellm is not None:
         proxy = openai_sdk(litellm, LITELLM_KEY)
 
@@ -175,7 +235,10 @@ def print_table(load: dict[str, dict[str, dict[str, float]]]) -> None:
 
 
 def report(figures: dict[str, Any]) -> None:
-    print("echo pool (direct client vs gateway):")
+    if "wrk" in figures:
+        print("echo pool, the gateway driven by wrk (direct client at the same number in flight):")
+        print_table(figures["wrk"])
+    print("echo pool (direct client vs gateway through the openai SDK):")
     print_table(figures["load"])
     if "emulator_load" in figures:
         print(f"OpenAI emulator behind each ({EMULATED}: API-proxy worker; LiteLLM proxy straight to the emulator):")
@@ -232,6 +295,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=400, help="requests per target and concurrency")
     parser.add_argument("--litellm-bin", default=None, help="the `litellm` command: also measure its proxy")
+    parser.add_argument("--seconds", type=float, default=8.0, help="each wrk run's duration")
+    parser.add_argument("--gateway-workers", type=int, default=1, help="the gateway's uvicorn processes")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
@@ -262,11 +327,13 @@ def main() -> None:
             models.append(EMULATED)
         workers = [start_worker_process(m, server.url, workdir / f"{m}.log", env=env) for m in models]
         port = free_port()
-        gateway = start_inferpool_process(["gateway", "--port", str(port)], server.url,
-                                          workdir / "gateway.log", env)  # fmt: skip
+        gateway = start_inferpool_process(["gateway", "--port", str(port), "--workers", str(args.gateway_workers)],
+                                          server.url, workdir / "gateway.log", env)  # fmt: skip
+        args.workdir = workdir
         try:
             import redis
-            from inferpool.gateway.keys import ApiKeys
+
+            from inferpool.state.api_keys import ApiKeys
 
             key, _ = ApiKeys(redis.Redis.from_url(server.url)).create("bench")
             if args.litellm_bin:
