@@ -314,8 +314,10 @@ def main() -> None:
         workdir = Path(tmp)
         server = EmbeddedRedis(workdir / "redis")
         server.start()
+        # One key sends everything here: its tenant may hold as many requests open as wrk's 1,024 connections.
         env = {**os.environ, "INFERPOOL_LOG_LEVEL": "WARNING", "INFERPOOL_REGISTRY": str(registry),
-               "INFERPOOL_FILES_DIR": str(workdir / "files")}  # fmt: skip
+               "INFERPOOL_FILES_DIR": str(workdir / "files"),
+               "INFERPOOL_GATEWAY_MAX_IN_FLIGHT_PER_TENANT": "4096"}  # fmt: skip
         os.environ["INFERPOOL_REGISTRY"] = str(registry)
         helpers: list[subprocess.Popen[Any]] = []
         models = ["echo", "echo-trickle"]

@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self, overload
 
+import anyio
 import redis
 import redis.asyncio
 
@@ -40,7 +41,12 @@ from inferpool.client.replies import Replies
 from inferpool.client.routing import Route
 from inferpool.constants import Priority, result_key, result_notify_key, stream_key
 from inferpool.model_registry.registry import Registry
-from inferpool.plumbing.redis_connection import connect_redis, connect_redis_async, redis_from_url
+from inferpool.plumbing.redis_connection import (
+    async_redis_from_url,
+    connect_redis,
+    connect_redis_async,
+    redis_from_url,
+)
 from inferpool.plumbing.settings import Settings
 from inferpool.state.dead_letters import DeadLetters, retry_lines
 from inferpool.state.results import parse_result
@@ -528,21 +534,32 @@ class AsyncClient(ClientBase):
             block = _WAIT_SLICE_S if remaining is None else min(remaining, _WAIT_SLICE_S)
             await client.blpop([result_notify_key(request_id)], timeout=max(block, 0.01))
 
-    async def read_stream(self, request_id: str, timeout: float | None = None) -> AsyncIterator[ChatCompletionChunk]:
-        """``AsyncResultHandle.stream`` of ``request_id``."""
-        client = await self._ensure_connected()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        assembler = StreamAssembler(request_id)
-        raw: bytes | str | None = None
-        while not assembler.done:
-            block = _read_slice(deadline, request_id, timeout)
-            reply: Any = await client.xread({stream_key(request_id): assembler.position}, count=1000, block=block)
-            if reply:
-                for chunk in assembler.feed(reply[0][1]):
-                    yield chunk
-            elif (raw := await client.get(result_key(request_id))) is not None:
-                break
-        result = _streamed_result(request_id, raw if raw is not None else await client.get(result_key(request_id)))
+    async def read_stream(self, request_id: str,
+                          timeout: float | None = None) -> AsyncGenerator[ChatCompletionChunk, None]:  # fmt: skip
+        """``AsyncResultHandle.stream`` of ``request_id``.
+
+        Read on a connection of its own, closed when the stream ends: a stream blocks its connection for as long
+        as it lasts, and a pool that lent one to each of hundreds of streams would keep them all open after."""
+        await self._ensure_connected()
+        client = async_redis_from_url(self.redis_url, single_connection_client=True, socket_connect_timeout=5)
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            assembler = StreamAssembler(request_id)
+            raw: bytes | str | None = None
+            while not assembler.done:
+                block = _read_slice(deadline, request_id, timeout)
+                reply: Any = await client.xread({stream_key(request_id): assembler.position}, count=1000, block=block)
+                if reply:
+                    for chunk in assembler.feed(reply[0][1]):
+                        yield chunk
+                elif (raw := await client.get(result_key(request_id))) is not None:
+                    break
+            if raw is None:
+                raw = await client.get(result_key(request_id))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+        result = _streamed_result(request_id, raw)
         for chunk in assembler.finish(result):
             yield chunk
         completion_or_raise(result)

@@ -3,7 +3,7 @@ becomes the answer or the request's error raised."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncGenerator, Generator, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from inferpool._exceptions import ProviderError, request_error_from_code
@@ -81,8 +81,9 @@ class AsyncResultHandle:
     async def completion(self, timeout: float | None = None) -> Response:
         return completion_or_raise(await self.result(timeout))
 
-    def stream(self, timeout: float | None = None) -> AsyncIterator[ChatCompletionChunk]:
-        """``ResultHandle.stream``, as an async iterator."""
+    def stream(self, timeout: float | None = None) -> AsyncGenerator[ChatCompletionChunk, None]:
+        """``ResultHandle.stream``, as an async iterator (close it, or ``contextlib.aclosing``, to let go of its
+        connection before its end)."""
         return self._client.read_stream(self.request_id, timeout)
 
     async def stop(self) -> None:

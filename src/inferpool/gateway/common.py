@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -24,6 +25,9 @@ from inferpool.state.heartbeats import count_live_workers_async
 from inferpool.state.jobs import JobStore
 from inferpool.wire import load_json
 
+#: Seconds a model seen with a live worker is trusted to have one (``Gateway.require_live_worker``).
+LIVE_TRUSTED_S = 1.0
+
 _A = TypeVar("_A")
 _T = TypeVar("_T")
 
@@ -39,6 +43,7 @@ class Gateway:
     require_keys: bool
     admission: Admission
     key_limits: KeyLimiter
+    live_seen: dict[str, float] = field(default_factory=dict)  # model -> when it was last seen with a live worker
 
     async def authenticate(self, request: Request) -> str:
         """The tenant of the request's API key; 401 without a valid one (unless started with ``--no-auth``)."""
@@ -59,8 +64,16 @@ class Gateway:
         return Caller(info.tenant, info)
 
     async def require_live_worker(self, model: str) -> None:
-        """503 if no worker serves ``model`` now: the request would only wait in its queue."""
-        if (await count_live_workers_async(self.client.redis, [model]))[model] == 0:
+        """503 if no worker serves ``model`` now: the request would only wait in its queue. A model seen served
+        is trusted for ``LIVE_TRUSTED_S`` (one read a second, not one a request; a worker gone meanwhile has its
+        requests answered by its peers or redelivered); one seen unserved is read again each time."""
+        seen = self.live_seen.get(model)
+        if seen is not None and time.monotonic() - seen < LIVE_TRUSTED_S:
+            return
+        if (await count_live_workers_async(self.client.redis, [model]))[model] > 0:
+            self.live_seen[model] = time.monotonic()
+        else:
+            self.live_seen.pop(model, None)
             gone = await self.client.redis.get(model_availability_key(model))
             if gone is not None:  # its workers left routing: the provider says there is no such model
                 note = _unavailable_note(gone)

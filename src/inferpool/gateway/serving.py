@@ -16,11 +16,13 @@ open request holds one of the process's and its tenant's slots (``inferpool.gate
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -86,7 +88,10 @@ async def serve_one(request: Request, kind: type[AnyRequest]) -> Response:
 
 def _parser(kind: type[AnyRequest]) -> Callable[[bytes], AnyRequest]:
     def parse(body: bytes) -> AnyRequest:
-        return build_request(parse_json_object(body), kind)
+        try:  # a good body, the common case: parsed and validated in one pass (pydantic's parser), as batch lines
+            return kind.model_validate_json(body)
+        except (ValidationError, ValueError, RecursionError):
+            return build_request(parse_json_object(body), kind)  # the slow path, which says what is wrong
 
     return parse
 
@@ -158,11 +163,13 @@ async def server_sent_events(handle: AsyncResultHandle, include_usage: bool, *,
                              completion: bool = False) -> AsyncIterator[bytes]:  # fmt: skip
     """The answer's SSE events: ``chat.completion.chunk`` objects, or ``text_completion`` ones (``completion``)."""
     try:
-        async for chunk in handle.stream():
-            if chunk.usage is not None and not include_usage:
-                continue
-            event: ChatCompletionChunk | Any = as_completion_chunk(chunk) if completion else chunk
-            yield b"data: " + event.model_dump_json().encode() + b"\n\n"
+        # Closed as soon as this relay is (a hang-up), not when collected: the stream holds a Redis connection.
+        async with contextlib.aclosing(handle.stream()) as chunks:
+            async for chunk in chunks:
+                if chunk.usage is not None and not include_usage:
+                    continue
+                event: ChatCompletionChunk | Any = as_completion_chunk(chunk) if completion else chunk
+                yield b"data: " + event.model_dump_json().encode() + b"\n\n"
     except RequestError as exc:
         error = error_body(request_error_status(exc), exc.message, "api_error", exc.code)
         yield b"data: " + _json(error) + b"\n\n"

@@ -69,9 +69,9 @@ _WRITE_ONCE = (
 --       the submitting client's reply list id ('' for none) TAB
 --       json (an empty bucket: not measured; the json is
 --       empty in the batch modes, where it is in the compressed results)
--- mode: '' a single request's result: its own key (SET NX), a wake-up for its waiter (the result pushed onto
---       its client's reply list, or a mark on its own notify list) and, if the request is
---       streamed (its output stream exists), the stream's last entry ('d'). 'job' a batch
+-- mode: '' a single request's result: its own key (SET NX) and a wake-up for its waiter: the result pushed onto
+--       its client's reply list, or, if the request is streamed (its output stream exists), the stream's last
+--       entry ('d'), else a mark on its own notify list. 'job' a batch
 --       request's result: written only if the request's item is still in the job's items hash (it goes
 --       with the answer: that is what makes the write happen once); the call's results that were written
 --       make one entry of the job's completion stream: the compressed results ('z2') and, if some were
@@ -181,14 +181,15 @@ for i, r in ipairs(records) do
       if r.reply ~= '' then
         redis.call('RPUSH', reply_prefix .. r.reply, r.payload)
         redis.call('EXPIRE', reply_prefix .. r.reply, reply_ttl)
-      else
-        redis.call('RPUSH', prefix .. r.rid .. ':notify', '1')
-        redis.call('EXPIRE', prefix .. r.rid .. ':notify', ttl)
       end
       if redis.call('EXISTS', stream_prefix .. r.rid) == 1 then
+        -- a streamed request's readers wake on its stream's last entry: no notify list left behind for it
         redis.call('XADD', stream_prefix .. r.rid, 'MAXLEN', '~', stream_cap, '*', '"""
     + STREAM_DONE
     + """', '1')
+      elseif r.reply == '' then
+        redis.call('RPUSH', prefix .. r.rid .. ':notify', '1')
+        redis.call('EXPIRE', prefix .. r.rid .. ':notify', ttl)
       end
     end
   else
