@@ -4,6 +4,8 @@ on the client's reply list to its own waiter, and a lost wake-up or a late waite
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 import threading
 
 import pytest
@@ -11,7 +13,9 @@ import redis
 
 from inferpool import AsyncClient, ResultTimeout, Settings
 from inferpool.client.coalesce import Coalescer
-from inferpool.constants import reply_list_key, result_notify_key
+from inferpool.constants import Priority, queue_name, reply_list_key, result_notify_key
+from inferpool.plumbing.celery_app import create_celery_app, publish_chunk_json
+from inferpool.plumbing.publisher import ChunkPublisher
 from inferpool.wire import TaskChunk
 
 pytestmark = pytest.mark.usefixtures("echo_worker", "echo_trickle_worker")
@@ -96,3 +100,29 @@ async def test_a_failed_publish_fails_every_request_it_carried_and_the_next_ones
     assert outcomes[0] is None
     assert all(isinstance(o, ConnectionError) for o in outcomes[1:9])  # the chunk that failed: all its requests
     assert all(o is None for o in outcomes[9:])
+
+
+def test_the_published_message_is_the_one_celery_makes(settings: Settings, redis_client: redis.Redis) -> None:
+    """Single requests are published without Celery's per-message machinery: the message must stay the one its
+    ``send_task`` makes for the installed Celery and kombu, or workers would not read it."""
+    app = create_celery_app(settings)
+    try:
+        queue = queue_name("publish-check", Priority.NORMAL)
+        publish_chunk_json(app, '{"model": "publish-check"}', model="publish-check", description="chunk x",
+                           expires_s=600)  # fmt: skip
+        theirs = json.loads(redis_client.rpop(queue) or b"{}")
+    finally:
+        app.close()
+    ours = json.loads(ChunkPublisher(redis_client).message('{"model": "publish-check"}', queue=queue,
+                                                           description="chunk x", expires_s=600))  # fmt: skip
+    varying = {"id", "root_id", "correlation_id", "delivery_tag", "reply_to", "origin", "expires"}
+    for part in ("headers", "properties"):
+        assert set(ours[part]) == set(theirs[part])
+        assert {k: v for k, v in ours[part].items() if k not in varying} == {
+            k: v for k, v in theirs[part].items() if k not in varying}  # fmt: skip
+    assert {k: v for k, v in ours.items() if k not in ("headers", "properties")} == {
+        k: v for k, v in theirs.items() if k not in ("headers", "properties")
+    }  # the same body, encoded the same
+    ours_expires = dt.datetime.fromisoformat(ours["headers"]["expires"])
+    assert abs(ours_expires - dt.datetime.fromisoformat(theirs["headers"]["expires"])) < dt.timedelta(seconds=30)
+    assert ours["headers"]["root_id"] == ours["headers"]["id"] == ours["properties"]["correlation_id"]

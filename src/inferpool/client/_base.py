@@ -16,6 +16,7 @@ from inferpool.client.routing import Route, Router
 from inferpool.constants import Priority
 from inferpool.model_registry.registry import Registry
 from inferpool.model_registry.spec import ModelSpec
+from inferpool.plumbing.publisher import ChunkPublisher
 from inferpool.plumbing.redis_connection import connect_redis
 from inferpool.plumbing.settings import Settings
 from inferpool.state.load import read_latency_p50, read_model_load
@@ -35,7 +36,7 @@ from inferpool.wire import (
 )
 
 if TYPE_CHECKING:
-    from celery import Celery
+    pass
 
 
 RequestLike = AnyRequest | Mapping[str, Any]
@@ -113,32 +114,27 @@ class ClientBase:
         return self.key_gate.info.key_id if self.key_gate is not None else None
 
     @functools.cached_property
-    def celery(self) -> Celery:
-        """The Celery app single requests are published through, made on first use: a client that only runs
-        batch jobs (``inferpool batch run``) never imports Celery, ~40 ms of its start-up."""
-        from inferpool.plumbing.celery_app import create_celery_app
-
-        return create_celery_app(self.settings)
-
-    @functools.cached_property
     def affinity(self) -> SingleRequestAffinity:
         """Prefix affinity for single requests of prefix-routed models (its Redis client made on first use)."""
         return SingleRequestAffinity(connect_redis(self.redis_url))
 
+    @functools.cached_property
+    def publisher(self) -> ChunkPublisher:
+        """Publishes single requests' chunks in one round trip each (its Redis client made on first use)."""
+        return ChunkPublisher(connect_redis(self.redis_url))
+
     def publish(self, chunk: TaskChunk) -> None:
         """Send a single request's chunk to its model's queue, or to the worker holding its prompt's prefix."""
-        from inferpool.plumbing.celery_app import publish_chunk
-
         worker = None
         if len(chunk.items) == 1:
             spec = self.registry.get(chunk.model)
             if spec.routing == "prefix":
                 worker = self.affinity.worker_for(spec, chunk.items[0].request)
-        publish_chunk(self.celery, chunk, worker)
+        self.publisher.publish(chunk, worker)
 
-    def close_celery(self) -> None:
-        if "celery" in self.__dict__:
-            self.celery.close()
+    def close_publisher(self) -> None:
+        if "publisher" in self.__dict__:
+            self.publisher.close()
 
     def attach_live_view(self, client: redis.Redis) -> None:
         """Route ``model: "auto"`` with the pool's live workers, load and latency, read through ``client``."""

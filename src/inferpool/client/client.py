@@ -321,7 +321,7 @@ class Client(ClientBase):
 
     def close(self) -> None:
         self.redis.close()
-        self.close_celery()
+        self.close_publisher()
 
     def __enter__(self) -> Self:
         return self
@@ -569,7 +569,7 @@ class AsyncClient(ClientBase):
         if self._redis is not None:
             await self._redis.aclose()
         self._sync_redis.close()
-        self.close_celery()
+        self.close_publisher()
 
     async def __aenter__(self) -> Self:
         await self._ensure_connected()
