@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,41 +32,25 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
-    from _plain_worker import start_plain_celery_worker
+    from _plain_worker import echo_beside_plain_celery
 
     from inferpool import Client, Settings
-    from inferpool.plumbing.local_pool import EmbeddedRedis, start_worker_process, stop_process, wait_for_workers
 
-    with tempfile.TemporaryDirectory(prefix="inferpool-rt-") as tmp:
-        workdir = Path(tmp)
-        server = EmbeddedRedis(workdir / "redis")
-        server.start()
-        os.environ["REDIS_URL"] = server.url  # plain_celery_app reads it at import
-        from plain_celery_app import app, echo
+    with echo_beside_plain_celery("inferpool-rt-") as url, Client(settings=Settings(redis_url=url)) as client:
+        from plain_celery_app import echo
 
-        env = {**os.environ, "INFERPOOL_LOG_LEVEL": "WARNING"}
-        worker = start_worker_process("echo", server.url, workdir / "worker.log", env=env)
-        plain = start_plain_celery_worker(env)
-        try:
-            with Client(settings=Settings(redis_url=server.url)) as client:
-                wait_for_workers(client.redis, [worker], 120)
-                messages = [{"role": "user", "content": "ping"}]
-                for _ in range(50):  # warm both paths (connections, imports, scripts)
-                    client.chat("echo", messages, timeout=30)
-                    echo.delay("ping").get(timeout=30)
-                pool_s, plain_s = [], []
-                for i in range(args.requests):
-                    started = time.perf_counter()
-                    client.chat("echo", [{"role": "user", "content": f"ping {i}"}], timeout=30)
-                    pool_s.append(time.perf_counter() - started)
-                    started = time.perf_counter()
-                    echo.delay(f"ping {i}").get(timeout=30)
-                    plain_s.append(time.perf_counter() - started)
-        finally:
-            stop_process(worker.proc, grace_s=10)
-            stop_process(plain, grace_s=10)
-            app.close()
-            server.stop()
+        messages = [{"role": "user", "content": "ping"}]
+        for _ in range(50):  # warm both paths (connections, imports, scripts)
+            client.chat("echo", messages, timeout=30)
+            echo.delay("ping").get(timeout=30)
+        pool_s, plain_s = [], []
+        for i in range(args.requests):
+            started = time.perf_counter()
+            client.chat("echo", [{"role": "user", "content": f"ping {i}"}], timeout=30)
+            pool_s.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            echo.delay(f"ping {i}").get(timeout=30)
+            plain_s.append(time.perf_counter() - started)
 
     rows = {}
     print(f"{'path':<34}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'mean ms':>9}")

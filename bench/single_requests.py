@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -72,33 +70,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
-    from _plain_worker import start_plain_celery_worker
-
-    from inferpool.plumbing.local_pool import EmbeddedRedis, start_worker_process, stop_process, wait_for_workers
-    from inferpool.plumbing.redis_connection import connect_redis
+    from _plain_worker import echo_beside_plain_celery
 
     figures: dict[str, Any] = {"requests": args.requests}
-    with tempfile.TemporaryDirectory(prefix="inferpool-single-") as tmp:
-        workdir = Path(tmp)
-        server = EmbeddedRedis(workdir / "redis")
-        server.start()
-        os.environ["REDIS_URL"] = server.url  # plain_celery_app reads it at import
-        from plain_celery_app import app
-
-        env = {**os.environ, "INFERPOOL_LOG_LEVEL": "WARNING"}
-        worker = start_worker_process("echo", server.url, workdir / "worker.log", env=env)
-        plain = start_plain_celery_worker(env)
-        try:
-            wait_for_workers(connect_redis(server.url), [worker], 120)
-            figures["plain_celery"] = plain_run(args.requests)
-            for concurrency in args.concurrency:
-                figures[f"inferpool_{concurrency}"] = asyncio.run(pool_run(server.url, concurrency, args.requests))
-            figures["plain_celery_after"] = plain_run(args.requests)
-        finally:
-            stop_process(worker.proc, grace_s=10)
-            stop_process(plain, grace_s=10)
-            app.close()
-            server.stop()
+    with echo_beside_plain_celery("inferpool-single-") as url:
+        figures["plain_celery"] = plain_run(args.requests)
+        for concurrency in args.concurrency:
+            figures[f"inferpool_{concurrency}"] = asyncio.run(pool_run(url, concurrency, args.requests))
+        figures["plain_celery_after"] = plain_run(args.requests)
     plain_rps = (figures["plain_celery"]["rps"] + figures["plain_celery_after"]["rps"]) / 2
     print(f"plain Celery (mean of before and after): {plain_rps:.1f} tasks/s")
     print(f"{'in flight':>10}{'req/s':>10}{'x plain':>9}{'p50 ms':>9}{'p99 ms':>9}")
