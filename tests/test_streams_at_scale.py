@@ -118,8 +118,8 @@ def test_hundreds_of_streams_with_a_quarter_hanging_up(redis_url: str, session_d
         wait_until(all_stopped, 60, "every abandoned stream to end as request_cancelled")
         wait_until(lambda: slow_emulator.counts["streams_closed_by_client"] - closed_before >= 10, 30,
                    "the provider's streams of the abandoned requests to be closed")  # fmt: skip
-        # The gateway's clients' connections are gone (uvicorn's, each stream's own Redis connection); no transient
-        # key is left in Redis. (Its Redis pool keeps the connections a burst of concurrent requests opened: not
+        # The gateway lets go of the clients' connections; no transient key is left in Redis. (Its asyncio Redis
+        # pool keeps the connections a burst of concurrent commands opened, such as 110 stops at once: not
         # asserted here, see docs/design-notes.md.)
         wait_until(lambda: len([c for c in gateway.net_connections() if c.laddr and c.laddr.port == port]) <= 1, 30,
                    "the clients' connections to the gateway to close")  # fmt: skip

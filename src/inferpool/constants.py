@@ -263,6 +263,8 @@ def usage_day_key(day: str) -> str:
 #: Hash SHA-256(API key) hex -> JSON ``{key_id, tenant, created_at}``: the gateway's keys. The keys themselves
 #: are never stored.
 API_KEYS_KEY = f"{KEY_PREFIX}apikeys"
+#: Pub/sub channel on which every change of a key (revoked, new limits) is announced: gateways drop their cache.
+API_KEYS_CHANGED_CHANNEL = f"{KEY_PREFIX}apikeys:changed"
 #: Hash scope (``tenant:NAME``, ``key:KEY_ID``) -> its spend budget's JSON (``inferpool.state.budgets``).
 BUDGETS_KEY = f"{KEY_PREFIX}budgets"
 #: Hash tenant -> its weight in the fair share of each model's window (``inferpool tenants set --weight``).

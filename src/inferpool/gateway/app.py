@@ -27,6 +27,7 @@ from inferpool.gateway.admission import Admission
 from inferpool.gateway.common import Gateway, gateway_of
 from inferpool.gateway.errors import handle_error
 from inferpool.gateway.filestore import FileLimits, FileStore
+from inferpool.gateway.key_cache import KeyCache
 from inferpool.gateway.key_limits import KeyLimiter
 from inferpool.model_registry.registry import Registry
 from inferpool.plumbing.redis_connection import redis_from_url
@@ -60,10 +61,13 @@ def create_app(settings: Settings, *, require_keys: bool = True, registry: Regis
         files = FileStore(settings.files_dir, client.redis, limits)
         admission = Admission(settings.gateway_max_in_flight, settings.gateway_max_in_flight_per_tenant)
         limiter = KeyLimiter(KeyLimitStore(client.redis), client.registry, settings.gateway_request_timeout_s + 60)
-        app.state.gateway = Gateway(settings, client, jobs, files, require_keys, admission, limiter)
+        keys = KeyCache(client.redis)
+        keys.start()
+        app.state.gateway = Gateway(settings, client, jobs, files, require_keys, admission, limiter, keys)
         try:
             yield
         finally:
+            await keys.close()
             jobs.redis.close()
             await client.aclose()
 

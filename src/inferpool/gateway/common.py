@@ -18,9 +18,9 @@ from inferpool.constants import DEFAULT_TENANT, model_availability_key
 from inferpool.gateway.admission import Admission
 from inferpool.gateway.errors import HTTPError
 from inferpool.gateway.filestore import FileStore
+from inferpool.gateway.key_cache import KeyCache
 from inferpool.gateway.key_limits import Caller, KeyLimiter
 from inferpool.plumbing.settings import Settings
-from inferpool.state.api_keys import key_info
 from inferpool.state.heartbeats import count_live_workers_async
 from inferpool.state.jobs import JobStore
 from inferpool.wire import load_json
@@ -43,6 +43,7 @@ class Gateway:
     require_keys: bool
     admission: Admission
     key_limits: KeyLimiter
+    keys: KeyCache
     live_seen: dict[str, float] = field(default_factory=dict)  # model -> when it was last seen with a live worker
 
     async def authenticate(self, request: Request) -> str:
@@ -58,7 +59,7 @@ class Gateway:
             raise HTTPError(401, "You didn't provide an API key: send 'Authorization: Bearer <key>' (an operator "
                             "creates keys with `inferpool keys create --tenant NAME`).",
                             code="missing_api_key")  # fmt: skip
-        info = await key_info(self.client.redis, key.strip())
+        info = await self.keys.lookup(key.strip())
         if info is None:
             raise HTTPError(401, "Incorrect API key provided (unknown or revoked).", code="invalid_api_key")
         return Caller(info.tenant, info)

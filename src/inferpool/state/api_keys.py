@@ -4,8 +4,10 @@ A key is ``ipk-`` and 43 URL-safe characters (256 random bits). It is shown once
 keeps ``sha256(key) -> {key_id, tenant, created_at, limits}``, so a leaked Redis dump holds no usable key.
 Keys are revoked, and their limits changed, by their ``key_id`` (shown by ``keys list``), which is not secret.
 A key's limits (the models it may use, requests and tokens per minute, requests in flight) are read with the key
-on every request, so a change applies at once; the gateway enforces them all (``inferpool.gateway.key_limits``),
-the client library, given a key, all but requests in flight (``inferpool.client.keys``).
+(gateways keep what they read until a change is announced: ``inferpool.gateway.key_cache``), so a change made
+here applies at once (one made in Redis by hand does not reach the gateways' caches); the gateway enforces them
+all (``inferpool.gateway.key_limits``), the client library, given a key, all but requests in flight
+(``inferpool.client.keys``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import redis
 import redis.asyncio
 from pydantic import BaseModel, ConfigDict, Field
 
-from inferpool.constants import API_KEYS_KEY
+from inferpool.constants import API_KEYS_CHANGED_CHANNEL, API_KEYS_KEY
 from inferpool.wire import check_tenant, new_id
 
 KEY_PREFIX = "ipk-"
@@ -75,6 +77,7 @@ class ApiKeys:
             if info.key_id == key_id:
                 updated = info.model_copy(update={"limits": limits})
                 self._redis.hset(API_KEYS_KEY, digest, updated.model_dump_json())
+                self._redis.publish(API_KEYS_CHANGED_CHANNEL, key_id)  # gateways' caches: after the write
                 return updated
         return None
 
@@ -88,6 +91,7 @@ class ApiKeys:
             info = ApiKeyInfo.model_validate_json(raw)
             if info.key_id == key_id:
                 self._redis.hdel(API_KEYS_KEY, digest)
+                self._redis.publish(API_KEYS_CHANGED_CHANNEL, key_id)  # gateways' caches: after the write
                 return info
         return None
 
