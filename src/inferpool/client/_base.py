@@ -82,6 +82,10 @@ def build_chat_request(model: str, messages: MessagesLike, params: Mapping[str, 
 class ClientBase:
     """Settings, registry and router shared by the sync and async clients."""
 
+    #: Publishes single requests' chunks in one round trip each, on the client's blocking Redis pool (the sync
+    #: client's own; the async client's, which its threads share).
+    publisher: ChunkPublisher
+
     def __init__(
         self, redis_url: str | None, settings: Settings | None, registry: Registry | None, tenant: str | None = None
     ) -> None:
@@ -118,11 +122,6 @@ class ClientBase:
         """Prefix affinity for single requests of prefix-routed models (its Redis client made on first use)."""
         return SingleRequestAffinity(connect_redis(self.redis_url))
 
-    @functools.cached_property
-    def publisher(self) -> ChunkPublisher:
-        """Publishes single requests' chunks in one round trip each (its Redis client made on first use)."""
-        return ChunkPublisher(connect_redis(self.redis_url))
-
     def publish(self, chunk: TaskChunk) -> None:
         """Send a single request's chunk to its model's queue, or to the worker holding its prompt's prefix."""
         worker = None
@@ -131,10 +130,6 @@ class ClientBase:
             if spec.routing == "prefix":
                 worker = self.affinity.worker_for(spec, chunk.items[0].request)
         self.publisher.publish(chunk, worker)
-
-    def close_publisher(self) -> None:
-        if "publisher" in self.__dict__:
-            self.publisher.close()
 
     def attach_live_view(self, client: redis.Redis) -> None:
         """Route ``model: "auto"`` with the pool's live workers, load and latency, read through ``client``."""

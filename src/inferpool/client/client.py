@@ -41,6 +41,7 @@ from inferpool.client.replies import Replies
 from inferpool.client.routing import Route
 from inferpool.constants import Priority, result_key, result_notify_key, stream_key
 from inferpool.model_registry.registry import Registry
+from inferpool.plumbing.publisher import ChunkPublisher
 from inferpool.plumbing.redis_connection import (
     async_redis_from_url,
     connect_redis,
@@ -123,6 +124,7 @@ class Client(ClientBase):
     ) -> None:
         super().__init__(redis_url, settings, registry, tenant)
         self.redis: redis.Redis = connect_redis(self.redis_url)
+        self.publisher = ChunkPublisher(self.redis)
         self.use_key(self.redis, api_key)
         self.attach_live_view(self.redis)
         self.batches = Batches(self.redis, self.settings, self.router, self.tenant_for, self.key_gate)
@@ -321,7 +323,6 @@ class Client(ClientBase):
 
     def close(self) -> None:
         self.redis.close()
-        self.close_publisher()
 
     def __enter__(self) -> Self:
         return self
@@ -346,6 +347,7 @@ class AsyncClient(ClientBase):
         self._redis: redis.asyncio.Redis | None = None
         # Batch job calls run the sync implementation in threads, on a sync connection pool of their own.
         self._sync_redis = redis_from_url(self.redis_url, socket_connect_timeout=5)
+        self.publisher = ChunkPublisher(self._sync_redis)
         self.use_key(self._sync_redis, api_key)
         batches = Batches(self._sync_redis, self.settings, self.router, self.tenant_for, self.key_gate)
         self.batches = AsyncBatches(batches)
@@ -569,7 +571,6 @@ class AsyncClient(ClientBase):
         if self._redis is not None:
             await self._redis.aclose()
         self._sync_redis.close()
-        self.close_publisher()
 
     async def __aenter__(self) -> Self:
         await self._ensure_connected()

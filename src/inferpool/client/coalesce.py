@@ -25,7 +25,8 @@ Publish = Callable[[TaskChunk], None]
 @dataclass
 class _Queue:
     waiting: list[tuple[TaskChunk, asyncio.Future[None]]] = field(default_factory=list)
-    publishing: bool = False
+    # The task publishing this queue's chunks: held here, as the event loop keeps only weak references to tasks.
+    publishing: asyncio.Task[None] | None = None
 
 
 class Coalescer:
@@ -42,9 +43,8 @@ class Coalescer:
         queue = self._queues.setdefault(key, _Queue())
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue.waiting.append((chunk, done))
-        if not queue.publishing:
-            queue.publishing = True
-            asyncio.get_running_loop().create_task(self._drain(key, queue))
+        if queue.publishing is None:
+            queue.publishing = asyncio.get_running_loop().create_task(self._drain(key, queue))
         await done
 
     async def _drain(self, key: tuple[str, Priority], queue: _Queue) -> None:
@@ -66,7 +66,7 @@ class Coalescer:
                         if not done.done():
                             done.set_result(None)
         finally:
-            queue.publishing = False
+            queue.publishing = None
             for _, done in queue.waiting:  # only if the loop itself was cancelled: nothing may wait for ever
                 if not done.done():
                     done.set_exception(asyncio.CancelledError())

@@ -66,6 +66,3 @@ class ChunkPublisher:
         message = self.message(chunk.model_dump_json(exclude_none=True), queue=queue, description=chunk.describe(),
                                expires_s=chunk.result_ttl_s)  # fmt: skip
         self._redis.lpush(queue, message)
-
-    def close(self) -> None:
-        self._redis.close()
