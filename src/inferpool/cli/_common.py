@@ -11,6 +11,7 @@ from rich.console import Console
 
 from inferpool._exceptions import InferpoolError
 from inferpool.plumbing.settings import Settings
+from inferpool.tracing.setup import install_tracing
 
 
 class InferpoolGroup(click.Group):
@@ -29,6 +30,9 @@ def load_settings(ctx: click.Context) -> Settings:
     root = ctx.find_root()
     if not isinstance(root.obj, Settings):
         root.obj = Settings()
+        # Spans of this command (a batch upload, a chat) go where OTEL_* say; a worker, gateway or scheduler
+        # is named for its role (`inferpool-worker`...).
+        install_tracing(root.obj.tracing, root.invoked_subcommand or "cli")
     return root.obj
 
 

@@ -26,6 +26,7 @@ from inferpool._exceptions import BatchRefused, JobNotFound, ResultTimeout
 from inferpool.client.batch_lines import AcceptedLine, BatchLineParser, pending_record
 from inferpool.client.keys import KeyGate
 from inferpool.client.routing import Router
+from inferpool.client.tracing import submit_span, traceparent
 from inferpool.constants import DEFAULT_TENANT
 from inferpool.model_registry.spec import Routing
 from inferpool.plumbing.settings import Settings
@@ -234,6 +235,13 @@ class Batches:
 
     def _create(self, lines: Iterable[str | bytes | UnrenderedRow], options: NewJob) -> BatchJob:
         job_id = new_id("batch")
+        with submit_span("inferpool.batch.create") as span:
+            if span is not None:
+                span.set_attribute("inferpool.job.id", job_id)
+                options = dataclasses.replace(options, traceparent=traceparent(span))
+            return self._create_job(job_id, lines, options)
+
+    def _create_job(self, job_id: str, lines: Iterable[str | bytes | UnrenderedRow], options: NewJob) -> BatchJob:
         self._store.create(job_id, options)
         try:
             total, models = self._upload(job_id, lines, options)

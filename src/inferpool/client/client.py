@@ -35,10 +35,11 @@ from inferpool.client.chains import (
     stream_chain_async,
 )
 from inferpool.client.coalesce import Coalescer
-from inferpool.client.handles import AsyncResultHandle, ResultHandle, completion_or_raise, expect
+from inferpool.client.handles import AnswerT, AsyncResultHandle, ResultHandle, completion_or_raise, expect
 from inferpool.client.pipelines import AsyncPipelines, Pipelines
 from inferpool.client.replies import Replies
 from inferpool.client.routing import Route
+from inferpool.client.tracing import call_span, submit_span, traceparent
 from inferpool.constants import Priority, result_key, result_notify_key, stream_key
 from inferpool.model_registry.registry import Registry
 from inferpool.plumbing.publisher import ChunkPublisher
@@ -149,16 +150,26 @@ class Client(ClientBase):
         batch jobs run at low. ``tenant`` counts this request's usage for another tenant than the client's.
         ``route`` is ``client.route(request)`` when the caller has already routed it.
         """
-        chunk = self.single_chunk(request, custom_id, priority, tenant, route)
-        if self.key_gate is not None:
-            self.key_gate.admit(chunk.items[0].request, self.registry.get(chunk.model))
-        self.budget_gate.reserve(chunk, key_id or self.key_id())
-        try:
-            self.publish(chunk)
-        except BaseException:
-            self.budget_gate.release(chunk)
-            raise
+        with submit_span() as span:
+            chunk = self.single_chunk(request, custom_id, priority, tenant, route)
+            chunk.items[0].traced(traceparent(span))
+            if self.key_gate is not None:
+                self.key_gate.admit(chunk.items[0].request, self.registry.get(chunk.model))
+            self.budget_gate.reserve(chunk, key_id or self.key_id())
+            try:
+                self.publish(chunk)
+            except BaseException:
+                self.budget_gate.release(chunk)
+                raise
         return ResultHandle(self, chunk.items[0].request_id)
+
+    def _call(self, request: AnyRequest, kind: type[AnswerT], timeout: float | None,
+              priority: Priority | str) -> AnswerT:  # fmt: skip
+        """Submit ``request`` and wait for its answer, of type ``kind``, in a span of its own."""
+        with call_span(request) as span:
+            answer = expect(self.submit(request, priority=priority).completion(timeout), kind)
+            span.answered(answer)
+            return answer
 
     @overload
     def chat(self, model: str, messages: MessagesLike, *, stream: Literal[True], timeout: float | None = None,
@@ -184,8 +195,7 @@ class Client(ClientBase):
         answer's chunks as they are generated (see ``stream``)."""
         if stream:
             return self.stream(model, messages, timeout=timeout, priority=priority, **params)
-        handle = self.submit(build_chat_request(model, messages, params), priority=priority)
-        return expect(handle.completion(timeout), ChatCompletion)
+        return self._call(build_chat_request(model, messages, params), ChatCompletion, timeout, priority)
 
     def stream(
         self,
@@ -224,10 +234,10 @@ class Client(ClientBase):
         """A text completion (``/v1/completions``: the prompt as it is, no chat template; ``max_tokens`` defaults
         to 16, as OpenAI's): submitted, then awaited; with ``stream=True`` its ``text_completion`` chunks as they
         are generated. Errors are raised."""
+        if not stream:
+            return self._call(_completion_body(model, prompt, stream, params), Completion, timeout, priority)
         handle = self.submit(_completion_body(model, prompt, stream, params), priority=priority)
-        if stream:
-            return (as_completion_chunk(chunk) for chunk in handle.stream(timeout))
-        return expect(handle.completion(timeout), Completion)
+        return (as_completion_chunk(chunk) for chunk in handle.stream(timeout))
 
     def embed(
         self,
@@ -241,8 +251,7 @@ class Client(ClientBase):
         """Embeddings (``/v1/embeddings``) of a text, texts, or token ids: submitted, then awaited. Each input's
         vector is ``data[i].embedding`` (floats, or base64 with ``encoding_format="base64"``); ``vectors()`` gives
         them all as floats. Errors are raised."""
-        handle = self.submit(_embedding_body(model, input, params), priority=priority)
-        return expect(handle.completion(timeout), EmbeddingList)
+        return self._call(_embedding_body(model, input, params), EmbeddingList, timeout, priority)
 
     @overload
     def chain(self, steps: ChainSteps, inputs: Mapping[str, Any], *, stream: Literal[True],
@@ -396,26 +405,35 @@ class AsyncClient(ClientBase):
     ) -> AsyncResultHandle:
         await self._ensure_connected()
         chat_request = build_request(request)  # validated once: single_chunk takes the model as it is
-        if route is None:
-            route = await self.route_async(chat_request)
-        chunk = self.single_chunk(chat_request, custom_id, priority, tenant, route)
-        if self.key_gate is not None:
-            await asyncio.to_thread(self.key_gate.admit, chunk.items[0].request, self.registry.get(chunk.model))
-        await self.budget_gate.reserve_async(chunk, key_id or self.key_id(), self.redis)
-        item = chunk.items[0]
-        if not getattr(item.request, "stream", False):  # a stream is read from its output stream instead
-            item.reply_to = self.replies.client_id
-            self.replies.expect(item.request_id)
-        try:
-            if self.registry.get(chunk.model).routing == "prefix":
-                await asyncio.to_thread(self.publish, chunk)  # to the worker holding its prefix: alone
-            else:
-                await self.coalescer.publish(chunk)
-        except BaseException:
-            self.replies.forget(item.request_id)
-            await asyncio.to_thread(self.budget_gate.release, chunk)
-            raise
+        with submit_span() as span:
+            if route is None:
+                route = await self.route_async(chat_request)
+            chunk = self.single_chunk(chat_request, custom_id, priority, tenant, route)
+            item = chunk.items[0].traced(traceparent(span))
+            if self.key_gate is not None:
+                await asyncio.to_thread(self.key_gate.admit, item.request, self.registry.get(chunk.model))
+            await self.budget_gate.reserve_async(chunk, key_id or self.key_id(), self.redis)
+            if not getattr(item.request, "stream", False):  # a stream is read from its output stream instead
+                item.reply_to = self.replies.client_id
+                self.replies.expect(item.request_id)
+            try:
+                if self.registry.get(chunk.model).routing == "prefix":
+                    await asyncio.to_thread(self.publish, chunk)  # to the worker holding its prefix: alone
+                else:
+                    await self.coalescer.publish(chunk)
+            except BaseException:
+                self.replies.forget(item.request_id)
+                await asyncio.to_thread(self.budget_gate.release, chunk)
+                raise
         return AsyncResultHandle(self, item.request_id)
+
+    async def _call(self, request: AnyRequest, kind: type[AnswerT], timeout: float | None,
+                    priority: Priority | str) -> AnswerT:  # fmt: skip
+        """``Client._call``."""
+        with call_span(request) as span:
+            answer = expect(await (await self.submit(request, priority=priority)).completion(timeout), kind)
+            span.answered(answer)
+            return answer
 
     @overload
     async def chat(self, model: str, messages: MessagesLike, *, stream: Literal[True], timeout: float | None = None,
@@ -439,8 +457,7 @@ class AsyncClient(ClientBase):
     ) -> ChatCompletion | AsyncIterator[ChatCompletionChunk]:
         if stream:
             return await self.stream(model, messages, timeout=timeout, priority=priority, **params)
-        handle = await self.submit(build_chat_request(model, messages, params), priority=priority)
-        return expect(await handle.completion(timeout), ChatCompletion)
+        return await self._call(build_chat_request(model, messages, params), ChatCompletion, timeout, priority)
 
     async def stream(
         self,
@@ -477,10 +494,10 @@ class AsyncClient(ClientBase):
         **params: Any,
     ) -> Completion | AsyncIterator[CompletionChunk]:
         """``Client.complete``; streamed chunks come with ``async for``."""
+        if not stream:
+            return await self._call(_completion_body(model, prompt, stream, params), Completion, timeout, priority)
         handle = await self.submit(_completion_body(model, prompt, stream, params), priority=priority)
-        if stream:
-            return _completion_chunks(handle.stream(timeout))
-        return expect(await handle.completion(timeout), Completion)
+        return _completion_chunks(handle.stream(timeout))
 
     async def embed(
         self,
@@ -492,8 +509,7 @@ class AsyncClient(ClientBase):
         **params: Any,
     ) -> EmbeddingList:
         """``Client.embed``."""
-        handle = await self.submit(_embedding_body(model, input, params), priority=priority)
-        return expect(await handle.completion(timeout), EmbeddingList)
+        return await self._call(_embedding_body(model, input, params), EmbeddingList, timeout, priority)
 
     async def chain(self, steps: ChainSteps, inputs: Mapping[str, Any], *,
                     timeout: float | None = None) -> ChainResult:  # fmt: skip

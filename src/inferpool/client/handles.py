@@ -14,7 +14,7 @@ from inferpool.wire import ChatCompletion, ChatCompletionChunk, Completion, Embe
 if TYPE_CHECKING:
     from inferpool.client.client import AsyncClient, Client
 
-_R = TypeVar("_R", ChatCompletion, Completion, EmbeddingList)
+AnswerT = TypeVar("AnswerT", ChatCompletion, Completion, EmbeddingList)
 
 
 def completion_or_raise(result: RequestResult) -> Response:
@@ -28,7 +28,7 @@ def completion_or_raise(result: RequestResult) -> Response:
     raise request_error_from_code(result.error.code, result.error.message)
 
 
-def expect(response: Response, kind: type[_R]) -> _R:
+def expect(response: Response, kind: type[AnswerT]) -> AnswerT:
     """``response`` as the object its request's kind answers with (a mismatch is a worker's bug, said so)."""
     if not isinstance(response, kind):
         raise ProviderError(f"expected a {kind.__name__} answer, got {type(response).__name__}")

@@ -16,6 +16,7 @@ from typing import Any
 import redis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -29,11 +30,13 @@ from inferpool.gateway.errors import handle_error
 from inferpool.gateway.filestore import FileLimits, FileStore
 from inferpool.gateway.key_cache import KeyCache
 from inferpool.gateway.key_limits import KeyLimiter
+from inferpool.gateway.tracing import TracingMiddleware
 from inferpool.model_registry.registry import Registry
 from inferpool.plumbing.redis_connection import redis_from_url
 from inferpool.plumbing.settings import Settings
 from inferpool.state.jobs import JobStore
 from inferpool.state.key_limits import KeyLimitStore
+from inferpool.tracing.setup import install_tracing
 
 
 async def health(request: Request) -> Response:
@@ -52,6 +55,7 @@ async def ready(request: Request) -> Response:
 
 def create_app(settings: Settings, *, require_keys: bool = True, registry: Registry | None = None) -> Starlette:
     """The gateway for the pool ``settings`` point at. ``require_keys=False`` serves everyone as one tenant."""
+    install_tracing(settings.tracing, "gateway")  # here: each of uvicorn's worker processes makes its app
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -86,4 +90,5 @@ def create_app(settings: Settings, *, require_keys: bool = True, registry: Regis
     # its ServerErrorMiddleware, which also logs the traceback.
     handlers: dict[Any, Any] = {InferpoolError: handle_error, redis.RedisError: handle_error,
                                 StarletteHTTPException: handle_error, Exception: handle_error}  # fmt: skip
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
+                     middleware=[Middleware(TracingMiddleware)])  # fmt: skip

@@ -75,7 +75,8 @@ def publish_chunk(app: Celery, chunk: TaskChunk, worker: str | None = None) -> N
     """Send one chunk to its model's queue for its priority (or ``worker``'s own). Flower shows ids and counts,
     never prompt text."""
     publish_chunk_json(app, chunk.model_dump_json(exclude_none=True), model=chunk.model, description=chunk.describe(),
-                       priority=chunk.priority, expires_s=chunk.result_ttl_s, worker=worker)  # fmt: skip
+                       priority=chunk.priority, expires_s=chunk.result_ttl_s, worker=worker,
+                       headers=chunk.trace_headers())  # fmt: skip
 
 
 def publish_chunk_json(
@@ -87,14 +88,15 @@ def publish_chunk_json(
     expires_s: int,
     priority: Priority = Priority.NORMAL,
     worker: str | None = None,
+    headers: dict[str, object] | None = None,
 ) -> None:
     """Send a chunk already serialised as ``TaskChunk`` JSON (the task accepts both forms), to the model's
     shared queue for its priority or, with ``worker``, that worker's own (prefix affinity).
 
     ``description`` is what Flower and task events show instead of the arguments (``argsrepr``). The task
     expires after ``expires_s`` (the result TTL): a worker discards it unrun rather than answer a request
-    whose result, and maybe whose job, is gone.
+    whose result, and maybe whose job, is gone. ``headers`` go with the task's own (the chunk's traces).
     """
     queue = queue_name(model, priority) if worker is None else worker_queue_name(model, worker, priority)
     app.send_task(TASK_PROCESS_CHUNK, args=[payload], queue=queue, argsrepr=description, kwargsrepr="{}",
-                  expires=expires_s)  # fmt: skip
+                  expires=expires_s, headers=headers or None)  # fmt: skip

@@ -34,8 +34,10 @@ class ChunkPublisher:
         self._origin = f"gen{os.getpid()}@{socket.gethostname()}"
         self._reply_to = str(uuid.uuid4())
 
-    def message(self, payload: str, *, queue: str, description: str, expires_s: int) -> bytes:
-        """The message, as kombu's Redis transport stores it in the queue's list."""
+    def message(self, payload: str, *, queue: str, description: str, expires_s: int,
+                headers: dict[str, object] | None = None) -> bytes:  # fmt: skip
+        """The message, as kombu's Redis transport stores it in the queue's list; ``headers`` are added to the
+        task's (``send_task(headers=...)``: its traces)."""
         task_id = str(uuid.uuid4())
         expires = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=expires_s)).isoformat()
         body = json.dumps([[payload], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
@@ -48,7 +50,7 @@ class ChunkPublisher:
                 "expires": expires, "group": None, "group_index": None, "retries": 0, "timelimit": [None, None],
                 "root_id": task_id, "parent_id": None, "argsrepr": description, "kwargsrepr": "{}",
                 "origin": self._origin, "ignore_result": None, "replaced_task_nesting": 0, "stamped_headers": None,
-                "stamps": {},
+                "stamps": {}, **(headers or {}),
             },
             "properties": {
                 "correlation_id": task_id, "reply_to": self._reply_to, "argsrepr": description, "kwargsrepr": "{}",
@@ -64,5 +66,5 @@ class ChunkPublisher:
         queue = queue_name(chunk.model, priority) if worker is None else worker_queue_name(chunk.model, worker,
                                                                                            priority)  # fmt: skip
         message = self.message(chunk.model_dump_json(exclude_none=True), queue=queue, description=chunk.describe(),
-                               expires_s=chunk.result_ttl_s)  # fmt: skip
+                               expires_s=chunk.result_ttl_s, headers=chunk.trace_headers())  # fmt: skip
         self._redis.lpush(queue, message)

@@ -26,6 +26,7 @@ from pydantic_settings import (
 )
 
 from inferpool._exceptions import ModelLoadError
+from inferpool.tracing.settings import TracingSettings
 
 #: Where secret files are looked for unless INFERPOOL_SECRETS_DIR says otherwise (Docker's secrets mount).
 DEFAULT_SECRETS_DIR = "/run/secrets"
@@ -208,6 +209,11 @@ class Settings(BaseSettings):
         description="How long a provider-batch step's lock lives unrenewed: the worker running a step (upload, "
         "create, collect) renews it every third of this, so only a step whose worker died (or stalled this long) "
         "is run again by another worker.",
+    )  # fmt: skip
+
+    tracing: TracingSettings = Field(
+        default_factory=TracingSettings, exclude=True,
+        description="OpenTelemetry tracing, from the standard OTEL_* variables (inferpool.tracing).",
     )  # fmt: skip
 
     flower_auth: str = Field(

@@ -46,6 +46,7 @@ from inferpool.state.items import held_by
 from inferpool.state.jobs import error_result_of_record
 from inferpool.state.results import ResultWriter
 from inferpool.state.worker_queues import WorkerQueues
+from inferpool.tracing.setup import install_tracing
 from inferpool.wire import ErrorInfo, RequestResult, TaskChunk
 from inferpool.workers.backend import create_backend, memory_footprint, preload_backend
 from inferpool.workers.cache import ResponseCache
@@ -230,6 +231,7 @@ def _install_stats(app: Celery, resident: ResidentModels) -> None:
 def serve_models(models: Sequence[str], settings: Settings, *, budget: int, keep_alive_s: float = 300.0,
                  concurrency: int | None = None, worker_id: str | None = None) -> int:  # fmt: skip
     """Serve ``models`` from this process within ``budget`` bytes; returns the Celery worker's exit code."""
+    install_tracing(settings.tracing, "worker")
     registry = Registry.from_settings(settings)
     specs = list({spec.name: spec for spec in (registry.get(model) for model in models)}.values())
     client = connect_redis(settings.require_redis_url())

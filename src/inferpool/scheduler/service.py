@@ -44,6 +44,7 @@ from inferpool.provider_batch.planner import ProviderBatchPlanner
 from inferpool.scheduler.fair_share import FairShare
 from inferpool.scheduler.lease import SchedulerLease
 from inferpool.scheduler.placement import Placement
+from inferpool.scheduler.tracing import dispatch_span
 from inferpool.state.budgets import Budgets, TenantWeights
 from inferpool.state.heartbeats import count_live_workers
 from inferpool.state.jobs import JobStore
@@ -86,15 +87,16 @@ class _JobView:
     routing: str = ""  # load or prefix; '': each model's own
     budget_scopes: tuple[str, ...] = ()  # its lines reserve against these budgets when dispatched
     tenant: str = ""  # whose job: tenants share each model's window fairly (inferpool.scheduler.fair_share)
+    traceparent: str = ""  # its trace: each chunk's dispatch joins it (inferpool.tracing)
 
 
 _VIEW_FIELDS = ("status", "priority", "models", "expires_at", "total", "completed", "failed", "validated", "via",
-                "created_at", "routing", "budget_scopes", "tenant")  # fmt: skip
+                "created_at", "routing", "budget_scopes", "tenant", "traceparent")  # fmt: skip
 
 
 def _job_view(job_id: str, values: list[bytes | None]) -> _JobView:
     (status, priority, models, expires_at, total, completed, failed, validated, via, created_at, routing, budget,
-     tenant) = (v.decode() if v else "" for v in values)  # fmt: skip
+     tenant, parent) = (v.decode() if v else "" for v in values)  # fmt: skip
     expires = float(expires_at or "inf")
     return _JobView(
         job_id=job_id,
@@ -110,6 +112,7 @@ def _job_view(job_id: str, values: list[bytes | None]) -> _JobView:
         routing=routing,
         budget_scopes=tuple(scope for scope in budget.split(",") if scope),
         tenant=tenant,
+        traceparent=parent,
     )
 
 
@@ -389,7 +392,7 @@ class Scheduler:
                     return len(refused)
         # To the workers where the model is warm, each prefix group to its owner (inferpool.scheduler.placement).
         prefix = (job.routing or spec.routing) == "prefix"
-        return sum(self._publish(job.job_id, spec, rids, worker=worker)
+        return sum(self._publish(job.job_id, spec, rids, worker=worker, parent=job.traceparent)
                    for worker, rids in self.placement.split(spec, taken, prefix=prefix))  # fmt: skip
 
     def _publish_or_refuse(self, job_id: str, model: str, request_ids: list[str], *, resent: bool) -> int:
@@ -400,7 +403,7 @@ class Scheduler:
         return self._publish(job_id, spec, request_ids, resent=resent)
 
     def _publish(self, job_id: str, spec: ModelSpec, request_ids: list[str], *, resent: bool = False,
-                 worker: str | None = None) -> int:  # fmt: skip
+                 worker: str | None = None, parent: str = "") -> int:  # fmt: skip
         """Send requests (already in flight) as chunks of ids, to ``worker``'s own queue or the model's shared
         one. If the broker fails, what was not sent is kept and sent first on the next tick: nothing waits
         for the stale limit."""
@@ -409,10 +412,12 @@ class Scheduler:
             members = request_ids[start : start + chunk_size]
             chunk_id, payload = chunk_json(job_id, spec.name, members, self.settings.result_ttl_s, resent=resent)
             try:
-                # Batch work goes on the low-priority queue: single requests overtake it at every worker.
-                publish_chunk_json(self.celery, payload, model=spec.name, priority=Priority.LOW,
-                                   description=describe_chunk(chunk_id, job_id, spec.name, len(members)),
-                                   expires_s=self.settings.result_ttl_s, worker=worker)  # fmt: skip
+                with dispatch_span(parent, spec.name, chunk_id, len(members)) as headers:
+                    # Batch work goes on the low-priority queue: single requests overtake it at every worker.
+                    publish_chunk_json(self.celery, payload, model=spec.name, priority=Priority.LOW,
+                                       description=describe_chunk(chunk_id, job_id, spec.name, len(members)),
+                                       expires_s=self.settings.result_ttl_s, worker=worker,
+                                       headers=headers)  # fmt: skip
             except INFRASTRUCTURE_ERRORS:
                 self._unsent.append((job_id, spec, request_ids[start:], resent, worker))
                 raise

@@ -85,6 +85,7 @@ class NewJob:
     endpoint: str | None = None  # the OpenAI batch object's endpoint (lines may use any served one)
     allowed_models: frozenset[str] | None = None  # a gateway key's models: other lines are model_not_found
     budget_scopes: tuple[str, ...] = ()  # scopes with a spend budget: lines reserve against them when dispatched
+    traceparent: str | None = None  # the job's trace (OpenTelemetry): its chunks' spans join it
 
 
 _ENTRIES_PER_READ = 8
@@ -240,6 +241,8 @@ class JobStore:
             record["endpoint"] = options.endpoint
         if options.budget_scopes:
             record["budget_scopes"] = ",".join(options.budget_scopes)
+        if options.traceparent is not None:
+            record["traceparent"] = options.traceparent
         pipe = self.redis.pipeline()
         pipe.hset(job_key(job_id), mapping=record)
         pipe.expire(job_key(job_id), self.result_ttl_s)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import time
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from inferpool.constants import Priority, split_adapter
 from inferpool.wire.ids import new_id
 from inferpool.wire.kinds import InferenceRequest
+
+#: Task headers of a chunk's traces (``TaskChunk.trace_headers``).
+TRACEPARENT_HEADER = "traceparent"
+ITEM_TRACES_HEADER = "inferpool_traces"
 
 
 class TaskItem(BaseModel):
@@ -24,6 +28,18 @@ class TaskItem(BaseModel):
     reply_to: str | None = Field(default=None, description="The submitting client's reply list (a single request "
                                  "it waits for): the result is pushed there, waking that client's one listener "
                                  "instead of a waiter per request (inferpool.client.replies).")  # fmt: skip
+    # The W3C traceparent of the trace it belongs to (OpenTelemetry): carried in the chunk task's headers, never
+    # in its payload (``TaskChunk.trace_headers``).
+    _trace: str | None = PrivateAttr(default=None)
+
+    @property
+    def trace(self) -> str | None:
+        return self._trace
+
+    def traced(self, parent: str | None) -> TaskItem:
+        """This item, in the trace ``parent`` names."""
+        self._trace = parent
+        return self
 
     @property
     def served_model(self) -> str:
@@ -53,6 +69,8 @@ class TaskChunk(BaseModel):
         "already, so the worker looks their results up before running them.",
     )
 
+    _trace: str | None = PrivateAttr(default=None)  # the trace of a job's chunk (items carry their own)
+
     @model_validator(mode="after")
     def _items_or_refs(self) -> TaskChunk:
         if bool(self.items) == bool(self.refs):
@@ -68,6 +86,31 @@ class TaskChunk(BaseModel):
     def describe(self) -> str:
         """Safe one-line description for logs and Flower: ids and counts, never prompt text."""
         return describe_chunk(self.chunk_id, self.job_id, self.model, self.size)
+
+    @property
+    def trace(self) -> str | None:
+        return self._trace
+
+    def trace_headers(self) -> dict[str, object]:
+        """The task headers carrying its traces: ``traceparent`` (a job's chunk) and ``inferpool_traces`` (request
+        id -> traceparent, single requests travelling together). Empty when nothing is traced."""
+        headers: dict[str, object] = {}
+        if self._trace is not None:
+            headers[TRACEPARENT_HEADER] = self._trace
+        traces = {item.request_id: item.trace for item in self.items if item.trace is not None}
+        if traces:
+            headers[ITEM_TRACES_HEADER] = traces
+        return headers
+
+    def restore_traces(self, parent: object, traces: object) -> None:
+        """Take the traces its task's headers carried (anything malformed is ignored: headers are input)."""
+        if isinstance(parent, str):
+            self._trace = parent
+        if isinstance(traces, dict):
+            for item in self.items:
+                found = traces.get(item.request_id)
+                if isinstance(found, str):
+                    item.traced(found)
 
 
 def describe_chunk(chunk_id: str, job_id: str | None, model: str, size: int) -> str:

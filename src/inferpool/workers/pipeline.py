@@ -78,6 +78,11 @@ class Step:
     def after_generate(self, runtime: WorkerRuntime, work: ChunkWork, generate: Generate) -> None:
         """Change outcomes once the backend answered (``generate`` runs it for requests held back)."""
 
+    def span_name(self, runtime: WorkerRuntime, work: ChunkWork, phase: str) -> str | None:
+        """The span a hook that just ran (``phase``: its name) shows as in a trace, if it acted on this chunk
+        (``inferpool.workers.tracing``); None: it did nothing worth a span."""
+        return None
+
     def after_write(self, runtime: WorkerRuntime, work: ChunkWork, written: Sequence[bool]) -> None:
         """React to what was written (``written``, one flag per ``work.to_write()``)."""
 
@@ -112,6 +117,9 @@ class EndedBeforeRunning(Step):
 
 class RequestHooks(Step):
     """The model's hooks' ``before_request``: a request rewritten, or refused with ``hook_error``."""
+
+    def span_name(self, runtime: WorkerRuntime, work: ChunkWork, phase: str) -> str | None:
+        return "inferpool.hooks.request" if runtime.hooks.hooks and phase == "before_generate" else None
 
     def before_generate(self, runtime: WorkerRuntime, work: ChunkWork) -> None:
         hooks = runtime.hooks
@@ -150,6 +158,11 @@ class ResponseCache(Step):
     """Answers from the response cache where a request may use it (``inferpool.workers.cache``): stored
     answers, and identical requests computed once, here or by another worker."""
 
+    def span_name(self, runtime: WorkerRuntime, work: ChunkWork, phase: str) -> str | None:
+        if ResponseCache not in work.notes:  # no request of the chunk may use the cache
+            return None
+        return "inferpool.cache.lookup" if phase == "before_generate" else "inferpool.cache.store"
+
     def before_generate(self, runtime: WorkerRuntime, work: ChunkWork) -> None:
         if runtime.cache is None:
             return
@@ -178,6 +191,9 @@ class ResponseCache(Step):
 
 class ResultHooks(Step):
     """The model's hooks' ``after_result``: an answer rewritten, or rejected with ``hook_error``."""
+
+    def span_name(self, runtime: WorkerRuntime, work: ChunkWork, phase: str) -> str | None:
+        return "inferpool.hooks.result" if runtime.hooks.hooks and phase == "after_generate" else None
 
     def after_generate(self, runtime: WorkerRuntime, work: ChunkWork, generate: Generate) -> None:
         hooks = runtime.hooks

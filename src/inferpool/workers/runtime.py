@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -50,6 +50,7 @@ from inferpool.workers.detection import OwnDetection
 from inferpool.workers.failures import FailurePolicy
 from inferpool.workers.hooks import HookChain
 from inferpool.workers.pipeline import ChunkWork, Step, default_steps
+from inferpool.workers.tracing import ChunkTimeline
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -169,28 +170,52 @@ class WorkerRuntime:
             log.warning("chunk %s outlived its results' retention; dropped unrun", chunk.describe())
             return ChunkReport(0, chunk.size, 0, 0)
         skipped = chunk.size - len(work.items)
-        for step in self.steps:
-            step.before_generate(self, work)
+        timeline = ChunkTimeline.start(chunk, started)  # None unless the chunk is traced and spans are collected
+        self._run_steps("before_generate", work, timeline, lambda step: step.before_generate(self, work))
         work.ran = {item.request_id for item in work.undecided()}
+        begun = time.time_ns()
         work.outcomes.update(self._generate(work.to_generate(), chunk.result_ttl_s))
+        if timeline is not None:
+            timeline.generate = (begun, time.time_ns())
 
         def generate(items: Sequence[TaskItem]) -> dict[str, Outcome]:
             return self._generate(items, chunk.result_ttl_s)
 
-        for step in self.steps:
-            step.after_generate(self, work, generate)
+        self._run_steps("after_generate", work, timeline, lambda step: step.after_generate(self, work, generate))
         to_write = work.to_write()
         records = [self.result_record(chunk.job_id, chunk.enqueued_at, item, work.outcomes[item.request_id], started,
                                       work.hooks_s.get(item.request_id), cached=item.request_id in work.cached)
                    for item in to_write]  # fmt: skip
+        begun = time.time_ns()
         flags = self._writer.write_records(chunk.job_id, self.spec.name, records, chunk.result_ttl_s)
+        if timeline is not None:
+            timeline.write = (begun, time.time_ns())
         for step in self.steps:
             step.after_write(self, work, flags)
         written = sum(flags)
         errors = sum(1 for record in records if not record.ok)
         report = ChunkReport(written, skipped, len(flags) - written, errors)
         log.info("chunk %s done: %s", chunk.describe(), report.as_dict())
+        if timeline is not None:
+            self._emit_spans(timeline, work, written)
         return report
+
+    def _run_steps(self, phase: str, work: ChunkWork, timeline: ChunkTimeline | None,
+                   run: Callable[[Step], None]) -> None:  # fmt: skip
+        """Run one hook of every step, noting on ``timeline`` the time of those that acted."""
+        for step in self.steps:
+            begun = time.time_ns() if timeline is not None else 0
+            run(step)
+            if timeline is not None and (name := step.span_name(self, work, phase)) is not None:
+                timeline.phase(name, begun)
+
+    def _emit_spans(self, timeline: ChunkTimeline, work: ChunkWork, written: int) -> None:
+        # After the results are stored: a tracing failure costs the trace, never an answer or a retry.
+        try:
+            timeline.emit(work, backend=self.backend.name, worker=self.worker_id, written=written,
+                          capture_content=self.settings.tracing.capture_content)  # fmt: skip
+        except Exception:
+            log.warning("could not record the spans of chunk %s", work.chunk.describe(), exc_info=True)
 
     def _unanswered(self, chunk: TaskChunk, maybe_answered: bool) -> ChunkWork | None:
         """The chunk's requests still to answer; None if the chunk's job is gone.

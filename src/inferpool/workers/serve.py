@@ -19,6 +19,7 @@ from inferpool.plumbing.redis_connection import connect_redis
 from inferpool.plumbing.settings import Settings
 from inferpool.provider_batch.runner import ProviderBatchRunner
 from inferpool.provider_batch.store import ProviderBatchStore
+from inferpool.tracing.setup import install_tracing
 from inferpool.workers.backend import create_backend
 from inferpool.workers.cache import ResponseCache
 from inferpool.workers.hooks import load_hooks
@@ -34,6 +35,7 @@ def serve_model(model: str, settings: Settings, *, concurrency: int | None = Non
     The model loads before the worker starts consuming, so a model that cannot load never takes a task:
     the error propagates (``ModelLoadError``) and the process exits non-zero.
     """
+    install_tracing(settings.tracing, "worker")
     registry = Registry.from_settings(settings)
     spec = registry.get(model)
     redis_client = connect_redis(settings.require_redis_url())

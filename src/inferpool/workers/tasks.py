@@ -14,6 +14,7 @@ from inferpool._exceptions import ModelNotResident
 from inferpool.constants import TASK_PROCESS_CHUNK, TASK_PROVIDER_BATCH_STEP
 from inferpool.provider_batch.runner import ProviderBatchRunner
 from inferpool.wire import TaskChunk
+from inferpool.wire.tasks import ITEM_TRACES_HEADER, TRACEPARENT_HEADER
 from inferpool.workers.runtime import ChunkReport, WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def install_chunk_server(app: Celery, server: ChunkServer) -> None:
             TaskChunk.model_validate_json(payload) if isinstance(payload, str) else TaskChunk.model_validate(payload)
         )
         request = task.request
+        chunk.restore_traces(getattr(request, TRACEPARENT_HEADER, None), getattr(request, ITEM_TRACES_HEADER, None))
         # Delivered before (restored after a crash, or a retry): some results may exist already.
         again = bool(request.retries) or bool((request.delivery_info or {}).get("redelivered"))
         try:
@@ -83,4 +85,4 @@ def install_chunk_server(app: Celery, server: ChunkServer) -> None:
                                                          maximum=RETRY_BACKOFF_MAX_S, full_jitter=True)  # fmt: skip
             # celery-types' stub omits retry's **options, which Celery passes on to apply_async.
             raise task.retry(exc=exc, countdown=countdown, argsrepr=chunk.describe(),  # type: ignore[call-arg]
-                             kwargsrepr="{}") from exc  # fmt: skip
+                             kwargsrepr="{}", headers=chunk.trace_headers()) from exc  # type: ignore[arg-type]  # fmt: skip

@@ -1,0 +1,76 @@
+"""What the rest of inferpool calls to trace: the tracer (or None, at no cost, when nobody collects spans), and
+the W3C ``traceparent`` strings that carry a trace across processes (chunk headers, job records, HTTP)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Span, Tracer
+
+INSTRUMENTATION_NAME = "inferpool"
+_AVAILABLE = importlib.util.find_spec("opentelemetry") is not None
+_cache: list[tuple[object, Tracer]] = []  # the provider last asked, and its tracer
+
+
+def tracer() -> Tracer | None:
+    """inferpool's tracer from the process's tracer provider; None where OpenTelemetry is not installed or no
+    provider was set (the API's no-op one): then nothing is traced and no span work is done at all."""
+    if not _AVAILABLE:
+        return None
+    from opentelemetry import trace
+    from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider
+
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, ProxyTracerProvider | NoOpTracerProvider):
+        return None
+    if _cache and _cache[0][0] is provider:
+        return _cache[0][1]
+    from importlib.metadata import version
+
+    found = provider.get_tracer(INSTRUMENTATION_NAME, version("inferpool"))
+    _cache[:] = [(provider, found)]
+    return found
+
+
+def traceparent(span: Span | None) -> str | None:
+    """``span``'s W3C traceparent, if it belongs to a real trace."""
+    if span is None:
+        return None
+    context = span.get_span_context()
+    if not context.is_valid:
+        return None
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+
+
+def current_traceparent() -> str | None:
+    """The traceparent of the span current here (None outside any trace)."""
+    if not _AVAILABLE:
+        return None
+    from opentelemetry import trace
+
+    return traceparent(trace.get_current_span())
+
+
+def context_from(parent: object) -> Context | None:
+    """The context a ``traceparent`` string names; None for anything else (a header is input like any other)."""
+    if not _AVAILABLE or not isinstance(parent, str) or len(parent) > 128:
+        return None
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    context = TraceContextTextMapPropagator().extract({"traceparent": parent})
+    return context if trace.get_current_span(context).get_span_context().is_valid else None
+
+
+def context_from_headers(headers: dict[str, str]) -> Context | None:
+    """The caller's trace, from an HTTP request's ``traceparent`` and ``tracestate`` headers."""
+    if not _AVAILABLE or "traceparent" not in headers:
+        return None
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    context = TraceContextTextMapPropagator().extract(headers)
+    return context if trace.get_current_span(context).get_span_context().is_valid else None
