@@ -53,16 +53,24 @@ def call_span(request: AnyRequest) -> Iterator[CallSpan]:
 
 @contextlib.contextmanager
 def submit_span(name: str = "inferpool.submit") -> Iterator[Span | None]:
-    """A producer span, current while a request (or a batch's lines) is queued; None when nothing is traced. Its
-    ``traceparent`` is what the request travels under (``TaskItem.traced``, a job's record)."""
+    """A producer span, child of the current one, open while a request (or a batch's lines) is queued; None when
+    nothing is traced. Its ``traceparent`` is what the request travels under (``TaskItem.traced``, a job's
+    record). Not made current: nothing inside makes spans, and attaching a context costs more than the span."""
     found = tracer()
     if found is None:
         yield None
         return
-    from opentelemetry.trace import SpanKind
+    from opentelemetry.trace import SpanKind, Status, StatusCode
 
-    with found.start_as_current_span(name, kind=SpanKind.PRODUCER) as span:
+    span = found.start_span(name, kind=SpanKind.PRODUCER)
+    try:
         yield span
+    except BaseException as exc:
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        span.end()
 
 
 __all__ = ["CallSpan", "call_span", "submit_span", "traceparent"]

@@ -62,13 +62,15 @@ def decode(body: bytes) -> list[ReceivedSpan]:
 
 
 class OtlpReceiver:
-    """Receives spans on ``http://127.0.0.1:{port}/v1/traces`` in a background thread."""
+    """Receives spans on ``http://127.0.0.1:{port}/v1/traces`` in a background thread. ``keep=False`` only counts
+    exports and their bytes, decoding nothing (a benchmark's collector, whose CPU would be another host's)."""
 
     def __init__(self, port: int = 0, *, keep: bool = True) -> None:
         self.keep = keep
         self.spans: list[ReceivedSpan] = []
         self.raw: list[bytes] = []  # the bodies as they came (to look for text that must not be there)
-        self.count = 0
+        self.count = 0  # spans (kept) or exports (counted)
+        self.bytes = 0
         self._lock = threading.Lock()
         receiver = self
 
@@ -81,7 +83,7 @@ class OtlpReceiver:
                     self.send_error(404)
                     return
                 try:
-                    spans = decode(body)
+                    spans = decode(body) if receiver.keep else []
                 except Exception:  # what a collector does with a body it cannot read
                     self.send_error(400)
                     return
@@ -104,7 +106,8 @@ class OtlpReceiver:
 
     def add(self, body: bytes, spans: list[ReceivedSpan]) -> None:
         with self._lock:
-            self.count += len(spans)
+            self.count += len(spans) if self.keep else 1
+            self.bytes += len(body)
             if self.keep:
                 self.raw.append(body)
                 self.spans.extend(spans)
@@ -123,8 +126,8 @@ class OtlpReceiver:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Receive OTLP/HTTP spans and count them (a collector that forwards "
-                                     "nothing), for benchmarks of tracing's cost.")  # fmt: skip
+    parser = argparse.ArgumentParser(description="Receive OTLP/HTTP span exports and count them (a collector that "
+                                     "forwards nothing), for benchmarks of tracing's cost.")  # fmt: skip
     parser.add_argument("--port", type=int, default=4318)
     args = parser.parse_args()
     receiver = OtlpReceiver(args.port, keep=False).start()
@@ -132,7 +135,7 @@ def main() -> None:
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
-        print(f"{receiver.count} spans received")
+        print(f"{receiver.count} exports received, {receiver.bytes:,} bytes")
     finally:
         receiver.stop()
 

@@ -4,11 +4,14 @@ the W3C ``traceparent`` strings that carry a trace across processes (chunk heade
 from __future__ import annotations
 
 import importlib.util
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
-    from opentelemetry.trace import Span, Tracer
+    from opentelemetry.trace import Span, SpanContext, Tracer
+
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 INSTRUMENTATION_NAME = "inferpool"
 _AVAILABLE = importlib.util.find_spec("opentelemetry") is not None
@@ -16,15 +19,17 @@ _cache: list[tuple[object, Tracer]] = []  # the provider last asked, and its tra
 
 
 def tracer() -> Tracer | None:
-    """inferpool's tracer from the process's tracer provider; None where OpenTelemetry is not installed or no
-    provider was set (the API's no-op one): then nothing is traced and no span work is done at all."""
+    """inferpool's tracer from the process's tracer provider; None where OpenTelemetry is not installed, no
+    provider was set (the API's no-op one), or instrumentation is suppressed here (OpenTelemetry's
+    ``suppress_instrumentation``): then nothing is traced and no span work is done at all."""
     if not _AVAILABLE:
         return None
     from opentelemetry import trace
+    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, get_value
     from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider
 
     provider = trace.get_tracer_provider()
-    if isinstance(provider, ProxyTracerProvider | NoOpTracerProvider):
+    if isinstance(provider, ProxyTracerProvider | NoOpTracerProvider) or get_value(_SUPPRESS_INSTRUMENTATION_KEY):
         return None
     if _cache and _cache[0][0] is provider:
         return _cache[0][1]
@@ -63,6 +68,21 @@ def context_from(parent: object) -> Context | None:
 
     context = TraceContextTextMapPropagator().extract({"traceparent": parent})
     return context if trace.get_current_span(context).get_span_context().is_valid else None
+
+
+def span_context_of(parent: object) -> SpanContext | None:
+    """The remote span a version-00 ``traceparent`` names, if valid (all-zero ids are not)."""
+    if not _AVAILABLE or not isinstance(parent, str):
+        return None
+    match = _TRACEPARENT.fullmatch(parent)
+    if match is None:
+        return None
+    trace_id, span_id = int(match[1], 16), int(match[2], 16)
+    if not trace_id or not span_id:
+        return None
+    from opentelemetry.trace import SpanContext, TraceFlags
+
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(match[3], 16)))
 
 
 def context_from_headers(headers: dict[str, str]) -> Context | None:
