@@ -143,7 +143,7 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         summary = {"figures": figures, "costs": costs, "exports": receiver.count, "export_bytes": receiver.bytes,
-                   "batch_seconds": batch_s, "args": {key: str(value) for key, value in vars(args).items()}}  # fmt: skip
+                   "batch_seconds": batch_s, "args": {key: str(val) for key, val in vars(args).items()}}  # fmt: skip
         args.json.write_text(json.dumps(summary, indent=2))
 
 
