@@ -135,3 +135,19 @@ def test_provider_mistakes_are_clear(tmp_path: Path, text: str, message: str) ->
     path.write_text(text)
     with pytest.raises(RegistryError, match=message):
         Registry.load([path])
+
+
+def test_ignore_eos_is_for_vllm_models_only() -> None:
+    """vLLM's ``ignore_eos`` (fixed-length benchmarks such as ``vllm bench serve``) is taken by a vLLM model and
+    refused, with what to do, by any other rather than silently ignored."""
+    from inferpool import InvalidRequest
+    from inferpool.model_registry.capability import check_request_fits
+    from inferpool.wire import ChatRequest, CompletionRequest
+
+    registry = Registry.load()
+    chat = ChatRequest(model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=8, ignore_eos=True)
+    completion = CompletionRequest(model="x", prompt="hi", max_tokens=8, ignore_eos=True)
+    for request in (chat, completion):
+        check_request_fits(registry.get("smollm2-135m-vllm"), request)
+        with pytest.raises(InvalidRequest, match="ignore_eos is vLLM's extension; model 'echo' runs on 'echo'"):
+            check_request_fits(registry.get("echo"), request)

@@ -9,7 +9,9 @@ load balancer.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -38,6 +40,8 @@ from inferpool.state.jobs import JobStore
 from inferpool.state.key_limits import KeyLimitStore
 from inferpool.tracing.setup import install_tracing
 
+log = logging.getLogger(__name__)
+
 
 async def health(request: Request) -> Response:
     """Liveness: the process answers."""
@@ -51,6 +55,17 @@ async def ready(request: Request) -> Response:
     except (redis.RedisError, OSError) as exc:
         return JSONResponse({"status": "unavailable", "reason": f"Redis: {exc}"}, status_code=503)
     return JSONResponse({"status": "ready"})
+
+
+async def _close_idle_redis(client: AsyncClient, every_s: float) -> None:
+    """Close the idle connections of the client's asyncio pool every ``every_s`` (they reconnect when next used,
+    ~1 ms): a burst of concurrent commands opens a connection each, and redis-py's pool never lets one go."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await client.redis.connection_pool.disconnect(inuse_connections=False)
+        except (redis.RedisError, OSError) as exc:  # nothing to keep: a reconnect will say what is wrong
+            log.debug("closing idle Redis connections: %s", exc)
 
 
 def create_app(settings: Settings, *, require_keys: bool = True, registry: Registry | None = None) -> Starlette:
@@ -68,9 +83,13 @@ def create_app(settings: Settings, *, require_keys: bool = True, registry: Regis
         keys = KeyCache(client.redis)
         keys.start()
         app.state.gateway = Gateway(settings, client, jobs, files, require_keys, admission, limiter, keys)
+        trimming = asyncio.get_running_loop().create_task(
+            _close_idle_redis(client, settings.gateway_idle_redis_close_s)
+        )
         try:
             yield
         finally:
+            trimming.cancel()
             await keys.close()
             jobs.redis.close()
             await client.aclose()

@@ -24,6 +24,9 @@ def check_request_fits(spec: ModelSpec, request: AnyRequest) -> None:
         served = ", ".join(KIND_NAMES[kind] for kind in spec.capabilities.kinds()) or "nothing"
         raise CapabilityMismatch(f"model {spec.name!r} does not serve {KIND_NAMES[request.kind]} (it serves: "
                                  f"{served})")  # fmt: skip
+    if isinstance(request, ChatRequest | CompletionRequest) and request.ignore_eos and spec.backend != "vllm":
+        raise InvalidRequest(f"ignore_eos is vLLM's extension; model {spec.name!r} runs on {spec.backend!r}: remove "
+                             "it")  # fmt: skip
     if isinstance(request, ChatRequest):
         _check_chat(spec, request)
     elif isinstance(request, CompletionRequest):

@@ -184,6 +184,11 @@ class Settings(BaseSettings):
         default=256, gt=0,
         description="Chat requests one tenant may hold open on one gateway process; more are answered 429.",
     )  # fmt: skip
+    gateway_idle_redis_close_s: float = Field(
+        default=30.0, gt=0,
+        description="How often a gateway closes the Redis connections its pool holds idle: a burst (hundreds of "
+        "clients hanging up at once) opens that many, and the pool would keep them open for ever.",
+    )  # fmt: skip
     files_ttl_s: int = Field(
         default=30 * 86400, gt=0,
         description="How long an uploaded file is kept (then deleted, bytes and metadata); a batch reads its input "

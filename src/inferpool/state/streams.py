@@ -188,8 +188,9 @@ class StreamAssembler:
             self.position = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
             fields = {_text(k): _text(v) for k, v in raw_fields.items()}
             if STREAM_STARTED in fields:
+                # Taken by a worker: not a chunk yet. The first chunk goes with the first token, as vLLM's and
+                # OpenAI's servers send it: clients (and `vllm bench serve`) time the first token by it.
                 self._model = self._model or fields[STREAM_STARTED]
-                yield from self._open()
             elif STREAM_TEXT in fields:
                 yield from self._delta(int(fields[STREAM_OFFSET]), fields[STREAM_TEXT])
             elif STREAM_RESTART in fields:

@@ -42,6 +42,11 @@ class CompletionRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
+    ignore_eos: bool | None = Field(
+        default=None,
+        description="vLLM's extension (its own server takes it too): generate max_tokens tokens, past the "
+        "end-of-sequence token, as fixed-length benchmarks need. Served by vLLM models only.",
+    )
     user: str | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None

@@ -148,6 +148,11 @@ class ChatRequest(BaseModel):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
+    ignore_eos: bool | None = Field(
+        default=None,
+        description="vLLM's extension (its own server takes it too): generate max_tokens tokens, past the "
+        "end-of-sequence token, as fixed-length benchmarks need. Served by vLLM models only.",
+    )
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None
     metadata: dict[str, str] | None = None

@@ -58,6 +58,7 @@ class OpenAIBackend(ApiBackend):
         body.pop("stream_options", None)
         body.pop("routing", None)  # inferpool's own fields
         body.pop("cache", None)
+        body.pop("ignore_eos", None)  # only vLLM models take it (check_request_fits)
         return body
 
     async def complete(self, requests: list[CompletionRequest]) -> list[GenerationOutcome]:

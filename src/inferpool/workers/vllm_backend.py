@@ -6,8 +6,8 @@ and lives on the worker runtime's event loop. Every request of every chunk in fl
 streamed as deltas: the first delta with a token is the time to first token.
 
 OpenAI parameters map to ``SamplingParams``: max_tokens, temperature, top_p, stop, seed, n,
-presence/frequency penalty, logprobs/top_logprobs; ``response_format`` (json_object, json_schema) maps
-to structured outputs, and so do ``tools`` with ``tool_choice`` "required" or a named function (see
+presence/frequency penalty, logprobs/top_logprobs, vLLM's own ``ignore_eos``; ``response_format`` (json_object,
+json_schema) maps to structured outputs, and so do ``tools`` with ``tool_choice`` "required" or a named function (see
 ``local_tools``). ``model: "<model>:<adapter>"`` selects a LoRA adapter listed in the registry,
 which vLLM loads on first use. Engine settings come from the registry entry's ``params``.
 """
@@ -339,6 +339,7 @@ class VllmBackend:
             frequency_penalty=request.frequency_penalty or 0.0,
             logprobs=logprobs,
             structured_outputs=structured,
+            ignore_eos=bool(request.ignore_eos),
             output_kind=RequestOutputKind.DELTA,
         )
 
