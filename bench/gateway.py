@@ -144,13 +144,14 @@ def wrk_run(url: str, key: str, model: str, connections: int, seconds: float, wo
 
 
 async def wrk_table(direct_call: Callable[[], Awaitable[None]], gateway_url: str, key: str, seconds: float,
-                    workdir: Path, litellm: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """The gateway under ``wrk`` against the direct client at the same number in flight."""
+                    workdir: Path, litellm: str | None = None, model: str = "echo") -> dict[str, Any]:  # fmt: skip
+    """The gateway under ``wrk`` against the direct client at the same number in flight (and the LiteLLM proxy
+    under the same ``wrk``, in front of the emulator, if given)."""
     rows: dict[str, dict[str, dict[str, float]]] = {}
     for concurrency in (1, 16, 128, 1024):
         print(f"  wrk: {concurrency} connections ...", file=sys.stderr, flush=True)
         direct = await run_load(direct_call, max(400, int(concurrency * 4)), concurrency)
-        gateway = await asyncio.to_thread(wrk_run, gateway_url, key, "echo", concurrency, seconds, workdir)
+        gateway = await asyncio.to_thread(wrk_run, gateway_url, key, model, concurrency, seconds, workdir)
         rows[str(concurrency)] = {"direct": direct, "gateway": gateway}
         if litellm is not None:
             rows[str(concurrency)]["litellm"] = await asyncio.to_thread(wrk_run, litellm, LITELLM_KEY, EMULATED,
@@ -212,6 +213,9 @@ async def bench(
             await proxy.chat.completions.create(model=EMULATED, messages=MESSAGES)
 
         emulated = {**targets(EMULATED), "litellm": via_litellm}
+        if shutil.which("wrk"):
+            figures["wrk_emulator"] = await wrk_table(targets(EMULATED)["direct"], gateway, key, args.seconds,
+                                                      args.workdir, litellm, EMULATED)  # fmt: skip
         figures["emulator_load"] = await load_table(emulated, args.requests)
         await proxy.close()
     figures["ttft"] = await measure_ttft(direct, sdk)
@@ -240,6 +244,10 @@ def report(figures: dict[str, Any]) -> None:
         print_table(figures["wrk"])
     print("echo pool (direct client vs gateway through the openai SDK):")
     print_table(figures["load"])
+    if "wrk_emulator" in figures:
+        print(f"OpenAI emulator behind each, driven by wrk ({EMULATED}: API-proxy worker; LiteLLM proxy straight to "
+              "the emulator):")  # fmt: skip
+        print_table(figures["wrk_emulator"])
     if "emulator_load" in figures:
         print(f"OpenAI emulator behind each ({EMULATED}: API-proxy worker; LiteLLM proxy straight to the emulator):")
         print_table(figures["emulator_load"])
