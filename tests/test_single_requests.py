@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import threading
 
 import pytest
 import redis
@@ -32,9 +31,9 @@ async def test_concurrent_requests_ride_together_and_each_gets_its_own_answer(
         sizes: list[int] = []
         publish = client.coalescer._publish
 
-        def counted(chunk: TaskChunk) -> None:  # the real publish, counted
+        async def counted(chunk: TaskChunk) -> None:  # the real publish, counted
             sizes.append(len(chunk.items))
-            publish(chunk)
+            await publish(chunk)
 
         client.coalescer._publish = counted
         answers = await asyncio.gather(*(client.chat("echo", _ask(f"question {i}"), timeout=60) for i in range(300)))
@@ -77,11 +76,11 @@ async def test_a_lost_wake_up_a_late_waiter_and_a_timeout_still_end_with_the_res
 
 async def test_a_failed_publish_fails_every_request_it_carried_and_the_next_ones_go() -> None:
     calls: list[int] = []
-    gate = threading.Event()
+    gate = asyncio.Event()
 
-    def publish(chunk: TaskChunk) -> None:
+    async def publish(chunk: TaskChunk) -> None:
         calls.append(len(chunk.items))
-        gate.wait(5)
+        await asyncio.wait_for(gate.wait(), 5)
         if len(calls) == 2:
             raise ConnectionError("broker down")
 

@@ -148,6 +148,28 @@ def test_gateway_chat_is_one_trace_with_no_text(traced_pool: tuple[str, str], re
     assert not any(marker.encode() in body for body in receiver.raw)
 
 
+def test_a_bad_traceparent_starts_a_new_trace(traced_pool: tuple[str, str], receiver: OtlpReceiver) -> None:
+    """A caller's header is input like any other: malformed, all-zero or huge, the chat is served and its trace
+    starts at the gateway."""
+    redis_url, url = traced_pool
+    key = ApiKeys(redis.Redis.from_url(redis_url)).create("acme")[0]
+    marker = f"bad-parent-{secrets.token_hex(4)}"
+    for parent in ("garbage", f"00-{'0' * 32}-{'0' * 16}-01", "00-" + "f" * 5000, "ff-" + "ab" * 16 + "-" + "cd" * 8):
+        reply = httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                           headers={"Authorization": f"Bearer {key}", "traceparent": parent},
+                           json={"model": "echo-traced", "max_tokens": 4, "user": marker,
+                                 "messages": [{"role": "user", "content": "hello"}]})  # fmt: skip
+        assert reply.status_code == 200, reply.text
+    roots: list[ReceivedSpan] = []
+
+    def four_roots() -> bool:
+        roots[:] = [span for span in receiver.received() if span.name == "POST /v1/chat/completions"
+                    and span.parent_id == ""]  # fmt: skip
+        return len(roots) >= 4
+
+    wait_until(four_roots, 30, "the four chats' server spans, each the root of its trace")
+
+
 def test_streamed_chat_marks_its_first_token(traced_pool: tuple[str, str], receiver: OtlpReceiver) -> None:
     redis_url, url = traced_pool
     key = ApiKeys(redis.Redis.from_url(redis_url)).create("acme")[0]

@@ -143,6 +143,9 @@ class ClientBase:
         user = request.user
         return user if user and TENANT_NAME.match(user) and self.settings.user_may_be_tenant(user) else None
 
+    def chunk_size(self, model: str) -> int:
+        return self.registry.get(model).serving.chunk_size
+
     def route(self, request: AnyRequest) -> Route:
         return self.router.route(request)
 

@@ -356,7 +356,7 @@ class AsyncClient(ClientBase):
         self._redis: redis.asyncio.Redis | None = None
         # Batch job calls run the sync implementation in threads, on a sync connection pool of their own.
         self._sync_redis = redis_from_url(self.redis_url, socket_connect_timeout=5)
-        self.publisher = ChunkPublisher(self._sync_redis)
+        self.publisher = ChunkPublisher(self._sync_redis, self._ensure_connected)
         self.use_key(self._sync_redis, api_key)
         batches = Batches(self._sync_redis, self.settings, self.router, self.tenant_for, self.key_gate)
         self.batches = AsyncBatches(batches)
@@ -364,7 +364,7 @@ class AsyncClient(ClientBase):
         self.attach_live_view(self._sync_redis)
         self.budget_gate = BudgetGate(self.registry, self._sync_redis, self.settings.result_ttl_s)
         # Requests published together while one publish is under way; their results come back on one list.
-        self.coalescer = Coalescer(self.publish, lambda model: self.registry.get(model).serving.chunk_size)
+        self.coalescer = Coalescer(self.publisher.publish_async, self.chunk_size)
         self.replies = Replies(self._ensure_connected)
         self._live_refresh: asyncio.Future[None] | None = None
 

@@ -1,8 +1,8 @@
 """Single requests that arrive together travel together: ``AsyncClient.submit``'s publishing.
 
-Group commit, with no timer: the first request for a queue (model, priority) is published at once, in a thread
-(kombu's producer is blocking); requests for the same queue that arrive while that publish is under way wait for
-it and then go together, as one chunk task of up to the model's ``chunk_size`` items. A lone request therefore
+Group commit, with no timer: the first request for a queue (model, priority) is published at once (one ``LPUSH``
+on the client's asyncio connection); requests for the same queue that arrive while that publish is under way wait
+for it and then go together, as one chunk task of up to the model's ``chunk_size`` items. A lone request therefore
 waits for nothing (no window to fill), and under load one Celery message, one worker task and one result script
 carry many requests. Each request keeps its own id, its own exactly-once result and its own wake-up
 (``inferpool.client.replies``); ``submit`` returns once its own chunk was handed to the broker, or raises what
@@ -12,14 +12,14 @@ publishing it raised.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from inferpool.constants import Priority
 from inferpool.wire import TaskChunk
 
-#: Publishes one chunk (blocking): ``ClientBase.publish``.
-Publish = Callable[[TaskChunk], None]
+#: Publishes one chunk: ``ChunkPublisher.publish_async``.
+Publish = Callable[[TaskChunk], Awaitable[None]]
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Coalescer:
                 taken, queue.waiting[:size] = queue.waiting[:size], []
                 merged = taken[0][0] if len(taken) == 1 else _merge([chunk for chunk, _ in taken])
                 try:
-                    await asyncio.to_thread(self._publish, merged)
+                    await self._publish(merged)
                 except BaseException as exc:  # each request of the chunk gets its publish's error
                     for _, done in taken:
                         if not done.done():

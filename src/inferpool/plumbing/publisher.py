@@ -12,8 +12,10 @@ import json
 import os
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 
 import redis
+import redis.asyncio
 
 from inferpool.constants import TASK_PROCESS_CHUNK, queue_name, worker_queue_name
 from inferpool.wire import TaskChunk
@@ -29,8 +31,12 @@ class ChunkPublisher:
     checks the message against ``send_task``'s, field by field.
     """
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis,
+                 connect_async: Callable[[], Awaitable[redis.asyncio.Redis]] | None = None) -> None:  # fmt: skip
+        """``client`` publishes (``publish``); ``connect_async`` gives an ``AsyncClient``'s asyncio connection, for
+        ``publish_async``."""
         self._redis = client
+        self._connect_async = connect_async
         self._origin = f"gen{os.getpid()}@{socket.gethostname()}"
         self._reply_to = str(uuid.uuid4())
 
@@ -62,9 +68,20 @@ class ChunkPublisher:
 
     def publish(self, chunk: TaskChunk, worker: str | None = None) -> None:
         """``publish_chunk``, in one round trip."""
+        self._redis.lpush(*self._queued(chunk, worker))
+
+    async def publish_async(self, chunk: TaskChunk) -> None:
+        """``publish`` to the model's shared queue on the asyncio connection: no thread hop on an event loop."""
+        if self._connect_async is None:
+            raise RuntimeError("this ChunkPublisher was made without an asyncio connection (connect_async)")
+        client = await self._connect_async()
+        await client.lpush(*self._queued(chunk, None))
+
+    def _queued(self, chunk: TaskChunk, worker: str | None) -> tuple[str, bytes]:
+        """The queue ``chunk`` goes to (``worker``'s own, or the model's shared one), and its message."""
         priority = chunk.priority
         queue = queue_name(chunk.model, priority) if worker is None else worker_queue_name(chunk.model, worker,
                                                                                            priority)  # fmt: skip
         message = self.message(chunk.model_dump_json(exclude_none=True), queue=queue, description=chunk.describe(),
                                expires_s=chunk.result_ttl_s, headers=chunk.trace_headers())  # fmt: skip
-        self._redis.lpush(queue, message)
+        return queue, message

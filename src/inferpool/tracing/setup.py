@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from inferpool._exceptions import ConfigurationError
+from inferpool.plumbing.redis_connection import redact_url
 from inferpool.tracing.settings import TracingSettings
 
 if TYPE_CHECKING:
@@ -117,7 +118,7 @@ def install_tracing(settings: TracingSettings, role: str) -> bool:
         _sink = SpanSink(processor, provider.resource, InstrumentationScope("inferpool", version("inferpool")))
         _installed = role
         log.info("tracing on: %s spans to %s", attributes["service.name"],
-                 "the console" if settings.exporter == "console" else settings.traces_endpoint)  # fmt: skip
+                 "the console" if settings.exporter == "console" else redact_url(settings.traces_endpoint))  # fmt: skip
         return True
 
 
