@@ -53,6 +53,13 @@ def worker_queue_name(model_name: str, worker_id: str, priority: Priority = Prio
     return f"inferpool.model.{model_name}.{_QUEUE_RANK[priority][0]}-@{worker_id}"
 
 
+def chunk_queue_name(model_name: str, priority: Priority, worker_id: str | None = None) -> str:
+    """Where a chunk of ``priority`` goes: ``worker_id``'s own queue, else the model's shared one."""
+    if worker_id is None:
+        return queue_name(model_name, priority)
+    return worker_queue_name(model_name, worker_id, priority)
+
+
 def worker_queues(model_name: str, worker_id: str) -> list[str]:
     """A worker's own queues, highest priority first."""
     return [worker_queue_name(model_name, worker_id, priority) for priority in Priority]

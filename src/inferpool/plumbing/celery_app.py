@@ -10,7 +10,7 @@ from typing import Any
 
 from celery import Celery
 
-from inferpool.constants import TASK_PROCESS_CHUNK, Priority, queue_name, worker_queue_name
+from inferpool.constants import TASK_PROCESS_CHUNK, Priority, chunk_queue_name
 from inferpool.plumbing.redis_connection import kombu_broker
 from inferpool.plumbing.settings import Settings
 from inferpool.wire import TaskChunk
@@ -97,6 +97,6 @@ def publish_chunk_json(
     expires after ``expires_s`` (the result TTL): a worker discards it unrun rather than answer a request
     whose result, and maybe whose job, is gone. ``headers`` go with the task's own (the chunk's traces).
     """
-    queue = queue_name(model, priority) if worker is None else worker_queue_name(model, worker, priority)
+    queue = chunk_queue_name(model, priority, worker)
     app.send_task(TASK_PROCESS_CHUNK, args=[payload], queue=queue, argsrepr=description, kwargsrepr="{}",
                   expires=expires_s, headers=headers or None)  # fmt: skip

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import redis
 import redis.asyncio
 
-from inferpool.constants import TASK_PROCESS_CHUNK, queue_name, worker_queue_name
+from inferpool.constants import TASK_PROCESS_CHUNK, chunk_queue_name
 from inferpool.wire import TaskChunk
 
 
@@ -79,9 +79,7 @@ class ChunkPublisher:
 
     def _queued(self, chunk: TaskChunk, worker: str | None) -> tuple[str, bytes]:
         """The queue ``chunk`` goes to (``worker``'s own, or the model's shared one), and its message."""
-        priority = chunk.priority
-        queue = queue_name(chunk.model, priority) if worker is None else worker_queue_name(chunk.model, worker,
-                                                                                           priority)  # fmt: skip
+        queue = chunk_queue_name(chunk.model, chunk.priority, worker)
         message = self.message(chunk.model_dump_json(exclude_none=True), queue=queue, description=chunk.describe(),
                                expires_s=chunk.result_ttl_s, headers=chunk.trace_headers())  # fmt: skip
         return queue, message
