@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 from pydantic import TypeAdapter, ValidationError
@@ -34,10 +34,6 @@ from inferpool.wire import (
     describe_validation_error,
     new_id,
 )
-
-if TYPE_CHECKING:
-    pass
-
 
 RequestLike = AnyRequest | Mapping[str, Any]
 MessagesLike = Sequence[ChatMessage | Mapping[str, Any]]

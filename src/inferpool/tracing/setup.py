@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from inferpool._exceptions import ConfigurationError
 from inferpool.plumbing.redis_connection import redact_url
 from inferpool.tracing.settings import TracingSettings
+from inferpool.tracing.spans import INSTRUMENTATION_NAME
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
-_installed: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,11 @@ def install_tracing(settings: TracingSettings, role: str) -> bool:
     """Export this process's spans as ``settings`` say (once per process; later calls keep the first setup).
     ``role`` names the service unless ``OTEL_SERVICE_NAME`` does: ``inferpool-{role}``. Returns whether
     spans are exported. Raises ``ConfigurationError`` if tracing is asked for and cannot be had."""
-    global _installed, _sink
+    global _sink
     if not settings.enabled:
         return False
     with _lock:
-        if _installed is not None:
+        if _sink is not None:
             return True
         try:
             from opentelemetry import trace
@@ -115,8 +115,8 @@ def install_tracing(settings: TracingSettings, role: str) -> bool:
 
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-        _sink = SpanSink(processor, provider.resource, InstrumentationScope("inferpool", version("inferpool")))
-        _installed = role
+        scope = InstrumentationScope(INSTRUMENTATION_NAME, version("inferpool"))
+        _sink = SpanSink(processor, provider.resource, scope)
         log.info("tracing on: %s spans to %s", attributes["service.name"],
                  "the console" if settings.exporter == "console" else redact_url(settings.traces_endpoint))  # fmt: skip
         return True
@@ -124,10 +124,5 @@ def install_tracing(settings: TracingSettings, role: str) -> bool:
 
 def flush_tracing(timeout_s: float = 5.0) -> None:
     """Export what is buffered now (a short-lived command ends; a worker stops)."""
-    if _installed is None:
-        return
-    from opentelemetry import trace
-
-    flush = getattr(trace.get_tracer_provider(), "force_flush", None)
-    if callable(flush):
-        flush(int(timeout_s * 1000))
+    if _sink is not None:
+        _sink.processor.force_flush(int(timeout_s * 1000))

@@ -73,24 +73,11 @@ def traceparent(span: Span | None) -> str | None:
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
 
 
-def current_traceparent() -> str | None:
-    """The traceparent of the span current here (None outside any trace)."""
-    if not _AVAILABLE:
-        return None
-    from opentelemetry import trace
-
-    return traceparent(trace.get_current_span())
-
-
 def context_from(parent: object) -> Context | None:
     """The context a ``traceparent`` string names; None for anything else (a header is input like any other)."""
-    if not _AVAILABLE or not isinstance(parent, str) or len(parent) > 128:
+    if not isinstance(parent, str) or len(parent) > 128:
         return None
-    from opentelemetry import trace
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-    context = TraceContextTextMapPropagator().extract({"traceparent": parent})
-    return context if trace.get_current_span(context).get_span_context().is_valid else None
+    return context_from_headers({"traceparent": parent})
 
 
 def span_context_of(parent: object) -> SpanContext | None:

@@ -48,7 +48,6 @@ class ChunkTimeline:
         self.phases: list[tuple[str, int, int]] = []
         self.generate: tuple[int, int] | None = None
         self.write: tuple[int, int] | None = None
-        self._provider = ""
 
     @classmethod
     def start(cls, chunk: TaskChunk, started: float) -> ChunkTimeline | None:
@@ -65,20 +64,20 @@ class ChunkTimeline:
     def emit(self, work: ChunkWork, *, backend: str, worker: str, written: int, capture_content: bool) -> None:
         """The spans: one tree per traced request, or one for the job's chunk."""
         end = time.time_ns()
-        self._provider = genai.provider_name(backend)
+        provider = genai.provider_name(backend)
         # Few attributes: every span and attribute is encoded and sent, for every request.
         common: dict[str, Any] = {"inferpool.worker": worker, "inferpool.chunk.id": self.chunk.chunk_id}
         job = span_context_of(self.chunk.trace)
         if job is not None:
             common.update({"inferpool.job.id": self.chunk.job_id or "", "inferpool.chunk.size": self.chunk.size,
                            "inferpool.results.written": written})  # fmt: skip
-            self._tree(job, work, work.items, common, end, content=False)
+            self._tree(job, work, work.items, common, end, provider=provider, content=False)
             return
         for item in work.items:
             parent = span_context_of(item.trace)
             if parent is not None:
                 self._tree(parent, work, [item], {**common, "inferpool.request.id": item.request_id}, end,
-                           content=capture_content)  # fmt: skip
+                           provider=provider, content=capture_content)  # fmt: skip
 
     @staticmethod
     def _child_of(parent: SpanContext) -> SpanContext:
@@ -102,7 +101,7 @@ class ChunkTimeline:
         ))  # fmt: skip
 
     def _tree(self, parent: SpanContext, work: ChunkWork, items: Sequence[TaskItem], attributes: dict[str, Any],
-              end: int, *, content: bool) -> None:  # fmt: skip
+              end: int, *, provider: str, content: bool) -> None:  # fmt: skip
         from opentelemetry.sdk.trace import Event
         from opentelemetry.trace import SpanKind
 
@@ -120,7 +119,7 @@ class ChunkTimeline:
                         default=None)  # fmt: skip
             failed = outcomes[0] if all(isinstance(outcome, RequestError) for outcome in outcomes) else None
             self._span(genai.span_name(generated[0].request, self.chunk.model), inside, *self.generate,
-                       kind=SpanKind.CLIENT, attributes=self._call_attributes(work, generated, content),
+                       kind=SpanKind.CLIENT, attributes=self._call_attributes(work, generated, provider, content),
                        events=() if first is None else (Event("gen_ai.first_token", timestamp=_ns(first)),),
                        error=failed.code if isinstance(failed, RequestError) else None)  # fmt: skip
         if self.write is not None:
@@ -135,7 +134,8 @@ class ChunkTimeline:
     def _outcomes(work: ChunkWork, items: Sequence[TaskItem]) -> list[Outcome | None]:
         return [work.outcomes.get(item.request_id) for item in items]
 
-    def _call_attributes(self, work: ChunkWork, items: Sequence[TaskItem], content: bool) -> dict[str, Any]:
+    def _call_attributes(self, work: ChunkWork, items: Sequence[TaskItem], provider: str,
+                         content: bool) -> dict[str, Any]:  # fmt: skip
         outcomes = self._outcomes(work, items)
         answered = [outcome for outcome in outcomes if outcome is not None and not isinstance(outcome, RequestError)]
         reasons: list[str] = [outcome.finish_reason for outcome in answered if isinstance(outcome, Generation)]
@@ -144,7 +144,7 @@ class ChunkTimeline:
             if len(items) == 1
             else {"gen_ai.operation.name": genai.operation(items[0].request), "gen_ai.request.model": self.chunk.model}
         )
-        attributes["gen_ai.provider.name"] = self._provider
+        attributes["gen_ai.provider.name"] = provider
         attributes.update(genai.usage_attributes(sum(outcome.prompt_tokens for outcome in answered),
                                                  sum(outcome.completion_tokens for outcome in answered),
                                                  sorted(set(reasons)) if len(items) > 1 else reasons))  # fmt: skip
