@@ -85,6 +85,19 @@ def test_missing_redis_is_one_clear_line(tmp_path: Path) -> None:
     assert "s3cret" not in proc.stderr
 
 
+def test_an_invalid_setting_in_the_environment_is_one_clear_line() -> None:
+    """Any bytes in a variable (an OTLP protocol nobody serves, a TTL that is no number, undecodable bytes) make
+    one line naming the variable, never a traceback, and never the value (it may be a secret)."""
+    for name, value in (("OTEL_EXPORTER_OTLP_PROTOCOL", "bogus-s3cret"), ("INFERPOOL_RESULT_TTL_S", "s3cret"),
+                        ("OTEL_EXPORTER_OTLP_TIMEOUT", "\udcff\udcfes3cret")):  # fmt: skip
+        proc = run_cli("models", env={name: value})
+        assert proc.returncode != 0, proc.stdout
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert "the environment's settings are invalid" in proc.stderr
+        assert "fix or unset" in proc.stderr
+        assert "s3cret" not in proc.stderr
+
+
 def test_no_local_without_redis_url_says_what_to_do(tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
     source.write_text(_echo_line("a", "hi") + "\n")

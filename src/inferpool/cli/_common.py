@@ -7,11 +7,13 @@ import sys
 from typing import Any
 
 import click
+from pydantic import ValidationError
 from rich.console import Console
 
-from inferpool._exceptions import InferpoolError
+from inferpool._exceptions import ConfigurationError, InferpoolError
 from inferpool.plumbing.settings import Settings
 from inferpool.tracing.setup import install_tracing
+from inferpool.wire import describe_validation_error
 
 
 class InferpoolGroup(click.Group):
@@ -28,12 +30,18 @@ class InferpoolGroup(click.Group):
 def load_settings(ctx: click.Context) -> Settings:
     """Settings from the environment, read once per command line and kept on the click context."""
     root = ctx.find_root()
-    if not isinstance(root.obj, Settings):
-        root.obj = Settings()
-        # Spans of this command (a batch upload, a chat) go where OTEL_* say; a worker, gateway or scheduler
-        # is named for its role (`inferpool-worker`...).
-        install_tracing(root.obj.tracing, root.invoked_subcommand or "cli")
-    return root.obj
+    if isinstance(root.obj, Settings):
+        return root.obj
+    try:
+        settings = Settings()
+    except ValidationError as exc:  # a variable's value only in pydantic's own traceback (a secret, perhaps)
+        raise ConfigurationError(f"the environment's settings are invalid: {describe_validation_error(exc)}; "
+                                 "fix or unset those variables") from exc  # fmt: skip
+    # Spans of this command (a batch upload, a chat) go where OTEL_* say; a worker, gateway or scheduler is named
+    # for its role (`inferpool-worker`...).
+    install_tracing(settings.tracing, root.invoked_subcommand or "cli")
+    root.obj = settings
+    return settings
 
 
 def configure_logging(level: str) -> None:
